@@ -1,0 +1,295 @@
+"""Gaussian (Bayesian) LoRA adapters on a frozen causal LM: the ABMLL generative model.
+
+Method doc sections "Generative model" and "Sampling dW in the forward pass"
+(Zhang, Snell & Griffiths 2025, arXiv 2508.14285; Ravi & Beatson 2019 for the hyperprior).
+
+Per adapted linear layer with frozen weight W0 (d_out x d_in), four LoRA matrices:
+
+    M = (alpha / r) * B_mu @ A_mu                  mean of dW        (d_out x d_in)
+    S = softplus(B_s @ A_s + rho0)                 elementwise std   (d_out x d_in)
+    rho0 = softplus^-1(c * std(W0))
+
+The same four-matrix parameterisation is used for the prior p_theta and for every task
+posterior q_lambda. The mean pair lives in peft's own ``lora_A`` / ``lora_B`` modules (peft
+does target matching, Linear / Conv1D coverage and the mean path); the scale pair is added
+beside them as ``bayes_scale_A`` / ``bayes_scale_B`` and enters through a forward hook that
+adds flipout weight noise. Every adapter tensor is addressable in one flat dict keyed by
+its parameter name in the peft model, so a trainer runs task-specific copies through
+``torch.func.functional_call`` without copying the model.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from functools import partial
+
+import torch
+import torch.nn.functional as F
+from peft import LoraConfig, get_peft_model
+from peft.tuners.lora import LoraLayer
+from torch import Tensor, nn
+from torch.func import functional_call
+from torch.utils.checkpoint import checkpoint
+
+Params = dict[str, Tensor]
+
+LORA_A = "lora_A.default.weight"
+LORA_B = "lora_B.default.weight"
+SCALE_A = "bayes_scale_A"
+SCALE_B = "bayes_scale_B"
+
+
+@dataclass
+class BayesLoraConfig:
+    """Shape of the Gaussian LoRA adapter.
+
+    Attributes:
+        rank: LoRA rank r of both the mean and the scale pair.
+        alpha: LoRA alpha; the mean update is scaled by alpha / r.
+        target_modules: module-name suffixes to adapt (peft ``target_modules`` semantics).
+        init_std_factor: c in rho0 = softplus^-1(c * std(W0)): the initial prior std of each
+            weight entry, relative to the spread of the pretrained weights of its layer.
+        kl_chunk_elements: the KL and hyperprior are computed over row blocks of at most this
+            many weight entries (each block recomputed in backward), so a 4096 x 4096 layer
+            never holds more than a fraction of one extra full matrix.
+    """
+
+    rank: int = 4
+    alpha: float = 8.0
+    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
+    init_std_factor: float = 0.1
+    kl_chunk_elements: int = 1 << 20
+
+
+@dataclass
+class HyperpriorConfig:
+    """Hyperprior p(theta) of ABML: N(0, mean_std^2) on each entry of M_theta and
+    Gamma(a0, b0) (shape, rate) on each precision 1 / S_theta^2."""
+
+    mean_std: float = 1.0
+    a0: float = 1.0
+    b0: float = 0.01
+
+
+@dataclass(frozen=True)
+class AdaptedLayer:
+    """Bookkeeping for one adapted layer: flat-dict keys of its four matrices, sizes, constants."""
+
+    name: str
+    mean_A: str
+    mean_B: str
+    scale_A: str
+    scale_B: str
+    d_in: int
+    d_out: int
+    scaling: float
+    rho0: float
+
+
+def inverse_softplus(y: float) -> float:
+    """softplus^-1(y) = log(exp(y) - 1) for y > 0, computed stably."""
+    if y <= 0:
+        raise ValueError(f"inverse_softplus needs y > 0, got {y}")
+    return y + math.log(-math.expm1(-y))
+
+
+def mean_matrix(B: Tensor, A: Tensor, scaling: float) -> Tensor:
+    """M = scaling * B @ A. B: (d_out, r), A: (r, d_in) -> (d_out, d_in)."""
+    return scaling * (B @ A)
+
+
+def std_matrix(B: Tensor, A: Tensor, rho0: float) -> Tensor:
+    """S = softplus(B @ A + rho0) > 0. B: (d_out, r), A: (r, d_in) -> (d_out, d_in)."""
+    return F.softplus(B @ A + rho0)
+
+
+def _gaussian_kl_block(
+    Bq: Tensor, Aq: Tensor, Bsq: Tensor, Asq: Tensor,
+    Bp: Tensor, Ap: Tensor, Bsp: Tensor, Asp: Tensor, scaling: float, rho0: float,
+) -> Tensor:
+    """Sum over a row block of KL(N(Mq, Sq^2) || N(Mp, Sp^2)), elementwise Gaussians."""
+    diff = mean_matrix(Bq, Aq, scaling) - mean_matrix(Bp, Ap, scaling)
+    sq = std_matrix(Bsq, Asq, rho0)
+    sp = std_matrix(Bsp, Asp, rho0)
+    return (torch.log(sp / sq) + (sq.square() + diff.square()) / (2 * sp.square()) - 0.5).sum()
+
+
+def _neg_log_hyperprior_block(
+    B: Tensor, A: Tensor, Bs: Tensor, As: Tensor, scaling: float, rho0: float,
+    mean_std: float, a0: float, b0: float,
+) -> Tensor:
+    """Sum over a row block of -log N(M; 0, mean_std^2) - log Gamma(1/S^2; a0, b0)."""
+    m = mean_matrix(B, A, scaling)
+    log_prec = -2 * torch.log(std_matrix(Bs, As, rho0))
+    nlp_mean = 0.5 * (m / mean_std).square() + math.log(mean_std) + 0.5 * math.log(2 * math.pi)
+    nlp_prec = -(a0 * math.log(b0) - math.lgamma(a0) + (a0 - 1) * log_prec - b0 * log_prec.exp())
+    return (nlp_mean + nlp_prec).sum()
+
+
+def _row_blocks(d_out: int, d_in: int, max_elements: int) -> list[tuple[int, int]]:
+    rows = max(1, max_elements // d_in)
+    return [(i, min(i + rows, d_out)) for i in range(0, d_out, rows)]
+
+
+class _NoiseState:
+    """Shared switch read by every layer's flipout hook during one forward pass."""
+
+    def __init__(self) -> None:
+        self.sample = False
+        self.groups: Tensor | None = None
+
+
+def _rademacher(n: int, d: int, like: Tensor) -> Tensor:
+    return torch.randint(0, 2, (n, d), device=like.device).to(like.dtype).mul_(2).sub_(1)
+
+
+def _flipout_hook(state: _NoiseState, layer: AdaptedLayer, module: nn.Module, args, output: Tensor):
+    """Add flipout noise ((x * s_in) (S * E)^T) * s_out to the layer's output.
+
+    One E ~ N(0, 1)^(d_out x d_in) per forward; random signs s_in (d_in), s_out (d_out) per
+    weight-sample group (default: per sequence, i.e. per row of the batch), shared along the
+    sequence. x: (batch, ..., d_in); output: (batch, ..., d_out). Wen et al. 2018.
+    """
+    if not state.sample:
+        return output
+    x = args[0]
+    S = std_matrix(module.bayes_scale_B, module.bayes_scale_A, layer.rho0)
+    x = x.to(S.dtype)
+    noise_w = S * torch.randn_like(S)
+    groups = state.groups if state.groups is not None else torch.arange(x.shape[0], device=x.device)
+    n_groups = int(groups.max()) + 1
+    shape = (x.shape[0],) + (1,) * (x.dim() - 2)
+    s_in = _rademacher(n_groups, layer.d_in, x)[groups].view(*shape, layer.d_in)
+    s_out = _rademacher(n_groups, layer.d_out, x)[groups].view(*shape, layer.d_out)
+    noise = ((x * s_in) @ noise_w.T) * s_out
+    return output + noise.to(output.dtype)
+
+
+class BayesLoraModel(nn.Module):
+    """A frozen causal LM with Gaussian LoRA adapters on ``config.target_modules``.
+
+    The module's own adapter parameters are only slots: callers pass the adapter tensors
+    (a prior theta or a posterior lambda) as a flat dict to :meth:`forward`, which runs the
+    model through ``functional_call``. Keys are parameter names inside ``self.peft_model``.
+
+    Raises:
+        ValueError: if no module matches ``target_modules``, or a matched module is a layer
+            type without a dense weight (only Linear and GPT-2 style Conv1D are supported).
+    """
+
+    def __init__(self, base_model: nn.Module, config: BayesLoraConfig) -> None:
+        super().__init__()
+        self.config = config
+        for p in base_model.parameters():
+            p.requires_grad_(False)
+        lora_config = LoraConfig(
+            r=config.rank, lora_alpha=config.alpha, target_modules=list(config.target_modules),
+            lora_dropout=0.0, bias="none",
+        )
+        try:
+            self.peft_model = get_peft_model(base_model, lora_config)
+        except ValueError as err:
+            raise ValueError(f"cannot adapt target_modules={config.target_modules}: {err}") from err
+        self._noise = _NoiseState()
+        self.layers: list[AdaptedLayer] = []
+        for name, module in self.peft_model.named_modules():
+            if isinstance(module, LoraLayer) and "default" in getattr(module, "lora_A", {}):
+                self.layers.append(self._add_scale_pair(name, module))
+
+    def _add_scale_pair(self, name: str, module: nn.Module) -> AdaptedLayer:
+        lora_A = module.lora_A["default"]
+        if not isinstance(lora_A, nn.Linear):
+            raise ValueError(f"{name}: layer type {type(module.get_base_layer()).__name__} is not supported")
+        d_in, d_out = module.in_features, module.out_features
+        w0 = module.get_base_layer().weight
+        rho0 = inverse_softplus(self.config.init_std_factor * w0.float().std().item())
+        r = self.config.rank
+        A_s = torch.empty(r, d_in, dtype=lora_A.weight.dtype, device=lora_A.weight.device)
+        nn.init.kaiming_uniform_(A_s, a=math.sqrt(5))
+        module.bayes_scale_A = nn.Parameter(A_s, requires_grad=False)
+        module.bayes_scale_B = nn.Parameter(torch.zeros_like(module.lora_B["default"].weight), requires_grad=False)
+        for p in (lora_A.weight, module.lora_B["default"].weight):
+            p.requires_grad_(False)
+        layer = AdaptedLayer(
+            name=name, mean_A=f"{name}.{LORA_A}", mean_B=f"{name}.{LORA_B}",
+            scale_A=f"{name}.{SCALE_A}", scale_B=f"{name}.{SCALE_B}",
+            d_in=d_in, d_out=d_out, scaling=float(module.scaling["default"]), rho0=rho0,
+        )
+        module.register_forward_hook(partial(_flipout_hook, self._noise, layer))
+        return layer
+
+    # -- parameters -------------------------------------------------------------------------
+    def init_params(self) -> Params:
+        """The adapter tensors at initialisation (peft's LoRA init for the mean pair: A
+        Kaiming-uniform, B zero, so M = 0; scale pair A Kaiming-uniform, B zero, so
+        S = c * std(W0)). Returns fresh detached copies, one entry per matrix."""
+        named = dict(self.peft_model.named_parameters())
+        return {k: named[k].detach().clone() for layer in self.layers
+                for k in (layer.mean_A, layer.mean_B, layer.scale_A, layer.scale_B)}
+
+    def mean_keys(self) -> list[str]:
+        """Flat-dict keys of the mean pairs only (what a plain LoRA adapter holds)."""
+        return [k for layer in self.layers for k in (layer.mean_A, layer.mean_B)]
+
+    # -- forward ------------------------------------------------------------------------------
+    def forward(
+        self, params: Params, input_ids: Tensor, attention_mask: Tensor | None = None,
+        sample: bool = False, groups: Tensor | None = None, **kwargs,
+    ):
+        """Run the LM with adapter tensors ``params``.
+
+        Args:
+            params: flat dict of adapter tensors (a subset is allowed: missing ones keep the
+                module's own values).
+            input_ids, attention_mask: (batch, seq).
+            sample: draw one weight sample dW ~ N(M, S^2) per group (flipout); False runs the
+                posterior mean W0 + M (the method's n_samples = 0).
+            groups: (batch,) long, rows with the same id share one weight sample (used so all
+                options of an example are scored under the same dW). Default: one per row.
+            kwargs: passed to the model (position_ids, logits_to_keep, ...).
+        Returns: the model's output (``.logits``: (batch, seq or logits_to_keep, vocab)).
+        """
+        self._noise.sample, self._noise.groups = sample, groups
+        try:
+            return functional_call(
+                self.peft_model, params, args=(), strict=False,
+                kwargs=dict(input_ids=input_ids, attention_mask=attention_mask, **kwargs),
+            )
+        finally:
+            self._noise.sample, self._noise.groups = False, None
+
+    # -- KL and hyperprior ---------------------------------------------------------------------
+    def kl(self, q: Params, p: Params) -> Tensor:
+        """KL(q || p) between two Gaussian-LoRA distributions, summed over every weight entry
+        of every adapted layer (method doc, "Meta-objective"). Differentiable in both q and p.
+        Computed in row blocks of at most ``kl_chunk_elements`` entries, each recomputed
+        during backward (activation checkpointing). Returns a scalar (nats)."""
+        total = 0.0
+        for L in self.layers:
+            for i, j in _row_blocks(L.d_out, L.d_in, self.config.kl_chunk_elements):
+                total = total + checkpoint(
+                    _gaussian_kl_block,
+                    q[L.mean_B][i:j], q[L.mean_A], q[L.scale_B][i:j], q[L.scale_A],
+                    p[L.mean_B][i:j], p[L.mean_A], p[L.scale_B][i:j], p[L.scale_A],
+                    L.scaling, L.rho0, use_reentrant=False,
+                )
+        return total
+
+    def neg_log_hyperprior(self, theta: Params, hyper: HyperpriorConfig) -> Tensor:
+        """-log p(theta): N(0, mean_std^2) on each entry of M_theta and Gamma(a0, b0) on each
+        precision 1 / S_theta^2, summed over all entries (ABML, Ravi & Beatson 2019).
+        Returns a scalar (nats)."""
+        total = 0.0
+        for L in self.layers:
+            for i, j in _row_blocks(L.d_out, L.d_in, self.config.kl_chunk_elements):
+                total = total + checkpoint(
+                    _neg_log_hyperprior_block,
+                    theta[L.mean_B][i:j], theta[L.mean_A], theta[L.scale_B][i:j], theta[L.scale_A],
+                    L.scaling, L.rho0, hyper.mean_std, hyper.a0, hyper.b0, use_reentrant=False,
+                )
+        return total
+
+    def num_weight_entries(self) -> int:
+        """Number of weight entries the KL and hyperprior sum over (sum of d_out * d_in)."""
+        return sum(L.d_out * L.d_in for L in self.layers)

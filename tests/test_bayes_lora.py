@@ -1,0 +1,149 @@
+"""Gaussian LoRA: KL and hyperprior against torch.distributions, flipout moments, mean path = peft LoRA."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+from torch.distributions import Gamma, Normal, kl_divergence
+
+from abmll.bayes_lora import BayesLoraConfig, BayesLoraModel, HyperpriorConfig, inverse_softplus, mean_matrix, std_matrix
+from conftest import make_tiny_llama
+
+
+def random_params(model: BayesLoraModel, seed: int, scale: float = 0.3, dtype=torch.float32) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return {k: scale * torch.randn(v.shape, generator=g, dtype=dtype) for k, v in model.init_params().items()}
+
+
+def distributions(model: BayesLoraModel, params):
+    """Per layer: (M, S) full matrices built independently of the library's KL code."""
+    out = []
+    for L in model.layers:
+        M = L.scaling * params[L.mean_B] @ params[L.mean_A]
+        S = torch.nn.functional.softplus(params[L.scale_B] @ params[L.scale_A] + L.rho0)
+        out.append((M, S))
+    return out
+
+
+@pytest.mark.parametrize("chunk", [1 << 20, 40])
+def test_kl_matches_torch_distributions(chunk):
+    model = BayesLoraModel(make_tiny_llama(), BayesLoraConfig(rank=3, kl_chunk_elements=chunk))
+    q, p = random_params(model, 1), random_params(model, 2)
+    ref = sum(kl_divergence(Normal(Mq, Sq), Normal(Mp, Sp)).sum()
+              for (Mq, Sq), (Mp, Sp) in zip(distributions(model, q), distributions(model, p)))
+    got = model.kl(q, p)
+    assert got.item() > 0
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-4)
+    assert model.kl(q, q).abs().item() < 1e-3
+
+
+def test_kl_gradients_match_reference_with_chunking():
+    model = BayesLoraModel(make_tiny_llama(), BayesLoraConfig(rank=3, kl_chunk_elements=40))
+    q = {k: v.requires_grad_() for k, v in random_params(model, 3, dtype=torch.float64).items()}
+    p = {k: v.requires_grad_() for k, v in random_params(model, 4, dtype=torch.float64).items()}
+    grads = torch.autograd.grad(model.kl(q, p), list(q.values()) + list(p.values()))
+    ref = sum(kl_divergence(Normal(Mq, Sq), Normal(Mp, Sp)).sum()
+              for (Mq, Sq), (Mp, Sp) in zip(distributions(model, q), distributions(model, p)))
+    ref_grads = torch.autograd.grad(ref, list(q.values()) + list(p.values()))
+    for g, r in zip(grads, ref_grads):
+        torch.testing.assert_close(g, r, rtol=1e-9, atol=1e-9)
+
+
+def test_neg_log_hyperprior_matches_torch_distributions():
+    model = BayesLoraModel(make_tiny_llama(), BayesLoraConfig(rank=2, kl_chunk_elements=50))
+    theta = random_params(model, 5)
+    hyper = HyperpriorConfig(mean_std=0.5, a0=2.0, b0=0.01)
+    ref = 0.0
+    for M, S in distributions(model, theta):
+        ref = ref - Normal(0.0, hyper.mean_std).log_prob(M).sum()
+        ref = ref - Gamma(hyper.a0, hyper.b0).log_prob(S.pow(-2)).sum()
+    torch.testing.assert_close(model.neg_log_hyperprior(theta, hyper), ref, rtol=1e-5, atol=1e-2)
+
+
+def test_initial_prior_has_zero_mean_and_std_c_times_std_w0():
+    base = make_tiny_llama()
+    w0 = base.model.layers[0].self_attn.q_proj.weight.detach().clone()
+    model = BayesLoraModel(base, BayesLoraConfig(init_std_factor=0.2))
+    theta = model.init_params()
+    L = model.layers[0]
+    assert torch.count_nonzero(mean_matrix(theta[L.mean_B], theta[L.mean_A], L.scaling)) == 0
+    S = std_matrix(theta[L.scale_B], theta[L.scale_A], L.rho0)
+    torch.testing.assert_close(S, torch.full_like(S, 0.2 * w0.std().item()), rtol=1e-5, atol=0)
+    assert abs(inverse_softplus(torch.nn.functional.softplus(torch.tensor(0.37)).item()) - 0.37) < 1e-6
+
+
+def _capture_layer0_q(model: BayesLoraModel):
+    captured = []
+    module = model.peft_model.get_submodule(model.layers[0].name)
+    handle = module.register_forward_hook(lambda m, a, out: captured.append((a[0].detach(), out.detach())))
+    return captured, handle
+
+
+def test_flipout_moments_match_gaussian_weights():
+    torch.manual_seed(0)
+    model = BayesLoraModel(make_tiny_llama(), BayesLoraConfig(rank=2, init_std_factor=1.0))
+    params = random_params(model, 6, scale=0.5)
+    L = model.layers[0]
+    base_w = model.peft_model.get_submodule(L.name).get_base_layer().weight.detach()
+    captured, handle = _capture_layer0_q(model)
+    ids = torch.tensor([[5, 17, 99, 42]] * 8)
+    with torch.no_grad():
+        for _ in range(500):
+            model(params, ids, sample=True)
+    handle.remove()
+    x = captured[0][0][0]                                    # (seq, d_in), same for all calls
+    outs = torch.cat([out for _, out in captured])           # (500 * 8, seq, d_out)
+    M = L.scaling * params[L.mean_B] @ params[L.mean_A]
+    S = std_matrix(params[L.scale_B], params[L.scale_A], L.rho0)
+    mean_ref = x @ (base_w + M).T
+    var_ref = x.square() @ S.square().T
+    n = outs.shape[0]
+    # Monte Carlo tolerances: mean within 5 standard errors, variance within 15%.
+    assert ((outs.mean(0) - mean_ref).abs() <= 5 * (var_ref / n).sqrt() + 1e-5).all()
+    torch.testing.assert_close(outs.var(0), var_ref, rtol=0.15, atol=1e-6)
+
+
+def test_flipout_sample_shared_along_sequence_and_differs_between_sequences():
+    model = BayesLoraModel(make_tiny_llama(), BayesLoraConfig(rank=2, init_std_factor=1.0))
+    params = random_params(model, 7)
+    captured, handle = _capture_layer0_q(model)
+    ids = torch.tensor([[9, 9, 9]] * 4)   # identical q_proj inputs at every position and row
+    with torch.no_grad():
+        model(params, ids, sample=True)
+        model(params, ids, sample=True, groups=torch.tensor([0, 0, 1, 1]))
+    handle.remove()
+    out = captured[0][1]
+    torch.testing.assert_close(out[:, 0], out[:, 1])          # same sample along a sequence
+    torch.testing.assert_close(out[:, 0], out[:, 2])
+    assert (out[0] - out[1]).abs().max() > 1e-3              # rows: different samples
+    grouped = captured[1][1]
+    torch.testing.assert_close(grouped[0], grouped[1])        # same group: same sample
+    assert (grouped[1] - grouped[2]).abs().max() > 1e-3
+
+
+def test_posterior_mean_equals_plain_peft_lora():
+    base = make_tiny_llama()
+    plain = get_peft_model(copy.deepcopy(base), LoraConfig(r=3, lora_alpha=6, target_modules=["q_proj", "v_proj"]))
+    model = BayesLoraModel(base, BayesLoraConfig(rank=3, alpha=6))
+    params = random_params(model, 8)
+    with torch.no_grad():
+        for name, p in plain.named_parameters():
+            if name in params:
+                p.copy_(params[name])
+    ids = torch.tensor([[3, 50, 7, 21, 99], [4, 4, 8, 15, 16]])
+    mask = torch.ones_like(ids)
+    with torch.no_grad():
+        ours = model(params, ids, mask).logits
+        ref = plain(input_ids=ids, attention_mask=mask).logits
+        sampled = model(params, ids, mask, sample=True).logits
+    torch.testing.assert_close(ours, ref)
+    assert (sampled - ref).abs().max() > 1e-4
+    assert len(model.mean_keys()) == sum(1 for n in params if "lora_" in n)
+
+
+def test_unmatched_target_modules_raise():
+    with pytest.raises(ValueError, match="target_modules"):
+        BayesLoraModel(make_tiny_llama(), BayesLoraConfig(target_modules=["no_such_proj"]))
