@@ -1,0 +1,351 @@
+"""Accuracy and calibration metrics for multiple-choice / classification predictions.
+
+Every function takes
+
+* ``probs``: float tensor of shape ``(N, C)`` with predictive probabilities. Each row sums to 1.
+  An example with fewer than ``C`` options has probability 0 in its padded columns; padded
+  columns change none of the metrics (they can never be the arg-max, add nothing to the
+  Brier score and are never a label).
+* ``labels``: integer tensor of shape ``(N,)`` with the index of the correct option.
+
+and returns plain Python floats. The prediction of an example is ``argmax_c probs[n, c]``
+(ties go to the lowest index) and its confidence is ``max_c probs[n, c]``.
+
+Inputs are checked by :func:`_validate`; anything malformed raises :class:`ValueError`.
+
+Library use: the expected calibration error is computed by
+``torchmetrics.functional.classification.multiclass_calibration_error`` (the metric BLoB
+reports, via ``torchmetrics.CalibrationError``) and macro-F1 by
+``torchmetrics.functional.classification.multiclass_f1_score`` with ``average="macro"``, whose
+macro average leaves out classes with ``tp + fp + fn == 0``, i.e. classes that occur neither
+as a label nor as a prediction.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+from torch import Tensor
+from torchmetrics.functional.classification import (
+    multiclass_calibration_error,
+    multiclass_f1_score,
+)
+
+__all__ = [
+    "accuracy",
+    "brier_score",
+    "compute_metrics",
+    "expected_calibration_error",
+    "macro_f1",
+    "negative_log_likelihood",
+    "plot_reliability_diagram",
+    "reliability_diagram_data",
+]
+
+# How far a row of ``probs`` may sum from 1 (computed in float64).
+_ROW_SUM_ATOL = 1e-3
+
+
+def _validate(probs: Any, labels: Any) -> tuple[Tensor, Tensor]:
+    """Return ``(probs, labels)`` as tensors after checking shapes, dtypes and values.
+
+    Raises:
+        ValueError: if ``probs`` is not a 2-D floating tensor with at least 2 columns, ``labels``
+            is not a 1-D integer tensor, their lengths differ, ``N == 0``, a label is outside
+            ``[0, C)``, or a probability is NaN, outside ``[0, 1]``, or a row does not sum to 1.
+    """
+    probs = torch.as_tensor(probs)
+    labels = torch.as_tensor(labels, device=probs.device)
+    if probs.ndim != 2:
+        raise ValueError(f"probs must have shape (N, C), got shape {tuple(probs.shape)}")
+    if labels.ndim != 1:
+        raise ValueError(f"labels must have shape (N,), got shape {tuple(labels.shape)}")
+    if not probs.is_floating_point():
+        raise ValueError(f"probs must be a floating-point tensor, got dtype {probs.dtype}")
+    if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
+        raise ValueError(f"labels must be an integer tensor, got dtype {labels.dtype}")
+    n, c = probs.shape
+    if labels.shape[0] != n:
+        raise ValueError(f"probs has {n} rows but labels has {labels.shape[0]} entries")
+    if n == 0:
+        raise ValueError("empty input: probs and labels have no examples")
+    if c < 2:
+        raise ValueError(f"probs must have at least 2 columns (options), got {c}")
+    if torch.isnan(probs).any():
+        raise ValueError("probs contains NaN")
+    if ((probs < 0) | (probs > 1)).any():
+        raise ValueError("probs must lie in [0, 1] (got values outside; pass probabilities, not logits)")
+    row_sums = probs.double().sum(dim=1)
+    worst = (row_sums - 1).abs().max().item()
+    if worst > _ROW_SUM_ATOL:
+        raise ValueError(f"every row of probs must sum to 1; the worst row is off by {worst:.3g}")
+    if ((labels < 0) | (labels >= c)).any():
+        bad = labels[(labels < 0) | (labels >= c)][0].item()
+        raise ValueError(f"labels must lie in [0, {c}) (C = probs.shape[1]), got {bad}")
+    return probs, labels.long()
+
+
+def _check_n_bins(n_bins: Any) -> None:
+    if isinstance(n_bins, bool) or not isinstance(n_bins, int) or n_bins < 1:
+        raise ValueError(f"n_bins must be a positive int, got {n_bins!r}")
+
+
+def accuracy(probs: Tensor, labels: Tensor) -> float:
+    """Fraction of examples whose arg-max option equals the label.
+
+    Args:
+        probs: ``(N, C)`` float probabilities, rows summing to 1.
+        labels: ``(N,)`` integer answer indices in ``[0, C)``.
+
+    Returns:
+        Top-1 accuracy in ``[0, 1]``. Ties in ``probs`` go to the lowest option index.
+
+    Raises:
+        ValueError: for malformed inputs (see module docstring).
+    """
+    probs, labels = _validate(probs, labels)
+    return (probs.argmax(dim=1) == labels).double().mean().item()
+
+
+def macro_f1(probs: Tensor, labels: Tensor, num_classes: int | None = None) -> float:
+    """Macro-averaged F1 over classes = option indices.
+
+    For each class ``k``, ``F1_k = 2 tp / (2 tp + fp + fn)`` (0 when the class is never
+    predicted correctly). The macro-F1 is the unweighted mean of ``F1_k`` over the classes
+    that occur as a label or as a prediction; classes seen in neither are excluded. This equals
+    ``sklearn.metrics.f1_score(y, y_hat, average="macro", labels=<classes present>)`` and is
+    computed with ``torchmetrics.functional.classification.multiclass_f1_score``.
+
+    Note: MetaICL's ``evaluate`` (Min et al. 2022) averages over the classes present in the
+    labels only, so a class that is predicted but never a label (F1 = 0 here) is left out
+    there. The two agree whenever every predicted class also occurs as a label.
+
+    Args:
+        probs: ``(N, C)`` float probabilities, rows summing to 1.
+        labels: ``(N,)`` integer answer indices in ``[0, C)``.
+        num_classes: number of class indices; defaults to ``C``. Must be an int ``>= 2`` and
+            larger than every label and every prediction.
+
+    Returns:
+        Macro-F1 in ``[0, 1]``.
+
+    Raises:
+        ValueError: for malformed inputs, or an invalid ``num_classes``.
+    """
+    probs, labels = _validate(probs, labels)
+    preds = probs.argmax(dim=1)
+    if num_classes is None:
+        num_classes = probs.shape[1]
+    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
+        raise ValueError(f"num_classes must be an int >= 2, got {num_classes!r}")
+    top = max(labels.max().item(), preds.max().item())
+    if top >= num_classes:
+        raise ValueError(f"num_classes={num_classes} but a label or prediction equals {top}")
+    score = multiclass_f1_score(preds, labels, num_classes=num_classes, average="macro")
+    return score.item()
+
+
+def expected_calibration_error(probs: Tensor, labels: Tensor, n_bins: int = 15) -> float:
+    """Expected calibration error (top-label, L1) of Guo et al. (2017), "On Calibration of
+    Modern Neural Networks", ICML.
+
+    ``ECE = sum_m (|B_m| / N) * |acc(B_m) - conf(B_m)|`` where ``B_m`` are ``n_bins`` equal-width
+    bins on the confidence ``max_c p_c``, ``acc`` is the top-1 accuracy and ``conf`` the mean
+    confidence in the bin. Computed by torchmetrics'
+    ``multiclass_calibration_error(norm="l1")``, the metric BLoB (Wang et al. 2024) reports, so
+    it uses torchmetrics' binning: confidences are cast to float32, bins are left-closed
+    ``[m/M, (m+1)/M)``, and a confidence of exactly 1.0 falls in a bin of its own (so such
+    examples are scored against accuracy 1 by themselves rather than pooled with the top bin).
+
+    Args:
+        probs: ``(N, C)`` float probabilities, rows summing to 1.
+        labels: ``(N,)`` integer answer indices in ``[0, C)``.
+        n_bins: number of equal-width bins on ``[0, 1]``.
+
+    Returns:
+        ECE in ``[0, 1]`` (a probability gap, no unit).
+
+    Raises:
+        ValueError: for malformed inputs or ``n_bins < 1``.
+    """
+    probs, labels = _validate(probs, labels)
+    _check_n_bins(n_bins)
+    ece = multiclass_calibration_error(
+        probs.float(), labels, num_classes=probs.shape[1], n_bins=n_bins, norm="l1"
+    )
+    return ece.item()
+
+
+def negative_log_likelihood(probs: Tensor, labels: Tensor, eps: float = 1e-12) -> float:
+    """Mean negative log-likelihood of the labels, ``-(1/N) sum_n log max(p_n[y_n], eps)``.
+
+    Args:
+        probs: ``(N, C)`` float probabilities, rows summing to 1.
+        labels: ``(N,)`` integer answer indices in ``[0, C)``.
+        eps: floor on the label probability, so a zero probability costs ``-log(eps)``
+            (27.63 nats for the default) instead of infinity.
+
+    Returns:
+        NLL in nats (natural log), ``>= 0``.
+
+    Raises:
+        ValueError: for malformed inputs.
+    """
+    probs, labels = _validate(probs, labels)
+    p_label = probs.double().gather(1, labels[:, None]).squeeze(1)
+    return (-p_label.clamp_min(eps).log()).mean().item()
+
+
+def brier_score(probs: Tensor, labels: Tensor) -> float:
+    """Multi-class Brier score (Brier 1950, "Verification of forecasts expressed in terms of
+    probability", Monthly Weather Review): ``(1/N) sum_n sum_c (p_nc - 1[c == y_n])^2``.
+
+    Padded columns (probability 0, never the label) add 0.
+
+    Args:
+        probs: ``(N, C)`` float probabilities, rows summing to 1.
+        labels: ``(N,)`` integer answer indices in ``[0, C)``.
+
+    Returns:
+        Brier score in ``[0, 2]`` (squared probability, no unit); lower is better.
+
+    Raises:
+        ValueError: for malformed inputs.
+    """
+    probs, labels = _validate(probs, labels)
+    onehot = torch.nn.functional.one_hot(labels, num_classes=probs.shape[1]).double()
+    return (probs.double() - onehot).pow(2).sum(dim=1).mean().item()
+
+
+def reliability_diagram_data(
+    probs: Tensor, labels: Tensor, n_bins: int = 15
+) -> dict[str, list[float]]:
+    """Per-bin statistics for a reliability diagram (Guo et al. 2017, Fig. 1).
+
+    Uses the bins of :func:`expected_calibration_error` (float32 confidences, left-closed
+    equal-width bins ``[m/M, (m+1)/M)``), except that the last bin is closed, ``[1 - 1/M, 1]``:
+    a confidence of exactly 1.0 is pooled with it. Hence
+    ``sum_m count_m / N * |accuracy_m - confidence_m|`` equals the ECE whenever no confidence is
+    exactly 1.0; otherwise the ECE (torchmetrics) can be larger.
+
+    Args:
+        probs: ``(N, C)`` float probabilities, rows summing to 1.
+        labels: ``(N,)`` integer answer indices in ``[0, C)``.
+        n_bins: number of equal-width bins on ``[0, 1]``.
+
+    Returns:
+        Dict of lists of length ``n_bins`` (one entry per bin, in increasing order):
+        ``"bin_lower"``, ``"bin_upper"`` (edges ``m/M``, ``(m+1)/M``), ``"confidence"`` (mean max
+        probability in the bin), ``"accuracy"`` (top-1 accuracy in the bin), ``"count"`` (number
+        of examples, as float). Empty bins have confidence and accuracy 0.0 and count 0.0.
+
+    Raises:
+        ValueError: for malformed inputs or ``n_bins < 1``.
+    """
+    probs, labels = _validate(probs, labels)
+    _check_n_bins(n_bins)
+    conf, preds = probs.float().max(dim=1)
+    correct = (preds == labels).float()
+    edges = torch.linspace(0, 1, n_bins + 1, dtype=torch.float32, device=conf.device)
+    idx = (torch.bucketize(conf, edges, right=True) - 1).clamp(0, n_bins - 1)
+    count = torch.zeros(n_bins, dtype=torch.float64, device=conf.device)
+    conf_sum = torch.zeros_like(count)
+    acc_sum = torch.zeros_like(count)
+    count.index_add_(0, idx, torch.ones_like(conf, dtype=torch.float64))
+    conf_sum.index_add_(0, idx, conf.double())
+    acc_sum.index_add_(0, idx, correct.double())
+    denom = count.clamp_min(1)
+    return {
+        "bin_lower": [m / n_bins for m in range(n_bins)],
+        "bin_upper": [(m + 1) / n_bins for m in range(n_bins)],
+        "confidence": (conf_sum / denom).tolist(),
+        "accuracy": (acc_sum / denom).tolist(),
+        "count": count.tolist(),
+    }
+
+
+def compute_metrics(probs: Tensor, labels: Tensor, n_bins: int = 15) -> dict[str, float]:
+    """All scalar metrics at once.
+
+    Args:
+        probs: ``(N, C)`` float probabilities, rows summing to 1.
+        labels: ``(N,)`` integer answer indices in ``[0, C)``.
+        n_bins: number of ECE bins.
+
+    Returns:
+        ``{"accuracy", "macro_f1", "ece", "nll", "brier"}`` as computed by :func:`accuracy`,
+        :func:`macro_f1`, :func:`expected_calibration_error`, :func:`negative_log_likelihood`
+        (nats) and :func:`brier_score`.
+
+    Raises:
+        ValueError: for malformed inputs or ``n_bins < 1``.
+    """
+    return {
+        "accuracy": accuracy(probs, labels),
+        "macro_f1": macro_f1(probs, labels),
+        "ece": expected_calibration_error(probs, labels, n_bins),
+        "nll": negative_log_likelihood(probs, labels),
+        "brier": brier_score(probs, labels),
+    }
+
+
+def plot_reliability_diagram(
+    probs: Tensor,
+    labels: Tensor,
+    path: str | os.PathLike[str],
+    title: str = "",
+    n_bins: int = 15,
+) -> None:
+    """Write a reliability diagram as a PNG file (Guo et al. 2017, Fig. 1 style).
+
+    One bar per non-empty bin with height = accuracy in the bin, a hatched bar for the gap to
+    the bin's mean confidence, the diagonal of perfect calibration, and the ECE
+    (:func:`expected_calibration_error`) in the title. Rendered with matplotlib's Agg canvas
+    without touching pyplot's global state; parent folders of ``path`` are created.
+
+    Args:
+        probs: ``(N, C)`` float probabilities, rows summing to 1.
+        labels: ``(N,)`` integer answer indices in ``[0, C)``.
+        path: output file; always written in PNG format.
+        title: text put before the ECE in the title.
+        n_bins: number of equal-width confidence bins.
+
+    Raises:
+        ValueError: for malformed inputs or ``n_bins < 1``.
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    data = reliability_diagram_data(probs, labels, n_bins)
+    ece = expected_calibration_error(probs, labels, n_bins)
+    width = 1.0 / n_bins
+
+    fig = Figure(figsize=(5, 5), dpi=100)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    for lo, acc, conf, count in zip(
+        data["bin_lower"], data["accuracy"], data["confidence"], data["count"]
+    ):
+        if count == 0:
+            continue
+        ax.bar(lo, acc, width=width, align="edge", color="tab:blue", edgecolor="black")
+        ax.bar(lo, abs(conf - acc), bottom=min(acc, conf), width=width, align="edge",
+               color="tab:red", alpha=0.3, edgecolor="tab:red", hatch="//")
+    ax.plot([0, 1], [0, 1], linestyle="--", color="gray")
+    ax.bar([0], [0], color="tab:blue", label="accuracy")  # legend handles only
+    ax.bar([0], [0], color="tab:red", alpha=0.3, hatch="//", label="gap to confidence")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1)
+    ax.set_xlabel("confidence (max probability)")
+    ax.set_ylabel("accuracy")
+    ax.legend(loc="upper left")
+    prefix = f"{title} - " if title else ""
+    ax.set_title(f"{prefix}ECE = {ece:.4f}")
+    fig.tight_layout()
+
+    parent = os.path.dirname(os.fspath(path))
+    if parent:
+        os.makedirs(parent, exist_ok=True)
+    fig.savefig(path, format="png")
