@@ -8,15 +8,17 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 
-def make_tiny_tokenizer() -> PreTrainedTokenizerFast:
-    """A byte-level tokenizer (256 byte tokens + <eos>), no merges: no download needed."""
+def make_tiny_tokenizer(pad: bool = True, padding_side: str = "right") -> PreTrainedTokenizerFast:
+    """A byte-level tokenizer (256 byte tokens + <eos>), no merges: no download needed.
+    ``pad``: use <eos> as the pad token (False leaves it unset)."""
     alphabet = pre_tokenizers.ByteLevel.alphabet()
     vocab = {ch: i for i, ch in enumerate(sorted(alphabet))}
     vocab["<eos>"] = len(vocab)
     tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", pad_token="<eos>")
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", pad_token="<eos>" if pad else None,
+                                   padding_side=padding_side)
 
 
 def make_tiny_llama(seed: int = 0, vocab_size: int = 257) -> LlamaForCausalLM:
