@@ -1,0 +1,209 @@
+"""ABMLL inner loop (amortised inference), first-order outer loop, and prediction.
+
+Method doc sections "Amortised inference", "Meta-objective" and "Prediction and metrics"
+(Zhang, Snell & Griffiths 2025, arXiv 2508.14285; Ravi & Beatson 2019).
+
+    inner:  lambda^(0) = theta;  lambda^(k+1) = lambda^(k) - lr_in * grad L_S(lambda^(k)),
+            L_S(lambda) = NLL(support; lambda) + beta * KL(q_lambda || p_theta), theta fixed.
+    outer:  L(theta) = 1/B sum_i [NLL(query_i; lambda_i^(K)) + beta * KL(q_lambda_i^(K) || p_theta)]
+                       + gamma * (-log p(theta)),
+            first-order: d lambda^(K) / d theta is taken as the identity (straight-through).
+
+Every adapter set (theta, lambda) is a flat dict of tensors (see :mod:`abmll.bayes_lora`).
+Each inner step builds and frees its own graph, and the straight-through gradient is the
+gradient at lambda^(K) added to theta's, so memory does not grow with K.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from abmll.bayes_lora import BayesLoraModel, HyperpriorConfig, Params
+from abmll.scoring import OptionBatch, option_nll, option_scores
+
+
+@dataclass
+class MetaConfig:
+    """Hyperparameters of the inner and outer loops.
+
+    Attributes:
+        inner_steps: K, SGD steps from the prior on the support set (meta-training).
+        inner_lr: SGD learning rate of the inner loop (and of test-time adaptation).
+        outer_lr: Adam learning rate on theta.
+        beta: weight of KL(q || p_theta), a sum over all weight entries (nats).
+        gamma: weight of the hyperprior -log p(theta), a sum over all weight entries (nats).
+        n_samples: Monte Carlo weight samples per loss evaluation in training; 0 = posterior mean.
+        meta_batch_size: B, tasks per meta-step.
+        meta_steps: number of outer steps.
+        seed: seeds task sampling and weight noise.
+    """
+
+    inner_steps: int = 3
+    inner_lr: float = 0.5
+    outer_lr: float = 2e-3
+    beta: float = 1e-6
+    gamma: float = 1e-9
+    n_samples: int = 1
+    meta_batch_size: int = 2
+    meta_steps: int = 20
+    seed: int = 0
+
+
+class NonFiniteLossError(FloatingPointError):
+    """A loss or gradient is NaN/inf; the message names the meta-step and the tasks."""
+
+
+@dataclass
+class TaskBatches:
+    """One task's pre-tokenised support and query sets (lists of :class:`OptionBatch`)."""
+
+    task: str
+    support: list[OptionBatch]
+    query: list[OptionBatch]
+
+
+def _logits_fn(model: BayesLoraModel, params: Params, sample: bool):
+    return lambda groups=None, **kw: model(params, sample=sample, groups=groups, **kw).logits
+
+
+def nll_backward(
+    model: BayesLoraModel, params: Params, batches: Sequence[OptionBatch], n_samples: int, weight: float = 1.0,
+) -> float:
+    """Mean NLL over all examples of ``batches`` (and over ``n_samples`` weight samples;
+    0 = posterior mean); ``weight`` times it is back-propagated batch by batch into the
+    ``.grad`` of the leaves of ``params``, so only one batch's graph is alive at a time.
+    Returns the (unweighted) NLL in nats."""
+    n_examples = sum(b.num_examples for b in batches)
+    draws = max(n_samples, 1)
+    total = 0.0
+    for batch in batches:
+        for _ in range(draws):
+            scores = option_scores(_logits_fn(model, params, n_samples > 0), batch)
+            loss = option_nll(scores, batch.labels).sum() / (n_examples * draws)
+            (weight * loss).backward()
+            total += loss.item()
+    return total
+
+
+@torch.no_grad()
+def mean_nll(model: BayesLoraModel, params: Params, batches: Sequence[OptionBatch], n_samples: int = 0) -> float:
+    """Mean NLL (nats) of ``batches`` without gradients; ``n_samples`` = 0: posterior mean."""
+    probs, labels = predict_batches(model, params, batches, n_samples)
+    return option_nll(probs.clamp_min(1e-30).log(), labels).mean().item()
+
+
+def _leaves(params: Params) -> Params:
+    return {k: v.detach().clone().requires_grad_() for k, v in params.items()}
+
+
+def adapt(
+    model: BayesLoraModel, prior: Params, support: Sequence[OptionBatch], steps: int,
+    lr: float, beta: float, n_samples: int = 1,
+) -> tuple[Params, list[float]]:
+    """Amortised inference: ``steps`` SGD steps on NLL(support) + beta * KL(q || prior),
+    starting from the prior, prior held fixed (method doc, "Amortised inference").
+
+    Args:
+        prior: flat dict of the prior's adapter tensors (theta); not modified.
+        support: tokenised support set.
+        n_samples: weight samples per step (0: posterior mean, i.e. deterministic LoRA).
+    Returns:
+        (posterior, support_nll): the posterior's detached tensors lambda^(K), and the
+        support NLL at each step's start (nats, ``steps`` values).
+    Raises:
+        NonFiniteLossError: the support loss became NaN/inf.
+    """
+    prior = {k: v.detach() for k, v in prior.items()}
+    lam = _leaves(prior)
+    history = []
+    for step in range(steps):
+        nll = nll_backward(model, lam, support, n_samples)
+        kl = model.kl(lam, prior) if beta else None
+        if kl is not None:
+            (beta * kl).backward()
+        if not math.isfinite(nll) or (kl is not None and not torch.isfinite(kl)):
+            raise NonFiniteLossError(f"inner step {step}: support NLL {nll}, KL {kl}")
+        history.append(nll)
+        with torch.no_grad():
+            lam = {k: (v - lr * v.grad).requires_grad_() for k, v in lam.items()}
+    return {k: v.detach() for k, v in lam.items()}, history
+
+
+def meta_step(
+    model: BayesLoraModel, theta: Params, optimizer: torch.optim.Optimizer,
+    tasks: Sequence[TaskBatches], config: MetaConfig, hyper: HyperpriorConfig, step: int = 0,
+) -> dict[str, float]:
+    """One first-order ABMLL outer step on a meta-batch (method doc, "Meta-objective").
+
+    For each task: lambda^(K) = adapt(theta, support); then the query objective
+    NLL(query; lambda) + beta * KL(q_lambda || p_theta) is differentiated at lambda = lambda^(K)
+    and at theta (through p_theta); the lambda-gradient is added to theta's gradient
+    (straight-through). Then gamma * (-log p(theta)) is added and the optimizer steps.
+
+    Args:
+        theta: leaf tensors with requires_grad, updated in place by ``optimizer``.
+    Returns:
+        logs: query_nll, kl, hyperprior (= -log p(theta), unweighted), support_nll_before,
+        support_nll_after (means over the meta-batch, nats), loss (the meta-objective).
+    Raises:
+        NonFiniteLossError: naming ``step`` and the tasks; theta is left unchanged.
+    """
+    optimizer.zero_grad(set_to_none=True)
+    B = len(tasks)
+    logs = dict(query_nll=0.0, kl=0.0, support_nll_before=0.0, support_nll_after=0.0)
+    for task in tasks:
+        lam_k, history = adapt(model, theta, task.support, config.inner_steps, config.inner_lr,
+                               config.beta, config.n_samples)
+        lam = _leaves(lam_k)
+        query_nll = nll_backward(model, lam, task.query, config.n_samples, weight=1 / B)
+        kl = model.kl(lam, theta)
+        (config.beta / B * kl).backward()
+        with torch.no_grad():  # straight-through: d lambda^(K) / d theta = identity
+            for k, t in theta.items():
+                t.grad = lam[k].grad.clone() if t.grad is None else t.grad + lam[k].grad
+        logs["query_nll"] += query_nll / B
+        logs["kl"] += kl.item() / B
+        logs["support_nll_before"] += (history[0] if history else mean_nll(model, theta, task.support)) / B
+        logs["support_nll_after"] += mean_nll(model, lam_k, task.support) / B
+    hyperprior = model.neg_log_hyperprior(theta, hyper)
+    (config.gamma * hyperprior).backward()
+    logs["hyperprior"] = hyperprior.item()
+    logs["loss"] = logs["query_nll"] + config.beta * logs["kl"] + config.gamma * logs["hyperprior"]
+    finite = math.isfinite(logs["loss"]) and all(torch.isfinite(t.grad).all() for t in theta.values())
+    if not finite:
+        optimizer.zero_grad(set_to_none=True)
+        raise NonFiniteLossError(
+            f"meta-step {step}: non-finite loss or gradient (logs {logs}) on tasks {[t.task for t in tasks]}")
+    optimizer.step()
+    return logs
+
+
+@torch.no_grad()
+def predict_batches(
+    model: BayesLoraModel, params: Params, batches: Sequence[OptionBatch], n_samples: int = 0,
+) -> tuple[Tensor, Tensor]:
+    """Predictive probabilities p(y | x) = mean over ``n_samples`` weight samples of
+    softmax(option scores); ``n_samples`` = 0 uses the posterior mean (method doc,
+    "Prediction and metrics").
+
+    Returns:
+        probs (N, C_max) float32, zero past an example's number of options; labels (N,) long.
+        Rows are in the original example order (``OptionBatch.example_index``).
+    """
+    n = sum(b.num_examples for b in batches)
+    c = max(int(b.num_options.max()) for b in batches)
+    probs = torch.zeros(n, c)
+    labels = torch.zeros(n, dtype=torch.long)
+    for batch in batches:
+        draws = [torch.softmax(option_scores(_logits_fn(model, params, n_samples > 0), batch), -1)
+                 for _ in range(max(n_samples, 1))]
+        p = torch.stack(draws).mean(0).float().cpu()
+        idx = batch.example_index.cpu()
+        probs[idx, : p.shape[1]] = p
+        labels[idx] = batch.labels.cpu()
+    return probs, labels

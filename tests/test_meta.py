@@ -1,0 +1,212 @@
+"""Inner/outer loop: meta-gradient against autograd references, flat memory in K, learning."""
+
+from __future__ import annotations
+
+import gc
+import random
+import warnings
+
+import pytest
+import torch
+
+from abmll.bayes_lora import BayesLoraConfig, BayesLoraModel, HyperpriorConfig
+from abmll.data import Example
+from abmll.meta import MetaConfig, NonFiniteLossError, TaskBatches, adapt, mean_nll, meta_step, predict_batches
+from abmll.scoring import ScoringConfig, make_batches, option_nll, option_scores
+from conftest import make_tiny_llama, make_tiny_tokenizer
+
+TOK = make_tiny_tokenizer()
+
+
+def rule_task(name: str, seed: int, n: int, letters: str) -> list[Example]:
+    """Shared structure across tasks: the answer is "yes" iff the input contains 'q'."""
+    rng = random.Random(seed)
+    out = []
+    for i in range(n):
+        word = "".join(rng.choice(letters) for _ in range(6))
+        if i % 2:
+            word = word[:3] + "q" + word[4:]
+        out.append(Example(word, ("no", "yes"), int("q" in word), f"{name}:{i}"))
+    return out
+
+
+def task_batches(name: str, seed: int, n_support: int = 6, n_query: int = 6, letters="abcdefgh") -> TaskBatches:
+    cfg = ScoringConfig(max_rows=8)
+    exs = rule_task(name, seed, n_support + n_query, letters)
+    return TaskBatches(name, make_batches(TOK, exs[:n_support], cfg), make_batches(TOK, exs[n_support:], cfg))
+
+
+def random_theta(model, seed=0, scale=0.2):
+    g = torch.Generator().manual_seed(seed)
+    return {k: (scale * torch.randn(v.shape, generator=g)).requires_grad_() for k, v in model.init_params().items()}
+
+
+def query_loss(model, lam, theta, batches, beta):
+    """The per-task outer objective written directly: mean query NLL + beta * KL."""
+    nll = torch.cat([option_nll(option_scores(lambda groups=None, **kw: model(lam, **kw).logits, b), b.labels)
+                     for b in batches]).mean()
+    return nll + beta * model.kl(lam, theta)
+
+
+def run_meta_step(model, theta, tasks, config, hyper):
+    opt = torch.optim.SGD(theta.values(), lr=0.0)      # lr 0: keep theta, read theta.grad
+    logs = meta_step(model, theta, opt, tasks, config, hyper)
+    return logs, {k: v.grad.clone() for k, v in theta.items()}
+
+
+def test_meta_gradient_k0_equals_plain_gradient():
+    model = BayesLoraModel(make_tiny_llama(), BayesLoraConfig(rank=2))
+    theta = random_theta(model)
+    tasks = [task_batches("a", 1), task_batches("b", 2)]
+    config = MetaConfig(inner_steps=0, beta=1e-2, gamma=1e-3, n_samples=0)
+    hyper = HyperpriorConfig()
+    _, grads = run_meta_step(model, theta, tasks, config, hyper)
+    ref_loss = sum(query_loss(model, theta, theta, t.query, config.beta) for t in tasks) / 2
+    ref_loss = ref_loss + config.gamma * model.neg_log_hyperprior(theta, hyper)
+    ref = torch.autograd.grad(ref_loss, list(theta.values()))
+    for k, r in zip(theta, ref):
+        torch.testing.assert_close(grads[k], r, rtol=1e-4, atol=1e-6)
+
+
+def test_meta_gradient_k3_equals_straight_through_by_hand():
+    # The inner step on beta * KL is stable only for inner_lr * beta / S^2 below ~1: S ~ std(W0) here.
+    model = BayesLoraModel(make_tiny_llama(), BayesLoraConfig(rank=2, init_std_factor=1.0))
+    theta = random_theta(model, seed=1)
+    tasks = [task_batches("a", 3), task_batches("b", 4)]
+    config = MetaConfig(inner_steps=3, inner_lr=0.3, beta=1e-4, gamma=1e-3, n_samples=0)
+    hyper = HyperpriorConfig()
+    logs, grads = run_meta_step(model, theta, tasks, config, hyper)
+
+    expected = {k: torch.zeros_like(v) for k, v in theta.items()}
+    fixed = {k: v.detach() for k, v in theta.items()}
+    for t in tasks:
+        lam = {k: v.detach().clone() for k, v in theta.items()}
+        for _ in range(config.inner_steps):
+            lam = {k: v.requires_grad_() for k, v in lam.items()}
+            g = torch.autograd.grad(query_loss(model, lam, fixed, t.support, config.beta), list(lam.values()))
+            lam = {k: (v - config.inner_lr * gk).detach() for (k, v), gk in zip(lam.items(), g)}
+        lam = {k: v.requires_grad_() for k, v in lam.items()}
+        loss = query_loss(model, lam, theta, t.query, config.beta)
+        g_all = torch.autograd.grad(loss, list(lam.values()) + list(theta.values()))
+        n = len(lam)
+        for i, k in enumerate(theta):   # straight-through: lambda-gradient + gradient through p_theta
+            expected[k] += (g_all[i] + g_all[n + i]) / len(tasks)
+    h = torch.autograd.grad(config.gamma * model.neg_log_hyperprior(theta, hyper), list(theta.values()))
+    for (k, e), hk in zip(expected.items(), h):
+        torch.testing.assert_close(grads[k], e + hk, rtol=1e-4, atol=1e-6)
+    assert logs["support_nll_after"] < logs["support_nll_before"]
+
+
+class SavedTensorMeter:
+    """Tracks bytes of tensors saved for backward that are alive, and their peak."""
+
+    def __init__(self):
+        self.live = self.peak = 0
+
+    def pack(self, t):
+        meter, size = self, t.numel() * t.element_size()
+
+        class Box:
+            def __init__(self):
+                self.t = t
+                meter.live += size
+                meter.peak = max(meter.peak, meter.live)
+
+            def __del__(self):
+                meter.live -= size
+
+        return Box()
+
+    @staticmethod
+    def unpack(box):
+        return box.t
+
+
+def test_memory_and_adapter_copies_do_not_grow_with_k():
+    model = BayesLoraModel(make_tiny_llama(), BayesLoraConfig(rank=2))
+    task = task_batches("a", 5)
+    shapes = {tuple(v.shape) for v in model.init_params().values()}
+
+    def live_adapter_tensors():
+        gc.collect()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return sum(1 for o in gc.get_objects() if isinstance(o, torch.Tensor) and tuple(o.shape) in shapes)
+
+    peaks, copies = {}, {}
+    original = model.forward
+    for K in (1, 8):
+        theta = random_theta(model)
+        meter, counts = SavedTensorMeter(), []
+        baseline = live_adapter_tensors()
+
+        def counting_forward(params, *a, **kw):
+            counts.append(live_adapter_tensors() - baseline)
+            return original(params, *a, **kw)
+
+        model.forward = counting_forward
+        with torch.autograd.graph.saved_tensors_hooks(meter.pack, meter.unpack):
+            run_meta_step(model, theta, [task], MetaConfig(inner_steps=K, inner_lr=0.1, beta=1e-6, n_samples=1),
+                          HyperpriorConfig())
+        del model.forward
+        peaks[K], copies[K] = meter.peak, max(counts)
+    assert peaks[1] > 0 and copies[1] > 0
+    assert peaks[8] <= 1.01 * peaks[1]          # autograd graph: one inner step's at a time
+    assert copies[8] == copies[1]               # adapter copies alive: theta, lambda and their grads
+
+
+def test_meta_training_lowers_held_out_query_nll():
+    torch.manual_seed(0)
+    model = BayesLoraModel(make_tiny_llama(seed=3), BayesLoraConfig(rank=4, init_std_factor=0.05))
+    hyper = HyperpriorConfig()
+    config = MetaConfig(inner_steps=2, inner_lr=0.5, outer_lr=3e-2, beta=1e-4, gamma=1e-7, n_samples=1)
+    init = model.init_params()
+    theta = {k: v.clone().requires_grad_() for k, v in init.items()}
+    opt = torch.optim.Adam(theta.values(), lr=config.outer_lr)
+    train = [task_batches(f"t{i}", 100 + i, letters="abcdefgh") for i in range(6)]
+    for step in range(30):
+        meta_step(model, theta, opt, [train[(2 * step) % 6], train[(2 * step + 1) % 6]], config, hyper, step)
+    held_out = [task_batches(f"h{i}", 900 + i, n_query=16, letters="mnoprstu") for i in range(3)]
+
+    def adapted_query_nll(prior):
+        total = 0.0
+        for t in held_out:
+            post, _ = adapt(model, prior, t.support, config.inner_steps, config.inner_lr, config.beta, 0)
+            total += mean_nll(model, post, t.query)
+        return total / len(held_out)
+
+    before, after = adapted_query_nll(init), adapted_query_nll(theta)
+    assert after < before - 0.05, (before, after)
+
+
+def test_nan_loss_raises_naming_step_and_tasks_and_keeps_theta():
+    model = BayesLoraModel(make_tiny_llama(), BayesLoraConfig(rank=2))
+    theta = random_theta(model)
+    key = next(iter(theta))
+    with torch.no_grad():
+        theta[key][0, 0] = float("nan")
+    before = {k: v.detach().clone() for k, v in theta.items()}
+    opt = torch.optim.Adam(theta.values(), lr=1e-2)
+    with pytest.raises(NonFiniteLossError, match=r"step 7.*\['poisoned'\]|inner step"):
+        meta_step(model, theta, opt, [task_batches("poisoned", 1)], MetaConfig(inner_steps=0, n_samples=0),
+                  HyperpriorConfig(), step=7)
+    for k, v in theta.items():
+        torch.testing.assert_close(v.detach(), before[k], equal_nan=True)
+
+
+def test_predict_averages_softmax_over_weight_samples():
+    model = BayesLoraModel(make_tiny_llama(), BayesLoraConfig(rank=2, init_std_factor=3.0))
+    theta = random_theta(model)
+    exs = rule_task("a", 1, 6, "abcdefgh")
+    batches = make_batches(TOK, exs, ScoringConfig(max_rows=16))
+    assert len(batches) == 1
+    probs0, labels = predict_batches(model, theta, batches, n_samples=0)
+    torch.testing.assert_close(probs0.sum(-1), torch.ones(6))
+    assert labels.tolist() == [e.label for e in exs]
+    torch.manual_seed(0)
+    probs4, _ = predict_batches(model, theta, batches, n_samples=4)
+    torch.manual_seed(0)
+    singles = torch.stack([predict_batches(model, theta, batches, n_samples=1)[0] for _ in range(4)])
+    torch.testing.assert_close(probs4, singles.mean(0))
+    assert (singles[0] - singles[1]).abs().max() > 1e-3      # samples differ
+    assert (probs4 - probs0).abs().max() > 1e-4              # and differ from the posterior mean
