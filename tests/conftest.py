@@ -40,3 +40,54 @@ def tiny_tokenizer() -> PreTrainedTokenizerFast:
 @pytest.fixture
 def tiny_llama() -> LlamaForCausalLM:
     return make_tiny_llama()
+
+
+def write_task(root, task: str, rows_by_file: dict[str, list[tuple[str, str]]], options=("no", "yes")) -> None:
+    """Write MetaICL-layout files ``root/task/<task>_<suffix>.jsonl`` from (input, output) rows."""
+    import json
+
+    folder = root / task
+    folder.mkdir(parents=True, exist_ok=True)
+    for suffix, rows in rows_by_file.items():
+        lines = [json.dumps({"task": task, "input": x, "output": y, "options": list(options)}) for x, y in rows]
+        (folder / f"{task}_{suffix}.jsonl").write_text("\n".join(lines) + "\n")
+    meta = root / "task_meta"
+    meta.mkdir(exist_ok=True)
+    (meta / f"{task}.json").write_text(json.dumps({"task_type": "classification", "options": list(options)}))
+
+
+@pytest.fixture
+def tiny_data_dir(tmp_path):
+    """A MetaICL-layout folder: 4 train tasks and 2 test tasks sharing the rule
+    "yes iff the input contains q", k=4, seeds 1 and 2, and a split "tiny"."""
+    import json
+    import random
+
+    root = tmp_path / "data"
+    rng = random.Random(0)
+
+    def rows(n):
+        out = []
+        for i in range(n):
+            word = "".join(rng.choice("abcdefgh") for _ in range(5))
+            if i % 2:
+                word = word[:2] + "q" + word[3:]
+            out.append((word, "yes" if "q" in word else "no"))
+        return out
+
+    for task in ["t0", "t1", "t2", "t3", "h0", "h1"]:
+        files = {f"4_{s}_{part}": rows(4) for s in (1, 2) for part in ("train", "dev")}
+        files["test"] = rows(6)
+        write_task(root, task, files)
+    (root / "splits").mkdir()
+    (root / "splits" / "tiny.json").write_text(json.dumps({"train": ["t0", "t1", "t2", "t3"], "test": ["h0", "h1"]}))
+    return root
+
+
+@pytest.fixture
+def tiny_model_dir(tmp_path):
+    """A tiny random Llama and its tokenizer saved as a Hugging Face folder."""
+    folder = tmp_path / "tiny-llama"
+    make_tiny_llama().save_pretrained(folder)
+    make_tiny_tokenizer().save_pretrained(folder)
+    return folder

@@ -116,7 +116,7 @@ def adapt(
         (posterior, support_nll): the posterior's detached tensors lambda^(K), and the
         support NLL at each step's start (nats, ``steps`` values).
     Raises:
-        NonFiniteLossError: the support loss became NaN/inf.
+        NonFiniteLossError: the support loss or the adapted tensors became NaN/inf.
     """
     prior = {k: v.detach() for k, v in prior.items()}
     lam = _leaves(prior)
@@ -131,6 +131,9 @@ def adapt(
         history.append(nll)
         with torch.no_grad():
             lam = {k: (v - lr * v.grad).requires_grad_() for k, v in lam.items()}
+    bad = [k for k, v in lam.items() if not torch.isfinite(v).all()]
+    if bad:
+        raise NonFiniteLossError(f"adaptation diverged after {steps} steps (lr {lr}): non-finite {bad[0]}")
     return {k: v.detach() for k, v in lam.items()}, history
 
 
@@ -157,8 +160,12 @@ def meta_step(
     B = len(tasks)
     logs = dict(query_nll=0.0, kl=0.0, support_nll_before=0.0, support_nll_after=0.0)
     for task in tasks:
-        lam_k, history = adapt(model, theta, task.support, config.inner_steps, config.inner_lr,
-                               config.beta, config.n_samples)
+        try:
+            lam_k, history = adapt(model, theta, task.support, config.inner_steps, config.inner_lr,
+                                   config.beta, config.n_samples)
+        except NonFiniteLossError as err:
+            optimizer.zero_grad(set_to_none=True)
+            raise NonFiniteLossError(f"meta-step {step}, task {task.task!r}: {err}") from err
         lam = _leaves(lam_k)
         query_nll = nll_backward(model, lam, task.query, config.n_samples, weight=1 / B)
         kl = model.kl(lam, theta)

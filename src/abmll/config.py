@@ -1,0 +1,90 @@
+"""Dataclass configs shared by the Python API and the CLI (each field is also a ``--flag``).
+
+The method's own configs live beside the code they configure: :class:`BayesLoraConfig` and
+:class:`HyperpriorConfig` (bayes_lora), :class:`ScoringConfig` (scoring), :class:`MetaConfig`
+(meta). This module holds the run-level ones and the grouping used to save and reload a run.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+
+from abmll.bayes_lora import BayesLoraConfig, HyperpriorConfig
+from abmll.meta import MetaConfig
+from abmll.models import DEFAULT_MODEL
+from abmll.scoring import ScoringConfig
+
+DATA_SEEDS = [100, 13, 21, 42, 87]
+
+
+@dataclass
+class ModelArgs:
+    """Which frozen base model, and where it runs.
+
+    Attributes:
+        model: hub id, local Hugging Face folder, .gguf file, or the embedded default.
+        dtype: float32 | bfloat16 | float16 for the base weights (adapters stay float32).
+        device: cpu | cuda | cuda:N; "auto" picks cuda when available.
+    """
+
+    model: str = DEFAULT_MODEL
+    dtype: str = "float32"
+    device: str = "auto"
+
+
+@dataclass
+class TaskArgs:
+    """Which tasks and data files.
+
+    Attributes:
+        data_dir: MetaICL data folder (default: $ABMLL_DATA_DIR, else ../shared/data/metaicl).
+        split: meta-learning split name (splits/<split>.json).
+        train_tasks: explicit meta-training tasks; overrides the split's "train" list.
+        test_tasks: explicit held-out tasks; overrides the split's "test" list.
+        skip_missing: continue without tasks absent from data_dir (they are listed) instead of failing.
+        k: shots per task (the k of <task>_<k>_<seed>_train.jsonl).
+        data_seeds: data seeds (the seed of <task>_<k>_<seed>_*.jsonl) to sample episodes from.
+        max_query: at most this many query examples per episode.
+    """
+
+    data_dir: str | None = None
+    split: str = "class_to_class"
+    train_tasks: list[str] = field(default_factory=list)
+    test_tasks: list[str] = field(default_factory=list)
+    skip_missing: bool = False
+    k: int = 16
+    data_seeds: list[int] = field(default_factory=lambda: list(DATA_SEEDS))
+    max_query: int = 16
+
+
+@dataclass
+class EvalArgs:
+    """Test-time adaptation and prediction.
+
+    Attributes:
+        test_steps: K_test, SGD steps from the prior on the task's support set.
+        eval_samples: weight samples averaged in prediction (0: posterior mean).
+        max_test: at most this many test examples per task and seed.
+    """
+
+    test_steps: int = 5
+    eval_samples: int = 4
+    max_test: int = 64
+
+
+CONFIG_GROUPS = {
+    "model": ModelArgs, "lora": BayesLoraConfig, "hyperprior": HyperpriorConfig,
+    "scoring": ScoringConfig, "meta": MetaConfig, "tasks": TaskArgs, "eval": EvalArgs,
+}
+
+
+def to_dict(**groups) -> dict:
+    """``{group: asdict(config)}`` for saving beside checkpoints and results."""
+    return {name: asdict(cfg) for name, cfg in groups.items()}
+
+
+def from_dict(saved: dict, name: str):
+    """Rebuild config group ``name`` from :func:`to_dict` output, ignoring unknown keys."""
+    cls = CONFIG_GROUPS[name]
+    known = {f.name for f in fields(cls)}
+    return cls(**{k: v for k, v in saved.get(name, {}).items() if k in known})
