@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from abmll.bayes_lora import BayesLoraConfig, BayesLoraModel
@@ -37,12 +38,13 @@ def bayes_logits_fn(model, params, sample=False):
     return lambda groups=None, **kw: model(params, sample=sample, groups=groups, **kw).logits
 
 
-def test_scores_match_per_option_loop(tiny_tokenizer):
+@pytest.mark.parametrize("pack", [True, False])
+def test_scores_match_per_option_loop(tiny_tokenizer, pack):
     base = make_tiny_llama()
     model = BayesLoraModel(base, BayesLoraConfig())
     params = model.init_params()
     for normalize in (False, True):
-        config = ScoringConfig(length_normalize=normalize)
+        config = ScoringConfig(length_normalize=normalize, pack_options=pack)
         batch = encode_options(tiny_tokenizer, EXAMPLES, config)
         with torch.no_grad():
             got = option_scores(bayes_logits_fn(model, params), batch, normalize)
@@ -55,7 +57,7 @@ def test_scores_match_per_option_loop(tiny_tokenizer):
 def test_truncation_keeps_option_tokens(tiny_tokenizer):
     base = make_tiny_llama()
     model = BayesLoraModel(base, BayesLoraConfig())
-    config = ScoringConfig(max_length=24)
+    config = ScoringConfig(max_length=24, pack_options=False)
     batch = encode_options(tiny_tokenizer, EXAMPLES, config)
     assert batch.input_ids.shape[1] <= 24
     # Every row ends with its full option; the prompt was cut from the left.
@@ -69,14 +71,19 @@ def test_truncation_keeps_option_tokens(tiny_tokenizer):
     assert longest == 10                                  # byte-level: space + 9 letters
     assert row[: 24 - longest] == long_prompt[-(24 - longest):]
     with torch.no_grad():
+        ref = reference_scores(base, tiny_tokenizer, EXAMPLES, config)
         got = option_scores(bayes_logits_fn(model, model.init_params()), batch)
-        torch.testing.assert_close(got, reference_scores(base, tiny_tokenizer, EXAMPLES, config), rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
+        packed = encode_options(tiny_tokenizer, EXAMPLES, ScoringConfig(max_length=24))
+        assert packed.input_ids.shape[0] == 3                       # one sequence per example
+        got = option_scores(bayes_logits_fn(model, model.init_params()), packed)
+        torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
 
 
 def test_make_batches_respects_max_rows_and_keeps_order(tiny_tokenizer):
     config = ScoringConfig(max_rows=5)
     batches = make_batches(tiny_tokenizer, EXAMPLES, config)
-    assert all(b.input_ids.shape[0] <= 5 for b in batches)
+    assert all(b.option_ids.shape[0] <= 5 for b in batches)
     assert sorted(i for b in batches for i in b.example_index.tolist()) == [0, 1, 2]
     for b in batches:
         for j, i in enumerate(b.example_index.tolist()):
@@ -91,11 +98,12 @@ def test_option_nll_is_cross_entropy_over_present_options():
     torch.testing.assert_close(option_nll(scores, labels), ref)
 
 
-def test_sampled_scores_share_one_weight_sample_per_example(tiny_tokenizer):
+@pytest.mark.parametrize("pack", [True, False])
+def test_sampled_scores_share_one_weight_sample_per_example(tiny_tokenizer, pack):
     # With groups = row_example, duplicating an example's option gives identical scores under sampling.
     model = BayesLoraModel(make_tiny_llama(), BayesLoraConfig(init_std_factor=2.0))
     ex = Example("same options", ("yes", "yes"), 0)
-    batch = encode_options(tiny_tokenizer, [ex, ex], ScoringConfig())
+    batch = encode_options(tiny_tokenizer, [ex, ex], ScoringConfig(pack_options=pack))
     with torch.no_grad():
         s = option_scores(bayes_logits_fn(model, model.init_params(), sample=True), batch)
     torch.testing.assert_close(s[:, 0], s[:, 1])

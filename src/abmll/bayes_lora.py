@@ -21,13 +21,15 @@ its parameter name in the peft model, so a trainer runs task-specific copies thr
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import partial
 
 import torch
 import torch.nn.functional as F
 from peft import LoraConfig, get_peft_model
 from peft.tuners.lora import LoraLayer
+from peft.tuners.tuners_utils import check_target_module_exists
+from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
 from torch import Tensor, nn
 from torch.func import functional_call
 from torch.utils.checkpoint import checkpoint
@@ -38,6 +40,98 @@ LORA_A = "lora_A.default.weight"
 LORA_B = "lora_B.default.weight"
 SCALE_A = "bayes_scale_A"
 SCALE_B = "bayes_scale_B"
+
+AUTO_TARGETS = "auto"
+"""``target_modules=["auto"]`` (or an empty list): use the preset of the model's architecture."""
+
+TARGET_MODULE_PRESETS: dict[str, list[str]] = {
+    "llama": ["q_proj", "v_proj"],
+    "mistral": ["q_proj", "v_proj"],
+    "qwen2": ["q_proj", "v_proj"],
+    "qwen3": ["q_proj", "v_proj"],
+    "gemma": ["q_proj", "v_proj"],
+    "gemma2": ["q_proj", "v_proj"],
+    "gemma3_text": ["q_proj", "v_proj"],
+    "opt": ["q_proj", "v_proj"],
+    "gpt2": ["c_attn"],           # fused q,k,v projection, a transformers Conv1D (W0 stored d_in x d_out)
+}
+"""Attention projections adapted by default, per ``config.model_type``; architectures not listed
+fall back to peft's own LoRA table (list-valued entries only)."""
+
+
+def preset_target_modules(model_type: str) -> list[str]:
+    """The default ``target_modules`` of an architecture (``config.model_type`` of a Hugging
+    Face model): :data:`TARGET_MODULE_PRESETS`, else peft's LoRA default for it.
+
+    Raises:
+        ValueError: no preset is known for ``model_type`` (the message lists the known ones).
+    """
+    if model_type in TARGET_MODULE_PRESETS:
+        return list(TARGET_MODULE_PRESETS[model_type])
+    peft_default = TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING.get(model_type)
+    if isinstance(peft_default, list):
+        return list(peft_default)
+    raise ValueError(
+        f"no target_modules preset for model_type {model_type!r} (known: {', '.join(sorted(TARGET_MODULE_PRESETS))}); "
+        "pass target_modules explicitly (module-name suffixes such as q_proj, v_proj)")
+
+
+def resolve_target_modules(base_model: nn.Module, target_modules: list[str]) -> list[str]:
+    """``target_modules`` itself, or the architecture's preset when it is empty or ``["auto"]``.
+
+    Raises:
+        ValueError: "auto" is asked for and the model has no ``config.model_type`` with a preset.
+    """
+    if list(target_modules) not in ([], [AUTO_TARGETS]):
+        return list(target_modules)
+    model_type = getattr(getattr(base_model, "config", None), "model_type", None)
+    if model_type is None:
+        raise ValueError("target_modules='auto' needs a Hugging Face model with config.model_type")
+    return preset_target_modules(model_type)
+
+
+def _dense_kind(module: nn.Module) -> str | None:
+    """"linear" for torch.nn.Linear, "conv1d" for transformers' GPT-2 style Conv1D, else None."""
+    if isinstance(module, nn.Linear):
+        return "linear"
+    try:
+        from transformers.pytorch_utils import Conv1D
+    except ImportError:  # pragma: no cover - transformers is a dependency
+        return None
+    return "conv1d" if isinstance(module, Conv1D) else None
+
+
+def check_target_layers(base_model: nn.Module, lora_config: LoraConfig) -> list[tuple[str, str]]:
+    """The modules of ``base_model`` that ``lora_config.target_modules`` matches (peft's own
+    matching rule), as ``(name, "linear" | "conv1d")``.
+
+    Raises:
+        ValueError: a matched module is not a dense layer with a weight W0 (d_out x d_in), e.g.
+            an nn.Embedding, a Conv2d, a norm or a whole attention block (the message names
+            the module and its type); or nothing matches (the message gives the preset of
+            the model's architecture when there is one).
+    """
+    found = []
+    for name, module in base_model.named_modules():
+        if not name or check_target_module_exists(lora_config, name) in (False, None):
+            continue
+        kind = _dense_kind(module)
+        if kind is None:
+            raise ValueError(
+                f"target module {name!r} is a {type(module).__name__}, which abmll cannot adapt: only dense "
+                "layers (torch.nn.Linear and GPT-2 style transformers Conv1D) are supported; "
+                f"change target_modules={sorted(lora_config.target_modules)}")
+        found.append((name, kind))
+    if not found:
+        model_type = getattr(getattr(base_model, "config", None), "model_type", None)
+        hint = ""
+        try:
+            hint = f"; the preset for {model_type} is {preset_target_modules(model_type)} (or target_modules=['auto'])"
+        except ValueError:
+            pass
+        raise ValueError(f"no module of the {model_type or 'base'} model matches "
+                         f"target_modules={sorted(lora_config.target_modules)}{hint}")
+    return found
 
 
 @dataclass
@@ -173,13 +267,20 @@ class BayesLoraModel(nn.Module):
     (a prior theta or a posterior lambda) as a flat dict to :meth:`forward`, which runs the
     model through ``functional_call``. Keys are parameter names inside ``self.peft_model``.
 
+    ``config.target_modules`` = ``["auto"]`` (or ``[]``) picks the architecture's preset
+    (:func:`preset_target_modules`); ``self.config`` then holds the resolved list.
+
     Raises:
         ValueError: if no module matches ``target_modules``, or a matched module is a layer
-            type without a dense weight (only Linear and GPT-2 style Conv1D are supported).
+            type without a dense weight (only Linear and GPT-2 style Conv1D are supported);
+            the message names the module.
     """
 
     def __init__(self, base_model: nn.Module, config: BayesLoraConfig) -> None:
         super().__init__()
+        targets = resolve_target_modules(base_model, config.target_modules)
+        if targets != list(config.target_modules):
+            config = replace(config, target_modules=targets)
         self.config = config
         for p in base_model.parameters():
             p.requires_grad_(False)
@@ -187,6 +288,8 @@ class BayesLoraModel(nn.Module):
             r=config.rank, lora_alpha=config.alpha, target_modules=list(config.target_modules),
             lora_dropout=0.0, bias="none",
         )
+        kinds = {kind for _, kind in check_target_layers(base_model, lora_config)}
+        lora_config.fan_in_fan_out = kinds == {"conv1d"}   # Conv1D stores W0 as (d_in, d_out)
         try:
             self.peft_model = get_peft_model(base_model, lora_config)
         except ValueError as err:
@@ -251,6 +354,8 @@ class BayesLoraModel(nn.Module):
         Returns: the model's output (``.logits``: (batch, seq or logits_to_keep, vocab)).
         """
         self._noise.sample, self._noise.groups = sample, groups
+        if attention_mask is not None and attention_mask.is_floating_point():   # additive 4D mask
+            attention_mask = attention_mask.to(self.peft_model.get_input_embeddings().weight.dtype)
         try:
             return functional_call(
                 self.peft_model, params, args=(), strict=False,

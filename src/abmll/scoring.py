@@ -3,11 +3,13 @@
 Method doc, "Likelihood for tasks with options": score_c = sum of the token log-probabilities
 of option c given the prompt built from the input; p(y | x, dW) = softmax_c(score_c).
 
-Every (example, option) pair is one row: the prompt's tokens followed by the option's tokens,
-LEFT-padded so that all options end at the last position. The model then only needs logits
-for the last ``max_option_len + 1`` positions (``logits_to_keep``), not for the whole
-sequence: the (rows, seq, vocab) logits tensor is never built. A long prompt is truncated
-from the left so that the prompt plus the example's longest option fit in ``max_length``.
+By default each example is one LEFT-padded sequence: its prompt once, then all its options,
+each option attending to the prompt and to itself only (4D attention mask, position ids
+restarting after the prompt), so the prompt is not recomputed per option. The model only
+needs logits for the final option positions (``logits_to_keep``); the (rows, seq, vocab)
+logits tensor is never built. ``pack_options=False`` gives one sequence per (example,
+option), the reference layout. A long prompt is truncated from the left so that the prompt
+plus the example's longest option fit in ``max_length``.
 """
 
 from __future__ import annotations
@@ -31,9 +33,13 @@ class ScoringConfig:
     Attributes:
         template: prompt built from an example, ``{input}`` replaced by its input text.
         option_prefix: text put before each option (a space, so options tokenise as words).
-        max_length: tokens per (prompt + option) row; the prompt is cut from the left.
+        max_length: tokens per (prompt + option); the prompt is cut from the left.
         length_normalize: divide each option's summed log-probability by its token count.
-        max_rows: at most this many (example, option) rows per forward pass.
+        max_rows: at most this many (example, option) pairs per forward pass.
+        pack_options: run each example's prompt once, its options packed after it, each
+            option attending to the prompt and to itself only (a 4D attention mask, position
+            ids restarting after the prompt). Same scores as one sequence per option, fewer
+            tokens. False: one sequence per (example, option), for models without 4D masks.
     """
 
     template: str = "{input}\nAnswer:"
@@ -41,24 +47,36 @@ class ScoringConfig:
     max_length: int = 256
     length_normalize: bool = False
     max_rows: int = 16
+    pack_options: bool = True
 
 
 @dataclass
 class OptionBatch:
-    """Tokenised rows for N examples with up to C options each (R = total options).
+    """Tokenised sequences for N examples with up to C options each; R = total options.
+
+    S sequences of T tokens: one per (example, option) (unpacked) or one per example with
+    its options packed after the prompt. Option token j of option row r sits at index
+    ``pred_index[r, j] + 1`` of the last ``keep`` positions of sequence ``option_seq[r]``;
+    its log-probability is read from the logits at ``pred_index[r, j]``.
 
     Attributes:
-        input_ids, attention_mask, position_ids: (R, T) long, left-padded.
-        option_ids, option_mask: (R, L) the option tokens right-aligned (L = longest option).
+        input_ids, position_ids: (S, T) long, left-padded.
+        attention_mask: (S, T) long, or (S, 1, T, T) float additive (0 / -inf) when packed.
+        keep: how many final positions need logits (``logits_to_keep``).
+        groups: (S,) long, the example of each sequence (one weight sample per example).
+        option_seq: (R,) long; pred_index, option_ids: (R, L) long; option_mask: (R, L) bool.
         row_example, row_option: (R,) long, which example / option index each row is.
-        labels: (N,) long answer indices.
-        num_options: (N,) long.
+        labels: (N,) long answer indices. num_options: (N,) long.
         example_index: (N,) long, each example's position in the list it was built from.
     """
 
     input_ids: Tensor
     attention_mask: Tensor
     position_ids: Tensor
+    keep: int
+    groups: Tensor
+    option_seq: Tensor
+    pred_index: Tensor
     option_ids: Tensor
     option_mask: Tensor
     row_example: Tensor
@@ -72,7 +90,7 @@ class OptionBatch:
         return int(self.labels.shape[0])
 
     def to(self, device: torch.device | str) -> "OptionBatch":
-        return OptionBatch(**{k: v.to(device) for k, v in vars(self).items()})
+        return OptionBatch(**{k: v.to(device) if isinstance(v, Tensor) else v for k, v in vars(self).items()})
 
 
 def _tokenize(tokenizer, examples: Sequence[Example], config: ScoringConfig):
@@ -105,24 +123,55 @@ def encode_options(tokenizer, examples: Sequence[Example], config: ScoringConfig
         raise ValueError("encode_options needs at least one example")
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     tokenized = _tokenize(tokenizer, examples, config)
-    rows = [(i, c, prompt + opt, opt) for i, (prompt, opts) in enumerate(tokenized) for c, opt in enumerate(opts)]
-    T = max(len(seq) for _, _, seq, _ in rows)
-    L = max(len(opt) for _, _, _, opt in rows)
-    R = len(rows)
-    input_ids = torch.full((R, T), pad, dtype=torch.long)
-    attention_mask = torch.zeros(R, T, dtype=torch.long)
+    # segments per sequence: [(prompt ids, [(row, option ids), ...]), ...]
+    rows = [(i, c) for i, (_, opts) in enumerate(tokenized) for c in range(len(opts))]
+    if config.pack_options:
+        seqs = [(prompt, [(r, opts[c]) for r, (i2, c) in enumerate(rows) if i2 == i])
+                for i, (prompt, opts) in enumerate(tokenized)]
+    else:
+        seqs = [(tokenized[i][0], [(r, tokenized[i][1][c])]) for r, (i, c) in enumerate(rows)]
+    S, R = len(seqs), len(rows)
+    T = max(len(p) + sum(len(o) for _, o in opts) for p, opts in seqs)
+    keep = max(sum(len(o) for _, o in opts) for _, opts in seqs) + 1
+    L = max(len(o) for _, opts in seqs for _, o in opts)
+    input_ids = torch.full((S, T), pad, dtype=torch.long)
+    position_ids = torch.zeros(S, T, dtype=torch.long)
+    segment = torch.full((S, T), -1, dtype=torch.long)        # -1 pad, 0 prompt, c + 1 option c
+    option_seq = torch.zeros(R, dtype=torch.long)
+    pred_index = torch.zeros(R, L, dtype=torch.long)
     option_ids = torch.full((R, L), pad, dtype=torch.long)
     option_mask = torch.zeros(R, L, dtype=torch.bool)
-    for r, (_, _, seq, opt) in enumerate(rows):
-        input_ids[r, T - len(seq):] = torch.tensor(seq)
-        attention_mask[r, T - len(seq):] = 1
-        option_ids[r, L - len(opt):] = torch.tensor(opt)
-        option_mask[r, L - len(opt):] = True
-    position_ids = (attention_mask.cumsum(1) - 1).clamp(min=0)
+    for s, (prompt, opts) in enumerate(seqs):
+        start = T - len(prompt) - sum(len(o) for _, o in opts)
+        pos = start + len(prompt)                             # first option token
+        input_ids[s, start:pos] = torch.tensor(prompt)
+        position_ids[s, start:pos] = torch.arange(len(prompt))
+        segment[s, start:pos] = 0
+        for seg, (r, opt) in enumerate(opts, start=1):
+            n = len(opt)
+            input_ids[s, pos:pos + n] = torch.tensor(opt)
+            position_ids[s, pos:pos + n] = torch.arange(len(prompt), len(prompt) + n)
+            segment[s, pos:pos + n] = seg
+            # token j is predicted at the previous position of its own option, the first at the prompt's end
+            prev = torch.tensor([start + len(prompt) - 1] + list(range(pos, pos + n - 1)))
+            option_seq[r] = s
+            pred_index[r, L - n:] = prev - (T - keep)
+            option_ids[r, L - n:] = torch.tensor(opt)
+            option_mask[r, L - n:] = True
+            pos += n
+    if config.pack_options:
+        q, k = segment.unsqueeze(2), segment.unsqueeze(1)                 # (S, T, 1), (S, 1, T)
+        causal = torch.ones(T, T, dtype=torch.bool).tril()
+        allowed = causal & (q >= 0) & (k >= 0) & ((k == 0) | (k == q))
+        allowed |= torch.eye(T, dtype=torch.bool)                         # padding rows attend to themselves
+        attention_mask = torch.zeros(S, 1, T, T).masked_fill(~allowed.unsqueeze(1), float("-inf"))
+    else:
+        attention_mask = (segment >= 0).long()
     return OptionBatch(
-        input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-        option_ids=option_ids, option_mask=option_mask,
-        row_example=torch.tensor([r[0] for r in rows]), row_option=torch.tensor([r[1] for r in rows]),
+        input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, keep=keep,
+        groups=torch.tensor([rows[opts[0][0]][0] for _, opts in seqs]), option_seq=option_seq,
+        pred_index=pred_index, option_ids=option_ids, option_mask=option_mask,
+        row_example=torch.tensor([i for i, _ in rows]), row_option=torch.tensor([c for _, c in rows]),
         labels=torch.tensor([ex.label for ex in examples]),
         num_options=torch.tensor([len(ex.options) for ex in examples]),
         example_index=torch.tensor(list(example_index) if example_index is not None else range(len(examples))),
@@ -130,9 +179,9 @@ def encode_options(tokenizer, examples: Sequence[Example], config: ScoringConfig
 
 
 def make_batches(tokenizer, examples: Sequence[Example], config: ScoringConfig) -> list[OptionBatch]:
-    """Split ``examples`` into :class:`OptionBatch` es of at most ``config.max_rows`` rows
-    (an example with more options than that gets a batch of its own), grouping examples of
-    similar length to cut padding. ``example_index`` maps results back to input order."""
+    """Split ``examples`` into :class:`OptionBatch` es of at most ``config.max_rows``
+    (example, option) pairs (an example with more options gets a batch of its own), grouping
+    examples of similar length to cut padding. ``example_index`` maps results back to input order."""
     order = sorted(range(len(examples)), key=lambda i: len(examples[i].input))
     batches, chunk, rows = [], [], 0
     for i in order:
@@ -152,18 +201,18 @@ def option_scores(logits_fn: LogitsFn, batch: OptionBatch, length_normalize: boo
 
     Args:
         logits_fn: runs the LM; called with input_ids, attention_mask, position_ids,
-            logits_to_keep and groups (= ``row_example``: all options of an example share one
-            weight sample) and returns logits (R, logits_to_keep, V).
+            logits_to_keep and groups (all sequences of an example share one weight sample)
+            and returns logits (S, logits_to_keep, V).
         batch: from :func:`encode_options`.
     Returns:
         (N, C_max) float scores; entries past an example's number of options are -inf.
     """
-    L = batch.option_ids.shape[1]
     logits = logits_fn(
         input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-        position_ids=batch.position_ids, logits_to_keep=L + 1, groups=batch.row_example,
-    )[:, :-1]
-    token_lp = torch.log_softmax(logits.float(), dim=-1).gather(-1, batch.option_ids.unsqueeze(-1)).squeeze(-1)
+        position_ids=batch.position_ids, logits_to_keep=batch.keep, groups=batch.groups,
+    ).float()
+    seq = batch.option_seq.unsqueeze(-1)
+    token_lp = logits[seq, batch.pred_index, batch.option_ids] - torch.logsumexp(logits, -1)[seq, batch.pred_index]
     mask = batch.option_mask
     row_scores = (token_lp * mask).sum(-1)
     if length_normalize:
