@@ -11,7 +11,9 @@ import torch
 
 from abmll.bayes_lora import BayesLoraConfig, BayesLoraModel, HyperpriorConfig
 from abmll.data import Example
-from abmll.meta import MetaConfig, NonFiniteLossError, TaskBatches, adapt, mean_nll, meta_step, predict_batches
+from abmll.meta import (
+    MetaConfig, NonFiniteLossError, TaskBatches, adapt, mean_nll, meta_step, meta_step_second_order, predict_batches,
+)
 from abmll.scoring import ScoringConfig, make_batches, option_nll, option_scores
 from conftest import make_tiny_llama, make_tiny_tokenizer
 
@@ -210,3 +212,45 @@ def test_predict_averages_softmax_over_weight_samples():
     torch.testing.assert_close(probs4, singles.mean(0))
     assert (singles[0] - singles[1]).abs().max() > 1e-3      # samples differ
     assert (probs4 - probs0).abs().max() > 1e-4              # and differ from the posterior mean
+
+
+def test_second_order_reference_matches_finite_differences_and_k0_first_order():
+    torch.set_default_dtype(torch.float64)
+    try:
+        model = BayesLoraModel(make_tiny_llama(), BayesLoraConfig(rank=2, init_std_factor=1.0))
+        theta = random_theta(model, seed=2)
+        tasks = [task_batches("a", 6)]
+        hyper = HyperpriorConfig()
+        config = MetaConfig(inner_steps=2, inner_lr=0.3, beta=1e-4, gamma=1e-3, n_samples=0)
+
+        def objective(th):           # L(theta) with lambda^(K) a function of theta, no grad
+            lam = dict(th)
+            for _ in range(config.inner_steps):
+                lam = {k: v.detach().requires_grad_() for k, v in lam.items()}
+                g = torch.autograd.grad(query_loss(model, lam, th, tasks[0].support, config.beta), list(lam.values()))
+                lam = {k: v - config.inner_lr * gk for (k, v), gk in zip(lam.items(), g)}
+            with torch.no_grad():
+                return (query_loss(model, lam, th, tasks[0].query, config.beta)
+                        + config.gamma * model.neg_log_hyperprior(th, hyper)).item()
+
+        opt = torch.optim.SGD(theta.values(), lr=0.0)
+        meta_step_second_order(model, theta, opt, tasks, config, hyper)
+        g = {k: v.grad.clone() for k, v in theta.items()}
+        direction = {k: torch.randn_like(v) for k, v in theta.items()}
+        eps = 1e-3   # rotary tables stay float32: a smaller step drowns in their rounding
+        plus = objective({k: (theta[k] + eps * direction[k]).detach() for k in theta})
+        minus = objective({k: (theta[k] - eps * direction[k]).detach() for k in theta})
+        fd = (plus - minus) / (2 * eps)
+        analytic = sum((g[k] * direction[k]).sum() for k in theta).item()
+        assert abs(fd - analytic) <= 1e-4 * max(1.0, abs(fd)), (fd, analytic)
+
+        _, first = run_meta_step(model, theta, tasks, config, hyper)
+        differs = max((first[k] - g[k]).abs().max().item() for k in theta)
+        assert differs > 1e-6                          # K=2: first-order is an approximation
+        k0 = MetaConfig(inner_steps=0, beta=1e-4, gamma=1e-3, n_samples=0)
+        _, first0 = run_meta_step(model, theta, tasks, k0, hyper)
+        meta_step_second_order(model, theta, torch.optim.SGD(theta.values(), lr=0.0), tasks, k0, hyper)
+        for k in theta:
+            torch.testing.assert_close(theta[k].grad, first0[k])
+    finally:
+        torch.set_default_dtype(torch.float32)

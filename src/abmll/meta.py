@@ -204,7 +204,7 @@ def predict_batches(
     """
     n = sum(b.num_examples for b in batches)
     c = max(int(b.num_options.max()) for b in batches)
-    probs = torch.zeros(n, c)
+    probs = torch.zeros(n, c, dtype=torch.float32)
     labels = torch.zeros(n, dtype=torch.long)
     for batch in batches:
         draws = [torch.softmax(option_scores(_logits_fn(model, params, n_samples > 0), batch), -1)
@@ -214,3 +214,47 @@ def predict_batches(
         probs[idx, : p.shape[1]] = p
         labels[idx] = batch.labels.cpu()
     return probs, labels
+
+
+def _mean_nll_graph(model: BayesLoraModel, params: Params, batches: Sequence[OptionBatch], n_samples: int) -> Tensor:
+    """Mean NLL over ``batches`` (and ``n_samples`` weight samples) as one differentiable scalar."""
+    draws = max(n_samples, 1)
+    losses = [option_nll(option_scores(_logits_fn(model, params, n_samples > 0), b), b.labels)
+              for b in batches for _ in range(draws)]
+    return torch.cat(losses).sum() / (sum(b.num_examples for b in batches) * draws)
+
+
+def meta_step_second_order(
+    model: BayesLoraModel, theta: Params, optimizer: torch.optim.Optimizer,
+    tasks: Sequence[TaskBatches], config: MetaConfig, hyper: HyperpriorConfig,
+) -> dict[str, float]:
+    """Exact (second-order) ABML meta-step: back-propagates through all K inner steps
+    (``create_graph=True``), including the prior's role in the inner KL. A reference for the
+    first-order :func:`meta_step` on small models and for memory comparisons: its graph, and
+    so its memory, grows linearly with K. Runs attention on the math SDPA kernel (the fused
+    CPU kernels have no double backward). Returns logs: query_nll, kl, hyperprior, loss."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    optimizer.zero_grad(set_to_none=True)
+    B = len(tasks)
+    logs = dict(query_nll=0.0, kl=0.0)
+    with sdpa_kernel(SDPBackend.MATH):
+        for task in tasks:
+            lam = dict(theta)
+            for _ in range(config.inner_steps):
+                loss = _mean_nll_graph(model, lam, task.support, config.n_samples)
+                if config.beta:
+                    loss = loss + config.beta * model.kl(lam, theta)
+                grads = torch.autograd.grad(loss, list(lam.values()), create_graph=True)
+                lam = {k: v - config.inner_lr * g for (k, v), g in zip(lam.items(), grads)}
+            query_nll = _mean_nll_graph(model, lam, task.query, config.n_samples)
+            kl = model.kl(lam, theta)
+            ((query_nll + config.beta * kl) / B).backward()
+            logs["query_nll"] += query_nll.item() / B
+            logs["kl"] += kl.item() / B
+    hyperprior = model.neg_log_hyperprior(theta, hyper)
+    (config.gamma * hyperprior).backward()
+    logs["hyperprior"] = hyperprior.item()
+    logs["loss"] = logs["query_nll"] + config.beta * logs["kl"] + config.gamma * logs["hyperprior"]
+    optimizer.step()
+    return logs

@@ -210,14 +210,16 @@ def option_scores(logits_fn: LogitsFn, batch: OptionBatch, length_normalize: boo
     logits = logits_fn(
         input_ids=batch.input_ids, attention_mask=batch.attention_mask,
         position_ids=batch.position_ids, logits_to_keep=batch.keep, groups=batch.groups,
-    ).float()
+    )
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))   # bf16/fp16 -> fp32
     seq = batch.option_seq.unsqueeze(-1)
     token_lp = logits[seq, batch.pred_index, batch.option_ids] - torch.logsumexp(logits, -1)[seq, batch.pred_index]
     mask = batch.option_mask
     row_scores = (token_lp * mask).sum(-1)
     if length_normalize:
         row_scores = row_scores / mask.sum(-1)
-    scores = torch.full((batch.num_examples, int(batch.num_options.max())), float("-inf"), device=row_scores.device)
+    scores = torch.full((batch.num_examples, int(batch.num_options.max())), float("-inf"),
+                        dtype=row_scores.dtype, device=row_scores.device)
     return scores.index_put((batch.row_example, batch.row_option), row_scores)
 
 
