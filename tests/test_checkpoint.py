@@ -1,13 +1,20 @@
-"""Adapter folders: safetensors + JSON round trip; pickles, truncation, tampering refused."""
+"""Adapter and training-state folders: safetensors + JSON round trip; pickles, truncation,
+tampering and half-written states refused; no pickle loading anywhere in the library."""
 
 from __future__ import annotations
 
+import ast
 import json
+from pathlib import Path
 
 import pytest
 import torch
 
-from abmll.checkpoint import CONFIG, TENSORS, CheckpointError, atomic_write, load_adapter, save_adapter
+import abmll
+from abmll import checkpoint
+from abmll.checkpoint import (
+    CONFIG, STATE, TENSORS, CheckpointError, atomic_write, load_adapter, load_state, save_adapter, save_state,
+)
 
 
 def test_round_trip(tmp_path):
@@ -40,15 +47,20 @@ def test_truncated_file_refused(tmp_path):
         load_adapter(tmp_path)
 
 
-def test_tampered_header_refused(tmp_path):
-    path = _saved(tmp_path)
+def tamper_header(path: Path) -> None:
+    """Point a tensor's data past the end of the file, keeping the header's length."""
     raw = bytearray(path.read_bytes())
     n = int.from_bytes(raw[:8], "little")
     header = json.loads(raw[8:8 + n])
-    header["w"]["data_offsets"][1] += 1000
+    name = next(k for k in header if k != "__metadata__")
+    header[name]["data_offsets"][1] += 1000
     new = json.dumps(header).encode().ljust(n)[:n]
     raw[8:8 + n] = new
     path.write_bytes(bytes(raw))
+
+
+def test_tampered_header_refused(tmp_path):
+    tamper_header(_saved(tmp_path))
     with pytest.raises(CheckpointError, match="safetensors"):
         load_adapter(tmp_path)
 
@@ -74,3 +86,85 @@ def test_atomic_write_keeps_old_file_when_writer_fails(tmp_path):
         atomic_write(target, failing)
     assert target.read_text() == "old"
     assert list(tmp_path.iterdir()) == [target]
+
+
+# ---------------------------------------------------------------- training states
+
+
+def state_tensors(step: int) -> dict[str, torch.Tensor]:
+    return {"theta/w": torch.full((8, 8), float(step)), "adam/w/step": torch.tensor(float(step)),
+            "rng/torch": torch.get_rng_state()}
+
+
+def test_state_round_trip_keeps_only_the_latest(tmp_path):
+    save_state(tmp_path, 2, state_tensors(2), {"history": [1, 2]})
+    save_state(tmp_path, 4, state_tensors(4), {"history": [1, 2, 3, 4]})
+    tensors, state = load_state(tmp_path)
+    assert state == {"history": [1, 2, 3, 4], "format": "abmll-state", "step": 4,
+                     "tensors": "state-00000004.safetensors"}
+    for k, v in state_tensors(4).items():
+        assert torch.equal(tensors[k], v) and tensors[k].dtype == v.dtype
+    assert {p.name for p in tmp_path.iterdir()} == {STATE, "state-00000004.safetensors"}
+
+
+def test_crash_before_the_commit_keeps_the_previous_state(tmp_path, monkeypatch):
+    save_state(tmp_path, 2, state_tensors(2), {})
+
+    def crash(path, obj):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(checkpoint, "write_json", crash)      # the new tensors are written, the JSON is not
+    with pytest.raises(OSError, match="disk full"):
+        save_state(tmp_path, 4, state_tensors(4), {})
+    tensors, state = load_state(tmp_path)
+    assert state["step"] == 2 and torch.equal(tensors["theta/w"], state_tensors(2)["theta/w"])
+    monkeypatch.undo()
+    save_state(tmp_path, 6, state_tensors(6), {})             # the orphan of the crash is cleaned up
+    assert {p.name for p in tmp_path.iterdir()} == {STATE, "state-00000006.safetensors"}
+
+
+@pytest.mark.parametrize("damage", ["pickle", "truncated", "tampered", "missing"])
+def test_damaged_state_tensors_refused(tmp_path, damage):
+    save_state(tmp_path, 2, state_tensors(2), {})
+    path = tmp_path / "state-00000002.safetensors"
+    if damage == "pickle":
+        torch.save(state_tensors(2), path)
+    elif damage == "truncated":
+        path.write_bytes(path.read_bytes()[:-40])
+    elif damage == "tampered":
+        tamper_header(path)
+    else:
+        path.unlink()
+    with pytest.raises(CheckpointError, match=str(path)):
+        load_state(tmp_path)
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"step": 3}, "does not match step 3"),
+    ({"tensors": "../adapter.safetensors"}, "not an abmll training state"),
+    ({"format": "other"}, "not an abmll training state"),
+])
+def test_inconsistent_state_json_refused(tmp_path, change, message):
+    save_state(tmp_path, 2, state_tensors(2), {})
+    good = json.loads((tmp_path / STATE).read_text())
+    (tmp_path / STATE).write_text(json.dumps({**good, **change}))
+    with pytest.raises(CheckpointError, match=message):
+        load_state(tmp_path)
+    (tmp_path / STATE).write_text('{"step": 2, "tensors": ')
+    with pytest.raises(CheckpointError, match=f"{tmp_path / STATE}: not valid JSON"):
+        load_state(tmp_path)
+
+
+def test_library_never_unpickles():
+    """No pickle/torch.load in abmll, except torch.load(..., weights_only=True)."""
+    offenders = []
+    for path in Path(abmll.__file__).parent.glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.Import, ast.ImportFrom)):
+                names = [a.name for a in node.names] + [getattr(node, "module", None) or ""]
+                offenders += [f"{path.name}: imports {n}" for n in names if n.split(".")[0] in ("pickle", "dill")]
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "load" \
+                    and isinstance(node.func.value, ast.Name) and node.func.value.id == "torch":
+                safe = any(k.arg == "weights_only" and getattr(k.value, "value", None) is True for k in node.keywords)
+                offenders += [] if safe else [f"{path.name}:{node.lineno}: torch.load without weights_only=True"]
+    assert offenders == []

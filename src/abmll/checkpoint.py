@@ -1,29 +1,40 @@
-"""Adapters on disk: safetensors tensors + a JSON config, written atomically.
+"""Adapters and training states on disk: safetensors tensors + JSON, written atomically.
 
 A saved adapter (a prior theta or a task posterior lambda) is a folder with
 ``adapter.safetensors`` (the flat dict of adapter tensors, see :mod:`abmll.bayes_lora`) and
-``abmll_config.json`` (everything needed to rebuild the model it belongs to). Nothing is
-ever loaded with pickle: safetensors holds raw tensors only.
+``abmll_config.json`` (everything needed to rebuild the model it belongs to).
+
+A training state (see :func:`save_state`) is a folder with ``state-<step>.safetensors`` and
+``state.json``; the JSON file is written last and names the tensor file, so replacing it is
+the single atomic step that commits a new state: a crash at any moment leaves the previous
+state or the new one, never a mix.
+
+Nothing is ever loaded with pickle: safetensors holds raw tensors only, everything else is JSON.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 
 TENSORS = "adapter.safetensors"
 CONFIG = "abmll_config.json"
+STATE = "state.json"
+STATE_FORMAT = "abmll-state"
+_STATE_TENSORS = re.compile(r"state-(\d+)\.safetensors")
 
 
 class CheckpointError(ValueError):
-    """An adapter folder is missing, truncated, tampered with or not safetensors; names the file."""
+    """An adapter or state folder is missing, truncated, tampered with or not safetensors /
+    JSON, or inconsistent; the message names the file."""
 
 
 def atomic_write(path: str | os.PathLike, write) -> None:
@@ -41,6 +52,21 @@ def atomic_write(path: str | os.PathLike, write) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    _fsync_dir(path.parent)
+
+
+def _fsync_dir(folder: Path) -> None:
+    """Make a rename inside ``folder`` durable (a no-op where folders cannot be opened)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def write_json(path: str | os.PathLike, obj: Any) -> None:
@@ -52,10 +78,34 @@ def save_adapter(folder: str | os.PathLike, tensors: dict[str, torch.Tensor], co
     """Save adapter ``tensors`` (flat dict, any shapes) and its JSON-serialisable ``config``
     into ``folder`` (created if needed), each file atomically. Returns the folder."""
     folder = Path(folder)
-    cpu = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
-    atomic_write(folder / TENSORS, lambda tmp: save_file(cpu, tmp, metadata={"format": "abmll"}))
+    _write_tensors(folder / TENSORS, tensors, {"format": "abmll"})
     write_json(folder / CONFIG, config)
     return folder
+
+
+def _write_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
+    cpu = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+    atomic_write(path, lambda tmp: save_file(cpu, tmp, metadata=metadata))
+
+
+def _read_tensors(path: Path, device: str | torch.device = "cpu") -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """``(tensors, metadata)`` of a safetensors file; CheckpointError naming ``path`` otherwise."""
+    if not path.is_file():
+        raise CheckpointError(f"{path}: not found")
+    try:
+        with safe_open(path, framework="pt", device=str(device)) as f:
+            return {k: f.get_tensor(k) for k in f.keys()}, f.metadata() or {}
+    except (SafetensorError, OSError, ValueError) as err:
+        raise CheckpointError(f"{path}: not a readable safetensors file ({err})") from err
+
+
+def _read_json(path: Path) -> Any:
+    if not path.is_file():
+        raise CheckpointError(f"{path}: not found")
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise CheckpointError(f"{path}: not valid JSON ({err})") from err
 
 
 def load_adapter(folder: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[dict[str, torch.Tensor], dict]:
@@ -70,12 +120,46 @@ def load_adapter(folder: str | os.PathLike, device: str | torch.device = "cpu") 
     for p in (tensor_path, config_path):
         if not p.is_file():
             raise CheckpointError(f"{p}: not found (an abmll adapter folder holds {TENSORS} and {CONFIG})")
-    try:
-        config = json.loads(config_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise CheckpointError(f"{config_path}: not valid JSON ({err})") from err
-    try:
-        tensors = load_file(tensor_path, device=str(device))
-    except (SafetensorError, OSError, ValueError) as err:
-        raise CheckpointError(f"{tensor_path}: not a readable safetensors file ({err})") from err
+    config = _read_json(config_path)
+    tensors, _ = _read_tensors(tensor_path, device)
     return tensors, config
+
+
+def save_state(folder: str | os.PathLike, step: int, tensors: dict[str, torch.Tensor], state: dict[str, Any]) -> Path:
+    """Save a training state at ``step`` into ``folder`` (created if needed), atomically as a pair.
+
+    ``tensors`` (flat dict, any shapes and dtypes) go to ``state-<step>.safetensors`` (with
+    ``step`` in its metadata), then ``state.json`` = ``state`` (JSON-serialisable) plus
+    ``step``, ``format`` and the tensor file's name replaces the previous one: that rename is
+    the commit. Tensor files of older states are removed afterwards. Returns the folder.
+    """
+    folder = Path(folder)
+    name = f"state-{step:08d}.safetensors"
+    _write_tensors(folder / name, tensors, {"format": STATE_FORMAT, "step": str(step)})
+    write_json(folder / STATE, {**state, "format": STATE_FORMAT, "step": step, "tensors": name})
+    for old in folder.iterdir():
+        stale_tmp = old.name.startswith(".state") and old.name.endswith(".tmp")
+        if old.name != name and (_STATE_TENSORS.fullmatch(old.name) or stale_tmp):
+            old.unlink(missing_ok=True)
+    return folder
+
+
+def load_state(folder: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[dict[str, torch.Tensor], dict]:
+    """Load ``(tensors, state)`` written by :func:`save_state`; ``state["step"]`` is the step.
+
+    Raises:
+        CheckpointError: ``state.json`` or the tensor file it names is missing, not valid JSON /
+            safetensors (a pickle, truncated, a tampered header), or the two disagree on the step.
+    """
+    folder = Path(folder)
+    json_path = folder / STATE
+    state = _read_json(json_path)
+    if not (isinstance(state, dict) and state.get("format") == STATE_FORMAT and isinstance(state.get("step"), int)
+            and isinstance(state.get("tensors"), str) and _STATE_TENSORS.fullmatch(state["tensors"])):
+        raise CheckpointError(f"{json_path}: not an abmll training state (format, step and tensors fields)")
+    tensor_path = folder / state["tensors"]
+    tensors, metadata = _read_tensors(tensor_path, device)
+    if metadata.get("format") != STATE_FORMAT or metadata.get("step") != str(state["step"]):
+        raise CheckpointError(
+            f"{tensor_path}: metadata {metadata} does not match step {state['step']} of {json_path}")
+    return tensors, state

@@ -100,6 +100,11 @@ def _parse_line(text: str, where: str) -> dict:
             )
     if not all(isinstance(option, str) for option in record["options"]):
         raise DataError(f"{where}: 'options' must be a list of strings")
+    for text in (record["input"], record["output"], *record["options"]):
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as err:     # a lone surrogate such as "\ud800"
+            raise DataError(f"{where}: text is not valid Unicode ({err.reason} at {err.start})") from None
     return record
 
 
@@ -266,7 +271,9 @@ def load_episode(
 
     ``query_split`` is ``"dev"`` (meta-training) or ``"test"`` (evaluation). When
     ``max_query`` is given and the query is larger, keep a subset of ``max_query``
-    examples drawn with ``random.Random(seed)``, in their original order.
+    examples drawn with ``random.Random(seed)``, in their original order. ``k`` only names
+    the file (``<task>_<k>_<seed>_train.jsonl``): the support holds what that file has, even
+    if that is fewer than k examples.
     Raises ValueError for a bad ``query_split`` or ``max_query``, and the errors of
     :func:`load_examples` (a DataError naming the file when a set is empty).
     """

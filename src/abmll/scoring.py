@@ -99,6 +99,8 @@ def _tokenize(tokenizer, examples: Sequence[Example], config: ScoringConfig):
     for ex in examples:
         prompt = tokenizer(config.template.format(input=ex.input), add_special_tokens=True)["input_ids"]
         options = [tokenizer(config.option_prefix + o, add_special_tokens=False)["input_ids"] for o in ex.options]
+        if not prompt:
+            raise ValueError(f"{ex.source or repr(ex.input)}: the prompt tokenises to nothing (empty input?)")
         if not options or min(len(o) for o in options) == 0:
             raise ValueError(f"{ex.source or ex.input[:40]!r}: no options, or an option tokenises to nothing")
         longest = max(len(o) for o in options)

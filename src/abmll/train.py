@@ -1,13 +1,21 @@
 """Meta-training: sample meta-batches of tasks, run first-order ABMLL steps, save the prior.
 
 Method doc, "Meta-objective". The loop is deliberately plain: episodes are tokenised once and
-cached, each meta-step is :func:`abmll.meta.meta_step`, and the prior is written as an
-adapter folder (:mod:`abmll.checkpoint`) every ``save_every`` steps and at the end.
+cached, each meta-step is :func:`abmll.meta.meta_step`, and every ``save_every`` steps and at
+the end the run is saved into its output folder:
+
+- the prior, as an adapter folder (:func:`abmll.checkpoint.save_adapter`) plus ``history.json``;
+- the full trainer state in ``checkpoint/`` (:func:`abmll.checkpoint.save_state`): theta, the
+  Adam state, the torch and task-sampler RNG states, the history and the config. Resuming
+  from it (:meth:`MetaTrainer.resume`) continues the run exactly as if it had not stopped
+  (bit for bit on CPU).
 """
 
 from __future__ import annotations
 
+import json
 import random
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,11 +23,17 @@ from pathlib import Path
 import torch
 
 from abmll.bayes_lora import BayesLoraModel, HyperpriorConfig, Params
-from abmll.checkpoint import save_adapter, write_json
+from abmll.checkpoint import STATE, CheckpointError, load_state, save_adapter, save_state, write_json
 from abmll.config import TaskArgs
 from abmll.data import check_tasks, load_episode, load_split
-from abmll.meta import MetaConfig, TaskBatches, meta_step
+from abmll.meta import MetaConfig, NonFiniteLossError, TaskBatches, meta_step
 from abmll.scoring import ScoringConfig, make_batches
+
+CHECKPOINT_DIR = "checkpoint"
+"""Sub-folder of a run's output folder holding the trainer state."""
+
+RESUMABLE_CHANGES = {"meta.meta_steps", "tasks.data_dir", "model.device"}
+"""Config entries that may differ between a saved run and its resumption (all others must match)."""
 
 
 def episode_batches(model: BayesLoraModel, tokenizer, task: str, seed: int, tasks: TaskArgs,
@@ -38,7 +52,8 @@ class MetaTrainer:
 
     Attributes:
         theta: prior adapter tensors (leaf tensors, float32), trained in place.
-        history: one dict of logs per finished meta-step (see :func:`abmll.meta.meta_step`).
+        history: one dict of logs per finished meta-step (see :func:`abmll.meta.meta_step`);
+            a skipped step's dict has ``skipped: True`` and ``error`` instead of the losses.
     """
 
     model: BayesLoraModel
@@ -56,8 +71,9 @@ class MetaTrainer:
         self.rng = random.Random(self.meta.seed)
         self.theta: Params = {k: v.clone().requires_grad_() for k, v in self.model.init_params().items()}
         self.optimizer = torch.optim.Adam(self.theta.values(), lr=self.meta.outer_lr)
-        self.history: list[dict[str, float]] = []
+        self.history: list[dict] = []
         self._episodes: dict[tuple[str, int], TaskBatches] = {}
+        self._saved_step: int | None = None
 
     def _episode(self, task: str, seed: int) -> TaskBatches:
         if (task, seed) not in self._episodes:
@@ -72,38 +88,157 @@ class MetaTrainer:
             [self.rng.choice(self.task_names) for _ in range(B)]
         return [self._episode(t, self.rng.choice(self.tasks.data_seeds)) for t in names]
 
-    def step(self) -> dict[str, float]:
-        """One meta-step; appends and returns its logs (with ``step`` and ``tasks``)."""
+    @property
+    def skipped_steps(self) -> int:
+        """Number of meta-steps skipped for a non-finite loss or gradient."""
+        return sum(1 for logs in self.history if logs.get("skipped"))
+
+    def step(self, skip_nonfinite: bool = False) -> dict:
+        """One meta-step; appends and returns its logs (with ``step`` and ``tasks``).
+
+        Raises:
+            NonFiniteLossError: the loss or a gradient is NaN/inf; the message names the step
+                and the meta-batch's tasks, theta and the optimizer are unchanged. With
+                ``skip_nonfinite`` the step is instead logged as skipped (``skipped``,
+                ``error``), with a warning, and counts as done.
+        """
         step = len(self.history)
         batch = self.sample_meta_batch()
-        logs = meta_step(self.model, self.theta, self.optimizer, batch, self.meta, self.hyper, step)
-        logs = {"step": step, **logs, "tasks": [t.task for t in batch]}
+        names = [t.task for t in batch]
+        try:
+            logs = meta_step(self.model, self.theta, self.optimizer, batch, self.meta, self.hyper, step)
+        except NonFiniteLossError as err:
+            if not skip_nonfinite:
+                raise NonFiniteLossError(f"{err} (meta-batch tasks {names})") from err
+            warnings.warn(f"skipping meta-step {step} (tasks {names}): {err}", RuntimeWarning, stacklevel=2)
+            logs = {"skipped": True, "error": str(err)}
+        logs = {"step": step, **logs, "tasks": names}
         self.history.append(logs)
         return logs
 
     def save(self, folder: str | Path, config: dict) -> Path:
-        """Write the prior (adapter folder with ``config``) and ``history.json`` into ``folder``."""
+        """Write the run into ``folder``: the trainer state into ``folder/checkpoint`` (see
+        :meth:`resume`), then the prior (adapter folder with ``config``) and ``history.json``."""
+        folder = Path(folder)
+        tensors, state = self._state()
+        save_state(folder / CHECKPOINT_DIR, len(self.history), tensors, {**state, "config": config})
         save_adapter(folder, self.theta, {**config, "kind": "prior", "rho0": self.rho0(),
-                                          "meta_steps_done": len(self.history)})
-        write_json(Path(folder) / "history.json", self.history)
-        return Path(folder)
+                                          "meta_steps_done": len(self.history),
+                                          "meta_steps_skipped": self.skipped_steps})
+        write_json(folder / "history.json", self.history)
+        self._saved_step = len(self.history)
+        return folder
+
+    def _state(self) -> tuple[dict[str, torch.Tensor], dict]:
+        """Everything the next steps depend on, as (tensors, JSON-serialisable dict)."""
+        optim = self.optimizer.state_dict()
+        tensors = {f"theta/{k}": v for k, v in self.theta.items()}
+        for i, k in enumerate(self.theta):
+            tensors.update({f"adam/{k}/{field}": v for field, v in optim["state"].get(i, {}).items()})
+        tensors["rng/torch"] = torch.get_rng_state()
+        device = next(iter(self.theta.values())).device
+        if device.type == "cuda":
+            tensors["rng/cuda"] = torch.cuda.get_rng_state(device)
+        version, internal, gauss = self.rng.getstate()
+        return tensors, {"adam_param_groups": optim["param_groups"], "history": self.history,
+                         "task_rng": [version, list(internal), gauss]}
+
+    def resume(self, out_dir: str | Path, config: dict | None = None) -> int:
+        """Restore the state saved by :meth:`save` in ``out_dir`` (theta, Adam state, torch and
+        task-sampler RNG states, history), so that :meth:`run` continues the saved run exactly.
+        Returns the number of meta-steps already done.
+
+        Args:
+            config: when given, must equal the saved run's config except for the entries in
+                :data:`RESUMABLE_CHANGES` (e.g. ``meta.meta_steps`` may grow).
+        Raises:
+            CheckpointError: no valid state in ``out_dir/checkpoint`` (missing, not
+                safetensors/JSON, truncated, tampered, inconsistent), a different config, or
+                adapter tensors that do not match this model's; the message names the file.
+        """
+        folder = Path(out_dir) / CHECKPOINT_DIR
+        tensors, state = load_state(folder)
+        where = folder / STATE
+        if config is not None:
+            changed = config_changes(state.get("config", {}), config)
+            if changed:
+                raise CheckpointError(f"{where}: saved with a different config ({'; '.join(changed)}); "
+                                      "resume with the same settings or start a new run")
+        shapes = {k: tuple(v.shape) for k, v in self.theta.items()}
+        saved = {k.removeprefix("theta/"): tuple(v.shape) for k, v in tensors.items() if k.startswith("theta/")}
+        if saved != shapes:
+            diff = sorted(set(saved.items()) ^ set(shapes.items()))[:3]
+            raise CheckpointError(f"{where}: adapter tensors do not match this model's (e.g. {diff})")
+        history = state.get("history")
+        if not isinstance(history, list) or len(history) != state["step"]:
+            raise CheckpointError(f"{where}: the history does not hold the {state['step']} steps done")
+        try:  # all that can fail on a malformed state, before any change (the optimizer loads last)
+            adam = {i: {key.removeprefix(f"adam/{k}/"): t for key, t in tensors.items()
+                        if key.startswith(f"adam/{k}/")} for i, k in enumerate(self.theta)}
+            groups = [{**g, "betas": tuple(g["betas"])} for g in state["adam_param_groups"]]
+            task_rng = random.Random()
+            version, internal, gauss = state["task_rng"]
+            task_rng.setstate((version, tuple(internal), gauss))
+            torch_rng = tensors["rng/torch"]
+            if torch_rng.dtype != torch.uint8 or torch_rng.shape != torch.get_rng_state().shape:
+                raise ValueError(f"rng/torch is {torch_rng.dtype} {tuple(torch_rng.shape)}, not a torch RNG state")
+            self.optimizer.load_state_dict({"state": {i: e for i, e in adam.items() if e}, "param_groups": groups})
+        except (KeyError, TypeError, ValueError, RuntimeError) as err:
+            raise CheckpointError(f"{where}: incomplete or invalid trainer state ({err!r})") from err
+        torch.set_rng_state(torch_rng)
+        device = next(iter(self.theta.values())).device
+        if "rng/cuda" in tensors and device.type == "cuda":
+            torch.cuda.set_rng_state(tensors["rng/cuda"], device)
+        with torch.no_grad():
+            for k, v in self.theta.items():
+                v.copy_(tensors[f"theta/{k}"])
+        self.rng = task_rng
+        self.history = history
+        self._saved_step = len(history)
+        return len(history)
 
     def rho0(self) -> dict[str, float]:
         return {L.name: L.rho0 for L in self.model.layers}
 
     def run(self, out_dir: str | Path | None, config: dict, save_every: int = 0,
-            on_step: Callable[[dict], None] | None = None) -> Params:
-        """Run ``meta.meta_steps`` steps, saving to ``out_dir`` every ``save_every`` steps (0: only
-        at the end) and calling ``on_step(logs)`` after each. Returns theta (detached)."""
+            on_step: Callable[[dict], None] | None = None, skip_nonfinite: bool = False) -> Params:
+        """Run meta-steps until ``meta.meta_steps`` are done (continuing after :meth:`resume`),
+        saving to ``out_dir`` (see :meth:`save`) every ``save_every`` steps (0: only at the end)
+        and calling ``on_step(logs)`` after each. Returns theta (detached).
+
+        Raises:
+            NonFiniteLossError: a non-finite loss or gradient (unless ``skip_nonfinite``, see
+                :meth:`step`); the message names the step, the tasks and the last good
+                checkpoint, which is left as it was.
+        """
         while len(self.history) < self.meta.meta_steps:
-            logs = self.step()
+            try:
+                logs = self.step(skip_nonfinite)
+            except NonFiniteLossError as err:
+                kept = (f"the last good checkpoint (step {self._saved_step}) is kept in {out_dir}"
+                        if out_dir and self._saved_step is not None else "no checkpoint was written")
+                raise NonFiniteLossError(f"{err}; {kept}") from err
             if on_step:
                 on_step(logs)
             if out_dir and save_every and len(self.history) % save_every == 0:
                 self.save(out_dir, config)
-        if out_dir:
+        if out_dir and self._saved_step != len(self.history):
             self.save(out_dir, config)
         return {k: v.detach() for k, v in self.theta.items()}
+
+
+def config_changes(saved: dict, current: dict) -> list[str]:
+    """``"group.key: saved -> current"`` for each config entry that differs between two
+    :func:`abmll.config.to_dict` dicts, except :data:`RESUMABLE_CHANGES` (compared as JSON)."""
+    old, new = _entries(saved), _entries(json.loads(json.dumps(current)))
+    return [f"{name}: {old.get(name)!r} -> {new.get(name)!r}" for name in sorted(old.keys() | new.keys())
+            if name not in RESUMABLE_CHANGES and old.get(name) != new.get(name)]
+
+
+def _entries(config: dict) -> dict:
+    """``{"group.key": value}`` (``{"key": value}`` for entries that are not groups)."""
+    return {group if key is None else f"{group}.{key}": value for group, sub in config.items()
+            for key, value in (sub.items() if isinstance(sub, dict) else [(None, sub)])}
 
 
 def task_names(tasks: TaskArgs, split_part: str) -> list[str]:

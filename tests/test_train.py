@@ -1,0 +1,257 @@
+"""Meta-training reliability: exact resume (also after SIGKILL), non-finite steps, bad checkpoints."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from abmll import meta, train
+from abmll.bayes_lora import BayesLoraConfig, BayesLoraModel, HyperpriorConfig
+from abmll.checkpoint import STATE, CheckpointError, load_adapter, load_state
+from abmll.cli import main
+from abmll.config import TaskArgs
+from abmll.meta import MetaConfig, NonFiniteLossError
+from abmll.scoring import ScoringConfig
+from abmll.train import CHECKPOINT_DIR, MetaTrainer
+from conftest import make_tiny_llama, make_tiny_tokenizer
+
+TASKS = ["t0", "t1", "t2", "t3"]
+CONFIG = {"run": "test"}
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One intra-op thread: fast and steady on a busy machine, and the same arithmetic as the
+    subprocess of the SIGKILL test."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def make_trainer(data_dir, meta_steps=6, model_seed=0, rank=2) -> MetaTrainer:
+    """A trainer on the tiny random Llama; ``model_seed`` changes the adapter initialisation."""
+    torch.manual_seed(model_seed)
+    model = BayesLoraModel(make_tiny_llama(), BayesLoraConfig(rank=rank))
+    tasks = TaskArgs(data_dir=str(data_dir), k=4, data_seeds=[1, 2], max_query=4)
+    config = MetaConfig(meta_steps=meta_steps, inner_steps=1, outer_lr=0.05, seed=3)
+    return MetaTrainer(model, make_tiny_tokenizer(), TASKS, tasks, config, HyperpriorConfig(),
+                       ScoringConfig(max_rows=8))
+
+
+def thetas_equal(a, b) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k].detach(), b[k].detach()) for k in a)
+
+
+def file_bytes(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+# ---------------------------------------------------------------- exact resume, in process
+
+
+def test_resume_continues_bit_exactly(tiny_data_dir, tmp_path):
+    full = make_trainer(tiny_data_dir)
+    full.run(tmp_path / "a", CONFIG, save_every=3)            # saves after 3 and after 6 steps
+    reference = make_trainer(tiny_data_dir)
+    reference.run(None, CONFIG)
+    assert thetas_equal(full.theta, reference.theta)            # saving does not disturb the run
+
+    partial = make_trainer(tiny_data_dir, meta_steps=3)
+    partial.run(tmp_path / "b", CONFIG)
+    resumed = make_trainer(tiny_data_dir, model_seed=7)         # a different initial theta
+    assert not thetas_equal(resumed.theta, partial.theta)
+    assert resumed.resume(tmp_path / "b", CONFIG) == 3
+    assert thetas_equal(resumed.theta, partial.theta)
+    assert resumed.history == partial.history
+    adam, saved_adam = resumed.optimizer.state_dict(), partial.optimizer.state_dict()
+    assert adam["param_groups"] == saved_adam["param_groups"]
+    for i, entry in saved_adam["state"].items():
+        assert entry["step"].item() == 3.0
+        assert all(torch.equal(adam["state"][i][f], entry[f]) for f in entry)
+
+    resumed.run(tmp_path / "b", CONFIG)                       # meta_steps: 6 in its config
+    assert len(resumed.history) == 6
+    assert resumed.history == full.history
+    assert thetas_equal(resumed.theta, full.theta)
+    theta, saved = load_adapter(tmp_path / "b")
+    assert saved["meta_steps_done"] == 6
+    assert all(torch.equal(theta[k], full.theta[k].detach()) for k in theta)
+    ckpt = tmp_path / "b" / CHECKPOINT_DIR
+    assert {p.name for p in ckpt.iterdir()} == {STATE, "state-00000006.safetensors"}
+
+
+def test_resume_refuses_other_config_model_or_missing_state(tiny_data_dir, tmp_path):
+    trainer = make_trainer(tiny_data_dir, meta_steps=2)
+    config = {"meta": {"meta_steps": 2, "beta": 1e-6}, "tasks": {"data_dir": "x", "k": 4}}
+    trainer.run(tmp_path, config)
+
+    grown = {"meta": {"meta_steps": 9, "beta": 1e-6}, "tasks": {"data_dir": "moved", "k": 4}}
+    assert make_trainer(tiny_data_dir).resume(tmp_path, grown) == 2    # steps and data folder may change
+    changed = {"meta": {"meta_steps": 2, "beta": 1e-3}, "tasks": {"data_dir": "x", "k": 4}}
+    with pytest.raises(CheckpointError, match=r"different config \(meta.beta: 1e-06 -> 0.001\)"):
+        make_trainer(tiny_data_dir).resume(tmp_path, changed)
+    with pytest.raises(CheckpointError, match="do not match this model"):
+        make_trainer(tiny_data_dir, rank=3).resume(tmp_path, config)
+    with pytest.raises(CheckpointError, match=f"{tmp_path / 'nowhere' / CHECKPOINT_DIR / STATE}: not found"):
+        make_trainer(tiny_data_dir).resume(tmp_path / "nowhere")
+
+
+def test_resume_refuses_a_damaged_trainer_state(tiny_data_dir, tmp_path):
+    make_trainer(tiny_data_dir, meta_steps=2).run(tmp_path, CONFIG)
+    state_json = tmp_path / CHECKPOINT_DIR / STATE
+    good = json.loads(state_json.read_text())
+
+    state_json.write_text(json.dumps({**good, "history": good["history"][:1]}))
+    with pytest.raises(CheckpointError, match="history does not hold the 2 steps"):
+        make_trainer(tiny_data_dir).resume(tmp_path)
+    state_json.write_text(json.dumps({**good, "task_rng": [3, [1, 2], None]}))
+    fresh = make_trainer(tiny_data_dir)
+    before = {k: v.clone() for k, v in fresh.theta.items()}
+    with pytest.raises(CheckpointError, match="invalid trainer state"):
+        fresh.resume(tmp_path)
+    assert thetas_equal(fresh.theta, before) and fresh.history == []     # nothing half-restored
+
+    tensors = tmp_path / CHECKPOINT_DIR / good["tensors"]
+    state_json.write_text(json.dumps(good))
+    torch.save({"theta": torch.zeros(2)}, tensors)                     # a pickle in place of safetensors
+    with pytest.raises(CheckpointError, match="not a readable safetensors"):
+        make_trainer(tiny_data_dir).resume(tmp_path)
+
+
+# ---------------------------------------------------------------- SIGKILL, then --resume
+
+
+def cli_args(model_dir, data_dir) -> list[str]:
+    return ["meta-train", "--model", str(model_dir), "--data_dir", str(data_dir), "--split", "tiny", "--k", "4",
+            "--data_seeds", "1", "2", "--rank", "2", "--max_rows", "8", "--max_query", "4", "--meta_steps", "12",
+            "--inner_steps", "2", "--outer_lr", "0.05", "--save_every", "2", "--device", "cpu"]
+
+
+# The adapter initialisation draws from torch's global generator when the model is built, so
+# every run seeds it first: the killed subprocess and the in-process reference start equal.
+KILLED_RUN = ("import sys, torch; torch.set_num_threads(1); torch.manual_seed(0); "
+              "from abmll.cli import main; sys.exit(main(sys.argv[1:]))")
+
+
+def test_sigkill_mid_run_then_resume_equals_uninterrupted_run(tiny_model_dir, tiny_data_dir, tmp_path):
+    args = cli_args(tiny_model_dir, tiny_data_dir)
+    killed = tmp_path / "killed"
+    state_json = killed / CHECKPOINT_DIR / STATE
+    with open(tmp_path / "stderr.txt", "w") as err:
+        proc = subprocess.Popen([sys.executable, "-c", KILLED_RUN, *args, "--out", str(killed)],
+                                stdout=subprocess.DEVNULL, stderr=err)
+        deadline = time.monotonic() + 120
+        while not (state_json.is_file() and json.loads(state_json.read_text())["step"] >= 4):
+            assert proc.poll() is None, (tmp_path / "stderr.txt").read_text()
+            assert time.monotonic() < deadline, "no checkpoint of step 4 within 120 s"
+            time.sleep(0.005)
+        os.kill(proc.pid, signal.SIGKILL)
+        assert proc.wait() == -signal.SIGKILL                  # killed mid-run, not finished
+    done_at_kill = load_state(killed / CHECKPOINT_DIR)[1]["step"]
+    assert done_at_kill in range(4, 12, 2)
+
+    assert main([*args, "--out", str(killed), "--resume"]) == 0
+    torch.manual_seed(0)
+    assert main([*args, "--out", str(tmp_path / "full")]) == 0
+
+    resumed, cfg = load_adapter(killed)
+    full, _ = load_adapter(tmp_path / "full")
+    assert cfg["meta_steps_done"] == 12
+    assert max((resumed[k] - full[k]).abs().max().item() for k in full) <= 1e-7
+    assert any(full[k].abs().sum() > 0 for k in full if "lora_B" in k)      # trained, not the init
+    history = json.loads((killed / "history.json").read_text())
+    assert history == json.loads((tmp_path / "full" / "history.json").read_text())
+    assert [h["step"] for h in history] == list(range(12))
+
+
+# ---------------------------------------------------------------- non-finite loss or gradient
+
+
+def poison(monkeypatch, bad_step: int, kind: str, seen: dict) -> None:
+    """Make meta-step ``bad_step`` produce a NaN loss (``kind="loss"``: NaN option scores) or
+    only NaN gradients on theta (``kind="gradient"``); ``seen`` records the tasks, theta and
+    output files just before that step."""
+    real_step, real_scores = train.meta_step, meta.option_scores
+
+    def meta_step(model, theta, optimizer, batch, config, hyper, step):
+        if step != bad_step:
+            return real_step(model, theta, optimizer, batch, config, hyper, step)
+        seen.update(tasks=[t.task for t in batch], theta={k: v.detach().clone() for k, v in theta.items()},
+                    files=file_bytes(seen["out"]) if seen.get("out") else {})
+        with monkeypatch.context() as m:
+            if kind == "loss":
+                m.setattr(meta, "option_scores", lambda *a, **kw: real_scores(*a, **kw) * math.nan)
+                return real_step(model, theta, optimizer, batch, config, hyper, step)
+            first = next(iter(theta.values()))
+            hook = first.register_hook(lambda grad: torch.full_like(grad, math.nan))
+            try:
+                return real_step(model, theta, optimizer, batch, config, hyper, step)
+            finally:
+                hook.remove()
+
+    monkeypatch.setattr(train, "meta_step", meta_step)
+
+
+@pytest.mark.parametrize("kind", ["loss", "gradient"])
+def test_nonfinite_step_stops_and_keeps_last_good_checkpoint(tiny_data_dir, tmp_path, monkeypatch, kind):
+    seen = {"out": tmp_path}
+    poison(monkeypatch, 3, kind, seen)
+    trainer = make_trainer(tiny_data_dir)
+    with pytest.raises(NonFiniteLossError) as info:
+        trainer.run(tmp_path, CONFIG, save_every=2)
+    message = str(info.value)
+    assert "meta-step 3" in message and f"last good checkpoint (step 2) is kept in {tmp_path}" in message
+    assert f"meta-batch tasks {seen['tasks']}" in message
+    assert ("support NLL nan" if kind == "loss" else "non-finite loss or gradient") in message
+    assert file_bytes(tmp_path) == seen["files"]                        # checkpoint untouched
+    assert load_state(tmp_path / CHECKPOINT_DIR)[1]["step"] == 2
+    assert thetas_equal(trainer.theta, seen["theta"]) and len(trainer.history) == 3
+    assert make_trainer(tiny_data_dir).resume(tmp_path, CONFIG) == 2
+
+
+def test_skip_nonfinite_logs_the_skipped_meta_batch(tiny_data_dir, tmp_path, monkeypatch):
+    seen, after_step = {}, []
+    poison(monkeypatch, 3, "loss", seen)
+    trainer = make_trainer(tiny_data_dir)
+    snapshot = lambda logs: after_step.append({k: v.detach().clone() for k, v in trainer.theta.items()})  # noqa: E731
+    with pytest.warns(RuntimeWarning, match=r"skipping meta-step 3 \(tasks"):
+        trainer.run(tmp_path, CONFIG, save_every=2, on_step=snapshot, skip_nonfinite=True)
+    skipped = trainer.history[3]
+    assert skipped["skipped"] is True and skipped["tasks"] == seen["tasks"] and "nan" in skipped["error"]
+    assert "query_nll" not in skipped
+    assert [h["step"] for h in trainer.history] == list(range(6)) and trainer.skipped_steps == 1
+    assert all(math.isfinite(h["loss"]) for h in trainer.history if not h.get("skipped"))
+    assert all(torch.isfinite(v).all() for v in trainer.theta.values())
+    assert thetas_equal(after_step[3], after_step[2]) and thetas_equal(after_step[3], seen["theta"])
+    assert not thetas_equal(after_step[4], after_step[3])                # later steps still train
+    _, saved = load_adapter(tmp_path)
+    assert saved["meta_steps_done"] == 6 and saved["meta_steps_skipped"] == 1
+    assert json.loads((tmp_path / "history.json").read_text())[3]["skipped"] is True
+
+
+def test_cli_nonfinite_and_resume_errors_exit_1(tiny_model_dir, tiny_data_dir, tmp_path, monkeypatch, capsys):
+    seen = {}
+    poison(monkeypatch, 3, "loss", seen)
+    args = [*cli_args(tiny_model_dir, tiny_data_dir), "--meta_steps", "5", "--inner_steps", "1"]
+    assert main([*args, "--out", str(tmp_path / "stop")]) == 1
+    err = capsys.readouterr().err
+    assert "abmll meta-train: error: meta-step 3" in err and str(seen["tasks"]) in err
+    assert load_adapter(tmp_path / "stop")[1]["meta_steps_done"] == 2
+
+    with pytest.warns(RuntimeWarning, match="skipping meta-step 3"):
+        assert main([*args, "--out", str(tmp_path / "skip"), "--skip_nonfinite"]) == 0
+    assert load_adapter(tmp_path / "skip")[1]["meta_steps_skipped"] == 1
+
+    capsys.readouterr()
+    assert main([*args, "--out", str(tmp_path / "none"), "--resume"]) == 1
+    assert f"{tmp_path / 'none' / CHECKPOINT_DIR / STATE}: not found" in capsys.readouterr().err
