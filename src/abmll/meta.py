@@ -17,7 +17,7 @@ gradient at lambda^(K) added to theta's, so memory does not grow with K.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -41,6 +41,10 @@ class MetaConfig:
         meta_batch_size: B, tasks per meta-step.
         meta_steps: number of outer steps.
         seed: seeds task sampling and weight noise.
+        outer_update: "abmll" (the meta-gradient above) or "reptile" (first-order Reptile,
+            Nichol et al. 2018: K inner steps on the episode's support and query sets, then
+            the pseudo-gradient theta - lambda^(K) is given to the optimizer, so SGD(lr=eps)
+            does theta <- theta + eps * (lambda^(K) - theta)); see :func:`meta_step`.
     """
 
     inner_steps: int = 3
@@ -52,6 +56,10 @@ class MetaConfig:
     meta_batch_size: int = 2
     meta_steps: int = 20
     seed: int = 0
+    outer_update: str = "abmll"
+
+
+OUTER_UPDATES = ("abmll", "reptile")
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -60,11 +68,16 @@ class NonFiniteLossError(FloatingPointError):
 
 @dataclass
 class TaskBatches:
-    """One task's pre-tokenised support and query sets (lists of :class:`OptionBatch`)."""
+    """One task's pre-tokenised support and query sets (lists of :class:`OptionBatch`).
+
+    ``noise_seed``: when set, :func:`meta_step` seeds torch's RNG with it before this task, so
+    the task's weight noise does not depend on the tasks before it or on which process runs it.
+    """
 
     task: str
     support: list[OptionBatch]
     query: list[OptionBatch]
+    noise_seed: int | None = None
 
 
 def _logits_fn(model: BayesLoraModel, params: Params, sample: bool):
@@ -130,7 +143,9 @@ def adapt(
             raise NonFiniteLossError(f"inner step {step}: support NLL {nll}, KL {kl}")
         history.append(nll)
         with torch.no_grad():
-            lam = {k: (v - lr * v.grad).requires_grad_() for k, v in lam.items()}
+            # an entry the loss does not reach (the scale pair of deterministic LoRA:
+            # n_samples = 0 and beta = 0) has no gradient and stays where it is
+            lam = {k: (v if v.grad is None else v - lr * v.grad).detach().requires_grad_() for k, v in lam.items()}
     bad = [k for k, v in lam.items() if not torch.isfinite(v).all()]
     if bad:
         raise NonFiniteLossError(f"adaptation diverged after {steps} steps (lr {lr}): non-finite {bad[0]}")
@@ -140,6 +155,7 @@ def adapt(
 def meta_step(
     model: BayesLoraModel, theta: Params, optimizer: torch.optim.Optimizer,
     tasks: Sequence[TaskBatches], config: MetaConfig, hyper: HyperpriorConfig, step: int = 0,
+    *, total_tasks: int | None = None, reduce: Callable[[Params, dict], dict] | None = None,
 ) -> dict[str, float]:
     """One first-order ABMLL outer step on a meta-batch (method doc, "Meta-objective").
 
@@ -150,16 +166,29 @@ def meta_step(
 
     Args:
         theta: leaf tensors with requires_grad, updated in place by ``optimizer``.
+        total_tasks: B of the 1/B weights (default ``len(tasks)``); a process that runs its
+            share of a larger meta-batch passes that meta-batch's size.
+        reduce: called as ``logs = reduce(theta, logs)`` once the tasks' gradients (in
+            ``theta[k].grad``, None when ``tasks`` is empty) and logs (sums of per-task values
+            times 1/B) are accumulated, before the hyperprior term, the finiteness check and the
+            optimizer step: e.g. a sum over processes (:mod:`abmll.distributed`).
     Returns:
         logs: query_nll, kl, hyperprior (= -log p(theta), unweighted), support_nll_before,
         support_nll_after (means over the meta-batch, nats), loss (the meta-objective).
     Raises:
         NonFiniteLossError: naming ``step`` and the tasks; theta is left unchanged.
     """
+    if config.outer_update not in OUTER_UPDATES:
+        raise ValueError(f"outer_update must be one of {OUTER_UPDATES}, got {config.outer_update!r}")
     optimizer.zero_grad(set_to_none=True)
-    B = len(tasks)
+    B = len(tasks) if total_tasks is None else total_tasks
     logs = dict(query_nll=0.0, kl=0.0, support_nll_before=0.0, support_nll_after=0.0)
     for task in tasks:
+        if task.noise_seed is not None:
+            torch.manual_seed(task.noise_seed)
+        if config.outer_update == "reptile":
+            _reptile_task(model, theta, task, config, B, logs, step)
+            continue
         try:
             lam_k, history = adapt(model, theta, task.support, config.inner_steps, config.inner_lr,
                                    config.beta, config.n_samples)
@@ -175,8 +204,11 @@ def meta_step(
                 t.grad = lam[k].grad.clone() if t.grad is None else t.grad + lam[k].grad
         logs["query_nll"] += query_nll / B
         logs["kl"] += kl.item() / B
-        logs["support_nll_before"] += (history[0] if history else mean_nll(model, theta, task.support)) / B
-        logs["support_nll_after"] += mean_nll(model, lam_k, task.support) / B
+        before = history[0] if history else mean_nll(model, theta, task.support)
+        logs["support_nll_before"] += before / B
+        logs["support_nll_after"] += (mean_nll(model, lam_k, task.support) if history else before) / B   # K = 0: lambda = theta
+    if reduce is not None:
+        logs = reduce(theta, logs)
     hyperprior = model.neg_log_hyperprior(theta, hyper)
     (config.gamma * hyperprior).backward()
     logs["hyperprior"] = hyperprior.item()
@@ -188,6 +220,27 @@ def meta_step(
             f"meta-step {step}: non-finite loss or gradient (logs {logs}) on tasks {[t.task for t in tasks]}")
     optimizer.step()
     return logs
+
+
+def _reptile_task(model: BayesLoraModel, theta: Params, task: TaskBatches, config: MetaConfig, B: int,
+                  logs: dict[str, float], step: int) -> None:
+    """Reptile's share of one task in :func:`meta_step`: lambda^(K) = K inner steps from theta
+    on the task's support and query sets together (Reptile has no held-out set), then
+    (theta - lambda^(K)) / B is added to theta's gradient. Logs (no gradient): query_nll and
+    support_nll_after at lambda^(K), support_nll_before at theta, kl = KL(q_lambda || p_theta)."""
+    try:
+        lam_k, _ = adapt(model, theta, list(task.support) + list(task.query), config.inner_steps,
+                         config.inner_lr, config.beta, config.n_samples)
+    except NonFiniteLossError as err:
+        raise NonFiniteLossError(f"meta-step {step}, task {task.task!r}: {err}") from err
+    with torch.no_grad():
+        for k, t in theta.items():
+            g = (t.detach() - lam_k[k]) / B
+            t.grad = g if t.grad is None else t.grad + g
+        logs["kl"] += model.kl(lam_k, theta).item() / B
+    logs["query_nll"] += mean_nll(model, lam_k, task.query) / B
+    logs["support_nll_before"] += mean_nll(model, theta, task.support) / B
+    logs["support_nll_after"] += mean_nll(model, lam_k, task.support) / B
 
 
 @torch.no_grad()

@@ -9,6 +9,11 @@ the end the run is saved into its output folder:
   Adam state, the torch and task-sampler RNG states, the history and the config. Resuming
   from it (:meth:`MetaTrainer.resume`) continues the run exactly as if it had not stopped
   (bit for bit on CPU).
+
+The weight noise of task i of meta-step s is seeded from (seed, s, i)
+(:func:`abmll.distributed.noise_seed`), so a run does not depend on how many processes share
+its meta-batches: with an ``accelerator`` (several processes, see :mod:`abmll.distributed`)
+each process runs its share of every meta-batch and only the main process writes.
 """
 
 from __future__ import annotations
@@ -17,8 +22,9 @@ import json
 import random
 import warnings
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -26,6 +32,10 @@ from abmll.bayes_lora import BayesLoraModel, HyperpriorConfig, Params
 from abmll.checkpoint import STATE, CheckpointError, load_state, save_adapter, save_state, write_json
 from abmll.config import TaskArgs
 from abmll.data import check_tasks, load_episode, load_split
+from abmll.distributed import (
+    broadcast_params, check_in_sync, distributed_meta_step, fsdp_plugin, lockstep_counts, noise_seed, split_batches,
+    task_share,
+)
 from abmll.meta import MetaConfig, NonFiniteLossError, TaskBatches, meta_step
 from abmll.scoring import ScoringConfig, make_batches
 
@@ -51,6 +61,12 @@ class MetaTrainer:
     """State of one meta-training run: theta, its Adam optimiser, the task sampler, the log.
 
     Attributes:
+        accelerator: an ``accelerate.Accelerator`` of several processes
+            (:func:`abmll.distributed.make_accelerator`), or None for one process. Every
+            process samples the same meta-batches and runs its share of their tasks; only the
+            main process saves. Under an FSDP config (the base model sharded with
+            :func:`abmll.distributed.shard_base_model`) the processes run in lockstep: the
+            meta-batch size must be a multiple of the number of processes.
         theta: prior adapter tensors (leaf tensors, float32), trained in place.
         history: one dict of logs per finished meta-step (see :func:`abmll.meta.meta_step`);
             a skipped step's dict has ``skipped: True`` and ``error`` instead of the losses.
@@ -63,17 +79,31 @@ class MetaTrainer:
     meta: MetaConfig
     hyper: HyperpriorConfig
     scoring: ScoringConfig
+    accelerator: Any = None
 
     def __post_init__(self) -> None:
         if not self.task_names:
             raise ValueError("meta-training needs at least one task")
+        acc = self.accelerator
+        self.rank, self.world_size = (0, 1) if acc is None else (acc.process_index, acc.num_processes)
+        self.lockstep = self.world_size > 1 and fsdp_plugin(acc) is not None
+        if self.lockstep and self.meta.meta_batch_size % self.world_size:
+            raise ValueError(f"with FSDP the meta-batch size ({self.meta.meta_batch_size}) must be a multiple of "
+                             f"the number of processes ({self.world_size})")
         torch.manual_seed(self.meta.seed)
         self.rng = random.Random(self.meta.seed)
         self.theta: Params = {k: v.clone().requires_grad_() for k, v in self.model.init_params().items()}
         self.optimizer = torch.optim.Adam(self.theta.values(), lr=self.meta.outer_lr)
         self.history: list[dict] = []
-        self._episodes: dict[tuple[str, int], TaskBatches] = {}
+        self._episodes: dict[tuple, TaskBatches] = {}
         self._saved_step: int | None = None
+        if self.world_size > 1:
+            broadcast_params(acc, self.theta)     # one starting point, whatever each process drew
+
+    @property
+    def is_main(self) -> bool:
+        """True in the process that saves and reports (process 0; always, for one process)."""
+        return self.rank == 0
 
     def _episode(self, task: str, seed: int) -> TaskBatches:
         if (task, seed) not in self._episodes:
@@ -81,12 +111,38 @@ class MetaTrainer:
                 self.model, self.tokenizer, task, seed, self.tasks, self.scoring, "dev", self.tasks.max_query)
         return self._episodes[(task, seed)]
 
-    def sample_meta_batch(self) -> list[TaskBatches]:
-        """B distinct tasks (with replacement when fewer than B), each with a random data seed."""
+    def _lockstep_episode(self, task: str, seed: int, n_support: int, n_query: int) -> TaskBatches:
+        """The episode re-split into exactly ``n_support`` / ``n_query`` batches (FSDP lockstep)."""
+        key = (task, seed, n_support, n_query)
+        if key not in self._episodes:
+            ep = load_episode(task, self.tasks.k, seed, "dev", self.tasks.max_query, self.tasks.data_dir)
+            device = next(self.model.parameters()).device
+            split = lambda examples, n: [b.to(device) for b in  # noqa: E731
+                                         split_batches(self.tokenizer, examples, self.scoring, n)]
+            self._episodes[key] = TaskBatches(task, split(ep.support, n_support), split(ep.query, n_query))
+        return self._episodes[key]
+
+    def sample_episodes(self) -> list[tuple[str, int]]:
+        """(task, data seed) of the next meta-batch's B episodes: B distinct tasks (with
+        replacement when fewer than B), each with a random data seed. Advances the sampler."""
         B = self.meta.meta_batch_size
         names = self.rng.sample(self.task_names, B) if B <= len(self.task_names) else \
             [self.rng.choice(self.task_names) for _ in range(B)]
-        return [self._episode(t, self.rng.choice(self.tasks.data_seeds)) for t in names]
+        return [(t, self.rng.choice(self.tasks.data_seeds)) for t in names]
+
+    def sample_meta_batch(self) -> list[TaskBatches]:
+        """The next meta-batch's B episodes (see :meth:`sample_episodes`), tokenised."""
+        return [self._episode(t, s) for t, s in self.sample_episodes()]
+
+    def _local_batch(self, episodes: list[tuple[str, int]], step: int) -> list[TaskBatches]:
+        """This process's share of the meta-batch ``episodes``, each task with its noise seed."""
+        mine = task_share(len(episodes), self.rank, self.world_size)
+        batch = [self._episode(*episodes[i]) for i in mine]
+        if self.lockstep:
+            n_s, n_q = lockstep_counts(self.accelerator, [(len(t.support), len(t.query)) for t in batch])
+            batch = [t if (len(t.support), len(t.query)) == (n_s, n_q) else
+                     self._lockstep_episode(*episodes[i], n_s, n_q) for i, t in zip(mine, batch)]
+        return [replace(t, noise_seed=noise_seed(self.meta.seed, step, i)) for i, t in zip(mine, batch)]
 
     @property
     def skipped_steps(self) -> int:
@@ -103,14 +159,22 @@ class MetaTrainer:
                 ``error``), with a warning, and counts as done.
         """
         step = len(self.history)
-        batch = self.sample_meta_batch()
-        names = [t.task for t in batch]
+        episodes = self.sample_episodes()
+        names = [task for task, _ in episodes]
+        batch = self._local_batch(episodes, step)
+        device = next(iter(self.theta.values())).device
         try:
-            logs = meta_step(self.model, self.theta, self.optimizer, batch, self.meta, self.hyper, step)
+            with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+                if self.world_size == 1:
+                    logs = meta_step(self.model, self.theta, self.optimizer, batch, self.meta, self.hyper, step)
+                else:
+                    logs = distributed_meta_step(self.accelerator, self.model, self.theta, self.optimizer, batch,
+                                                 len(episodes), self.meta, self.hyper, step)
         except NonFiniteLossError as err:
             if not skip_nonfinite:
                 raise NonFiniteLossError(f"{err} (meta-batch tasks {names})") from err
-            warnings.warn(f"skipping meta-step {step} (tasks {names}): {err}", RuntimeWarning, stacklevel=2)
+            if self.is_main:
+                warnings.warn(f"skipping meta-step {step} (tasks {names}): {err}", RuntimeWarning, stacklevel=2)
             logs = {"skipped": True, "error": str(err)}
         logs = {"step": step, **logs, "tasks": names}
         self.history.append(logs)
@@ -204,7 +268,8 @@ class MetaTrainer:
             on_step: Callable[[dict], None] | None = None, skip_nonfinite: bool = False) -> Params:
         """Run meta-steps until ``meta.meta_steps`` are done (continuing after :meth:`resume`),
         saving to ``out_dir`` (see :meth:`save`) every ``save_every`` steps (0: only at the end)
-        and calling ``on_step(logs)`` after each. Returns theta (detached).
+        and calling ``on_step(logs)`` after each. Returns theta (detached). With several
+        processes only the main one saves, and all return once the last save is written.
 
         Raises:
             NonFiniteLossError: a non-finite loss or gradient (unless ``skip_nonfinite``, see
@@ -221,10 +286,18 @@ class MetaTrainer:
             if on_step:
                 on_step(logs)
             if out_dir and save_every and len(self.history) % save_every == 0:
-                self.save(out_dir, config)
+                self._save_on_main(out_dir, config)
         if out_dir and self._saved_step != len(self.history):
-            self.save(out_dir, config)
+            self._save_on_main(out_dir, config)
+        if self.world_size > 1:
+            check_in_sync(self.accelerator, self.theta)     # every process ends with the same prior
+            self.accelerator.wait_for_everyone()
         return {k: v.detach() for k, v in self.theta.items()}
+
+    def _save_on_main(self, out_dir: str | Path, config: dict) -> None:
+        if self.is_main:
+            self.save(out_dir, config)
+        self._saved_step = len(self.history)
 
 
 def config_changes(saved: dict, current: dict) -> list[str]:
