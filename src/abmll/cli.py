@@ -3,30 +3,47 @@
     abmll meta-train [--config run.yaml] [--flag value ...] --out DIR
     abmll evaluate   --prior DIR [--flag value ...] [--out DIR]
     abmll demo       [--out DIR]        (meta-train + evaluate with configs/demo.yaml)
+    abmll adapt      --prior DIR --support FILE.jsonl --out DIR      (a task posterior, PEFT format)
+    abmll predict    --adapter DIR --input FILE.jsonl [--out DIR] [--eval_samples N]
+    abmll export     --adapter DIR --out DIR                         (abmll prior -> PEFT LoRA folder)
+    abmll data       --task NAME (--dataset NAME | --data_files train=F test=F) --out DATA_DIR ...
 
 Every field of the config dataclasses is a flag (``--inner_steps 3`` or ``--inner-steps 3``);
-``--config FILE.yaml`` sets defaults that flags override (flat keys or grouped by section).
-The resolved config is saved beside every checkpoint and result.
+``--config FILE.yaml`` sets defaults that flags override (flat keys or grouped by section);
+every command accepts the same file and ignores the sections it does not use. Commands that
+read an adapter (evaluate, adapt, predict, export) start from the config saved with it, which
+the file and the flags override. The resolved config is saved beside every checkpoint and
+result. ``--tensorboard DIR`` (meta-train, evaluate, demo) logs scalars when tensorboard is
+installed; ``--plots false`` turns off the PNG plots.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
+import tempfile
 import time
-from dataclasses import dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
+import torch
 import yaml
 from tqdm.auto import tqdm
 from transformers import HfArgumentParser
 
-from abmll.bayes_lora import BayesLoraModel
-from abmll.checkpoint import load_adapter, write_json
+from abmll.bayes_lora import AUTO_TARGETS, BayesLoraModel
+from abmll.checkpoint import CONFIG, CheckpointError, write_json
 from abmll.config import CONFIG_GROUPS, EvalArgs, TaskArgs, from_dict, to_dict
-from abmll.data import DataError
+from abmll.convert import ColumnMapping, convert_dataset, load_hf_dataset, read_jsonl_rows
+from abmll.data import DataError, Example, read_jsonl
+from abmll.distributed import base_model_device, make_accelerator, prepare_model
 from abmll.evaluate import Method, evaluate
-from abmll.meta import NonFiniteLossError
+from abmll.export import export_peft, load_adapter_folder
+from abmll.meta import NonFiniteLossError, adapt, mean_nll, predict_batches
+from abmll.metrics import compute_metrics
+from abmll.plots import CURVES, plot_reliability_per_method, plot_training_curves
+from abmll.scoring import make_batches
 from abmll.models import load_base_model, resolve_device
 from abmll.train import MetaTrainer, task_names
 
@@ -41,85 +58,317 @@ class RunArgs:
         config: YAML file of defaults (flags override it).
         out: output folder (prior, results, logs).
         prior: a prior folder written by ``abmll meta-train`` (evaluate).
-        save_every: write the prior every N meta-steps (0: only at the end).
+        save_every: write the prior and the trainer state every N meta-steps (0: only at the end).
+        resume: continue the run saved in ``out`` (its ``checkpoint/``) exactly where it stopped.
+        skip_nonfinite: skip a meta-batch whose loss or gradient is NaN/inf (logged in the
+            history) instead of stopping with an error.
     """
 
     config: str | None = None
     out: str = "runs/abmll"
     prior: str | None = None
     save_every: int = 10
+    resume: bool = False
+    skip_nonfinite: bool = False
+
+
+@dataclass
+class ReportArgs:
+    """Progress reporting of meta-train, evaluate and demo.
+
+    Attributes:
+        tensorboard: also log scalars (losses per meta-step, evaluation metrics) to this
+            TensorBoard log folder; needs the ``tensorboard`` package.
+        plots: write PNG plots beside the outputs (training_curves.png, reliability_<method>.png).
+    """
+
+    tensorboard: str | None = None
+    plots: bool = True
+
+
+@dataclass
+class AdaptArgs:
+    """``abmll adapt``: the prior is ``--prior``, the posterior goes to ``--out`` (PEFT format).
+
+    Attributes:
+        support: JSON-lines file of labelled examples (the data format of ``abmll.data``).
+    """
+
+    support: str | None = None
+
+
+@dataclass
+class PredictArgs:
+    """``abmll predict``: predictions for every line of ``input``, into ``--out``/predictions.jsonl.
+
+    Attributes:
+        adapter: a posterior from ``abmll adapt`` or a prior (any abmll adapter folder).
+        input: JSON-lines file of examples; ``output`` may be left out (no label).
+        sample_seed: seeds the weight samples (with ``--eval_samples`` > 0).
+        chunk_size: examples per progress step.
+    """
+
+    adapter: str | None = None
+    input: str | None = None
+    sample_seed: int = 0
+    chunk_size: int = 8
+
+
+@dataclass
+class ExportArgs:
+    """``abmll export``: an abmll adapter folder as a PEFT LoRA folder (+ scale sidecar) in ``--out``.
+
+    Attributes:
+        adapter: the abmll adapter folder (e.g. a prior written by meta-train).
+        base_model_name_or_path: recorded in adapter_config.json (default: the base model's path or id).
+    """
+
+    adapter: str | None = None
+    base_model_name_or_path: str | None = None
+
+
+@dataclass
+class DataArgs:
+    """``abmll data``: convert a dataset into the MetaICL k-shot layout under ``--out``.
+
+    Attributes:
+        task: task name (folder and file prefix).
+        dataset: a Hugging Face dataset id, loading script or ``save_to_disk`` folder
+            (needs the ``datasets`` package); or a builder such as json / csv with ``data_files``.
+        dataset_config: the dataset's configuration name (e.g. "sst2" of "glue").
+        data_files: ``split=path`` pairs; without ``--dataset`` these are read as local
+            JSON-lines files, with no extra package.
+        input_columns: columns joined by ``input_separator`` into the input.
+        input_template: ``str.format`` template over the columns (overrides input_columns).
+        input_separator: separator of input_columns (CrossFit: " [SEP] ").
+        output_column: the answer column (an option string or a label index).
+        options: fixed option list (classification).
+        options_column: column holding each row's options (multiple choice).
+        label_names: names of integer labels, in order (ClassLabel names are read from the
+            dataset when available).
+        task_type: classification | multi-choice | free-form (default: from the options).
+        train_split: split the k-shot train / dev files are sampled from.
+        test_split: split written as the test file (default: test, else validation).
+        shots: the k values.
+        data_seeds: the sampling seeds (MetaICL's by default).
+        test_rows: at most this many test rows (default: all).
+    """
+
+    task: str | None = None
+    dataset: str | None = None
+    dataset_config: str | None = None
+    data_files: list[str] = field(default_factory=list)
+    input_columns: list[str] = field(default_factory=list)
+    input_template: str | None = None
+    input_separator: str = " [SEP] "
+    output_column: str = "label"
+    options: list[str] = field(default_factory=list)
+    options_column: str | None = None
+    label_names: list[str] = field(default_factory=list)
+    task_type: str | None = None
+    train_split: str = "train"
+    test_split: str | None = None
+    shots: list[int] = field(default_factory=lambda: [16, 8])
+    data_seeds: list[int] = field(default_factory=lambda: [100, 13, 21, 42, 87])
+    test_rows: int | None = None
+
+
+COMMAND_ARGS = (ReportArgs, AdaptArgs, PredictArgs, ExportArgs, DataArgs)
 
 
 def _parse(argv: list[str], groups: list[str]):
-    classes = [RunArgs] + [CONFIG_GROUPS[g] for g in groups]
+    run, cfg, _ = _parse_with(argv, groups)
+    return run, cfg
+
+
+def _parse_with(argv: list[str], groups: list[str], extra: tuple = (), adapter_flag: str | None = None):
+    """Parse ``argv`` into (RunArgs, {group: config}, [extra dataclasses]).
+
+    Defaults, lowest first: the dataclasses' (``target_modules`` is "auto": the architecture's
+    preset), the config saved in the adapter folder named by ``--<adapter_flag>`` (except its
+    tasks group), the ``--config`` YAML file, then the flags.
+    """
+    classes = [RunArgs, *extra] + [CONFIG_GROUPS[g] for g in groups]
     parser = HfArgumentParser(classes)
+    if "lora" in groups:
+        parser.set_defaults(target_modules=[AUTO_TARGETS])
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--config")
+    if adapter_flag:
+        pre.add_argument(f"--{adapter_flag}")
     known, _ = pre.parse_known_args(argv)
+    file_defaults = {}
     if known.config:
-        parser.set_defaults(**_flatten(yaml.safe_load(Path(known.config).read_text()) or {}, classes))
-    run, *cfgs = parser.parse_args_into_dataclasses(argv)
-    return run, dict(zip(groups, cfgs))
+        try:
+            raw = yaml.safe_load(Path(known.config).read_text()) or {}
+        except (OSError, yaml.YAMLError) as err:
+            raise SystemExit(f"config: cannot read {known.config} ({err})") from None
+        file_defaults = _flatten(raw, classes)
+    folder = getattr(known, adapter_flag, None) if adapter_flag else None
+    folder = folder or file_defaults.get(adapter_flag)
+    if folder:
+        parser.set_defaults(**_saved_defaults(folder, groups))
+    parser.set_defaults(**file_defaults)
+    run, *rest = parser.parse_args_into_dataclasses(argv)
+    return run, dict(zip(groups, rest[len(extra):])), rest[:len(extra)]
 
 
-def _flatten(raw: dict, classes) -> dict:
-    """YAML -> flat flag defaults; accepts ``{section: {field: value}}`` or flat keys."""
-    names = {f.name for c in classes for f in fields(c)}
+def _saved_defaults(folder: str, groups: list[str]) -> dict:
+    """Flat flag defaults from ``folder/abmll_config.json`` (groups in ``groups`` but tasks)."""
+    path = Path(folder) / CONFIG
+    if not path.is_file():
+        raise CheckpointError(f"{path}: not found (is {folder} an abmll adapter folder?)")
+    try:
+        saved = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise CheckpointError(f"{path}: not valid JSON ({err})") from err
     flat = {}
-    for key, value in raw.items():
-        items = value.items() if isinstance(value, dict) and key in CONFIG_GROUPS else [(key, value)]
-        for k, v in items:
-            if k not in names:
-                raise SystemExit(f"config: unknown key {k!r}")
-            flat[k] = v
+    for group in groups:
+        if group == "tasks" or not isinstance(saved.get(group), dict):
+            continue
+        known = {f.name for f in fields(CONFIG_GROUPS[group])}
+        flat.update({k: v for k, v in saved[group].items() if k in known})
     return flat
 
 
-def _build(cfg: dict):
+def _flatten(raw: dict, classes) -> dict:
+    """YAML -> flat flag defaults for this command's ``classes``; accepts
+    ``{section: {field: value}}`` or flat keys. Keys of other commands' options and config
+    groups are ignored (one file serves every command); unknown keys are an error."""
+    names = {f.name for c in classes for f in fields(c)}
+    anywhere = names | {f.name for c in [RunArgs, *COMMAND_ARGS, *CONFIG_GROUPS.values()] for f in fields(c)}
+    flat = {}
+    for key, value in raw.items():
+        section = isinstance(value, dict) and key in CONFIG_GROUPS
+        items = value.items() if section else [(key, value)]
+        used = not section or CONFIG_GROUPS[key] in classes     # a section of a group this command lacks: skipped
+        for k, v in items:
+            if k not in (_fields_of(CONFIG_GROUPS[key]) if section else anywhere):
+                raise SystemExit(f"config: unknown key {k!r}" + (f" in section {key!r}" if section else ""))
+            if used and k in names:
+                flat[k] = v
+    return flat
+
+
+def _fields_of(cls) -> set[str]:
+    return {f.name for f in fields(cls)}
+
+
+def _build(cfg: dict, device=None):
     m = cfg["model"]
-    base, tokenizer = load_base_model(m.model, m.dtype, resolve_device(m.device))
-    return BayesLoraModel(base, cfg["lora"]), tokenizer
+    base, tokenizer = load_base_model(m.model, m.dtype, resolve_device(m.device if device is None else device))
+    model = BayesLoraModel(base, cfg["lora"])
+    cfg["lora"] = model.config          # target_modules resolved ("auto" -> the preset)
+    return model, tokenizer
+
+
+def _summary_writer(report: ReportArgs | None):
+    """A ``torch.utils.tensorboard.SummaryWriter`` on ``report.tensorboard``, or None.
+
+    Raises:
+        ValueError: --tensorboard is given but tensorboard is not installed.
+    """
+    if report is None or not report.tensorboard:
+        return None
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError as err:
+        raise ValueError(f"--tensorboard needs the tensorboard package (pip install tensorboard): {err}") from None
+    return SummaryWriter(log_dir=report.tensorboard)
 
 
 TRAIN_GROUPS = ["model", "lora", "hyperprior", "scoring", "meta", "tasks"]
 ALL_GROUPS = TRAIN_GROUPS + ["eval"]
 
 
-def meta_train(run: RunArgs, cfg: dict) -> tuple[BayesLoraModel, object, dict]:
-    """Meta-train and save the prior into ``run.out``; returns (model, tokenizer, theta)."""
+def meta_train(run: RunArgs, cfg: dict, report: ReportArgs | None = None, writer=None
+               ) -> tuple[BayesLoraModel, object, dict]:
+    """Meta-train and save the prior into ``run.out`` (with training_curves.png unless
+    ``report.plots`` is False; scalars to ``writer``, a SummaryWriter, when given);
+    returns (model, tokenizer, theta). Under ``accelerate launch`` with several processes
+    (see abmll.distributed) the tasks of each meta-batch are split across the processes and
+    only the main one prints, plots and writes."""
     names = task_names(cfg["tasks"], "train")
-    model, tokenizer = _build(cfg)
-    trainer = MetaTrainer(model, tokenizer, names, cfg["tasks"], cfg["meta"], cfg["hyperprior"], cfg["scoring"])
-    print(f"meta-training on {len(names)} tasks: {', '.join(names)}")
-    bar = tqdm(total=cfg["meta"].meta_steps, desc="meta-train", unit="step")
+    accelerator = make_accelerator(cfg["model"].device)       # None for a single process
+    model, tokenizer = _build(cfg, base_model_device(accelerator, cfg["model"].device))
+    prepare_model(accelerator, model)                          # FSDP config: shard the base model
+    trainer = MetaTrainer(model, tokenizer, names, cfg["tasks"], cfg["meta"], cfg["hyperprior"], cfg["scoring"],
+                          accelerator=accelerator)
+    is_main = trainer.is_main
+    say = print if is_main else (lambda *args: None)
+    writer = writer if is_main else None
+    say(f"meta-training on {len(names)} tasks: {', '.join(names)}"
+        + (f" ({trainer.world_size} processes)" if trainer.world_size > 1 else ""))
+    if run.resume:
+        done = trainer.resume(run.out, to_dict(**cfg))
+        say(f"resuming {run.out} after {done} meta-steps")
+    bar = tqdm(total=cfg["meta"].meta_steps, initial=len(trainer.history), desc="meta-train", unit="step",
+               disable=not is_main)
 
     def on_step(logs):
         bar.update(1)
-        bar.set_postfix(q_nll=f"{logs['query_nll']:.3f}", kl=f"{logs['kl']:.3g}",
-                        s_nll=f"{logs['support_nll_before']:.3f}->{logs['support_nll_after']:.3f}")
+        if writer is not None:
+            for key in ("query_nll", "kl", "hyperprior", "support_nll_before", "support_nll_after", "loss"):
+                if isinstance(logs.get(key), (int, float)):
+                    writer.add_scalar(f"meta_train/{key}", logs[key], logs["step"])
+        if not logs.get("skipped"):
+            bar.set_postfix(q_nll=f"{logs['query_nll']:.3f}", kl=f"{logs['kl']:.3g}",
+                            s_nll=f"{logs['support_nll_before']:.3f}->{logs['support_nll_after']:.3f}")
 
-    theta = trainer.run(run.out, to_dict(**cfg), run.save_every, on_step)
+    theta = trainer.run(run.out, to_dict(**cfg), run.save_every, on_step, run.skip_nonfinite)
     bar.close()
-    print(f"prior saved to {run.out}")
+    say(f"prior saved to {run.out}")
+    if is_main and (report is None or report.plots) and any("query_nll" in h for h in trainer.history):
+        print(f"training curves: {plot_training_curves(trainer.history, Path(run.out) / CURVES)}")
     return model, tokenizer, theta
 
 
-def run_evaluate(run: RunArgs, cfg: dict, model, tokenizer, theta) -> dict:
-    """Evaluate zero-shot and ABMLL on the split's test tasks; print and save the results."""
+def run_evaluate(run: RunArgs, cfg: dict, model, tokenizer, theta, report: ReportArgs | None = None,
+                 writer=None) -> dict:
+    """Evaluate zero-shot and ABMLL on the split's test tasks; print and save the results
+    (results.json with the resolved config, and one reliability diagram per method pooled
+    over tasks and seeds unless ``report.plots`` is False)."""
     tasks: TaskArgs = cfg["tasks"]
     names = task_names(tasks, "test")
     ev: EvalArgs = cfg["eval"]
     methods = [Method("zero_shot", model.init_params(), 0, 0), Method("abmll", theta, ev.test_steps, ev.eval_samples)]
     bar = tqdm(total=len(names) * len(tasks.data_seeds) * len(methods), desc="evaluate", unit="run")
-    results = evaluate(model, tokenizer, methods, names, tasks.data_seeds, tasks, cfg["scoring"], cfg["meta"], ev,
-                       on_result=lambda *a: bar.update(1))
+    running = {m.name: [] for m in methods}
+
+    def on_result(method, task, seed, metrics):
+        running[method].append(metrics)
+        bar.update(1)
+        bar.set_postfix({f"{m} acc/nll": f"{sum(r['accuracy'] for r in rs) / len(rs):.3f}/"
+                         f"{sum(r['nll'] for r in rs) / len(rs):.3f}" for m, rs in running.items() if rs})
+
+    results, predictions = evaluate_with_predictions(model, tokenizer, methods, names, tasks.data_seeds, tasks,
+                                                     cfg["scoring"], cfg["meta"], ev, on_result)
     bar.close()
     results["config"] = to_dict(**cfg)
     out = Path(run.out) / "results.json"
     write_json(out, results)
     print(format_table(results))
     print(f"results saved to {out}")
+    if report is None or report.plots:
+        for method, path in plot_reliability_per_method(predictions, run.out).items():
+            print(f"reliability diagram ({method}): {path}")
+    if writer is not None:
+        for method, res in results["methods"].items():
+            for metric, value in res["mean"].items():
+                writer.add_scalar(f"evaluate/{method}/{metric}", value, 0)
     return results
+
+
+def evaluate_with_predictions(model, tokenizer, methods, task_names_, seeds, tasks, scoring, meta, ev,
+                              on_result=None) -> tuple[dict, dict]:
+    """:func:`abmll.evaluate.evaluate`, also keeping each run's predictions: returns (results,
+    {method: [(probs (N, C), labels (N,)), ...]}) for the pooled reliability diagrams.
+    Raises what ``evaluate`` raises."""
+    predictions = {m.name: [] for m in methods}
+    results = evaluate(model, tokenizer, methods, task_names_, seeds, tasks, scoring, meta, ev, on_result=on_result,
+                       on_predictions=lambda method, task, seed, probs, labels:
+                       predictions[method].append((probs, labels)))
+    return results, predictions
 
 
 def format_table(results: dict) -> str:
@@ -136,18 +385,202 @@ def format_table(results: dict) -> str:
 
 
 def _load_prior(folder: str, cfg: dict):
-    theta, saved = load_adapter(folder)
+    """Build the model an adapter folder (abmll or exported PEFT layout) belongs to and load
+    its tensors. Config groups missing from ``cfg`` are filled from the folder's saved config.
+
+    Raises:
+        CheckpointError: unreadable folder, or tensors that do not fit the model the config builds.
+    """
+    theta, saved = load_adapter_folder(folder)
     for group in TRAIN_GROUPS:
-        if group != "tasks":
+        if group != "tasks" and group not in cfg:
             cfg[group] = from_dict(saved, group)
     model, tokenizer = _build(cfg)
+    expected = {k: tuple(v.shape) for k, v in model.init_params().items()}
+    got = {k: tuple(v.shape) for k, v in theta.items()}
+    if got != expected:
+        diff = sorted(set(got.items()) ^ set(expected.items()))[:2]
+        raise CheckpointError(f"{folder}: its adapter tensors do not fit the model built from the config "
+                              f"(model {cfg['model'].model!r}, rank {cfg['lora'].rank}; e.g. {diff})")
     device = next(model.parameters()).device
     return model, tokenizer, {k: v.to(device) for k, v in theta.items()}
 
 
+def _adapter_config(cfg: dict, model: BayesLoraModel, **extra) -> dict:
+    return {**to_dict(**cfg), "rho0": {L.name: L.rho0 for L in model.layers}, **extra}
+
+
+def run_adapt(run: RunArgs, args: AdaptArgs, cfg: dict) -> Path:
+    """Adapt the prior ``run.prior`` to the examples of ``args.support`` (``eval.test_steps``
+    SGD steps, ``meta.inner_lr``, ``meta.beta``, ``meta.n_samples``) and write the posterior
+    to ``run.out`` as a PEFT LoRA folder with the abmll scale sidecar."""
+    if not run.prior or not args.support:
+        raise SystemExit("adapt: --prior DIR and --support FILE.jsonl are required")
+    examples = read_jsonl(args.support)
+    model, tokenizer, theta = _load_prior(run.prior, cfg)
+    device = next(model.parameters()).device
+    support = [b.to(device) for b in make_batches(tokenizer, examples, cfg["scoring"])]
+    meta, steps = cfg["meta"], cfg["eval"].test_steps
+    torch.manual_seed(meta.seed)
+    before = mean_nll(model, theta, support)
+    bar = tqdm(total=1, desc=f"adapt ({steps} steps, {len(examples)} examples)", unit="task")
+    posterior, history = adapt(model, theta, support, steps, meta.inner_lr, meta.beta, meta.n_samples)
+    after = mean_nll(model, posterior, support)
+    bar.update(1)
+    bar.set_postfix(support_nll=f"{before:.3f}->{after:.3f}")
+    bar.close()
+    export_peft(run.out, posterior, _adapter_config(
+        cfg, model, kind="posterior", prior=str(run.prior), support=str(args.support),
+        support_nll_steps=history, support_nll_before=before, support_nll_after=after), model=model)
+    print(f"support NLL at the posterior mean: {before:.4f} (prior) -> {after:.4f} (posterior); "
+          f"per step ({meta.n_samples} samples): {[round(h, 4) for h in history]}")
+    print(f"posterior saved to {run.out} (PEFT LoRA folder: the posterior mean; abmll_scale.safetensors: its scale)")
+    return Path(run.out)
+
+
+def _read_inputs(path: str) -> tuple[list[Example], list[bool]]:
+    """Examples of a JSON-lines file, validated by :func:`abmll.data.read_jsonl`; records
+    without ``output`` are allowed (unlabelled: returned with label 0 and False in the mask)."""
+    lines = Path(path).read_bytes().split(b"\n")
+    labelled, patched = [], []
+    for raw in lines:
+        try:
+            record = json.loads(raw) if raw.strip() else None
+        except ValueError:
+            record = None
+        if isinstance(record, dict) and "output" not in record and isinstance(record.get("options"), list) \
+                and record["options"] and isinstance(record["options"][0], str):
+            patched.append(json.dumps({**record, "output": record["options"][0]}).encode())
+            labelled.append(False)
+        else:
+            patched.append(raw)
+            if raw.strip():
+                labelled.append(True)
+    if all(labelled):
+        return read_jsonl(path), labelled
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp_path = Path(tmp) / Path(path).name
+        tmp_path.write_bytes(b"\n".join(patched))
+        try:
+            examples = read_jsonl(tmp_path)
+        except DataError as err:
+            raise DataError(str(err).replace(str(tmp_path), str(path))) from None
+    return [Example(e.input, e.options, e.label, e.source.replace(str(tmp_path), str(path))) for e in examples], labelled
+
+
+def run_predict(run: RunArgs, args: PredictArgs, cfg: dict) -> Path:
+    """Predict every example of ``args.input`` with the adapter ``args.adapter``, averaging
+    ``eval.eval_samples`` weight samples (0: posterior mean). Writes ``run.out``/predictions.jsonl
+    (per line: options, probs, prediction, prediction_index, entropy in nats, and output /
+    correct when labelled) and predict_config.json (resolved config, metrics when labelled)."""
+    if not args.adapter or not args.input:
+        raise SystemExit("predict: --adapter DIR and --input FILE.jsonl are required")
+    if args.chunk_size < 1:
+        raise SystemExit("predict: --chunk_size must be positive")
+    examples, labelled = _read_inputs(args.input)
+    model, tokenizer, params = _load_prior(args.adapter, cfg)
+    device = next(model.parameters()).device
+    n_samples = cfg["eval"].eval_samples
+    torch.manual_seed(args.sample_seed)
+    probs_all, labels_all = [], []
+    bar = tqdm(total=len(examples), desc=f"predict ({n_samples} samples)", unit="ex")
+    for i in range(0, len(examples), args.chunk_size):
+        chunk = examples[i:i + args.chunk_size]
+        batches = [b.to(device) for b in make_batches(tokenizer, chunk, cfg["scoring"])]
+        probs, labels = predict_batches(model, params, batches, n_samples)
+        probs_all += [p[: len(ex.options)] for p, ex in zip(probs, chunk)]
+        labels_all += labels.tolist()
+        bar.update(len(chunk))
+    bar.close()
+    out = Path(run.out)
+    out.mkdir(parents=True, exist_ok=True)
+    lines = []
+    for ex, p, label, has_label in zip(examples, probs_all, labels_all, labelled):
+        pred = int(p.argmax())
+        entropy = float(-(p * p.clamp_min(1e-30).log()).sum())
+        line = {"input": ex.input, "options": list(ex.options), "probs": [round(float(x), 6) for x in p],
+                "prediction": ex.options[pred], "prediction_index": pred, "entropy": round(entropy, 6)}
+        if has_label:
+            line.update(output=ex.options[label], correct=pred == label)
+        lines.append(json.dumps(line, ensure_ascii=False))
+    (out / "predictions.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    summary = {"n": len(examples), "labelled": sum(labelled)}
+    if all(labelled) and min(len(ex.options) for ex in examples) >= 2:
+        width = max(len(p) for p in probs_all)
+        padded = torch.stack([torch.nn.functional.pad(p, (0, width - len(p))) for p in probs_all])
+        summary["metrics"] = compute_metrics(padded, torch.tensor(labels_all))
+    write_json(out / "predict_config.json", {**to_dict(**cfg), "adapter": str(args.adapter), "input": str(args.input),
+                                             "eval_samples": n_samples, "sample_seed": args.sample_seed, **summary})
+    if "metrics" in summary:
+        m = summary["metrics"]
+        print(f"accuracy {m['accuracy']:.3f}  ECE {m['ece']:.3f}  NLL {m['nll']:.3f}  ({len(examples)} examples)")
+    print(f"predictions saved to {out / 'predictions.jsonl'}")
+    return out / "predictions.jsonl"
+
+
+def run_export(run: RunArgs, args: ExportArgs, cfg: dict) -> Path:
+    """Write the abmll adapter ``args.adapter`` as a PEFT LoRA folder (+ scale sidecar) in ``run.out``."""
+    if not args.adapter:
+        raise SystemExit("export: --adapter DIR is required")
+    if Path(run.out).resolve() == Path(args.adapter).resolve():
+        raise SystemExit("export: --out must differ from --adapter")
+    _, saved = load_adapter_folder(args.adapter)
+    model, _, tensors = _load_prior(args.adapter, cfg)
+    config = {**saved, **to_dict(**{g: cfg[g] for g in ("model", "lora")}), "exported_from": str(args.adapter)}
+    config.pop("format", None)
+    export_peft(run.out, tensors, config, model=model, base_model_name_or_path=args.base_model_name_or_path)
+    print(f"PEFT LoRA adapter (posterior mean) + abmll_scale.safetensors written to {run.out}")
+    return Path(run.out)
+
+
+def run_data(run: RunArgs, args: DataArgs) -> dict:
+    """Convert ``args.dataset`` / ``args.data_files`` into the k-shot layout under ``run.out``."""
+    if not args.task:
+        raise SystemExit("data: --task NAME is required")
+    files = {}
+    for item in args.data_files:
+        split, sep, path = item.partition("=")
+        if not sep or not split or not path:
+            raise SystemExit(f"data: --data_files takes split=path pairs, got {item!r}")
+        files[split] = path
+    if args.dataset:
+        splits = load_hf_dataset(args.dataset, args.dataset_config, files or None)
+    elif files:
+        splits = {split: read_jsonl_rows(path) for split, path in files.items()}
+    else:
+        raise SystemExit("data: give --dataset NAME_OR_PATH or --data_files split=path.jsonl ...")
+    if not args.input_columns and args.input_template is None:
+        raise SystemExit("data: give --input_columns COL [COL ...] or --input_template")
+    mapping = ColumnMapping(
+        input_columns=args.input_columns, output_column=args.output_column, options=args.options,
+        options_column=args.options_column, label_names=args.label_names, input_template=args.input_template,
+        input_separator=args.input_separator, task_type=args.task_type)
+    report = convert_dataset(splits, args.task, run.out, mapping, args.shots, args.data_seeds, args.train_split,
+                             args.test_split, args.test_rows)
+    write_json(Path(run.out) / args.task / "abmll_data_config.json", {"data": asdict(args), "report": report})
+    for split, counts in report["counts"].items():
+        print(f"{split}: {counts}")
+    print(f"task {args.task!r} ({report['task_type']}) written to {Path(run.out) / args.task}")
+    return report
+
+
+class _writer:
+    """Context manager: the SummaryWriter of ``report`` (or None), flushed and closed on exit."""
+
+    def __init__(self, report: ReportArgs) -> None:
+        self.writer = _summary_writer(report)
+
+    def __enter__(self):
+        return self.writer
+
+    def __exit__(self, *exc) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    commands = {"meta-train", "evaluate", "demo"}
+    commands = {"meta-train", "evaluate", "demo", "adapt", "predict", "export", "data"}
     if not argv or argv[0] not in commands:
         print(__doc__)
         return 0 if argv and argv[0] in ("-h", "--help") else 2
@@ -155,16 +588,34 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     try:
         if command == "meta-train":
-            run, cfg = _parse(rest, TRAIN_GROUPS)
-            meta_train(run, cfg)
+            run, cfg, (report,) = _parse_with(rest, TRAIN_GROUPS, (ReportArgs,))
+            with _writer(report) as writer:
+                meta_train(run, cfg, report, writer)
         elif command == "evaluate":
-            run, cfg = _parse(rest, ALL_GROUPS)
+            run, cfg, (report,) = _parse_with(rest, ALL_GROUPS, (ReportArgs,), adapter_flag="prior")
             if not run.prior:
                 raise SystemExit("evaluate: --prior DIR is required")
-            run_evaluate(run, cfg, *_load_prior(run.prior, cfg))
+            with _writer(report) as writer:
+                run_evaluate(run, cfg, *_load_prior(run.prior, cfg), report, writer)
+        elif command == "demo":
+            run, cfg, (report,) = _parse_with(["--config", str(DEMO_CONFIG), "--out", "runs/demo"] + rest,
+                                              ALL_GROUPS, (ReportArgs,))
+            with _writer(report) as writer:
+                run_evaluate(run, cfg, *meta_train(run, cfg, report, writer), report, writer)
+        elif command == "adapt":
+            run, cfg, (args,) = _parse_with(rest, ["model", "lora", "scoring", "meta", "eval"], (AdaptArgs,),
+                                            adapter_flag="prior")
+            run_adapt(run, args, cfg)
+        elif command == "predict":
+            run, cfg, (args,) = _parse_with(rest, ["model", "lora", "scoring", "eval"], (PredictArgs,),
+                                            adapter_flag="adapter")
+            run_predict(run, args, cfg)
+        elif command == "export":
+            run, cfg, (args,) = _parse_with(rest, ["model", "lora"], (ExportArgs,), adapter_flag="adapter")
+            run_export(run, args, cfg)
         else:
-            run, cfg = _parse(["--config", str(DEMO_CONFIG), "--out", "runs/demo"] + rest, ALL_GROUPS)
-            run_evaluate(run, cfg, *meta_train(run, cfg))
+            run, _, (args,) = _parse_with(rest, [], (DataArgs,))
+            run_data(run, args)
     except (DataError, NonFiniteLossError, ValueError, OSError) as err:
         print(f"abmll {command}: error: {err}", file=sys.stderr)
         return 1

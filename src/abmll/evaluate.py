@@ -1,6 +1,11 @@
 """Evaluation on held-out tasks: adapt from a prior on each task's support set, predict its
 test set, and report accuracy, macro-F1, ECE, NLL and Brier per task and seed, and their
 means (method doc, "Prediction and metrics").
+
+Every method runs through :func:`run_method` with the same per-task budget (``steps`` SGD
+steps at ``meta.inner_lr``); methods differ only in the prior they start from, the inner-loop
+KL weight and weight samples (deterministic LoRA: 0 and 0), and the prediction samples.
+The baselines of the method doc are built by :mod:`abmll.methods`.
 """
 
 from __future__ import annotations
@@ -10,10 +15,11 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
+from torch import Tensor
 
 from abmll.bayes_lora import BayesLoraModel, Params
 from abmll.config import EvalArgs, TaskArgs
-from abmll.meta import MetaConfig, NonFiniteLossError, adapt, predict_batches
+from abmll.meta import MetaConfig, NonFiniteLossError, TaskBatches, adapt, predict_batches
 from abmll.metrics import compute_metrics
 from abmll.scoring import ScoringConfig
 from abmll.train import episode_batches
@@ -23,46 +29,79 @@ from abmll.train import episode_batches
 class Method:
     """How a prediction is made on a new task: adapt ``steps`` SGD steps from ``prior`` on the
     support set (0: no adaptation), then average ``samples`` weight samples (0: posterior mean).
-    Zero-shot is ``Method("zero_shot", model.init_params(), steps=0, samples=0)``."""
+    Zero-shot is ``Method("zero_shot", model.init_params(), steps=0, samples=0)``.
+
+    Attributes:
+        beta: KL weight of the adaptation loss; None: ``meta.beta``. 0 with
+            ``adapt_samples`` = 0 is plain deterministic LoRA fine-tuning of the mean pair.
+        adapt_samples: weight samples per adaptation step; None: ``meta.n_samples``.
+    """
 
     name: str
     prior: Params
     steps: int
     samples: int
+    beta: float | None = None
+    adapt_samples: int | None = None
+
+
+def run_method(model: BayesLoraModel, method: Method, episode: TaskBatches, meta: MetaConfig, seed: int
+               ) -> tuple[dict, Tensor, Tensor]:
+    """One method on one episode: ``torch.manual_seed(seed)``, adapt (``method.steps`` steps at
+    ``meta.inner_lr``) on the support set, predict the query set.
+
+    Seeding per method makes a result independent of which other methods ran before it (so a
+    benchmark can resume), and gives every stochastic method the same noise draws.
+
+    Returns:
+        (metrics, probs (N, C), labels (N,)): see :func:`abmll.metrics.compute_metrics` and
+        :func:`abmll.meta.predict_batches`.
+    Raises:
+        NonFiniteLossError: naming the method and the task.
+    """
+    torch.manual_seed(seed)
+    posterior = method.prior
+    if method.steps:
+        beta = meta.beta if method.beta is None else method.beta
+        n_samples = meta.n_samples if method.adapt_samples is None else method.adapt_samples
+        try:
+            posterior, _ = adapt(model, method.prior, episode.support, method.steps, meta.inner_lr, beta, n_samples)
+        except NonFiniteLossError as err:
+            raise NonFiniteLossError(f"{method.name} on task {episode.task}, seed {seed}: {err}") from err
+    probs, labels = predict_batches(model, posterior, episode.query, method.samples)
+    return compute_metrics(probs, labels), probs, labels
 
 
 def evaluate(
     model: BayesLoraModel, tokenizer, methods: Sequence[Method], task_names: Sequence[str],
     seeds: Sequence[int], tasks: TaskArgs, scoring: ScoringConfig, meta: MetaConfig, eval_args: EvalArgs,
     on_result: Callable[[str, str, int, dict], None] | None = None,
+    on_predictions: Callable[[str, str, int, Tensor, Tensor], None] | None = None,
+    query_split: str = "test",
 ) -> dict:
     """Run every method on every (task, seed): support = the task's k-shot train file of that
-    seed, query = up to ``eval_args.max_test`` examples of its test split.
+    seed, query = up to ``eval_args.max_test`` examples of its ``query_split`` split ("test";
+    "dev" for tuning on dev data), each method seeded with ``seed`` (see :func:`run_method`).
 
     Returns:
         ``{"tasks", "seeds", "methods": {name: {"per_task": {task: {"seeds": {seed: metrics},
         "mean": metrics}}, "mean": metrics averaged over tasks (each task's mean over seeds),
         "std_over_seeds": metric -> std over seeds of the task-averaged metric}}}``.
-        ``on_result(method, task, seed, metrics)`` is called as each result is ready.
+        ``on_result(method, task, seed, metrics)`` is called as each result is ready, and
+        ``on_predictions(method, task, seed, probs, labels)`` with its predictions
+        (e.g. to pool them for reliability diagrams).
     """
     per = {m.name: {t: {} for t in task_names} for m in methods}
     for task in task_names:
         for seed in seeds:
-            torch.manual_seed(seed)
-            ep = episode_batches(model, tokenizer, task, seed, tasks, scoring, "test", eval_args.max_test)
+            ep = episode_batches(model, tokenizer, task, seed, tasks, scoring, query_split, eval_args.max_test)
             for m in methods:
-                posterior = m.prior
-                if m.steps:
-                    try:
-                        posterior, _ = adapt(model, m.prior, ep.support, m.steps, meta.inner_lr, meta.beta,
-                                             meta.n_samples)
-                    except NonFiniteLossError as err:
-                        raise NonFiniteLossError(f"{m.name} on task {task}, seed {seed}: {err}") from err
-                probs, labels = predict_batches(model, posterior, ep.query, m.samples)
-                metrics = compute_metrics(probs, labels)
+                metrics, probs, labels = run_method(model, m, ep, meta, seed)
                 per[m.name][task][seed] = metrics
                 if on_result:
                     on_result(m.name, task, seed, metrics)
+                if on_predictions:
+                    on_predictions(m.name, task, seed, probs, labels)
     return {"tasks": list(task_names), "seeds": list(seeds),
             "methods": {name: summarise(results) for name, results in per.items()}}
 
@@ -72,7 +111,9 @@ def _mean(dicts: Sequence[dict]) -> dict:
 
 
 def summarise(per_task: dict[str, dict[int, dict]]) -> dict:
-    """Means over seeds per task, the mean over tasks, and the std over seeds of task means."""
+    """Means over seeds per task, the mean over tasks, and the std over seeds of task means.
+
+    Every task must have a result for the same seeds (the first task's)."""
     tasks = list(per_task)
     seeds = list(per_task[tasks[0]])
     out = {"per_task": {t: {"seeds": per_task[t], "mean": _mean(list(per_task[t].values()))} for t in tasks}}

@@ -1,0 +1,209 @@
+"""Gaussian LoRA adapters as standard PEFT LoRA folders, and back.
+
+An exported folder is a plain PEFT LoRA adapter plus an abmll sidecar:
+
+- ``adapter_config.json``: a :class:`peft.LoraConfig` (r, lora_alpha, target_modules,
+  fan_in_fan_out, base_model_name_or_path, task_type ``CAUSAL_LM``);
+- ``adapter_model.safetensors``: the mean pair (``lora_A`` = A_mu, ``lora_B`` = B_mu) under the
+  names peft saves them with (``get_peft_model_state_dict``: no adapter name), so
+  ``PeftModel.from_pretrained(base, folder)`` is the posterior-mean model W0 + M (the
+  method's n_samples = 0 prediction) and works with any peft / transformers tooling;
+- ``abmll_scale.safetensors``: the scale pair (``bayes_scale_A`` / ``bayes_scale_B``, abmll's
+  flat-dict keys), which peft ignores;
+- ``abmll_config.json``: the abmll config (as in an abmll adapter folder) with
+  ``"format": "peft"``, so :func:`load_adapter_folder` rebuilds the full Gaussian.
+
+:func:`load_adapter_folder` reads both this layout and abmll's own
+(:func:`abmll.checkpoint.save_adapter`), returning the same flat dict of all four matrices.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from peft import LoraConfig
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from abmll.bayes_lora import AUTO_TARGETS, LORA_A, LORA_B, SCALE_A, SCALE_B, BayesLoraModel
+from abmll.checkpoint import CONFIG, TENSORS, CheckpointError, atomic_write, load_adapter, write_json
+
+PEFT_CONFIG = "adapter_config.json"
+PEFT_TENSORS = "adapter_model.safetensors"
+SCALE_TENSORS = "abmll_scale.safetensors"
+EXPORT_FORMAT = "peft"
+
+_MEAN_SUFFIXES = {f".{LORA_A}": ".lora_A.weight", f".{LORA_B}": ".lora_B.weight"}
+_SCALE_SUFFIXES = (f".{SCALE_A}", f".{SCALE_B}")
+
+
+def _split(tensors: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """(mean pair under peft's saved names, scale pair under abmll's keys).
+
+    Raises:
+        ValueError: a key is neither a mean nor a scale matrix, or a layer lacks one of its four.
+    """
+    mean, scale, layers = {}, {}, {}
+    for key, value in tensors.items():
+        for ours, theirs in _MEAN_SUFFIXES.items():
+            if key.endswith(ours):
+                mean[key.removesuffix(ours) + theirs] = value
+                layers.setdefault(key.removesuffix(ours), set()).add(ours)
+                break
+        else:
+            suffix = next((s for s in _SCALE_SUFFIXES if key.endswith(s)), None)
+            if suffix is None:
+                raise ValueError(f"{key!r} is not a Gaussian LoRA tensor (expected *.{LORA_A}, *.{LORA_B}, "
+                                 f"*.{SCALE_A} or *.{SCALE_B})")
+            scale[key] = value
+            layers.setdefault(key.removesuffix(suffix), set()).add(suffix)
+    incomplete = [name for name, parts in layers.items() if len(parts) != 4]
+    if incomplete:
+        raise ValueError(f"layer {incomplete[0]!r} lacks some of its four matrices (mean A/B, scale A/B)")
+    return mean, scale
+
+
+def _target_modules(config: dict[str, Any], tensors: dict[str, torch.Tensor]) -> list[str]:
+    """The config's target_modules, or (when it is "auto" / absent) the adapted modules'
+    last name components read off the tensor keys."""
+    targets = list(config.get("lora", {}).get("target_modules") or [])
+    if targets and targets != [AUTO_TARGETS]:
+        return targets
+    return sorted({k.removesuffix(f".{LORA_A}").rsplit(".", 1)[-1] for k in tensors if k.endswith(f".{LORA_A}")})
+
+
+def export_peft(
+    folder: str | os.PathLike, tensors: dict[str, torch.Tensor], config: dict[str, Any],
+    model: BayesLoraModel | None = None, base_model_name_or_path: str | None = None,
+) -> Path:
+    """Write adapter ``tensors`` (a prior theta or a posterior lambda) as a PEFT LoRA folder
+    with the abmll sidecar (see the module docstring). Each file is written atomically.
+
+    Args:
+        folder: output folder (created if needed).
+        tensors: flat dict of all four matrices per adapted layer, keyed as in
+            :class:`~abmll.bayes_lora.BayesLoraModel` (``...q_proj.lora_A.default.weight``:
+            A_mu (r, d_in), ``lora_B``: B_mu (d_out, r), ``bayes_scale_A`` (r, d_in),
+            ``bayes_scale_B`` (d_out, r)).
+        config: the abmll config of the adapter (``{group: fields}`` plus e.g. ``kind``,
+            ``rho0``); its ``lora`` group gives r, alpha and target_modules when ``model`` is None.
+        model: the model the tensors belong to; when given, the LoRA config (resolved target
+            modules, fan_in_fan_out for Conv1D layers) and the base model's name are taken
+            from it.
+        base_model_name_or_path: recorded in adapter_config.json (default: the base model's
+            ``name_or_path``, else ``config["model"]["model"]``).
+    Returns: the folder.
+    Raises:
+        ValueError: a tensor key is not one of the four Gaussian LoRA matrices, a layer is
+            incomplete, ``model`` is given and the keys are not exactly its adapter keys, or
+            ``folder`` already holds an abmll adapter (``adapter.safetensors``).
+
+    Without ``model``, ``fan_in_fan_out`` is written as False; for GPT-2 style Conv1D layers
+    peft sets it to True itself when loading (with a warning), the weights being the same.
+    """
+    folder = Path(folder)
+    if (folder / TENSORS).exists():
+        raise ValueError(f"{folder} holds an abmll adapter ({TENSORS}); export into another folder")
+    mean, scale = _split(tensors)
+    if model is not None:
+        expected = set(model.init_params())
+        if set(tensors) != expected:
+            missing, extra = sorted(expected - set(tensors)), sorted(set(tensors) - expected)
+            raise ValueError(f"tensors do not match the model's adapter (missing {missing[:2]}, unexpected {extra[:2]})")
+        peft_cfg = model.peft_model.peft_config["default"]
+        base_name = base_model_name_or_path or getattr(model.peft_model.get_base_model(), "name_or_path", None)
+        lora = LoraConfig(
+            r=peft_cfg.r, lora_alpha=peft_cfg.lora_alpha, target_modules=sorted(peft_cfg.target_modules),
+            lora_dropout=0.0, bias="none", fan_in_fan_out=peft_cfg.fan_in_fan_out, task_type="CAUSAL_LM",
+        )
+    else:
+        group = config.get("lora", {})
+        if "rank" not in group or "alpha" not in group:
+            raise ValueError("config['lora'] must give rank and alpha (or pass the model)")
+        base_name = base_model_name_or_path
+        lora = LoraConfig(r=int(group["rank"]), lora_alpha=group["alpha"], target_modules=_target_modules(config, tensors),
+                          lora_dropout=0.0, bias="none", task_type="CAUSAL_LM")
+    lora.base_model_name_or_path = base_name or config.get("model", {}).get("model")
+    lora.inference_mode = True
+
+    def save(path: Path, part: dict[str, torch.Tensor], fmt: str) -> None:
+        cpu = {k: v.detach().to("cpu").contiguous() for k, v in part.items()}
+        atomic_write(path, lambda tmp: save_file(cpu, tmp, metadata={"format": fmt}))
+
+    save(folder / SCALE_TENSORS, scale, "abmll")
+    write_json(folder / CONFIG, {**config, "format": EXPORT_FORMAT})
+    save(folder / PEFT_TENSORS, mean, "pt")
+    peft_dict = lora.to_dict()
+    peft_dict = {k: sorted(v) if isinstance(v, set) else v for k, v in peft_dict.items()}
+    write_json(folder / PEFT_CONFIG, peft_dict)
+    return folder
+
+
+def is_peft_export(folder: str | os.PathLike) -> bool:
+    """True when ``folder`` holds a PEFT adapter with the abmll scale sidecar."""
+    folder = Path(folder)
+    return (folder / PEFT_TENSORS).is_file() and (folder / SCALE_TENSORS).is_file()
+
+
+def _read(path: Path, device: str | torch.device) -> dict[str, torch.Tensor]:
+    if not path.is_file():
+        raise CheckpointError(f"{path}: not found")
+    try:
+        return load_file(path, device=str(device))
+    except (SafetensorError, OSError, ValueError) as err:
+        raise CheckpointError(f"{path}: not a readable safetensors file ({err})") from err
+
+
+def load_peft_export(folder: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[dict[str, torch.Tensor], dict]:
+    """Read a folder written by :func:`export_peft` back into abmll's flat dict of all four
+    matrices per layer (exactly the exported values) and its abmll config.
+
+    Raises:
+        CheckpointError: a file is missing or unreadable, or the mean and scale pairs do not
+            cover the same layers; the message names the folder or file.
+    """
+    folder = Path(folder)
+    config_path = folder / CONFIG
+    if not config_path.is_file():
+        raise CheckpointError(f"{config_path}: not found (an exported abmll adapter holds {PEFT_TENSORS}, "
+                              f"{SCALE_TENSORS} and {CONFIG})")
+    try:
+        config = json.loads(config_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise CheckpointError(f"{config_path}: not valid JSON ({err})") from err
+    tensors = {}
+    for key, value in _read(folder / PEFT_TENSORS, device).items():
+        theirs = next((t for t in _MEAN_SUFFIXES.values() if key.endswith(t)), None)
+        if theirs is None:
+            raise CheckpointError(f"{folder / PEFT_TENSORS}: unexpected tensor {key!r} (only LoRA A/B matrices)")
+        ours = next(o for o, t in _MEAN_SUFFIXES.items() if t == theirs)
+        tensors[key.removesuffix(theirs) + ours] = value
+    tensors.update(_read(folder / SCALE_TENSORS, device))
+    try:
+        _split(tensors)
+    except ValueError as err:
+        raise CheckpointError(f"{folder}: mean and scale pairs do not match ({err})") from err
+    return tensors, config
+
+
+def load_adapter_folder(folder: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[dict[str, torch.Tensor], dict]:
+    """``(tensors, config)`` of an adapter folder in either layout: abmll's own
+    (``adapter.safetensors``) or an export (:func:`export_peft`).
+
+    Raises:
+        CheckpointError: neither layout is there, or its files are missing / unreadable.
+    """
+    folder = Path(folder)
+    if (folder / TENSORS).is_file():
+        return load_adapter(folder, device)
+    if is_peft_export(folder):
+        return load_peft_export(folder, device)
+    if (folder / PEFT_TENSORS).is_file():
+        raise CheckpointError(f"{folder}: a plain PEFT adapter without {SCALE_TENSORS}; abmll needs the Gaussian's "
+                              f"scale pair too (folders written by `abmll export` / `abmll adapt` have it)")
+    raise CheckpointError(f"{folder}: not an abmll adapter folder (expected {TENSORS} or {PEFT_TENSORS} + "
+                          f"{SCALE_TENSORS}, with {CONFIG})")

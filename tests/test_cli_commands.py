@@ -1,0 +1,275 @@
+"""The CLI beyond meta-train/evaluate: YAML config for every command, export, adapt, predict,
+plots, TensorBoard; all on a tiny random Llama and tiny MetaICL-layout data."""
+
+from __future__ import annotations
+
+import json
+import random
+import sys
+import types
+
+import pytest
+import torch
+from peft import PeftModel
+from transformers import AutoModelForCausalLM
+
+from abmll.checkpoint import load_adapter
+from abmll.cli import _load_prior, evaluate_with_predictions, main
+from abmll.config import EvalArgs, TaskArgs
+from abmll.data import read_jsonl
+from abmll.evaluate import Method, evaluate
+from abmll.export import load_adapter_folder
+from abmll.meta import MetaConfig, adapt, predict_batches
+from abmll.metrics import compute_metrics
+from abmll.plots import plot_reliability_per_method, plot_training_curves, pool_predictions
+from abmll.scoring import ScoringConfig, make_batches
+from conftest import make_tiny_llama, make_tiny_tokenizer, write_task
+
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """A tiny model folder, tiny data (rule: "yes" iff the input contains q) and a prior
+    meta-trained by ``abmll meta-train --config run.yaml`` with flags overriding the file."""
+    root = tmp_path_factory.mktemp("cli")
+    model_dir = root / "tiny-llama"
+    make_tiny_llama().save_pretrained(model_dir)
+    make_tiny_tokenizer().save_pretrained(model_dir)
+    rng = random.Random(0)
+
+    def rows(n):
+        out = []
+        for i in range(n):
+            word = "".join(rng.choice("abcdefgh") for _ in range(5))
+            if i % 2:
+                word = word[:2] + "q" + word[3:]
+            out.append((word, "yes" if "q" in word else "no"))
+        return out
+
+    data = root / "data"
+    for task in ["t0", "t1", "h0"]:
+        files = {f"4_1_{part}": rows(4) for part in ("train", "dev")}
+        files["test"] = rows(6)
+        write_task(data, task, files)
+    (data / "splits").mkdir()
+    (data / "splits" / "tiny.json").write_text(json.dumps({"train": ["t0", "t1"], "test": ["h0"]}))
+    config = root / "run.yaml"
+    config.write_text(
+        f"model:\n  model: {model_dir}\n"
+        "lora:\n  rank: 2\n  init_std_factor: 1.0\n"      # visible weight noise
+        "scoring:\n  max_rows: 8\n"
+        "meta:\n  inner_steps: 1\n  outer_lr: 0.05\n  meta_steps: 5\n"
+        f"tasks:\n  data_dir: {data}\n  split: tiny\n  k: 4\n  data_seeds: [1]\n"
+        "eval:\n  test_steps: 1\n  max_test: 6\n"
+        "sample_seed: 3\n"              # an option of `abmll predict`: ignored by the other commands
+        "shots: [4]\n")                 # an option of `abmll data`
+    prior = root / "prior"
+    assert main(["meta-train", "--config", str(config), "--meta_steps", "2", "--out", str(prior)]) == 0
+    return {"root": root, "model_dir": model_dir, "data": data, "config": config, "prior": prior}
+
+
+def _ids():
+    return torch.tensor([[3, 50, 7, 21, 99], [4, 4, 8, 15, 16]])
+
+
+def test_meta_train_resolves_config_and_plots_curves(world):
+    theta, cfg = load_adapter(world["prior"])
+    assert cfg["meta_steps_done"] == 2 and cfg["meta"]["meta_steps"] == 2       # the flag beat the file
+    assert cfg["meta"]["inner_steps"] == 1 and cfg["meta"]["outer_lr"] == 0.05  # the file beat the defaults
+    assert cfg["lora"]["rank"] == 2 and cfg["scoring"]["max_rows"] == 8
+    assert cfg["lora"]["target_modules"] == ["q_proj", "v_proj"]                # "auto" resolved for Llama
+    curves = world["prior"] / "training_curves.png"
+    assert curves.read_bytes()[:8] == PNG and curves.stat().st_size > 10_000
+
+
+def test_unknown_config_key_is_refused(world, tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("meta:\n  inner_stepz: 3\n")
+    with pytest.raises(SystemExit, match="inner_stepz"):
+        main(["meta-train", "--config", str(bad), "--out", str(tmp_path / "x")])
+
+
+def test_export_is_a_peft_adapter_with_abmll_posterior_mean_predictions(world, tmp_path):
+    out = tmp_path / "peft"
+    assert main(["export", "--config", str(world["config"]), "--adapter", str(world["prior"]), "--out", str(out)]) == 0
+    cfg = {}
+    model, _, theta = _load_prior(str(world["prior"]), cfg)
+    assert any(v.abs().sum() > 0 for k, v in theta.items() if "lora_B" in k)    # a trained prior
+    peft_model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(world["model_dir"]), out).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(peft_model(input_ids=_ids()).logits, model(theta, _ids()).logits, rtol=0, atol=1e-6)
+    assert json.loads((out / "adapter_config.json").read_text())["base_model_name_or_path"] == str(world["model_dir"])
+    tensors, saved = load_adapter_folder(out)
+    original, _ = load_adapter(world["prior"])
+    assert tensors.keys() == original.keys() and all(torch.equal(tensors[k], original[k]) for k in original)
+    assert saved["kind"] == "prior" and saved["exported_from"] == str(world["prior"])
+    assert saved["lora"]["rank"] == 2
+
+
+def test_adapt_then_predict(world, tmp_path):
+    support = world["data"] / "h0" / "h0_4_1_train.jsonl"
+    run_file = tmp_path / "adapt.yaml"     # --prior and --support can come from the config file too
+    run_file.write_text(f"prior: {world['prior']}\nsupport: {support}\ntest_steps: 3\n")
+    post = tmp_path / "posterior"
+    assert main(["adapt", "--config", str(run_file), "--inner_lr", "0.7", "--out", str(post)]) == 0
+    posterior, saved = load_adapter_folder(post)
+    assert saved["kind"] == "posterior" and saved["eval"]["test_steps"] == 3 and saved["meta"]["inner_lr"] == 0.7
+    assert saved["meta"]["outer_lr"] == 0.05                      # the prior's saved config fills the rest
+    assert len(saved["support_nll_steps"]) == 3 and saved["support_nll_after"] > 0
+
+    cfg = {}
+    model, tok, theta = _load_prior(str(world["prior"]), cfg)
+    batches = make_batches(tok, read_jsonl(support), ScoringConfig(max_rows=8))
+    torch.manual_seed(cfg["meta"].seed)
+    expected, _ = adapt(model, theta, batches, 3, 0.7, cfg["meta"].beta, cfg["meta"].n_samples)
+    assert all(torch.equal(posterior[k], expected[k]) for k in expected)    # the library's own adapt
+    assert any(not torch.equal(posterior[k], theta[k]) for k in theta)
+    assert (post / "adapter_model.safetensors").is_file() and (post / "abmll_scale.safetensors").is_file()
+
+    test_file = world["data"] / "h0" / "h0_test.jsonl"
+    records = [json.loads(x) for x in test_file.read_text().splitlines()]
+    unlabelled = dict(records[1])
+    del unlabelled["output"]
+    inputs = tmp_path / "inputs.jsonl"
+    inputs.write_text("\n".join(json.dumps(r) for r in [records[0], unlabelled, *records[2:]]) + "\n")
+    pred_dir = tmp_path / "pred"
+    assert main(["predict", "--adapter", str(post), "--input", str(inputs), "--eval_samples", "0",
+                 "--out", str(pred_dir)]) == 0
+    lines = [json.loads(x) for x in (pred_dir / "predictions.jsonl").read_text().splitlines()]
+    ref_probs, ref_labels = predict_batches(model, posterior, make_batches(tok, read_jsonl(test_file),
+                                                                           ScoringConfig(max_rows=8)), 0)
+    assert len(lines) == len(records) == 6
+    for line, p, record in zip(lines, ref_probs, records):
+        probs = torch.tensor(line["probs"])
+        torch.testing.assert_close(probs, p, rtol=0, atol=1e-6)
+        assert line["options"] == record["options"] and line["prediction"] == record["options"][int(p.argmax())]
+        assert line["entropy"] == pytest.approx(-(p * p.log()).sum().item(), abs=1e-5)
+        assert 0 <= line["entropy"] <= torch.log(torch.tensor(2.0)).item() + 1e-6
+    assert "output" not in lines[1] and lines[0]["output"] == records[0]["output"]
+    assert lines[0]["correct"] == (lines[0]["prediction"] == records[0]["output"])
+    summary = json.loads((pred_dir / "predict_config.json").read_text())
+    assert summary["labelled"] == 5 and "metrics" not in summary and summary["eval_samples"] == 0
+    assert summary["lora"]["rank"] == 2
+
+    sampled = tmp_path / "sampled"
+    for folder in (sampled, sampled / "again"):
+        assert main(["predict", "--adapter", str(post), "--input", str(test_file), "--eval_samples", "3",
+                     "--sample_seed", "5", "--out", str(folder)]) == 0
+    first = (sampled / "predictions.jsonl").read_text()
+    assert first == (sampled / "again" / "predictions.jsonl").read_text()          # seeded
+    probs3 = torch.tensor([json.loads(x)["probs"] for x in first.splitlines()])
+    assert (probs3 - ref_probs).abs().max() > 1e-5       # really sampled (values are rounded to 1e-6)
+    metrics = json.loads((sampled / "predict_config.json").read_text())["metrics"]
+    assert 0 <= metrics["accuracy"] <= 1 and metrics["nll"] > 0
+
+
+def test_predict_names_the_bad_line_of_the_input(world, tmp_path, capsys):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"task": "x", "input": "a", "options": ["no", "yes"]}\n'
+                   '{"task": "x", "input": "b", "output": "maybe", "options": ["no", "yes"]}\n')
+    assert main(["predict", "--adapter", str(world["prior"]), "--input", str(bad), "--out", str(tmp_path)]) == 1
+    err = capsys.readouterr().err
+    assert f"{bad}:2" in err and "maybe" in err
+
+
+def test_evaluate_plots_reliability_and_matches_library_evaluate(world, tmp_path):
+    out = tmp_path / "eval"
+    assert main(["evaluate", "--config", str(world["config"]), "--prior", str(world["prior"]), "--eval_samples", "2",
+                 "--out", str(out)]) == 0
+    results = json.loads((out / "results.json").read_text())
+    for method in ("zero_shot", "abmll"):
+        png = out / f"reliability_{method}.png"
+        assert png.read_bytes()[:8] == PNG
+    assert results["config"]["eval"]["eval_samples"] == 2 and results["config"]["eval"]["test_steps"] == 1
+
+    cfg = {}
+    model, tok, theta = _load_prior(str(world["prior"]), cfg)
+    tasks = TaskArgs(data_dir=str(world["data"]), k=4, data_seeds=[1], test_tasks=["h0"])
+    ev = EvalArgs(test_steps=1, eval_samples=1, max_test=6)
+    methods = [Method("zero_shot", model.init_params(), 0, 0), Method("abmll", theta, 1, 1)]
+    scoring, meta = ScoringConfig(max_rows=8), MetaConfig(inner_lr=0.3)
+    ref = evaluate(model, tok, methods, ["h0"], [1], tasks, scoring, meta, ev)
+    got, predictions = evaluate_with_predictions(model, tok, methods, ["h0"], [1], tasks, scoring, meta, ev)
+    assert got == ref
+    for method in ("zero_shot", "abmll"):      # the kept predictions are the ones behind the metrics
+        (probs, labels), = predictions[method]
+        assert probs.shape == (6, 2) and labels.tolist() == [e.label for e in read_jsonl(world["data"] / "h0" / "h0_test.jsonl")]
+        assert compute_metrics(probs, labels) == got["methods"][method]["per_task"]["h0"]["seeds"][1]
+
+
+def test_tensorboard_flag_needs_tensorboard(world, tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)
+    code = main(["meta-train", "--config", str(world["config"]), "--tensorboard", str(tmp_path / "tb"),
+                 "--out", str(tmp_path / "run")])
+    assert code == 1
+    assert "pip install tensorboard" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()          # refused before any work
+
+
+def test_tensorboard_logs_scalars_through_summary_writer(world, tmp_path, monkeypatch):
+    logged, closed = [], []
+
+    class FakeWriter:
+        def __init__(self, log_dir):
+            self.log_dir = log_dir
+
+        def add_scalar(self, tag, value, step):
+            logged.append((self.log_dir, tag, value, step))
+
+        def close(self):
+            closed.append(True)
+
+    fake = types.ModuleType("torch.utils.tensorboard")
+    fake.SummaryWriter = FakeWriter
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", fake)
+    out = tmp_path / "run"
+    assert main(["meta-train", "--config", str(world["config"]), "--tensorboard", str(tmp_path / "tb"),
+                 "--plots", "false", "--meta_steps", "2", "--out", str(out)]) == 0
+    history = json.loads((out / "history.json").read_text())
+    q = [(step, value) for _, tag, value, step in logged if tag == "meta_train/query_nll"]
+    assert q == [(h["step"], h["query_nll"]) for h in history] and len(q) == 2
+    assert {d for d, *_ in logged} == {str(tmp_path / "tb")} and closed == [True]
+    assert not (out / "training_curves.png").exists()
+
+
+def test_plot_helpers(tmp_path):
+    history = [{"step": 0, "query_nll": 0.9, "kl": 10.0, "support_nll_before": 1.0, "support_nll_after": 0.8},
+               {"step": 1, "skipped": True, "error": "nan"},
+               {"step": 2, "query_nll": 0.7, "kl": 12.0, "support_nll_before": 0.9, "support_nll_after": 0.6}]
+    path = plot_training_curves(history, tmp_path / "sub" / "curves.png")
+    assert path.read_bytes()[:8] == PNG
+    with pytest.raises(ValueError, match="query_nll"):
+        plot_training_curves([{"step": 0, "skipped": True}], tmp_path / "none.png")
+
+    a = (torch.tensor([[0.9, 0.1], [0.2, 0.8]]), torch.tensor([0, 0]))
+    b = (torch.tensor([[0.1, 0.2, 0.7]]), torch.tensor([2]))
+    probs, labels = pool_predictions([a, b])
+    assert torch.equal(probs, torch.tensor([[0.9, 0.1, 0.0], [0.2, 0.8, 0.0], [0.1, 0.2, 0.7]]))
+    assert labels.tolist() == [0, 0, 2]
+    paths = plot_reliability_per_method({"abmll": [a, b], "zero shot/x": [a]}, tmp_path)
+    assert sorted(p.name for p in paths.values()) == ["reliability_abmll.png", "reliability_zero_shot_x.png"]
+    with pytest.raises(ValueError, match="no predictions"):
+        pool_predictions([])
+
+
+def test_readme_python_api_flow(world, tmp_path):
+    """The README's "Python API: adapt, predict, export" snippet, on the tiny prior."""
+    from abmll.bayes_lora import BayesLoraModel
+    from abmll.config import from_dict
+    from abmll.export import export_peft
+    from abmll.models import load_base_model
+
+    support_file = world["data"] / "h0" / "h0_4_1_train.jsonl"
+    test_file = world["data"] / "h0" / "h0_test.jsonl"
+    prior, saved = load_adapter_folder(world["prior"])
+    base, tok = load_base_model(saved["model"]["model"])
+    model = BayesLoraModel(base, from_dict(saved, "lora"))
+    scoring, meta = from_dict(saved, "scoring"), from_dict(saved, "meta")
+    support = make_batches(tok, read_jsonl(support_file), scoring)
+    posterior, nll = adapt(model, prior, support, steps=2, lr=meta.inner_lr, beta=meta.beta)
+    probs, labels = predict_batches(model, posterior, make_batches(tok, read_jsonl(test_file), scoring), n_samples=2)
+    export_peft(tmp_path / "posterior", posterior, {**saved, "kind": "posterior"}, model=model)
+    assert len(nll) == 2 and probs.shape == (6, 2) and torch.allclose(probs.sum(1), torch.ones(6))
+    reloaded, cfg = load_adapter_folder(tmp_path / "posterior")
+    assert cfg["kind"] == "posterior" and all(torch.equal(reloaded[k], posterior[k]) for k in posterior)

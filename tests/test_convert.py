@@ -1,0 +1,149 @@
+"""`abmll data`: any dataset (rows of dicts per split) -> MetaICL k-shot layout, read back by abmll.data."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import numpy as np
+import pytest
+
+from abmll.cli import main
+from abmll.convert import ColumnMapping, ConversionError, convert_dataset
+from abmll.data import load_episode, load_examples, task_meta
+
+SEEDS = (100, 13, 21, 42, 87)
+
+
+def sentiment_dataset(n_train: int = 40, n_test: int = 7) -> dict[str, list[dict]]:
+    """A local classification dataset: int labels (as a ClassLabel would give), two text columns."""
+    def rows(n, offset):
+        return [{"title": f"t{offset + i}", "text": f"review {offset + i}", "label": (offset + i) % 2} for i in range(n)]
+    return {"train": rows(n_train, 0), "test": rows(n_test, 1000)}
+
+
+class FakeSplit(list):
+    """A list of rows with ``datasets``-style ``features`` (a ClassLabel with names)."""
+
+    class _ClassLabel:
+        names = ["negative", "positive"]
+
+    features = {"label": _ClassLabel()}
+
+
+def test_k_shot_files_follow_metaicl_sampling_and_read_back(tmp_path):
+    data = sentiment_dataset()
+    mapping = ColumnMapping(input_columns=["title", "text"], output_column="label", options=["negative", "positive"])
+    report = convert_dataset(data, "toy_sentiment", tmp_path, mapping, shots=[4, 8], seeds=SEEDS)
+    assert report["task_type"] == "classification"
+    assert report["counts"]["train"] == {"rows": 40, "kept": 40, "skipped_unlabelled": 0, "skipped_duplicate_options": 0,
+                                         "skipped_invalid_text": 0}
+    assert len(report["files"]) == 2 * 5 * 2 + 2
+    assert task_meta("toy_sentiment", tmp_path) == {"task_type": "classification", "options": ["negative", "positive"]}
+
+    for k in (4, 8):
+        for seed in SEEDS:
+            ep = load_episode("toy_sentiment", k, seed, "dev", data_dir=tmp_path)
+            assert len(ep.support) == k and len(ep.query) == k
+            order = list(range(40))
+            np.random.seed(seed)                       # CrossFit / MetaICL: seed, shuffle, first k, next k
+            np.random.shuffle(order)
+            expected = [f"t{i} [SEP] review {i}" for i in order[: 2 * k]]
+            assert [e.input for e in ep.support + ep.query] == expected
+            for e in ep.support:
+                number = int(e.input.split()[0][1:])
+                assert e.options == ("negative", "positive") and e.label == number % 2
+    test = load_examples("toy_sentiment", "test", 4, 100, tmp_path)
+    assert [e.input for e in test] == [f"t{1000 + i} [SEP] review {1000 + i}" for i in range(7)]
+    assert [e.label for e in test] == [(1000 + i) % 2 for i in range(7)]
+    assert load_episode("toy_sentiment", 4, 13, "test", data_dir=tmp_path).query == test
+    different = load_episode("toy_sentiment", 4, 21, "dev", data_dir=tmp_path).support
+    assert [e.input for e in different] != [e.input for e in load_episode("toy_sentiment", 4, 13, "dev",
+                                                                          data_dir=tmp_path).support]
+
+
+def test_class_label_names_template_and_skipped_rows(tmp_path):
+    train = FakeSplit([{"sentence": f"s{i}", "label": i % 2} for i in range(10)])
+    test = FakeSplit([{"sentence": "hidden", "label": -1}, {"sentence": "shown", "label": 1}])
+    mapping = ColumnMapping(input_template="Review: {sentence}", output_column="label")
+    report = convert_dataset({"train": train, "validation": test}, "cls", tmp_path, mapping, shots=[2], seeds=[1])
+    assert report["test_split"] == "validation" and report["task_type"] == "free-form"
+    assert report["counts"]["validation"]["skipped_unlabelled"] == 1
+    lines = [json.loads(x) for x in (tmp_path / "cls" / "cls_test.jsonl").read_text().splitlines()]
+    assert lines == [{"task": "cls", "input": "Review: shown", "output": "positive", "options": []}]
+
+    mapping = ColumnMapping(input_columns=["sentence"], output_column="label", task_type="classification")
+    with pytest.raises(ConversionError, match="not one of the options"):
+        convert_dataset({"train": train, "test": test}, "cls2", tmp_path, mapping, shots=[2])
+    mapping = ColumnMapping(input_columns=["sentence"], options=["negative", "positive"])
+    report = convert_dataset({"train": train, "test": test}, "cls2", tmp_path, mapping, shots=[2], seeds=[1])
+    assert [e.label for e in load_examples("cls2", "test", 2, 1, tmp_path)] == [1]
+
+
+def test_multiple_choice_with_options_column_and_index_answers(tmp_path):
+    def row(i, dup=False):
+        choices = [f"a{i}", f"b{i}", f"c{i}"] if not dup else ["x", "x", "y"]
+        return {"question": f"q{i}?", "choices": choices, "answer": i % 3}
+    bad = [{"question": "q?", "choices": ["", "b", "c"], "answer": 1},           # an empty option
+           {"question": "q\ud800?", "choices": ["a", "b", "c"], "answer": 1}]   # a lone surrogate
+    data = {"train": [row(i) for i in range(12)] + [row(99, dup=True)] + bad, "test": [row(i) for i in range(20, 23)]}
+    mapping = ColumnMapping(input_columns=["question"], output_column="answer", options_column="choices")
+    report = convert_dataset(data, "mcq", tmp_path, mapping, shots=[3], seeds=[42], max_test=2)
+    assert report["task_type"] == "multi-choice" and report["counts"]["train"]["skipped_duplicate_options"] == 1
+    assert report["counts"]["train"]["skipped_invalid_text"] == 2 and report["counts"]["train"]["kept"] == 12
+    assert task_meta("mcq", tmp_path) == {"task_type": "multi-choice", "options": []}
+    ep = load_episode("mcq", 3, 42, "test", data_dir=tmp_path)
+    assert len(ep.support) == 3 and len(ep.query) == 2
+    for e in ep.support + ep.query:
+        i = int(e.input[1:-1])
+        assert e.options == (f"a{i}", f"b{i}", f"c{i}") and e.label == i % 3
+
+
+def test_conversion_errors_name_split_row_and_column(tmp_path):
+    data = sentiment_dataset(n_train=5)
+    mapping = ColumnMapping(input_columns=["title"], options=["negative", "positive"])
+    with pytest.raises(ConversionError, match="has 5 usable rows; k=4 needs 8"):
+        convert_dataset(data, "t", tmp_path, mapping, shots=[4])
+    with pytest.raises(ConversionError, match=r"split 'train', row 0: no column 'body'"):
+        convert_dataset(data, "t", tmp_path, ColumnMapping(input_columns=["body"], options=["n", "p"]), shots=[1])
+    with pytest.raises(ConversionError, match="no split 'dev'"):
+        convert_dataset(data, "t", tmp_path, mapping, shots=[1], test_split="dev")
+    with pytest.raises(ConversionError, match="out of range"):
+        convert_dataset(data, "t", tmp_path, ColumnMapping(input_columns=["title"], options=["only"]), shots=[1])
+    with pytest.raises(ConversionError, match="plain folder name"):
+        convert_dataset(data, "../evil", tmp_path, mapping, shots=[1])
+    assert not (tmp_path / "t").exists()
+
+
+def test_cli_data_from_local_jsonl_files_and_config(tmp_path, capsys):
+    data = sentiment_dataset(n_train=20, n_test=5)
+    files = []
+    for split, rows in data.items():
+        path = tmp_path / f"{split}.jsonl"
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        files.append(f"{split}={path}")
+    config = tmp_path / "data.yaml"   # a shared run file: sections of other commands are ignored
+    config.write_text("meta:\n  inner_steps: 3\nshots: [4]\ndata_seeds: [100, 13]\nlabel_names: [neg, pos]\n")
+    out = tmp_path / "metaicl"
+    assert main(["data", "--config", str(config), "--task", "local_sst", "--data_files", *files,
+                 "--input_columns", "text", "--options", "pos", "neg", "--out", str(out)]) == 0
+    assert "local_sst" in capsys.readouterr().out
+    assert sorted(p.name for p in (out / "local_sst").glob("*.jsonl")) == [
+        "local_sst_4_100_dev.jsonl", "local_sst_4_100_train.jsonl", "local_sst_4_13_dev.jsonl",
+        "local_sst_4_13_train.jsonl", "local_sst_test.jsonl"]
+    ep = load_episode("local_sst", 4, 13, "test", data_dir=out)
+    # int labels are named by --label_names (0 -> neg), then located among the options (pos, neg)
+    assert [e.options[e.label] for e in ep.query] == ["neg", "pos", "neg", "pos", "neg"]
+    assert [e.label for e in ep.query] == [1, 0, 1, 0, 1]
+    saved = json.loads((out / "local_sst" / "abmll_data_config.json").read_text())
+    assert saved["data"]["shots"] == [4] and saved["data"]["label_names"] == ["neg", "pos"]
+    assert saved["report"]["counts"]["test"]["kept"] == 5
+
+
+def test_cli_data_without_datasets_package_says_so(tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "datasets", None)     # import datasets -> ImportError
+    code = main(["data", "--task", "sst2", "--dataset", "glue", "--dataset_config", "sst2",
+                 "--input_columns", "sentence", "--out", str(tmp_path)])
+    assert code == 1
+    err = capsys.readouterr().err
+    assert "pip install datasets" in err and "--data_files" in err

@@ -1,0 +1,129 @@
+"""PEFT export: a Gaussian LoRA adapter as a standard PEFT LoRA folder (+ scale sidecar), round trips."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from peft import PeftModel
+from safetensors.torch import load_file, save_file
+
+from abmll.bayes_lora import BayesLoraConfig, BayesLoraModel
+from abmll.checkpoint import CheckpointError, save_adapter
+from abmll.export import (
+    PEFT_CONFIG,
+    PEFT_TENSORS,
+    SCALE_TENSORS,
+    export_peft,
+    is_peft_export,
+    load_adapter_folder,
+)
+from test_architectures import make_tiny, random_params
+
+IDS = torch.tensor([[3, 50, 7, 21, 99, 12], [4, 4, 8, 15, 16, 23]])
+MASK = torch.ones_like(IDS)
+
+
+def _abmll_and_params(arch: str, seed: int = 1):
+    model = BayesLoraModel(make_tiny(arch), BayesLoraConfig(rank=3, alpha=6, target_modules=["auto"]))
+    return model, random_params(model, seed)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "opt"])
+def test_peft_loads_export_with_identical_posterior_mean_logits(arch, tmp_path):
+    model, params = _abmll_and_params(arch)
+    export_peft(tmp_path, params, {"kind": "posterior"}, model=model, base_model_name_or_path="my/base")
+    peft_model = PeftModel.from_pretrained(make_tiny(arch), tmp_path).eval()
+    with torch.no_grad():
+        ours = model(params, IDS, MASK).logits
+        theirs = peft_model(input_ids=IDS, attention_mask=MASK).logits
+        base = make_tiny(arch)(input_ids=IDS, attention_mask=MASK).logits
+    torch.testing.assert_close(theirs, ours, rtol=0, atol=1e-6)
+    assert (theirs - base).abs().max() > 1e-3                 # the adapter is really applied
+
+    cfg = json.loads((tmp_path / PEFT_CONFIG).read_text())
+    assert cfg["peft_type"] == "LORA" and cfg["task_type"] == "CAUSAL_LM"
+    assert cfg["r"] == 3 and cfg["lora_alpha"] == 6 and cfg["base_model_name_or_path"] == "my/base"
+    assert cfg["target_modules"] == (["c_attn"] if arch == "gpt2" else ["q_proj", "v_proj"])
+    assert cfg["fan_in_fan_out"] is (arch == "gpt2")
+    saved = load_file(tmp_path / PEFT_TENSORS)
+    assert len(saved) == len(model.mean_keys()) and not any(".default." in k for k in saved)
+    assert all(k.endswith((".lora_A.weight", ".lora_B.weight")) for k in saved)
+    assert set(load_file(tmp_path / SCALE_TENSORS)) == {L.scale_A for L in model.layers} | {L.scale_B for L in model.layers}
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_reload_gives_back_all_four_tensors_exactly(arch, tmp_path):
+    model, params = _abmll_and_params(arch, seed=2)
+    config = {"lora": {"rank": 3, "alpha": 6.0, "target_modules": ["auto"]}, "kind": "prior", "rho0": {"a": 0.5}}
+    export_peft(tmp_path, params, config, model=model)
+    assert is_peft_export(tmp_path)
+    tensors, saved = load_adapter_folder(tmp_path)
+    assert set(tensors) == set(params)
+    for k, v in params.items():
+        assert torch.equal(tensors[k], v), k
+    assert saved["kind"] == "prior" and saved["rho0"] == {"a": 0.5} and saved["format"] == "peft"
+    torch.manual_seed(0)
+    with torch.no_grad():
+        first = model(params, IDS, MASK, sample=True).logits
+    torch.manual_seed(0)
+    with torch.no_grad():
+        again = model(tensors, IDS, MASK, sample=True).logits    # the same Gaussian: the same samples
+    assert torch.equal(first, again)
+
+
+def test_export_from_config_alone_matches_export_from_model(tmp_path):
+    model, params = _abmll_and_params("llama", seed=3)
+    export_peft(tmp_path / "a", params, {}, model=model)
+    export_peft(tmp_path / "b", params, {"lora": {"rank": 3, "alpha": 6.0, "target_modules": ["auto"]}})
+    a, b = load_file(tmp_path / "a" / PEFT_TENSORS), load_file(tmp_path / "b" / PEFT_TENSORS)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    cfg = json.loads((tmp_path / "b" / PEFT_CONFIG).read_text())
+    assert cfg["target_modules"] == ["q_proj", "v_proj"] and cfg["r"] == 3   # read off the tensor keys
+    peft_model = PeftModel.from_pretrained(make_tiny("llama"), tmp_path / "b").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(peft_model(input_ids=IDS).logits, model(params, IDS).logits, rtol=0, atol=1e-6)
+
+
+def test_abmll_layout_also_loads_and_bad_folders_are_named(tmp_path):
+    model, params = _abmll_and_params("llama", seed=4)
+    save_adapter(tmp_path / "native", params, {"kind": "prior"})
+    tensors, cfg = load_adapter_folder(tmp_path / "native")
+    assert cfg == {"kind": "prior"} and all(torch.equal(tensors[k], params[k]) for k in params)
+
+    export_peft(tmp_path / "exp", params, {}, model=model)
+    (tmp_path / "exp" / SCALE_TENSORS).unlink()                 # a plain PEFT adapter: no Gaussian scale
+    with pytest.raises(CheckpointError, match=SCALE_TENSORS):
+        load_adapter_folder(tmp_path / "exp")
+    with pytest.raises(CheckpointError, match="not an abmll adapter folder"):
+        load_adapter_folder(tmp_path)
+
+    export_peft(tmp_path / "trunc", params, {}, model=model)
+    (tmp_path / "trunc" / PEFT_TENSORS).write_bytes(b"\x00" * 16)
+    with pytest.raises(CheckpointError, match=PEFT_TENSORS):
+        load_adapter_folder(tmp_path / "trunc")
+
+    export_peft(tmp_path / "mismatch", params, {}, model=model)
+    scale = load_file(tmp_path / "mismatch" / SCALE_TENSORS)
+    save_file(dict(list(scale.items())[1:]), tmp_path / "mismatch" / SCALE_TENSORS)
+    with pytest.raises(CheckpointError, match="mean and scale pairs"):
+        load_adapter_folder(tmp_path / "mismatch")
+
+
+def test_export_refuses_incomplete_or_foreign_tensors(tmp_path):
+    model, params = _abmll_and_params("llama", seed=5)
+    one = next(k for k in params if k.endswith("bayes_scale_B"))
+    with pytest.raises(ValueError, match="lacks some of its four"):
+        export_peft(tmp_path, {k: v for k, v in params.items() if k != one}, {}, model=model)
+    with pytest.raises(ValueError, match="not a Gaussian LoRA tensor"):
+        export_peft(tmp_path, {**params, "model.embed_tokens.weight": torch.zeros(2)}, {}, model=model)
+    other, other_params = _abmll_and_params("gpt2")
+    with pytest.raises(ValueError, match="do not match the model"):
+        export_peft(tmp_path, other_params, {}, model=model)
+    with pytest.raises(ValueError, match="rank and alpha"):
+        export_peft(tmp_path, params, {})
+    save_adapter(tmp_path / "native", params, {})
+    with pytest.raises(ValueError, match="holds an abmll adapter"):
+        export_peft(tmp_path / "native", params, {}, model=model)
+    assert not (tmp_path / PEFT_TENSORS).exists()
