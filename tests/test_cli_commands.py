@@ -122,7 +122,7 @@ def test_adapt_then_predict(world, tmp_path):
     model, tok, theta = _load_prior(str(world["prior"]), cfg)
     batches = make_batches(tok, read_jsonl(support), ScoringConfig(max_rows=8))
     torch.manual_seed(cfg["meta"].seed)
-    expected, _ = adapt(model, theta, batches, 3, 0.7, cfg["meta"].beta, cfg["meta"].n_samples)
+    expected, _ = adapt(model, theta, batches, 3, 0.7, cfg["meta"].beta, cfg["meta"].n_samples, cfg["meta"].inner_grad_clip)
     assert all(torch.equal(posterior[k], expected[k]) for k in expected)    # the library's own adapt
     assert any(not torch.equal(posterior[k], theta[k]) for k in theta)
     assert (post / "adapter_model.safetensors").is_file() and (post / "abmll_scale.safetensors").is_file()

@@ -75,7 +75,7 @@ def test_meta_gradient_k3_equals_straight_through_by_hand():
     model = BayesLoraModel(make_tiny_llama(), BayesLoraConfig(rank=2, init_std_factor=1.0))
     theta = random_theta(model, seed=1)
     tasks = [task_batches("a", 3), task_batches("b", 4)]
-    config = MetaConfig(inner_steps=3, inner_lr=0.3, beta=1e-4, gamma=1e-3, n_samples=0)
+    config = MetaConfig(inner_steps=3, inner_lr=0.3, beta=1e-4, gamma=1e-3, n_samples=0, inner_grad_clip=0.0)
     hyper = HyperpriorConfig()
     logs, grads = run_meta_step(model, theta, tasks, config, hyper)
 
@@ -221,7 +221,7 @@ def test_second_order_reference_matches_finite_differences_and_k0_first_order():
         theta = random_theta(model, seed=2)
         tasks = [task_batches("a", 6)]
         hyper = HyperpriorConfig()
-        config = MetaConfig(inner_steps=2, inner_lr=0.3, beta=1e-4, gamma=1e-3, n_samples=0)
+        config = MetaConfig(inner_steps=2, inner_lr=0.3, beta=1e-4, gamma=1e-3, n_samples=0, inner_grad_clip=0.0)
 
         def objective(th):           # L(theta) with lambda^(K) a function of theta, no grad
             lam = dict(th)
@@ -254,3 +254,14 @@ def test_second_order_reference_matches_finite_differences_and_k0_first_order():
             torch.testing.assert_close(theta[k].grad, first0[k])
     finally:
         torch.set_default_dtype(torch.float32)
+
+
+def test_inner_gradient_clipping_bounds_each_step():
+    model = BayesLoraModel(make_tiny_llama(), BayesLoraConfig(rank=2))
+    prior = random_theta(model, seed=3, scale=1.0)
+    support = task_batches("a", 2).support
+    one, _ = adapt(model, prior, support, steps=1, lr=1.0, beta=0.0, n_samples=0)
+    clipped, _ = adapt(model, prior, support, steps=1, lr=1.0, beta=0.0, n_samples=0, grad_clip=1e-3)
+    step = lambda post: sum((post[k] - prior[k]).square().sum() for k in prior).sqrt().item()  # noqa: E731
+    assert step(one) > 1e-3                                   # unclipped: the raw gradient norm
+    assert abs(step(clipped) - 1e-3) < 1e-6                   # clipped: lr * grad_clip exactly

@@ -424,7 +424,8 @@ def run_adapt(run: RunArgs, args: AdaptArgs, cfg: dict) -> Path:
     torch.manual_seed(meta.seed)
     before = mean_nll(model, theta, support)
     bar = tqdm(total=1, desc=f"adapt ({steps} steps, {len(examples)} examples)", unit="task")
-    posterior, history = adapt(model, theta, support, steps, meta.inner_lr, meta.beta, meta.n_samples)
+    posterior, history = adapt(model, theta, support, steps, meta.inner_lr, meta.beta, meta.n_samples,
+                                meta.inner_grad_clip)
     after = mean_nll(model, posterior, support)
     bar.update(1)
     bar.set_postfix(support_nll=f"{before:.3f}->{after:.3f}")

@@ -65,7 +65,8 @@ def run_method(model: BayesLoraModel, method: Method, episode: TaskBatches, meta
         beta = meta.beta if method.beta is None else method.beta
         n_samples = meta.n_samples if method.adapt_samples is None else method.adapt_samples
         try:
-            posterior, _ = adapt(model, method.prior, episode.support, method.steps, meta.inner_lr, beta, n_samples)
+            posterior, _ = adapt(model, method.prior, episode.support, method.steps, meta.inner_lr, beta, n_samples,
+                                 meta.inner_grad_clip)
         except NonFiniteLossError as err:
             raise NonFiniteLossError(f"{method.name} on task {episode.task}, seed {seed}: {err}") from err
     probs, labels = predict_batches(model, posterior, episode.query, method.samples)

@@ -45,6 +45,10 @@ class MetaConfig:
             Nichol et al. 2018: K inner steps on the episode's support and query sets, then
             the pseudo-gradient theta - lambda^(K) is given to the optimizer, so SGD(lr=eps)
             does theta <- theta + eps * (lambda^(K) - theta)); see :func:`meta_step`.
+        inner_grad_clip: clip the global norm of each inner-loop (and test-time) gradient to
+            this value (0: plain SGD). Not in the paper: without it SGD at a useful learning
+            rate diverges on tasks where the pretrained model is confidently wrong (seen on
+            tweet_eval-hate, zero-shot NLL 4.6, support NLL 6.5 -> 16 in 4 steps at lr 0.3).
     """
 
     inner_steps: int = 3
@@ -57,6 +61,7 @@ class MetaConfig:
     meta_steps: int = 20
     seed: int = 0
     outer_update: str = "abmll"
+    inner_grad_clip: float = 1.0
 
 
 OUTER_UPDATES = ("abmll", "reptile")
@@ -116,7 +121,7 @@ def _leaves(params: Params) -> Params:
 
 def adapt(
     model: BayesLoraModel, prior: Params, support: Sequence[OptionBatch], steps: int,
-    lr: float, beta: float, n_samples: int = 1,
+    lr: float, beta: float, n_samples: int = 1, grad_clip: float = 0.0,
 ) -> tuple[Params, list[float]]:
     """Amortised inference: ``steps`` SGD steps on NLL(support) + beta * KL(q || prior),
     starting from the prior, prior held fixed (method doc, "Amortised inference").
@@ -125,6 +130,7 @@ def adapt(
         prior: flat dict of the prior's adapter tensors (theta); not modified.
         support: tokenised support set.
         n_samples: weight samples per step (0: posterior mean, i.e. deterministic LoRA).
+        grad_clip: clip each step's gradient to this global L2 norm (0: no clipping).
     Returns:
         (posterior, support_nll): the posterior's detached tensors lambda^(K), and the
         support NLL at each step's start (nats, ``steps`` values).
@@ -142,6 +148,8 @@ def adapt(
         if not math.isfinite(nll) or (kl is not None and not torch.isfinite(kl)):
             raise NonFiniteLossError(f"inner step {step}: support NLL {nll}, KL {kl}")
         history.append(nll)
+        if grad_clip:
+            torch.nn.utils.clip_grad_norm_([v for v in lam.values() if v.grad is not None], grad_clip)
         with torch.no_grad():
             # an entry the loss does not reach (the scale pair of deterministic LoRA:
             # n_samples = 0 and beta = 0) has no gradient and stays where it is
@@ -191,7 +199,7 @@ def meta_step(
             continue
         try:
             lam_k, history = adapt(model, theta, task.support, config.inner_steps, config.inner_lr,
-                                   config.beta, config.n_samples)
+                                   config.beta, config.n_samples, config.inner_grad_clip)
         except NonFiniteLossError as err:
             optimizer.zero_grad(set_to_none=True)
             raise NonFiniteLossError(f"meta-step {step}, task {task.task!r}: {err}") from err
@@ -230,7 +238,7 @@ def _reptile_task(model: BayesLoraModel, theta: Params, task: TaskBatches, confi
     support_nll_after at lambda^(K), support_nll_before at theta, kl = KL(q_lambda || p_theta)."""
     try:
         lam_k, _ = adapt(model, theta, list(task.support) + list(task.query), config.inner_steps,
-                         config.inner_lr, config.beta, config.n_samples)
+                         config.inner_lr, config.beta, config.n_samples, config.inner_grad_clip)
     except NonFiniteLossError as err:
         raise NonFiniteLossError(f"meta-step {step}, task {task.task!r}: {err}") from err
     with torch.no_grad():
