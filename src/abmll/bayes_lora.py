@@ -203,10 +203,12 @@ def _gaussian_kl_block(
     Bp: Tensor, Ap: Tensor, Bsp: Tensor, Asp: Tensor, scaling: float, rho0: float,
 ) -> Tensor:
     """Sum over a row block of KL(N(Mq, Sq^2) || N(Mp, Sp^2)), elementwise Gaussians."""
-    diff = mean_matrix(Bq, Aq, scaling) - mean_matrix(Bp, Ap, scaling)
-    sq = std_matrix(Bsq, Asq, rho0)
-    sp = std_matrix(Bsp, Asp, rho0)
-    return (torch.log(sp / sq) + (sq.square() + diff.square()) / (2 * sp.square()) - 0.5).sum()
+    diff = mean_matrix(torch.cat([Bq, -Bp], 1), torch.cat([Aq, Ap], 0), scaling)    # Mq - Mp in one matmul
+    log_sq = torch.log(std_matrix(Bsq, Asq, rho0))
+    log_sp = torch.log(std_matrix(Bsp, Asp, rho0))
+    # log(sp / sq) + (sq^2 + diff^2) / (2 sp^2) - 1/2, with sq^2 / sp^2 = exp(2 (log_sq - log_sp))
+    return (log_sp - log_sq + 0.5 * torch.exp(2 * (log_sq - log_sp)) + 0.5 * diff.square() * torch.exp(-2 * log_sp)
+            - 0.5).sum()
 
 
 def _neg_log_hyperprior_block(
@@ -224,6 +226,14 @@ def _neg_log_hyperprior_block(
 def _row_blocks(d_out: int, d_in: int, max_elements: int) -> list[tuple[int, int]]:
     rows = max(1, max_elements // d_in)
     return [(i, min(i + rows, d_out)) for i in range(0, d_out, rows)]
+
+
+def _blockwise(fn, blocks: list[tuple[int, int]], *args):
+    """``fn`` on one block as is; on several, each block is recomputed in backward
+    (activation checkpointing) so only one block's intermediates are alive at a time."""
+    if len(blocks) == 1:
+        return fn(*args)
+    return checkpoint(fn, *args, use_reentrant=False)
 
 
 class _NoiseState:
@@ -368,16 +378,16 @@ class BayesLoraModel(nn.Module):
     def kl(self, q: Params, p: Params) -> Tensor:
         """KL(q || p) between two Gaussian-LoRA distributions, summed over every weight entry
         of every adapted layer (method doc, "Meta-objective"). Differentiable in both q and p.
-        Computed in row blocks of at most ``kl_chunk_elements`` entries, each recomputed
-        during backward (activation checkpointing). Returns a scalar (nats)."""
+        A layer larger than ``kl_chunk_elements`` entries is computed in row blocks, each
+        recomputed during backward (activation checkpointing). Returns a scalar (nats)."""
         total = 0.0
         for L in self.layers:
-            for i, j in _row_blocks(L.d_out, L.d_in, self.config.kl_chunk_elements):
-                total = total + checkpoint(
-                    _gaussian_kl_block,
+            blocks = _row_blocks(L.d_out, L.d_in, self.config.kl_chunk_elements)
+            for i, j in blocks:
+                total = total + _blockwise(
+                    _gaussian_kl_block, blocks,
                     q[L.mean_B][i:j], q[L.mean_A], q[L.scale_B][i:j], q[L.scale_A],
-                    p[L.mean_B][i:j], p[L.mean_A], p[L.scale_B][i:j], p[L.scale_A],
-                    L.scaling, L.rho0, use_reentrant=False,
+                    p[L.mean_B][i:j], p[L.mean_A], p[L.scale_B][i:j], p[L.scale_A], L.scaling, L.rho0,
                 )
         return total
 
@@ -387,11 +397,12 @@ class BayesLoraModel(nn.Module):
         Returns a scalar (nats)."""
         total = 0.0
         for L in self.layers:
-            for i, j in _row_blocks(L.d_out, L.d_in, self.config.kl_chunk_elements):
-                total = total + checkpoint(
-                    _neg_log_hyperprior_block,
+            blocks = _row_blocks(L.d_out, L.d_in, self.config.kl_chunk_elements)
+            for i, j in blocks:
+                total = total + _blockwise(
+                    _neg_log_hyperprior_block, blocks,
                     theta[L.mean_B][i:j], theta[L.mean_A], theta[L.scale_B][i:j], theta[L.scale_A],
-                    L.scaling, L.rho0, hyper.mean_std, hyper.a0, hyper.b0, use_reentrant=False,
+                    L.scaling, L.rho0, hyper.mean_std, hyper.a0, hyper.b0,
                 )
         return total
 
