@@ -1,0 +1,633 @@
+"""Quality benchmark: ABMLL against zero-shot, LoRA, multi-task LoRA, Reptile and Bayesian LoRA
+on a split's held-out tasks (method doc, "Baselines" and "Prediction and metrics").
+
+    .venv/bin/python benchmarks/quality.py --split class_to_class [--methods ...] [--seeds ...] [flags]
+    .venv/bin/python benchmarks/quality.py --quick          # CI smoke test: tiny random model, < 5 min
+    .venv/bin/python benchmarks/quality.py --eval_split dev --test_tasks T1 T2 --sweep beta=1e-7,1e-6
+
+Every method is an entry of :data:`abmll.methods.METHODS` run through
+:func:`abmll.evaluate.run_method`: same model, data, LoRA rank and targets, and the same
+per-task budget (``--test_steps`` SGD steps at ``--inner_lr`` on the k-shot support set).
+The meta-trained priors (abmll, multitask, reptile) use the same meta-train tasks, episodes,
+meta-batch size and number of meta-steps.
+
+Outputs (``<stem>`` = ``quality-<split>``, ``quality-<split>-dev`` with ``--eval_split dev``):
+
+- ``<out_dir>/<stem>.json``: ``{"model", "split", "seeds", "tasks", "command", "methods":
+  {name: {"accuracy", "macro_f1", "ece", "nll", "brier" (means over tasks of the means over
+  seeds), "<metric>_std" (std over seeds of the task-averaged metric), "per_task": {task:
+  {metrics, "chance_rate", "majority_rate", "collapsed_seeds", "seeds": {...}}}}},
+  "task_stats", "train_tasks", "notes", "target", "config", "priors"}``;
+- ``<out_dir>/<stem>.md``: the same as Markdown tables (macro-F1 a headline column, each
+  task with its chance and majority-class rates; collapse to one class is marked);
+- ``<out_dir>/<stem>/reliability_<method>.png``: one reliability diagram per method, its
+  predictions pooled over tasks and seeds.
+
+Resumable: the priors are saved (and resumed) in ``<work_dir>/prior-<kind>-<config hash>``
+and each (method, task, seed) result, predictions included, is cached in
+``<work_dir>/cache.json`` as it finishes, keyed by a hash of the settings that result depends
+on; running a command again computes only what is missing, and a changed setting recomputes
+only the methods it affects (``--fresh`` discards the cache and the priors).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import shlex
+import shutil
+import statistics
+import sys
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
+
+import torch
+import yaml
+from transformers import HfArgumentParser
+
+from abmll.bayes_lora import BayesLoraModel
+from abmll.checkpoint import write_json
+from abmll.config import CONFIG_GROUPS, DATA_SEEDS
+from abmll.data import DataError, check_tasks, load_episode, load_split, resolve_data_dir, task_meta
+from abmll.evaluate import run_method, summarise
+from abmll.methods import METHODS, get_spec, make_method, prior_kinds, prior_meta_config, train_prior
+from abmll.metrics import macro_f1, plot_reliability_diagram
+from abmll.models import load_base_model, resolve_device
+from abmll.train import episode_batches
+
+METRICS = ("accuracy", "macro_f1", "ece", "nll", "brier")
+TINY_MODEL = "tiny-random"
+"""``--model tiny-random``: a 2-layer random Llama with a byte-level tokenizer, built offline."""
+
+SMOLLM2_DEFAULTS = dict(
+    # the dev-tuned settings of src/abmll/demo.yaml (template and inner lr: benchmarks/tune_dev.py)
+    model="smollm2-135m-instruct", rank=4, alpha=8.0, target_modules=["q_proj", "v_proj"], init_std_factor=0.1,
+    template="{input}\nThe answer is:", max_length=128, max_rows=16,
+    inner_steps=2, inner_lr=0.3, outer_lr=0.005, beta=1e-6, gamma=1e-10, n_samples=1, meta_batch_size=2,
+    meta_steps=20, k=8, max_query=8, test_steps=5, eval_samples=4, max_test=48, skip_missing=True,
+)
+QUICK_DEFAULTS = dict(
+    model=TINY_MODEL, rank=2, alpha=4.0, target_modules=["q_proj", "v_proj"], max_length=64, max_rows=8,
+    inner_steps=1, inner_lr=0.3, meta_batch_size=2, meta_steps=2, k=8, max_query=4, test_steps=2,
+    eval_samples=2, max_test=8, skip_missing=True, data_seeds=DATA_SEEDS[:2], seeds=DATA_SEEDS[:2],
+    max_train_tasks=3, max_test_tasks=2, save_every=0,
+)
+
+
+@dataclass
+class BenchArgs:
+    """Options of the quality benchmark (all config groups of ``abmll`` are flags too).
+
+    Attributes:
+        config: YAML file of defaults (flat keys or grouped by section; flags override it).
+        methods: registry names (abmll.methods.METHODS) to run.
+        seeds: data seeds of the held-out tasks (support = their k-shot train file).
+        quick: smoke-test settings (tiny random model, 2 meta-steps, 2 tasks x 2 seeds).
+        eval_split: "test" (the split's held-out tasks) or "dev" (tuning: --test_tasks must be
+            held-out *train* tasks; their dev files are the query sets, and they are removed
+            from the meta-train tasks).
+        out_dir: where the JSON, Markdown and PNGs go (default benchmarks/results; runs/quality-quick with --quick).
+        work_dir: priors and the result cache (default runs/<stem>[-quick]).
+        max_options: meta-train only on tasks with at most this many options per example
+            (each example costs one scored row per option).
+        max_train_tasks: at most this many meta-train tasks, in split order (0: all usable).
+        max_test_tasks: at most this many held-out tasks, in split order (0: all usable).
+        save_every: save the priors every N meta-steps (0: at the end).
+        threads: torch threads (0: torch's default).
+        fresh: discard the cache and the saved priors of ``work_dir``.
+        sweep: "field=v1,v2,...": rerun for each value of a config field (e.g. beta) and write
+            a sensitivity table <stem>-sweep-<field>.{json,md} of accuracy, macro-F1 and ECE.
+        plots: write the reliability diagrams.
+    """
+
+    config: str | None = None
+    methods: list[str] = field(default_factory=lambda: list(METHODS))
+    seeds: list[int] = field(default_factory=lambda: list(DATA_SEEDS))
+    quick: bool = False
+    eval_split: str = "test"
+    out_dir: str | None = None
+    work_dir: str | None = None
+    max_options: int = 10
+    max_train_tasks: int = 0
+    max_test_tasks: int = 0
+    save_every: int = 5
+    threads: int = 0
+    fresh: bool = False
+    sweep: str | None = None
+    plots: bool = True
+
+
+GROUPS = ["model", "lora", "hyperprior", "scoring", "meta", "tasks", "eval"]
+
+
+def parse(argv: list[str]) -> tuple[BenchArgs, dict]:
+    """(BenchArgs, {group: config}). Defaults, lowest first: the dataclasses', the SmolLM2
+    (or, with --quick, the smoke-test) preset, the --config file, the flags."""
+    classes = [BenchArgs] + [CONFIG_GROUPS[g] for g in GROUPS]
+    parser = HfArgumentParser(classes)
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--config")
+    pre.add_argument("--quick", nargs="?", const="true", default="false")
+    known, _ = pre.parse_known_args(argv)
+    quick = str(known.quick).lower() in ("true", "1", "yes")
+    parser.set_defaults(**(QUICK_DEFAULTS if quick else SMOLLM2_DEFAULTS))
+    if known.config:
+        parser.set_defaults(**_yaml_defaults(known.config, classes))
+    bench, *groups = parser.parse_args_into_dataclasses(argv)
+    cfg = dict(zip(GROUPS, groups))
+    for name in bench.methods:
+        get_spec(name)
+    if bench.eval_split not in ("test", "dev"):
+        raise SystemExit(f"--eval_split must be test or dev, got {bench.eval_split!r}")
+    return bench, cfg
+
+
+def _yaml_defaults(path: str, classes) -> dict:
+    raw = yaml.safe_load(Path(path).read_text()) or {}
+    names = {f.name for c in classes for f in fields(c)}
+    flat = {}
+    for key, value in raw.items():
+        items = value.items() if isinstance(value, dict) and (key in CONFIG_GROUPS or key == "bench") else [(key, value)]
+        for k, v in items:
+            if k not in names:
+                raise SystemExit(f"config {path}: unknown key {k!r}")
+            flat[k] = v
+    return flat
+
+
+def stem(bench: BenchArgs, cfg: dict) -> str:
+    return f"quality-{cfg['tasks'].split}" + ("-dev" if bench.eval_split == "dev" else "")
+
+
+# -- tasks ---------------------------------------------------------------------------------------
+
+def resolve_tasks(bench: BenchArgs, cfg: dict, need_train: bool) -> tuple[list[str], list[str], list[str]]:
+    """(held-out tasks, meta-train tasks, notes): the explicit lists or the split's, keeping
+    the tasks whose files the data layer reads; each task left out is named in a note."""
+    tasks, notes = cfg["tasks"], []
+    split = load_split(tasks.split, tasks.data_dir) if not (tasks.train_tasks and tasks.test_tasks) else {}
+    held = list(tasks.test_tasks or split.get("test", []))
+    held_out = _usable(held, tasks, bench.seeds, bench.eval_split, notes, "held-out", max_options=None)
+    others = [t for t in split.get("test", []) if t not in held] if tasks.test_tasks and bench.eval_split == "test" else []
+    if others:
+        why: list[str] = []
+        usable = _usable(others, tasks, bench.seeds, "test", why, "held-out", max_options=None)
+        notes.extend(n.replace("held-out:", "held-out (not chosen):") for n in why)
+        if usable:
+            notes.append(f"held-out: usable test tasks of the split not run (--test_tasks): {', '.join(usable)}")
+    if bench.max_test_tasks:
+        held_out = held_out[: bench.max_test_tasks]
+    train: list[str] = []
+    if need_train:
+        names = list(tasks.train_tasks or split.get("train", []))
+        if bench.eval_split == "dev":
+            dropped = [t for t in names if t in held_out]
+            names = [t for t in names if t not in held_out]
+            if dropped:
+                notes.append(f"dev tuning: {', '.join(dropped)} held out of meta-training (their dev files are the query sets)")
+        train = _usable(names, tasks, tasks.data_seeds, "dev", notes, "meta-train", bench.max_options)
+        if bench.max_train_tasks and len(train) > bench.max_train_tasks:
+            notes.append(f"meta-train tasks capped at {bench.max_train_tasks} (--max_train_tasks) of {len(train)} usable")
+            train = train[: bench.max_train_tasks]
+        if not train:
+            raise SystemExit("no usable meta-train task (see the notes above)")
+    if not held_out:
+        raise SystemExit("no usable held-out task")
+    if bench.eval_split == "test" and set(held_out) & set(train):
+        raise SystemExit(f"held-out tasks also in meta-training: {sorted(set(held_out) & set(train))}")
+    for n in notes:
+        print(f"note: {n}")
+    return held_out, train, notes
+
+
+def _usable(names: list[str], tasks, seeds, query_split: str, notes: list[str], role: str,
+            max_options: int | None) -> list[str]:
+    root = resolve_data_dir(tasks.data_dir)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        present = check_tasks(names, root, skip_missing=True) if names else []
+    missing = [t for t in names if t not in present]
+    if missing:
+        notes.append(f"{role}: {len(missing)} task(s) of the split absent from the data: {', '.join(missing)}")
+    out = []
+    for task in present:
+        try:
+            if (root / "task_meta" / f"{task}.json").is_file() and task_meta(task, root)["task_type"] == "free-form":
+                notes.append(f"{role}: {task} skipped: free-form (no options)")
+                continue
+            n_options = 0
+            for seed in seeds:
+                ep = load_episode(task, tasks.k, seed, query_split, 1, root)
+                n_options = max([n_options] + [len(e.options) for e in ep.support + ep.query])
+        except DataError as err:        # MissingTaskError (no test file) included
+            notes.append(f"{role}: {task} skipped: {str(err).splitlines()[0][:300]}")
+            continue
+        if max_options is not None and n_options > max_options:
+            notes.append(f"{role}: {task} skipped: {n_options} options per example > --max_options {max_options}")
+            continue
+        out.append(task)
+    return out
+
+
+def task_stats(task: str, seeds, bench: BenchArgs, cfg: dict) -> dict:
+    """Chance rate (mean 1 / number of options), majority-class rate (share of the most
+    frequent answer index) and the macro-F1 of always predicting it, of the evaluated
+    examples, averaged over seeds."""
+    tasks, ev = cfg["tasks"], cfg["eval"]
+    per = []
+    for seed in seeds:
+        q = load_episode(task, tasks.k, seed, bench.eval_split, ev.max_test, tasks.data_dir).query
+        labels = torch.tensor([e.label for e in q])
+        width = max(len(e.options) for e in q)
+        counts = torch.bincount(labels, minlength=width)
+        majority = int(counts.argmax())
+        onehot = torch.nn.functional.one_hot(torch.full_like(labels, majority), width).float()
+        per.append(dict(n_test=len(q), n_classes=width, chance_rate=statistics.fmean(1 / len(e.options) for e in q),
+                        majority_rate=counts.max().item() / len(q), majority_macro_f1=macro_f1(onehot, labels)))
+    out = {k: statistics.fmean(p[k] for p in per) for k in ("chance_rate", "majority_rate", "majority_macro_f1")}
+    return {"n_test": per[0]["n_test"], "n_classes": per[0]["n_classes"], **out}
+
+
+# -- model and cache -------------------------------------------------------------------------
+
+def build_tiny_model(folder: Path) -> Path:
+    """Save a 2-layer random Llama (hidden 32) with a byte-level tokenizer to ``folder``."""
+    if (folder / "config.json").is_file():
+        return folder
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    vocab = {ch: i for i, ch in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
+    vocab["<eos>"] = len(vocab)
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    torch.manual_seed(0)
+    n = len(vocab)
+    LlamaForCausalLM(LlamaConfig(vocab_size=n, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                                 pad_token_id=n - 1, eos_token_id=n - 1, bos_token_id=None)).save_pretrained(folder)
+    PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", pad_token="<eos>").save_pretrained(folder)
+    return folder
+
+
+def build_model(cfg: dict, work: Path) -> tuple[BayesLoraModel, object]:
+    m = cfg["model"]
+    name = str(build_tiny_model(work / "tiny-model")) if m.model == TINY_MODEL else m.model
+    base, tok = load_base_model(name, m.dtype, resolve_device(m.device))
+    model = BayesLoraModel(base, cfg["lora"])
+    cfg["lora"] = model.config
+    return model, tok
+
+
+class Cache:
+    """(method, task, seed, config hash) -> {"metrics", "probs", "labels", ...}, in one JSON
+    file rewritten atomically after each result. The hash is of the config the method's
+    result depends on (:func:`method_config`), so a changed setting recomputes only the
+    methods it affects, and results of several settings (e.g. a sweep) live side by side."""
+
+    def __init__(self, path: Path, configs: dict[str, dict], fresh: bool = False) -> None:
+        self.path = path
+        self.hashes = {m: config_hash(c) for m, c in configs.items()}
+        self.results: dict[str, dict] = {}
+        if path.is_file() and not fresh:
+            self.results = json.loads(path.read_text())["results"]
+
+    def key(self, method: str, task: str, seed: int) -> str:
+        return f"{method}|{task}|{seed}|{self.hashes[method]}"
+
+    def get(self, method, task, seed) -> dict | None:
+        return self.results.get(self.key(method, task, seed))
+
+    def put(self, method, task, seed, entry: dict) -> None:
+        self.results[self.key(method, task, seed)] = entry
+        write_json(self.path, {"results": self.results})
+
+
+def config_hash(config: dict) -> str:
+    return hashlib.sha1(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:10]
+
+
+def _group(cfg: dict, name: str, keys=None) -> dict:
+    d = asdict(cfg[name])
+    return d if keys is None else {k: d[k] for k in keys}
+
+
+def prior_config(kind: str, cfg: dict, train: list[str]) -> dict:
+    """What prior ``kind`` depends on (also saved with it and checked on resume)."""
+    config = {g: _group(cfg, g) for g in ("model", "lora", "hyperprior", "scoring")}
+    config["model"].pop("device")
+    config["tasks"] = {**_group(cfg, "tasks", ["split", "k", "data_seeds", "max_query"]), "train_tasks": list(train)}
+    config["meta"] = asdict(prior_meta_config(kind, cfg["meta"]))
+    return config
+
+
+def method_config(name: str, cfg: dict, train: list[str], eval_split: str) -> dict:
+    """What a result of method ``name`` depends on: the model, adapter shape, scoring, shots
+    and evaluated examples; the adaptation budget when it adapts; beta, samples when it is
+    Bayesian; its prior's config when the prior is trained."""
+    spec = get_spec(name)
+    model = _group(cfg, "model")
+    model.pop("device")
+    config = {"model": model, "lora": _group(cfg, "lora"), "scoring": _group(cfg, "scoring"),
+              "k": cfg["tasks"].k, "max_test": cfg["eval"].max_test, "eval_split": eval_split}
+    if spec.adapt:
+        config.update(test_steps=cfg["eval"].test_steps, inner_lr=cfg["meta"].inner_lr)
+    if spec.bayesian:
+        config.update(beta=cfg["meta"].beta, n_samples=cfg["meta"].n_samples, eval_samples=cfg["eval"].eval_samples)
+    if spec.prior != "init":
+        config["prior"] = prior_config(spec.prior, cfg, train)
+    return config
+
+
+# -- the run ----------------------------------------------------------------------------------
+
+def run(bench: BenchArgs, cfg: dict, command: str, work: Path,
+        on_partial: Callable[[dict, Cache], None] | None = None) -> tuple[dict, Cache]:
+    """Train the needed priors, run every (method, task, seed) not yet cached, aggregate.
+    ``on_partial(results, cache)`` is called after each held-out task but the last with the
+    results of the tasks done so far (``complete`` False). Returns (results, cache)."""
+    if bench.threads:
+        torch.set_num_threads(bench.threads)
+    start = time.perf_counter()
+    kinds_needed = {get_spec(m).prior for m in bench.methods} - {"init"}
+    held_out, train, notes = resolve_tasks(bench, cfg, need_train=bool(kinds_needed))
+    print(f"held-out tasks ({len(held_out)}): {', '.join(held_out)}")
+    if train:
+        print(f"meta-train tasks ({len(train)}): {', '.join(train)}")
+    if bench.fresh:
+        for old in [work / "cache.json", *work.glob("prior-*")]:
+            shutil.rmtree(old) if old.is_dir() else old.unlink()
+    model, tok = build_model(cfg, work)
+    tasks = cfg["tasks"]
+    train_tasks = replace(tasks, train_tasks=train, test_tasks=[])
+    configs = {m: method_config(m, cfg, train, bench.eval_split) for m in bench.methods}
+    cache = Cache(work / "cache.json", configs)
+    priors = {}
+
+    def prior_folder(kind: str) -> Path:
+        return work / f"prior-{kind}-{config_hash(prior_config(kind, cfg, train))}"
+
+    def prior(kind: str):
+        if kind == "init":
+            return model.init_params()
+        if kind not in priors:
+            t0 = time.perf_counter()
+
+            def on_step(logs):
+                if not logs.get("skipped"):
+                    print(f"  prior {kind} step {logs['step'] + 1}/{cfg['meta'].meta_steps}: query NLL "
+                          f"{logs['query_nll']:.3f}, support NLL {logs['support_nll_before']:.3f} -> "
+                          f"{logs['support_nll_after']:.3f} ({time.perf_counter() - t0:.0f} s)", flush=True)
+
+            config = prior_config(kind, cfg, train)
+            priors[kind], _ = train_prior(kind, model, tok, train, train_tasks, cfg["meta"], cfg["hyperprior"],
+                                          cfg["scoring"], prior_folder(kind), config, bench.save_every, on_step)
+        return priors[kind]
+
+    def finish(done: list[str], complete: bool) -> dict:
+        results = aggregate(bench, cfg, cache, done, stats)
+        prior_logs = {}
+        for kind in prior_kinds(bench.methods):
+            path = prior_folder(kind) / "history.json" if kind != "init" else None
+            if path is not None and path.is_file():
+                history = [h for h in json.loads(path.read_text()) if "query_nll" in h]
+                prior_logs[kind] = {"meta_steps": len(history), "folder": str(path.parent),
+                                    "first_query_nll": history[0]["query_nll"] if history else None,
+                                    "last_query_nll": history[-1]["query_nll"] if history else None,
+                                    "query_nll_last5": statistics.fmean(h["query_nll"] for h in history[-5:])
+                                    if history else None}
+        results.update(command=command, complete=complete, train_tasks=train, notes=notes, priors=prior_logs,
+                       config={**{g: _group(cfg, g) for g in GROUPS}, "bench": asdict(bench)},
+                       method_configs=cache.hashes, seconds_this_run=time.perf_counter() - start)
+        return results
+
+    stats = {}
+    total = len(held_out) * len(bench.seeds) * len(bench.methods)
+    count = 0
+    for task in held_out:
+        stats[task] = task_stats(task, bench.seeds, bench, cfg)
+        for seed in bench.seeds:
+            todo = [m for m in bench.methods if cache.get(m, task, seed) is None]
+            count += len(bench.methods) - len(todo)
+            if not todo:
+                continue
+            for m in todo:             # priors first: their training does not reseed anything below
+                prior(get_spec(m).prior)
+            ep = episode_batches(model, tok, task, seed, tasks, cfg["scoring"], bench.eval_split, cfg["eval"].max_test)
+            for m in todo:
+                t0 = time.perf_counter()
+                metrics, probs, labels = run_method(model, make_method(m, prior(get_spec(m).prior), cfg["eval"]),
+                                                    ep, cfg["meta"], seed)
+                count += 1
+                entry = {"metrics": metrics, "probs": probs.tolist(), "labels": labels.tolist(),
+                         "n_predicted_classes": int(probs.argmax(1).unique().numel()),
+                         "seconds": time.perf_counter() - t0}
+                cache.put(m, task, seed, entry)
+                print(f"[{count}/{total}] {m:15s} {task:28s} seed {seed:3d}: acc {metrics['accuracy']:.3f} "
+                      f"F1 {metrics['macro_f1']:.3f} ECE {metrics['ece']:.3f} NLL {metrics['nll']:.3f} "
+                      f"({entry['seconds']:.0f} s)", flush=True)
+        if on_partial is not None and task != held_out[-1]:
+            on_partial(finish(held_out[: held_out.index(task) + 1], complete=False), cache)
+    return finish(held_out, complete=True), cache
+
+
+def aggregate(bench: BenchArgs, cfg: dict, cache: Cache, held_out: list[str], stats: dict) -> dict:
+    methods = {}
+    for m in bench.methods:
+        per = {t: {s: cache.get(m, t, s)["metrics"] for s in bench.seeds} for t in held_out}
+        summ = summarise(per)
+        out = {k: summ["mean"][k] for k in METRICS}
+        out.update({f"{k}_std": summ["std_over_seeds"][k] for k in METRICS})
+        out["per_task"] = {}
+        for t in held_out:
+            entries = {s: cache.get(m, t, s) for s in bench.seeds}
+            row = {k: summ["per_task"][t]["mean"][k] for k in METRICS}
+            row.update({f"{k}_std": statistics.pstdev(per[t][s][k] for s in bench.seeds) for k in METRICS})
+            row.update(chance_rate=stats[t]["chance_rate"], majority_rate=stats[t]["majority_rate"],
+                       majority_macro_f1=stats[t]["majority_macro_f1"],
+                       collapsed_seeds=sum(e["n_predicted_classes"] == 1 for e in entries.values()),
+                       seeds={str(s): {**e["metrics"], "n_predicted_classes": e["n_predicted_classes"]}
+                              for s, e in entries.items()})
+            out["per_task"][t] = row
+        out["seconds_per_task_seed"] = statistics.fmean(cache.get(m, t, s)["seconds"] for t in held_out
+                                                        for s in bench.seeds)
+        methods[m] = out
+    return {"model": cfg["model"].model, "split": cfg["tasks"].split, "eval_split": bench.eval_split,
+            "seeds": list(bench.seeds), "tasks": list(held_out), "methods": methods, "task_stats": stats,
+            "target": target_check(methods)}
+
+
+def target_check(methods: dict) -> dict:
+    """ABMLL's mean ECE below every baseline's; its mean accuracy and macro-F1 each not below
+    any baseline's by more than one std over seeds (the larger of the two methods' stds)."""
+    if "abmll" not in methods or len(methods) < 2:
+        return {}
+    a = methods["abmll"]
+    checks = {}
+    for name, b in methods.items():
+        if name == "abmll":
+            continue
+        checks[name] = {
+            "ece_lower": a["ece"] < b["ece"],
+            **{f"{k}_within_1std": a[k] >= b[k] - max(a[f"{k}_std"], b[f"{k}_std"]) for k in ("accuracy", "macro_f1")},
+        }
+    met = all(all(c.values()) for c in checks.values())
+    return {"met": met, "vs": checks}
+
+
+# -- outputs ----------------------------------------------------------------------------------
+
+def write_outputs(results: dict, bench: BenchArgs, cfg: dict, cache: Cache | None, out_dir: Path, name: str) -> None:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_json(out_dir / f"{name}.json", results)
+    (out_dir / f"{name}.md").write_text(markdown(results, cfg))
+    print(f"results: {out_dir / (name + '.json')}, {out_dir / (name + '.md')}")
+    if bench.plots and cache is not None:
+        for m in results["methods"]:
+            probs, labels = [], []
+            for t in results["tasks"]:
+                for s in results["seeds"]:
+                    e = cache.get(m, t, s)
+                    probs.append(torch.tensor(e["probs"]))
+                    labels.append(torch.tensor(e["labels"]))
+            width = max(p.shape[1] for p in probs)
+            pooled = torch.cat([torch.nn.functional.pad(p, (0, width - p.shape[1])) for p in probs])
+            path = out_dir / name / f"reliability_{m}.png"
+            plot_reliability_diagram(pooled, torch.cat(labels), path,
+                                     title=f"{m} ({len(results['tasks'])} tasks x {len(results['seeds'])} seeds)")
+            print(f"reliability diagram ({m}): {path}")
+
+
+def _f(x: float, digits: int = 3) -> str:
+    return "nan" if x is None or not math.isfinite(x) else f"{x:.{digits}f}"
+
+
+def markdown(results: dict, cfg: dict) -> str:
+    methods = list(results["methods"])
+    ev, meta, tasks = cfg["eval"], cfg["meta"], cfg["tasks"]
+    lines = [f"# Quality benchmark: {results['split']} ({results['eval_split']} data)", "",
+             f"Command: `{results.get('command', '')}`", "",
+             *([] if results.get("complete", True) else
+               [f"**Partial results: the {len(results['tasks'])} task(s) done so far; the run continues.**", ""]),
+             f"Model {results['model']}; LoRA rank {cfg['lora'].rank} on {', '.join(cfg['lora'].target_modules)}; "
+             f"k = {tasks.k} shots; {ev.test_steps} adaptation steps at lr {meta.inner_lr} for every method; "
+             f"up to {ev.max_test} {results['eval_split']} examples per task and seed; seeds {results['seeds']}; "
+             f"{ev.eval_samples} weight samples in prediction (bayes_lora, abmll). Meta-training: "
+             f"{meta.meta_steps} meta-steps, B = {meta.meta_batch_size}, K = {meta.inner_steps}, outer lr "
+             f"{meta.outer_lr}, beta {meta.beta}, gamma {meta.gamma}, {meta.n_samples} sample(s), on "
+             f"{len(results.get('train_tasks', []))} tasks.", "",
+             "## Mean over tasks (± population std over seeds of the task-averaged metric)", "",
+             "| method | accuracy | macro-F1 | ECE | NLL | Brier | s per task x seed |",
+             "|---|---|---|---|---|---|---|"]
+    for m in methods:
+        r = results["methods"][m]
+        lines.append(f"| {m} | {_f(r['accuracy'])} ± {_f(r['accuracy_std'])} | {_f(r['macro_f1'])} ± "
+                     f"{_f(r['macro_f1_std'])} | {_f(r['ece'])} ± {_f(r['ece_std'])} | {_f(r['nll'])} | "
+                     f"{_f(r['brier'])} | {r.get('seconds_per_task_seed', float('nan')):.0f} |")
+    st = results["task_stats"]
+    lines += ["", f"Reference, mean over tasks: chance {_f(statistics.fmean(s['chance_rate'] for s in st.values()))}, "
+              f"majority class {_f(statistics.fmean(s['majority_rate'] for s in st.values()))} (accuracy), "
+              f"majority-class macro-F1 {_f(statistics.fmean(s['majority_macro_f1'] for s in st.values()))}.", ""]
+    target = results.get("target")
+    if target:
+        lines += ["## Target (ABMLL ECE below every baseline; accuracy and macro-F1 within 1 std of each)", "",
+                  f"Met: **{'yes' if target['met'] else 'no'}**.", "",
+                  "| baseline | ABMLL ECE lower | accuracy within 1 std | macro-F1 within 1 std |", "|---|---|---|---|"]
+        for b, c in target["vs"].items():
+            lines.append(f"| {b} | {'yes' if c['ece_lower'] else 'NO'} | {'yes' if c['accuracy_within_1std'] else 'NO'}"
+                         f" | {'yes' if c['macro_f1_within_1std'] else 'NO'} |")
+        lines.append("")
+    for metric, title in (("macro_f1", "macro-F1"), ("accuracy", "accuracy"), ("ece", "ECE")):
+        ref = "majority F1" if metric == "macro_f1" else "majority"
+        lines += [f"## Per task: {title} (mean over seeds; * = predicted a single class on at least one seed)", "",
+                  f"| task | C | n | chance | {ref} | " + " | ".join(methods) + " |",
+                  "|---|---|---|---|---|" + "---|" * len(methods)]
+        for t in results["tasks"]:
+            s = st[t]
+            refv = s["majority_macro_f1"] if metric == "macro_f1" else s["majority_rate"]
+            cells = []
+            for m in methods:
+                r = results["methods"][m]["per_task"][t]
+                cells.append(_f(r[metric]) + ("*" if r["collapsed_seeds"] else ""))
+            lines.append(f"| {t} | {s['n_classes']} | {s['n_test']} | {_f(s['chance_rate'])} | {_f(refv)} | "
+                         + " | ".join(cells) + " |")
+        lines.append("")
+    if results.get("priors"):
+        lines += ["## Priors", "", "| prior | meta-steps | query NLL first -> last step |", "|---|---|---|"]
+        for kind, p in results["priors"].items():
+            lines.append(f"| {kind} | {p['meta_steps']} | {_f(p['first_query_nll'])} -> {_f(p['last_query_nll'])} |")
+        lines.append("")
+    if results.get("train_tasks"):
+        lines += [f"Meta-train tasks ({len(results['train_tasks'])}): {', '.join(results['train_tasks'])}.", ""]
+    if results.get("notes"):
+        lines += ["## Notes", ""] + [f"- {n}" for n in results["notes"]] + [""]
+    return "\n".join(lines)
+
+
+# -- sweep ------------------------------------------------------------------------------------
+
+def sweep(bench: BenchArgs, cfg: dict, argv: list[str], out_dir: Path, work: Path, name: str) -> dict:
+    """Run once per value of ``bench.sweep`` ("field=v1,v2"); write <name>-sweep-<field>.{json,md}."""
+    key, _, values = bench.sweep.partition("=")
+    group = next((g for g in GROUPS if key in {f.name for f in fields(CONFIG_GROUPS[g])}), None)
+    if group is None or not values:
+        raise SystemExit(f"--sweep takes field=v1,v2,... with a config field, got {bench.sweep!r}")
+    kind = type(getattr(cfg[group], key))
+    rows = {}
+    for raw in values.split(","):
+        value = kind(float(raw)) if kind in (int, float) else kind(raw)
+        c = {g: replace(v) for g, v in cfg.items()}
+        c[group] = replace(c[group], **{key: value})
+        res, _ = run(bench, c, f"{command_of(argv)}  [{key}={raw}]", work)       # one cache: shared results are reused
+        write_json(work / f"sweep-{key}-{raw}.json", res)
+        rows[raw] = {m: {k: r[k] for k in ("accuracy", "accuracy_std", "macro_f1", "macro_f1_std", "ece", "ece_std",
+                                            "nll")} for m, r in res["methods"].items()}
+        rows[raw]["_tasks"], rows[raw]["_train_tasks"] = res["tasks"], res["train_tasks"]
+    out = {"field": key, "split": cfg["tasks"].split, "eval_split": bench.eval_split, "seeds": bench.seeds,
+           "command": command_of(argv), "values": rows}
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_json(out_dir / f"{name}-sweep-{key}.json", out)
+    methods = bench.methods
+    lines = [f"# Sensitivity to {key} ({bench.eval_split} data, {cfg['tasks'].split})", "",
+             f"Command: `{command_of(argv)}`", "",
+             f"Held-out {bench.eval_split} tasks: {', '.join(next(iter(rows.values()))['_tasks'])}; seeds {bench.seeds}.",
+             "", f"| {key} | " + " | ".join(f"{m} acc | {m} macro-F1 | {m} ECE" for m in methods) + " |",
+             "|---|" + "---|---|---|" * len(methods)]
+    for raw, r in rows.items():
+        lines.append(f"| {raw} | " + " | ".join(
+            f"{_f(r[m]['accuracy'])} ± {_f(r[m]['accuracy_std'])} | {_f(r[m]['macro_f1'])} | "
+            f"{_f(r[m]['ece'])} ± {_f(r[m]['ece_std'])}" for m in methods) + " |")
+    (out_dir / f"{name}-sweep-{key}.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return out
+
+
+def command_of(argv: list[str]) -> str:
+    return ".venv/bin/python benchmarks/quality.py " + shlex.join(argv)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    bench, cfg = parse(argv)
+    name = stem(bench, cfg)
+    out_dir = Path(bench.out_dir or ("runs/quality-quick" if bench.quick else "benchmarks/results"))
+    work = Path(bench.work_dir or f"runs/{name}" + ("-quick" if bench.quick else ""))
+    if bench.sweep:
+        return sweep(bench, cfg, argv, out_dir, work, name)
+    def partial(results: dict, cache: Cache) -> None:
+        write_outputs(results, replace(bench, plots=False), cfg, cache, out_dir, name)
+
+    results, cache = run(bench, cfg, command_of(argv), work, partial)
+    write_outputs(results, bench, cfg, cache, out_dir, name)
+    print(markdown(results, cfg))
+    return results
+
+
+if __name__ == "__main__":
+    main()

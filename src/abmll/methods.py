@@ -1,0 +1,158 @@
+"""The baselines of the method doc and ABMLL, as one registry over one code path.
+
+Every method is a prior (how theta is obtained) plus a way to adapt and predict on a new
+task; all share the model, data, LoRA rank and targets, and the per-task budget
+(``eval.test_steps`` SGD steps at ``meta.inner_lr`` on the k-shot support set):
+
+=================  ==========================  ====================================  ===========
+name               prior (theta)               adaptation on the new task            prediction
+=================  ==========================  ====================================  ===========
+zero_shot          untrained (M = 0)           none                                  mean
+lora               untrained (M = 0)           deterministic LoRA (beta 0, 0 samp.)  mean
+multitask_lora     ``multitask`` (see below)   deterministic LoRA                    mean
+reptile            ``reptile`` (see below)     deterministic LoRA                    mean
+bayes_lora         untrained (S = c std(W0))   ABMLL inner loop (beta, n_samples)    eval_samples
+abmll              ``abmll`` (meta-trained)    ABMLL inner loop (beta, n_samples)    eval_samples
+=================  ==========================  ====================================  ===========
+
+The trained priors all come from :class:`abmll.train.MetaTrainer` (same tasks, episodes,
+meta-batch size, number of meta-steps, Adam at ``meta.outer_lr``), with the meta-config
+changed as :func:`prior_meta_config` says:
+
+- ``abmll``: the meta-config as given (first-order ABMLL).
+- ``multitask``: K = 0, no samples, beta = gamma = 0: each meta-step is then a gradient step
+  on the mean query NLL over the meta-batch at theta, i.e. one deterministic LoRA trained on
+  the union of the meta-train tasks.
+- ``reptile``: no samples, beta = gamma = 0, ``outer_update="reptile"``: K deterministic
+  LoRA steps on each episode, theta moved towards the adapted weights (Nichol et al. 2018).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+from abmll.bayes_lora import BayesLoraModel, HyperpriorConfig, Params
+from abmll.config import EvalArgs, TaskArgs
+from abmll.evaluate import Method
+from abmll.meta import MetaConfig
+from abmll.scoring import ScoringConfig
+from abmll.train import CHECKPOINT_DIR, MetaTrainer
+
+PRIOR_KINDS = ("init", "abmll", "multitask", "reptile")
+"""How a method's prior is obtained: the untrained init, or meta-trained by one rule."""
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """One method of the benchmark.
+
+    Attributes:
+        name: registry name.
+        prior: one of :data:`PRIOR_KINDS`.
+        adapt: adapt ``eval.test_steps`` SGD steps (``meta.inner_lr``) on the support set.
+        bayesian: adapt with ``meta.beta`` and ``meta.n_samples`` and predict with
+            ``eval.eval_samples`` weight samples; False: deterministic LoRA (KL weight 0,
+            no samples, the mean pair only) predicting with the posterior mean.
+        description: one line for tables.
+    """
+
+    name: str
+    prior: str
+    adapt: bool
+    bayesian: bool
+    description: str
+
+
+METHODS: dict[str, MethodSpec] = {s.name: s for s in [
+    MethodSpec("zero_shot", "init", False, False, "pretrained model, no adaptation"),
+    MethodSpec("lora", "init", True, False, "LoRA fine-tuned per task from the pretrained model"),
+    MethodSpec("multitask_lora", "multitask", True, False,
+               "one LoRA trained on the union of the meta-train tasks, then fine-tuned per task"),
+    MethodSpec("reptile", "reptile", True, False, "Reptile on deterministic LoRA, then fine-tuned per task"),
+    MethodSpec("bayes_lora", "init", True, True,
+               "Bayesian LoRA without meta-learning: the ABMLL inner loop from the untrained prior"),
+    MethodSpec("abmll", "abmll", True, True, "ABMLL: the inner loop from the meta-learned prior"),
+]}
+"""The registry: name -> :class:`MethodSpec`."""
+
+
+def get_spec(name: str) -> MethodSpec:
+    """The registry entry ``name``.
+
+    Raises:
+        ValueError: unknown name (the message lists the known ones).
+    """
+    if name not in METHODS:
+        raise ValueError(f"unknown method {name!r}; known: {', '.join(METHODS)}")
+    return METHODS[name]
+
+
+def prior_meta_config(kind: str, meta: MetaConfig) -> MetaConfig:
+    """The meta-training config of prior ``kind`` derived from ABMLL's ``meta`` (same steps,
+    meta-batch size, learning rates, inner steps and seed).
+
+    Raises:
+        ValueError: ``kind`` is "init" (not trained) or unknown.
+    """
+    if kind == "abmll":
+        return replace(meta, outer_update="abmll")
+    if kind == "multitask":
+        return replace(meta, inner_steps=0, n_samples=0, beta=0.0, gamma=0.0, outer_update="abmll")
+    if kind == "reptile":
+        return replace(meta, n_samples=0, beta=0.0, gamma=0.0, outer_update="reptile")
+    raise ValueError(f"prior kind {kind!r} is not meta-trained (trained kinds: abmll, multitask, reptile)")
+
+
+def make_trainer(kind: str, model: BayesLoraModel, tokenizer, train_tasks: list[str], tasks: TaskArgs,
+                 meta: MetaConfig, hyper: HyperpriorConfig, scoring: ScoringConfig) -> MetaTrainer:
+    """The :class:`MetaTrainer` that trains prior ``kind`` (see :func:`prior_meta_config`)."""
+    return MetaTrainer(model, tokenizer, list(train_tasks), tasks, prior_meta_config(kind, meta), hyper, scoring)
+
+
+def train_prior(
+    kind: str, model: BayesLoraModel, tokenizer, train_tasks: list[str], tasks: TaskArgs, meta: MetaConfig,
+    hyper: HyperpriorConfig, scoring: ScoringConfig, out_dir: str | Path | None = None, config: dict | None = None,
+    save_every: int = 0, on_step: Callable[[dict], None] | None = None,
+) -> tuple[Params, list[dict]]:
+    """The prior of ``kind``: the untrained init for "init", else meta-trained.
+
+    With ``out_dir``, a finished prior saved there with the same ``config`` is loaded instead
+    of retrained, an unfinished run is resumed exactly (:meth:`MetaTrainer.resume`), and the
+    prior, its history and the trainer state are saved there.
+
+    Returns:
+        (theta, history): detached tensors on the model's device, and the per-step logs ([] for init).
+    Raises:
+        CheckpointError: ``out_dir`` holds a run with a different config.
+    """
+    if kind == "init":
+        return model.init_params(), []
+    trainer = make_trainer(kind, model, tokenizer, train_tasks, tasks, meta, hyper, scoring)
+    config = {**(config or {}), "meta": asdict(trainer.meta), "prior_kind": kind}
+    if out_dir is not None and (Path(out_dir) / CHECKPOINT_DIR).is_dir():
+        trainer.resume(out_dir, config)         # run() below then continues, or returns at once when done
+    theta = trainer.run(out_dir, config, save_every, on_step)
+    return theta, trainer.history
+
+
+def make_method(name: str, prior: Params, ev: EvalArgs) -> Method:
+    """The :class:`abmll.evaluate.Method` of registry entry ``name`` with its ``prior``:
+    ``ev.test_steps`` steps when it adapts, ``ev.eval_samples`` prediction samples when it is
+    Bayesian; deterministic methods adapt with beta 0 and 0 samples and predict with the mean."""
+    spec = get_spec(name)
+    steps = ev.test_steps if spec.adapt else 0
+    if spec.bayesian:
+        return Method(name, prior, steps, ev.eval_samples)
+    return Method(name, prior, steps, 0, beta=0.0, adapt_samples=0)
+
+
+def prior_kinds(names: list[str]) -> list[str]:
+    """The distinct prior kinds ``names`` need, in registry order of first use."""
+    kinds: list[str] = []
+    for n in names:
+        k = get_spec(n).prior
+        if k not in kinds:
+            kinds.append(k)
+    return kinds

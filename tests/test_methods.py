@@ -1,0 +1,144 @@
+"""The method registry: every baseline resolves and runs through the one code path, LoRA is the
+deterministic inner loop, Reptile's and multi-task LoRA's outer steps match their closed forms."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from abmll.bayes_lora import BayesLoraConfig, BayesLoraModel, HyperpriorConfig
+from abmll.config import EvalArgs, TaskArgs
+from abmll.evaluate import evaluate, run_method
+from abmll.meta import MetaConfig, adapt, meta_step, predict_batches
+from abmll.methods import METHODS, get_spec, make_method, prior_kinds, prior_meta_config, train_prior
+from abmll.models import load_base_model
+from abmll.scoring import ScoringConfig, option_nll, option_scores
+from abmll.train import episode_batches
+from conftest import make_tiny_llama
+from test_meta import random_theta, task_batches
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture
+def world(tiny_model_dir, tiny_data_dir):
+    base, tok = load_base_model(str(tiny_model_dir))
+    model = BayesLoraModel(base, BayesLoraConfig(rank=2))
+    tasks = TaskArgs(data_dir=str(tiny_data_dir), split="tiny", k=4, data_seeds=[1, 2], max_query=4)
+    scoring = ScoringConfig(max_rows=8)
+    meta = MetaConfig(inner_steps=1, inner_lr=0.3, outer_lr=0.05, beta=1e-4, gamma=1e-7, meta_steps=2)
+    ev = EvalArgs(test_steps=2, eval_samples=2, max_test=6)
+    ep = episode_batches(model, tok, "h0", 1, tasks, scoring, "test", ev.max_test)
+    return dict(model=model, tok=tok, tasks=tasks, scoring=scoring, meta=meta, ev=ev, ep=ep)
+
+
+def test_registry_names_and_unknown_names():
+    assert list(METHODS) == ["zero_shot", "lora", "multitask_lora", "reptile", "bayes_lora", "abmll"]
+    assert prior_kinds(list(METHODS)) == ["init", "multitask", "reptile", "abmll"]
+    with pytest.raises(ValueError, match="unknown method 'maml'.*abmll"):
+        get_spec("maml")
+    with pytest.raises(ValueError, match="not meta-trained"):
+        prior_meta_config("init", MetaConfig())
+
+
+def test_every_method_resolves_and_runs(world, tmp_path):
+    w = world
+    priors = {}
+    for kind in prior_kinds(list(METHODS)):
+        priors[kind], history = train_prior(kind, w["model"], w["tok"], ["t0", "t1", "t2"], w["tasks"], w["meta"],
+                                            HyperpriorConfig(), w["scoring"], tmp_path / kind, {})
+        assert len(history) == (0 if kind == "init" else w["meta"].meta_steps)
+    init = w["model"].init_params()
+    for kind in ("abmll", "multitask", "reptile"):          # trained: the mean pair moved
+        assert any(not torch.equal(priors[kind][k], init[k]) for k in w["model"].mean_keys()), kind
+    for kind in ("multitask", "reptile"):                   # deterministic: the scale pair did not
+        scale = [k for k in init if k not in w["model"].mean_keys()]
+        assert all(torch.equal(priors[kind][k], init[k]) for k in scale), kind
+    for name, spec in METHODS.items():
+        method = make_method(name, priors[spec.prior], w["ev"])
+        assert method.steps == (w["ev"].test_steps if spec.adapt else 0)
+        assert method.samples == (w["ev"].eval_samples if spec.bayesian else 0)
+        metrics, probs, labels = run_method(w["model"], method, w["ep"], w["meta"], seed=1)
+        assert probs.shape == (6, 2) and all(torch.isfinite(torch.tensor(v)) for v in metrics.values()), name
+    # a saved finished prior is reloaded, not retrained
+    again, history = train_prior("abmll", w["model"], w["tok"], ["t0", "t1", "t2"], w["tasks"], w["meta"],
+                                 HyperpriorConfig(), w["scoring"], tmp_path / "abmll", {})
+    assert len(history) == 2 and all(torch.equal(again[k], priors["abmll"][k]) for k in again)
+
+
+def test_lora_is_deterministic_adapt_from_init(world):
+    w = world
+    init = w["model"].init_params()
+    _, probs, _ = run_method(w["model"], make_method("lora", init, w["ev"]), w["ep"], w["meta"], seed=1)
+    post, _ = adapt(w["model"], init, w["ep"].support, w["ev"].test_steps, w["meta"].inner_lr, beta=0.0, n_samples=0,
+                    grad_clip=w["meta"].inner_grad_clip)
+    ref, _ = predict_batches(w["model"], post, w["ep"].query, n_samples=0)
+    assert torch.equal(probs, ref)
+    scale = [k for k in init if k not in w["model"].mean_keys()]
+    assert all(torch.equal(post[k], init[k]) for k in scale)            # scale pair untouched
+    assert (ref - predict_batches(w["model"], init, w["ep"].query, 0)[0]).abs().max() > 1e-6   # it adapted
+    _, bayes, _ = run_method(w["model"], make_method("bayes_lora", init, w["ev"]), w["ep"], w["meta"], seed=1)
+    assert (bayes - probs).abs().max() > 1e-6                              # sampled, KL: a different method
+    _, bayes2, _ = run_method(w["model"], make_method("bayes_lora", init, w["ev"]), w["ep"], w["meta"], seed=1)
+    assert torch.equal(bayes, bayes2)                                      # seeded per method
+
+
+def test_reptile_outer_update_is_theta_plus_eps_times_lambda_minus_theta():
+    model = BayesLoraModel(make_tiny_llama(), BayesLoraConfig(rank=2))
+    theta = random_theta(model, seed=3)
+    tasks = [task_batches("a", 1), task_batches("b", 2)]
+    config = MetaConfig(inner_steps=2, inner_lr=0.3, n_samples=0, beta=0.0, gamma=0.0, outer_update="reptile")
+    before = {k: v.detach().clone() for k, v in theta.items()}
+    lams = [adapt(model, before, list(t.support) + list(t.query), 2, 0.3, 0.0, 0, config.inner_grad_clip)[0] for t in tasks]
+    eps = 0.25
+    logs = meta_step(model, theta, torch.optim.SGD(theta.values(), lr=eps), tasks, config, HyperpriorConfig())
+    for k in theta:
+        lam_mean = sum(lam[k] for lam in lams) / len(lams)
+        torch.testing.assert_close(theta[k].detach(), before[k] + eps * (lam_mean - before[k]), rtol=1e-5, atol=1e-7)
+    assert any(not torch.equal(theta[k].detach(), before[k]) for k in theta)
+    assert logs["support_nll_after"] < logs["support_nll_before"] and logs["query_nll"] > 0
+    assert prior_meta_config("reptile", MetaConfig()).outer_update == "reptile"
+    with pytest.raises(ValueError, match="outer_update"):
+        meta_step(model, theta, torch.optim.SGD(theta.values(), lr=eps), tasks, MetaConfig(outer_update="maml"),
+                  HyperpriorConfig())
+
+
+def test_multitask_step_is_gradient_of_mean_query_nll():
+    model = BayesLoraModel(make_tiny_llama(), BayesLoraConfig(rank=2))
+    theta = random_theta(model, seed=4)
+    tasks = [task_batches("a", 5), task_batches("b", 6, n_query=4)]
+    config = prior_meta_config("multitask", MetaConfig(inner_steps=3, n_samples=2, beta=1e-3, gamma=1e-3))
+    assert (config.inner_steps, config.n_samples, config.beta, config.gamma) == (0, 0, 0.0, 0.0)
+    meta_step(model, theta, torch.optim.SGD(theta.values(), lr=0.0), tasks, config, HyperpriorConfig())
+
+    def task_nll(t):
+        return torch.cat([option_nll(option_scores(lambda groups=None, **kw: model(theta, **kw).logits, b), b.labels)
+                          for b in t.query]).mean()
+
+    ref = torch.autograd.grad(sum(task_nll(t) for t in tasks) / len(tasks), list(theta.values()), allow_unused=True)
+    for (k, v), r in zip(theta.items(), ref):
+        torch.testing.assert_close(v.grad, torch.zeros_like(v) if r is None else r, rtol=1e-4, atol=1e-7)
+    assert all(v.grad.abs().sum() == 0 for k, v in theta.items() if k not in model.mean_keys())
+
+
+def test_evaluate_reports_predictions_and_keeps_its_return_shape(world):
+    w = world
+    init = w["model"].init_params()
+    methods = [make_method(n, init, w["ev"]) for n in ("zero_shot", "lora", "bayes_lora")]
+    seen, preds = [], {}
+    res = evaluate(w["model"], w["tok"], methods, ["h0", "h1"], [1, 2], w["tasks"], w["scoring"], w["meta"], w["ev"],
+                   on_result=lambda *a: seen.append(a[:3]),
+                   on_predictions=lambda m, t, s, p, y: preds.setdefault((m, t, s), (p, y)))
+    assert res["tasks"] == ["h0", "h1"] and res["seeds"] == [1, 2]
+    assert set(res["methods"]["lora"]) == {"per_task", "mean", "std_over_seeds"}
+    assert len(seen) == len(preds) == 12
+    for (m, t, s), (p, y) in preds.items():     # a result does not depend on the methods run before it
+        ep = episode_batches(w["model"], w["tok"], t, s, w["tasks"], w["scoring"], "test", w["ev"].max_test)
+        metrics, p2, _ = run_method(w["model"], next(x for x in methods if x.name == m), ep, w["meta"], s)
+        assert torch.equal(p, p2) and metrics == res["methods"][m]["per_task"][t]["seeds"][s]

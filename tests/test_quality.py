@@ -1,0 +1,115 @@
+"""benchmarks/quality.py on a tiny model and tiny data: the --quick smoke run writes the JSON
+(required shape, finite floats), the Markdown table and one PNG per method; per-task chance and
+majority-class rates; resuming from the cache; the dev-data sweep table."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from abmll.methods import METHODS
+
+PNG = b"\x89PNG\r\n\x1a\n"
+spec = importlib.util.spec_from_file_location("quality", Path(__file__).parents[1] / "benchmarks" / "quality.py")
+quality = importlib.util.module_from_spec(spec)
+sys.modules["quality"] = quality           # dataclasses look their module up there
+spec.loader.exec_module(quality)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def args(tiny_model_dir, tiny_data_dir, tmp_path, *extra):
+    return ["--quick", "--model", str(tiny_model_dir), "--data_dir", str(tiny_data_dir), "--split", "tiny",
+            "--k", "4", "--seeds", "1", "2", "--data_seeds", "1", "2", "--max_test", "6",
+            "--out_dir", str(tmp_path / "out"), "--work_dir", str(tmp_path / "work"), *extra]
+
+
+def finite_floats(obj):
+    if isinstance(obj, float):
+        yield obj
+    elif isinstance(obj, dict):
+        for v in obj.values():
+            yield from finite_floats(v)
+    elif isinstance(obj, list):
+        for v in obj:
+            yield from finite_floats(v)
+
+
+def test_quick_run_writes_json_table_and_plots(tiny_model_dir, tiny_data_dir, tmp_path, capsys):
+    quality.main(args(tiny_model_dir, tiny_data_dir, tmp_path))
+    out = tmp_path / "out"
+    res = json.loads((out / "quality-tiny.json").read_text())
+    assert {"model", "split", "seeds", "tasks", "command", "methods"} <= res.keys()
+    assert res["split"] == "tiny" and res["seeds"] == [1, 2] and res["tasks"] == ["h0", "h1"]
+    assert res["model"] == str(tiny_model_dir) and res["command"].startswith(".venv/bin/python benchmarks/quality.py")
+    assert set(res["methods"]) == set(METHODS)
+    assert res["train_tasks"] == ["t0", "t1", "t2"]                     # --quick caps at 3
+    for name, m in res["methods"].items():
+        for key in ("accuracy", "macro_f1", "ece", "nll", "brier", "accuracy_std", "ece_std"):
+            assert isinstance(m[key], float) and math.isfinite(m[key]), (name, key)
+        assert set(m["per_task"]) == {"h0", "h1"}
+        row = m["per_task"]["h0"]
+        assert row["chance_rate"] == 0.5 and 0.5 <= row["majority_rate"] <= 1
+        assert set(row["seeds"]) == {"1", "2"}
+    assert all(math.isfinite(x) for x in finite_floats(res["methods"]))
+    labels = [json.loads(line)["output"] for line in (tiny_data_dir / "h0" / "h0_test.jsonl").read_text().splitlines()]
+    share = max(labels.count("yes"), labels.count("no")) / len(labels)
+    stats = res["task_stats"]["h0"]
+    assert stats["majority_rate"] == pytest.approx(share) and stats["chance_rate"] == 0.5
+    assert stats["majority_macro_f1"] == pytest.approx(2 * share / (1 + share) / len(set(labels)))
+    assert set(res["target"]["vs"]) == set(METHODS) - {"abmll"}
+    table = (out / "quality-tiny.md").read_text()
+    assert "| method | accuracy | macro-F1 | ECE | NLL | Brier |" in table and "Partial" not in table and "| chance | majority F1 |" in table
+    for name in METHODS:
+        assert f"| {name} |" in table
+        assert (out / "quality-tiny" / f"reliability_{name}.png").read_bytes()[:8] == PNG
+    assert "macro-F1" in capsys.readouterr().out
+
+
+def test_rerun_reads_the_cache_and_computes_only_what_is_missing(tiny_model_dir, tiny_data_dir, tmp_path,
+                                                                   monkeypatch):
+    first = quality.main(args(tiny_model_dir, tiny_data_dir, tmp_path, "--methods", "zero_shot", "lora", "abmll",
+                              "--seeds", "1"))
+    calls = []
+    real = quality.run_method
+    monkeypatch.setattr(quality, "run_method", lambda model, m, ep, meta, seed: calls.append((m.name, ep.task, seed))
+                        or real(model, m, ep, meta, seed))
+    again = quality.main(args(tiny_model_dir, tiny_data_dir, tmp_path, "--methods", "zero_shot", "lora", "abmll",
+                              "--seeds", "1"))
+    assert calls == [] and again["methods"] == first["methods"]
+    more = quality.main(args(tiny_model_dir, tiny_data_dir, tmp_path, "--methods", "lora", "abmll",
+                             "--seeds", "1", "2"))
+    assert sorted(calls) == sorted((m, t, 2) for m in ("lora", "abmll") for t in ("h0", "h1"))
+    assert more["methods"]["abmll"]["per_task"]["h0"]["seeds"]["1"] == first["methods"]["abmll"]["per_task"]["h0"]["seeds"]["1"]
+    calls.clear()                       # a meta-training setting: only the methods of trained priors rerun
+    quality.main(args(tiny_model_dir, tiny_data_dir, tmp_path, "--methods", "zero_shot", "lora", "abmll",
+                      "--seeds", "1", "--outer_lr", "0.01"))
+    assert sorted(calls) == [("abmll", "h0", 1), ("abmll", "h1", 1)]
+    calls.clear()                       # the adaptation budget: every method that adapts reruns
+    quality.main(args(tiny_model_dir, tiny_data_dir, tmp_path, "--methods", "zero_shot", "lora",
+                      "--seeds", "1", "--test_steps", "3"))
+    assert sorted(calls) == [("lora", "h0", 1), ("lora", "h1", 1)]
+    assert len(list((tmp_path / "work").glob("prior-abmll-*"))) == 2      # one folder per prior config
+
+
+def test_dev_sweep_holds_dev_tasks_out_and_writes_the_table(tiny_model_dir, tiny_data_dir, tmp_path):
+    out = quality.main(args(tiny_model_dir, tiny_data_dir, tmp_path, "--eval_split", "dev", "--test_tasks", "t0",
+                            "--methods", "bayes_lora", "abmll", "--sweep", "beta=0,1e-3", "--max_test", "4"))
+    assert out["field"] == "beta" and set(out["values"]) == {"0", "1e-3"}
+    for row in out["values"].values():
+        assert row["_tasks"] == ["t0"] and "t0" not in row["_train_tasks"]
+        assert 0 <= row["abmll"]["ece"] <= 1
+    table = (tmp_path / "out" / "quality-tiny-dev-sweep-beta.md").read_text()
+    assert "| beta | bayes_lora acc |" in table and "| 1e-3 |" in table
