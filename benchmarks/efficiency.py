@@ -1,0 +1,284 @@
+"""Efficiency of ABMLL against plain LoRA and exact second-order meta-learning, in one run.
+
+On identical batches (2 tasks: support and query of real glue-sst2 / rotten_tomatoes
+examples), for K in {1, 2, 5, 10}:
+  (a) lora:         (K + 1) * B plain peft LoRA steps (forward, backward, AdamW step),
+  (b) abmll:        one first-order ABMLL meta-step (:func:`abmll.meta.meta_step`),
+  (c) second_order: one exact meta-step back-propagating through the K inner steps.
+Each (method, K) runs in a fresh child process (a process's peak RSS never goes down, and a
+child inherits its parent's), started from this parent that never loads the model; glibc is
+told to return freed memory (MALLOC_MMAP_THRESHOLD_) so RSS tracks live memory. On CUDA the
+peak is torch.cuda.max_memory_allocated. All methods run attention on the math SDPA kernel
+(the only CPU kernel with a double backward), so they are compared under one backend.
+
+Also: option-scoring speed, packed prompts vs one sequence per option, on ai2_arc (4
+options); and a profile of one ABMLL meta-step.
+
+    .venv/bin/python benchmarks/efficiency.py [--device cuda --dtype bfloat16 --tag gpu]
+
+Writes benchmarks/results/efficiency[-TAG].json and .md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+RESULTS = Path(__file__).parent / "results"
+KS = [1, 2, 5, 10]
+METHODS = ["lora", "abmll", "second_order"]
+TASKS = ["glue-sst2", "rotten_tomatoes"]
+
+
+def peak_memory_mb(device) -> float:
+    import torch
+
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def setup(args):
+    """Model, tokenizer and the two tasks' batches, all on the device."""
+    import torch
+
+    from abmll.bayes_lora import BayesLoraConfig, BayesLoraModel
+    from abmll.data import load_episode
+    from abmll.meta import TaskBatches
+    from abmll.models import load_base_model, resolve_device
+    from abmll.scoring import ScoringConfig, make_batches
+
+    device = resolve_device(args.device)
+    base, tok = load_base_model(args.model, args.dtype, device)
+    model = BayesLoraModel(base, BayesLoraConfig(rank=4, target_modules=["q_proj", "v_proj"]))
+    scoring = ScoringConfig(max_length=64, max_rows=16)
+    batches = lambda exs: [b.to(device) for b in make_batches(tok, exs[: args.k], scoring)]  # noqa: E731
+    tasks = []
+    for t in TASKS:                  # the first k examples of the 8-shot train (support) and dev (query) files
+        ep = load_episode(t, 8, 100, "dev")
+        tasks.append(TaskBatches(t, batches(ep.support), batches(ep.query)))
+    with torch.no_grad():                        # touch every weight before the memory baseline
+        for p in model.parameters():
+            p.add_(0)
+    return model, tasks, device
+
+
+def child(args) -> dict:
+    """Time one (method, K) in this process; returns its row."""
+    import torch
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from abmll.bayes_lora import HyperpriorConfig
+    from abmll.meta import MetaConfig, meta_step, meta_step_second_order, nll_backward
+
+    torch.manual_seed(0)
+    torch.set_num_threads(args.threads)
+    model, tasks, device = setup(args)
+    base_mem = peak_memory_mb(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    K = args.k_inner
+    cfg = MetaConfig(inner_steps=K, inner_lr=0.3, beta=1e-6, gamma=1e-10, n_samples=1, meta_batch_size=len(tasks))
+    hyper = HyperpriorConfig()
+    theta = {k: v.clone().requires_grad_() for k, v in model.init_params().items()}
+    if args.method == "lora":
+        lora = {k: theta[k] for k in model.mean_keys()}
+        opt = torch.optim.AdamW(lora.values(), lr=1e-4)
+        batches = [b for t in tasks for b in [t.support] * K + [t.query]]    # (K + 1) * B steps
+
+        def step():
+            for b in batches:
+                opt.zero_grad(set_to_none=True)
+                nll_backward(model, lora, b, n_samples=0)
+                opt.step()
+    else:
+        opt = torch.optim.Adam(theta.values(), lr=1e-3)
+        fn = meta_step if args.method == "abmll" else meta_step_second_order
+
+        def step():
+            fn(model, theta, opt, tasks, cfg, hyper)
+
+    times = []
+    with sdpa_kernel(SDPBackend.MATH):
+        for i in range(args.repeats + 1):              # the first is a warm-up
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            step()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            if i:
+                times.append(time.perf_counter() - t0)
+    positions = lambda batches: sum(b.input_ids.numel() for b in batches)  # noqa: E731
+    work = sum(K * positions(t.support) + positions(t.query) for t in tasks)   # same for every method
+    step_s = statistics.median(times)
+    return dict(method=args.method, K=K, step_s=step_s, peak_mb=peak_memory_mb(device),
+                baseline_mb=base_mem, tokens_per_s=work / step_s)
+
+
+def scoring_speed(args) -> dict:
+    """Examples/s of packed vs per-option scoring on ai2_arc, and their max score difference."""
+    import torch
+
+    from abmll.bayes_lora import BayesLoraConfig, BayesLoraModel
+    from abmll.data import load_examples
+    from abmll.models import load_base_model, resolve_device
+    from abmll.scoring import ScoringConfig, make_batches, option_scores
+
+    torch.set_num_threads(args.threads)
+    device = resolve_device(args.device)
+    base, tok = load_base_model(args.model, args.dtype, device)
+    model = BayesLoraModel(base, BayesLoraConfig(rank=4))
+    params = model.init_params()
+    examples = load_examples("ai2_arc", "test")[: args.n_score]
+    out, scores = {}, {}
+    for pack in (False, True):
+        cfg = ScoringConfig(max_length=256, max_rows=32, pack_options=pack)
+        batches = [b.to(device) for b in make_batches(tok, examples, cfg)]
+        fn = lambda groups=None, **kw: model(params, groups=groups, **kw).logits  # noqa: E731
+        with torch.no_grad():
+            option_scores(fn, batches[0])                # warm-up
+            t0 = time.perf_counter()
+            got = [(b.example_index, option_scores(fn, b)) for b in batches]
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            seconds = time.perf_counter() - t0
+        s = torch.full((len(examples), 5), float("-inf"), device=device)
+        for idx, sc in got:
+            s[idx, : sc.shape[1]] = sc
+        scores[pack] = s
+        out["packed" if pack else "per_option"] = dict(
+            examples_per_s=len(examples) / seconds,
+            tokens=sum(int(b.input_ids.numel()) for b in batches))
+    finite = torch.isfinite(scores[True])
+    out["max_abs_diff"] = (scores[True] - scores[False])[finite].abs().max().item()
+    out["speedup"] = out["packed"]["examples_per_s"] / out["per_option"]["examples_per_s"]
+    out["examples"] = len(examples)
+    return out
+
+
+def profile_step(args) -> list[dict]:
+    """Top operators by self CPU time in one ABMLL meta-step (K = 5)."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    from abmll.bayes_lora import HyperpriorConfig
+    from abmll.meta import MetaConfig, meta_step
+
+    torch.set_num_threads(args.threads)
+    model, tasks, _ = setup(args)
+    theta = {k: v.clone().requires_grad_() for k, v in model.init_params().items()}
+    opt = torch.optim.Adam(theta.values(), lr=1e-3)
+    cfg = MetaConfig(inner_steps=5, inner_lr=0.3, beta=1e-6, gamma=1e-10, n_samples=1)
+    meta_step(model, theta, opt, tasks, cfg, HyperpriorConfig())
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        meta_step(model, theta, opt, tasks, cfg, HyperpriorConfig())
+    total = sum(e.self_cpu_time_total for e in prof.key_averages())
+    rows = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)[:12]
+    return [dict(op=e.key, self_cpu_ms=e.self_cpu_time_total / 1e3, share=e.self_cpu_time_total / total,
+                 calls=e.count) for e in rows]
+
+
+def run_child(args, method: str, K: int) -> dict:
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", PYTHONUNBUFFERED="1")
+    cmd = [sys.executable, __file__, "--child", method, str(K)] + args.passthrough
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def table(res: dict) -> str:
+    lines = [f"Efficiency ({res['model']}, {res['device']}); command: `{res['command']}`", "",
+             "| method | K | step time (s) | peak memory (MB) | peak - baseline (MB) | tokens/s |",
+             "|---|---|---|---|---|---|"]
+    for r in res["rows"]:
+        if "error" in r:
+            lines.append(f"| {r['method']} | {r['K']} | failed: {r['error']} | | | |")
+            continue
+        lines.append(f"| {r['method']} | {r['K']} | {r['step_s']:.2f} | {r['peak_mb']:.0f} | "
+                     f"{r['peak_mb'] - r['baseline_mb']:.0f} | {r['tokens_per_s']:.0f} |")
+    s = res["scoring"]
+    lines += ["", f"- memory_ratio_k10_k1: {res['memory_ratio_k10_k1']}",
+              f"- peak memory relative to K=1: {res['memory_ratio_vs_k1']}",
+              f"- step_time_ratio_vs_lora (K=5): {res['step_time_ratio_vs_lora']:.3f}",
+              f"- scoring_speedup (ai2_arc, {s['examples']} examples, packed vs per-option): "
+              f"{res['scoring_speedup']:.2f}x, max |score diff| {s['max_abs_diff']:.2e}",
+              "", "Profile of one ABMLL meta-step (K=5), top self-CPU operators:", "",
+              "| operator | self CPU (ms) | share | calls |", "|---|---|---|---|"]
+    lines += [f"| {p['op']} | {p['self_cpu_ms']:.0f} | {p['share']:.1%} | {p['calls']} |" for p in res["profile"]]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="smollm2-135m-instruct")
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--k", type=int, default=4, help="support/query examples per task")
+    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--n-score", type=int, default=64)
+    ap.add_argument("--tag", default="")
+    ap.add_argument("--child", nargs=2, metavar=("METHOD", "K"))
+    ap.add_argument("--only", choices=["scoring", "profile"])
+    ap.add_argument("--no-profile", action="store_true", help="skip the meta-step profile")
+    args = ap.parse_args()
+    args.passthrough = ["--model", args.model, "--device", args.device, "--dtype", args.dtype, "--k", str(args.k),
+                        "--repeats", str(args.repeats), "--threads", str(args.threads)]
+    if args.child:
+        args.method, args.k_inner = args.child[0], int(args.child[1])
+        print(json.dumps(child(args)))
+        return
+    if args.only == "scoring":
+        print(json.dumps(scoring_speed(args), indent=2))
+        return
+    if args.only == "profile":
+        print(json.dumps(profile_step(args), indent=2))
+        return
+    rows, cache = [], RESULTS / ".efficiency-rows.jsonl"      # finished children survive a restart
+    done = {(r["method"], r["K"]): r for r in map(json.loads, cache.read_text().splitlines())} if cache.exists() else {}
+    for method in METHODS:
+        for K in KS:
+            if (method, K) not in done:
+                try:
+                    done[(method, K)] = run_child(args, method, K)
+                except subprocess.CalledProcessError as err:   # e.g. out of memory: recorded, not fatal
+                    done[(method, K)] = dict(method=method, K=K, error=err.stderr.strip().splitlines()[-1:])
+                with cache.open("a") as f:
+                    f.write(json.dumps(done[(method, K)]) + "\n")
+            rows.append(done[(method, K)])
+            print(json.dumps(rows[-1]), file=sys.stderr)
+    by = {(r["method"], r["K"]): r for r in rows}
+    scoring = scoring_speed(args)
+    import torch
+
+    from abmll.models import resolve_device
+    res = {
+        "model": args.model, "device": str(resolve_device(args.device)) + f" ({args.dtype}, {args.threads} threads)",
+        "command": "python benchmarks/efficiency.py " + " ".join(sys.argv[1:]),
+        "torch": torch.__version__,
+        "memory_ratio_k10_k1": {m: by[(m, 10)]["peak_mb"] / by[(m, 1)]["peak_mb"] if "peak_mb" in by[(m, 10)]
+                                else None for m in ("abmll", "second_order")},
+        "memory_ratio_vs_k1": {m: {K: by[(m, K)]["peak_mb"] / by[(m, 1)]["peak_mb"] for K in KS
+                                   if "peak_mb" in by[(m, K)]} for m in METHODS},
+        "step_time_ratio_vs_lora": by[("abmll", 5)]["step_s"] / by[("lora", 5)]["step_s"],
+        "scoring_speedup": scoring["speedup"],
+        "scoring": scoring,
+        "profile": [] if args.no_profile else profile_step(args),
+        "rows": rows,
+    }
+    RESULTS.mkdir(exist_ok=True)
+    name = "efficiency" + (f"-{args.tag}" if args.tag else "")
+    (RESULTS / f"{name}.json").write_text(json.dumps(res, indent=2) + "\n")
+    (RESULTS / f"{name}.md").write_text(table(res))
+    print(table(res))
+
+
+if __name__ == "__main__":
+    main()
