@@ -91,3 +91,13 @@ def tiny_model_dir(tmp_path):
     make_tiny_llama().save_pretrained(folder)
     make_tiny_tokenizer().save_pretrained(folder)
     return folder
+
+
+@pytest.fixture
+def one_thread():
+    """Run a test on one torch thread (restored after): tests that time or spawn processes
+    must not oversubscribe the 2 cores they share with other jobs."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

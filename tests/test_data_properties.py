@@ -64,12 +64,7 @@ def model():
     return BayesLoraModel(make_tiny_llama(), BayesLoraConfig(rank=2))
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")   # other jobs share the 2 cores
 
 
 # ---------------------------------------------------------------- bad records

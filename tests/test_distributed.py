@@ -30,12 +30,7 @@ FSDP_CONFIG = REPO / "configs" / "accelerate_fsdp_8gpu.yaml"
 TOK = make_tiny_tokenizer()
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")   # other jobs share the 2 cores
 
 
 # ---------------------------------------------------------------- in process

@@ -18,12 +18,7 @@ from conftest import make_tiny_llama
 from test_meta import random_theta, task_batches
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")   # other jobs share the 2 cores
 
 
 @pytest.fixture

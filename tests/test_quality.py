@@ -22,12 +22,7 @@ sys.modules["quality"] = quality           # dataclasses look their module up th
 spec.loader.exec_module(quality)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")   # other jobs share the 2 cores
 
 
 def args(tiny_model_dir, tiny_data_dir, tmp_path, *extra):
