@@ -327,9 +327,15 @@ def prior_config(kind: str, cfg: dict, train: list[str]) -> dict:
     return config
 
 
+PRIOR_ONLY = {"inner_steps", "outer_lr", "gamma", "meta_batch_size", "meta_steps", "seed", "outer_update"}
+"""Meta-config fields used only to train a prior, not by test-time adaptation."""
+
+
 def method_config(name: str, cfg: dict, train: list[str], eval_split: str) -> dict:
     """What a result of method ``name`` depends on: the model, adapter shape, scoring, shots
-    and evaluated examples; the adaptation budget when it adapts; beta, samples when it is
+    and evaluated examples; when it adapts, the budget and every meta-config field but the
+    meta-training-only ones (:data:`PRIOR_ONLY`; so a field added later counts by default),
+    without beta and samples for deterministic LoRA; the prediction samples when it is
     Bayesian; its prior's config when the prior is trained."""
     spec = get_spec(name)
     model = _group(cfg, "model")
@@ -337,9 +343,12 @@ def method_config(name: str, cfg: dict, train: list[str], eval_split: str) -> di
     config = {"model": model, "lora": _group(cfg, "lora"), "scoring": _group(cfg, "scoring"),
               "k": cfg["tasks"].k, "max_test": cfg["eval"].max_test, "eval_split": eval_split}
     if spec.adapt:
-        config.update(test_steps=cfg["eval"].test_steps, inner_lr=cfg["meta"].inner_lr)
+        adapt_config = {k: v for k, v in _group(cfg, "meta").items() if k not in PRIOR_ONLY}
+        if not spec.bayesian:
+            adapt_config.pop("beta"), adapt_config.pop("n_samples")
+        config.update(test_steps=cfg["eval"].test_steps, adapt=adapt_config)
     if spec.bayesian:
-        config.update(beta=cfg["meta"].beta, n_samples=cfg["meta"].n_samples, eval_samples=cfg["eval"].eval_samples)
+        config.update(eval_samples=cfg["eval"].eval_samples)
     if spec.prior != "init":
         config["prior"] = prior_config(spec.prior, cfg, train)
     return config
@@ -402,12 +411,12 @@ def run(bench: BenchArgs, cfg: dict, command: str, work: Path,
                                     "last_query_nll": history[-1]["query_nll"] if history else None,
                                     "query_nll_last5": statistics.fmean(h["query_nll"] for h in history[-5:])
                                     if history else None}
-        results.update(command=command, complete=complete, train_tasks=train, notes=notes, priors=prior_logs,
+        results.update(command=command, complete=complete, code=code_version(), train_tasks=train, notes=notes, priors=prior_logs,
                        config={**{g: _group(cfg, g) for g in GROUPS}, "bench": asdict(bench)},
                        method_configs=cache.hashes, seconds_this_run=time.perf_counter() - start)
         return results
 
-    stats = {}
+    stats, code = {}, code_version()
     total = len(held_out) * len(bench.seeds) * len(bench.methods)
     count = 0
     for task in held_out:
@@ -427,7 +436,7 @@ def run(bench: BenchArgs, cfg: dict, command: str, work: Path,
                 count += 1
                 entry = {"metrics": metrics, "probs": probs.tolist(), "labels": labels.tolist(),
                          "n_predicted_classes": int(probs.argmax(1).unique().numel()),
-                         "seconds": time.perf_counter() - t0}
+                         "seconds": time.perf_counter() - t0, "code": code.get("commit")}
                 cache.put(m, task, seed, entry)
                 print(f"[{count}/{total}] {m:15s} {task:28s} seed {seed:3d}: acc {metrics['accuracy']:.3f} "
                       f"F1 {metrics['macro_f1']:.3f} ECE {metrics['ece']:.3f} NLL {metrics['nll']:.3f} "
@@ -606,6 +615,19 @@ def sweep(bench: BenchArgs, cfg: dict, argv: list[str], out_dir: Path, work: Pat
     (out_dir / f"{name}-sweep-{key}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return out
+
+
+def code_version() -> dict:
+    """The git commit of the checkout and whether src/ differs from it (provenance only)."""
+    import subprocess
+
+    root = Path(__file__).resolve().parents[1]
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True).stdout.strip()
+        dirty = subprocess.run(["git", "diff", "--quiet", "HEAD", "--", "src"], cwd=root).returncode != 0
+    except OSError:
+        return {}
+    return {"commit": commit, "src_modified": dirty}
 
 
 def command_of(argv: list[str]) -> str:
