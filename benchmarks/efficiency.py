@@ -3,7 +3,9 @@
 On identical batches (2 tasks: support and query of real glue-sst2 / rotten_tomatoes
 examples), for K in {1, 2, 5, 10}:
   (a) lora:         (K + 1) * B plain peft LoRA steps (forward, backward, AdamW step),
-  (b) abmll:        one first-order ABMLL meta-step (:func:`abmll.meta.meta_step`),
+  (b) abmll:        one first-order ABMLL meta-step (:func:`abmll.meta.meta_step`), as the
+                    trainer runs it (with the support_nll_after logging forward);
+      abmll_nolog:  the same without that logging forward (``log_support_after=False``),
   (c) second_order: one exact meta-step back-propagating through the K inner steps.
 Each (method, K) runs in a fresh child process (a process's peak RSS never goes down, and a
 child inherits its parent's), started from this parent that never loads the model; glibc is
@@ -29,11 +31,12 @@ import statistics
 import subprocess
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 RESULTS = Path(__file__).parent / "results"
 KS = [1, 2, 5, 10]
-METHODS = ["lora", "abmll", "second_order"]
+METHODS = ["lora", "abmll", "abmll_nolog", "second_order"]
 TASKS = ["glue-sst2", "rotten_tomatoes"]
 
 
@@ -100,7 +103,8 @@ def child(args) -> dict:
                 opt.step()
     else:
         opt = torch.optim.Adam(theta.values(), lr=1e-3)
-        fn = meta_step if args.method == "abmll" else meta_step_second_order
+        fn = meta_step_second_order if args.method == "second_order" else partial(
+            meta_step, log_support_after=args.method == "abmll")
 
         def step():
             fn(model, theta, opt, tasks, cfg, hyper)
@@ -204,14 +208,20 @@ def table(res: dict) -> str:
         lines.append(f"| {r['method']} | {r['K']} | {r['step_s']:.2f} | {r['peak_mb']:.0f} | "
                      f"{r['peak_mb'] - r['baseline_mb']:.0f} | {r['tokens_per_s']:.0f} |")
     s = res["scoring"]
-    lines += ["", f"- memory_ratio_k10_k1: {res['memory_ratio_k10_k1']}",
-              f"- peak memory relative to K=1: {res['memory_ratio_vs_k1']}",
-              f"- step_time_ratio_vs_lora (K=5): {res['step_time_ratio_vs_lora']:.3f}",
+    fmt = lambda x: "n/a" if x is None else f"{x:.3f}"  # noqa: E731
+    lines += ["", f"- memory_ratio_k10_k1: { {m: fmt(v) for m, v in res['memory_ratio_k10_k1'].items()} }",
+              f"- peak memory relative to K=1: { {m: {K: fmt(v) for K, v in d.items()} for m, d in res['memory_ratio_vs_k1'].items()} }",
+              f"- step_time_ratio_vs_lora (K=5, ABMLL meta-step / (K+1)*B LoRA steps): "
+              f"{fmt(res['step_time_ratio_vs_lora'])}; without the support_nll_after logging forward: "
+              f"{fmt(res['step_time_ratio_vs_lora_no_log'])}",
+              f"- step time ratio vs LoRA by K: { {m: {K: fmt(v) for K, v in d.items()} for m, d in res['step_time_ratio_vs_lora_by_k'].items()} }",
               f"- scoring_speedup (ai2_arc, {s['examples']} examples, packed vs per-option): "
-              f"{res['scoring_speedup']:.2f}x, max |score diff| {s['max_abs_diff']:.2e}",
-              "", "Profile of one ABMLL meta-step (K=5), top self-CPU operators:", "",
-              "| operator | self CPU (ms) | share | calls |", "|---|---|---|---|"]
-    lines += [f"| {p['op']} | {p['self_cpu_ms']:.0f} | {p['share']:.1%} | {p['calls']} |" for p in res["profile"]]
+              f"{res['scoring_speedup']:.2f}x, max |score diff| {s['max_abs_diff']:.2e}, "
+              f"token positions {s['packed']['tokens']} vs {s['per_option']['tokens']}"]
+    if res["profile"]:
+        lines += ["", "Profile of one ABMLL meta-step (K=5), top self-CPU operators:", "",
+                  "| operator | self CPU (ms) | share | calls |", "|---|---|---|---|"]
+        lines += [f"| {p['op']} | {p['self_cpu_ms']:.0f} | {p['share']:.1%} | {p['calls']} |" for p in res["profile"]]
     return "\n".join(lines) + "\n"
 
 
@@ -225,6 +235,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--n-score", type=int, default=64)
     ap.add_argument("--tag", default="")
+    ap.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS)
+    ap.add_argument("--ks", nargs="+", type=int, default=KS, help="inner steps K to run")
     ap.add_argument("--child", nargs=2, metavar=("METHOD", "K"))
     ap.add_argument("--only", choices=["scoring", "profile"])
     ap.add_argument("--no-profile", action="store_true", help="skip the meta-step profile")
@@ -241,10 +253,11 @@ def main() -> None:
     if args.only == "profile":
         print(json.dumps(profile_step(args), indent=2))
         return
-    rows, cache = [], RESULTS / ".efficiency-rows.jsonl"      # finished children survive a restart
+    name = "efficiency" + (f"-{args.tag}" if args.tag else "")
+    rows, cache = [], RESULTS / f".{name}-rows.jsonl"      # finished children survive a restart
     done = {(r["method"], r["K"]): r for r in map(json.loads, cache.read_text().splitlines())} if cache.exists() else {}
-    for method in METHODS:
-        for K in KS:
+    for method in args.methods:
+        for K in args.ks:
             if (method, K) not in done:
                 try:
                     done[(method, K)] = run_child(args, method, K)
@@ -255,6 +268,13 @@ def main() -> None:
             rows.append(done[(method, K)])
             print(json.dumps(rows[-1]), file=sys.stderr)
     by = {(r["method"], r["K"]): r for r in rows}
+
+    def ratio(num, den, key):
+        return num[key] / den[key] if num and den and key in num and key in den else None
+
+    def time_ratio(method, K):     # method's step / the (K + 1) * B LoRA steps of the same K
+        return ratio(by.get((method, K)), by.get(("lora", K)), "step_s")
+
     scoring = scoring_speed(args)
     import torch
 
@@ -263,18 +283,21 @@ def main() -> None:
         "model": args.model, "device": str(resolve_device(args.device)) + f" ({args.dtype}, {args.threads} threads)",
         "command": "python benchmarks/efficiency.py " + " ".join(sys.argv[1:]),
         "torch": torch.__version__,
-        "memory_ratio_k10_k1": {m: by[(m, 10)]["peak_mb"] / by[(m, 1)]["peak_mb"] if "peak_mb" in by[(m, 10)]
-                                else None for m in ("abmll", "second_order")},
-        "memory_ratio_vs_k1": {m: {K: by[(m, K)]["peak_mb"] / by[(m, 1)]["peak_mb"] for K in KS
-                                   if "peak_mb" in by[(m, K)]} for m in METHODS},
-        "step_time_ratio_vs_lora": by[("abmll", 5)]["step_s"] / by[("lora", 5)]["step_s"],
+        "examples_per_task": {"support": args.k, "query": args.k},
+        "memory_ratio_k10_k1": {m: ratio(by.get((m, 10)), by.get((m, 1)), "peak_mb")
+                                for m in ("abmll", "second_order")},
+        "memory_ratio_vs_k1": {m: {K: ratio(by.get((m, K)), by.get((m, 1)), "peak_mb") for K in args.ks}
+                               for m in args.methods},
+        "step_time_ratio_vs_lora": time_ratio("abmll", 5),
+        "step_time_ratio_vs_lora_no_log": time_ratio("abmll_nolog", 5),
+        "step_time_ratio_vs_lora_by_k": {m: {K: time_ratio(m, K) for K in args.ks}
+                                         for m in args.methods if m != "lora"},
         "scoring_speedup": scoring["speedup"],
         "scoring": scoring,
         "profile": [] if args.no_profile else profile_step(args),
         "rows": rows,
     }
     RESULTS.mkdir(exist_ok=True)
-    name = "efficiency" + (f"-{args.tag}" if args.tag else "")
     (RESULTS / f"{name}.json").write_text(json.dumps(res, indent=2) + "\n")
     (RESULTS / f"{name}.md").write_text(table(res))
     print(table(res))

@@ -147,3 +147,17 @@ def test_posterior_mean_equals_plain_peft_lora():
 def test_unmatched_target_modules_raise():
     with pytest.raises(ValueError, match="target_modules"):
         BayesLoraModel(make_tiny_llama(), BayesLoraConfig(target_modules=["no_such_proj"]))
+
+
+def test_fused_kl_equals_plain_autograd_kl_in_value_and_gradient():
+    """The closed-form-gradient KL (default) and the twice-differentiable one agree, with
+    only q, only p, or both requiring grad."""
+    model = BayesLoraModel(make_tiny_llama(), BayesLoraConfig(rank=3))
+    for which in ("q", "p", "both"):
+        q = {k: v.requires_grad_(which in ("q", "both")) for k, v in random_params(model, 7, dtype=torch.float64).items()}
+        p = {k: v.requires_grad_(which in ("p", "both")) for k, v in random_params(model, 8, dtype=torch.float64).items()}
+        leaves = [v for v in list(q.values()) + list(p.values()) if v.requires_grad]
+        fused, plain = model.kl(q, p), model.kl(q, p, twice_differentiable=True)
+        torch.testing.assert_close(fused, plain, rtol=1e-12, atol=1e-10)
+        for g, r in zip(torch.autograd.grad(3.0 * fused, leaves), torch.autograd.grad(3.0 * plain, leaves)):
+            torch.testing.assert_close(g, r, rtol=1e-9, atol=1e-12)

@@ -265,3 +265,23 @@ def test_inner_gradient_clipping_bounds_each_step():
     step = lambda post: sum((post[k] - prior[k]).square().sum() for k in prior).sqrt().item()  # noqa: E731
     assert step(one) > 1e-3                                   # unclipped: the raw gradient norm
     assert abs(step(clipped) - 1e-3) < 1e-6                   # clipped: lr * grad_clip exactly
+
+
+def test_skipping_the_support_after_log_changes_only_that_log():
+    """log_support_after=False saves one forward per task and leaves the update untouched."""
+    model = BayesLoraModel(make_tiny_llama(), BayesLoraConfig(rank=2))
+    tasks = [task_batches("t0", 0), task_batches("t1", 1)]
+    config = MetaConfig(inner_steps=2, inner_lr=0.1, beta=1e-3, gamma=1e-4, n_samples=1)
+    out = []
+    for log_after in (True, False):
+        theta = random_theta(model, seed=3)
+        opt = torch.optim.Adam(theta.values(), lr=1e-2)
+        torch.manual_seed(0)
+        logs = meta_step(model, theta, opt, tasks, config, HyperpriorConfig(), log_support_after=log_after)
+        out.append((logs, {k: v.detach().clone() for k, v in theta.items()}))
+    (logs_on, theta_on), (logs_off, theta_off) = out
+    assert logs_on["support_nll_after"] > 0 and logs_off["support_nll_after"] != logs_off["support_nll_after"]
+    assert {k: v for k, v in logs_on.items() if k != "support_nll_after"} == \
+        {k: v for k, v in logs_off.items() if k != "support_nll_after"}
+    for k in theta_on:
+        torch.testing.assert_close(theta_on[k], theta_off[k], rtol=0, atol=0)

@@ -164,6 +164,7 @@ def meta_step(
     model: BayesLoraModel, theta: Params, optimizer: torch.optim.Optimizer,
     tasks: Sequence[TaskBatches], config: MetaConfig, hyper: HyperpriorConfig, step: int = 0,
     *, total_tasks: int | None = None, reduce: Callable[[Params, dict], dict] | None = None,
+    log_support_after: bool = True,
 ) -> dict[str, float]:
     """One first-order ABMLL outer step on a meta-batch (method doc, "Meta-objective").
 
@@ -180,6 +181,8 @@ def meta_step(
             ``theta[k].grad``, None when ``tasks`` is empty) and logs (sums of per-task values
             times 1/B) are accumulated, before the hyperprior term, the finiteness check and the
             optimizer step: e.g. a sum over processes (:mod:`abmll.distributed`).
+        log_support_after: also run the support set once more, without gradients, at
+            lambda^(K) to log support_nll_after (one extra forward per task; False logs NaN).
     Returns:
         logs: query_nll, kl, hyperprior (= -log p(theta), unweighted), support_nll_before,
         support_nll_after (means over the meta-batch, nats), loss (the meta-objective).
@@ -214,7 +217,11 @@ def meta_step(
         logs["kl"] += kl.item() / B
         before = history[0] if history else mean_nll(model, theta, task.support)
         logs["support_nll_before"] += before / B
-        logs["support_nll_after"] += (mean_nll(model, lam_k, task.support) if history else before) / B   # K = 0: lambda = theta
+        if not log_support_after:
+            after = math.nan
+        else:
+            after = mean_nll(model, lam_k, task.support) if history else before   # K = 0: lambda = theta
+        logs["support_nll_after"] += after / B
     if reduce is not None:
         logs = reduce(theta, logs)
     hyperprior = model.neg_log_hyperprior(theta, hyper)
@@ -305,7 +312,7 @@ def meta_step_second_order(
             for _ in range(config.inner_steps):
                 loss = _mean_nll_graph(model, lam, task.support, config.n_samples)
                 if config.beta:
-                    loss = loss + config.beta * model.kl(lam, theta)
+                    loss = loss + config.beta * model.kl(lam, theta, twice_differentiable=True)
                 grads = torch.autograd.grad(loss, list(lam.values()), create_graph=True)
                 lam = {k: v - config.inner_lr * g for (k, v), g in zip(lam.items(), grads)}
             query_nll = _mean_nll_graph(model, lam, task.query, config.n_samples)
