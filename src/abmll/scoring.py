@@ -68,6 +68,8 @@ class OptionBatch:
         row_example, row_option: (R,) long, which example / option index each row is.
         labels: (N,) long answer indices. num_options: (N,) long.
         example_index: (N,) long, each example's position in the list it was built from.
+        length_normalize: score options by mean rather than summed token log-probability
+            (``ScoringConfig.length_normalize``, carried so every scorer of the batch uses it).
     """
 
     input_ids: Tensor
@@ -84,12 +86,15 @@ class OptionBatch:
     labels: Tensor
     num_options: Tensor
     example_index: Tensor
+    length_normalize: bool = False
 
     @property
     def num_examples(self) -> int:
+        """N, the number of examples (not rows or sequences) in the batch."""
         return int(self.labels.shape[0])
 
     def to(self, device: torch.device | str) -> "OptionBatch":
+        """A copy with every tensor on ``device``."""
         return OptionBatch(**{k: v.to(device) if isinstance(v, Tensor) else v for k, v in vars(self).items()})
 
 
@@ -177,13 +182,20 @@ def encode_options(tokenizer, examples: Sequence[Example], config: ScoringConfig
         labels=torch.tensor([ex.label for ex in examples]),
         num_options=torch.tensor([len(ex.options) for ex in examples]),
         example_index=torch.tensor(list(example_index) if example_index is not None else range(len(examples))),
+        length_normalize=config.length_normalize,
     )
 
 
 def make_batches(tokenizer, examples: Sequence[Example], config: ScoringConfig) -> list[OptionBatch]:
     """Split ``examples`` into :class:`OptionBatch` es of at most ``config.max_rows``
     (example, option) pairs (an example with more options gets a batch of its own), grouping
-    examples of similar length to cut padding. ``example_index`` maps results back to input order."""
+    examples of similar length to cut padding. ``example_index`` maps results back to input order.
+
+    Raises:
+        ValueError: an example whose prompt tokenises to nothing, that has no options or an
+            empty one, or whose options do not fit in ``max_length`` (the message names the
+            example's source file and line when known).
+    """
     order = sorted(range(len(examples)), key=lambda i: len(examples[i].input))
     batches, chunk, rows = [], [], 0
     for i in order:
@@ -198,8 +210,8 @@ def make_batches(tokenizer, examples: Sequence[Example], config: ScoringConfig) 
     return [encode_options(tokenizer, [examples[i] for i in idx], config, idx) for idx in batches]
 
 
-def option_scores(logits_fn: LogitsFn, batch: OptionBatch, length_normalize: bool = False) -> Tensor:
-    """Summed (or mean, with ``length_normalize``) option-token log-probabilities.
+def option_scores(logits_fn: LogitsFn, batch: OptionBatch) -> Tensor:
+    """Summed (or mean, when ``batch.length_normalize``) option-token log-probabilities.
 
     Args:
         logits_fn: runs the LM; called with input_ids, attention_mask, position_ids,
@@ -218,7 +230,7 @@ def option_scores(logits_fn: LogitsFn, batch: OptionBatch, length_normalize: boo
     token_lp = logits[seq, batch.pred_index, batch.option_ids] - torch.logsumexp(logits, -1)[seq, batch.pred_index]
     mask = batch.option_mask
     row_scores = (token_lp * mask).sum(-1)
-    if length_normalize:
+    if batch.length_normalize:
         row_scores = row_scores / mask.sum(-1)
     scores = torch.full((batch.num_examples, int(batch.num_options.max())), float("-inf"),
                         dtype=row_scores.dtype, device=row_scores.device)

@@ -262,6 +262,8 @@ class MetaTrainer:
         return len(history)
 
     def rho0(self) -> dict[str, float]:
+        """Adapted layer name -> rho0 = softplus^-1(c * std(W0)), the scale-pair offset
+        (saved with checkpoints so a resumed run checks it adapts the same base weights)."""
         return {L.name: L.rho0 for L in self.model.layers}
 
     def run(self, out_dir: str | Path | None, config: dict, save_every: int = 0,
