@@ -13,6 +13,12 @@ told to return freed memory (MALLOC_MMAP_THRESHOLD_) so RSS tracks live memory. 
 peak is torch.cuda.max_memory_allocated. All methods run attention on the math SDPA kernel
 (the only CPU kernel with a double backward), so they are compared under one backend.
 
+The headline step-time ratio (K=5) is timed in one process with lora, abmll and abmll_nolog
+run in turn for several rounds (:func:`paired_step_time`), so load that drifts between the
+separate processes cannot bias it. The lora rows' tokens/s is the practical ceiling for
+meta-training: the frozen base model's forward + backward on the same batches (plus a
+rank-r adapter and its AdamW step).
+
 Also: option-scoring speed, packed prompts vs one sequence per option, on ai2_arc (4
 options); and a profile of one ABMLL meta-step.
 
@@ -73,25 +79,18 @@ def setup(args):
     return model, tasks, device
 
 
-def child(args) -> dict:
-    """Time one (method, K) in this process; returns its row."""
+def make_step(method: str, K: int, model, tasks):
+    """A closure running one unit of ``method`` on ``tasks``: (K + 1) * B plain LoRA steps
+    for "lora", one meta-step otherwise (each method with its own adapter and optimizer)."""
     import torch
-    from torch.nn.attention import SDPBackend, sdpa_kernel
 
     from abmll.bayes_lora import HyperpriorConfig
     from abmll.meta import MetaConfig, meta_step, meta_step_second_order, nll_backward
 
-    torch.manual_seed(0)
-    torch.set_num_threads(args.threads)
-    model, tasks, device = setup(args)
-    base_mem = peak_memory_mb(device)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    K = args.k_inner
     cfg = MetaConfig(inner_steps=K, inner_lr=0.3, beta=1e-6, gamma=1e-10, n_samples=1, meta_batch_size=len(tasks))
     hyper = HyperpriorConfig()
     theta = {k: v.clone().requires_grad_() for k, v in model.init_params().items()}
-    if args.method == "lora":
+    if method == "lora":
         lora = {k: theta[k] for k in model.mean_keys()}
         opt = torch.optim.AdamW(lora.values(), lr=1e-4)
         batches = [b for t in tasks for b in [t.support] * K + [t.query]]    # (K + 1) * B steps
@@ -101,14 +100,26 @@ def child(args) -> dict:
                 opt.zero_grad(set_to_none=True)
                 nll_backward(model, lora, b, n_samples=0)
                 opt.step()
-    else:
-        opt = torch.optim.Adam(theta.values(), lr=1e-3)
-        fn = meta_step_second_order if args.method == "second_order" else partial(
-            meta_step, log_support_after=args.method == "abmll")
+        return step
+    opt = torch.optim.Adam(theta.values(), lr=1e-3)
+    fn = meta_step_second_order if method == "second_order" else partial(
+        meta_step, log_support_after=method == "abmll")
+    return lambda: fn(model, theta, opt, tasks, cfg, hyper)
 
-        def step():
-            fn(model, theta, opt, tasks, cfg, hyper)
 
+def child(args) -> dict:
+    """Time one (method, K) in this process; returns its row."""
+    import torch
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    torch.manual_seed(0)
+    torch.set_num_threads(args.threads)
+    model, tasks, device = setup(args)
+    base_mem = peak_memory_mb(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    K = args.k_inner
+    step = make_step(args.method, K, model, tasks)
     times = []
     with sdpa_kernel(SDPBackend.MATH):
         for i in range(args.repeats + 1):              # the first is a warm-up
@@ -125,6 +136,41 @@ def child(args) -> dict:
     step_s = statistics.median(times)
     return dict(method=args.method, K=K, step_s=step_s, peak_mb=peak_memory_mb(device),
                 baseline_mb=base_mem, tokens_per_s=work / step_s)
+
+
+def paired_step_time(args, K: int = 5) -> dict:
+    """Step time of ABMLL (with and without the logging forward) relative to LoRA, in one
+    process, the three run in turn ``--paired-rounds`` times after a warm-up: each round's
+    ratio compares steps taken within seconds of each other, so a load that drifts over
+    minutes (another job on the machine) cancels out. Returns the per-round ratios and their
+    medians; memory is measured by the per-process rows instead."""
+    import torch
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    torch.manual_seed(0)
+    torch.set_num_threads(args.threads)
+    model, tasks, device = setup(args)
+    methods = ("lora", "abmll", "abmll_nolog")
+    steps = {m: make_step(m, K, model, tasks) for m in methods}
+
+    def timed(fn):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter() - t0
+
+    rounds = []
+    with sdpa_kernel(SDPBackend.MATH):
+        for fn in steps.values():
+            fn()                                          # warm-up
+        for _ in range(args.paired_rounds):
+            rounds.append({m: timed(fn) for m, fn in steps.items()})
+    ratios = {m: [r[m] / r["lora"] for r in rounds] for m in methods[1:]}
+    return {"K": K, "rounds": rounds, "ratios": ratios,
+            "median_ratio": {m: statistics.median(v) for m, v in ratios.items()}}
 
 
 def scoring_speed(args) -> dict:
@@ -211,10 +257,13 @@ def table(res: dict) -> str:
     fmt = lambda x: "n/a" if x is None else f"{x:.3f}"  # noqa: E731
     lines += ["", f"- memory_ratio_k10_k1: { {m: fmt(v) for m, v in res['memory_ratio_k10_k1'].items()} }",
               f"- peak memory relative to K=1: { {m: {K: fmt(v) for K, v in d.items()} for m, d in res['memory_ratio_vs_k1'].items()} }",
-              f"- step_time_ratio_vs_lora (K=5, ABMLL meta-step / (K+1)*B LoRA steps): "
+              f"- step_time_ratio_vs_lora (K=5, ABMLL meta-step / (K+1)*B LoRA steps, median of "
+              f"{len(res['step_time_paired']['rounds'])} paired rounds in one process): "
               f"{fmt(res['step_time_ratio_vs_lora'])}; without the support_nll_after logging forward: "
-              f"{fmt(res['step_time_ratio_vs_lora_no_log'])}",
-              f"- step time ratio vs LoRA by K: { {m: {K: fmt(v) for K, v in d.items()} for m, d in res['step_time_ratio_vs_lora_by_k'].items()} }",
+              f"{fmt(res['step_time_ratio_vs_lora_no_log'])}; per round: "
+              f"{ {m: [fmt(x) for x in v] for m, v in res['step_time_paired']['ratios'].items()} }",
+              f"- the same ratio from the rows above (separate processes, run minutes apart): "
+              f"{ {m: {K: fmt(v) for K, v in d.items()} for m, d in res['step_time_ratio_vs_lora_separate_processes'].items()} }",
               f"- scoring_speedup (ai2_arc, {s['examples']} examples, packed vs per-option): "
               f"{res['scoring_speedup']:.2f}x, max |score diff| {s['max_abs_diff']:.2e}, "
               f"token positions {s['packed']['tokens']} vs {s['per_option']['tokens']}"]
@@ -238,7 +287,8 @@ def main() -> None:
     ap.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS)
     ap.add_argument("--ks", nargs="+", type=int, default=KS, help="inner steps K to run")
     ap.add_argument("--child", nargs=2, metavar=("METHOD", "K"))
-    ap.add_argument("--only", choices=["scoring", "profile"])
+    ap.add_argument("--paired-rounds", type=int, default=5, help="rounds of the in-process paired timing")
+    ap.add_argument("--only", choices=["scoring", "profile", "paired"])
     ap.add_argument("--no-profile", action="store_true", help="skip the meta-step profile")
     args = ap.parse_args()
     args.passthrough = ["--model", args.model, "--device", args.device, "--dtype", args.dtype, "--k", str(args.k),
@@ -252,6 +302,9 @@ def main() -> None:
         return
     if args.only == "profile":
         print(json.dumps(profile_step(args), indent=2))
+        return
+    if args.only == "paired":
+        print(json.dumps(paired_step_time(args), indent=2))
         return
     name = "efficiency" + (f"-{args.tag}" if args.tag else "")
     rows, cache = [], RESULTS / f".{name}-rows.jsonl"      # finished children survive a restart
@@ -276,6 +329,7 @@ def main() -> None:
         return ratio(by.get((method, K)), by.get(("lora", K)), "step_s")
 
     scoring = scoring_speed(args)
+    paired = paired_step_time(args)
     import torch
 
     from abmll.models import resolve_device
@@ -288,10 +342,11 @@ def main() -> None:
                                 for m in ("abmll", "second_order")},
         "memory_ratio_vs_k1": {m: {K: ratio(by.get((m, K)), by.get((m, 1)), "peak_mb") for K in args.ks}
                                for m in args.methods},
-        "step_time_ratio_vs_lora": time_ratio("abmll", 5),
-        "step_time_ratio_vs_lora_no_log": time_ratio("abmll_nolog", 5),
-        "step_time_ratio_vs_lora_by_k": {m: {K: time_ratio(m, K) for K in args.ks}
-                                         for m in args.methods if m != "lora"},
+        "step_time_ratio_vs_lora": paired["median_ratio"]["abmll"],
+        "step_time_ratio_vs_lora_no_log": paired["median_ratio"]["abmll_nolog"],
+        "step_time_paired": paired,
+        "step_time_ratio_vs_lora_separate_processes": {m: {K: time_ratio(m, K) for K in args.ks}
+                                                       for m in args.methods if m != "lora"},
         "scoring_speedup": scoring["speedup"],
         "scoring": scoring,
         "profile": [] if args.no_profile else profile_step(args),
