@@ -627,6 +627,11 @@ def main(argv: list[str] | None = None) -> int:
     except (DataError, NonFiniteLossError, ValueError, OSError) as err:
         print(f"abmll {command}: error: {err}", file=sys.stderr)
         return 1
+    finally:
+        # under `accelerate launch`: shut the process group down before interpreter exit
+        # (left to the exit handlers, gloo sometimes aborted an FSDP run that had finished)
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
     print(f"wall time: {time.perf_counter() - start:.0f} s")
     return 0
 
