@@ -79,6 +79,19 @@ def setup(args):
     return model, tasks, device
 
 
+def timed(fn, device) -> float:
+    """Seconds ``fn()`` takes, waiting for queued CUDA work before and after on a GPU."""
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - t0
+
+
 def make_step(method: str, K: int, model, tasks):
     """A closure running one unit of ``method`` on ``tasks``: (K + 1) * B plain LoRA steps
     for "lora", one meta-step otherwise (each method with its own adapter and optimizer)."""
@@ -120,17 +133,9 @@ def child(args) -> dict:
         torch.cuda.reset_peak_memory_stats(device)
     K = args.k_inner
     step = make_step(args.method, K, model, tasks)
-    times = []
     with sdpa_kernel(SDPBackend.MATH):
-        for i in range(args.repeats + 1):              # the first is a warm-up
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            step()
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            if i:
-                times.append(time.perf_counter() - t0)
+        step()                                          # warm-up
+        times = [timed(step, device) for _ in range(args.repeats)]
     positions = lambda batches: sum(b.input_ids.numel() for b in batches)  # noqa: E731
     work = sum(K * positions(t.support) + positions(t.query) for t in tasks)   # same for every method
     step_s = statistics.median(times)
@@ -153,21 +158,12 @@ def paired_step_time(args, K: int = 5) -> dict:
     methods = ("lora", "abmll", "abmll_nolog")
     steps = {m: make_step(m, K, model, tasks) for m in methods}
 
-    def timed(fn):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        return time.perf_counter() - t0
-
     rounds = []
     with sdpa_kernel(SDPBackend.MATH):
         for fn in steps.values():
             fn()                                          # warm-up
         for _ in range(args.paired_rounds):
-            rounds.append({m: timed(fn) for m, fn in steps.items()})
+            rounds.append({m: timed(fn, device) for m, fn in steps.items()})
     ratios = {m: [r[m] / r["lora"] for r in rounds] for m in methods[1:]}
     return {"K": K, "rounds": rounds, "ratios": ratios,
             "median_ratio": {m: statistics.median(v) for m, v in ratios.items()}}

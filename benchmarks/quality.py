@@ -399,6 +399,8 @@ def run(bench: BenchArgs, cfg: dict, command: str, work: Path,
                                           cfg["scoring"], prior_folder(kind), config, bench.save_every, on_step)
         return priors[kind]
 
+    code = code_version()          # once per run: finish() runs after every result
+
     def finish(done: list[str], complete: bool) -> dict:
         results = aggregate(bench, cfg, cache, done, stats)
         prior_logs = {}
@@ -411,12 +413,12 @@ def run(bench: BenchArgs, cfg: dict, command: str, work: Path,
                                     "last_query_nll": history[-1]["query_nll"] if history else None,
                                     "query_nll_last5": statistics.fmean(h["query_nll"] for h in history[-5:])
                                     if history else None}
-        results.update(command=command, complete=complete, code=code_version(), train_tasks=train, notes=notes, priors=prior_logs,
+        results.update(command=command, complete=complete, code=code, train_tasks=train, notes=notes, priors=prior_logs,
                        config={**{g: _group(cfg, g) for g in GROUPS}, "bench": asdict(bench)},
                        method_configs=cache.hashes, seconds_this_run=time.perf_counter() - start)
         return results
 
-    stats, code = {}, code_version()
+    stats = {}
     total = len(held_out) * len(bench.seeds) * len(bench.methods)
     count = 0
     for task in held_out:

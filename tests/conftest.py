@@ -21,6 +21,18 @@ def make_tiny_tokenizer(pad: bool = True, padding_side: str = "right") -> PreTra
                                    padding_side=padding_side)
 
 
+def rule_rows(rng, n: int) -> list[tuple[str, str]]:
+    """``n`` (input, answer) rows of the rule "yes iff the input contains q": 5 random letters
+    of a-h drawn from ``rng``, every second row with a q in the middle."""
+    out = []
+    for i in range(n):
+        word = "".join(rng.choice("abcdefgh") for _ in range(5))
+        if i % 2:
+            word = word[:2] + "q" + word[3:]
+        out.append((word, "yes" if "q" in word else "no"))
+    return out
+
+
 def make_tiny_llama(seed: int = 0, vocab_size: int = 257) -> LlamaForCausalLM:
     """A 2-layer random Llama (hidden 32, 4 heads, 2 KV heads) in eval mode."""
     torch.manual_seed(seed)
@@ -66,18 +78,9 @@ def tiny_data_dir(tmp_path):
     root = tmp_path / "data"
     rng = random.Random(0)
 
-    def rows(n):
-        out = []
-        for i in range(n):
-            word = "".join(rng.choice("abcdefgh") for _ in range(5))
-            if i % 2:
-                word = word[:2] + "q" + word[3:]
-            out.append((word, "yes" if "q" in word else "no"))
-        return out
-
     for task in ["t0", "t1", "t2", "t3", "h0", "h1"]:
-        files = {f"4_{s}_{part}": rows(4) for s in (1, 2) for part in ("train", "dev")}
-        files["test"] = rows(6)
+        files = {f"4_{s}_{part}": rule_rows(rng, 4) for s in (1, 2) for part in ("train", "dev")}
+        files["test"] = rule_rows(rng, 6)
         write_task(root, task, files)
     (root / "splits").mkdir()
     (root / "splits" / "tiny.json").write_text(json.dumps({"train": ["t0", "t1", "t2", "t3"], "test": ["h0", "h1"]}))

@@ -23,7 +23,7 @@ from abmll.meta import MetaConfig, adapt, predict_batches
 from abmll.metrics import compute_metrics
 from abmll.plots import plot_reliability_per_method, plot_training_curves, pool_predictions
 from abmll.scoring import ScoringConfig, make_batches
-from conftest import make_tiny_llama, make_tiny_tokenizer, write_task
+from conftest import make_tiny_llama, make_tiny_tokenizer, rule_rows, write_task
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -37,20 +37,10 @@ def world(tmp_path_factory):
     make_tiny_llama().save_pretrained(model_dir)
     make_tiny_tokenizer().save_pretrained(model_dir)
     rng = random.Random(0)
-
-    def rows(n):
-        out = []
-        for i in range(n):
-            word = "".join(rng.choice("abcdefgh") for _ in range(5))
-            if i % 2:
-                word = word[:2] + "q" + word[3:]
-            out.append((word, "yes" if "q" in word else "no"))
-        return out
-
     data = root / "data"
     for task in ["t0", "t1", "h0"]:
-        files = {f"4_1_{part}": rows(4) for part in ("train", "dev")}
-        files["test"] = rows(6)
+        files = {f"4_1_{part}": rule_rows(rng, 4) for part in ("train", "dev")}
+        files["test"] = rule_rows(rng, 6)
         write_task(data, task, files)
     (data / "splits").mkdir()
     (data / "splits" / "tiny.json").write_text(json.dumps({"train": ["t0", "t1"], "test": ["h0"]}))

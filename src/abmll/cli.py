@@ -129,8 +129,11 @@ class ExportArgs:
 
 
 @dataclass
-class DataArgs:
+class DataArgs(ColumnMapping):
     """``abmll data``: convert a dataset into the MetaICL k-shot layout under ``--out``.
+    Its column-mapping fields (input_columns, input_template, input_separator,
+    output_column, options, options_column, label_names, task_type) are those of
+    :class:`abmll.convert.ColumnMapping`, documented there.
 
     Attributes:
         task: task name (folder and file prefix).
@@ -139,15 +142,6 @@ class DataArgs:
         dataset_config: the dataset's configuration name (e.g. "sst2" of "glue").
         data_files: ``split=path`` pairs; without ``--dataset`` these are read as local
             JSON-lines files, with no extra package.
-        input_columns: columns joined by ``input_separator`` into the input.
-        input_template: ``str.format`` template over the columns (overrides input_columns).
-        input_separator: separator of input_columns (CrossFit: " [SEP] ").
-        output_column: the answer column (an option string or a label index).
-        options: fixed option list (classification).
-        options_column: column holding each row's options (multiple choice).
-        label_names: names of integer labels, in order (ClassLabel names are read from the
-            dataset when available).
-        task_type: classification | multi-choice | free-form (default: from the options).
         train_split: split the k-shot train / dev files are sampled from.
         test_split: split written as the test file (default: test, else validation).
         shots: the k values.
@@ -159,14 +153,6 @@ class DataArgs:
     dataset: str | None = None
     dataset_config: str | None = None
     data_files: list[str] = field(default_factory=list)
-    input_columns: list[str] = field(default_factory=list)
-    input_template: str | None = None
-    input_separator: str = " [SEP] "
-    output_column: str = "label"
-    options: list[str] = field(default_factory=list)
-    options_column: str | None = None
-    label_names: list[str] = field(default_factory=list)
-    task_type: str | None = None
     train_split: str = "train"
     test_split: str | None = None
     shots: list[int] = field(default_factory=lambda: [16, 8])
@@ -555,11 +541,7 @@ def run_data(run: RunArgs, args: DataArgs) -> dict:
         raise SystemExit("data: give --dataset NAME_OR_PATH or --data_files split=path.jsonl ...")
     if not args.input_columns and args.input_template is None:
         raise SystemExit("data: give --input_columns COL [COL ...] or --input_template")
-    mapping = ColumnMapping(
-        input_columns=args.input_columns, output_column=args.output_column, options=args.options,
-        options_column=args.options_column, label_names=args.label_names, input_template=args.input_template,
-        input_separator=args.input_separator, task_type=args.task_type)
-    report = convert_dataset(splits, args.task, run.out, mapping, args.shots, args.data_seeds, args.train_split,
+    report = convert_dataset(splits, args.task, run.out, args, args.shots, args.data_seeds, args.train_split,
                              args.test_split, args.test_rows)
     write_json(Path(run.out) / args.task / "abmll_data_config.json", {"data": asdict(args), "report": report})
     for split, counts in report["counts"].items():
