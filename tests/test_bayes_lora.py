@@ -1,4 +1,5 @@
-"""Gaussian LoRA: KL and hyperprior against torch.distributions, flipout moments, mean path = peft LoRA."""
+"""Gaussian LoRA: KL and hyperprior against torch.distributions, sampled-output moments (flipout and
+per-batch), mean path = peft LoRA."""
 
 from __future__ import annotations
 
@@ -82,20 +83,22 @@ def _capture_layer0_q(model: BayesLoraModel):
     return captured, handle
 
 
-def test_flipout_moments_match_gaussian_weights():
+@pytest.mark.parametrize("sampling,rows,calls", [("flipout", 8, 500), ("per_batch", 1, 2000)])
+def test_sampled_outputs_match_gaussian_weights(sampling, rows, calls):
+    """Both samplers give each output the moments of x (W0 + dW)^T, dW ~ N(M, S^2) entrywise."""
     torch.manual_seed(0)
-    model = BayesLoraModel(make_tiny_llama(), BayesLoraConfig(rank=2, init_std_factor=1.0))
+    model = BayesLoraModel(make_tiny_llama(), BayesLoraConfig(rank=2, init_std_factor=1.0, sampling=sampling))
     params = random_params(model, 6, scale=0.5)
     L = model.layers[0]
     base_w = model.peft_model.get_submodule(L.name).get_base_layer().weight.detach()
     captured, handle = _capture_layer0_q(model)
-    ids = torch.tensor([[5, 17, 99, 42]] * 8)
+    ids = torch.tensor([[5, 17, 99, 42]] * rows)
     with torch.no_grad():
-        for _ in range(500):
+        for _ in range(calls):
             model(params, ids, sample=True)
     handle.remove()
     x = captured[0][0][0]                                    # (seq, d_in), same for all calls
-    outs = torch.cat([out for _, out in captured])           # (500 * 8, seq, d_out)
+    outs = torch.cat([out for _, out in captured])           # (calls * rows, seq, d_out)
     M = L.scaling * params[L.mean_B] @ params[L.mean_A]
     S = std_matrix(params[L.scale_B], params[L.scale_A], L.rho0)
     mean_ref = x @ (base_w + M).T
@@ -122,6 +125,50 @@ def test_flipout_sample_shared_along_sequence_and_differs_between_sequences():
     grouped = captured[1][1]
     torch.testing.assert_close(grouped[0], grouped[1])        # same group: same sample
     assert (grouped[1] - grouped[2]).abs().max() > 1e-3
+
+
+def test_per_batch_sample_is_shared_by_all_rows_and_redrawn_each_call():
+    model = BayesLoraModel(make_tiny_llama(), BayesLoraConfig(rank=2, init_std_factor=1.0, sampling="per_batch"))
+    params = random_params(model, 7)
+    captured, handle = _capture_layer0_q(model)
+    ids = torch.tensor([[9, 9, 9]] * 4)
+    with torch.no_grad():
+        model(params, ids, sample=True)
+        model(params, ids, sample=True)
+        mean = model(params, ids).logits
+    handle.remove()
+    first, second = captured[0][1], captured[1][1]
+    torch.testing.assert_close(first[0], first[3])              # one sample for the whole batch
+    assert (first - second).abs().max() > 1e-3                  # a new sample per forward
+    assert (captured[2][1] - first).abs().max() > 1e-3          # sample=False: no noise
+    assert mean.shape == (4, 3, model.peft_model.config.vocab_size)
+
+
+def test_per_batch_equals_model_with_sampled_weight_and_gradients_reach_scale_pair():
+    """sampling="per_batch" runs exactly W0 + M + S * E with E from torch's RNG, layer by layer,
+    and the loss's gradient reaches the scale pair (through S) and the mean pair."""
+    model = BayesLoraModel(make_tiny_llama(), BayesLoraConfig(rank=2, sampling="per_batch"))
+    params = {k: v.requires_grad_() for k, v in random_params(model, 9, scale=0.2).items()}
+    ids = torch.tensor([[3, 50, 7, 21], [4, 4, 8, 15]])
+    torch.manual_seed(5)
+    out = model(params, ids, sample=True).logits
+    torch.manual_seed(5)
+    ref = copy.deepcopy(model)
+    with torch.no_grad():
+        for L in ref.layers:
+            S = std_matrix(params[L.scale_B], params[L.scale_A], L.rho0)
+            ref.peft_model.get_submodule(L.name).get_base_layer().weight.add_(S * torch.randn_like(S))
+        expected = ref(params, ids).logits
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    out.logsumexp(-1).sum().backward()
+    L = model.layers[0]
+    for key in (L.scale_A, L.scale_B, L.mean_A, L.mean_B):
+        assert params[key].grad is not None and params[key].grad.abs().max() > 0, key
+
+
+def test_unknown_sampling_is_rejected():
+    with pytest.raises(ValueError, match="sampling must be one of"):
+        BayesLoraConfig(sampling="per_token")
 
 
 def test_posterior_mean_equals_plain_peft_lora():

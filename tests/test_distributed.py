@@ -19,7 +19,7 @@ from abmll.bayes_lora import BayesLoraConfig, BayesLoraModel, HyperpriorConfig
 from abmll.checkpoint import STATE, load_adapter
 from abmll.cli import main
 from abmll.data import Example
-from abmll.distributed import adapter_parameters, noise_seed, split_batches, task_share, wrap_policy
+from abmll.distributed import adapter_parameters, noise_seed, shard_base_model, split_batches, task_share, wrap_policy
 from abmll.meta import MetaConfig, TaskBatches, meta_step, predict_batches
 from abmll.scoring import ScoringConfig, make_batches
 from abmll.train import CHECKPOINT_DIR
@@ -150,6 +150,17 @@ def test_fsdp_config_parses_and_wraps_the_decoder_layers(monkeypatch):
     assert all(isinstance(model.peft_model.get_submodule(n), LlamaDecoderLayer) for n in wrapped)
     names = {id(p): n for n, p in model.peft_model.named_parameters()}
     assert sorted(names[id(p)] for p in adapter_parameters(model)) == sorted(model.init_params())
+
+
+def test_fsdp_refuses_per_batch_sampling_before_sharding():
+    """per_batch sampling writes the noise into W0, which FSDP would shard: a clear error, and
+    the model is left untouched."""
+    from types import SimpleNamespace
+
+    model = BayesLoraModel(make_tiny_llama(), BayesLoraConfig(rank=2, sampling="per_batch"))
+    with pytest.raises(ValueError, match="--sampling flipout"):
+        shard_base_model(SimpleNamespace(), model, plugin=SimpleNamespace(fsdp_version=2))
+    assert all(type(p) is torch.nn.Parameter for p in model.parameters())
 
 
 # ---------------------------------------------------------------- 2 processes under accelerate launch

@@ -124,8 +124,9 @@ class SavedTensorMeter:
         return box.t
 
 
-def test_memory_and_adapter_copies_do_not_grow_with_k():
-    model = BayesLoraModel(make_tiny_llama(), BayesLoraConfig(rank=2))
+@pytest.mark.parametrize("sampling", ["flipout", "per_batch"])
+def test_memory_and_adapter_copies_do_not_grow_with_k(sampling):
+    model = BayesLoraModel(make_tiny_llama(), BayesLoraConfig(rank=2, sampling=sampling))
     task = task_batches("a", 5)
     shapes = {tuple(v.shape) for v in model.init_params().values()}
 
@@ -157,9 +158,10 @@ def test_memory_and_adapter_copies_do_not_grow_with_k():
     assert copies[8] == copies[1]               # adapter copies alive: theta, lambda and their grads
 
 
-def test_meta_training_lowers_held_out_query_nll():
+@pytest.mark.parametrize("sampling", ["flipout", "per_batch"])
+def test_meta_training_lowers_held_out_query_nll(sampling):
     torch.manual_seed(0)
-    model = BayesLoraModel(make_tiny_llama(seed=3), BayesLoraConfig(rank=4, init_std_factor=0.05))
+    model = BayesLoraModel(make_tiny_llama(seed=3), BayesLoraConfig(rank=4, init_std_factor=0.05, sampling=sampling))
     hyper = HyperpriorConfig()
     config = MetaConfig(inner_steps=2, inner_lr=0.5, outer_lr=3e-2, beta=1e-4, gamma=1e-7, n_samples=1)
     init = model.init_params()

@@ -12,8 +12,9 @@ Per adapted linear layer with frozen weight W0 (d_out x d_in), four LoRA matrice
 The same four-matrix parameterisation is used for the prior p_theta and for every task
 posterior q_lambda. The mean pair lives in peft's own ``lora_A`` / ``lora_B`` modules (peft
 does target matching, Linear / Conv1D coverage and the mean path); the scale pair is added
-beside them as ``bayes_scale_A`` / ``bayes_scale_B`` and enters through a forward hook that
-adds flipout weight noise. Every adapter tensor is addressable in one flat dict keyed by
+beside them as ``bayes_scale_A`` / ``bayes_scale_B``. Weight noise enters either through a
+forward hook that adds flipout noise (one sample per sequence) or, with
+``sampling="per_batch"``, as one sample S * E added to W0 before the layer runs. Every adapter tensor is addressable in one flat dict keyed by
 its parameter name in the peft model, so a trainer runs task-specific copies through
 ``torch.func.functional_call`` without copying the model.
 """
@@ -148,6 +149,16 @@ class BayesLoraConfig:
         kl_chunk_elements: the KL and hyperprior are computed over row blocks of at most this
             many weight entries (each block recomputed in backward), so a 4096 x 4096 layer
             never holds more than a fraction of one extra full matrix.
+        sampling: how ``forward(sample=True)`` draws dW ~ N(M, S^2):
+            "flipout" (method doc; Wen et al. 2018): one sample per sequence (or per
+            ``groups`` id), decorrelated by random signs; costs three extra full-rank matmuls
+            per adapted layer in forward + backward.
+            "per_batch": one sample per forward pass, shared by every sequence of the batch
+            and added to W0 before the layer's own matmul (Bayes by Backprop, Blundell et al.
+            2015); one extra full-rank matmul (the weight gradient), so cheaper, but every
+            sequence sees the same dW, so a loss gradient has more variance
+            (``benchmarks/results/sampling.md``), and the forward holds a sampled copy of
+            every adapted W0 at once. Not with FSDP, which shards W0.
     """
 
     rank: int = 4
@@ -155,6 +166,14 @@ class BayesLoraConfig:
     target_modules: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
     init_std_factor: float = 0.1
     kl_chunk_elements: int = 1 << 20
+    sampling: str = "flipout"
+
+    def __post_init__(self) -> None:
+        if self.sampling not in SAMPLING:
+            raise ValueError(f"sampling must be one of {SAMPLING}, got {self.sampling!r}")
+
+
+SAMPLING = ("flipout", "per_batch")
 
 
 @dataclass
@@ -182,6 +201,8 @@ class AdaptedLayer:
     mean_B: str
     scale_A: str
     scale_B: str
+    base_weight: str
+    fan_in_fan_out: bool
     d_in: int
     d_out: int
     scaling: float
@@ -378,8 +399,8 @@ class BayesLoraModel(nn.Module):
             p.requires_grad_(False)
         layer = AdaptedLayer(
             name=name, mean_A=f"{name}.{LORA_A}", mean_B=f"{name}.{LORA_B}",
-            scale_A=f"{name}.{SCALE_A}", scale_B=f"{name}.{SCALE_B}",
-            d_in=d_in, d_out=d_out, scaling=float(module.scaling["default"]), rho0=rho0,
+            scale_A=f"{name}.{SCALE_A}", scale_B=f"{name}.{SCALE_B}", base_weight=f"{name}.base_layer.weight",
+            fan_in_fan_out=bool(module.fan_in_fan_out), d_in=d_in, d_out=d_out, scaling=float(module.scaling["default"]), rho0=rho0,
         )
         module.register_forward_hook(partial(_flipout_hook, self._noise, layer))
         return layer
@@ -408,13 +429,18 @@ class BayesLoraModel(nn.Module):
             params: flat dict of adapter tensors (a subset is allowed: missing ones keep the
                 module's own values).
             input_ids, attention_mask: (batch, seq).
-            sample: draw one weight sample dW ~ N(M, S^2) per group (flipout); False runs the
-                posterior mean W0 + M (the method's n_samples = 0).
-            groups: (batch,) long, rows with the same id share one weight sample (used so all
-                options of an example are scored under the same dW). Default: one per row.
+            sample: draw weight samples dW ~ N(M, S^2) (``config.sampling``: flipout, one per
+                group; per_batch, one for the whole batch); False runs the posterior mean
+                W0 + M (the method's n_samples = 0).
+            groups: (batch,) long; under flipout, rows with the same id share one weight
+                sample (used so all options of an example are scored under the same dW).
+                Default: one per row. Ignored by per_batch sampling (all rows share one).
             kwargs: passed to the model (position_ids, logits_to_keep, ...).
         Returns: the model's output (``.logits``: (batch, seq or logits_to_keep, vocab)).
         """
+        if sample and self.config.sampling == "per_batch":
+            params = {**params, **self._sampled_base_weights(params)}
+            sample = False
         self._noise.sample, self._noise.groups = sample, groups
         if attention_mask is not None and attention_mask.is_floating_point():   # additive 4D mask
             attention_mask = attention_mask.to(self.peft_model.get_input_embeddings().weight.dtype)
@@ -425,6 +451,19 @@ class BayesLoraModel(nn.Module):
             )
         finally:
             self._noise.sample, self._noise.groups = False, None
+
+    def _sampled_base_weights(self, params: Params) -> Params:
+        """One weight sample per adapted layer, W0 + S * E with E ~ N(0, 1)^(d_out x d_in),
+        keyed by the base layer's weight name (stored transposed for Conv1D), in W0's dtype.
+        Differentiable in the scale pair; the mean path M stays peft's low-rank LoRA."""
+        own = dict(self.peft_model.named_parameters())
+        out = {}
+        for L in self.layers:
+            S = std_matrix(params.get(L.scale_B, own[L.scale_B]), params.get(L.scale_A, own[L.scale_A]), L.rho0)
+            noise = S * torch.randn_like(S)
+            w0 = own[L.base_weight]
+            out[L.base_weight] = w0 + (noise.T if L.fan_in_fan_out else noise).to(w0.dtype)
+        return out
 
     # -- KL and hyperprior ---------------------------------------------------------------------
     def kl(self, q: Params, p: Params, twice_differentiable: bool = False) -> Tensor:

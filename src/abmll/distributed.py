@@ -238,7 +238,8 @@ def shard_base_model(accelerator, model: BayesLoraModel, plugin=None) -> list[nn
     Returns the modules made FSDP units (the wrapped layers, then the root ``peft_model``).
     Raises:
         ValueError: no FSDP plugin, or an FSDP1 config (``fsdp_version: 1``, flat parameters:
-            not supported; FSDP2 keeps parameter names, which ``functional_call`` relies on).
+            not supported; FSDP2 keeps parameter names, which ``functional_call`` relies on),
+            or ``sampling="per_batch"`` (it adds the noise to W0 itself, which FSDP shards).
     """
     from accelerate.utils.other import get_module_children_bottom_up
     from torch.distributed.device_mesh import init_device_mesh
@@ -249,6 +250,9 @@ def shard_base_model(accelerator, model: BayesLoraModel, plugin=None) -> list[nn
         raise ValueError("shard_base_model needs an accelerate FSDP config (see configs/accelerate_fsdp_8gpu.yaml)")
     if plugin.fsdp_version != 2:
         raise ValueError("abmll shards the base model with FSDP2 only: set fsdp_version: 2 in the accelerate config")
+    if model.config.sampling != "flipout":
+        raise ValueError(f"sampling={model.config.sampling!r} adds weight noise to the base weights, which FSDP "
+                         "shards: use --sampling flipout with an FSDP config")
     root = model.peft_model
     device = accelerator.device
     ignored = set(adapter_parameters(model))
