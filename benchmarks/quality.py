@@ -391,8 +391,8 @@ def run(bench: BenchArgs, cfg: dict, command: str, work: Path,
             def on_step(logs):
                 if not logs.get("skipped"):
                     print(f"  prior {kind} step {logs['step'] + 1}/{cfg['meta'].meta_steps}: query NLL "
-                          f"{logs['query_nll']:.3f}, support NLL {logs['support_nll_before']:.3f} -> "
-                          f"{logs['support_nll_after']:.3f} ({time.perf_counter() - t0:.0f} s)", flush=True)
+                          f"{logs['query_nll']:.3f}, support NLL {logs['support_nll_before']:.3f} "
+                          f"({time.perf_counter() - t0:.0f} s)", flush=True)
 
             config = prior_config(kind, cfg, train)
             priors[kind], _ = train_prior(kind, model, tok, train, train_tasks, cfg["meta"], cfg["hyperprior"],

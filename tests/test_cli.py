@@ -22,7 +22,7 @@ def common(tiny_model_dir, tiny_data_dir):
 def test_meta_train_then_evaluate(tiny_model_dir, tiny_data_dir, tmp_path, capsys):
     out = tmp_path / "run"
     assert main(["meta-train", *common(tiny_model_dir, tiny_data_dir), "--meta_steps", "3", "--inner_steps", "2",
-                 "--beta", "1e-6", "--out", str(out), "--save_every", "2"]) == 0
+                 "--beta", "1e-6", "--out", str(out), "--save_every", "2", "--log_support_after"]) == 0
     theta, cfg = load_adapter(out)
     assert cfg["kind"] == "prior" and cfg["meta_steps_done"] == 3
     assert cfg["meta"]["inner_steps"] == 2 and cfg["lora"]["rank"] == 2
@@ -47,6 +47,8 @@ def test_saved_prior_reloads_to_identical_predictions(tiny_model_dir, tiny_data_
     out = tmp_path / "run"
     assert main(["meta-train", *common(tiny_model_dir, tiny_data_dir), "--meta_steps", "2",
                  "--outer_lr", "0.05", "--out", str(out)]) == 0
+    history = json.loads((out / "history.json").read_text())
+    assert "support_nll_before" in history[0] and "support_nll_after" not in history[0]   # off by default
     cfg = {}
     model, tok, theta = _load_prior(str(out), cfg)
     assert any(v.abs().sum() > 0 for k, v in theta.items() if "lora_B" in k)   # trained, not the init

@@ -246,10 +246,10 @@ def test_two_processes_train_the_same_prior_as_one(tiny_model_dir, tiny_data_dir
 POISON = """import abmll.meta, abmll.train
 real_step, real_scores = abmll.train.distributed_meta_step, abmll.meta.option_scores
 poisoned = [False]
-def step(acc, *args):
+def step(acc, *args, **kwargs):
     poisoned[0] = args[-1] == 1 and acc.process_index == 1
     try:
-        return real_step(acc, *args)
+        return real_step(acc, *args, **kwargs)
     finally:
         poisoned[0] = False
 abmll.train.distributed_meta_step = step

@@ -183,19 +183,19 @@ def poison(monkeypatch, bad_step: int, kind: str, seen: dict) -> None:
     output files just before that step."""
     real_step, real_scores = train.meta_step, meta.option_scores
 
-    def meta_step(model, theta, optimizer, batch, config, hyper, step):
+    def meta_step(model, theta, optimizer, batch, config, hyper, step, **kwargs):
         if step != bad_step:
-            return real_step(model, theta, optimizer, batch, config, hyper, step)
+            return real_step(model, theta, optimizer, batch, config, hyper, step, **kwargs)
         seen.update(tasks=[t.task for t in batch], theta={k: v.detach().clone() for k, v in theta.items()},
                     files=file_bytes(seen["out"]) if seen.get("out") else {})
         with monkeypatch.context() as m:
             if kind == "loss":
                 m.setattr(meta, "option_scores", lambda *a, **kw: real_scores(*a, **kw) * math.nan)
-                return real_step(model, theta, optimizer, batch, config, hyper, step)
+                return real_step(model, theta, optimizer, batch, config, hyper, step, **kwargs)
             first = next(iter(theta.values()))
             hook = first.register_hook(lambda grad: torch.full_like(grad, math.nan))
             try:
-                return real_step(model, theta, optimizer, batch, config, hyper, step)
+                return real_step(model, theta, optimizer, batch, config, hyper, step, **kwargs)
             finally:
                 hook.remove()
 

@@ -185,6 +185,7 @@ class ProcessReducer:
 def distributed_meta_step(
     accelerator, model: BayesLoraModel, theta: Params, optimizer: torch.optim.Optimizer,
     tasks: Sequence[TaskBatches], total_tasks: int, config: MetaConfig, hyper: HyperpriorConfig, step: int,
+    log_support_after: bool = False,
 ) -> dict[str, float]:
     """:func:`abmll.meta.meta_step` on this process's ``tasks`` (its share of a meta-batch of
     ``total_tasks``), with gradients and logs summed over the processes before the hyperprior,
@@ -199,7 +200,8 @@ def distributed_meta_step(
     """
     reducer = ProcessReducer(accelerator, step)
     try:
-        return meta_step(model, theta, optimizer, tasks, config, hyper, step, total_tasks=total_tasks, reduce=reducer)
+        return meta_step(model, theta, optimizer, tasks, config, hyper, step, total_tasks=total_tasks, reduce=reducer,
+                         log_support_after=log_support_after)
     except Exception as err:
         optimizer.zero_grad(set_to_none=True)
         if not reducer.called:      # failed before the all-reduce: the others are waiting in it

@@ -167,7 +167,7 @@ def meta_step(
     model: BayesLoraModel, theta: Params, optimizer: torch.optim.Optimizer,
     tasks: Sequence[TaskBatches], config: MetaConfig, hyper: HyperpriorConfig, step: int = 0,
     *, total_tasks: int | None = None, reduce: Callable[[Params, dict], dict] | None = None,
-    log_support_after: bool = True,
+    log_support_after: bool = False,
 ) -> dict[str, float]:
     """One first-order ABMLL outer step on a meta-batch (method doc, "Meta-objective").
 
@@ -184,11 +184,14 @@ def meta_step(
             ``theta[k].grad``, None when ``tasks`` is empty) and logs (sums of per-task values
             times 1/B) are accumulated, before the hyperprior term, the finiteness check and the
             optimizer step: e.g. a sum over processes (:mod:`abmll.distributed`).
-        log_support_after: also run the support set once more, without gradients, at
-            lambda^(K) to log support_nll_after (one extra forward per task; False logs NaN).
+        log_support_after: also run the support set once more, without gradients, at the
+            posterior mean of lambda^(K), to log support_nll_after: one extra forward per
+            task, about 8% of a meta-step at 16 + 16 examples (benchmarks/efficiency.py).
     Returns:
-        logs: query_nll, kl, hyperprior (= -log p(theta), unweighted), support_nll_before,
-        support_nll_after (means over the meta-batch, nats), loss (the meta-objective).
+        logs: query_nll, kl, hyperprior (= -log p(theta), unweighted), support_nll_before
+        (the first inner step's sampled NLL), support_nll_after (only with
+        ``log_support_after``; always for Reptile), as means over the meta-batch in nats, and
+        loss (the meta-objective).
     Raises:
         NonFiniteLossError: naming ``step`` and the tasks; theta is left unchanged.
     """
@@ -196,7 +199,9 @@ def meta_step(
         raise ValueError(f"outer_update must be one of {OUTER_UPDATES}, got {config.outer_update!r}")
     optimizer.zero_grad(set_to_none=True)
     B = len(tasks) if total_tasks is None else total_tasks
-    logs = dict(query_nll=0.0, kl=0.0, support_nll_before=0.0, support_nll_after=0.0)
+    logs = dict(query_nll=0.0, kl=0.0, support_nll_before=0.0)
+    if log_support_after or config.outer_update == "reptile":
+        logs["support_nll_after"] = 0.0
     for task in tasks:
         if task.noise_seed is not None:
             torch.manual_seed(task.noise_seed)
@@ -220,11 +225,9 @@ def meta_step(
         logs["kl"] += kl.item() / B
         before = history[0] if history else mean_nll(model, theta, task.support)
         logs["support_nll_before"] += before / B
-        if not log_support_after:
-            after = math.nan
-        else:
+        if log_support_after:
             after = mean_nll(model, lam_k, task.support) if history else before   # K = 0: lambda = theta
-        logs["support_nll_after"] += after / B
+            logs["support_nll_after"] += after / B
     if reduce is not None:
         logs = reduce(theta, logs)
     hyperprior = model.neg_log_hyperprior(theta, hyper)

@@ -67,6 +67,8 @@ class MetaTrainer:
             main process saves. Under an FSDP config (the base model sharded with
             :func:`abmll.distributed.shard_base_model`) the processes run in lockstep: the
             meta-batch size must be a multiple of the number of processes.
+        log_support_after: also log each meta-step's support NLL after the inner loop (one
+            extra forward per task; see :func:`abmll.meta.meta_step`).
         theta: prior adapter tensors (leaf tensors, float32), trained in place.
         history: one dict of logs per finished meta-step (see :func:`abmll.meta.meta_step`);
             a skipped step's dict has ``skipped: True`` and ``error`` instead of the losses.
@@ -80,6 +82,7 @@ class MetaTrainer:
     hyper: HyperpriorConfig
     scoring: ScoringConfig
     accelerator: Any = None
+    log_support_after: bool = False
 
     def __post_init__(self) -> None:
         if not self.task_names:
@@ -166,10 +169,12 @@ class MetaTrainer:
         try:
             with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
                 if self.world_size == 1:
-                    logs = meta_step(self.model, self.theta, self.optimizer, batch, self.meta, self.hyper, step)
+                    logs = meta_step(self.model, self.theta, self.optimizer, batch, self.meta, self.hyper, step,
+                                     log_support_after=self.log_support_after)
                 else:
                     logs = distributed_meta_step(self.accelerator, self.model, self.theta, self.optimizer, batch,
-                                                 len(episodes), self.meta, self.hyper, step)
+                                                 len(episodes), self.meta, self.hyper, step,
+                                                 log_support_after=self.log_support_after)
         except NonFiniteLossError as err:
             if not skip_nonfinite:
                 raise NonFiniteLossError(f"{err} (meta-batch tasks {names})") from err
