@@ -4,8 +4,11 @@ On identical batches (2 tasks: support and query of real glue-sst2 / rotten_toma
 examples), for K in {1, 2, 5, 10}:
   (a) lora:         (K + 1) * B plain peft LoRA steps (forward, backward, AdamW step),
   (b) abmll:        one first-order ABMLL meta-step (:func:`abmll.meta.meta_step`), as the
-                    trainer runs it (with the support_nll_after logging forward);
-      abmll_nolog:  the same without that logging forward (``log_support_after=False``),
+                    trainer runs it by default (flipout sampling);
+      abmll_log:    the same with the support_nll_after logging forward
+                    (``--log_support_after``: one extra no-grad forward per task),
+      abmll_per_batch: the default meta-step with ``sampling="per_batch"`` (one weight
+                    sample per forward, added to W0: one extra full-rank matmul, not three),
   (c) second_order: one exact meta-step back-propagating through the K inner steps.
 Each (method, K) runs in a fresh child process (a process's peak RSS never goes down, and a
 child inherits its parent's), started from this parent that never loads the model; glibc is
@@ -13,9 +16,10 @@ told to return freed memory (MALLOC_MMAP_THRESHOLD_) so RSS tracks live memory. 
 peak is torch.cuda.max_memory_allocated. All methods run attention on the math SDPA kernel
 (the only CPU kernel with a double backward), so they are compared under one backend.
 
-The headline step-time ratio (K=5) is timed in one process with lora, abmll and abmll_nolog
-run in turn for several rounds (:func:`paired_step_time`), so load that drifts between the
-separate processes cannot bias it. The lora rows' tokens/s is the practical ceiling for
+The headline step-time ratio (K=5) is timed in one process with lora and the three ABMLL
+variants run in turn for several rounds (:func:`paired_step_time`), so load that drifts
+between the separate processes cannot bias it; it runs at the trainer's default episode
+size (``--paired-k``, 16 support + 16 query examples per task, TaskArgs.k / max_query). The lora rows' tokens/s is the practical ceiling for
 meta-training: the frozen base model's forward + backward on the same batches (plus a
 rank-r adapter and its AdamW step).
 
@@ -42,7 +46,8 @@ from pathlib import Path
 
 RESULTS = Path(__file__).parent / "results"
 KS = [1, 2, 5, 10]
-METHODS = ["lora", "abmll", "abmll_nolog", "second_order"]
+METHODS = ["lora", "abmll", "abmll_log", "abmll_per_batch", "second_order"]
+ABMLL_VARIANTS = ["abmll", "abmll_log", "abmll_per_batch"]
 TASKS = ["glue-sst2", "rotten_tomatoes"]
 
 
@@ -70,8 +75,9 @@ def setup(args):
     scoring = ScoringConfig(max_length=64, max_rows=16)
     batches = lambda exs: [b.to(device) for b in make_batches(tok, exs[: args.k], scoring)]  # noqa: E731
     tasks = []
-    for t in TASKS:                  # the first k examples of the 8-shot train (support) and dev (query) files
-        ep = load_episode(t, 8, 100, "dev")
+    shots = 8 if args.k <= 8 else 16
+    for t in TASKS:                  # the first k examples of the k-shot train (support) and dev (query) files
+        ep = load_episode(t, shots, 100, "dev")
         tasks.append(TaskBatches(t, batches(ep.support), batches(ep.query)))
     with torch.no_grad():                        # touch every weight before the memory baseline
         for p in model.parameters():
@@ -95,6 +101,8 @@ def timed(fn, device) -> float:
 def make_step(method: str, K: int, model, tasks):
     """A closure running one unit of ``method`` on ``tasks``: (K + 1) * B plain LoRA steps
     for "lora", one meta-step otherwise (each method with its own adapter and optimizer)."""
+    from dataclasses import replace
+
     import torch
 
     from abmll.bayes_lora import HyperpriorConfig
@@ -116,8 +124,13 @@ def make_step(method: str, K: int, model, tasks):
         return step
     opt = torch.optim.Adam(theta.values(), lr=1e-3)
     fn = meta_step_second_order if method == "second_order" else partial(
-        meta_step, log_support_after=method == "abmll")
-    return lambda: fn(model, theta, opt, tasks, cfg, hyper)
+        meta_step, log_support_after=method == "abmll_log")
+    sampling = "per_batch" if method == "abmll_per_batch" else "flipout"
+
+    def step():                       # the sampler is read in each forward; the model is shared
+        model.config = replace(model.config, sampling=sampling)
+        fn(model, theta, opt, tasks, cfg, hyper)
+    return step
 
 
 def child(args) -> dict:
@@ -144,8 +157,8 @@ def child(args) -> dict:
 
 
 def paired_step_time(args, K: int = 5) -> dict:
-    """Step time of ABMLL (with and without the logging forward) relative to LoRA, in one
-    process, the three run in turn ``--paired-rounds`` times after a warm-up: each round's
+    """Step time of the ABMLL variants relative to LoRA, in one process, at ``--paired-k``
+    examples per task, all run in turn ``--paired-rounds`` times after a warm-up: each round's
     ratio compares steps taken within seconds of each other, so a load that drifts over
     minutes (another job on the machine) cancels out. Returns the per-round ratios and their
     medians; memory is measured by the per-process rows instead."""
@@ -154,8 +167,8 @@ def paired_step_time(args, K: int = 5) -> dict:
 
     torch.manual_seed(0)
     torch.set_num_threads(args.threads)
-    model, tasks, device = setup(args)
-    methods = ("lora", "abmll", "abmll_nolog")
+    model, tasks, device = setup(argparse.Namespace(**{**vars(args), "k": args.paired_k}))
+    methods = ("lora", *ABMLL_VARIANTS)
     steps = {m: make_step(m, K, model, tasks) for m in methods}
 
     rounds = []
@@ -165,7 +178,7 @@ def paired_step_time(args, K: int = 5) -> dict:
         for _ in range(args.paired_rounds):
             rounds.append({m: timed(fn, device) for m, fn in steps.items()})
     ratios = {m: [r[m] / r["lora"] for r in rounds] for m in methods[1:]}
-    return {"K": K, "rounds": rounds, "ratios": ratios,
+    return {"K": K, "examples_per_task": args.paired_k, "rounds": rounds, "ratios": ratios,
             "median_ratio": {m: statistics.median(v) for m, v in ratios.items()}}
 
 
@@ -241,6 +254,9 @@ def run_child(args, method: str, K: int) -> dict:
 
 def table(res: dict) -> str:
     lines = [f"Efficiency ({res['model']}, {res['device']}); command: `{res['command']}`", "",
+             "Each row, and the paired timing, is reused from an earlier invocation when it is in the "
+             "benchmark's cache (benchmarks/results/.efficiency-rows.jsonl, .efficiency-paired.json); "
+             "delete those to measure everything again.", "",
              "| method | K | step time (s) | peak memory (MB) | peak - baseline (MB) | tokens/s |",
              "|---|---|---|---|---|---|"]
     for r in res["rows"]:
@@ -249,16 +265,21 @@ def table(res: dict) -> str:
             continue
         lines.append(f"| {r['method']} | {r['K']} | {r['step_s']:.2f} | {r['peak_mb']:.0f} | "
                      f"{r['peak_mb'] - r['baseline_mb']:.0f} | {r['tokens_per_s']:.0f} |")
-    s = res["scoring"]
+    s, paired = res["scoring"], res["step_time_paired"]
     fmt = lambda x: "n/a" if x is None else f"{x:.3f}"  # noqa: E731
     lines += ["", f"- memory_ratio_k10_k1: { {m: fmt(v) for m, v in res['memory_ratio_k10_k1'].items()} }",
               f"- peak memory relative to K=1: { {m: {K: fmt(v) for K, v in d.items()} for m, d in res['memory_ratio_vs_k1'].items()} }",
               f"- step_time_ratio_vs_lora (K=5, ABMLL meta-step / (K+1)*B LoRA steps, median of "
-              f"{len(res['step_time_paired']['rounds'])} paired rounds in one process): "
-              f"{fmt(res['step_time_ratio_vs_lora'])}; without the support_nll_after logging forward: "
-              f"{fmt(res['step_time_ratio_vs_lora_no_log'])}; per round: "
-              f"{ {m: [fmt(x) for x in v] for m, v in res['step_time_paired']['ratios'].items()} }",
-              f"- the same ratio from the rows above (separate processes, run minutes apart): "
+              f"{len(paired['rounds'])} paired rounds in one process, {paired['examples_per_task']} support + "
+              f"{paired['examples_per_task']} query examples per task): "
+              f"**{fmt(res['step_time_ratio_vs_lora'])}** (the trainer's default meta-step: flipout); with the "
+              f"support_nll_after logging forward (--log_support_after): "
+              f"{fmt(res['step_time_ratio_vs_lora_with_log'])}; with per_batch sampling: "
+              f"{fmt(res['step_time_ratio_vs_lora_per_batch'])}; per round: "
+              f"{ {m: [fmt(x) for x in v] for m, v in paired['ratios'].items()} }; LoRA steps per round (s): "
+              f"{[round(r['lora'], 1) for r in paired['rounds']]}",
+              f"- the same ratio from the rows above (separate processes, run minutes apart, "
+              f"{res['examples_per_task']['support']} + {res['examples_per_task']['query']} examples per task): "
               f"{ {m: {K: fmt(v) for K, v in d.items()} for m, d in res['step_time_ratio_vs_lora_separate_processes'].items()} }",
               f"- scoring_speedup (ai2_arc, {s['examples']} examples, packed vs per-option): "
               f"{res['scoring_speedup']:.2f}x, max |score diff| {s['max_abs_diff']:.2e}, "
@@ -284,6 +305,8 @@ def main() -> None:
     ap.add_argument("--ks", nargs="+", type=int, default=KS, help="inner steps K to run")
     ap.add_argument("--child", nargs=2, metavar=("METHOD", "K"))
     ap.add_argument("--paired-rounds", type=int, default=5, help="rounds of the in-process paired timing")
+    ap.add_argument("--paired-k", type=int, default=16,
+                    help="support/query examples per task in the paired timing (the trainer's default episode)")
     ap.add_argument("--only", choices=["scoring", "profile", "paired"])
     ap.add_argument("--no-profile", action="store_true", help="skip the meta-step profile")
     args = ap.parse_args()
@@ -325,7 +348,11 @@ def main() -> None:
         return ratio(by.get((method, K)), by.get(("lora", K)), "step_s")
 
     scoring = scoring_speed(args)
-    paired = paired_step_time(args)
+    paired_cache = RESULTS / f".{name}-paired.json"      # the paired timing survives a restart too
+    paired = json.loads(paired_cache.read_text()) if paired_cache.exists() else None
+    if paired is None or (paired["examples_per_task"], len(paired["rounds"])) != (args.paired_k, args.paired_rounds):
+        paired = paired_step_time(args)
+        paired_cache.write_text(json.dumps(paired))
     import torch
 
     from abmll.models import resolve_device
@@ -339,7 +366,8 @@ def main() -> None:
         "memory_ratio_vs_k1": {m: {K: ratio(by.get((m, K)), by.get((m, 1)), "peak_mb") for K in args.ks}
                                for m in args.methods},
         "step_time_ratio_vs_lora": paired["median_ratio"]["abmll"],
-        "step_time_ratio_vs_lora_no_log": paired["median_ratio"]["abmll_nolog"],
+        "step_time_ratio_vs_lora_with_log": paired["median_ratio"]["abmll_log"],
+        "step_time_ratio_vs_lora_per_batch": paired["median_ratio"]["abmll_per_batch"],
         "step_time_paired": paired,
         "step_time_ratio_vs_lora_separate_processes": {m: {K: time_ratio(m, K) for K in args.ks}
                                                        for m in args.methods if m != "lora"},
