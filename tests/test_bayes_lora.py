@@ -4,6 +4,7 @@ per-batch), mean path = peft LoRA."""
 from __future__ import annotations
 
 import copy
+import math
 
 import pytest
 import torch
@@ -74,6 +75,20 @@ def test_initial_prior_has_zero_mean_and_std_c_times_std_w0():
     S = std_matrix(theta[L.scale_B], theta[L.scale_A], L.rho0)
     torch.testing.assert_close(S, torch.full_like(S, 0.2 * w0.std().item()), rtol=1e-5, atol=0)
     assert abs(inverse_softplus(torch.nn.functional.softplus(torch.tensor(0.37)).item()) - 0.37) < 1e-6
+
+
+def test_initial_prior_depends_on_init_seed_not_on_the_global_rng():
+    torch.manual_seed(1)
+    first = BayesLoraModel(make_tiny_llama(), BayesLoraConfig(rank=2)).init_params()
+    torch.manual_seed(2)
+    torch.rand(7)
+    second = BayesLoraModel(make_tiny_llama(), BayesLoraConfig(rank=2)).init_params()
+    other = BayesLoraModel(make_tiny_llama(), BayesLoraConfig(rank=2, init_seed=1)).init_params()
+    assert all(torch.equal(first[k], second[k]) for k in first)
+    a_keys = [k for k in first if k.endswith(("lora_A.default.weight", "bayes_scale_A"))]
+    assert a_keys and all(not torch.equal(first[k], other[k]) for k in a_keys)
+    bound = 1 / math.sqrt(first[a_keys[0]].shape[1])              # Kaiming-uniform(a=sqrt(5)) = U(+-1/sqrt(fan_in))
+    assert all(first[k].abs().max() <= bound for k in a_keys) and first[a_keys[0]].abs().max() > 0.5 * bound
 
 
 def _capture_layer0_q(model: BayesLoraModel):

@@ -43,6 +43,18 @@ def test_meta_train_then_evaluate(tiny_model_dir, tiny_data_dir, tmp_path, capsy
     assert results["config"]["eval"]["test_steps"] == 2
 
 
+def test_meta_train_twice_gives_the_same_prior_whatever_the_global_rng(tiny_model_dir, tiny_data_dir, tmp_path):
+    """--seed (and init_seed) fix the run: the adapter init, task sampling and weight noise."""
+    priors = []
+    for seed in (1, 2):
+        torch.manual_seed(seed)
+        out = tmp_path / f"run{seed}"
+        assert main(["meta-train", *common(tiny_model_dir, tiny_data_dir), "--meta_steps", "2", "--n_samples", "1",
+                     "--plots", "false", "--out", str(out)]) == 0
+        priors.append(load_adapter(out)[0])
+    assert all(torch.equal(priors[0][k], priors[1][k]) for k in priors[0])
+
+
 def test_saved_prior_reloads_to_identical_predictions(tiny_model_dir, tiny_data_dir, tmp_path):
     out = tmp_path / "run"
     assert main(["meta-train", *common(tiny_model_dir, tiny_data_dir), "--meta_steps", "2",

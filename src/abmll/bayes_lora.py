@@ -149,6 +149,9 @@ class BayesLoraConfig:
         kl_chunk_elements: the KL and hyperprior are computed over row blocks of at most this
             many weight entries (each block recomputed in backward), so a 4096 x 4096 layer
             never holds more than a fraction of one extra full matrix.
+        init_seed: seeds the Kaiming-uniform draws of the mean and scale pairs' A matrices
+            (drawn on the CPU, then moved), so a model built from one config starts from
+            one prior whatever torch's global RNG state is (peft's own draws are replaced).
         sampling: how ``forward(sample=True)`` draws dW ~ N(M, S^2):
             "flipout" (method doc; Wen et al. 2018): one sample per sequence (or per
             ``groups`` id), decorrelated by random signs; costs three extra full-rank matmuls
@@ -158,7 +161,9 @@ class BayesLoraConfig:
             2015); one extra full-rank matmul (the weight gradient), so cheaper, but every
             sequence sees the same dW, so a loss gradient has more variance
             (``benchmarks/results/sampling.md``), and the forward holds a sampled copy of
-            every adapted W0 at once. Not with FSDP, which shards W0.
+            every adapted W0 at once. With bf16 base weights the noise is rounded onto
+            W0's bf16 grid (about 2% relative error at init_std_factor 0.1, more for smaller
+            S). Not with FSDP, which shards W0.
     """
 
     rank: int = 4
@@ -166,6 +171,7 @@ class BayesLoraConfig:
     target_modules: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
     init_std_factor: float = 0.1
     kl_chunk_elements: int = 1 << 20
+    init_seed: int = 0
     sampling: str = "flipout"
 
     def __post_init__(self) -> None:
@@ -379,21 +385,23 @@ class BayesLoraModel(nn.Module):
             raise ValueError(f"cannot adapt target_modules={config.target_modules}: {err}") from err
         self._noise = _NoiseState()
         self.layers: list[AdaptedLayer] = []
+        generator = torch.Generator().manual_seed(config.init_seed)
         for name, module in self.peft_model.named_modules():
             if isinstance(module, LoraLayer) and "default" in getattr(module, "lora_A", {}):
-                self.layers.append(self._add_scale_pair(name, module))
+                self.layers.append(self._add_scale_pair(name, module, generator))
 
-    def _add_scale_pair(self, name: str, module: nn.Module) -> AdaptedLayer:
+    def _add_scale_pair(self, name: str, module: nn.Module, generator: torch.Generator) -> AdaptedLayer:
         lora_A = module.lora_A["default"]
         if not isinstance(lora_A, nn.Linear):
             raise ValueError(f"{name}: layer type {type(module.get_base_layer()).__name__} is not supported")
         d_in, d_out = module.in_features, module.out_features
         w0 = module.get_base_layer().weight
         rho0 = inverse_softplus(self.config.init_std_factor * w0.float().std().item())
-        r = self.config.rank
-        A_s = torch.empty(r, d_in, dtype=lora_A.weight.dtype, device=lora_A.weight.device)
-        nn.init.kaiming_uniform_(A_s, a=math.sqrt(5))
-        module.bayes_scale_A = nn.Parameter(A_s, requires_grad=False)
+        A_mu, A_s = (nn.init.kaiming_uniform_(torch.empty(self.config.rank, d_in), a=math.sqrt(5), generator=generator)
+                     for _ in range(2))                  # peft's init of lora_A, from our generator
+        with torch.no_grad():
+            lora_A.weight.copy_(A_mu)
+        module.bayes_scale_A = nn.Parameter(A_s.to(lora_A.weight), requires_grad=False)
         module.bayes_scale_B = nn.Parameter(torch.zeros_like(module.lora_B["default"].weight), requires_grad=False)
         for p in (lora_A.weight, module.lora_B["default"].weight):
             p.requires_grad_(False)
@@ -409,7 +417,8 @@ class BayesLoraModel(nn.Module):
     def init_params(self) -> Params:
         """The adapter tensors at initialisation (peft's LoRA init for the mean pair: A
         Kaiming-uniform, B zero, so M = 0; scale pair A Kaiming-uniform, B zero, so
-        S = c * std(W0)). Returns fresh detached copies, one entry per matrix."""
+        S = c * std(W0); the A draws seeded by ``config.init_seed``). Returns fresh detached
+        copies, one entry per matrix."""
         named = dict(self.peft_model.named_parameters())
         return {k: named[k].detach().clone() for layer in self.layers
                 for k in (layer.mean_A, layer.mean_B, layer.scale_A, layer.scale_B)}
@@ -438,15 +447,17 @@ class BayesLoraModel(nn.Module):
             kwargs: passed to the model (position_ids, logits_to_keep, ...).
         Returns: the model's output (``.logits``: (batch, seq or logits_to_keep, vocab)).
         """
-        if sample and self.config.sampling == "per_batch":
+        if sample and self.config.sampling != "flipout":
+            if self.config.sampling != "per_batch":
+                raise ValueError(f"sampling must be one of {SAMPLING}, got {self.config.sampling!r}")
             params = {**params, **self._sampled_base_weights(params)}
             sample = False
         self._noise.sample, self._noise.groups = sample, groups
         if attention_mask is not None and attention_mask.is_floating_point():   # additive 4D mask
             attention_mask = attention_mask.to(self.peft_model.get_input_embeddings().weight.dtype)
         try:
-            return functional_call(
-                self.peft_model, params, args=(), strict=False,
+            return functional_call(   # tie_weights=False: a sampled W0 must not reach a weight tied to it
+                self.peft_model, params, args=(), strict=False, tie_weights=False,
                 kwargs=dict(input_ids=input_ids, attention_mask=attention_mask, **kwargs),
             )
         finally:
@@ -456,7 +467,7 @@ class BayesLoraModel(nn.Module):
         """One weight sample per adapted layer, W0 + S * E with E ~ N(0, 1)^(d_out x d_in),
         keyed by the base layer's weight name (stored transposed for Conv1D), in W0's dtype.
         Differentiable in the scale pair; the mean path M stays peft's low-rank LoRA."""
-        own = dict(self.peft_model.named_parameters())
+        own = dict(self.peft_model.named_parameters(remove_duplicate=False))   # a tied W0 has two names
         out = {}
         for L in self.layers:
             S = std_matrix(params.get(L.scale_B, own[L.scale_B]), params.get(L.scale_A, own[L.scale_A]), L.rho0)
