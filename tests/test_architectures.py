@@ -145,6 +145,27 @@ def test_gpt2_conv1d_sampled_moments_match_gaussian_weights(sampling, rows, call
     torch.testing.assert_close(outs.var(0), var_ref, rtol=0.4, atol=1e-7)      # each entry (~1000 draws)
 
 
+@pytest.mark.filterwarnings("ignore::UserWarning")   # peft: a tied layer adapted; mixed Conv1D / Linear targets
+def test_per_batch_noise_on_a_tied_lm_head_stays_out_of_the_input_embedding():
+    """GPT-2 ties lm_head to the token embedding (one tensor, two names): a sampled lm_head
+    weight must replace lm_head's W0 only, not the embedding that shares it."""
+    base = make_tiny("gpt2")
+    assert base.lm_head.weight is base.transformer.wte.weight
+    model = BayesLoraModel(base, BayesLoraConfig(rank=2, init_std_factor=5.0, target_modules=["c_attn", "lm_head"],
+                                                 sampling="per_batch"))
+    params = random_params(model, 4, scale=0.5)
+    embedded = []
+    handle = model.peft_model.get_submodule("base_model.model.transformer.wte").register_forward_hook(
+        lambda m, a, out: embedded.append(out.detach()))
+    ids = torch.tensor([[5, 17, 99, 42]])
+    with torch.no_grad():
+        mean = model(params, ids).logits
+        sampled = model(params, ids, sample=True).logits
+    handle.remove()
+    torch.testing.assert_close(embedded[1], embedded[0], rtol=0, atol=0)   # the embedding saw no noise
+    assert (sampled - mean).abs().max() > 1e-3                                 # lm_head (and c_attn) did
+
+
 def test_gpt2_kl_matches_torch_distributions():
     model = BayesLoraModel(make_tiny("gpt2"), BayesLoraConfig(rank=3, target_modules=["c_attn"], kl_chunk_elements=500))
     q, p = random_params(model, 3), random_params(model, 4)

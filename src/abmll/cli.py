@@ -82,7 +82,7 @@ class ReportArgs:
             TensorBoard log folder; needs the ``tensorboard`` package.
         plots: write PNG plots beside the outputs (training_curves.png, reliability_<method>.png).
         log_support_after: meta-train also logs the support NLL after each task's inner loop
-            (one extra forward of the support set per task and meta-step, about 8% of a
+            (one extra forward of the support set per task and meta-step, about 6% of a
             meta-step at k=16).
     """
 

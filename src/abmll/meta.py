@@ -186,7 +186,7 @@ def meta_step(
             optimizer step: e.g. a sum over processes (:mod:`abmll.distributed`).
         log_support_after: also run the support set once more, without gradients, at the
             posterior mean of lambda^(K), to log support_nll_after: one extra forward per
-            task, about 8% of a meta-step at 16 + 16 examples (benchmarks/efficiency.py).
+            task, about 6% of a meta-step at 16 + 16 examples (benchmarks/efficiency.py).
     Returns:
         logs: query_nll, kl, hyperprior (= -log p(theta), unweighted), support_nll_before
         (the first inner step's sampled NLL), support_nll_after (only with

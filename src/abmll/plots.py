@@ -47,7 +47,7 @@ def _series(history: Sequence[dict], key: str) -> tuple[list[int], list[float]]:
 
 def plot_training_curves(history: Sequence[dict], path: str | os.PathLike, title: str = "") -> Path:
     """Write the meta-training curves as a PNG with three panels against the meta-step: the
-    query NLL, the support NLL before and after the inner loop (nats), and KL(q || p_theta)
+    query NLL, the support NLL before (and, when logged, after) the inner loop (nats), and KL(q || p_theta)
     (nats, log scale when positive). Steps without a value (skipped steps) are left out.
 
     Args:
@@ -72,7 +72,9 @@ def plot_training_curves(history: Sequence[dict], path: str | os.PathLike, title
     ax.set_title("query NLL (meta-objective)")
     ax = panels[1]
     ax.plot(*_series(history, "support_nll_before"), marker=".", color="tab:gray", label="before inner loop")
-    ax.plot(*_series(history, "support_nll_after"), marker=".", color="tab:green", label="after inner loop")
+    after = _series(history, "support_nll_after")
+    if after[0]:                     # logged only with --log_support_after
+        ax.plot(*after, marker=".", color="tab:green", label="after inner loop")
     ax.set_title("support NLL")
     ax.legend(loc="best")
     ax = panels[2]
