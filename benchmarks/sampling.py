@@ -25,6 +25,7 @@ import json
 import statistics
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -86,21 +87,21 @@ def main() -> None:
             theta = priors["initial"]
             for r in range(args.rounds + 1):                       # round 0 warms up
                 for s in timings:
-                    model.config.sampling = s if s != "mean" else "flipout"
+                    if s in SAMPLERS:                              # "mean" draws no noise
+                        model.config = replace(model.config, sampling=s)
                     t0 = time.perf_counter()
                     support_grad(model, theta, batches, 0 if s == "mean" else 1)
                     if r:
                         timings[s].append(time.perf_counter() - t0)
             med = {s: statistics.median(v) for s, v in timings.items()}
             for s in SAMPLERS:
-                model.config.sampling = s
+                model.config = replace(model.config, sampling=s)
                 row = dict(k=k, sampler=s, step_s=med[s], mean_step_s=med["mean"], cost_vs_mean=med[s] / med["mean"])
                 for name, params in priors.items():
                     torch.manual_seed(1)
                     row[f"noise_{name}"] = gradient_noise(model, params, batches, args.draws)
                 rows.append(row)
                 print(json.dumps(row), file=sys.stderr)
-    model.config.sampling = "flipout"
     res = {"model": "smollm2-135m-instruct", "device": f"cpu (float32, {args.threads} threads)",
            "command": "python benchmarks/sampling.py " + " ".join(sys.argv[1:]), "rows": rows}
     RESULTS.mkdir(exist_ok=True)

@@ -184,6 +184,10 @@ def test_per_batch_equals_model_with_sampled_weight_and_gradients_reach_scale_pa
 def test_unknown_sampling_is_rejected():
     with pytest.raises(ValueError, match="sampling must be one of"):
         BayesLoraConfig(sampling="per_token")
+    model = BayesLoraModel(make_tiny_llama(), BayesLoraConfig(rank=2))
+    model.config.sampling = "per_token"              # changed after construction: refused, not run as flipout
+    with pytest.raises(ValueError, match="sampling must be one of"):
+        model(model.init_params(), torch.tensor([[3, 4]]), sample=True)
 
 
 def test_posterior_mean_equals_plain_peft_lora():

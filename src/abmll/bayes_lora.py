@@ -136,6 +136,15 @@ def check_target_layers(base_model: nn.Module, lora_config: LoraConfig) -> list[
     return found
 
 
+SAMPLING = ("flipout", "per_batch")
+
+
+def check_sampling(sampling: str) -> None:
+    """Raises ValueError unless ``sampling`` is one of :data:`SAMPLING`."""
+    if sampling not in SAMPLING:
+        raise ValueError(f"sampling must be one of {SAMPLING}, got {sampling!r}")
+
+
 @dataclass
 class BayesLoraConfig:
     """Shape of the Gaussian LoRA adapter.
@@ -175,11 +184,7 @@ class BayesLoraConfig:
     sampling: str = "flipout"
 
     def __post_init__(self) -> None:
-        if self.sampling not in SAMPLING:
-            raise ValueError(f"sampling must be one of {SAMPLING}, got {self.sampling!r}")
-
-
-SAMPLING = ("flipout", "per_batch")
+        check_sampling(self.sampling)
 
 
 @dataclass
@@ -448,8 +453,7 @@ class BayesLoraModel(nn.Module):
         Returns: the model's output (``.logits``: (batch, seq or logits_to_keep, vocab)).
         """
         if sample and self.config.sampling != "flipout":
-            if self.config.sampling != "per_batch":
-                raise ValueError(f"sampling must be one of {SAMPLING}, got {self.config.sampling!r}")
+            check_sampling(self.config.sampling)     # the config may have been changed after construction
             params = {**params, **self._sampled_base_weights(params)}
             sample = False
         self._noise.sample, self._noise.groups = sample, groups
