@@ -22,6 +22,7 @@ its parameter name in the peft model, so a trainer runs task-specific copies thr
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, field, replace
 from functools import partial
 
@@ -35,6 +36,8 @@ from torch import Tensor, nn
 from torch.func import functional_call
 from torch.autograd.function import once_differentiable
 from torch.utils.checkpoint import checkpoint
+
+from abmll.layer_cache import FrozenLayerCache
 
 Params = dict[str, Tensor]
 
@@ -173,6 +176,15 @@ class BayesLoraConfig:
             every adapted W0 at once. With bf16 base weights the noise is rounded onto
             W0's bf16 grid (about 2% relative error at init_std_factor 0.1, more for smaller
             S). Not with FSDP, which shards W0.
+        top_layers: adapt only the top L decoder layers (peft ``layers_to_transform``); 0
+            adapts ``target_modules`` in every layer. The KL, hyperprior and exported adapter
+            then cover those layers only.
+        frozen_cache_mb: with ``top_layers`` > 0, keep the hidden states entering the lowest
+            adapted layer per tokenised batch, up to this many MiB (least recently used
+            evicted), so repeated forwards of a batch (inner steps, meta-steps re-using an
+            episode, weight samples) run only the top layers (:mod:`abmll.layer_cache`).
+            0: no cache. A runtime setting: it does not change any result beyond
+            floating-point summation order.
     """
 
     rank: int = 4
@@ -182,9 +194,15 @@ class BayesLoraConfig:
     kl_chunk_elements: int = 1 << 20
     init_seed: int = 0
     sampling: str = "flipout"
+    top_layers: int = 0
+    frozen_cache_mb: int = 2048
 
     def __post_init__(self) -> None:
         check_sampling(self.sampling)
+        if self.top_layers < 0:
+            raise ValueError(f"top_layers must be >= 0 (0: adapt every decoder layer), got {self.top_layers}")
+        if self.frozen_cache_mb < 0:
+            raise ValueError(f"frozen_cache_mb must be >= 0 (0: no cache), got {self.frozen_cache_mb}")
 
 
 @dataclass
@@ -320,6 +338,39 @@ def _blockwise(fn, blocks: list[tuple[int, int]], *args):
     return checkpoint(fn, *args, use_reentrant=False)
 
 
+def _top_layer_indices(base_model: nn.Module, top_layers: int) -> list[int] | None:
+    """peft ``layers_to_transform`` for the top ``top_layers`` decoder layers (None: all).
+
+    Raises:
+        ValueError: the model has no ``config.num_hidden_layers``, or fewer layers than asked.
+    """
+    if not top_layers:
+        return None
+    n = getattr(getattr(base_model, "config", None), "num_hidden_layers", None)
+    if not isinstance(n, int):
+        raise ValueError("top_layers needs a Hugging Face model with config.num_hidden_layers")
+    if top_layers > n:
+        raise ValueError(f"top_layers={top_layers} but the model has {n} decoder layers")
+    return list(range(n - top_layers, n))
+
+
+def _decoder_position(module_name: str) -> tuple[str, int]:
+    """("path.to.layers", index) of the decoder layer holding ``module_name``
+    (e.g. "base_model.model.model.layers.27.self_attn.q_proj" -> ("base_model.model.model.layers", 27))."""
+    match = re.search(r"^(.*?)\.(\d+)\.", module_name)
+    if match is None:
+        raise ValueError(f"cannot tell which decoder layer holds {module_name!r}")
+    return match.group(1), int(match.group(2))
+
+
+def _contiguous_input(module: nn.Module, args: tuple) -> tuple:
+    """Forward pre-hook of the LM head: its input is the strided slice of the last
+    ``logits_to_keep`` positions, and a strided 3D input makes ``F.linear`` run a batched matmul
+    against the (vocab x d_model) weight expanded per sequence, several times slower on CPU than
+    one matmul over the copied rows. Same result, one copy of (batch, keep, d_model)."""
+    return (args[0].contiguous(), *args[1:])
+
+
 class _NoiseState:
     """Shared switch read by every layer's flipout hook during one forward pass."""
 
@@ -380,7 +431,7 @@ class BayesLoraModel(nn.Module):
             p.requires_grad_(False)
         lora_config = LoraConfig(
             r=config.rank, lora_alpha=config.alpha, target_modules=list(config.target_modules),
-            lora_dropout=0.0, bias="none",
+            lora_dropout=0.0, bias="none", layers_to_transform=_top_layer_indices(base_model, config.top_layers),
         )
         kinds = {kind for _, kind in check_target_layers(base_model, lora_config)}
         lora_config.fan_in_fan_out = kinds == {"conv1d"}   # Conv1D stores W0 as (d_in, d_out)
@@ -394,6 +445,26 @@ class BayesLoraModel(nn.Module):
         for name, module in self.peft_model.named_modules():
             if isinstance(module, LoraLayer) and "default" in getattr(module, "lora_A", {}):
                 self.layers.append(self._add_scale_pair(name, module, generator))
+        self.frozen_cache = self._make_cache()
+        get_head = getattr(base_model, "get_output_embeddings", None)     # a plain nn.Module has none
+        head = get_head() if get_head is not None else None
+        if head is not None:
+            head.register_forward_pre_hook(_contiguous_input)
+
+    def _make_cache(self) -> FrozenLayerCache | None:
+        """The frozen-layer cache when the adapters leave decoder layers below them (else None)."""
+        if not self.config.top_layers or not self.config.frozen_cache_mb:
+            return None
+        positions = [_decoder_position(L.name) for L in self.layers]
+        stack_name = positions[0][0]
+        if any(name != stack_name for name, _ in positions):
+            raise ValueError(f"adapted layers outside one decoder stack: {sorted({n for n, _ in positions})}")
+        boundary = min(i for _, i in positions)
+        if boundary == 0:
+            return None
+        stack = self.peft_model.get_submodule(stack_name)
+        frozen = [self.peft_model.get_input_embeddings(), *stack[:boundary]]
+        return FrozenLayerCache(stack, boundary, frozen, self.config.frozen_cache_mb << 20)
 
     def _add_scale_pair(self, name: str, module: nn.Module, generator: torch.Generator) -> AdaptedLayer:
         lora_A = module.lora_A["default"]
@@ -459,11 +530,14 @@ class BayesLoraModel(nn.Module):
         self._noise.sample, self._noise.groups = sample, groups
         if attention_mask is not None and attention_mask.is_floating_point():   # additive 4D mask
             attention_mask = attention_mask.to(self.peft_model.get_input_embeddings().weight.dtype)
+        run = partial(   # tie_weights=False: a sampled W0 must not reach a weight tied to it
+            functional_call, self.peft_model, params, args=(), strict=False, tie_weights=False,
+            kwargs=dict(input_ids=input_ids, attention_mask=attention_mask, **kwargs),
+        )
         try:
-            return functional_call(   # tie_weights=False: a sampled W0 must not reach a weight tied to it
-                self.peft_model, params, args=(), strict=False, tie_weights=False,
-                kwargs=dict(input_ids=input_ids, attention_mask=attention_mask, **kwargs),
-            )
+            if self.frozen_cache is None:
+                return run()
+            return self.frozen_cache.run(run, input_ids, attention_mask, kwargs.get("position_ids"))
         finally:
             self._noise.sample, self._noise.groups = False, None
 

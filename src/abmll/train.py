@@ -42,7 +42,10 @@ from abmll.scoring import ScoringConfig, make_batches
 CHECKPOINT_DIR = "checkpoint"
 """Sub-folder of a run's output folder holding the trainer state."""
 
-RESUMABLE_CHANGES = {"meta.meta_steps", "tasks.data_dir", "model.device"}
+BEST_DIR = "best"
+"""Sub-folder of a run's output folder holding the prior with the lowest validation NLL."""
+
+RESUMABLE_CHANGES = {"meta.meta_steps", "tasks.data_dir", "model.device", "lora.frozen_cache_mb"}
 """Config entries that may differ between a saved run and its resumption (all others must match)."""
 
 
@@ -70,8 +73,14 @@ class MetaTrainer:
         log_support_after: also log each meta-step's support NLL after the inner loop (one
             extra forward per task; see :func:`abmll.meta.meta_step`).
         theta: prior adapter tensors (leaf tensors, float32), trained in place.
+        validator: called as ``validator(theta)`` -> metrics dict with at least ``nll`` (e.g.
+            :class:`abmll.validation.Validator`), before the first meta-step and every
+            ``validate_every`` steps; the prior with the lowest ``nll`` so far is saved in
+            ``<out>/best/`` and the curve in ``<out>/validation.json``.
+        validate_every: meta-steps between two validations (0: no validation).
         history: one dict of logs per finished meta-step (see :func:`abmll.meta.meta_step`);
             a skipped step's dict has ``skipped: True`` and ``error`` instead of the losses.
+        validation: one dict per validation, ``{"step": meta-steps done, **metrics}``.
     """
 
     model: BayesLoraModel
@@ -83,6 +92,8 @@ class MetaTrainer:
     scoring: ScoringConfig
     accelerator: Any = None
     log_support_after: bool = False
+    validator: Callable[[Params], dict] | None = None
+    validate_every: int = 0
 
     def __post_init__(self) -> None:
         if not self.task_names:
@@ -98,6 +109,8 @@ class MetaTrainer:
         self.theta: Params = {k: v.clone().requires_grad_() for k, v in self.model.init_params().items()}
         self.optimizer = torch.optim.Adam(self.theta.values(), lr=self.meta.outer_lr)
         self.history: list[dict] = []
+        self.validation: list[dict] = []
+        self._best: tuple[float, Params] | None = None
         self._episodes: dict[tuple, TaskBatches] = {}
         self._saved_step: int | None = None
         if self.world_size > 1:
@@ -195,6 +208,14 @@ class MetaTrainer:
                                           "meta_steps_done": len(self.history),
                                           "meta_steps_skipped": self.skipped_steps})
         write_json(folder / "history.json", self.history)
+        if self.validation:
+            write_json(folder / "validation.json", self.validation)
+        if self._best is not None:
+            nll, theta = self._best
+            best_step = min(self.validation, key=lambda v: v["nll"])["step"]
+            save_adapter(folder / BEST_DIR, theta, {**config, "kind": "prior", "rho0": self.rho0(),
+                                                    "meta_steps_done": best_step, "validation_nll": nll,
+                                                    "selected_by": "lowest validation NLL"})
         self._saved_step = len(self.history)
         return folder
 
@@ -209,8 +230,10 @@ class MetaTrainer:
         if device.type == "cuda":
             tensors["rng/cuda"] = torch.cuda.get_rng_state(device)
         version, internal, gauss = self.rng.getstate()
+        if self._best is not None:
+            tensors.update({f"best/{k}": v for k, v in self._best[1].items()})
         return tensors, {"adam_param_groups": optim["param_groups"], "history": self.history,
-                         "task_rng": [version, list(internal), gauss]}
+                         "task_rng": [version, list(internal), gauss], "validation": self.validation}
 
     def resume(self, out_dir: str | Path, config: dict | None = None) -> int:
         """Restore the state saved by :meth:`save` in ``out_dir`` (theta, Adam state, torch and
@@ -263,6 +286,11 @@ class MetaTrainer:
                 v.copy_(tensors[f"theta/{k}"])
         self.rng = task_rng
         self.history = history
+        self.validation = list(state.get("validation", []))
+        best = {k.removeprefix("best/"): v.to(self.theta[k.removeprefix("best/")].device)
+                for k, v in tensors.items() if k.startswith("best/")}
+        if best and self.validation:
+            self._best = (min(v["nll"] for v in self.validation), best)
         self._saved_step = len(history)
         return len(history)
 
@@ -283,6 +311,7 @@ class MetaTrainer:
                 :meth:`step`); the message names the step, the tasks and the last good
                 checkpoint, which is left as it was.
         """
+        self._maybe_validate(out_dir, config)
         while len(self.history) < self.meta.meta_steps:
             try:
                 logs = self.step(skip_nonfinite)
@@ -292,6 +321,7 @@ class MetaTrainer:
                 raise NonFiniteLossError(f"{err}; {kept}") from err
             if on_step:
                 on_step(logs)
+            self._maybe_validate(out_dir, config)
             if out_dir and save_every and len(self.history) % save_every == 0:
                 self._save_on_main(out_dir, config)
         if out_dir and self._saved_step != len(self.history):
@@ -300,6 +330,19 @@ class MetaTrainer:
             check_in_sync(self.accelerator, self.theta)     # every process ends with the same prior
             self.accelerator.wait_for_everyone()
         return {k: v.detach() for k, v in self.theta.items()}
+
+    def _maybe_validate(self, out_dir: str | Path | None, config: dict) -> None:
+        """Validate when a validator is set, ``validate_every`` divides the steps done and this
+        step was not validated yet; keep the prior if its NLL is the lowest so far."""
+        step = len(self.history)
+        if (self.validator is None or not self.validate_every or step % self.validate_every
+                or any(v["step"] == step for v in self.validation)):
+            return
+        with torch.random.fork_rng(devices=[]):     # validation's own seeding must not move the run's RNG
+            metrics = self.validator(self.theta)
+        self.validation.append({"step": step, **metrics})
+        if self._best is None or metrics["nll"] < self._best[0]:
+            self._best = (metrics["nll"], {k: v.detach().clone() for k, v in self.theta.items()})
 
     def _save_on_main(self, out_dir: str | Path, config: dict) -> None:
         if self.is_main:

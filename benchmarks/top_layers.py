@@ -1,0 +1,181 @@
+"""Top-L cached adaptation against all-layer adaptation, at equal wall time (issue: a real budget).
+
+Each variant meta-trains ABMLL on SmolLM2 with the demo's settings (src/abmll/demo.yaml:
+k=8 shots, 8 dev query examples, K=2 inner steps, B=2 tasks) on the usable class_to_class
+train tasks minus the meta-validation tasks, for the same wall-clock budget:
+
+- ``all``: adapters in every decoder layer (today's default; the frozen-layer cache is off,
+  there is nothing below the adapters to cache);
+- ``<L>``: adapters in the top L decoder layers, frozen layers below them cached per batch
+  (``BayesLoraConfig.top_layers`` = L, :mod:`abmll.layer_cache`);
+- ``<L>-nocache``: the same adapters without the cache (isolates what the cache buys).
+
+The variants share one process and take turns (``--rounds`` rounds of budget / rounds each),
+so machine load that drifts during the run reaches them alike. Reported per variant:
+meta-steps per hour (steps done / training seconds), and the meta-validation query NLL and
+ECE of the prior it reached, next to its untrained prior's: each validation task (held out of
+meta-training) at each ``--val_seeds`` seed is adapted 5 SGD steps from the prior on its
+k-shot train file and predicts its dev file (:class:`abmll.validation.Validator`).
+
+Resumable: after each round every variant's trainer state and elapsed training time are saved
+in ``--work_dir``; a rerun continues from there (``--fresh`` starts over).
+
+    .venv/bin/python benchmarks/top_layers.py --variants all 4 8 4-nocache --minutes 6 --rounds 3
+
+Writes benchmarks/results/efficiency-top_layers.{json,md}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import shutil
+import sys
+import time
+from dataclasses import asdict, replace
+from pathlib import Path
+
+import torch
+import yaml
+
+sys.path.insert(0, str(Path(__file__).parent))
+from quality import _usable  # noqa: E402
+
+from abmll.bayes_lora import BayesLoraConfig, BayesLoraModel, HyperpriorConfig  # noqa: E402
+from abmll.checkpoint import write_json  # noqa: E402
+from abmll.cli import DEMO_CONFIG  # noqa: E402
+from abmll.config import EvalArgs, TaskArgs  # noqa: E402
+from abmll.data import load_split  # noqa: E402
+from abmll.meta import MetaConfig  # noqa: E402
+from abmll.models import load_base_model  # noqa: E402
+from abmll.scoring import ScoringConfig  # noqa: E402
+from abmll.train import MetaTrainer  # noqa: E402
+from abmll.validation import make_validator  # noqa: E402
+
+RESULTS = Path(__file__).parent / "results"
+VAL_TASKS = ["tweet_eval-irony", "glue-mrpc", "ethos-directed_vs_generalized", "superglue-wic"]
+"""Meta-validation tasks: class_to_class train tasks held out of meta-training (binary,
+different domains: irony, paraphrase, hate-speech target, word sense)."""
+
+
+def demo_groups() -> dict:
+    raw = yaml.safe_load(DEMO_CONFIG.read_text())
+    return dict(lora=BayesLoraConfig(**raw["lora"]), scoring=ScoringConfig(**raw["scoring"]),
+                meta=MetaConfig(**raw["meta"]), tasks=TaskArgs(**{k: v for k, v in raw["tasks"].items()
+                                                                   if k not in ("train_tasks", "test_tasks")}),
+                eval=EvalArgs(**raw["eval"]), hyper=HyperpriorConfig())
+
+
+def variant_lora(lora: BayesLoraConfig, variant: str) -> BayesLoraConfig:
+    if variant == "all":
+        return replace(lora, top_layers=0)
+    top, _, nocache = variant.partition("-")
+    return replace(lora, top_layers=int(top), frozen_cache_mb=0 if nocache else 4096)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--variants", nargs="+", default=["all", "4", "8"])
+    p.add_argument("--minutes", type=float, default=6.0, help="training wall time per variant")
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--val_tasks", nargs="+", default=VAL_TASKS)
+    p.add_argument("--val_seeds", nargs="+", type=int, default=[100, 13])
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--work_dir", default="runs/top_layers")
+    p.add_argument("--fresh", action="store_true")
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    command = "python benchmarks/top_layers.py " + shlex.join(argv if argv is not None else sys.argv[1:])
+    work = Path(args.work_dir)
+    if args.fresh and work.exists():
+        shutil.rmtree(work)
+    g = demo_groups()
+    split = load_split(g["tasks"].split)
+    notes: list[str] = []
+    train = _usable([t for t in split["train"] if t not in args.val_tasks], g["tasks"], g["tasks"].data_seeds, "dev",
+                    notes, "meta-train", max_options=10)
+    print(f"{len(train)} meta-train tasks; validation: {args.val_tasks} x seeds {args.val_seeds}", flush=True)
+    tasks = replace(g["tasks"], train_tasks=train)
+
+    runs = {}
+    for v in args.variants:
+        base, tok = load_base_model()
+        model = BayesLoraModel(base, variant_lora(g["lora"], v))
+        trainer = MetaTrainer(model, tok, train, tasks, replace(g["meta"], meta_steps=10**6), g["hyper"], g["scoring"])
+        folder = work / v
+        state = json.loads((folder / "elapsed.json").read_text()) if (folder / "elapsed.json").is_file() else None
+        if state:
+            trainer.resume(folder)
+        validator = make_validator(model, tok, args.val_tasks, args.val_seeds, tasks, g["scoring"], g["meta"], g["eval"])
+        runs[v] = dict(model=model, trainer=trainer, folder=folder, validator=validator,
+                       elapsed=state["elapsed"] if state else 0.0, rounds=state["rounds"] if state else 0,
+                       untrained=state.get("untrained") if state else None)
+        print(f"variant {v}: {len(model.layers)} adapted modules, {model.num_weight_entries():,} weight entries, "
+              f"cache {'off' if model.frozen_cache is None else 'on'}", flush=True)
+
+    budget = args.minutes * 60 / args.rounds
+    config = {"benchmark": "top_layers"}
+    for r in range(args.rounds):
+        for v, run in runs.items():
+            if run["rounds"] > r:
+                continue
+            if run["untrained"] is None:
+                run["untrained"] = run["validator"](run["model"].init_params())
+            t0 = time.perf_counter()
+            while time.perf_counter() - t0 < budget:
+                logs = run["trainer"].step()
+            run["elapsed"] += time.perf_counter() - t0
+            run["rounds"] = r + 1
+            run["trainer"].save(run["folder"], config)
+            write_json(run["folder"] / "elapsed.json",
+                       {"elapsed": run["elapsed"], "rounds": run["rounds"], "untrained": run["untrained"]})
+            print(f"round {r + 1}/{args.rounds} {v}: {len(run['trainer'].history)} meta-steps in {run['elapsed']:.0f} s "
+                  f"(query NLL {logs.get('query_nll', float('nan')):.3f})", flush=True)
+
+    rows = []
+    for v, run in runs.items():
+        t0 = time.perf_counter()
+        reached = run["validator"](run["trainer"].theta)
+        steps = len(run["trainer"].history)
+        cache = run["model"].frozen_cache
+        rows.append(dict(variant=v, top_layers=run["model"].config.top_layers or "all",
+                         cached=cache is not None, meta_steps=steps, train_seconds=round(run["elapsed"], 1),
+                         meta_steps_per_hour=round(3600 * steps / run["elapsed"], 1),
+                         weight_entries=run["model"].num_weight_entries(),
+                         val_nll_untrained=run["untrained"]["nll"], val_ece_untrained=run["untrained"]["ece"],
+                         val_nll=reached["nll"], val_ece=reached["ece"], val_accuracy=reached["accuracy"],
+                         val_macro_f1=reached["macro_f1"], val_seconds=round(time.perf_counter() - t0, 1),
+                         cache_hits=cache.hits if cache else None, cache_misses=cache.misses if cache else None,
+                         cache_mb=round(cache.nbytes / 2**20, 1) if cache else None))
+        print(json.dumps(rows[-1]), flush=True)
+    ref = next((r for r in rows if r["variant"] == "all"), None)
+    for row in rows:
+        row["speedup_vs_all"] = round(row["meta_steps_per_hour"] / ref["meta_steps_per_hour"], 2) if ref else None
+    res = dict(command=command, model="smollm2-135m-instruct", device="cpu (float32)", threads=args.threads,
+               minutes_per_variant=args.minutes, rounds=args.rounds, val_tasks=args.val_tasks, val_seeds=args.val_seeds,
+               train_tasks=train, notes=notes, settings={k: asdict(v) for k, v in g.items()}, rows=rows)
+    RESULTS.mkdir(exist_ok=True)
+    write_json(RESULTS / "efficiency-top_layers.json", res)
+    (RESULTS / "efficiency-top_layers.md").write_text(markdown(res))
+    return res
+
+
+def markdown(res: dict) -> str:
+    lines = [f"Top-L cached vs all-layer ABMLL meta-training at equal wall time ({res['model']}, {res['device']}, "
+             f"{res['threads']} threads; {res['minutes_per_variant']} min per variant in {res['rounds']} alternating "
+             f"rounds); command: `{res['command']}`", "",
+             f"Meta-validation: {', '.join(res['val_tasks'])} (held out of meta-training) x seeds {res['val_seeds']}; "
+             "5 SGD steps from the prior on the k-shot train file, then the dev file's query NLL / ECE.", "",
+             "| variant | adapted layers | cache | meta-steps | meta-steps / hour | speed-up | val NLL (untrained -> reached) "
+             "| val ECE (untrained -> reached) | cache hits / misses |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in res["rows"]:
+        lines.append(f"| {r['variant']} | {r['top_layers']} | {'yes' if r['cached'] else 'no'} | {r['meta_steps']} | "
+                     f"{r['meta_steps_per_hour']} | {r['speedup_vs_all']}x | {r['val_nll_untrained']:.3f} -> "
+                     f"{r['val_nll']:.3f} | {r['val_ece_untrained']:.3f} -> {r['val_ece']:.3f} | "
+                     f"{r['cache_hits']} / {r['cache_misses']} |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()
