@@ -84,7 +84,12 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--work_dir", default="runs/top_layers")
     p.add_argument("--fresh", action="store_true")
+    p.add_argument("--merge_only", action="store_true", help="only copy efficiency-top_layers.json into efficiency.*")
     args = p.parse_args(argv)
+    if args.merge_only:
+        res = json.loads((RESULTS / "efficiency-top_layers.json").read_text())
+        merge_into_efficiency(res)
+        return res
     torch.set_num_threads(args.threads)
     command = "python benchmarks/top_layers.py " + shlex.join(argv if argv is not None else sys.argv[1:])
     work = Path(args.work_dir)
@@ -110,7 +115,8 @@ def main(argv: list[str] | None = None) -> dict:
         validator = make_validator(model, tok, args.val_tasks, args.val_seeds, tasks, g["scoring"], g["meta"], g["eval"])
         runs[v] = dict(model=model, trainer=trainer, folder=folder, validator=validator,
                        elapsed=state["elapsed"] if state else 0.0, rounds=state["rounds"] if state else 0,
-                       untrained=state.get("untrained") if state else None)
+                       untrained=state.get("untrained") if state else None,
+                       per_round=state.get("per_round", []) if state else [])
         print(f"variant {v}: {len(model.layers)} adapted modules, {model.num_weight_entries():,} weight entries, "
               f"cache {'off' if model.frozen_cache is None else 'on'}", flush=True)
 
@@ -122,14 +128,17 @@ def main(argv: list[str] | None = None) -> dict:
                 continue
             if run["untrained"] is None:
                 run["untrained"] = run["validator"](run["model"].init_params())
-            t0 = time.perf_counter()
+            t0, before = time.perf_counter(), len(run["trainer"].history)
             while time.perf_counter() - t0 < budget:
                 logs = run["trainer"].step()
-            run["elapsed"] += time.perf_counter() - t0
+            spent = time.perf_counter() - t0
+            run["elapsed"] += spent
             run["rounds"] = r + 1
+            run["per_round"].append({"steps": len(run["trainer"].history) - before, "seconds": round(spent, 1)})
             run["trainer"].save(run["folder"], config)
             write_json(run["folder"] / "elapsed.json",
-                       {"elapsed": run["elapsed"], "rounds": run["rounds"], "untrained": run["untrained"]})
+                       {"elapsed": run["elapsed"], "rounds": run["rounds"], "untrained": run["untrained"],
+                        "per_round": run["per_round"]})
             print(f"round {r + 1}/{args.rounds} {v}: {len(run['trainer'].history)} meta-steps in {run['elapsed']:.0f} s "
                   f"(query NLL {logs.get('query_nll', float('nan')):.3f})", flush=True)
 
@@ -147,7 +156,8 @@ def main(argv: list[str] | None = None) -> dict:
                          val_nll=reached["nll"], val_ece=reached["ece"], val_accuracy=reached["accuracy"],
                          val_macro_f1=reached["macro_f1"], val_seconds=round(time.perf_counter() - t0, 1),
                          cache_hits=cache.hits if cache else None, cache_misses=cache.misses if cache else None,
-                         cache_mb=round(cache.nbytes / 2**20, 1) if cache else None))
+                         cache_mb=round(cache.nbytes / 2**20, 1) if cache else None,
+                         seconds_per_step_by_round=[round(x["seconds"] / max(x["steps"], 1), 2) for x in run["per_round"]]))
         print(json.dumps(rows[-1]), flush=True)
     ref = next((r for r in rows if r["variant"] == "all"), None)
     for row in rows:
@@ -158,7 +168,23 @@ def main(argv: list[str] | None = None) -> dict:
     RESULTS.mkdir(exist_ok=True)
     write_json(RESULTS / "efficiency-top_layers.json", res)
     (RESULTS / "efficiency-top_layers.md").write_text(markdown(res))
+    merge_into_efficiency(res)
     return res
+
+
+MARK = "<!-- top_layers rows: written by benchmarks/top_layers.py -->"
+
+
+def merge_into_efficiency(res: dict) -> None:
+    """Add the rows to benchmarks/results/efficiency.{json,md} (replacing an earlier copy), so the
+    efficiency results hold the all-layer vs top-L comparison beside the per-step ratios."""
+    path = RESULTS / "efficiency.json"
+    data = json.loads(path.read_text()) if path.is_file() else {}
+    data["top_layers_equal_wall_time"] = res
+    write_json(path, data)
+    md = RESULTS / "efficiency.md"
+    text = md.read_text().split(MARK)[0].rstrip() + "\n\n" if md.is_file() else ""
+    md.write_text(text + MARK + "\n\n## " + markdown(res))
 
 
 def markdown(res: dict) -> str:
@@ -168,12 +194,12 @@ def markdown(res: dict) -> str:
              f"Meta-validation: {', '.join(res['val_tasks'])} (held out of meta-training) x seeds {res['val_seeds']}; "
              "5 SGD steps from the prior on the k-shot train file, then the dev file's query NLL / ECE.", "",
              "| variant | adapted layers | cache | meta-steps | meta-steps / hour | speed-up | val NLL (untrained -> reached) "
-             "| val ECE (untrained -> reached) | cache hits / misses |", "|---|---|---|---|---|---|---|---|---|"]
+             "| val ECE (untrained -> reached) | cache hits / misses | s / step by round |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in res["rows"]:
         lines.append(f"| {r['variant']} | {r['top_layers']} | {'yes' if r['cached'] else 'no'} | {r['meta_steps']} | "
                      f"{r['meta_steps_per_hour']} | {r['speedup_vs_all']}x | {r['val_nll_untrained']:.3f} -> "
                      f"{r['val_nll']:.3f} | {r['val_ece_untrained']:.3f} -> {r['val_ece']:.3f} | "
-                     f"{r['cache_hits']} / {r['cache_misses']} |")
+                     f"{r['cache_hits']} / {r['cache_misses']} | {r['seconds_per_step_by_round']} |")
     return "\n".join(lines) + "\n"
 
 

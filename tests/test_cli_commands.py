@@ -263,3 +263,101 @@ def test_readme_python_api_flow(world, tmp_path):
     assert len(nll) == 2 and probs.shape == (6, 2) and torch.allclose(probs.sum(1), torch.ones(6))
     reloaded, cfg = load_adapter_folder(tmp_path / "posterior")
     assert cfg["kind"] == "posterior" and all(torch.equal(reloaded[k], posterior[k]) for k in posterior)
+
+
+BOM = "\ufeff"
+
+
+def test_files_with_a_utf8_bom_are_read(world, tmp_path):
+    """Task files, splits, task metadata, predict inputs, YAML configs and adapter configs
+    saved by spreadsheet tools or editors that start them with a UTF-8 BOM."""
+    import shutil
+
+    from abmll.convert import read_jsonl_rows
+    from abmll.data import load_split, task_meta
+
+    data = tmp_path / "data"
+    shutil.copytree(world["data"], data)
+    for path in [*data.rglob("*.jsonl"), *data.rglob("*.json")]:
+        path.write_text(BOM + path.read_text(encoding="utf-8"), encoding="utf-8")
+    assert load_split("tiny", data) == {"train": ["t0", "t1"], "test": ["h0"]}
+    assert task_meta("h0", data)["task_type"] == "classification"
+    test_file = data / "h0" / "h0_test.jsonl"
+    assert [e.input for e in read_jsonl(test_file)] == [e.input for e in read_jsonl(world["data"] / "h0" / "h0_test.jsonl")]
+    assert read_jsonl_rows(test_file)[0]["task"] == "h0"
+
+    prior = tmp_path / "prior"
+    shutil.copytree(world["prior"], prior)
+    config = prior / "abmll_config.json"
+    config.write_text(BOM + config.read_text(encoding="utf-8"), encoding="utf-8")
+    run_file = tmp_path / "run.yaml"
+    run_file.write_text(BOM + f"eval_samples: 0\ndata_dir: {data}\n", encoding="utf-8")
+    unlabelled = tmp_path / "inputs.jsonl"
+    record = json.loads(test_file.read_text(encoding="utf-8-sig").splitlines()[0])
+    del record["output"]
+    unlabelled.write_text(BOM + json.dumps(record) + "\n", encoding="utf-8")
+    for inputs in (test_file, unlabelled):
+        out = tmp_path / f"pred-{inputs.stem}"
+        assert main(["predict", "--config", str(run_file), "--adapter", str(prior), "--input", str(inputs),
+                     "--out", str(out)]) == 0
+        assert len((out / "predictions.jsonl").read_text().splitlines()) == len(read_jsonl(inputs, "classification")
+                                                                                 if inputs == test_file else [1])
+
+
+@pytest.mark.parametrize("group,field,value", [("lora", "sampling", "bogus"), ("lora", "top_layers", -2),
+                                               ("meta", "outer_update", "maml")])
+def test_an_invalid_value_in_a_saved_config_names_the_file_and_the_field(world, tmp_path, capsys, group, field, value):
+    import shutil
+
+    prior = tmp_path / "prior"
+    shutil.copytree(world["prior"], prior)
+    config = prior / "abmll_config.json"
+    saved = json.loads(config.read_text())
+    saved[group][field] = value
+    config.write_text(json.dumps(saved))
+    test_file = world["data"] / "h0" / "h0_test.jsonl"
+    assert main(["predict", "--adapter", str(prior), "--input", str(test_file), "--out", str(tmp_path / "p")]) == 1
+    err = capsys.readouterr().err
+    assert str(config) in err and f"{group}.{field}" in err, err
+
+
+def test_meta_train_validates_on_held_out_train_tasks_and_keeps_the_best_prior(world, tmp_path):
+    out = tmp_path / "prior"
+    assert main(["meta-train", "--config", str(world["config"]), "--meta_steps", "2", "--val_tasks", "t1",
+                 "--validate_every", "1", "--out", str(out)]) == 0
+    validation = json.loads((out / "validation.json").read_text())
+    assert [v["step"] for v in validation] == [0, 1, 2]
+    assert all(v["nll"] > 0 and 0 <= v["ece"] <= 1 for v in validation)
+    history = json.loads((out / "history.json").read_text())
+    assert all(h["tasks"] == ["t0", "t0"] for h in history)          # t1 is held out of meta-training
+    _, saved = load_adapter(out / "best")
+    best = min(validation, key=lambda v: v["nll"])
+    assert saved["meta_steps_done"] == best["step"] and saved["validation_nll"] == pytest.approx(best["nll"])
+    assert (out / "validation_curve.png").read_bytes()[:8] == PNG
+
+
+def test_shipped_priors_are_taken_by_short_name_and_compared_in_evaluate(world, tmp_path, monkeypatch, capsys):
+    import shutil
+
+    from abmll import priors
+
+    shipped = tmp_path / "shipped"
+    shutil.copytree(world["prior"], shipped / "tiny-rule")
+    monkeypatch.setattr(priors, "SHIPPED_DIR", shipped)
+    assert priors.shipped_priors() == ["tiny-rule"]
+    test_file = world["data"] / "h0" / "h0_test.jsonl"
+    by_name, by_path = tmp_path / "by-name", tmp_path / "by-path"
+    for adapter, out in (("tiny-rule", by_name), (str(world["prior"]), by_path)):
+        assert main(["predict", "--adapter", adapter, "--input", str(test_file), "--eval_samples", "0",
+                     "--out", str(out)]) == 0
+    assert (by_name / "predictions.jsonl").read_text() == (by_path / "predictions.jsonl").read_text()
+    assert main(["predict", "--adapter", "no-such-prior", "--input", str(test_file), "--out", str(tmp_path / "x")]) == 1
+    assert "shipped: tiny-rule" in capsys.readouterr().err
+
+    out = tmp_path / "eval"
+    assert main(["evaluate", "--config", str(world["config"]), "--prior", str(world["prior"]),
+                 "--compare_priors", "tiny-rule", "--plots", "false",
+                 "--out", str(out)]) == 0
+    res = json.loads((out / "results.json").read_text())
+    assert set(res["methods"]) == {"zero_shot", "abmll", "prior:tiny-rule"}
+    assert res["methods"]["prior:tiny-rule"]["mean"] == res["methods"]["abmll"]["mean"]    # the same prior, same seeds

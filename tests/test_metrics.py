@@ -4,6 +4,8 @@ import math
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 import torch
 
 from abmll.metrics import (
@@ -11,6 +13,7 @@ from abmll.metrics import (
     brier_score,
     compute_metrics,
     expected_calibration_error,
+    expected_calibration_error_torchmetrics,
     macro_f1,
     negative_log_likelihood,
     plot_reliability_diagram,
@@ -175,17 +178,45 @@ def test_ece_perfect_calibration_is_zero():
     assert compute_metrics(probs, labels)["ece"] == pytest.approx(0.0, abs=1e-7)
 
 
-def test_ece_confidence_exactly_one_is_its_own_bin():
-    # torchmetrics (hence BLoB) puts confidence 1.0 in a bin of its own:
-    # [0.95, 0.05] correct -> |1 - 0.95| = 0.05; [1.0, 0.0] wrong -> |0 - 1| = 1
-    # ECE = (0.05 + 1) / 2 = 0.525 (pooling both would give |0.5 - 0.975| = 0.475)
+def test_ece_confidence_exactly_one_is_pooled_with_the_top_bin_as_guo_defines():
+    # Guo et al.'s bins are right-closed, ((m-1)/M, m/M]: 0.95 (correct) and 1.0 (wrong) share
+    # the top bin: |0.5 - 0.975| = 0.475. torchmetrics (hence BLoB) puts 1.0 in a bin of its
+    # own: (0.05 + 1) / 2 = 0.525; that number is the named torchmetrics variant.
     probs = T([[0.95, 0.05], [1.0, 0.0]])
     labels = T([0, 1])
-    assert expected_calibration_error(probs, labels) == pytest.approx(0.525, abs=1e-6)
-    data = reliability_diagram_data(probs, labels)  # the diagram pools them in the last bin
+    assert expected_calibration_error(probs, labels) == pytest.approx(0.475, abs=1e-7)
+    assert compute_metrics(probs, labels)["ece"] == pytest.approx(0.475, abs=1e-7)
+    assert expected_calibration_error_torchmetrics(probs, labels) == pytest.approx(0.525, abs=1e-6)
+    data = reliability_diagram_data(probs, labels)
     assert data["count"][-1] == 2
-    assert data["confidence"][-1] == pytest.approx(0.975, abs=1e-6)
+    assert data["confidence"][-1] == pytest.approx(0.975, abs=1e-7)
     assert data["accuracy"][-1] == pytest.approx(0.5)
+
+
+def test_ece_bin_edges_are_right_closed():
+    # 10 bins: 0.6 belongs to (0.5, 0.6], 0.6000001 to (0.6, 0.7]
+    probs = _binary_probs([0.6, 0.6000001, 0.55], [0, 0, 0])
+    labels = T([0, 1, 1])
+    data = reliability_diagram_data(probs, labels, n_bins=10)
+    assert data["count"][5] == 2 and data["count"][6] == 1
+    # bin 5: conf 0.575, acc 0.5; bin 6: conf 0.6000001, acc 0
+    expected = 2 / 3 * 0.075 + 1 / 3 * 0.6000001
+    assert expected_calibration_error(probs, labels, n_bins=10) == pytest.approx(expected, abs=1e-9)
+
+
+def test_equal_mass_ece_closed_form():
+    # 6 examples, 3 bins of 2 by confidence: (0.55 y, 0.6 n) (0.7 y, 0.8 y) (0.9 n, 1.0 y)
+    probs = _binary_probs([0.7, 0.55, 1.0, 0.6, 0.9, 0.8], [0] * 6)
+    labels = T([0, 0, 0, 1, 1, 0])
+    # gaps: |0.5 - 0.575| = 0.075, |1 - 0.75| = 0.25, |0.5 - 0.95| = 0.45; each weight 1/3
+    assert expected_calibration_error(probs, labels, n_bins=3, binning="equal_mass") == pytest.approx(
+        (0.075 + 0.25 + 0.45) / 3, abs=1e-9)
+    data = reliability_diagram_data(probs, labels, n_bins=3, binning="equal_mass")
+    assert data["count"] == [2.0, 2.0, 2.0] and data["bin_lower"][0] == pytest.approx(0.55)
+    # more bins than examples: one example per bin
+    assert len(reliability_diagram_data(probs, labels, n_bins=15, binning="equal_mass")["count"]) == 6
+    with pytest.raises(ValueError, match="binning"):
+        expected_calibration_error(probs, labels, binning="quantile")
 
 
 def _ece_reference(probs: np.ndarray, labels: np.ndarray, n_bins: int) -> float:
@@ -215,7 +246,7 @@ def test_ece_matches_loop_reference_on_random_inputs(seed, n, c, n_bins, temp):
     assert expected > 0.01  # the comparison is not between two zeros
     assert got == pytest.approx(expected, abs=1e-5)
 
-    # the diagram's bins reproduce the same ECE (no confidence is exactly 1 here)
+    # the diagram's bins reproduce the same ECE
     data = reliability_diagram_data(torch.from_numpy(probs), torch.from_numpy(labels), n_bins)
     assert len(data["count"]) == n_bins and sum(data["count"]) == n
     from_diagram = sum(k / n * abs(a - f) for k, a, f in
@@ -295,3 +326,74 @@ def test_plot_validates_before_writing(tmp_path):
     with pytest.raises(ValueError, match="NaN"):
         plot_reliability_diagram(T([[float("nan"), 1.0]]), T([0]), path)
     assert not path.exists()
+
+
+# ---------------------------------------------------------------- bootstrap intervals
+
+
+def test_bootstrap_interval_of_a_constant_is_the_constant():
+    from abmll.metrics import bootstrap_mean_ci
+
+    assert bootstrap_mean_ci([0.3] * 7) == pytest.approx((0.3, 0.3, 0.3))
+
+
+def test_bootstrap_interval_matches_the_normal_approximation():
+    from abmll.metrics import bootstrap_mean_ci
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(1.0, 2.0, 400)
+    mean, lo, hi = bootstrap_mean_ci(x, n_boot=4000)
+    half = 1.96 * x.std(ddof=1) / math.sqrt(len(x))          # the CLT's 95% half-width
+    assert mean == pytest.approx(x.mean())
+    assert lo < mean < hi
+    assert (hi - lo) / 2 == pytest.approx(half, rel=0.08)
+    assert bootstrap_mean_ci(x, n_boot=4000) == (mean, lo, hi)      # seeded: reproducible
+    with pytest.raises(ValueError, match="finite"):
+        bootstrap_mean_ci([1.0, float("nan")])
+
+
+# ---------------------------------------------------------------- ties and degenerate sets vs scikit-learn
+
+
+def _sklearn_reference(probs: np.ndarray, labels: np.ndarray) -> tuple[float, float]:
+    from sklearn.metrics import accuracy_score, f1_score
+
+    preds = probs.argmax(axis=1)             # numpy: the first maximum, the documented tie rule
+    present = sorted(set(labels.tolist()) | set(preds.tolist()))
+    return accuracy_score(labels, preds), f1_score(labels, preds, average="macro", labels=present, zero_division=0)
+
+
+DEGENERATE = {
+    "all options tied": (np.full((6, 3), 1 / 3), np.array([0, 1, 2, 0, 1, 2])),
+    "ties between two of three": (np.array([[0.4, 0.4, 0.2], [0.2, 0.4, 0.4], [0.45, 0.1, 0.45]]), np.array([1, 2, 2])),
+    "one class in the test set": (np.array([[0.9, 0.1], [0.3, 0.7], [0.6, 0.4]]), np.array([0, 0, 0])),
+    "one class, always predicted": (np.array([[0.9, 0.1], [0.8, 0.2]]), np.array([0, 0])),
+    "a class never predicted": (np.array([[0.7, 0.2, 0.1], [0.6, 0.3, 0.1], [0.2, 0.7, 0.1]]), np.array([0, 2, 1])),
+    "a single example": (np.array([[0.2, 0.8]]), np.array([0])),
+}
+
+
+@pytest.mark.parametrize("case", list(DEGENERATE))
+def test_ties_and_degenerate_sets_follow_scikit_learn(case):
+    probs, labels = DEGENERATE[case]
+    acc, f1 = _sklearn_reference(probs, labels)
+    p, y = torch.from_numpy(probs), torch.from_numpy(labels)
+    assert accuracy(p, y) == pytest.approx(acc, abs=1e-12)
+    assert macro_f1(p, y) == pytest.approx(f1, abs=1e-6)
+    ece = expected_calibration_error(p, y)
+    assert ece == pytest.approx(_ece_reference(probs, labels, 15), abs=1e-9)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(2, 4).flatmap(lambda c: st.tuples(
+    st.lists(st.lists(st.integers(0, 3), min_size=c, max_size=c), min_size=1, max_size=12),
+    st.lists(st.integers(0, c - 1), min_size=12, max_size=12))))
+def test_accuracy_and_macro_f1_match_scikit_learn_on_coarse_scores(data):
+    """Scores on a 4-level grid, so ties are frequent; labels drawn freely (often a single class)."""
+    rows, label_pool = data
+    scores = np.array(rows, dtype=np.float64)
+    probs = np.exp(scores) / np.exp(scores).sum(axis=1, keepdims=True)
+    labels = np.array(label_pool[: len(rows)])
+    acc, f1 = _sklearn_reference(probs, labels)
+    assert accuracy(torch.from_numpy(probs), torch.from_numpy(labels)) == pytest.approx(acc, abs=1e-12)
+    assert macro_f1(torch.from_numpy(probs), torch.from_numpy(labels)) == pytest.approx(f1, abs=1e-6)

@@ -65,8 +65,17 @@ def test_quick_run_writes_json_table_and_plots(tiny_model_dir, tiny_data_dir, tm
     assert stats["majority_rate"] == pytest.approx(share) and stats["chance_rate"] == 0.5
     assert stats["majority_macro_f1"] == pytest.approx(2 * share / (1 + share) / len(set(labels)))
     assert set(res["target"]["vs"]) == set(METHODS) - {"abmll"}
+    assert res["ece_scheme"]["binning"] == "equal_width" and res["ece_scheme"]["n_bins"] == 15
+    for name, m in res["methods"].items():
+        for key in ("accuracy", "macro_f1", "ece", "nll", "brier"):
+            lo, hi = m[f"{key}_ci95"]
+            assert lo <= m[key] + 1e-12 and m[key] <= hi + 1e-12, (name, key)
+    # the paired differences are ABMLL minus each baseline, unit by unit; their mean is the difference of means
+    for name, d in res["paired_abmll_minus"].items():
+        for key in ("accuracy", "ece"):
+            assert d[key]["diff"] == pytest.approx(res["methods"]["abmll"][key] - res["methods"][name][key], abs=1e-9)
     table = (out / "quality-tiny.md").read_text()
-    assert "| method | accuracy | macro-F1 | ECE | NLL | Brier |" in table and "Partial" not in table and "| chance | majority F1 |" in table
+    assert "| method | accuracy | macro-F1 | ECE | NLL | Brier |" in table and "## Paired differences" in table and "Partial" not in table and "| chance | majority F1 |" in table
     for name in METHODS:
         assert f"| {name} |" in table
         assert (out / "quality-tiny" / f"reliability_{name}.png").read_bytes()[:8] == PNG

@@ -255,3 +255,44 @@ def test_cli_nonfinite_and_resume_errors_exit_1(tiny_model_dir, tiny_data_dir, t
     capsys.readouterr()
     assert main([*args, "--out", str(tmp_path / "none"), "--resume"]) == 1
     assert f"{tmp_path / 'none' / CHECKPOINT_DIR / STATE}: not found" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- meta-validation and the best prior
+
+
+class RecordingValidator:
+    """A stand-in validator: NLL from a fixed sequence, and a copy of each theta it scored."""
+
+    def __init__(self, nlls):
+        self.nlls, self.seen = list(nlls), []
+
+    def __call__(self, theta):
+        self.seen.append({k: v.detach().clone() for k, v in theta.items()})
+        torch.manual_seed(12345)          # a validator's own seeding must not reach the run
+        return {"nll": self.nlls[len(self.seen) - 1], "ece": 0.1}
+
+
+def test_validation_curve_best_prior_and_exact_resume(tiny_data_dir, tmp_path):
+    nlls = [1.0, 0.7, 0.4, 0.6]                           # steps 0, 2, 4, 6: the best is step 4
+    ref = make_trainer(tiny_data_dir)
+    ref.validator, ref.validate_every = RecordingValidator(nlls), 2
+    plain = make_trainer(tiny_data_dir)
+    plain.run(None, CONFIG)
+    ref.run(tmp_path / "ref", CONFIG)
+    assert thetas_equal(ref.theta, plain.theta)          # validating does not change the run
+    assert [v["step"] for v in ref.validation] == [0, 2, 4, 6]
+    assert json.loads((tmp_path / "ref" / "validation.json").read_text()) == ref.validation
+    best, saved = load_adapter(tmp_path / "ref" / train.BEST_DIR)
+    assert saved["meta_steps_done"] == 4 and saved["validation_nll"] == 0.4
+    assert thetas_equal(best, ref.validator.seen[2])
+
+    first = make_trainer(tiny_data_dir, meta_steps=4)      # stops after step 4, then resumes to 6
+    first.validator, first.validate_every = RecordingValidator(nlls), 2
+    first.run(tmp_path / "run", CONFIG, save_every=2)
+    again = make_trainer(tiny_data_dir)
+    again.validator, again.validate_every = RecordingValidator(nlls[3:]), 2
+    assert again.resume(tmp_path / "run") == 4
+    again.run(tmp_path / "run", CONFIG, save_every=2)
+    assert thetas_equal(again.theta, ref.theta) and again.validation == ref.validation
+    best_again, _ = load_adapter(tmp_path / "run" / train.BEST_DIR)
+    assert thetas_equal(best_again, best)

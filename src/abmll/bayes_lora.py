@@ -363,6 +363,12 @@ def _decoder_position(module_name: str) -> tuple[str, int]:
     return match.group(1), int(match.group(2))
 
 
+def _fp32(params: Params) -> Params:
+    """``params`` with half-precision tensors upcast to float32 (others as they are), so sums
+    over millions of weight entries are accumulated in float32 at least."""
+    return {k: v.float() if v.dtype in (torch.float16, torch.bfloat16) else v for k, v in params.items()}
+
+
 def _contiguous_input(module: nn.Module, args: tuple) -> tuple:
     """Forward pre-hook of the LM head: its input is the strided slice of the last
     ``logits_to_keep`` positions, and a strided 3D input makes ``F.linear`` run a batched matmul
@@ -562,8 +568,10 @@ class BayesLoraModel(nn.Module):
         ``twice_differentiable=True`` builds it from plain autograd ops instead, for
         ``create_graph`` (the second-order reference). A layer larger than
         ``kl_chunk_elements`` entries is computed in row blocks, each recomputed during
-        backward (activation checkpointing). Returns a scalar (nats)."""
+        backward (activation checkpointing). Computed in float32 (at least) whatever the
+        dtype of the tensors or of the base model. Returns a scalar (nats)."""
         fn = _gaussian_kl_block if twice_differentiable else _FusedGaussianKL.apply
+        q, p = _fp32(q), _fp32(p)
         total = 0.0
         for L in self.layers:
             blocks = _row_blocks(L.d_out, L.d_in, self.config.kl_chunk_elements)
@@ -578,7 +586,8 @@ class BayesLoraModel(nn.Module):
     def neg_log_hyperprior(self, theta: Params, hyper: HyperpriorConfig) -> Tensor:
         """-log p(theta): N(0, mean_std^2) on each entry of M_theta and Gamma(a0, b0) on each
         precision 1 / S_theta^2, summed over all entries (ABML, Ravi & Beatson 2019).
-        Returns a scalar (nats)."""
+        Returns a float32 scalar (nats)."""
+        theta = _fp32(theta)
         total = 0.0
         for L in self.layers:
             blocks = _row_blocks(L.d_out, L.d_in, self.config.kl_chunk_elements)

@@ -103,7 +103,7 @@ def _read_json(path: Path) -> Any:
     if not path.is_file():
         raise CheckpointError(f"{path}: not found")
     try:
-        return json.loads(path.read_text())
+        return json.loads(path.read_text(encoding="utf-8-sig"))
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise CheckpointError(f"{path}: not valid JSON ({err})") from err
 

@@ -21,6 +21,7 @@ installed; ``--plots false`` turns off the PNG plots.
 from __future__ import annotations
 
 import argparse
+import codecs
 import json
 import sys
 import tempfile
@@ -37,16 +38,20 @@ from abmll.bayes_lora import AUTO_TARGETS, BayesLoraModel
 from abmll.checkpoint import CONFIG, CheckpointError, write_json
 from abmll.config import CONFIG_GROUPS, EvalArgs, TaskArgs, from_dict, to_dict
 from abmll.convert import ColumnMapping, convert_dataset, load_hf_dataset, read_jsonl_rows
-from abmll.data import DataError, Example, read_jsonl
+from abmll.data import DataError, Example, check_tasks, read_jsonl
 from abmll.distributed import base_model_device, make_accelerator, prepare_model
 from abmll.evaluate import Method, evaluate
 from abmll.export import export_peft, load_adapter_folder
 from abmll.meta import NonFiniteLossError, adapt, mean_nll, predict_batches
-from abmll.metrics import compute_metrics
-from abmll.plots import CURVES, plot_reliability_per_method, plot_training_curves
+from abmll.metrics import ECE_SCHEME, compute_metrics
+from abmll.priors import resolve_adapter
+from abmll.plots import (
+    CURVES, VALIDATION_CURVE, plot_reliability_per_method, plot_training_curves, plot_validation_curve,
+)
 from abmll.scoring import make_batches
 from abmll.models import load_base_model, resolve_device
-from abmll.train import MetaTrainer, task_names
+from abmll.train import BEST_DIR, MetaTrainer, task_names
+from abmll.validation import make_validator
 
 DEMO_CONFIG = Path(__file__).with_name("demo.yaml")
 
@@ -63,6 +68,11 @@ class RunArgs:
         resume: continue the run saved in ``out`` (its ``checkpoint/``) exactly where it stopped.
         skip_nonfinite: skip a meta-batch whose loss or gradient is NaN/inf (logged in the
             history) instead of stopping with an error.
+        validate_every: meta-train: score the prior on ``--val_tasks`` before the first
+            meta-step and every N meta-steps (adapt ``--test_steps`` on the train file, predict
+            the dev file with ``--eval_samples``); the curve goes to validation.json and
+            validation_curve.png, the prior with the lowest validation NLL to ``<out>/best/``.
+            0: no validation.
     """
 
     config: str | None = None
@@ -71,6 +81,7 @@ class RunArgs:
     save_every: int = 10
     resume: bool = False
     skip_nonfinite: bool = False
+    validate_every: int = 0
 
 
 @dataclass
@@ -191,16 +202,19 @@ def _parse_with(argv: list[str], groups: list[str], extra: tuple = (), adapter_f
     file_defaults = {}
     if known.config:
         try:
-            raw = yaml.safe_load(Path(known.config).read_text()) or {}
+            raw = yaml.safe_load(Path(known.config).read_text(encoding="utf-8-sig")) or {}
         except (OSError, yaml.YAMLError) as err:
             raise SystemExit(f"config: cannot read {known.config} ({err})") from None
         file_defaults = _flatten(raw, classes)
     folder = getattr(known, adapter_flag, None) if adapter_flag else None
     folder = folder or file_defaults.get(adapter_flag)
     if folder:
-        parser.set_defaults(**_saved_defaults(folder, groups))
+        parser.set_defaults(**_saved_defaults(str(resolve_adapter(folder)), groups))
     parser.set_defaults(**file_defaults)
     run, *rest = parser.parse_args_into_dataclasses(argv)
+    for parsed in (run, *rest[:len(extra)]):            # a shipped prior's short name -> its folder
+        if adapter_flag and getattr(parsed, adapter_flag, None):
+            setattr(parsed, adapter_flag, str(resolve_adapter(getattr(parsed, adapter_flag))))
     return run, dict(zip(groups, rest[len(extra):])), rest[:len(extra)]
 
 
@@ -210,15 +224,18 @@ def _saved_defaults(folder: str, groups: list[str]) -> dict:
     if not path.is_file():
         raise CheckpointError(f"{path}: not found (is {folder} an abmll adapter folder?)")
     try:
-        saved = json.loads(path.read_text())
+        saved = json.loads(path.read_text(encoding="utf-8-sig"))
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise CheckpointError(f"{path}: not valid JSON ({err})") from err
     flat = {}
     for group in groups:
         if group == "tasks" or not isinstance(saved.get(group), dict):
             continue
-        known = {f.name for f in fields(CONFIG_GROUPS[group])}
-        flat.update({k: v for k, v in saved[group].items() if k in known})
+        try:
+            checked = asdict(from_dict(saved, group, str(path)))    # refuses an invalid value, naming the field
+        except ValueError as err:
+            raise CheckpointError(str(err)) from None
+        flat.update({k: v for k, v in checked.items() if k in saved[group]})
     return flat
 
 
@@ -279,12 +296,20 @@ def meta_train(run: RunArgs, cfg: dict, report: ReportArgs | None = None, writer
     returns (model, tokenizer, theta). Under ``accelerate launch`` with several processes
     (see abmll.distributed) the tasks of each meta-batch are split across the processes and
     only the main one prints, plots and writes."""
-    names = task_names(cfg["tasks"], "train")
+    tasks = cfg["tasks"]
+    names = [t for t in task_names(tasks, "train") if t not in tasks.val_tasks]
+    if run.validate_every and not tasks.val_tasks:
+        raise ValueError("--validate_every needs --val_tasks (train tasks held out of meta-training)")
     accelerator = make_accelerator(cfg["model"].device)       # None for a single process
     model, tokenizer = _build(cfg, base_model_device(accelerator, cfg["model"].device))
     prepare_model(accelerator, model)                          # FSDP config: shard the base model
+    validator = None
+    if run.validate_every:
+        validator = make_validator(model, tokenizer, check_tasks(tasks.val_tasks, tasks.data_dir), tasks.data_seeds,
+                                   tasks, cfg["scoring"], cfg["meta"], cfg.get("eval", EvalArgs()))
     trainer = MetaTrainer(model, tokenizer, names, cfg["tasks"], cfg["meta"], cfg["hyperprior"], cfg["scoring"],
-                          accelerator=accelerator, log_support_after=report is not None and report.log_support_after)
+                          accelerator=accelerator, log_support_after=report is not None and report.log_support_after,
+                          validator=validator, validate_every=run.validate_every)
     is_main = trainer.is_main
     say = print if is_main else (lambda *args: None)
     writer = writer if is_main else None
@@ -312,6 +337,12 @@ def meta_train(run: RunArgs, cfg: dict, report: ReportArgs | None = None, writer
     say(f"prior saved to {run.out}")
     if is_main and (report is None or report.plots) and any("query_nll" in h for h in trainer.history):
         print(f"training curves: {plot_training_curves(trainer.history, Path(run.out) / CURVES)}")
+    if is_main and trainer.validation:
+        best = min(trainer.validation, key=lambda v: v["nll"])
+        say(f"validation NLL: untrained {trainer.validation[0]['nll']:.3f}, best {best['nll']:.3f} at meta-step "
+            f"{best['step']} (saved to {Path(run.out) / BEST_DIR})")
+        if report is None or report.plots:
+            print(f"validation curve: {plot_validation_curve(trainer.validation, Path(run.out) / VALIDATION_CURVE)}")
     return model, tokenizer, theta
 
 
@@ -324,6 +355,8 @@ def run_evaluate(run: RunArgs, cfg: dict, model, tokenizer, theta, report: Repor
     names = task_names(tasks, "test")
     ev: EvalArgs = cfg["eval"]
     methods = [Method("zero_shot", model.init_params(), 0, 0), Method("abmll", theta, ev.test_steps, ev.eval_samples)]
+    for name in ev.compare_priors:
+        methods.append(Method(f"prior:{Path(name).name}", _fitting_prior(name, model), ev.test_steps, ev.eval_samples))
     bar = tqdm(total=len(names) * len(tasks.data_seeds) * len(methods), desc="evaluate", unit="run")
     running = {m.name: [] for m in methods}
 
@@ -337,6 +370,7 @@ def run_evaluate(run: RunArgs, cfg: dict, model, tokenizer, theta, report: Repor
                                                      cfg["scoring"], cfg["meta"], ev, on_result)
     bar.close()
     results["config"] = to_dict(**cfg)
+    results["ece_scheme"] = ECE_SCHEME
     out = Path(run.out) / "results.json"
     write_json(out, results)
     print(format_table(results))
@@ -349,6 +383,24 @@ def run_evaluate(run: RunArgs, cfg: dict, model, tokenizer, theta, report: Repor
             for metric, value in res["mean"].items():
                 writer.add_scalar(f"evaluate/{method}/{metric}", value, 0)
     return results
+
+
+def _fitting_prior(name: str, model: BayesLoraModel) -> dict:
+    """The tensors of prior ``name`` (folder or shipped name), on the model's device.
+
+    Raises:
+        CheckpointError: unreadable, or tensors that do not fit ``model``'s adapters.
+    """
+    folder = resolve_adapter(name)
+    tensors, _ = load_adapter_folder(folder)
+    expected = {k: tuple(v.shape) for k, v in model.init_params().items()}
+    got = {k: tuple(v.shape) for k, v in tensors.items()}
+    if got != expected:
+        diff = sorted(set(got.items()) ^ set(expected.items()))[:2]
+        raise CheckpointError(f"{folder}: its tensors do not fit this model's adapters (e.g. {diff}); "
+                              "compare priors made with the same model, rank, target_modules and top_layers")
+    device = next(model.parameters()).device
+    return {k: v.to(device) for k, v in tensors.items()}
 
 
 def evaluate_with_predictions(model, tokenizer, methods, task_names_, seeds, tasks, scoring, meta, ev,
@@ -388,7 +440,10 @@ def _load_prior(folder: str, cfg: dict):
     theta, saved = load_adapter_folder(folder)
     for group in TRAIN_GROUPS:
         if group != "tasks" and group not in cfg:
-            cfg[group] = from_dict(saved, group)
+            try:
+                cfg[group] = from_dict(saved, group, f"{folder}/{CONFIG}")
+            except ValueError as err:
+                raise CheckpointError(str(err)) from None
     model, tokenizer = _build(cfg)
     expected = {k: tuple(v.shape) for k, v in model.init_params().items()}
     got = {k: tuple(v.shape) for k, v in theta.items()}
@@ -436,7 +491,7 @@ def run_adapt(run: RunArgs, args: AdaptArgs, cfg: dict) -> Path:
 def _read_inputs(path: str) -> tuple[list[Example], list[bool]]:
     """Examples of a JSON-lines file, validated by :func:`abmll.data.read_jsonl`; records
     without ``output`` are allowed (unlabelled: returned with label 0 and False in the mask)."""
-    lines = Path(path).read_bytes().split(b"\n")
+    lines = Path(path).read_bytes().removeprefix(codecs.BOM_UTF8).split(b"\n")
     labelled, patched = [], []
     for raw in lines:
         try:
@@ -583,7 +638,7 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     try:
         if command == "meta-train":
-            run, cfg, (report,) = _parse_with(rest, TRAIN_GROUPS, (ReportArgs,))
+            run, cfg, (report,) = _parse_with(rest, ALL_GROUPS, (ReportArgs,))
             with _writer(report) as writer:
                 meta_train(run, cfg, report, writer)
         elif command == "evaluate":

@@ -41,6 +41,8 @@ class TaskArgs:
         split: meta-learning split name (splits/<split>.json).
         train_tasks: explicit meta-training tasks; overrides the split's "train" list.
         test_tasks: explicit held-out tasks; overrides the split's "test" list.
+        val_tasks: meta-validation tasks, removed from the meta-train tasks: each is adapted
+            on its k-shot train file and scored on its dev file (``--validate_every``).
         skip_missing: continue without tasks absent from data_dir (they are listed) instead of failing.
         k: shots per task (the k of <task>_<k>_<seed>_train.jsonl).
         data_seeds: data seeds (the seed of <task>_<k>_<seed>_*.jsonl) to sample episodes from.
@@ -51,6 +53,7 @@ class TaskArgs:
     split: str = "class_to_class"
     train_tasks: list[str] = field(default_factory=list)
     test_tasks: list[str] = field(default_factory=list)
+    val_tasks: list[str] = field(default_factory=list)
     skip_missing: bool = False
     k: int = 16
     data_seeds: list[int] = field(default_factory=lambda: list(DATA_SEEDS))
@@ -65,11 +68,15 @@ class EvalArgs:
         test_steps: K_test, SGD steps from the prior on the task's support set.
         eval_samples: weight samples averaged in prediction (0: posterior mean).
         max_test: at most this many test examples per task and seed.
+        compare_priors: other priors to evaluate beside zero-shot and the run's own ABMLL prior
+            (folders, or names of shipped priors such as ``smollm2-135m-class_to_class``),
+            adapted and predicted the same way; each must fit the model's adapter shape.
     """
 
     test_steps: int = 5
     eval_samples: int = 4
     max_test: int = 64
+    compare_priors: list[str] = field(default_factory=list)
 
 
 CONFIG_GROUPS = {
@@ -83,8 +90,22 @@ def to_dict(**groups) -> dict:
     return {name: asdict(cfg) for name, cfg in groups.items()}
 
 
-def from_dict(saved: dict, name: str):
-    """Rebuild config group ``name`` from :func:`to_dict` output, ignoring unknown keys."""
+def from_dict(saved: dict, name: str, source: str = "saved config"):
+    """Rebuild config group ``name`` from :func:`to_dict` output, ignoring unknown keys.
+
+    Raises:
+        ValueError: a value the config refuses (e.g. ``sampling: "bogus"``); the message names
+            ``source`` (e.g. the abmll_config.json path), the group and the field.
+    """
     cls = CONFIG_GROUPS[name]
     known = {f.name for f in fields(cls)}
-    return cls(**{k: v for k, v in saved.get(name, {}).items() if k in known})
+    values = {k: v for k, v in (saved.get(name) or {}).items() if k in known}
+    try:
+        return cls(**values)
+    except (TypeError, ValueError) as err:
+        for key, value in values.items():          # name the first field that is refused on its own
+            try:
+                cls(**{key: value})
+            except (TypeError, ValueError) as own:
+                raise ValueError(f"{source}: invalid {name}.{key} = {value!r} ({own})") from None
+        raise ValueError(f"{source}: invalid {name} config ({err})") from None

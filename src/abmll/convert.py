@@ -237,7 +237,7 @@ def read_jsonl_rows(path: str | os.PathLike) -> list[dict]:
     """
     rows = []
     try:
-        with open(path, encoding="utf-8") as lines:
+        with open(path, encoding="utf-8-sig") as lines:
             for lineno, line in enumerate(lines, 1):
                 if not line.strip():
                     continue

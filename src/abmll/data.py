@@ -144,7 +144,7 @@ def read_jsonl(path: str | os.PathLike, task_type: str | None = None) -> list[Ex
             for lineno, raw in enumerate(lines, 1):
                 where = f"{path}:{lineno}"
                 try:
-                    text = raw.decode("utf-8")
+                    text = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")   # a leading BOM is read, not refused
                 except UnicodeDecodeError as err:
                     raise DataError(f"{where}: not UTF-8 ({err})") from None
                 if text.strip():
@@ -163,7 +163,7 @@ def read_jsonl(path: str | os.PathLike, task_type: str | None = None) -> list[Ex
 def _read_json(path: Path) -> object:
     """Load a whole JSON file, turning decoding problems into DataError."""
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        return json.loads(path.read_text(encoding="utf-8-sig"))
     except (ValueError, RecursionError) as err:
         raise DataError(f"{path}: malformed JSON ({err})") from None
 

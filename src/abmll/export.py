@@ -172,7 +172,7 @@ def load_peft_export(folder: str | os.PathLike, device: str | torch.device = "cp
         raise CheckpointError(f"{config_path}: not found (an exported abmll adapter holds {PEFT_TENSORS}, "
                               f"{SCALE_TENSORS} and {CONFIG})")
     try:
-        config = json.loads(config_path.read_text())
+        config = json.loads(config_path.read_text(encoding="utf-8-sig"))
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise CheckpointError(f"{config_path}: not valid JSON ({err})") from err
     tensors = {}

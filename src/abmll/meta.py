@@ -27,6 +27,9 @@ from abmll.bayes_lora import BayesLoraModel, HyperpriorConfig, Params
 from abmll.scoring import OptionBatch, option_nll, option_scores
 
 
+OUTER_UPDATES = ("abmll", "reptile")
+
+
 @dataclass
 class MetaConfig:
     """Hyperparameters of the inner and outer loops.
@@ -63,8 +66,18 @@ class MetaConfig:
     outer_update: str = "abmll"
     inner_grad_clip: float = 1.0
 
-
-OUTER_UPDATES = ("abmll", "reptile")
+    def __post_init__(self) -> None:
+        if self.outer_update not in OUTER_UPDATES:
+            raise ValueError(f"outer_update must be one of {OUTER_UPDATES}, got {self.outer_update!r}")
+        for name in ("inner_steps", "n_samples", "meta_steps"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.meta_batch_size < 1:
+            raise ValueError(f"meta_batch_size must be >= 1, got {self.meta_batch_size}")
+        for name in ("inner_lr", "outer_lr", "beta", "gamma", "inner_grad_clip"):
+            value = getattr(self, name)
+            if not math.isfinite(value) or value < 0:
+                raise ValueError(f"{name} must be a finite number >= 0, got {value}")
 
 
 class NonFiniteLossError(FloatingPointError):

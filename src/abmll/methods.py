@@ -41,6 +41,9 @@ from abmll.scoring import ScoringConfig
 from abmll.train import CHECKPOINT_DIR, MetaTrainer
 
 PRIOR_KINDS = ("init", "abmll", "multitask", "reptile")
+
+ADAPTING_METHOD = {"abmll": "abmll", "multitask": "multitask_lora", "reptile": "reptile"}
+"""The registry entry whose recipe adapts each trained prior kind (used to validate it)."""
 """How a method's prior is obtained: the untrained init, or meta-trained by one rule."""
 
 
@@ -115,12 +118,14 @@ def train_prior(
     kind: str, model: BayesLoraModel, tokenizer, train_tasks: list[str], tasks: TaskArgs, meta: MetaConfig,
     hyper: HyperpriorConfig, scoring: ScoringConfig, out_dir: str | Path | None = None, config: dict | None = None,
     save_every: int = 0, on_step: Callable[[dict], None] | None = None,
+    validator: Callable[[Params], dict] | None = None, validate_every: int = 0,
 ) -> tuple[Params, list[dict]]:
     """The prior of ``kind``: the untrained init for "init", else meta-trained.
 
     With ``out_dir``, a finished prior saved there with the same ``config`` is loaded instead
     of retrained, an unfinished run is resumed exactly (:meth:`MetaTrainer.resume`), and the
-    prior, its history and the trainer state are saved there.
+    prior, its history and the trainer state are saved there. With a ``validator`` (see
+    :class:`MetaTrainer`), the prior returned is the one with the lowest validation NLL.
 
     Returns:
         (theta, history): detached tensors on the model's device, and the per-step logs ([] for init).
@@ -130,10 +135,13 @@ def train_prior(
     if kind == "init":
         return model.init_params(), []
     trainer = make_trainer(kind, model, tokenizer, train_tasks, tasks, meta, hyper, scoring)
+    trainer.validator, trainer.validate_every = validator, validate_every
     config = {**(config or {}), "meta": asdict(trainer.meta), "prior_kind": kind}
     if out_dir is not None and (Path(out_dir) / CHECKPOINT_DIR).is_dir():
         trainer.resume(out_dir, config)         # run() below then continues, or returns at once when done
     theta = trainer.run(out_dir, config, save_every, on_step)
+    if trainer.best_prior is not None:
+        theta = trainer.best_prior
     return theta, trainer.history
 
 

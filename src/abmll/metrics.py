@@ -13,9 +13,9 @@ and returns plain Python floats. The prediction of an example is ``argmax_c prob
 
 Inputs are checked by :func:`_validate`; anything malformed raises :class:`ValueError`.
 
-Library use: the expected calibration error is computed by
-``torchmetrics.functional.classification.multiclass_calibration_error`` (the metric BLoB
-reports, via ``torchmetrics.CalibrationError``) and macro-F1 by
+The expected calibration error is Guo et al.'s, computed here (torchmetrics' binning differs
+at a confidence of 1.0; :func:`expected_calibration_error_torchmetrics` keeps it for
+comparison); :data:`ECE_SCHEME` names the scheme results files record. Macro-F1 is computed by
 ``torchmetrics.functional.classification.multiclass_f1_score`` with ``average="macro"``, whose
 macro average leaves out classes with ``tp + fp + fn == 0``, i.e. classes that occur neither
 as a label nor as a prediction.
@@ -35,14 +35,20 @@ from torchmetrics.functional.classification import (
 
 __all__ = [
     "accuracy",
+    "bootstrap_mean_ci",
     "brier_score",
     "compute_metrics",
     "expected_calibration_error",
+    "expected_calibration_error_torchmetrics",
     "macro_f1",
     "negative_log_likelihood",
     "plot_reliability_diagram",
     "reliability_diagram_data",
 ]
+
+ECE_SCHEME = {"binning": "equal_width", "n_bins": 15, "bins": "right-closed ((m-1)/M, m/M] on the max probability",
+              "definition": "Guo et al. 2017 eq. 3"}
+"""How ``compute_metrics``' "ece" is binned, recorded beside results."""
 
 # How far a row of ``probs`` may sum from 1 (computed in float64).
 _ROW_SUM_ATOL = 1e-3
@@ -147,35 +153,65 @@ def macro_f1(probs: Tensor, labels: Tensor, num_classes: int | None = None) -> f
     return score.item()
 
 
-def expected_calibration_error(probs: Tensor, labels: Tensor, n_bins: int = 15) -> float:
-    """Expected calibration error (top-label, L1) of Guo et al. (2017), "On Calibration of
-    Modern Neural Networks", ICML.
+ECE_BINNINGS = ("equal_width", "equal_mass")
 
-    ``ECE = sum_m (|B_m| / N) * |acc(B_m) - conf(B_m)|`` where ``B_m`` are ``n_bins`` equal-width
-    bins on the confidence ``max_c p_c``, ``acc`` is the top-1 accuracy and ``conf`` the mean
-    confidence in the bin. Computed by torchmetrics'
-    ``multiclass_calibration_error(norm="l1")``, the metric BLoB (Wang et al. 2024) reports, so
-    it uses torchmetrics' binning: confidences are cast to float32, bins are left-closed
-    ``[m/M, (m+1)/M)``, and a confidence of exactly 1.0 falls in a bin of its own (so such
-    examples are scored against accuracy 1 by themselves rather than pooled with the top bin).
+
+def _check_binning(binning: Any) -> None:
+    if binning not in ECE_BINNINGS:
+        raise ValueError(f"binning must be one of {ECE_BINNINGS}, got {binning!r}")
+
+
+def expected_calibration_error(probs: Tensor, labels: Tensor, n_bins: int = 15,
+                               binning: str = "equal_width") -> float:
+    """Expected calibration error (top-label, L1) of Guo et al. (2017), "On Calibration of
+    Modern Neural Networks", ICML, eq. 3:
+
+        ECE = sum_m (|B_m| / N) * |acc(B_m) - conf(B_m)|
+
+    with ``B_m`` the examples whose confidence ``max_c p_c`` falls in bin ``m``, ``acc`` their
+    top-1 accuracy and ``conf`` their mean confidence. ``binning="equal_width"`` (the paper's):
+    ``n_bins`` right-closed bins ``((m-1)/M, m/M]``, so a confidence of exactly 1.0 is in the
+    top bin. ``binning="equal_mass"`` (adaptive ECE, Nguyen & O'Connor 2015): the examples
+    sorted by confidence, split into ``n_bins`` groups of equal size (sizes differ by at most
+    one; fewer bins when N < n_bins). Computed in float64 from
+    :func:`reliability_diagram_data`, so it always equals what the reliability diagram shows.
+
+    torchmetrics' ``multiclass_calibration_error`` (the metric BLoB reports) puts a confidence
+    of exactly 1.0 in a bin of its own (an open torchmetrics issue) and so can differ; it is
+    :func:`expected_calibration_error_torchmetrics`, kept for comparison with such tables.
 
     Args:
         probs: ``(N, C)`` float probabilities, rows summing to 1.
         labels: ``(N,)`` integer answer indices in ``[0, C)``.
-        n_bins: number of equal-width bins on ``[0, 1]``.
+        n_bins: number of bins.
+        binning: "equal_width" or "equal_mass".
 
     Returns:
         ECE in ``[0, 1]`` (a probability gap, no unit).
+
+    Raises:
+        ValueError: for malformed inputs, ``n_bins < 1`` or an unknown ``binning``.
+    """
+    data = reliability_diagram_data(probs, labels, n_bins, binning)
+    n = sum(data["count"])
+    return sum(c / n * abs(a - f) for c, a, f in zip(data["count"], data["accuracy"], data["confidence"]))
+
+
+def expected_calibration_error_torchmetrics(probs: Tensor, labels: Tensor, n_bins: int = 15) -> float:
+    """The ECE as ``torchmetrics.functional.classification.multiclass_calibration_error``
+    (norm "l1") computes it, the number BLoB-style tables report: float32 confidences,
+    left-closed bins ``[m/M, (m+1)/M)`` and a confidence of exactly 1.0 in a bin of its own.
+    Equal to :func:`expected_calibration_error` when no confidence is exactly 1.0 or on a bin
+    edge; otherwise not Guo et al.'s definition (e.g. probs [[0.95, 0.05], [1.0, 0.0]], labels
+    [0, 1], 15 bins: 0.525 here, 0.475 by the definition).
 
     Raises:
         ValueError: for malformed inputs or ``n_bins < 1``.
     """
     probs, labels = _validate(probs, labels)
     _check_n_bins(n_bins)
-    ece = multiclass_calibration_error(
-        probs.float(), labels, num_classes=probs.shape[1], n_bins=n_bins, norm="l1"
-    )
-    return ece.item()
+    return multiclass_calibration_error(probs.float(), labels, num_classes=probs.shape[1], n_bins=n_bins,
+                                        norm="l1").item()
 
 
 def negative_log_likelihood(probs: Tensor, labels: Tensor, eps: float = 1e-12) -> float:
@@ -220,42 +256,51 @@ def brier_score(probs: Tensor, labels: Tensor) -> float:
 
 
 def reliability_diagram_data(
-    probs: Tensor, labels: Tensor, n_bins: int = 15
+    probs: Tensor, labels: Tensor, n_bins: int = 15, binning: str = "equal_width"
 ) -> dict[str, list[float]]:
-    """Per-bin statistics for a reliability diagram (Guo et al. 2017, Fig. 1).
-
-    Uses the bins of :func:`expected_calibration_error` (float32 confidences, left-closed
-    equal-width bins ``[m/M, (m+1)/M)``), except that the last bin is closed, ``[1 - 1/M, 1]``:
-    a confidence of exactly 1.0 is pooled with it. Hence
-    ``sum_m count_m / N * |accuracy_m - confidence_m|`` equals the ECE whenever no confidence is
-    exactly 1.0; otherwise the ECE (torchmetrics) can be larger.
+    """Per-bin statistics for a reliability diagram (Guo et al. 2017, Fig. 1), with the bins of
+    :func:`expected_calibration_error` (which is computed from them): equal-width right-closed
+    bins ``((m-1)/M, m/M]`` on the confidence, or equal-mass bins. Confidences in float64.
 
     Args:
         probs: ``(N, C)`` float probabilities, rows summing to 1.
         labels: ``(N,)`` integer answer indices in ``[0, C)``.
-        n_bins: number of equal-width bins on ``[0, 1]``.
+        n_bins: number of bins.
+        binning: "equal_width" or "equal_mass" (``min(n_bins, N)`` bins of equal count, by
+            increasing confidence; a bin's edges are the lowest and highest confidence in it).
 
     Returns:
-        Dict of lists of length ``n_bins`` (one entry per bin, in increasing order):
-        ``"bin_lower"``, ``"bin_upper"`` (edges ``m/M``, ``(m+1)/M``), ``"confidence"`` (mean max
-        probability in the bin), ``"accuracy"`` (top-1 accuracy in the bin), ``"count"`` (number
-        of examples, as float). Empty bins have confidence and accuracy 0.0 and count 0.0.
+        Dict of lists, one entry per bin in increasing order: ``"bin_lower"``, ``"bin_upper"``
+        (edges), ``"confidence"`` (mean max probability in the bin), ``"accuracy"`` (top-1
+        accuracy in the bin), ``"count"`` (number of examples, as float). Empty bins have
+        confidence and accuracy 0.0 and count 0.0.
 
     Raises:
-        ValueError: for malformed inputs or ``n_bins < 1``.
+        ValueError: for malformed inputs, ``n_bins < 1`` or an unknown ``binning``.
     """
     probs, labels = _validate(probs, labels)
     _check_n_bins(n_bins)
-    conf, preds = probs.float().max(dim=1)
-    correct = (preds == labels).float()
-    edges = torch.linspace(0, 1, n_bins + 1, dtype=torch.float32, device=conf.device)
-    idx = (torch.bucketize(conf, edges, right=True) - 1).clamp(0, n_bins - 1)
+    _check_binning(binning)
+    conf, preds = probs.double().max(dim=1)
+    correct = (preds == labels).double()
+    if binning == "equal_mass":
+        order = conf.argsort(stable=True)
+        groups = [g for g in torch.tensor_split(order, min(n_bins, len(order))) if len(g)]
+        return {
+            "bin_lower": [conf[g].min().item() for g in groups],
+            "bin_upper": [conf[g].max().item() for g in groups],
+            "confidence": [conf[g].mean().item() for g in groups],
+            "accuracy": [correct[g].mean().item() for g in groups],
+            "count": [float(len(g)) for g in groups],
+        }
+    edges = torch.linspace(0, 1, n_bins + 1, dtype=torch.float64, device=conf.device)
+    idx = (torch.bucketize(conf, edges, right=False) - 1).clamp(0, n_bins - 1)     # edges[m] < conf <= edges[m+1]
     count = torch.zeros(n_bins, dtype=torch.float64, device=conf.device)
     conf_sum = torch.zeros_like(count)
     acc_sum = torch.zeros_like(count)
-    count.index_add_(0, idx, torch.ones_like(conf, dtype=torch.float64))
-    conf_sum.index_add_(0, idx, conf.double())
-    acc_sum.index_add_(0, idx, correct.double())
+    count.index_add_(0, idx, torch.ones_like(conf))
+    conf_sum.index_add_(0, idx, conf)
+    acc_sum.index_add_(0, idx, correct)
     denom = count.clamp_min(1)
     return {
         "bin_lower": [m / n_bins for m in range(n_bins)],
@@ -264,6 +309,33 @@ def reliability_diagram_data(
         "accuracy": (acc_sum / denom).tolist(),
         "count": count.tolist(),
     }
+
+
+def bootstrap_mean_ci(values: Any, n_boot: int = 2000, level: float = 0.95, seed: int = 0) -> tuple[float, float, float]:
+    """Mean of ``values`` and its percentile-bootstrap confidence interval (Efron & Tibshirani
+    1993, ch. 13): resample the values with replacement ``n_boot`` times, take the
+    ``(1 - level) / 2`` and ``(1 + level) / 2`` quantiles of the resampled means. For a paired
+    comparison pass the per-unit differences (e.g. ABMLL minus a baseline per (task, seed)).
+
+    Args:
+        values: 1-D sequence or tensor of floats (one per unit, e.g. per (task, seed)).
+        n_boot: bootstrap resamples.
+        level: coverage of the interval, in (0, 1).
+        seed: seeds the resampling (the interval is reproducible).
+    Returns:
+        (mean, lower, upper).
+    Raises:
+        ValueError: no values, a non-finite value, or ``level`` outside (0, 1).
+    """
+    x = torch.as_tensor(values, dtype=torch.float64).flatten()
+    if x.numel() == 0 or not torch.isfinite(x).all():
+        raise ValueError(f"bootstrap needs finite values, got {x.tolist()[:5]}")
+    if not 0 < level < 1:
+        raise ValueError(f"level must be in (0, 1), got {level}")
+    g = torch.Generator().manual_seed(seed)
+    means = x[torch.randint(0, x.numel(), (n_boot, x.numel()), generator=g)].mean(1)
+    lo, hi = torch.quantile(means, torch.tensor([(1 - level) / 2, (1 + level) / 2], dtype=torch.float64)).tolist()
+    return x.mean().item(), lo, hi
 
 
 def compute_metrics(probs: Tensor, labels: Tensor, n_bins: int = 15) -> dict[str, float]:

@@ -97,6 +97,50 @@ def plot_training_curves(history: Sequence[dict], path: str | os.PathLike, title
     return path
 
 
+VALIDATION_CURVE = "validation_curve.png"
+
+
+def plot_validation_curve(validation: Sequence[dict], path: str | os.PathLike, title: str = "") -> Path:
+    """Write the meta-validation learning curve as a PNG: validation NLL (nats) and ECE against
+    the meta-step, the untrained prior (the entry at step 0) as a flat dashed line, and the
+    best step (lowest NLL) marked.
+
+    Args:
+        validation: ``[{"step", "nll", "ece", ...}, ...]`` as in ``validation.json``.
+        path: output PNG file (parent folders are created).
+    Returns: the path written.
+    Raises:
+        ValueError: no entry with a finite NLL.
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    steps, nll = _series(validation, "nll")
+    if not steps:
+        raise ValueError("validation has no entry with a finite nll to plot")
+    fig = Figure(figsize=(9, 3.6), dpi=100)
+    FigureCanvasAgg(fig)
+    untrained = {k: next((float(v[k]) for v in validation if v.get("step") == 0), None) for k in ("nll", "ece")}
+    best = steps[nll.index(min(nll))]
+    for ax, key, unit in zip(fig.subplots(1, 2), ("nll", "ece"), ("nats", "")):
+        ax.plot(*_series(validation, key), marker=".", color="tab:blue", label="meta-trained prior")
+        if untrained[key] is not None:
+            ax.axhline(untrained[key], color="tab:gray", linestyle="--", label="untrained prior")
+        ax.axvline(best, color="tab:green", alpha=0.4, label=f"best NLL (step {best})")
+        ax.set_title(f"validation {key.upper()}")
+        ax.set_xlabel("meta-step")
+        ax.set_ylabel(unit)
+        ax.grid(alpha=0.3)
+        ax.legend(loc="best")
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, format="png")
+    return path
+
+
 def pool_predictions(parts: Sequence[tuple[Tensor, Tensor]]) -> tuple[Tensor, Tensor]:
     """Concatenate per-task predictions with different option counts.
 

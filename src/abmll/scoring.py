@@ -9,7 +9,8 @@ restarting after the prompt), so the prompt is not recomputed per option. The mo
 needs logits for the final option positions (``logits_to_keep``); the (rows, seq, vocab)
 logits tensor is never built. ``pack_options=False`` gives one sequence per (example,
 option), the reference layout. A long prompt is truncated from the left so that the prompt
-plus the example's longest option fit in ``max_length``.
+plus the example's longest option fit in ``max_length``: the input text is cut, never the
+template's text or the tokenizer's special tokens (a BOS stays first, and appears once).
 """
 
 from __future__ import annotations
@@ -33,13 +34,18 @@ class ScoringConfig:
     Attributes:
         template: prompt built from an example, ``{input}`` replaced by its input text.
         option_prefix: text put before each option (a space, so options tokenise as words).
-        max_length: tokens per (prompt + option); the prompt is cut from the left.
+        max_length: tokens per (prompt + longest option); a longer input is cut from the left
+            (the template text and special tokens are kept).
         length_normalize: divide each option's summed log-probability by its token count.
         max_rows: at most this many (example, option) pairs per forward pass.
         pack_options: run each example's prompt once, its options packed after it, each
             option attending to the prompt and to itself only (a 4D attention mask, position
             ids restarting after the prompt). Same scores as one sequence per option, fewer
             tokens. False: one sequence per (example, option), for models without 4D masks.
+        chat_template: wrap the templated input in the tokenizer's chat template as the user
+            turn, with the generation prompt, so each option is scored as the assistant's
+            answer (for instruct models). The special tokens come from the chat template
+            (the tokenizer adds none of its own, so BOS appears once).
     """
 
     template: str = "{input}\nAnswer:"
@@ -48,6 +54,7 @@ class ScoringConfig:
     length_normalize: bool = False
     max_rows: int = 16
     pack_options: bool = True
+    chat_template: bool = False
 
 
 @dataclass
@@ -98,14 +105,88 @@ class OptionBatch:
         return OptionBatch(**{k: v.to(device) if isinstance(v, Tensor) else v for k, v in vars(self).items()})
 
 
+_SLOT = "\ue000"
+"""A private-use character standing for the input while the prompt's fixed text is found."""
+
+
+@dataclass(frozen=True)
+class PromptParts:
+    """How a prompt is tokenised: its text is ``head + input + tail``; ``prefix`` / ``suffix``
+    are the special-token ids the tokenizer adds around a text (e.g. ``[bos]`` / ``[]``),
+    ``add_special`` whether it adds them (False under a chat template, whose text holds them)."""
+
+    head: str
+    tail: str
+    add_special: bool
+    prefix: tuple[int, ...]
+    suffix: tuple[int, ...]
+
+
+def prompt_parts(tokenizer, config: ScoringConfig) -> PromptParts:
+    """Split the prompt (``config.template``, then the chat template when asked) around the input.
+
+    Raises:
+        ValueError: the template has no ``{input}`` field or another field (e.g. ``{inputs}``),
+            or ``chat_template`` is asked of a tokenizer that has none.
+    """
+    try:
+        text = config.template.format(input=_SLOT)
+    except (KeyError, IndexError, ValueError) as err:
+        raise ValueError(f"template {config.template!r}: only the field {{input}} is allowed ({err!r})") from None
+    if _SLOT not in text:
+        raise ValueError(f"template {config.template!r} has no {{input}} field: every prompt would ignore its input")
+    if config.chat_template:
+        if not getattr(tokenizer, "chat_template", None):
+            raise ValueError("chat_template=True, but the tokenizer has no chat template")
+        text = tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
+                                             tokenize=False)
+    head, _, tail = text.partition(_SLOT)
+    prefix, suffix = (), ()
+    if not config.chat_template:
+        plain = tokenizer("a", add_special_tokens=False)["input_ids"]
+        full = tokenizer("a", add_special_tokens=True)["input_ids"]
+        at = next((i for i in range(len(full) - len(plain) + 1) if full[i:i + len(plain)] == plain), 0)
+        prefix, suffix = tuple(full[:at]), tuple(full[at + len(plain):])
+    return PromptParts(head, tail, not config.chat_template, prefix, suffix)
+
+
+def _single_bos(ids: list[int], bos: int | None) -> list[int]:
+    """``ids`` with a doubled leading BOS (the tokenizer's and one in the text) made single."""
+    while bos is not None and len(ids) > 1 and ids[0] == bos and ids[1] == bos:
+        ids = ids[1:]
+    return ids
+
+
+def tokenize_prompt(tokenizer, parts: PromptParts, text: str, room: int) -> tuple[list[int], int]:
+    """Token ids of the prompt for input ``text``, at most ``room`` of them: when too long, the
+    *input* is cut from the left (its end, nearest the answer, is kept), never the template's
+    text or the special tokens, so a BOS-adding tokenizer's BOS is always first.
+
+    Returns:
+        (ids, cut): ``cut`` = number of input tokens dropped (0 when it fits).
+    Raises:
+        ValueError: the template and special tokens alone leave no room for the input.
+    """
+    bos = getattr(tokenizer, "bos_token_id", None)
+    ids = _single_bos(tokenizer(parts.head + text + parts.tail, add_special_tokens=parts.add_special)["input_ids"], bos)
+    if len(ids) <= room:
+        return ids, 0
+    enc = lambda t: tokenizer(t, add_special_tokens=False)["input_ids"] if t else []  # noqa: E731
+    head, tail, body = enc(parts.head), enc(parts.tail), enc(text)
+    keep = room - len(parts.prefix) - len(parts.suffix) - len(head) - len(tail)
+    if keep < 1:
+        raise ValueError(f"the template's {len(head) + len(tail)} tokens and the special tokens leave no room for "
+                         f"the input in {room} tokens; raise max_length")
+    ids = _single_bos([*parts.prefix, *head, *body[-keep:], *tail, *parts.suffix], bos)
+    return ids, len(body) - keep
+
+
 def _tokenize(tokenizer, examples: Sequence[Example], config: ScoringConfig):
-    """Per example: (prompt ids truncated from the left, list of option ids)."""
+    """Per example: (prompt ids, input truncated from the left when needed, list of option ids)."""
+    parts = prompt_parts(tokenizer, config)
     out = []
     for ex in examples:
-        prompt = tokenizer(config.template.format(input=ex.input), add_special_tokens=True)["input_ids"]
         options = [tokenizer(config.option_prefix + o, add_special_tokens=False)["input_ids"] for o in ex.options]
-        if not prompt:
-            raise ValueError(f"{ex.source or repr(ex.input)}: the prompt tokenises to nothing (empty input?)")
         if not options or min(len(o) for o in options) == 0:
             raise ValueError(f"{ex.source or ex.input[:40]!r}: no options, or an option tokenises to nothing")
         longest = max(len(o) for o in options)
@@ -114,7 +195,13 @@ def _tokenize(tokenizer, examples: Sequence[Example], config: ScoringConfig):
             raise ValueError(
                 f"{ex.source or ex.input[:40]!r}: an option of {longest} tokens does not fit "
                 f"max_length={config.max_length}; raise max_length")
-        out.append((prompt[-room:], options))
+        try:
+            prompt, _ = tokenize_prompt(tokenizer, parts, ex.input, room)
+        except ValueError as err:
+            raise ValueError(f"{ex.source or ex.input[:40]!r}: {err}") from None
+        if not prompt:
+            raise ValueError(f"{ex.source or repr(ex.input)}: the prompt tokenises to nothing (empty input?)")
+        out.append((prompt, options))
     return out
 
 

@@ -331,6 +331,11 @@ class MetaTrainer:
             self.accelerator.wait_for_everyone()
         return {k: v.detach() for k, v in self.theta.items()}
 
+    @property
+    def best_prior(self) -> Params | None:
+        """The validated prior with the lowest validation NLL (detached), or None without validation."""
+        return None if self._best is None else {k: v.detach() for k, v in self._best[1].items()}
+
     def _maybe_validate(self, out_dir: str | Path | None, config: dict) -> None:
         """Validate when a validator is set, ``validate_every`` divides the steps done and this
         step was not validated yet; keep the prior if its NLL is the lowest so far."""

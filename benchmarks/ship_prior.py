@@ -1,0 +1,51 @@
+"""Copy a meta-trained prior (its best-by-validation checkpoint) into the package as a shipped
+prior, with its record, so ``abmll adapt|predict|evaluate`` take it by a short name.
+
+    .venv/bin/python benchmarks/ship_prior.py runs/quality-class_to_class/prior-abmll-<hash> \\
+        smollm2-135m-class_to_class --command "<the command that trained it>"
+
+Writes src/abmll/priors/<name>/{adapter.safetensors, abmll_config.json, record.json}; the
+record holds the command, the code commit, the meta-steps done and the validation curve.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import subprocess
+from pathlib import Path
+
+from abmll.checkpoint import CONFIG, TENSORS, load_adapter, write_json
+from abmll.priors import SHIPPED_DIR
+from abmll.train import BEST_DIR
+
+
+def main(argv: list[str] | None = None) -> Path:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("run", help="a meta-training output folder (holds best/, history.json, validation.json)")
+    p.add_argument("name", help="short name of the shipped prior")
+    p.add_argument("--command", required=True, help="the command that trained the prior (recorded)")
+    args = p.parse_args(argv)
+    run = Path(args.run)
+    source = run / BEST_DIR if (run / BEST_DIR).is_dir() else run
+    load_adapter(source)                                   # refuses a folder that is not a readable prior
+    out = SHIPPED_DIR / args.name
+    out.mkdir(parents=True, exist_ok=True)
+    for name in (TENSORS, CONFIG):
+        shutil.copyfile(source / name, out / name)
+    _, config = load_adapter(out)
+    history = json.loads((run / "history.json").read_text())
+    validation = json.loads((run / "validation.json").read_text()) if (run / "validation.json").is_file() else []
+    commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+    write_json(out / "record.json", {
+        "name": args.name, "command": args.command, "commit": commit, "source": str(source),
+        "meta_steps_trained": len(history), "meta_steps_of_this_prior": config.get("meta_steps_done"),
+        "selected_by": config.get("selected_by", "last meta-step"), "validation": validation,
+    })
+    print(f"shipped {source} as {out}")
+    return out
+
+
+if __name__ == "__main__":
+    main()
