@@ -445,9 +445,10 @@ def run(bench: BenchArgs, cfg: dict, command: str, work: Path,
                 if val_path.is_file():
                     validation = json.loads(val_path.read_text())
                     best = min(validation, key=lambda v: v["nll"])
+                    untrained = next((v for v in validation if v["step"] == 0), {})
                     prior_logs[kind].update(validation=validation, best_step=best["step"], best_val_nll=best["nll"],
-                                            best_val_ece=best["ece"], untrained_val_nll=validation[0]["nll"],
-                                            untrained_val_ece=validation[0]["ece"])
+                                            best_val_ece=best["ece"], untrained_val_nll=untrained.get("nll"),
+                                            untrained_val_ece=untrained.get("ece"))
         results.update(command=command, complete=complete, code=code, train_tasks=train, notes=notes, priors=prior_logs,
                        config={**{g: _group(cfg, g) for g in GROUPS}, "bench": asdict(bench)},
                        method_configs=cache.hashes, seconds_this_run=time.perf_counter() - start)
@@ -489,6 +490,7 @@ def aggregate(bench: BenchArgs, cfg: dict, cache: Cache, held_out: list[str], st
     the paired differences ABMLL minus each baseline with their intervals. Metrics are recomputed
     from the cached predictions, so a changed metric definition needs no re-run."""
     methods, units = {}, {}
+    unit_tasks = [t for t in held_out for _ in bench.seeds]          # the cluster of each (task, seed) unit
     for m in bench.methods:
         entries = {t: {s: cache.get(m, t, s) for s in bench.seeds} for t in held_out}
         per = {t: {s: compute_metrics(torch.tensor(e["probs"]), torch.tensor(e["labels"])) for s, e in es.items()}
@@ -497,7 +499,8 @@ def aggregate(bench: BenchArgs, cfg: dict, cache: Cache, held_out: list[str], st
         summ = summarise(per)
         out = {k: summ["mean"][k] for k in METRICS}
         out.update({f"{k}_std": summ["std_over_seeds"][k] for k in METRICS})
-        out.update({f"{k}_ci95": list(bootstrap_mean_ci([u[k] for u in units[m]])[1:]) for k in METRICS})
+        out.update({f"{k}_ci95": list(bootstrap_mean_ci([u[k] for u in units[m]], clusters=unit_tasks)[1:])
+                    for k in METRICS})
         out["per_task"] = {}
         for t in held_out:
             row = {k: summ["per_task"][t]["mean"][k] for k in METRICS}
@@ -516,12 +519,13 @@ def aggregate(bench: BenchArgs, cfg: dict, cache: Cache, held_out: list[str], st
             if m != "abmll":
                 paired[m] = {}
                 for k in METRICS:
-                    mean, lo, hi = bootstrap_mean_ci([a[k] - b[k] for a, b in zip(units["abmll"], units[m])])
+                    mean, lo, hi = bootstrap_mean_ci([a[k] - b[k] for a, b in zip(units["abmll"], units[m])],
+                                                     clusters=unit_tasks)
                     paired[m][k] = {"diff": mean, "ci95": [lo, hi]}
     return {"model": cfg["model"].model, "split": cfg["tasks"].split, "eval_split": bench.eval_split,
             "seeds": list(bench.seeds), "tasks": list(held_out), "methods": methods, "task_stats": stats,
             "paired_abmll_minus": paired, "ece_scheme": ECE_SCHEME,
-            "intervals": "95% percentile bootstrap over (task, seed) units, 2000 resamples, seed 0",
+            "intervals": "95% percentile cluster bootstrap: tasks resampled with their seeds, 2000 resamples, seed 0",
             "target": target_check(methods, paired)}
 
 
@@ -586,7 +590,7 @@ def markdown(results: dict, cfg: dict) -> str:
              f"{meta.meta_steps} meta-steps, B = {meta.meta_batch_size}, K = {meta.inner_steps}, outer lr "
              f"{meta.outer_lr}, beta {meta.beta}, gamma {meta.gamma}, {meta.n_samples} sample(s), on "
              f"{len(results.get('train_tasks', []))} tasks.", "",
-             "## Mean over tasks [95% bootstrap interval over (task, seed)]", "",
+             "## Mean over tasks [95% bootstrap interval, tasks resampled with their seeds]", "",
              f"ECE: {results.get('ece_scheme', {}).get('n_bins', 15)} "
              f"{results.get('ece_scheme', {}).get('binning', 'equal_width')} bins, "
              f"{results.get('ece_scheme', {}).get('bins', '')}.", "",
@@ -607,7 +611,7 @@ def markdown(results: dict, cfg: dict) -> str:
               f"majority-class macro-F1 {_f(statistics.fmean(s['majority_macro_f1'] for s in st.values()))}.", ""]
     paired = results.get("paired_abmll_minus")
     if paired:
-        lines += ["## Paired differences, ABMLL minus baseline [95% bootstrap interval over (task, seed)]", "",
+        lines += ["## Paired differences, ABMLL minus baseline [95% bootstrap interval, tasks resampled with their seeds]", "",
                   "| baseline | " + " | ".join(METRICS) + " |", "|---|" + "---|" * len(METRICS)]
         for b, d in paired.items():
             lines.append(f"| {b} | " + " | ".join(f"{d[k]['diff']:+.3f} [{d[k]['ci95'][0]:+.3f}, {d[k]['ci95'][1]:+.3f}]"

@@ -81,9 +81,35 @@ def test_keys_separate_template_dtype_weights_and_boundary():
         model.peft_model.to(torch.bfloat16)
         run(a)
         assert cache.misses == 4
-    assert cache.key(a.input_ids, a.attention_mask, a.position_ids)[:2] == (1, "torch.bfloat16")   # L in the key
+        embed.data = embed.data.clone()                               # a new tensor in place of a frozen weight
+        run(a)
+        assert cache.misses == 5
+    assert cache.key(a.input_ids, a.attention_mask, a.position_ids)[0] == 1       # L in the key
     with pytest.raises(ValueError, match="boundary"):
-        FrozenLayerCache(cache.layers, 0, [], 1 << 20)
+        FrozenLayerCache(cache.layers, 0, model.peft_model, 1 << 20)
+
+
+def test_a_layers_own_forward_is_restored_and_unkeyed_arguments_bypass_the_cache():
+    model = BayesLoraModel(make_tiny_llama(), BayesLoraConfig(rank=2, top_layers=1))
+    params = random_params(model, seed=0)
+    layer0 = model.frozen_cache.layers[0]
+    calls = []
+    original = layer0.forward
+
+    def wrapped(*args, **kwargs):                   # as accelerate's hooks wrap a layer's forward
+        calls.append(1)
+        return original(*args, **kwargs)
+
+    layer0.forward = wrapped
+    ids = torch.randint(0, 256, (2, 7), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        model(params, ids)                                   # miss: capture, then replay
+        model(params, ids)                                   # hit
+        assert vars(layer0)["forward"] is wrapped and len(calls) == 1     # the capture ran it, replays did not
+        out = model(params, ids, output_hidden_states=True)  # not in the key: every layer runs
+        assert len(calls) == 2 and model.frozen_cache.hits == 1
+        ref = BayesLoraModel(make_tiny_llama(), BayesLoraConfig(rank=2, top_layers=1, frozen_cache_mb=0))
+        torch.testing.assert_close(out.hidden_states[1], ref(params, ids, output_hidden_states=True).hidden_states[1])
 
 
 def test_cache_size_is_bounded_and_least_recently_used_is_evicted():

@@ -397,3 +397,25 @@ def test_accuracy_and_macro_f1_match_scikit_learn_on_coarse_scores(data):
     acc, f1 = _sklearn_reference(probs, labels)
     assert accuracy(torch.from_numpy(probs), torch.from_numpy(labels)) == pytest.approx(acc, abs=1e-12)
     assert macro_f1(torch.from_numpy(probs), torch.from_numpy(labels)) == pytest.approx(f1, abs=1e-6)
+
+
+def test_a_confidence_on_a_bin_edge_goes_to_the_lower_bin_for_any_bin_count():
+    # 0.55 = 11/20 is the upper edge of (0.50, 0.55]; torch.linspace's edge is 0.5499999999999999
+    for n_bins, conf, expected_bin in ((20, 0.55, 10), (10, 0.7, 6), (15, 0.6, 8)):
+        probs = torch.tensor([[conf, 1 - conf]], dtype=torch.float64)
+        data = reliability_diagram_data(probs, torch.tensor([0]), n_bins=n_bins)
+        assert data["count"][expected_bin] == 1.0, (n_bins, conf)
+
+
+def test_cluster_bootstrap_resamples_whole_clusters():
+    from abmll.metrics import bootstrap_mean_ci
+
+    # two clusters, perfectly correlated inside: the cluster bootstrap sees 2 values, not 8
+    values = [0.0] * 4 + [1.0] * 4
+    clusters = ["a"] * 4 + ["b"] * 4
+    mean, lo, hi = bootstrap_mean_ci(values, clusters=clusters, n_boot=4000)
+    assert mean == 0.5 and lo == 0.0 and hi == 1.0
+    _, lo_units, hi_units = bootstrap_mean_ci(values, n_boot=4000)
+    assert lo_units > 0.1 and hi_units < 0.9                  # units treated as independent: too narrow
+    with pytest.raises(ValueError, match="equal sizes"):
+        bootstrap_mean_ci([1.0, 2.0, 3.0], clusters=["a", "a", "b"])

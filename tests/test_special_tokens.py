@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
 from transformers import PreTrainedTokenizerFast
 
 from abmll.data import Example
@@ -107,7 +107,7 @@ def test_truncation_cuts_the_input_keeps_template_and_specials(family):
     tok = family_tokenizer(family)
     parts = prompt_parts(tok, ScoringConfig(template="Review: {input}\nAnswer:"))
     ids, cut = tokenize_prompt(tok, parts, "abcdefghij" * 10, 40)
-    assert len(ids) == 40 and cut == 100 - (40 - len(parts.prefix) - len(parts.suffix) - len("Review: ") - len("\nAnswer:"))
+    assert len(ids) == 40 and cut == 100 - (40 - len(parts.prefix) - len("Review: ") - len("\nAnswer:"))
     text = tok.decode(ids, skip_special_tokens=True)
     assert text.startswith("Review: ") and text.endswith("abcdefghij\nAnswer:")
     assert tuple(ids[: len(parts.prefix)]) == parts.prefix
@@ -129,3 +129,36 @@ def test_a_bos_written_in_the_text_is_not_doubled():
     ids, _ = tokenize_prompt(tok, parts, "hi", 50)
     assert ids.count(tok.bos_token_id) == 1 and ids[0] == tok.bos_token_id
     assert torch.tensor(ids).numel() == 1 + len("hi")
+
+
+def sentencepiece_tokenizer(eos_suffix: bool = False) -> PreTrainedTokenizerFast:
+    """Llama-2 (legacy SentencePiece) style: a '▁' is prepended to every encoded text, and
+    optionally an EOS appended (as some tokenizers do)."""
+    chars = sorted(set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ:\n") | {"▁"})
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{c: i + 3 for i, c in enumerate(chars)}}
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+    backend.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    backend.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.Strip(" ", 1, 0)])
+    backend.add_special_tokens(["<s>", "</s>", "<unk>"])
+    single = "<s> $A </s>" if eos_suffix else "<s> $A"
+    backend.post_processor = processors.TemplateProcessing(single=single, special_tokens=[("<s>", 1), ("</s>", 2)])
+    return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+
+
+def test_a_cut_prompt_is_tokenised_as_an_uncut_one_on_sentencepiece_tokenizers():
+    tok = sentencepiece_tokenizer()
+    parts = prompt_parts(tok, ScoringConfig(template="Review: {input}\nAnswer:"))
+    full, _ = tokenize_prompt(tok, parts, "abcdefghij" * 10, 10_000)
+    cut, n = tokenize_prompt(tok, parts, "abcdefghij" * 10, 40)
+    assert len(cut) <= 40 and n > 0 and cut[0] == tok.bos_token_id
+    assert cut[-9:] == full[-9:]                 # the template's tail, tokenised as in the uncut prompt
+    assert cut[1:4] == full[1:4]                 # and its head
+
+
+def test_an_eos_appended_by_the_tokenizer_never_sits_between_prompt_and_answer():
+    tok = sentencepiece_tokenizer(eos_suffix=True)
+    for pack in (True, False):
+        batch = make_batches(tok, [Example("abc", ("yes", "no"), 0, "f:1")],
+                             ScoringConfig(template="{input}\nAnswer:", pack_options=pack))[0]
+        row = batch.input_ids[0].tolist()
+        assert tok.eos_token_id not in row and row.count(tok.bos_token_id) == 1

@@ -296,3 +296,22 @@ def test_validation_curve_best_prior_and_exact_resume(tiny_data_dir, tmp_path):
     assert thetas_equal(again.theta, ref.theta) and again.validation == ref.validation
     best_again, _ = load_adapter(tmp_path / "run" / train.BEST_DIR)
     assert thetas_equal(best_again, best)
+
+
+def test_a_failed_validation_is_logged_and_the_last_step_is_always_validated(tiny_data_dir, tmp_path):
+    class Flaky:
+        calls = 0
+
+        def __call__(self, theta):
+            Flaky.calls += 1
+            if Flaky.calls == 1:
+                raise NonFiniteLossError("adaptation diverged")
+            return {"nll": float("nan") if Flaky.calls == 2 else 0.5, "ece": 0.1}
+
+    trainer = make_trainer(tiny_data_dir, meta_steps=5)
+    trainer.validator, trainer.validate_every = Flaky(), 2
+    trainer.run(tmp_path / "run", CONFIG)
+    assert [v["step"] for v in trainer.validation] == [0, 2, 4, 5]          # 5: the last step, off the grid
+    assert trainer.validation[0]["nll"] == math.inf and "diverged" in trainer.validation[0]["error"]
+    _, saved = load_adapter(tmp_path / "run" / train.BEST_DIR)
+    assert saved["meta_steps_done"] == 4 and saved["validation_nll"] == 0.5      # NaN never wins

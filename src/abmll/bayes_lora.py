@@ -363,6 +363,10 @@ def _decoder_position(module_name: str) -> tuple[str, int]:
     return match.group(1), int(match.group(2))
 
 
+_CACHEABLE_KWARGS = {"position_ids", "logits_to_keep", "use_cache"}
+"""Forward keywords the frozen-layer cache's key accounts for (any other one bypasses it)."""
+
+
 def _fp32(params: Params) -> Params:
     """``params`` with half-precision tensors upcast to float32 (others as they are), so sums
     over millions of weight entries are accumulated in float32 at least."""
@@ -469,8 +473,7 @@ class BayesLoraModel(nn.Module):
         if boundary == 0:
             return None
         stack = self.peft_model.get_submodule(stack_name)
-        frozen = [self.peft_model.get_input_embeddings(), *stack[:boundary]]
-        return FrozenLayerCache(stack, boundary, frozen, self.config.frozen_cache_mb << 20)
+        return FrozenLayerCache(stack, boundary, self.peft_model, self.config.frozen_cache_mb << 20)
 
     def _add_scale_pair(self, name: str, module: nn.Module, generator: torch.Generator) -> AdaptedLayer:
         lora_A = module.lora_A["default"]
@@ -541,8 +544,8 @@ class BayesLoraModel(nn.Module):
             kwargs=dict(input_ids=input_ids, attention_mask=attention_mask, **kwargs),
         )
         try:
-            if self.frozen_cache is None:
-                return run()
+            if self.frozen_cache is None or input_ids is None or set(kwargs) - _CACHEABLE_KWARGS:
+                return run()            # inputs the cache key does not cover: compute every layer
             return self.frozen_cache.run(run, input_ids, attention_mask, kwargs.get("position_ids"))
         finally:
             self._noise.sample, self._noise.groups = False, None

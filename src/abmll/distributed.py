@@ -242,6 +242,8 @@ def shard_base_model(accelerator, model: BayesLoraModel, plugin=None) -> list[nn
         ValueError: no FSDP plugin, or an FSDP1 config (``fsdp_version: 1``, flat parameters:
             not supported; FSDP2 keeps parameter names, which ``functional_call`` relies on),
             or ``sampling="per_batch"`` (it adds the noise to W0 itself, which FSDP shards).
+    The frozen-layer cache (``top_layers``) is turned off: processes that hit and miss it would
+    run different numbers of collectives.
     """
     from accelerate.utils.other import get_module_children_bottom_up
     from torch.distributed.device_mesh import init_device_mesh
@@ -255,6 +257,9 @@ def shard_base_model(accelerator, model: BayesLoraModel, plugin=None) -> list[nn
     if model.config.sampling != "flipout":
         raise ValueError(f"sampling={model.config.sampling!r} adds weight noise to the base weights, which FSDP "
                          "shards: use --sampling flipout with an FSDP config")
+    # The frozen-layer cache would make processes that hit and processes that miss run
+    # different numbers of FSDP all-gathers (a hang); sharded runs compute every layer.
+    model.frozen_cache = None
     root = model.peft_model
     device = accelerator.device
     ignored = set(adapter_parameters(model))

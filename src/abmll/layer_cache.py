@@ -18,10 +18,12 @@ same batch skip the frozen layers:
 
 The key is the batch's content (input_ids, attention_mask, position_ids) plus everything that
 would change the stored states: the boundary layer index, the base model's dtype and device,
-and the version counters of the frozen weights (an in-place change of W0, e.g.
-``load_state_dict``, gives new keys). Entries are evicted least-recently-used once their total
-size passes ``max_bytes``. Works for decoder stacks whose layers return the hidden-state tensor
-(transformers >= 5 for Llama, Mistral, Qwen2/3, Gemma, GPT-2, OPT).
+and the storage and version counter of every frozen parameter and buffer (an in-place change,
+e.g. ``load_state_dict``, or a new tensor, gives new keys). A write through ``.data`` bypasses
+version counters: call :meth:`FrozenLayerCache.clear` after one. Entries are evicted
+least-recently-used once their total size passes ``max_bytes``. Works for decoder stacks whose
+layers return the hidden-state tensor (transformers >= 5 for Llama, Mistral, Qwen2/3, Gemma,
+GPT-2, OPT). Not under FSDP (:func:`abmll.distributed.shard_base_model` turns it off).
 """
 
 from __future__ import annotations
@@ -65,8 +67,9 @@ class FrozenLayerCache:
         layers: the model's stack of decoder layers (e.g. ``model.model.layers``).
         boundary: index of the lowest layer holding an adapter (> 0); layers ``[0, boundary)``
             must be frozen and adapter-free.
-        frozen: modules whose weights determine the cached states (the embeddings and the
-            frozen layers); their parameters' version counters are part of every key.
+        frozen: a module holding everything that determines the cached states (e.g. the
+            whole model); the storage and version of each of its parameters and buffers
+            outside ``layers[boundary:]`` are part of every key.
         max_bytes: bound on the total size of the stored hidden states (bytes); an entry
             larger than the bound is used for its own forward and not stored.
     Attributes:
@@ -75,13 +78,13 @@ class FrozenLayerCache:
         ValueError: ``boundary`` outside ``[1, len(layers))``, or ``max_bytes`` < 1.
     """
 
-    def __init__(self, layers: nn.ModuleList, boundary: int, frozen: list[nn.Module], max_bytes: int) -> None:
+    def __init__(self, layers: nn.ModuleList, boundary: int, frozen: nn.Module, max_bytes: int) -> None:
         if not 0 < boundary < len(layers):
             raise ValueError(f"cache boundary must be in [1, {len(layers)}), got {boundary}")
         if max_bytes < 1:
             raise ValueError(f"max_bytes must be positive, got {max_bytes}")
         self.layers, self.boundary, self.max_bytes = layers, boundary, max_bytes
-        self._frozen = [p for m in frozen for p in m.parameters()]
+        self._root = frozen
         self._store: OrderedDict[tuple, Tensor] = OrderedDict()
         self.nbytes = 0
         self.hits = self.misses = 0
@@ -96,9 +99,10 @@ class FrozenLayerCache:
 
     def key(self, input_ids: Tensor, attention_mask: Tensor | None, position_ids: Tensor | None) -> tuple:
         """The cache key of one forward's inputs (see the module docstring)."""
-        w = self._frozen[0]
-        return (self.boundary, str(w.dtype), str(w.device), sum(p._version for p in self._frozen),
-                _digest(input_ids), _digest(attention_mask), _digest(position_ids))
+        above = {id(t) for layer in self.layers[self.boundary:] for t in (*layer.parameters(), *layer.buffers())}
+        state = tuple((t.data_ptr(), t._version, str(t.dtype), str(t.device))
+                      for t in (*self._root.parameters(), *self._root.buffers()) if id(t) not in above)
+        return (self.boundary, hash(state), _digest(input_ids), _digest(attention_mask), _digest(position_ids))
 
     def run(self, forward: Callable[[], Any], input_ids: Tensor, attention_mask: Tensor | None,
             position_ids: Tensor | None) -> Any:
@@ -146,12 +150,16 @@ class FrozenLayerCache:
             return args, {**kwargs, "hidden_states": hidden}
 
         handle = self.layers[self.boundary].register_forward_pre_hook(inject, with_kwargs=True)
-        skipped = self.layers[: self.boundary]
+        skipped = list(self.layers[: self.boundary])
+        own = [vars(layer).get("forward") for layer in skipped]     # e.g. accelerate's wrapped forward
         for layer in skipped:
             layer.forward = _pass_through
         try:
             return forward()
         finally:
             handle.remove()
-            for layer in skipped:
-                del layer.forward
+            for layer, saved in zip(skipped, own):
+                if saved is None:
+                    del layer.forward
+                else:
+                    layer.forward = saved

@@ -41,10 +41,10 @@ from abmll.scoring import ScoringConfig
 from abmll.train import CHECKPOINT_DIR, MetaTrainer
 
 PRIOR_KINDS = ("init", "abmll", "multitask", "reptile")
+"""How a method's prior is obtained: the untrained init, or meta-trained by one rule."""
 
 ADAPTING_METHOD = {"abmll": "abmll", "multitask": "multitask_lora", "reptile": "reptile"}
 """The registry entry whose recipe adapts each trained prior kind (used to validate it)."""
-"""How a method's prior is obtained: the untrained init, or meta-trained by one rule."""
 
 
 @dataclass(frozen=True)

@@ -293,7 +293,7 @@ def reliability_diagram_data(
             "accuracy": [correct[g].mean().item() for g in groups],
             "count": [float(len(g)) for g in groups],
         }
-    edges = torch.linspace(0, 1, n_bins + 1, dtype=torch.float64, device=conf.device)
+    edges = torch.arange(n_bins + 1, dtype=torch.float64, device=conf.device) / n_bins   # exact m / M (linspace is not)
     idx = (torch.bucketize(conf, edges, right=False) - 1).clamp(0, n_bins - 1)     # edges[m] < conf <= edges[m+1]
     count = torch.zeros(n_bins, dtype=torch.float64, device=conf.device)
     conf_sum = torch.zeros_like(count)
@@ -311,29 +311,49 @@ def reliability_diagram_data(
     }
 
 
-def bootstrap_mean_ci(values: Any, n_boot: int = 2000, level: float = 0.95, seed: int = 0) -> tuple[float, float, float]:
+def bootstrap_mean_ci(values: Any, n_boot: int = 2000, level: float = 0.95, seed: int = 0,
+                      clusters: Any = None) -> tuple[float, float, float]:
     """Mean of ``values`` and its percentile-bootstrap confidence interval (Efron & Tibshirani
-    1993, ch. 13): resample the values with replacement ``n_boot`` times, take the
-    ``(1 - level) / 2`` and ``(1 + level) / 2`` quantiles of the resampled means. For a paired
-    comparison pass the per-unit differences (e.g. ABMLL minus a baseline per (task, seed)).
+    1993, ch. 13): resample with replacement ``n_boot`` times, take the ``(1 - level) / 2`` and
+    ``(1 + level) / 2`` quantiles of the resampled means. With ``clusters`` (e.g. the task of
+    each (task, seed) unit) whole clusters are resampled (the cluster bootstrap), so units that
+    are correlated within a cluster do not make the interval too narrow; clusters must then
+    have equal sizes. For a paired comparison pass the per-unit differences.
 
     Args:
-        values: 1-D sequence or tensor of floats (one per unit, e.g. per (task, seed)).
-        n_boot: bootstrap resamples.
+        values: 1-D sequence or tensor of floats (one per unit).
+        n_boot: bootstrap resamples (>= 1).
         level: coverage of the interval, in (0, 1).
         seed: seeds the resampling (the interval is reproducible).
+        clusters: optional 1-D sequence of hashable cluster ids, one per value.
     Returns:
         (mean, lower, upper).
     Raises:
-        ValueError: no values, a non-finite value, or ``level`` outside (0, 1).
+        ValueError: no values, a non-finite value, ``level`` outside (0, 1), ``n_boot`` < 1,
+            or clusters that do not match the values or differ in size.
     """
     x = torch.as_tensor(values, dtype=torch.float64).flatten()
     if x.numel() == 0 or not torch.isfinite(x).all():
         raise ValueError(f"bootstrap needs finite values, got {x.tolist()[:5]}")
     if not 0 < level < 1:
         raise ValueError(f"level must be in (0, 1), got {level}")
+    if n_boot < 1:
+        raise ValueError(f"n_boot must be >= 1, got {n_boot}")
     g = torch.Generator().manual_seed(seed)
-    means = x[torch.randint(0, x.numel(), (n_boot, x.numel()), generator=g)].mean(1)
+    if clusters is not None:
+        ids = list(clusters)
+        if len(ids) != x.numel():
+            raise ValueError(f"{len(ids)} cluster ids for {x.numel()} values")
+        groups = {}
+        for i, c in enumerate(ids):
+            groups.setdefault(c, []).append(i)
+        if len({len(v) for v in groups.values()}) != 1:
+            raise ValueError("clusters must have equal sizes")
+        x_by = torch.stack([x[v] for v in groups.values()])                   # (clusters, size)
+        pick = torch.randint(0, len(groups), (n_boot, len(groups)), generator=g)
+        means = x_by[pick].mean(dim=(1, 2))
+    else:
+        means = x[torch.randint(0, x.numel(), (n_boot, x.numel()), generator=g)].mean(1)
     lo, hi = torch.quantile(means, torch.tensor([(1 - level) / 2, (1 + level) / 2], dtype=torch.float64)).tolist()
     return x.mean().item(), lo, hi
 

@@ -111,15 +111,14 @@ _SLOT = "\ue000"
 
 @dataclass(frozen=True)
 class PromptParts:
-    """How a prompt is tokenised: its text is ``head + input + tail``; ``prefix`` / ``suffix``
-    are the special-token ids the tokenizer adds around a text (e.g. ``[bos]`` / ``[]``),
-    ``add_special`` whether it adds them (False under a chat template, whose text holds them)."""
+    """How a prompt is tokenised: its text is ``head + input + tail``, encoded without special
+    tokens, after ``prefix``: the special tokens a tokenizer puts *before* a text (e.g.
+    ``[bos]``; empty under a chat template, whose text holds them). Tokens a tokenizer appends
+    after a text (an EOS) are left out: they would sit between the prompt and the answer."""
 
     head: str
     tail: str
-    add_special: bool
     prefix: tuple[int, ...]
-    suffix: tuple[int, ...]
 
 
 def prompt_parts(tokenizer, config: ScoringConfig) -> PromptParts:
@@ -127,7 +126,8 @@ def prompt_parts(tokenizer, config: ScoringConfig) -> PromptParts:
 
     Raises:
         ValueError: the template has no ``{input}`` field or another field (e.g. ``{inputs}``),
-            or ``chat_template`` is asked of a tokenizer that has none.
+            ``chat_template`` is asked of a tokenizer that has none, or the tokenizer's special
+            tokens cannot be told apart from a text's own tokens.
     """
     try:
         text = config.template.format(input=_SLOT)
@@ -141,13 +141,16 @@ def prompt_parts(tokenizer, config: ScoringConfig) -> PromptParts:
         text = tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
                                              tokenize=False)
     head, _, tail = text.partition(_SLOT)
-    prefix, suffix = (), ()
+    prefix: tuple[int, ...] = ()
     if not config.chat_template:
         plain = tokenizer("a", add_special_tokens=False)["input_ids"]
         full = tokenizer("a", add_special_tokens=True)["input_ids"]
-        at = next((i for i in range(len(full) - len(plain) + 1) if full[i:i + len(plain)] == plain), 0)
-        prefix, suffix = tuple(full[:at]), tuple(full[at + len(plain):])
-    return PromptParts(head, tail, not config.chat_template, prefix, suffix)
+        at = next((i for i in range(len(full) - len(plain) + 1) if full[i:i + len(plain)] == plain), None)
+        if at is None:
+            raise ValueError(f"cannot tell the tokenizer's special tokens from text: 'a' encodes to {plain} "
+                             f"without them and to {full} with them")
+        prefix = tuple(full[:at])
+    return PromptParts(head, tail, prefix)
 
 
 def _single_bos(ids: list[int], bos: int | None) -> list[int]:
@@ -158,27 +161,39 @@ def _single_bos(ids: list[int], bos: int | None) -> list[int]:
 
 
 def tokenize_prompt(tokenizer, parts: PromptParts, text: str, room: int) -> tuple[list[int], int]:
-    """Token ids of the prompt for input ``text``, at most ``room`` of them: when too long, the
-    *input* is cut from the left (its end, nearest the answer, is kept), never the template's
-    text or the special tokens, so a BOS-adding tokenizer's BOS is always first.
+    """Token ids of the prompt for input ``text``, at most ``room`` of them. When too long, the
+    *input* is cut from the left at a token boundary (its end, nearest the answer, is kept) and
+    the whole prompt is encoded again, so a cut prompt is tokenised as an uncut one would be;
+    the template's text and the special-token prefix are never cut (a BOS stays first).
 
     Returns:
-        (ids, cut): ``cut`` = number of input tokens dropped (0 when it fits).
+        (ids, cut): ``cut`` = number of the input's own tokens dropped (0 when it fits).
     Raises:
         ValueError: the template and special tokens alone leave no room for the input.
     """
     bos = getattr(tokenizer, "bos_token_id", None)
-    ids = _single_bos(tokenizer(parts.head + text + parts.tail, add_special_tokens=parts.add_special)["input_ids"], bos)
+    encode = lambda t: _single_bos([*parts.prefix, *tokenizer(t, add_special_tokens=False)["input_ids"]], bos)  # noqa: E731
+    ids = encode(parts.head + text + parts.tail)
     if len(ids) <= room:
         return ids, 0
-    enc = lambda t: tokenizer(t, add_special_tokens=False)["input_ids"] if t else []  # noqa: E731
-    head, tail, body = enc(parts.head), enc(parts.tail), enc(text)
-    keep = room - len(parts.prefix) - len(parts.suffix) - len(head) - len(tail)
+    no_room = ValueError(f"the template's text and special tokens leave no room for the input in {room} tokens; "
+                         "raise max_length")
+    body = tokenizer(text, add_special_tokens=False, return_offsets_mapping=bool(tokenizer.is_fast))
+    starts = [a for a, _ in body["offset_mapping"]] if tokenizer.is_fast else None
+    drop = len(ids) - room
+    while starts is not None:                   # fast tokenizers: cut the text where a token starts
+        if drop >= len(starts):
+            raise no_room
+        ids = encode(parts.head + text[starts[drop]:] + parts.tail)
+        if len(ids) <= room:
+            return ids, drop
+        drop += len(ids) - room
+    head, tail = tokenizer(parts.head, add_special_tokens=False)["input_ids"] if parts.head else [], \
+        tokenizer(parts.tail, add_special_tokens=False)["input_ids"] if parts.tail else []
+    keep = room - len(parts.prefix) - len(head) - len(tail)      # slow tokenizers: cut the token list
     if keep < 1:
-        raise ValueError(f"the template's {len(head) + len(tail)} tokens and the special tokens leave no room for "
-                         f"the input in {room} tokens; raise max_length")
-    ids = _single_bos([*parts.prefix, *head, *body[-keep:], *tail, *parts.suffix], bos)
-    return ids, len(body) - keep
+        raise no_room
+    return _single_bos([*parts.prefix, *head, *body["input_ids"][-keep:], *tail], bos), len(body["input_ids"]) - keep
 
 
 def _tokenize(tokenizer, examples: Sequence[Example], config: ScoringConfig):

@@ -19,6 +19,7 @@ each process runs its share of every meta-batch and only the main process writes
 from __future__ import annotations
 
 import json
+import math
 import random
 import warnings
 from collections.abc import Callable, Sequence
@@ -212,7 +213,7 @@ class MetaTrainer:
             write_json(folder / "validation.json", self.validation)
         if self._best is not None:
             nll, theta = self._best
-            best_step = min(self.validation, key=lambda v: v["nll"])["step"]
+            best_step = next(v["step"] for v in self.validation if v["nll"] == nll)
             save_adapter(folder / BEST_DIR, theta, {**config, "kind": "prior", "rho0": self.rho0(),
                                                     "meta_steps_done": best_step, "validation_nll": nll,
                                                     "selected_by": "lowest validation NLL"})
@@ -289,8 +290,9 @@ class MetaTrainer:
         self.validation = list(state.get("validation", []))
         best = {k.removeprefix("best/"): v.to(self.theta[k.removeprefix("best/")].device)
                 for k, v in tensors.items() if k.startswith("best/")}
-        if best and self.validation:
-            self._best = (min(v["nll"] for v in self.validation), best)
+        finite = [v["nll"] for v in self.validation if math.isfinite(v["nll"])]
+        if best and finite:
+            self._best = (min(finite), best)
         self._saved_step = len(history)
         return len(history)
 
@@ -311,7 +313,7 @@ class MetaTrainer:
                 :meth:`step`); the message names the step, the tasks and the last good
                 checkpoint, which is left as it was.
         """
-        self._maybe_validate(out_dir, config)
+        self._maybe_validate()
         while len(self.history) < self.meta.meta_steps:
             try:
                 logs = self.step(skip_nonfinite)
@@ -321,7 +323,7 @@ class MetaTrainer:
                 raise NonFiniteLossError(f"{err}; {kept}") from err
             if on_step:
                 on_step(logs)
-            self._maybe_validate(out_dir, config)
+            self._maybe_validate(last=len(self.history) == self.meta.meta_steps)
             if out_dir and save_every and len(self.history) % save_every == 0:
                 self._save_on_main(out_dir, config)
         if out_dir and self._saved_step != len(self.history):
@@ -336,18 +338,24 @@ class MetaTrainer:
         """The validated prior with the lowest validation NLL (detached), or None without validation."""
         return None if self._best is None else {k: v.detach() for k, v in self._best[1].items()}
 
-    def _maybe_validate(self, out_dir: str | Path | None, config: dict) -> None:
-        """Validate when a validator is set, ``validate_every`` divides the steps done and this
-        step was not validated yet; keep the prior if its NLL is the lowest so far."""
+    def _maybe_validate(self, last: bool = False) -> None:
+        """Validate when a validator is set, this step was not validated yet, and
+        ``validate_every`` divides the steps done or the run is at its ``last`` step; keep the
+        prior if its NLL is finite and the lowest so far. A validation that fails (diverged
+        adaptation, non-finite probabilities) is logged with NLL inf and its error; the run goes on."""
         step = len(self.history)
-        if (self.validator is None or not self.validate_every or step % self.validate_every
+        if (self.validator is None or not self.validate_every or (step % self.validate_every and not last)
                 or any(v["step"] == step for v in self.validation)):
             return
-        with torch.random.fork_rng(devices=[]):     # validation's own seeding must not move the run's RNG
-            metrics = self.validator(self.theta)
+        try:
+            with torch.random.fork_rng(devices=[]):     # validation's own seeding must not move the run's RNG
+                metrics = self.validator(self.theta)
+        except (NonFiniteLossError, ValueError) as err:
+            metrics = {"nll": math.inf, "error": str(err)}
         self.validation.append({"step": step, **metrics})
-        if self._best is None or metrics["nll"] < self._best[0]:
-            self._best = (metrics["nll"], {k: v.detach().clone() for k, v in self.theta.items()})
+        nll = metrics["nll"]
+        if math.isfinite(nll) and (self._best is None or nll < self._best[0]):
+            self._best = (nll, {k: v.detach().clone() for k, v in self.theta.items()})
 
     def _save_on_main(self, out_dir: str | Path, config: dict) -> None:
         if self.is_main:
