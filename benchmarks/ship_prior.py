@@ -39,7 +39,7 @@ def main(argv: list[str] | None = None) -> Path:
     validation = json.loads((run / "validation.json").read_text()) if (run / "validation.json").is_file() else []
     commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
     write_json(out / "record.json", {
-        "name": args.name, "command": args.command, "commit": commit, "source": str(source),
+        "name": args.name, "command": args.command, "shipped_at_commit": commit, "source": str(source),
         "meta_steps_trained": len(history), "meta_steps_of_this_prior": config.get("meta_steps_done"),
         "selected_by": config.get("selected_by", "last meta-step"), "validation": validation,
     })

@@ -118,13 +118,22 @@ def test_duplicate_options_are_refused(tmp_path_factory, options, data):
 # ---------------------------------------------------------------- valid records, end to end
 
 
+def reference_prompt(example: Example, config: ScoringConfig, room: int) -> list[int] | None:
+    """The prompt by brute force: the template around the longest non-empty suffix of the input
+    (cut at a character) whose prompt fits in ``room`` tokens; None when none fits."""
+    head, _, tail = config.template.partition("{input}")
+    for start in range(max(1, len(example.input))):
+        ids = TOKENIZER(head + example.input[start:] + tail, add_special_tokens=False)["input_ids"]
+        if len(ids) <= room:
+            return ids
+    return None
+
+
 def reference_scores(model, example: Example, config: ScoringConfig) -> list[float]:
-    """Each option scored on its own: the prompt cut from the left to ``max_length`` minus the
-    longest option, then the option's summed token log-probabilities."""
+    """Each option scored on its own after :func:`reference_prompt`: its summed token log-probabilities."""
     params = model.init_params()
-    prompt = TOKENIZER(config.template.format(input=example.input))["input_ids"]
     options = [TOKENIZER(config.option_prefix + o, add_special_tokens=False)["input_ids"] for o in example.options]
-    prompt = prompt[-(config.max_length - max(map(len, options))):]
+    prompt = reference_prompt(example, config, config.max_length - max(map(len, options)))
     scores = []
     for option in options:
         with torch.no_grad():
@@ -152,7 +161,12 @@ def test_any_valid_record_is_read_tokenised_and_scored(tmp_path_factory, model, 
             encode_options(TOKENIZER, [example], config)
         return
     prompt_len = len(TOKENIZER(config.template.format(input=input))["input_ids"])
-    event("prompt cut from the left" if prompt_len + max(map(len, option_ids)) > max_length else "prompt kept whole")
+    if reference_prompt(example, config, max_length - max(map(len, option_ids))) is None:
+        event("the template alone does not fit")        # refused: the prompt would hold none of the input
+        with pytest.raises(ValueError, match=f"{path}:1.*no room for the input"):
+            encode_options(TOKENIZER, [example], config)
+        return
+    event("input cut from the left" if prompt_len + max(map(len, option_ids)) > max_length else "prompt kept whole")
     batch = encode_options(TOKENIZER, [example], config)
     for r in range(len(options)):                   # every option kept whole, decodes to itself
         kept = batch.option_ids[r][batch.option_mask[r]].tolist()

@@ -167,3 +167,21 @@ def test_lm_head_gets_a_contiguous_input():
         model(model.init_params(), batch.input_ids, batch.attention_mask, position_ids=batch.position_ids,
               logits_to_keep=batch.keep)
     assert seen == [True]
+
+
+def test_memory_stays_flat_in_k_with_the_cache():
+    """The autograd graph alive during a cached meta-step is one inner step's at most, whatever K,
+    and the cache holds one entry per batch (filled once, without a graph)."""
+    from test_meta import SavedTensorMeter, run_meta_step
+
+    model = BayesLoraModel(make_tiny_llama(), BayesLoraConfig(rank=2, top_layers=1))
+    task = task_batches("a", 5)
+    peaks, sizes = {}, {}
+    for K in (1, 8):
+        theta = {k: v.clone().requires_grad_() for k, v in random_params(model, seed=0, scale=0.2).items()}
+        meter = SavedTensorMeter()
+        with torch.autograd.graph.saved_tensors_hooks(meter.pack, meter.unpack):
+            run_meta_step(model, theta, [task], MetaConfig(inner_steps=K, inner_lr=0.1, n_samples=1), HyperpriorConfig())
+        peaks[K], sizes[K] = meter.peak, model.frozen_cache.nbytes
+    assert peaks[1] > 0 and peaks[8] <= 1.01 * peaks[1]
+    assert sizes[8] == sizes[1] and len(model.frozen_cache) == len(task.support) + len(task.query)

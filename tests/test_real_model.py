@@ -55,3 +55,33 @@ def test_scores_real_sst2_examples(smollm2):
     assert probs.shape == (8, 2) and torch.allclose(probs.sum(-1), torch.ones(8))
     assert labels.tolist() == [e.label for e in episode.query]
     print(f"zero-shot SmolLM2 accuracy on 8 glue-sst2 test examples: {accuracy(probs, labels):.3f}")
+
+
+SHIPPED = "smollm2-135m-class_to_class"
+
+
+def test_the_shipped_prior_adapts_on_a_real_held_out_task(tmp_path):
+    """The committed SmolLM2 prior, by its short name: `abmll adapt` on a real class_to_class test
+    task's 8-shot file, then `abmll predict` on its test examples, through the CLI."""
+    import json
+
+    from abmll.cli import main
+    from abmll.data import resolve_data_dir
+    from abmll.export import load_adapter_folder
+    from abmll.priors import resolve_adapter, shipped_priors
+
+    assert SHIPPED in shipped_priors()
+    prior, config = load_adapter_folder(resolve_adapter(SHIPPED))
+    assert config["kind"] == "prior" and config["lora"]["top_layers"] == 4
+    root = resolve_data_dir()
+    support = root / "ethos-race" / "ethos-race_8_100_train.jsonl"
+    test = tmp_path / "test.jsonl"
+    test.write_text("".join((root / "ethos-race" / "ethos-race_test.jsonl").read_text().splitlines(True)[:8]))
+    post = tmp_path / "posterior"
+    assert main(["adapt", "--prior", SHIPPED, "--support", str(support), "--out", str(post)]) == 0
+    posterior, saved = load_adapter_folder(post)
+    assert saved["kind"] == "posterior" and posterior.keys() == prior.keys()
+    assert any(not torch.equal(posterior[k], prior[k]) for k in prior)
+    assert main(["predict", "--adapter", str(post), "--input", str(test), "--out", str(tmp_path / "pred")]) == 0
+    lines = [json.loads(x) for x in (tmp_path / "pred" / "predictions.jsonl").read_text().splitlines()]
+    assert len(lines) == 8 and all(abs(sum(x["probs"]) - 1) < 1e-4 for x in lines)

@@ -559,6 +559,7 @@ def run_predict(run: RunArgs, args: PredictArgs, cfg: dict) -> Path:
         width = max(len(p) for p in probs_all)
         padded = torch.stack([torch.nn.functional.pad(p, (0, width - len(p))) for p in probs_all])
         summary["metrics"] = compute_metrics(padded, torch.tensor(labels_all))
+        summary["ece_scheme"] = ECE_SCHEME
     write_json(out / "predict_config.json", {**to_dict(**cfg), "adapter": str(args.adapter), "input": str(args.input),
                                              "eval_samples": n_samples, "sample_seed": args.sample_seed, **summary})
     if "metrics" in summary:

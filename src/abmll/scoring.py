@@ -181,13 +181,16 @@ def tokenize_prompt(tokenizer, parts: PromptParts, text: str, room: int) -> tupl
     body = tokenizer(text, add_special_tokens=False, return_offsets_mapping=bool(tokenizer.is_fast))
     starts = [a for a, _ in body["offset_mapping"]] if tokenizer.is_fast else None
     drop = len(ids) - room
-    while starts is not None:                   # fast tokenizers: cut the text where a token starts
+    while starts is not None:      # fast tokenizers: cut the text where a token (and a character) starts
         if drop >= len(starts):
             raise no_room
+        if drop and starts[drop] == starts[drop - 1]:          # inside a character: go to the next one
+            drop += 1
+            continue
         ids = encode(parts.head + text[starts[drop]:] + parts.tail)
         if len(ids) <= room:
             return ids, drop
-        drop += len(ids) - room
+        drop += 1
     head, tail = tokenizer(parts.head, add_special_tokens=False)["input_ids"] if parts.head else [], \
         tokenizer(parts.tail, add_special_tokens=False)["input_ids"] if parts.tail else []
     keep = room - len(parts.prefix) - len(head) - len(tail)      # slow tokenizers: cut the token list
