@@ -393,12 +393,21 @@ def _fitting_prior(name: str, model: BayesLoraModel) -> dict:
     """
     folder = resolve_adapter(name)
     tensors, _ = load_adapter_folder(folder)
+    return _on_model(tensors, model, f"{folder}: its tensors do not fit this model's adapters",
+                     "compare priors made with the same model, rank, target_modules and top_layers")
+
+
+def _on_model(tensors: dict, model: BayesLoraModel, problem: str, hint: str) -> dict:
+    """``tensors`` moved to ``model``'s device, after checking they match its adapters' shapes.
+
+    Raises:
+        CheckpointError: ``problem`` with an example of the mismatch and ``hint``.
+    """
     expected = {k: tuple(v.shape) for k, v in model.init_params().items()}
     got = {k: tuple(v.shape) for k, v in tensors.items()}
     if got != expected:
         diff = sorted(set(got.items()) ^ set(expected.items()))[:2]
-        raise CheckpointError(f"{folder}: its tensors do not fit this model's adapters (e.g. {diff}); "
-                              "compare priors made with the same model, rank, target_modules and top_layers")
+        raise CheckpointError(f"{problem} ({hint}; e.g. {diff})")
     device = next(model.parameters()).device
     return {k: v.to(device) for k, v in tensors.items()}
 
@@ -445,14 +454,8 @@ def _load_prior(folder: str, cfg: dict):
             except ValueError as err:
                 raise CheckpointError(str(err)) from None
     model, tokenizer = _build(cfg)
-    expected = {k: tuple(v.shape) for k, v in model.init_params().items()}
-    got = {k: tuple(v.shape) for k, v in theta.items()}
-    if got != expected:
-        diff = sorted(set(got.items()) ^ set(expected.items()))[:2]
-        raise CheckpointError(f"{folder}: its adapter tensors do not fit the model built from the config "
-                              f"(model {cfg['model'].model!r}, rank {cfg['lora'].rank}; e.g. {diff})")
-    device = next(model.parameters()).device
-    return model, tokenizer, {k: v.to(device) for k, v in theta.items()}
+    return model, tokenizer, _on_model(theta, model, f"{folder}: its adapter tensors do not fit the model built "
+                                       "from the config", f"model {cfg['model'].model!r}, rank {cfg['lora'].rank}")
 
 
 def _adapter_config(cfg: dict, model: BayesLoraModel, **extra) -> dict:

@@ -45,6 +45,17 @@ def _series(history: Sequence[dict], key: str) -> tuple[list[int], list[float]]:
     return steps, values
 
 
+def _save(fig, path: str | os.PathLike, title: str) -> Path:
+    """Title, lay out and write ``fig`` as a PNG at ``path`` (parent folders created)."""
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, format="png")
+    return path
+
+
 def plot_training_curves(history: Sequence[dict], path: str | os.PathLike, title: str = "") -> Path:
     """Write the meta-training curves as a PNG with three panels against the meta-step: the
     query NLL, the support NLL before (and, when logged, after) the inner loop (nats), and KL(q || p_theta)
@@ -88,13 +99,7 @@ def plot_training_curves(history: Sequence[dict], path: str | os.PathLike, title
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_ylabel(unit)
         ax.grid(alpha=0.3)
-    if title:
-        fig.suptitle(title)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, format="png")
-    return path
+    return _save(fig, path, title)
 
 
 VALIDATION_CURVE = "validation_curve.png"
@@ -132,13 +137,7 @@ def plot_validation_curve(validation: Sequence[dict], path: str | os.PathLike, t
         ax.set_ylabel(unit)
         ax.grid(alpha=0.3)
         ax.legend(loc="best")
-    if title:
-        fig.suptitle(title)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, format="png")
-    return path
+    return _save(fig, path, title)
 
 
 def pool_predictions(parts: Sequence[tuple[Tensor, Tensor]]) -> tuple[Tensor, Tensor]:
