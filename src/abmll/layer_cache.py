@@ -85,6 +85,7 @@ class FrozenLayerCache:
             raise ValueError(f"max_bytes must be positive, got {max_bytes}")
         self.layers, self.boundary, self.max_bytes = layers, boundary, max_bytes
         self._root = frozen
+        self._above = {id(t) for layer in layers[boundary:] for t in (*layer.parameters(), *layer.buffers())}
         self._store: OrderedDict[tuple, Tensor] = OrderedDict()
         self.nbytes = 0
         self.hits = self.misses = 0
@@ -99,9 +100,8 @@ class FrozenLayerCache:
 
     def key(self, input_ids: Tensor, attention_mask: Tensor | None, position_ids: Tensor | None) -> tuple:
         """The cache key of one forward's inputs (see the module docstring)."""
-        above = {id(t) for layer in self.layers[self.boundary:] for t in (*layer.parameters(), *layer.buffers())}
         state = tuple((t.data_ptr(), t._version, str(t.dtype), str(t.device))
-                      for t in (*self._root.parameters(), *self._root.buffers()) if id(t) not in above)
+                      for t in (*self._root.parameters(), *self._root.buffers()) if id(t) not in self._above)
         return (self.boundary, hash(state), _digest(input_ids), _digest(attention_mask), _digest(position_ids))
 
     def run(self, forward: Callable[[], Any], input_ids: Tensor, attention_mask: Tensor | None,
