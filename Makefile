@@ -19,4 +19,7 @@ test: venv
 demo: venv
 	$(BIN)/abmll demo --out runs/demo
 
-.PHONY: venv test demo
+lint: venv
+	$(BIN)/ruff check src tests benchmarks
+
+.PHONY: venv test demo lint

@@ -19,7 +19,8 @@ peak is torch.cuda.max_memory_allocated. All methods run attention on the math S
 The headline step-time ratio (K=5) is timed in one process with lora and the three ABMLL
 variants run in turn for several rounds (:func:`paired_step_time`), so load that drifts
 between the separate processes cannot bias it; it runs at the trainer's default episode
-size (``--paired-k``, 16 support + 16 query examples per task, TaskArgs.k / max_query). The lora rows' tokens/s is the practical ceiling for
+size (``--paired-k``, 16 support + 16 query examples per task, TaskArgs.k / max_query).
+The lora rows' tokens/s is the practical ceiling for
 meta-training: the frozen base model's forward + backward on the same batches (plus a
 rank-r adapter and its AdamW step).
 
@@ -268,7 +269,8 @@ def table(res: dict) -> str:
     s, paired = res["scoring"], res["step_time_paired"]
     fmt = lambda x: "n/a" if x is None else f"{x:.3f}"  # noqa: E731
     lines += ["", f"- memory_ratio_k10_k1: { {m: fmt(v) for m, v in res['memory_ratio_k10_k1'].items()} }",
-              f"- peak memory relative to K=1: { {m: {K: fmt(v) for K, v in d.items()} for m, d in res['memory_ratio_vs_k1'].items()} }",
+              "- peak memory relative to K=1: "
+              f"{ {m: {K: fmt(v) for K, v in d.items()} for m, d in res['memory_ratio_vs_k1'].items()} }",
               f"- step_time_ratio_vs_lora (K=5, ABMLL meta-step / (K+1)*B LoRA steps, median of "
               f"{len(paired['rounds'])} paired rounds in one process, {paired['examples_per_task']} support + "
               f"{paired['examples_per_task']} query examples per task): "

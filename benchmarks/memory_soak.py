@@ -32,8 +32,8 @@ if __name__ == "__main__" and "MALLOC_MMAP_THRESHOLD_" not in os.environ:
 
 import psutil  # noqa: E402
 import torch  # noqa: E402
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast  # noqa: E402
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers  # noqa: E402
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast  # noqa: E402
 
 from abmll.bayes_lora import BayesLoraConfig, BayesLoraModel, HyperpriorConfig  # noqa: E402
 from abmll.config import TaskArgs  # noqa: E402

@@ -14,7 +14,7 @@ meta-batch size and number of meta-steps.
 Outputs (``<stem>`` = ``quality-<split>``, ``quality-<split>-dev`` with ``--eval_split dev``):
 
 - ``<out_dir>/<stem>.json``: ``{"model", "split", "seeds", "tasks", "command", "methods":
-  {name: {"accuracy", "macro_f1", "ece", "nll", "brier" (means over tasks of the means over
+  {name: {"accuracy", "macro_f1", "ece", "nll", "brier", "aurc" (means over tasks of the means over
   seeds), "<metric>_std" (std over seeds of the task-averaged metric), "per_task": {task:
   {metrics, "chance_rate", "majority_rate", "collapsed_seeds", "seeds": {...}}}}},
   "task_stats", "train_tasks", "notes", "target", "config", "priors"}``;
@@ -62,7 +62,7 @@ from abmll.plots import plot_validation_curve
 from abmll.train import episode_batches
 from abmll.validation import make_validator
 
-METRICS = ("accuracy", "macro_f1", "ece", "nll", "brier")
+METRICS = ("accuracy", "macro_f1", "ece", "nll", "brier", "aurc")
 TINY_MODEL = "tiny-random"
 """``--model tiny-random``: a 2-layer random Llama with a byte-level tokenizer, built offline."""
 

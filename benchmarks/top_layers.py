@@ -194,7 +194,8 @@ def markdown(res: dict) -> str:
              f"Meta-validation: {', '.join(res['val_tasks'])} (held out of meta-training) x seeds {res['val_seeds']}; "
              "5 SGD steps from the prior on the k-shot train file, then the dev file's query NLL / ECE.", "",
              "| variant | adapted layers | cache | meta-steps | meta-steps / hour | speed-up | val NLL (untrained -> reached) "
-             "| val ECE (untrained -> reached) | cache hits / misses | s / step by round |", "|---|---|---|---|---|---|---|---|---|---|"]
+             "| val ECE (untrained -> reached) | cache hits / misses | s / step by round |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in res["rows"]:
         lines.append(f"| {r['variant']} | {r['top_layers']} | {'yes' if r['cached'] else 'no'} | {r['meta_steps']} | "
                      f"{r['meta_steps_per_hour']} | {r['speedup_vs_all']}x | {r['val_nll_untrained']:.3f} -> "

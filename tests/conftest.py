@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import random
+
 import pytest
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
@@ -104,3 +107,36 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """A tiny model folder, tiny data (rule: "yes" iff the input contains q) and a prior
+    meta-trained by ``abmll meta-train --config run.yaml`` with flags overriding the file."""
+    root = tmp_path_factory.mktemp("cli")
+    model_dir = root / "tiny-llama"
+    make_tiny_llama().save_pretrained(model_dir)
+    make_tiny_tokenizer().save_pretrained(model_dir)
+    rng = random.Random(0)
+    data = root / "data"
+    for task in ["t0", "t1", "h0"]:
+        files = {f"4_1_{part}": rule_rows(rng, 4) for part in ("train", "dev")}
+        files["test"] = rule_rows(rng, 6)
+        write_task(data, task, files)
+    (data / "splits").mkdir()
+    (data / "splits" / "tiny.json").write_text(json.dumps({"train": ["t0", "t1"], "test": ["h0"]}))
+    config = root / "run.yaml"
+    config.write_text(
+        f"model:\n  model: {model_dir}\n"
+        "lora:\n  rank: 2\n  init_std_factor: 1.0\n"      # visible weight noise
+        "scoring:\n  max_rows: 8\n"
+        "meta:\n  inner_steps: 1\n  outer_lr: 0.05\n  meta_steps: 5\n"
+        f"tasks:\n  data_dir: {data}\n  split: tiny\n  k: 4\n  data_seeds: [1]\n"
+        "eval:\n  test_steps: 1\n  max_test: 6\n"
+        "sample_seed: 3\n"              # an option of `abmll predict`: ignored by the other commands
+        "shots: [4]\n")                 # an option of `abmll data`
+    prior = root / "prior"
+    from abmll.cli import main
+
+    assert main(["meta-train", "--config", str(config), "--meta_steps", "2", "--out", str(prior)]) == 0
+    return {"root": root, "model_dir": model_dir, "data": data, "config": config, "prior": prior}

@@ -7,6 +7,7 @@ import copy
 
 import pytest
 import torch
+from conftest import make_tiny_llama
 from peft import LoraConfig, get_peft_model
 from torch import nn
 from torch.distributions import Normal, kl_divergence
@@ -27,7 +28,6 @@ from abmll.bayes_lora import (
     preset_target_modules,
     std_matrix,
 )
-from conftest import make_tiny_llama
 
 V = 257
 
@@ -234,10 +234,11 @@ def test_packed_option_scoring_works_for_each_architecture(arch):
     """abmll's default scoring packs an example's options after its prompt (4D attention mask,
     restarted position ids); every architecture must give the same probabilities as one
     sequence per option."""
+    from conftest import make_tiny_tokenizer
+
     from abmll.data import Example
     from abmll.meta import predict_batches
     from abmll.scoring import ScoringConfig, make_batches
-    from conftest import make_tiny_tokenizer
 
     tok = make_tiny_tokenizer()
     examples = [Example("hello there", ("no", "yes", "maybe"), 1), Example("a much longer input", ("x", "yz"), 0)]

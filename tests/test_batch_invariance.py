@@ -7,14 +7,14 @@ import random
 
 import pytest
 import torch
+from conftest import make_tiny_llama
+from test_architectures import random_params
+from test_meta import TOK
 
 from abmll.bayes_lora import BayesLoraConfig, BayesLoraModel
 from abmll.data import Example
 from abmll.meta import predict_batches
 from abmll.scoring import ScoringConfig, make_batches
-from conftest import make_tiny_llama
-from test_architectures import random_params
-from test_meta import TOK
 
 
 def mixed_examples(n: int = 9) -> list[Example]:

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import ast
 import json
+import os
+import stat
 from pathlib import Path
 
 import pytest
@@ -13,7 +15,17 @@ import torch
 import abmll
 from abmll import checkpoint
 from abmll.checkpoint import (
-    CONFIG, STATE, TENSORS, CheckpointError, atomic_write, load_adapter, load_state, save_adapter, save_state,
+    CONFIG,
+    STATE,
+    TENSORS,
+    CheckpointError,
+    atomic_folder,
+    atomic_write,
+    load_adapter,
+    load_state,
+    save_adapter,
+    save_state,
+    write_json,
 )
 
 
@@ -168,3 +180,28 @@ def test_library_never_unpickles():
                 safe = any(k.arg == "weights_only" and getattr(k.value, "value", None) is True for k in node.keywords)
                 offenders += [] if safe else [f"{path.name}:{node.lineno}: torch.load without weights_only=True"]
     assert offenders == []
+
+
+def test_adapter_files_of_two_saves_are_refused(tmp_path):
+    """An interrupted save over an existing adapter (new tensors, old config) is detected."""
+    save_adapter(tmp_path / "old", {"a": torch.zeros(2)}, {"kind": "old"})
+    save_adapter(tmp_path / "new", {"a": torch.ones(2)}, {"kind": "new"})
+    (tmp_path / "old" / TENSORS).write_bytes((tmp_path / "new" / TENSORS).read_bytes())
+    with pytest.raises(CheckpointError, match="not written by the same save"):
+        load_adapter(tmp_path / "old")
+    assert load_adapter(tmp_path / "new")[1] == {"kind": "new"}
+
+
+def test_written_files_get_the_umask_permissions(tmp_path):
+    """Outputs are as readable as the user's other files (mkstemp alone gives 0600)."""
+    old = os.umask(0o022)
+    try:
+        write_json(tmp_path / "r.json", {"a": 1})
+        save_adapter(tmp_path / "p", {"a": torch.zeros(2)}, {})
+        with atomic_folder(tmp_path / "f") as tmp:
+            (tmp / "x").write_text("x")
+    finally:
+        os.umask(old)
+    for path in (tmp_path / "r.json", tmp_path / "p" / TENSORS, tmp_path / "p" / CONFIG):
+        assert stat.S_IMODE(path.stat().st_mode) == 0o644, path
+    assert stat.S_IMODE((tmp_path / "f").stat().st_mode) == 0o755

@@ -62,12 +62,12 @@ def test_saved_prior_reloads_to_identical_predictions(tiny_model_dir, tiny_data_
     history = json.loads((out / "history.json").read_text())
     assert "support_nll_before" in history[0] and "support_nll_after" not in history[0]   # off by default
     cfg = {}
-    model, tok, theta = _load_prior(str(out), cfg)
+    model, tok, theta, _ = _load_prior(str(out), cfg)
     assert any(v.abs().sum() > 0 for k, v in theta.items() if "lora_B" in k)   # trained, not the init
     tasks = TaskArgs(data_dir=str(tiny_data_dir), k=4)
     ep = episode_batches(model, tok, "h0", 1, tasks, cfg["scoring"], "test", None)
     first, _ = predict_batches(model, theta, ep.query, 0)
-    model2, _, theta2 = _load_prior(str(out), {})
+    model2, _, theta2, _ = _load_prior(str(out), {})
     second, _ = predict_batches(model2, theta2, ep.query, 0)
     assert torch.equal(first, second)
     zero, _ = predict_batches(model2, model2.init_params(), ep.query, 0)
@@ -83,3 +83,14 @@ def test_bad_input_gives_clear_error(tiny_model_dir, tiny_data_dir, tmp_path, ca
     assert code == 1
     err = capsys.readouterr().err
     assert "nope" in err and "skip" in err
+
+
+def test_version_and_command_list_answer_without_importing_torch():
+    """``abmll --version`` / ``abmll --help`` must not pay for importing torch and peft."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from abmll.__main__ import main; a = main(['--version']); b = main(['--help']); "
+            "c = main(['no-such-command']); print(a, b, c, 'torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert "abmll 0.1.0" in out and "abmll meta-train" in out and out.strip().endswith("0 0 2 False")

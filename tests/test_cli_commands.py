@@ -4,7 +4,6 @@ plots, TensorBoard; all on a tiny random Llama and tiny MetaICL-layout data."""
 from __future__ import annotations
 
 import json
-import random
 import sys
 import types
 
@@ -23,40 +22,8 @@ from abmll.meta import MetaConfig, adapt, predict_batches
 from abmll.metrics import compute_metrics
 from abmll.plots import plot_reliability_per_method, plot_training_curves, pool_predictions
 from abmll.scoring import ScoringConfig, make_batches
-from conftest import make_tiny_llama, make_tiny_tokenizer, rule_rows, write_task
 
 PNG = b"\x89PNG\r\n\x1a\n"
-
-
-@pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    """A tiny model folder, tiny data (rule: "yes" iff the input contains q) and a prior
-    meta-trained by ``abmll meta-train --config run.yaml`` with flags overriding the file."""
-    root = tmp_path_factory.mktemp("cli")
-    model_dir = root / "tiny-llama"
-    make_tiny_llama().save_pretrained(model_dir)
-    make_tiny_tokenizer().save_pretrained(model_dir)
-    rng = random.Random(0)
-    data = root / "data"
-    for task in ["t0", "t1", "h0"]:
-        files = {f"4_1_{part}": rule_rows(rng, 4) for part in ("train", "dev")}
-        files["test"] = rule_rows(rng, 6)
-        write_task(data, task, files)
-    (data / "splits").mkdir()
-    (data / "splits" / "tiny.json").write_text(json.dumps({"train": ["t0", "t1"], "test": ["h0"]}))
-    config = root / "run.yaml"
-    config.write_text(
-        f"model:\n  model: {model_dir}\n"
-        "lora:\n  rank: 2\n  init_std_factor: 1.0\n"      # visible weight noise
-        "scoring:\n  max_rows: 8\n"
-        "meta:\n  inner_steps: 1\n  outer_lr: 0.05\n  meta_steps: 5\n"
-        f"tasks:\n  data_dir: {data}\n  split: tiny\n  k: 4\n  data_seeds: [1]\n"
-        "eval:\n  test_steps: 1\n  max_test: 6\n"
-        "sample_seed: 3\n"              # an option of `abmll predict`: ignored by the other commands
-        "shots: [4]\n")                 # an option of `abmll data`
-    prior = root / "prior"
-    assert main(["meta-train", "--config", str(config), "--meta_steps", "2", "--out", str(prior)]) == 0
-    return {"root": root, "model_dir": model_dir, "data": data, "config": config, "prior": prior}
 
 
 def _ids():
@@ -84,7 +51,7 @@ def test_export_is_a_peft_adapter_with_abmll_posterior_mean_predictions(world, t
     out = tmp_path / "peft"
     assert main(["export", "--config", str(world["config"]), "--adapter", str(world["prior"]), "--out", str(out)]) == 0
     cfg = {}
-    model, _, theta = _load_prior(str(world["prior"]), cfg)
+    model, _, theta, _ = _load_prior(str(world["prior"]), cfg)
     assert any(v.abs().sum() > 0 for k, v in theta.items() if "lora_B" in k)    # a trained prior
     peft_model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(world["model_dir"]), out).eval()
     with torch.no_grad():
@@ -109,7 +76,7 @@ def test_adapt_then_predict(world, tmp_path):
     assert len(saved["support_nll_steps"]) == 3 and saved["support_nll_after"] > 0
 
     cfg = {}
-    model, tok, theta = _load_prior(str(world["prior"]), cfg)
+    model, tok, theta, _ = _load_prior(str(world["prior"]), cfg)
     batches = make_batches(tok, read_jsonl(support), ScoringConfig(max_rows=8))
     torch.manual_seed(cfg["meta"].seed)
     expected, _ = adapt(model, theta, batches, 3, 0.7, cfg["meta"].beta, cfg["meta"].n_samples, cfg["meta"].inner_grad_clip)
@@ -174,7 +141,7 @@ def test_evaluate_plots_reliability_and_matches_library_evaluate(world, tmp_path
     assert results["config"]["eval"]["eval_samples"] == 2 and results["config"]["eval"]["test_steps"] == 1
 
     cfg = {}
-    model, tok, theta = _load_prior(str(world["prior"]), cfg)
+    model, tok, theta, _ = _load_prior(str(world["prior"]), cfg)
     tasks = TaskArgs(data_dir=str(world["data"]), k=4, data_seeds=[1], test_tasks=["h0"])
     ev = EvalArgs(test_steps=1, eval_samples=1, max_test=6)
     methods = [Method("zero_shot", model.init_params(), 0, 0), Method("abmll", theta, 1, 1)]

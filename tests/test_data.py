@@ -165,7 +165,7 @@ def test_valid_file_labels_and_free_form(tmp_path):
 
 # ---------------------------------------------------------------- read_jsonl properties
 
-options_lists = st.lists(st.text(max_size=20), min_size=1, max_size=6, unique=True)
+options_lists = st.lists(st.text(max_size=20).filter(str.strip), min_size=2, max_size=6, unique=True)  # >= 2 real options
 emoji_text = st.text(alphabet="😀🎉👍🏽🇫🇷ñ中文\u2028\u0085\r\t\"\\ ", max_size=30)
 
 
@@ -182,7 +182,7 @@ def test_unicode_round_trip(tmp_path_factory, input, options, data_):
 
 
 @settings(max_examples=50, deadline=None)
-@given(options=options_lists.filter(lambda o: len(o) >= 2), n_good=st.integers(0, 3), data_=st.data())
+@given(options=options_lists.filter(lambda o: len(o) >= 3), n_good=st.integers(0, 3), data_=st.data())
 def test_answer_missing_from_options_raises(tmp_path_factory, options, n_good, data_):
     answer = data_.draw(st.sampled_from(options))
     good = [record("ok", options[0], options)] * n_good

@@ -21,13 +21,13 @@ import json
 
 import pytest
 import torch
+from conftest import make_tiny_llama, make_tiny_tokenizer, write_task
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from abmll.bayes_lora import BayesLoraConfig, BayesLoraModel
 from abmll.data import DataError, Example, MissingTaskError, load_episode, read_jsonl
 from abmll.scoring import ScoringConfig, encode_options, option_scores
-from conftest import make_tiny_llama, make_tiny_tokenizer, write_task
 
 KEYS = ["task", "input", "output", "options"]
 TOKENIZER = make_tiny_tokenizer()
@@ -107,7 +107,7 @@ def test_malformed_line_names_file_and_line(tmp_path_factory, bad, n_good, blank
 
 
 @SETTINGS
-@given(options=st.lists(unicode_text, min_size=1, max_size=5, unique=True), data=st.data())
+@given(options=st.lists(unicode_text.filter(str.strip), min_size=1, max_size=5, unique=True), data=st.data())
 def test_duplicate_options_are_refused(tmp_path_factory, options, data):
     twice = data.draw(st.sampled_from(options))
     bad = record("q", options[0], options + [twice])
@@ -145,7 +145,8 @@ def reference_scores(model, example: Example, config: ScoringConfig) -> list[flo
 
 @settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(input=unicode_text | long_text, max_length=st.sampled_from([48, 128]),
-       options=st.lists(unicode_text | long_text.map(lambda s: s[:40]), min_size=2, max_size=4, unique=True),
+       options=st.lists((unicode_text | long_text.map(lambda s: s[:40])).filter(str.strip), min_size=2, max_size=4,
+                       unique=True),
        data=st.data())
 def test_any_valid_record_is_read_tokenised_and_scored(tmp_path_factory, model, input, max_length, options, data):
     output = data.draw(st.sampled_from(options))
@@ -177,13 +178,16 @@ def test_any_valid_record_is_read_tokenised_and_scored(tmp_path_factory, model, 
     torch.testing.assert_close(got[0], torch.tensor(reference_scores(model, example, config)), atol=1e-4, rtol=1e-4)
 
 
-def test_empty_strings_are_valid_but_an_option_of_no_tokens_is_refused(tmp_path, model):
-    path = write(tmp_path, [record("", "", ["", "b"], task="")])
+def test_an_empty_input_is_valid_but_an_empty_option_is_refused(tmp_path, model):
+    path = write(tmp_path, [record("", "a", ["a", "b"], task="")])
     (example,) = read_jsonl(path)
-    assert example == Example("", ("", "b"), 0, f"{path}:1")
+    assert example == Example("", ("a", "b"), 0, f"{path}:1")
+    with pytest.raises(DataError, match=f"{path}:1: option 0 is empty"):
+        read_jsonl(write(tmp_path, [record("", "", ["", "b"], task="")]))
+    example = Example("", ("", "b"), 0, "built:1")                       # built in Python, not read
     batch = encode_options(TOKENIZER, [example], ScoringConfig())
     assert batch.option_mask.sum(1).tolist() == [1, 2]                 # " " and " b"
-    with pytest.raises(ValueError, match=f"{path}:1.*tokenises to nothing"):
+    with pytest.raises(ValueError, match="built:1.*tokenises to nothing"):
         encode_options(TOKENIZER, [example], ScoringConfig(option_prefix=""))
 
 

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import make_tiny_llama, make_tiny_tokenizer, write_task
 
 from abmll.bayes_lora import BayesLoraConfig, BayesLoraModel, HyperpriorConfig
 from abmll.checkpoint import STATE, load_adapter
@@ -23,7 +24,6 @@ from abmll.distributed import adapter_parameters, noise_seed, shard_base_model, 
 from abmll.meta import MetaConfig, TaskBatches, meta_step, predict_batches
 from abmll.scoring import ScoringConfig, make_batches
 from abmll.train import CHECKPOINT_DIR
-from conftest import make_tiny_llama, make_tiny_tokenizer, write_task
 
 REPO = Path(__file__).resolve().parents[1]
 FSDP_CONFIG = REPO / "configs" / "accelerate_fsdp_8gpu.yaml"

@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 import torch
 from peft import PeftModel
 from safetensors.torch import load_file, save_file
+from test_architectures import make_tiny, random_params
 
+import abmll.export as export_mod
 from abmll.bayes_lora import BayesLoraConfig, BayesLoraModel
-from abmll.checkpoint import CheckpointError, save_adapter
+from abmll.checkpoint import CheckpointError, read_tensors, save_adapter
 from abmll.export import (
     PEFT_CONFIG,
     PEFT_TENSORS,
@@ -19,7 +22,6 @@ from abmll.export import (
     is_peft_export,
     load_adapter_folder,
 )
-from test_architectures import make_tiny, random_params
 
 IDS = torch.tensor([[3, 50, 7, 21, 99, 12], [4, 4, 8, 15, 16, 23]])
 MASK = torch.ones_like(IDS)
@@ -105,10 +107,45 @@ def test_abmll_layout_also_loads_and_bad_folders_are_named(tmp_path):
         load_adapter_folder(tmp_path / "trunc")
 
     export_peft(tmp_path / "mismatch", params, {}, model=model)
-    scale = load_file(tmp_path / "mismatch" / SCALE_TENSORS)
-    save_file(dict(list(scale.items())[1:]), tmp_path / "mismatch" / SCALE_TENSORS)
+    scale, metadata = read_tensors(tmp_path / "mismatch" / SCALE_TENSORS)
+    save_file(dict(list(scale.items())[1:]), tmp_path / "mismatch" / SCALE_TENSORS, metadata=metadata)
     with pytest.raises(CheckpointError, match="mean and scale pairs"):
         load_adapter_folder(tmp_path / "mismatch")
+
+
+def test_export_is_written_as_a_unit_and_a_mixed_folder_is_refused(tmp_path):
+    """An export interrupted while writing onto an existing one leaves the old folder intact;
+    files of two different exports put together are refused, naming them."""
+    model, params = _abmll_and_params("llama", seed=5)
+    other = {k: v + 1 for k, v in params.items()}
+    export_peft(tmp_path / "a", params, {"kind": "old"}, model=model)
+    calls = []
+
+    def failing_write(path, write):          # the mean tensors (after the scale and config) fail
+        calls.append(path)
+        if len(calls) == 2:
+            raise OSError("disk full")
+        return real_write(path, write)
+
+    real_write = export_mod.atomic_write
+    export_mod.atomic_write = failing_write
+    try:
+        with pytest.raises(OSError, match="disk full"):
+            export_peft(tmp_path / "a", other, {"kind": "new"}, model=model)
+    finally:
+        export_mod.atomic_write = real_write
+    got, config = load_adapter_folder(tmp_path / "a")
+    assert config["kind"] == "old" and all(torch.equal(got[k], params[k]) for k in params)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a"]          # no temporary folder left
+
+    export_peft(tmp_path / "b", other, {"kind": "new"}, model=model)
+    shutil.copy(tmp_path / "b" / SCALE_TENSORS, tmp_path / "a" / SCALE_TENSORS)   # a half-replaced folder
+    with pytest.raises(CheckpointError, match="not written by the same save"):
+        load_adapter_folder(tmp_path / "a")
+    (tmp_path / "c").mkdir()
+    (tmp_path / "c" / "notes.txt").write_text("mine")
+    with pytest.raises(ValueError, match="not empty"):
+        export_peft(tmp_path / "c", params, {}, model=model)
 
 
 def test_export_refuses_incomplete_or_foreign_tensors(tmp_path):
@@ -124,6 +161,6 @@ def test_export_refuses_incomplete_or_foreign_tensors(tmp_path):
     with pytest.raises(ValueError, match="rank and alpha"):
         export_peft(tmp_path, params, {})
     save_adapter(tmp_path / "native", params, {})
-    with pytest.raises(ValueError, match="holds an abmll adapter"):
+    with pytest.raises(ValueError, match="not empty and not an exported adapter"):
         export_peft(tmp_path / "native", params, {}, model=model)
     assert not (tmp_path / PEFT_TENSORS).exists()

@@ -6,14 +6,14 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import make_tiny_llama
+from test_architectures import ARCHS, make_tiny, random_params
+from test_meta import TOK, rule_task, task_batches
 
 from abmll.bayes_lora import BayesLoraConfig, BayesLoraModel, HyperpriorConfig
 from abmll.layer_cache import FrozenLayerCache
 from abmll.meta import MetaConfig, meta_step, nll_backward
 from abmll.scoring import ScoringConfig, make_batches
-from conftest import make_tiny_llama
-from test_architectures import ARCHS, make_tiny, random_params
-from test_meta import TOK, rule_task, task_batches
 
 
 def grads_and_nll(model, params, batches, n_samples, seed=0):
@@ -54,7 +54,7 @@ def test_top_layers_adapts_only_the_top_decoder_layers():
     assert model.num_weight_entries() == 2 * (32 * 32 + 16 * 32)      # 2 layers x (q 32x32, v 16x32: 2 KV heads)
     with pytest.raises(ValueError, match="top_layers=6 but the model has 5"):
         BayesLoraModel(LlamaForCausalLM(cfg).eval(), BayesLoraConfig(top_layers=6))
-    with pytest.raises(ValueError, match="top_layers must be >= 0"):
+    with pytest.raises(ValueError, match="--top_layers must be a finite number >= 0"):
         BayesLoraConfig(top_layers=-1)
 
 

@@ -8,12 +8,12 @@ import math
 
 import pytest
 import torch
+from conftest import make_tiny_llama
+from test_meta import TOK, rule_task
 
 from abmll.bayes_lora import BayesLoraConfig, BayesLoraModel, HyperpriorConfig, inverse_softplus
 from abmll.meta import predict_batches
 from abmll.scoring import ScoringConfig, make_batches
-from conftest import make_tiny_llama
-from test_meta import TOK, rule_task
 
 
 def constant_params(model: BayesLoraModel, mean: float, std: float) -> dict[str, torch.Tensor]:

@@ -8,14 +8,21 @@ import warnings
 
 import pytest
 import torch
+from conftest import make_tiny_llama, make_tiny_tokenizer
 
 from abmll.bayes_lora import BayesLoraConfig, BayesLoraModel, HyperpriorConfig
 from abmll.data import Example
 from abmll.meta import (
-    MetaConfig, NonFiniteLossError, TaskBatches, adapt, mean_nll, meta_step, meta_step_second_order, predict_batches,
+    MetaConfig,
+    NonFiniteLossError,
+    TaskBatches,
+    adapt,
+    mean_nll,
+    meta_step,
+    meta_step_second_order,
+    predict_batches,
 )
 from abmll.scoring import ScoringConfig, make_batches, option_nll, option_scores
-from conftest import make_tiny_llama, make_tiny_tokenizer
 
 TOK = make_tiny_tokenizer()
 
@@ -143,7 +150,7 @@ def test_memory_and_adapter_copies_do_not_grow_with_k(sampling):
         meter, counts = SavedTensorMeter(), []
         baseline = live_adapter_tensors()
 
-        def counting_forward(params, *a, **kw):
+        def counting_forward(params, *a, counts=counts, baseline=baseline, **kw):
             counts.append(live_adapter_tensors() - baseline)
             return original(params, *a, **kw)
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import make_tiny_llama
+from test_meta import random_theta, task_batches
 
 from abmll.bayes_lora import BayesLoraConfig, BayesLoraModel, HyperpriorConfig
 from abmll.config import EvalArgs, TaskArgs
@@ -14,9 +16,6 @@ from abmll.methods import METHODS, get_spec, make_method, prior_kinds, prior_met
 from abmll.models import load_base_model
 from abmll.scoring import ScoringConfig, option_nll, option_scores
 from abmll.train import episode_batches
-from conftest import make_tiny_llama
-from test_meta import random_theta, task_batches
-
 
 pytestmark = pytest.mark.usefixtures("one_thread")   # other jobs share the 2 cores
 
@@ -117,7 +116,7 @@ def test_multitask_step_is_gradient_of_mean_query_nll():
                           for b in t.query]).mean()
 
     ref = torch.autograd.grad(sum(task_nll(t) for t in tasks) / len(tasks), list(theta.values()), allow_unused=True)
-    for (k, v), r in zip(theta.items(), ref):
+    for (_, v), r in zip(theta.items(), ref):
         torch.testing.assert_close(v.grad, torch.zeros_like(v) if r is None else r, rtol=1e-4, atol=1e-7)
     assert all(v.grad.abs().sum() == 0 for k, v in theta.items() if k not in model.mean_keys())
 
@@ -133,7 +132,7 @@ def test_evaluate_reports_predictions_and_keeps_its_return_shape(world):
     assert res["tasks"] == ["h0", "h1"] and res["seeds"] == [1, 2]
     assert set(res["methods"]["lora"]) == {"per_task", "mean", "std_over_seeds"}
     assert len(seen) == len(preds) == 12
-    for (m, t, s), (p, y) in preds.items():     # a result does not depend on the methods run before it
+    for (m, t, s), (p, _) in preds.items():     # a result does not depend on the methods run before it
         ep = episode_batches(w["model"], w["tok"], t, s, w["tasks"], w["scoring"], "test", w["ev"].max_test)
         metrics, p2, _ = run_method(w["model"], next(x for x in methods if x.name == m), ep, w["meta"], s)
         assert torch.equal(p, p2) and metrics == res["methods"][m]["per_task"][t]["seeds"][s]

@@ -4,9 +4,9 @@ import math
 
 import numpy as np
 import pytest
+import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-import torch
 
 from abmll.metrics import (
     accuracy,
@@ -261,7 +261,7 @@ def test_compute_metrics_keys_and_values():
     probs = T([[0.72, 0.18, 0.1], [0.64, 0.26, 0.1]])
     labels = T([0, 2])
     out = compute_metrics(probs, labels, n_bins=10)
-    assert set(out) == {"accuracy", "macro_f1", "ece", "nll", "brier"}
+    assert set(out) == {"accuracy", "macro_f1", "ece", "nll", "brier", "aurc"}
     assert all(type(v) is float for v in out.values())
     assert out["accuracy"] == pytest.approx(0.5)
     # class 0: tp 1, fp 1 -> 2/3; class 2: fn 1 -> 0; macro = 1/3
@@ -272,6 +272,8 @@ def test_compute_metrics_keys_and_values():
     assert out["nll"] == pytest.approx(-(math.log(0.72) + math.log(0.1)) / 2, rel=1e-6)
     # row 0: 0.28^2 + 0.18^2 + 0.1^2 = 0.1208; row 1: 0.64^2 + 0.26^2 + 0.9^2 = 1.2872
     assert out["brier"] == pytest.approx((0.1208 + 1.2872) / 2, abs=1e-6)
+    # row 0 has the lower entropy and is right: risk 0 at coverage 1/2, 1/2 at coverage 1
+    assert out["aurc"] == pytest.approx((0 + 0.5) / 2)
 
 
 def test_plot_reliability_diagram_writes_png(tmp_path):

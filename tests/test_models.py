@@ -2,19 +2,15 @@
 
 from __future__ import annotations
 
-import shutil
-import time
 from pathlib import Path
 
 import huggingface_hub.constants
 import pytest
 import torch
-from tokenizers import Tokenizer, decoders, pre_tokenizers
-from tokenizers import models as tk_models
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from conftest import make_tiny_tokenizer
+from transformers import LlamaConfig, LlamaForCausalLM
 
 from abmll import models
-from conftest import make_tiny_tokenizer
 
 EOS = "<eos>"
 

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import make_tiny_llama
 
 from abmll.bayes_lora import BayesLoraConfig, BayesLoraModel
 from abmll.data import Example
 from abmll.scoring import ScoringConfig, encode_options, make_batches, option_nll, option_scores
-from conftest import make_tiny_llama
 
 EXAMPLES = [
     Example("the movie was great", ("negative", "positive"), 1, "a.jsonl:1"),

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import make_tiny_llama, make_tiny_tokenizer
 
 from abmll import meta, train
 from abmll.bayes_lora import BayesLoraConfig, BayesLoraModel, HyperpriorConfig
@@ -22,7 +23,6 @@ from abmll.config import TaskArgs
 from abmll.meta import MetaConfig, NonFiniteLossError
 from abmll.scoring import ScoringConfig
 from abmll.train import CHECKPOINT_DIR, MetaTrainer
-from conftest import make_tiny_llama, make_tiny_tokenizer
 
 TASKS = ["t0", "t1", "t2", "t3"]
 CONFIG = {"run": "test"}

@@ -14,7 +14,8 @@ posterior q_lambda. The mean pair lives in peft's own ``lora_A`` / ``lora_B`` mo
 does target matching, Linear / Conv1D coverage and the mean path); the scale pair is added
 beside them as ``bayes_scale_A`` / ``bayes_scale_B``. Weight noise enters either through a
 forward hook that adds flipout noise (one sample per sequence) or, with
-``sampling="per_batch"``, as one sample S * E added to W0 before the layer runs. Every adapter tensor is addressable in one flat dict keyed by
+``sampling="per_batch"``, as one sample S * E added to W0 before the layer runs.
+Every adapter tensor is addressable in one flat dict keyed by
 its parameter name in the peft model, so a trainer runs task-specific copies through
 ``torch.func.functional_call`` without copying the model.
 """
@@ -25,6 +26,7 @@ import math
 import re
 from dataclasses import dataclass, field, replace
 from functools import partial
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -33,10 +35,11 @@ from peft.tuners.lora import LoraLayer
 from peft.tuners.tuners_utils import check_target_module_exists
 from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
 from torch import Tensor, nn
-from torch.func import functional_call
 from torch.autograd.function import once_differentiable
+from torch.func import functional_call
 from torch.utils.checkpoint import checkpoint
 
+from abmll.checks import above, at_least
 from abmll.layer_cache import FrozenLayerCache
 
 Params = dict[str, Tensor]
@@ -145,7 +148,7 @@ SAMPLING = ("flipout", "per_batch")
 def check_sampling(sampling: str) -> None:
     """Raises ValueError unless ``sampling`` is one of :data:`SAMPLING`."""
     if sampling not in SAMPLING:
-        raise ValueError(f"sampling must be one of {SAMPLING}, got {sampling!r}")
+        raise ValueError(f"--sampling must be one of {', '.join(SAMPLING)}; got {sampling!r}")
 
 
 @dataclass
@@ -193,16 +196,17 @@ class BayesLoraConfig:
     init_std_factor: float = 0.1
     kl_chunk_elements: int = 1 << 20
     init_seed: int = 0
-    sampling: str = "flipout"
+    sampling: Literal["flipout", "per_batch"] = "flipout"
     top_layers: int = 0
     frozen_cache_mb: int = 2048
 
     def __post_init__(self) -> None:
         check_sampling(self.sampling)
-        if self.top_layers < 0:
-            raise ValueError(f"top_layers must be >= 0 (0: adapt every decoder layer), got {self.top_layers}")
-        if self.frozen_cache_mb < 0:
-            raise ValueError(f"frozen_cache_mb must be >= 0 (0: no cache), got {self.frozen_cache_mb}")
+        at_least(self, ("rank", "kl_chunk_elements"), 1)
+        above(self, ("alpha", "init_std_factor"), 0)
+        at_least(self, ("top_layers", "frozen_cache_mb", "init_seed"), 0)
+        if not self.target_modules:
+            raise ValueError("--target_modules needs at least one module name (or 'auto')")
 
 
 @dataclass
@@ -219,6 +223,9 @@ class HyperpriorConfig:
     mean_std: float = 1.0
     a0: float = 1.0
     b0: float = 0.01
+
+    def __post_init__(self) -> None:
+        above(self, ("mean_std", "a0", "b0"), 0)
 
 
 @dataclass(frozen=True)
@@ -493,7 +500,8 @@ class BayesLoraModel(nn.Module):
         layer = AdaptedLayer(
             name=name, mean_A=f"{name}.{LORA_A}", mean_B=f"{name}.{LORA_B}",
             scale_A=f"{name}.{SCALE_A}", scale_B=f"{name}.{SCALE_B}", base_weight=f"{name}.base_layer.weight",
-            fan_in_fan_out=bool(module.fan_in_fan_out), d_in=d_in, d_out=d_out, scaling=float(module.scaling["default"]), rho0=rho0,
+            fan_in_fan_out=bool(module.fan_in_fan_out), d_in=d_in, d_out=d_out,
+            scaling=float(module.scaling["default"]), rho0=rho0,
         )
         module.register_forward_hook(partial(_flipout_hook, self._noise, layer))
         return layer

@@ -2,7 +2,12 @@
 
 A saved adapter (a prior theta or a task posterior lambda) is a folder with
 ``adapter.safetensors`` (the flat dict of adapter tensors, see :mod:`abmll.bayes_lora`) and
-``abmll_config.json`` (everything needed to rebuild the model it belongs to).
+``abmll_config.json`` (everything needed to rebuild the model it belongs to). Both carry the
+same random ``bundle`` id (the tensors in their safetensors metadata), and loading refuses a
+pair whose ids differ: files of two saves (one interrupted half-way) are never mixed.
+A folder that is only an adapter can also be written whole (:func:`atomic_folder`).
+
+Files get the permissions the user's umask gives (as ``open`` would), not ``mkstemp``'s 0600.
 
 A training state (see :func:`save_state`) is a folder with ``state-<step>.safetensors`` and
 ``state.json``; the JSON file is written last and names the tensor file, so replacing it is
@@ -14,10 +19,14 @@ Nothing is ever loaded with pickle: safetensors holds raw tensors only, everythi
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
+import shutil
 import tempfile
+import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -37,15 +46,26 @@ class CheckpointError(ValueError):
     JSON, or inconsistent; the message names the file."""
 
 
+BUNDLE = "bundle"
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write(path: str | os.PathLike, write) -> None:
     """Write a file atomically: ``write(tmp_path)`` fills a temporary file in the same folder,
-    which is fsync'ed and renamed over ``path``; a crash never leaves a half-written file."""
+    which is fsync'ed, given the umask's permissions and renamed over ``path``; a crash never
+    leaves a half-written file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -74,12 +94,54 @@ def write_json(path: str | os.PathLike, obj: Any) -> None:
     atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(obj, indent=2) + "\n"))
 
 
+@contextlib.contextmanager
+def atomic_folder(folder: str | os.PathLike) -> Iterator[Path]:
+    """Write a whole folder as a unit: yields a new temporary sibling to fill; on success it
+    takes ``folder``'s place (an old ``folder`` is moved aside first and then removed), on an
+    error it is removed and ``folder`` is left as it was. Readers see the old folder or the
+    new one, never a mix (between the two renames, briefly, none)."""
+    folder = Path(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.", suffix=".tmp"))
+    os.chmod(tmp, 0o777 & ~_umask())
+    try:
+        yield tmp
+        old = None
+        if folder.exists():
+            old = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.", suffix=".old"))
+            os.replace(folder, old / folder.name)
+        os.replace(tmp, folder)
+        _fsync_dir(folder.parent)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def new_bundle_id() -> str:
+    """A random id shared by the files of one adapter save (see the module docstring)."""
+    return uuid.uuid4().hex
+
+
+def check_bundle(path: str | os.PathLike, config: dict, metadata: dict[str, str], tensor_path) -> None:
+    """Raises CheckpointError when the config at ``path`` and the tensors at ``tensor_path``
+    carry different bundle ids (files of two different saves; neither carrying one is older
+    abmll's layout and accepted)."""
+    mine, theirs = config.get(BUNDLE) if isinstance(config, dict) else None, metadata.get(BUNDLE)
+    if mine != theirs:
+        raise CheckpointError(f"{path} and {tensor_path} were not written by the same save (bundle {mine} vs "
+                              f"{theirs}): an interrupted save left files of two versions; save the adapter again")
+
+
 def save_adapter(folder: str | os.PathLike, tensors: dict[str, torch.Tensor], config: dict[str, Any]) -> Path:
     """Save adapter ``tensors`` (flat dict, any shapes) and its JSON-serialisable ``config``
-    into ``folder`` (created if needed), each file atomically. Returns the folder."""
+    into ``folder`` (created if needed), each file atomically, both with one new bundle id
+    (an interrupted save is detected by :func:`load_adapter`). Returns the folder."""
     folder = Path(folder)
-    _write_tensors(folder / TENSORS, tensors, {"format": "abmll"})
-    write_json(folder / CONFIG, config)
+    bundle = new_bundle_id()
+    _write_tensors(folder / TENSORS, tensors, {"format": "abmll", BUNDLE: bundle})
+    write_json(folder / CONFIG, {**config, BUNDLE: bundle})
     return folder
 
 
@@ -88,7 +150,7 @@ def _write_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[
     atomic_write(path, lambda tmp: save_file(cpu, tmp, metadata=metadata))
 
 
-def _read_tensors(path: Path, device: str | torch.device = "cpu") -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+def read_tensors(path: Path, device: str | torch.device = "cpu") -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """``(tensors, metadata)`` of a safetensors file; CheckpointError naming ``path`` otherwise."""
     if not path.is_file():
         raise CheckpointError(f"{path}: not found")
@@ -113,7 +175,8 @@ def load_adapter(folder: str | os.PathLike, device: str | torch.device = "cpu") 
 
     Raises:
         CheckpointError: the folder or a file is missing, the tensor file is not valid
-            safetensors (a pickle, truncated, a tampered header), or the config is not JSON.
+            safetensors (a pickle, truncated, a tampered header), the config is not JSON, or
+            the two files come from different saves (their bundle ids differ).
     """
     folder = Path(folder)
     tensor_path, config_path = folder / TENSORS, folder / CONFIG
@@ -121,8 +184,14 @@ def load_adapter(folder: str | os.PathLike, device: str | torch.device = "cpu") 
         if not p.is_file():
             raise CheckpointError(f"{p}: not found (an abmll adapter folder holds {TENSORS} and {CONFIG})")
     config = _read_json(config_path)
-    tensors, _ = _read_tensors(tensor_path, device)
-    return tensors, config
+    tensors, metadata = read_tensors(tensor_path, device)
+    check_bundle(config_path, config, metadata, tensor_path)
+    return tensors, without_bundle(config)
+
+
+def without_bundle(config):
+    """``config`` without its bundle id (not part of the adapter's settings)."""
+    return {k: v for k, v in config.items() if k != BUNDLE} if isinstance(config, dict) else config
 
 
 def save_state(folder: str | os.PathLike, step: int, tensors: dict[str, torch.Tensor], state: dict[str, Any]) -> Path:
@@ -158,7 +227,7 @@ def load_state(folder: str | os.PathLike, device: str | torch.device = "cpu") ->
             and isinstance(state.get("tensors"), str) and _STATE_TENSORS.fullmatch(state["tensors"])):
         raise CheckpointError(f"{json_path}: not an abmll training state (format, step and tensors fields)")
     tensor_path = folder / state["tensors"]
-    tensors, metadata = _read_tensors(tensor_path, device)
+    tensors, metadata = read_tensors(tensor_path, device)
     if metadata.get("format") != STATE_FORMAT or metadata.get("step") != str(state["step"]):
         raise CheckpointError(
             f"{tensor_path}: metadata {metadata} does not match step {state['step']} of {json_path}")

@@ -1,5 +1,6 @@
 """The ``abmll`` command: thin wrappers that parse dataclass configs and call the library.
 
+    abmll --version
     abmll meta-train [--config run.yaml] [--flag value ...] --out DIR
     abmll evaluate   --prior DIR [--flag value ...] [--out DIR]
     abmll demo       [--out DIR]        (meta-train + evaluate with src/abmll/demo.yaml)
@@ -22,35 +23,53 @@ from __future__ import annotations
 
 import argparse
 import codecs
+import hashlib
 import json
+import os
 import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
+from typing import Literal
 
 import torch
 import yaml
 from tqdm.auto import tqdm
 from transformers import HfArgumentParser
 
+from abmll.__main__ import COMMANDS
 from abmll.bayes_lora import AUTO_TARGETS, BayesLoraModel
-from abmll.checkpoint import CONFIG, CheckpointError, write_json
-from abmll.config import CONFIG_GROUPS, EvalArgs, TaskArgs, from_dict, to_dict
+from abmll.checkpoint import CONFIG, STATE, CheckpointError, write_json
+from abmll.checks import at_least, non_empty, one_of
+from abmll.config import CONFIG_GROUPS, MACHINE_FIELDS, EvalArgs, TaskArgs, from_dict, to_dict
 from abmll.convert import ColumnMapping, convert_dataset, load_hf_dataset, read_jsonl_rows
-from abmll.data import DataError, Example, check_tasks, read_jsonl
+from abmll.data import DataError, Example, check_task_files, check_tasks, read_jsonl
 from abmll.distributed import base_model_device, make_accelerator, prepare_model
 from abmll.evaluate import Method, evaluate
 from abmll.export import export_peft, load_adapter_folder
-from abmll.meta import NonFiniteLossError, adapt, mean_nll, predict_batches
+from abmll.meta import NonFiniteLossError, adapt, mean_nll, predict_samples
 from abmll.metrics import ECE_SCHEME, compute_metrics
-from abmll.priors import resolve_adapter
-from abmll.plots import (
-    CURVES, VALIDATION_CURVE, plot_reliability_per_method, plot_training_curves, plot_validation_curve,
-)
-from abmll.scoring import make_batches
 from abmll.models import load_base_model, resolve_device
-from abmll.train import BEST_DIR, MetaTrainer, task_names
+from abmll.outputs import (
+    ResultLog,
+    check_writable,
+    file_digest,
+    guard_adapter_folder,
+    guard_run_folder,
+    settings_hash,
+)
+from abmll.plots import (
+    CURVES,
+    VALIDATION_CURVE,
+    plot_reliability_per_method,
+    plot_training_curves,
+    plot_validation_curve,
+)
+from abmll.priors import prior_status, resolve_adapter, warn_if_unfinished
+from abmll.scoring import make_batches
+from abmll.train import BEST_DIR, CHECKPOINT_DIR, MetaTrainer, task_names
+from abmll.uncertainty import UNCERTAINTY_KINDS, decompose
 from abmll.validation import make_validator
 
 DEMO_CONFIG = Path(__file__).with_name("demo.yaml")
@@ -73,6 +92,9 @@ class RunArgs:
             the dev file with ``--eval_samples``); the curve goes to validation.json and
             validation_curve.png, the prior with the lowest validation NLL to ``<out>/best/``.
             0: no validation.
+        overwrite: replace what ``out`` already holds (a run, results, predictions, an
+            adapter) instead of refusing; without it a finished output is never replaced and
+            partial results of the same settings are resumed.
     """
 
     config: str | None = None
@@ -82,6 +104,10 @@ class RunArgs:
     resume: bool = False
     skip_nonfinite: bool = False
     validate_every: int = 0
+    overwrite: bool = False
+
+    def __post_init__(self) -> None:
+        at_least(self, ("save_every", "validate_every"), 0)
 
 
 @dataclass
@@ -115,19 +141,32 @@ class AdaptArgs:
 
 @dataclass
 class PredictArgs:
-    """``abmll predict``: predictions for every line of ``input``, into ``--out``/predictions.jsonl.
+    """``abmll predict``: predictions for every line of ``input``, into ``--out``/predictions.jsonl
+    (written as they are made; rerunning the same command after an interrupt resumes).
 
     Attributes:
         adapter: a posterior from ``abmll adapt`` or a prior (any abmll adapter folder).
         input: JSON-lines file of examples; ``output`` may be left out (no label).
         sample_seed: seeds the weight samples (with ``--eval_samples`` > 0).
         chunk_size: examples per progress step.
+        abstain_above: mark an example ``"abstain": true`` when its uncertainty (``abstain_on``,
+            nats) exceeds this value (selective prediction); None: never.
+        abstain_on: the uncertainty ``abstain_above`` applies to: "total" (predictive entropy)
+            or "epistemic" (mutual information between the answer and the weights).
     """
 
     adapter: str | None = None
     input: str | None = None
     sample_seed: int = 0
     chunk_size: int = 8
+    abstain_above: float | None = None
+    abstain_on: Literal["total", "epistemic"] = "total"
+
+    def __post_init__(self) -> None:
+        at_least(self, ("chunk_size",), 1)
+        one_of(self, "abstain_on", UNCERTAINTY_KINDS)
+        if self.abstain_above is not None:
+            at_least(self, ("abstain_above",), 0)
 
 
 @dataclass
@@ -173,6 +212,11 @@ class DataArgs(ColumnMapping):
     shots: list[int] = field(default_factory=lambda: [16, 8])
     data_seeds: list[int] = field(default_factory=lambda: [100, 13, 21, 42, 87])
     test_rows: int | None = None
+
+    def __post_init__(self) -> None:
+        non_empty(self, ("shots", "data_seeds"))
+        if min(self.shots) < 1:
+            raise ValueError(f"--shots must all be >= 1, got {self.shots}")
 
 
 COMMAND_ARGS = (ReportArgs, AdaptArgs, PredictArgs, ExportArgs, DataArgs)
@@ -235,7 +279,7 @@ def _saved_defaults(folder: str, groups: list[str]) -> dict:
             checked = asdict(from_dict(saved, group, str(path)))    # refuses an invalid value, naming the field
         except ValueError as err:
             raise CheckpointError(str(err)) from None
-        flat.update({k: v for k, v in checked.items() if k in saved[group]})
+        flat.update({k: v for k, v in checked.items() if k in saved[group] and k not in MACHINE_FIELDS.get(group, ())})
     return flat
 
 
@@ -300,6 +344,12 @@ def meta_train(run: RunArgs, cfg: dict, report: ReportArgs | None = None, writer
     names = [t for t in task_names(tasks, "train") if t not in tasks.val_tasks]
     if run.validate_every and not tasks.val_tasks:
         raise ValueError("--validate_every needs --val_tasks (train tasks held out of meta-training)")
+    guard_run_folder(run.out, run.resume, run.overwrite)
+    check_writable(run.out)
+    check_task_files(names, ("train", "dev"), tasks.k, tasks.data_seeds, tasks.data_dir)
+    if run.validate_every:
+        check_task_files(check_tasks(tasks.val_tasks, tasks.data_dir), ("train", "dev"), tasks.k, tasks.data_seeds,
+                         tasks.data_dir)
     accelerator = make_accelerator(cfg["model"].device)       # None for a single process
     model, tokenizer = _build(cfg, base_model_device(accelerator, cfg["model"].device))
     prepare_model(accelerator, model)                          # FSDP config: shard the base model
@@ -346,17 +396,50 @@ def meta_train(run: RunArgs, cfg: dict, report: ReportArgs | None = None, writer
     return model, tokenizer, theta
 
 
-def run_evaluate(run: RunArgs, cfg: dict, model, tokenizer, theta, report: ReportArgs | None = None,
-                 writer=None) -> dict:
-    """Evaluate zero-shot and ABMLL on the split's test tasks; print and save the results
-    (results.json with the resolved config, and one reliability diagram per method pooled
-    over tasks and seeds unless ``report.plots`` is False)."""
+RESULTS, PARTIAL_RESULTS = "results.json", "results.partial.jsonl"
+
+
+def check_evaluate_inputs(run: RunArgs, cfg: dict) -> list[str]:
+    """What ``evaluate`` needs, checked before any model is loaded: every test task's files
+    (support and test, every data seed), the output folder, and that ``results.json`` there
+    is not replaced without ``--overwrite``. Returns the test task names.
+
+    Raises:
+        DataError: a task file problem (file and line). ValueError: ``--out`` unwritable or
+            holding results.
+    """
     tasks: TaskArgs = cfg["tasks"]
     names = task_names(tasks, "test")
+    check_task_files(names, ("train", "test"), tasks.k, tasks.data_seeds, tasks.data_dir)
+    check_writable(run.out)
+    if (Path(run.out) / RESULTS).is_file() and not run.overwrite:
+        raise ValueError(f"--out {run.out} already holds {RESULTS}; pass --overwrite to replace it or choose "
+                         "another --out")
+    return names
+
+
+def run_evaluate(run: RunArgs, cfg: dict, model, tokenizer, theta, report: ReportArgs | None = None,
+                 writer=None, prior: dict | None = None) -> dict:
+    """Evaluate zero-shot and ABMLL on the split's test tasks; print and save the results
+    (results.json with the resolved config, and one reliability diagram per method pooled
+    over tasks and seeds unless ``report.plots`` is False). ``prior``: the prior's
+    :func:`abmll.priors.prior_status`, recorded in the results.
+
+    Each (method, task, seed) result is appended to ``results.partial.jsonl`` as it finishes;
+    run again with the same settings, the command computes only the missing ones."""
+    names = check_evaluate_inputs(run, cfg)
+    tasks: TaskArgs = cfg["tasks"]
     ev: EvalArgs = cfg["eval"]
     methods = [Method("zero_shot", model.init_params(), 0, 0), Method("abmll", theta, ev.test_steps, ev.eval_samples)]
     for name in ev.compare_priors:
         methods.append(Method(f"prior:{Path(name).name}", _fitting_prior(name, model), ev.test_steps, ev.eval_samples))
+    settings = settings_hash({"config": _result_config(cfg), "names": names,
+                              "methods": {m.name: tensor_digest(m.prior) for m in methods}})
+    log = ResultLog(Path(run.out) / PARTIAL_RESULTS, settings, overwrite=run.overwrite)
+    done = {(e["method"], e["task"], e["seed"]): (e["metrics"], torch.tensor(e["probs"]), torch.tensor(e["labels"]))
+            for e in log.entries}
+    if done:
+        print(f"resuming: {len(done)} result(s) read back from {log.path}")
     bar = tqdm(total=len(names) * len(tasks.data_seeds) * len(methods), desc="evaluate", unit="run")
     running = {m.name: [] for m in methods}
 
@@ -366,13 +449,22 @@ def run_evaluate(run: RunArgs, cfg: dict, model, tokenizer, theta, report: Repor
         bar.set_postfix({f"{m} acc/nll": f"{sum(r['accuracy'] for r in rs) / len(rs):.3f}/"
                          f"{sum(r['nll'] for r in rs) / len(rs):.3f}" for m, rs in running.items() if rs})
 
+    def on_predictions(method, task, seed, probs, labels):
+        if (method, task, seed) not in done:
+            log.append({"method": method, "task": task, "seed": seed, "metrics": running[method][-1],
+                        "probs": probs.tolist(), "labels": labels.tolist()})
+
     results, predictions = evaluate_with_predictions(model, tokenizer, methods, names, tasks.data_seeds, tasks,
-                                                     cfg["scoring"], cfg["meta"], ev, on_result)
+                                                     cfg["scoring"], cfg["meta"], ev, on_result, on_predictions,
+                                                     done=done)
     bar.close()
     results["config"] = to_dict(**cfg)
     results["ece_scheme"] = ECE_SCHEME
-    out = Path(run.out) / "results.json"
+    if prior is not None:
+        results.update(prior=prior, prior_complete=prior["complete"])
+    out = Path(run.out) / RESULTS
     write_json(out, results)
+    log.remove()
     print(format_table(results))
     print(f"results saved to {out}")
     if report is None or report.plots:
@@ -383,6 +475,26 @@ def run_evaluate(run: RunArgs, cfg: dict, model, tokenizer, theta, report: Repor
             for metric, value in res["mean"].items():
                 writer.add_scalar(f"evaluate/{method}/{metric}", value, 0)
     return results
+
+
+def _result_config(cfg: dict) -> dict:
+    """The resolved config without machine fields (results do not depend on them)."""
+    config = to_dict(**cfg)
+    for group, names in MACHINE_FIELDS.items():
+        for name in names:
+            config.get(group, {}).pop(name, None)
+    config.get("lora", {}).pop("frozen_cache_mb", None)
+    return config
+
+
+def tensor_digest(params: dict) -> str:
+    """A short hash of adapter tensors (their names, shapes, dtypes and values)."""
+    h = hashlib.sha256()
+    for key in sorted(params):
+        t = params[key].detach().to("cpu").contiguous()
+        h.update(f"{key}{tuple(t.shape)}{t.dtype}".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()[:16]
 
 
 def _fitting_prior(name: str, model: BayesLoraModel) -> dict:
@@ -413,14 +525,19 @@ def _on_model(tensors: dict, model: BayesLoraModel, problem: str, hint: str) -> 
 
 
 def evaluate_with_predictions(model, tokenizer, methods, task_names_, seeds, tasks, scoring, meta, ev,
-                              on_result=None) -> tuple[dict, dict]:
+                              on_result=None, on_predictions=None, done=None) -> tuple[dict, dict]:
     """:func:`abmll.evaluate.evaluate`, also keeping each run's predictions: returns (results,
     {method: [(probs (N, C), labels (N,)), ...]}) for the pooled reliability diagrams.
     Raises what ``evaluate`` raises."""
     predictions = {m.name: [] for m in methods}
+
+    def keep(method, task, seed, probs, labels):
+        predictions[method].append((probs, labels))
+        if on_predictions is not None:
+            on_predictions(method, task, seed, probs, labels)
+
     results = evaluate(model, tokenizer, methods, task_names_, seeds, tasks, scoring, meta, ev, on_result=on_result,
-                       on_predictions=lambda method, task, seed, probs, labels:
-                       predictions[method].append((probs, labels)))
+                       on_predictions=keep, done=done)
     return results, predictions
 
 
@@ -442,11 +559,15 @@ def format_table(results: dict) -> str:
 def _load_prior(folder: str, cfg: dict):
     """Build the model an adapter folder (abmll or exported PEFT layout) belongs to and load
     its tensors. Config groups missing from ``cfg`` are filled from the folder's saved config.
+    Returns (model, tokenizer, tensors, status): ``status`` is the
+    :func:`abmll.priors.prior_status` of a prior (warned about loudly when unfinished), else None.
 
     Raises:
         CheckpointError: unreadable folder, or tensors that do not fit the model the config builds.
     """
     theta, saved = load_adapter_folder(folder)
+    status = prior_status(saved, folder)
+    warn_if_unfinished(status)
     for group in TRAIN_GROUPS:
         if group != "tasks" and group not in cfg:
             try:
@@ -455,7 +576,7 @@ def _load_prior(folder: str, cfg: dict):
                 raise CheckpointError(str(err)) from None
     model, tokenizer = _build(cfg)
     return model, tokenizer, _on_model(theta, model, f"{folder}: its adapter tensors do not fit the model built "
-                                       "from the config", f"model {cfg['model'].model!r}, rank {cfg['lora'].rank}")
+                                       "from the config", f"model {cfg['model'].model!r}, rank {cfg['lora'].rank}"), status
 
 
 def _adapter_config(cfg: dict, model: BayesLoraModel, **extra) -> dict:
@@ -469,7 +590,8 @@ def run_adapt(run: RunArgs, args: AdaptArgs, cfg: dict) -> Path:
     if not run.prior or not args.support:
         raise SystemExit("adapt: --prior DIR and --support FILE.jsonl are required")
     examples = read_jsonl(args.support)
-    model, tokenizer, theta = _load_prior(run.prior, cfg)
+    guard_adapter_folder(run.out, run.prior, run.overwrite)
+    model, tokenizer, theta, status = _load_prior(run.prior, cfg)
     device = next(model.parameters()).device
     support = [b.to(device) for b in make_batches(tokenizer, examples, cfg["scoring"])]
     meta, steps = cfg["meta"], cfg["eval"].test_steps
@@ -482,9 +604,10 @@ def run_adapt(run: RunArgs, args: AdaptArgs, cfg: dict) -> Path:
     bar.update(1)
     bar.set_postfix(support_nll=f"{before:.3f}->{after:.3f}")
     bar.close()
+    extra = {} if status is None else {"prior_status": status, "prior_complete": status["complete"]}
     export_peft(run.out, posterior, _adapter_config(
         cfg, model, kind="posterior", prior=str(run.prior), support=str(args.support),
-        support_nll_steps=history, support_nll_before=before, support_nll_after=after), model=model)
+        support_nll_steps=history, support_nll_before=before, support_nll_after=after, **extra), model=model)
     print(f"support NLL at the posterior mean: {before:.4f} (prior) -> {after:.4f} (posterior); "
           f"per step ({meta.n_samples} samples): {[round(h, 4) for h in history]}")
     print(f"posterior saved to {run.out} (PEFT LoRA folder: the posterior mean; abmll_scale.safetensors: its scale)")
@@ -521,65 +644,140 @@ def _read_inputs(path: str) -> tuple[list[Example], list[bool]]:
     return [Example(e.input, e.options, e.label, e.source.replace(str(tmp_path), str(path))) for e in examples], labelled
 
 
+PREDICTIONS, PREDICT_CONFIG = "predictions.jsonl", "predict_config.json"
+
+
 def run_predict(run: RunArgs, args: PredictArgs, cfg: dict) -> Path:
     """Predict every example of ``args.input`` with the adapter ``args.adapter``, averaging
     ``eval.eval_samples`` weight samples (0: posterior mean). Writes ``run.out``/predictions.jsonl
-    (per line: options, probs, prediction, prediction_index, entropy in nats, and output /
-    correct when labelled) and predict_config.json (resolved config, metrics when labelled)."""
+    (per line: options, probs, prediction, prediction_index; entropy = total predictive
+    entropy, aleatoric (expected entropy) and epistemic (mutual information) in nats and
+    top_prob_std, see :func:`abmll.uncertainty.decompose`; abstain when ``--abstain_above``
+    is set; dropped_tokens (input tokens cut to fit ``max_length``); output / correct when
+    labelled) and predict_config.json (resolved config, metrics when labelled, ``complete``).
+
+    The input and the output folder are checked before the model is loaded. Predictions are
+    appended chunk by chunk (each chunk's weight samples seeded from ``sample_seed`` and its
+    position, so a resumed run gives the same numbers); predict_config.json says
+    ``"complete": false`` until the last one, and the same command run again continues from
+    there. Finished predictions of other settings are not replaced without ``--overwrite``."""
     if not args.adapter or not args.input:
         raise SystemExit("predict: --adapter DIR and --input FILE.jsonl are required")
-    if args.chunk_size < 1:
-        raise SystemExit("predict: --chunk_size must be positive")
     examples, labelled = _read_inputs(args.input)
-    model, tokenizer, params = _load_prior(args.adapter, cfg)
-    device = next(model.parameters()).device
+    out = check_writable(run.out)
     n_samples = cfg["eval"].eval_samples
-    torch.manual_seed(args.sample_seed)
-    probs_all, labels_all = [], []
-    bar = tqdm(total=len(examples), desc=f"predict ({n_samples} samples)", unit="ex")
-    for i in range(0, len(examples), args.chunk_size):
+    adapter_files = sorted(p for p in Path(args.adapter).iterdir() if p.suffix in (".safetensors", ".json"))
+    settings = settings_hash({"config": _result_config(cfg), "adapter": file_digest(adapter_files),
+                              "input": file_digest([args.input]), "eval_samples": n_samples,
+                              "sample_seed": args.sample_seed, "chunk_size": args.chunk_size})
+    config_path, pred_path = out / PREDICT_CONFIG, out / PREDICTIONS
+    previous = _read_json_or_none(config_path)
+    done_lines = []
+    if previous is not None and not run.overwrite:
+        if previous.get("settings") != settings or previous.get("complete", True):
+            raise ValueError(f"--out {out} already holds predictions ({PREDICTIONS}"
+                             + (", complete" if previous.get("complete", True) else ", of other settings")
+                             + "); pass --overwrite to replace them or choose another --out")
+        done_lines = _complete_lines(pred_path)
+    done = len(done_lines) - len(done_lines) % args.chunk_size         # whole chunks only
+    model, tokenizer, params, status = _load_prior(args.adapter, cfg)
+    device = next(model.parameters()).device
+    record = {**to_dict(**cfg), "adapter": str(args.adapter), "input": str(args.input), "eval_samples": n_samples,
+              "sample_seed": args.sample_seed, "n": len(examples), "labelled": sum(labelled), "settings": settings}
+    if status is not None:
+        record.update(prior=status, prior_complete=status["complete"])
+    write_json(config_path, {**record, "complete": False})
+    with open(pred_path, "w", encoding="utf-8") as f:
+        f.writelines(line + "\n" for line in done_lines[:done])
+    if done:
+        print(f"resuming: {done} prediction(s) already in {pred_path}")
+    bar = tqdm(total=len(examples), initial=done, desc=f"predict ({n_samples} samples)", unit="ex")
+    truncated = 0
+    for i in range(done, len(examples), args.chunk_size):
         chunk = examples[i:i + args.chunk_size]
         batches = [b.to(device) for b in make_batches(tokenizer, chunk, cfg["scoring"])]
-        probs, labels = predict_batches(model, params, batches, n_samples)
-        probs_all += [p[: len(ex.options)] for p, ex in zip(probs, chunk)]
-        labels_all += labels.tolist()
+        torch.manual_seed(args.sample_seed * 1_000_003 + i)
+        samples, _ = predict_samples(model, params, batches, n_samples)
+        parts = decompose(samples)
+        dropped = torch.zeros(len(chunk), dtype=torch.long)
+        for b in batches:
+            dropped[b.example_index] = b.dropped_tokens.cpu()
+        lines = [_prediction_line(ex, p[: len(ex.options)], has_label, int(d), {k: float(v[j]) for k, v in parts.items()},
+                                  args)
+                 for j, (ex, p, has_label, d) in enumerate(zip(chunk, samples.mean(0), labelled[i:i + len(chunk)],
+                                                               dropped))]
+        truncated += int((dropped > 0).sum())
+        with open(pred_path, "a", encoding="utf-8") as f:
+            f.writelines(json.dumps(line, ensure_ascii=False) + "\n" for line in lines)
+            f.flush()
+            os.fsync(f.fileno())
         bar.update(len(chunk))
     bar.close()
-    out = Path(run.out)
-    out.mkdir(parents=True, exist_ok=True)
-    lines = []
-    for ex, p, label, has_label in zip(examples, probs_all, labels_all, labelled):
-        pred = int(p.argmax())
-        entropy = float(-(p * p.clamp_min(1e-30).log()).sum())
-        line = {"input": ex.input, "options": list(ex.options), "probs": [round(float(x), 6) for x in p],
-                "prediction": ex.options[pred], "prediction_index": pred, "entropy": round(entropy, 6)}
-        if has_label:
-            line.update(output=ex.options[label], correct=pred == label)
-        lines.append(json.dumps(line, ensure_ascii=False))
-    (out / "predictions.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
-    summary = {"n": len(examples), "labelled": sum(labelled)}
-    if all(labelled) and min(len(ex.options) for ex in examples) >= 2:
-        width = max(len(p) for p in probs_all)
-        padded = torch.stack([torch.nn.functional.pad(p, (0, width - len(p))) for p in probs_all])
-        summary["metrics"] = compute_metrics(padded, torch.tensor(labels_all))
-        summary["ece_scheme"] = ECE_SCHEME
-    write_json(out / "predict_config.json", {**to_dict(**cfg), "adapter": str(args.adapter), "input": str(args.input),
-                                             "eval_samples": n_samples, "sample_seed": args.sample_seed, **summary})
+    if truncated:
+        print(f"warning: {truncated} input(s) were cut from the left to fit max_length={cfg['scoring'].max_length} "
+              "tokens (dropped_tokens > 0 in their lines); raise --max_length to keep more", file=sys.stderr)
+    summary = _prediction_metrics(pred_path) if all(labelled) else {}
+    write_json(config_path, {**record, **summary, "complete": True})
     if "metrics" in summary:
         m = summary["metrics"]
         print(f"accuracy {m['accuracy']:.3f}  ECE {m['ece']:.3f}  NLL {m['nll']:.3f}  ({len(examples)} examples)")
-    print(f"predictions saved to {out / 'predictions.jsonl'}")
-    return out / "predictions.jsonl"
+    print(f"predictions saved to {pred_path}")
+    return pred_path
+
+
+def _prediction_line(ex: Example, p: torch.Tensor, has_label: bool, dropped: int, parts: dict,
+                     args: PredictArgs) -> dict:
+    """One line of predictions.jsonl; probabilities to 9 significant digits (float32's own
+    precision, so metrics recomputed from the file match, and a tiny probability stays > 0)."""
+    pred = int(p.argmax())
+    line = {"input": ex.input, "options": list(ex.options), "probs": [float(f"{float(x):.9g}") for x in p],
+            "prediction": ex.options[pred], "prediction_index": pred, "entropy": round(parts["total"], 6),
+            "aleatoric": round(parts["aleatoric"], 6), "epistemic": round(parts["epistemic"], 6),
+            "top_prob_std": round(parts["top_prob_std"], 6), "dropped_tokens": dropped}
+    if args.abstain_above is not None:
+        line["abstain"] = parts[args.abstain_on] > args.abstain_above
+    if has_label:
+        line.update(output=ex.options[ex.label], correct=pred == ex.label)
+    return line
+
+
+def _prediction_metrics(path: Path) -> dict:
+    """Metrics of a labelled predictions.jsonl (probabilities as written, padded to the widest)."""
+    lines = [json.loads(line) for line in _complete_lines(path)]
+    width = max(len(line["probs"]) for line in lines)
+    probs = torch.tensor([line["probs"] + [0.0] * (width - len(line["probs"])) for line in lines])
+    labels = torch.tensor([line["options"].index(line["output"]) for line in lines])
+    return {"metrics": compute_metrics(probs, labels), "ece_scheme": ECE_SCHEME}
+
+
+def _complete_lines(path: Path) -> list[str]:
+    """The lines of a JSON-lines file up to the first one that is not whole JSON (cut short)."""
+    if not path.is_file():
+        return []
+    lines = []
+    for line in path.read_text(encoding="utf-8").split("\n"):
+        try:
+            json.loads(line)
+        except ValueError:
+            break
+        lines.append(line)
+    return lines
+
+
+def _read_json_or_none(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text(encoding="utf-8-sig"))
+    except (OSError, ValueError):
+        return None
 
 
 def run_export(run: RunArgs, args: ExportArgs, cfg: dict) -> Path:
     """Write the abmll adapter ``args.adapter`` as a PEFT LoRA folder (+ scale sidecar) in ``run.out``."""
     if not args.adapter:
         raise SystemExit("export: --adapter DIR is required")
-    if Path(run.out).resolve() == Path(args.adapter).resolve():
-        raise SystemExit("export: --out must differ from --adapter")
+    guard_adapter_folder(run.out, args.adapter, run.overwrite)
     _, saved = load_adapter_folder(args.adapter)
-    model, _, tensors = _load_prior(args.adapter, cfg)
+    model, _, tensors, _ = _load_prior(args.adapter, cfg)
     config = {**saved, **to_dict(**{g: cfg[g] for g in ("model", "lora")}), "exported_from": str(args.adapter)}
     config.pop("format", None)
     export_peft(run.out, tensors, config, model=model, base_model_name_or_path=args.base_model_name_or_path)
@@ -628,18 +826,43 @@ class _writer:
             self.writer.close()
 
 
+def _close_bars() -> None:
+    """End every open progress bar's line, so a message printed next starts on its own line."""
+    for bar in list(getattr(tqdm, "_instances", ())):
+        bar.close()
+
+
+def _saved_note(command: str, run: RunArgs | None) -> str:
+    """What an interrupted ``command`` left in ``run.out`` and how to continue."""
+    if run is None:
+        return "nothing was written"
+    out = Path(run.out)
+    if command in ("meta-train", "demo"):
+        state = _read_json_or_none(out / CHECKPOINT_DIR / STATE)
+        if state is None:
+            return f"no checkpoint was written yet in {out} (--save_every {run.save_every})"
+        return (f"the run is saved at meta-step {state['step']} in {out}; continue it with the same command "
+                "and --resume")
+    if command in ("evaluate", "predict"):
+        log = out / (PARTIAL_RESULTS if command == "evaluate" else PREDICTIONS)
+        n = max(len(_complete_lines(log)) - (command == "evaluate"), 0)
+        return f"{n} finished result line(s) kept in {log}; run the same command again to resume"
+    return f"nothing was written to {out} (it is written only when complete)"
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run one ``abmll`` command (``argv`` default: ``sys.argv[1:]``). Returns the exit
     status: 0 done (or ``--help``), 1 a reported error (bad data, non-finite loss, bad
     value, unreadable file or checkpoint: one line on stderr, finished outputs kept),
-    2 no or unknown command (the usage is printed)."""
+    2 no or unknown command (the usage is printed), 130 interrupted (Ctrl-C: one line
+    saying what was saved and how to resume)."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    commands = {"meta-train", "evaluate", "demo", "adapt", "predict", "export", "data"}
-    if not argv or argv[0] not in commands:
+    if not argv or argv[0] not in COMMANDS:
         print(__doc__)
         return 0 if argv and argv[0] in ("-h", "--help") else 2
     command, rest = argv[0], argv[1:]
     start = time.perf_counter()
+    run = None
     try:
         if command == "meta-train":
             run, cfg, (report,) = _parse_with(rest, ALL_GROUPS, (ReportArgs,))
@@ -649,11 +872,15 @@ def main(argv: list[str] | None = None) -> int:
             run, cfg, (report,) = _parse_with(rest, ALL_GROUPS, (ReportArgs,), adapter_flag="prior")
             if not run.prior:
                 raise SystemExit("evaluate: --prior DIR is required")
+            check_evaluate_inputs(run, cfg)
+            model, tokenizer, theta, status = _load_prior(run.prior, cfg)
             with _writer(report) as writer:
-                run_evaluate(run, cfg, *_load_prior(run.prior, cfg), report, writer)
+                run_evaluate(run, cfg, model, tokenizer, theta, report, writer, prior=status)
         elif command == "demo":
-            run, cfg, (report,) = _parse_with(["--config", str(DEMO_CONFIG), "--out", "runs/demo"] + rest,
+            replace = [] if "--resume" in rest else ["--overwrite"]      # a demo run replaces the previous one
+            run, cfg, (report,) = _parse_with(["--config", str(DEMO_CONFIG), "--out", "runs/demo", *replace] + rest,
                                               ALL_GROUPS, (ReportArgs,))
+            check_evaluate_inputs(run, cfg)
             with _writer(report) as writer:
                 run_evaluate(run, cfg, *meta_train(run, cfg, report, writer), report, writer)
         elif command == "adapt":
@@ -671,8 +898,13 @@ def main(argv: list[str] | None = None) -> int:
             run, _, (args,) = _parse_with(rest, [], (DataArgs,))
             run_data(run, args)
     except (DataError, NonFiniteLossError, ValueError, OSError) as err:
+        _close_bars()
         print(f"abmll {command}: error: {err}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        _close_bars()
+        print(f"abmll {command}: interrupted; {_saved_note(command, run)}", file=sys.stderr)
+        return 130
     finally:
         # under `accelerate launch`: shut the process group down before interpreter exit
         # (left to the exit handlers, gloo sometimes aborted an FSDP run that had finished)

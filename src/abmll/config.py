@@ -8,10 +8,12 @@ The method's own configs live beside the code they configure: :class:`BayesLoraC
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, fields
+from typing import Literal
 
 from abmll.bayes_lora import BayesLoraConfig, HyperpriorConfig
+from abmll.checks import at_least, non_empty, one_of
 from abmll.meta import MetaConfig
-from abmll.models import DEFAULT_MODEL
+from abmll.models import DEFAULT_MODEL, check_device
 from abmll.scoring import ScoringConfig
 
 DATA_SEEDS = [100, 13, 21, 42, 87]
@@ -23,13 +25,18 @@ class ModelArgs:
 
     Attributes:
         model: hub id, local Hugging Face folder, .gguf file, or the embedded default.
-        dtype: float32 | bfloat16 | float16 for the base weights (adapters stay float32).
+        dtype: float32 | bfloat16 | float16 (or fp32 | bf16 | fp16) for the base weights
+            (adapters stay float32).
         device: cpu | cuda | cuda:N; "auto" picks cuda when available.
     """
 
     model: str = DEFAULT_MODEL
-    dtype: str = "float32"
+    dtype: Literal["float32", "bfloat16", "float16", "fp32", "bf16", "fp16"] = "float32"
     device: str = "auto"
+
+    def __post_init__(self) -> None:
+        one_of(self, "dtype", ("float32", "bfloat16", "float16", "fp32", "bf16", "fp16"))
+        check_device(self.device)
 
 
 @dataclass
@@ -59,6 +66,10 @@ class TaskArgs:
     data_seeds: list[int] = field(default_factory=lambda: list(DATA_SEEDS))
     max_query: int = 16
 
+    def __post_init__(self) -> None:
+        at_least(self, ("k", "max_query"), 1)
+        non_empty(self, ("data_seeds",))
+
 
 @dataclass
 class EvalArgs:
@@ -78,6 +89,10 @@ class EvalArgs:
     max_test: int = 64
     compare_priors: list[str] = field(default_factory=list)
 
+    def __post_init__(self) -> None:
+        at_least(self, ("test_steps", "eval_samples"), 0)
+        at_least(self, ("max_test",), 1)
+
 
 CONFIG_GROUPS = {
     "model": ModelArgs, "lora": BayesLoraConfig, "hyperprior": HyperpriorConfig,
@@ -90,15 +105,21 @@ def to_dict(**groups) -> dict:
     return {name: asdict(cfg) for name, cfg in groups.items()}
 
 
+MACHINE_FIELDS = {"model": {"device"}}
+"""Fields that describe the machine a run used, not the run: never taken from a saved config
+(a prior meta-trained on a GPU loads on a CPU-only machine)."""
+
+
 def from_dict(saved: dict, name: str, source: str = "saved config"):
-    """Rebuild config group ``name`` from :func:`to_dict` output, ignoring unknown keys.
+    """Rebuild config group ``name`` from :func:`to_dict` output, ignoring unknown keys and
+    :data:`MACHINE_FIELDS`.
 
     Raises:
         ValueError: a value the config refuses (e.g. ``sampling: "bogus"``); the message names
             ``source`` (e.g. the abmll_config.json path), the group and the field.
     """
     cls = CONFIG_GROUPS[name]
-    known = {f.name for f in fields(cls)}
+    known = {f.name for f in fields(cls)} - MACHINE_FIELDS.get(name, set())
     values = {k: v for k, v in (saved.get(name) or {}).items() if k in known}
     try:
         return cls(**values)

@@ -115,6 +115,13 @@ def _to_example(record: dict, where: str, option_task: bool) -> Example:
         if option_task:
             raise DataError(f"{where}: empty 'options' in a classification/multi-choice task")
         return Example(record["input"], (), -1, where)
+    blank = [i for i, option in enumerate(options) if not option.strip()]
+    if blank:
+        raise DataError(f"{where}: option {blank[0]} is empty or only whitespace ({options[blank[0]]!r}); "
+                        "it would be scored as a bare separator")
+    if len(options) == 1:
+        raise DataError(f"{where}: only one option ({options[0]!r}): there is nothing to choose between; "
+                        "give at least two options or remove the line")
     duplicates = sorted({option for option in options if options.count(option) > 1})
     if duplicates:
         raise DataError(f"{where}: duplicate options {duplicates}")
@@ -287,3 +294,28 @@ def load_episode(
         keep = sorted(random.Random(seed).sample(range(len(query)), max_query))
         query = [query[i] for i in keep]
     return Episode(task, support, query)
+
+
+def check_task_files(tasks: Sequence[str], splits: Sequence[str], k: int, seeds: Sequence[int],
+                     data_dir: str | os.PathLike | None = None) -> None:
+    """Read and validate every file a run will use: each split in ``splits`` ("train", "dev",
+    "test") of each task for each data seed, so a bad line is found before any model is
+    loaded rather than when the task is first sampled.
+
+    Raises:
+        DataError: listing every problem found (file and line, or missing file), up to 10.
+    """
+    problems = []
+    for task in tasks:
+        for seed in seeds:
+            for split in splits:
+                if split == "test" and problems and problems[-1].startswith(f"task {task!r}: no test"):
+                    continue
+                try:
+                    load_examples(task, split, k, seed, data_dir)
+                except DataError as err:
+                    if str(err) not in problems:
+                        problems.append(str(err))
+    if problems:
+        more = f"\n  ... and {len(problems) - 10} more" if len(problems) > 10 else ""
+        raise DataError(f"{len(problems)} problem(s) in the task files:\n  " + "\n  ".join(problems[:10]) + more)

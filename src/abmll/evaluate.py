@@ -11,6 +11,7 @@ The baselines of the method doc are built by :mod:`abmll.methods`.
 from __future__ import annotations
 
 import statistics
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -21,7 +22,7 @@ from abmll.bayes_lora import BayesLoraModel, Params
 from abmll.config import EvalArgs, TaskArgs
 from abmll.meta import MetaConfig, NonFiniteLossError, TaskBatches, adapt, predict_batches
 from abmll.metrics import compute_metrics
-from abmll.scoring import ScoringConfig
+from abmll.scoring import ScoringConfig, merge_truncation, truncation_summary
 from abmll.train import episode_batches
 
 
@@ -79,6 +80,7 @@ def evaluate(
     on_result: Callable[[str, str, int, dict], None] | None = None,
     on_predictions: Callable[[str, str, int, Tensor, Tensor], None] | None = None,
     query_split: str = "test",
+    done: dict[tuple[str, str, int], tuple[dict, Tensor, Tensor]] | None = None,
 ) -> dict:
     """Run every method on every (task, seed): support = the task's k-shot train file of that
     seed, query = up to ``eval_args.max_test`` examples of its ``query_split`` split ("test";
@@ -90,21 +92,44 @@ def evaluate(
         "std_over_seeds": metric -> std over seeds of the task-averaged metric}}}``.
         ``on_result(method, task, seed, metrics)`` is called as each result is ready, and
         ``on_predictions(method, task, seed, probs, labels)`` with its predictions
-        (e.g. to pool them for reliability diagrams).
+        (e.g. to pool them for reliability diagrams). ``done`` maps (method, task, seed) to
+        ``(metrics, probs, labels)`` already computed (read back after an interrupt): they
+        are reported through the callbacks as if computed, not run again.
+        ``"truncation"``: per task, :func:`abmll.scoring.merge_truncation` of its support and
+        test examples over the seeds (how many inputs were cut to ``max_length``, by how
+        much); a task with cut inputs is also warned about (UserWarning), once.
     """
     per = {m.name: {t: {} for t in task_names} for m in methods}
+    truncation = {}
     for task in task_names:
+        summaries = []
         for seed in seeds:
             ep = episode_batches(model, tokenizer, task, seed, tasks, scoring, query_split, eval_args.max_test)
+            summaries.append(truncation_summary([*ep.support, *ep.query]))
             for m in methods:
-                metrics, probs, labels = run_method(model, m, ep, meta, seed)
+                if done and (m.name, task, seed) in done:
+                    metrics, probs, labels = done[m.name, task, seed]
+                else:
+                    metrics, probs, labels = run_method(model, m, ep, meta, seed)
                 per[m.name][task][seed] = metrics
                 if on_result:
                     on_result(m.name, task, seed, metrics)
                 if on_predictions:
                     on_predictions(m.name, task, seed, probs, labels)
+        truncation[task] = merge_truncation(summaries)
+        warn_truncated(task, truncation[task], scoring.max_length)
     return {"tasks": list(task_names), "seeds": list(seeds),
-            "methods": {name: summarise(results) for name, results in per.items()}}
+            "methods": {name: summarise(results) for name, results in per.items()}, "truncation": truncation}
+
+
+def warn_truncated(name: str, summary: dict, max_length: int) -> None:
+    """A UserWarning saying how many inputs of ``name`` (a task or file) were cut and by how
+    much (see :func:`abmll.scoring.truncation_summary`); nothing when none was."""
+    if summary["truncated"]:
+        warnings.warn(f"{name}: {summary['truncated']} of {summary['examples']} inputs cut from the left to fit "
+                      f"max_length={max_length} tokens (on average {summary['mean_dropped_fraction']:.0%} of each "
+                      f"cut input dropped, at most {summary['max_dropped_fraction']:.0%}); raise --max_length to "
+                      "keep more", UserWarning, stacklevel=2)
 
 
 def _mean(dicts: Sequence[dict]) -> dict:

@@ -26,11 +26,23 @@ from typing import Any
 
 import torch
 from peft import LoraConfig
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from abmll.bayes_lora import AUTO_TARGETS, LORA_A, LORA_B, SCALE_A, SCALE_B, BayesLoraModel
-from abmll.checkpoint import CONFIG, TENSORS, CheckpointError, atomic_write, load_adapter, write_json
+from abmll.checkpoint import (
+    BUNDLE,
+    CONFIG,
+    TENSORS,
+    CheckpointError,
+    atomic_folder,
+    atomic_write,
+    check_bundle,
+    load_adapter,
+    new_bundle_id,
+    read_tensors,
+    without_bundle,
+    write_json,
+)
 
 PEFT_CONFIG = "adapter_config.json"
 PEFT_TENSORS = "adapter_model.safetensors"
@@ -81,7 +93,9 @@ def export_peft(
     model: BayesLoraModel | None = None, base_model_name_or_path: str | None = None,
 ) -> Path:
     """Write adapter ``tensors`` (a prior theta or a posterior lambda) as a PEFT LoRA folder
-    with the abmll sidecar (see the module docstring). Each file is written atomically.
+    with the abmll sidecar (see the module docstring). The folder is written as a unit
+    (:func:`abmll.checkpoint.atomic_folder`: an existing export there is replaced whole), its
+    files sharing one bundle id that :func:`load_peft_export` checks.
 
     Args:
         folder: output folder (created if needed).
@@ -100,14 +114,15 @@ def export_peft(
     Raises:
         ValueError: a tensor key is not one of the four Gaussian LoRA matrices, a layer is
             incomplete, ``model`` is given and the keys are not exactly its adapter keys, or
-            ``folder`` already holds an abmll adapter (``adapter.safetensors``).
+            ``folder`` is not empty and not an export (its other files would be lost).
 
     Without ``model``, ``fan_in_fan_out`` is written as False; for GPT-2 style Conv1D layers
     peft sets it to True itself when loading (with a warning), the weights being the same.
     """
     folder = Path(folder)
-    if (folder / TENSORS).exists():
-        raise ValueError(f"{folder} holds an abmll adapter ({TENSORS}); export into another folder")
+    if folder.is_dir() and any(folder.iterdir()) and not is_peft_export(folder):
+        raise ValueError(f"{folder} is not empty and not an exported adapter; export into a new or empty folder "
+                         "(the whole folder is replaced)")
     mean, scale = _split(tensors)
     if model is not None:
         expected = set(model.init_params())
@@ -130,16 +145,19 @@ def export_peft(
     lora.base_model_name_or_path = base_name or config.get("model", {}).get("model")
     lora.inference_mode = True
 
+    bundle = new_bundle_id()
+
     def save(path: Path, part: dict[str, torch.Tensor], fmt: str) -> None:
         cpu = {k: v.detach().to("cpu").contiguous() for k, v in part.items()}
-        atomic_write(path, lambda tmp: save_file(cpu, tmp, metadata={"format": fmt}))
+        atomic_write(path, lambda tmp: save_file(cpu, tmp, metadata={"format": fmt, BUNDLE: bundle}))
 
-    save(folder / SCALE_TENSORS, scale, "abmll")
-    write_json(folder / CONFIG, {**config, "format": EXPORT_FORMAT})
-    save(folder / PEFT_TENSORS, mean, "pt")
     peft_dict = lora.to_dict()
     peft_dict = {k: sorted(v) if isinstance(v, set) else v for k, v in peft_dict.items()}
-    write_json(folder / PEFT_CONFIG, peft_dict)
+    with atomic_folder(folder) as tmp:
+        save(tmp / SCALE_TENSORS, scale, "abmll")
+        write_json(tmp / CONFIG, {**config, "format": EXPORT_FORMAT, BUNDLE: bundle})
+        save(tmp / PEFT_TENSORS, mean, "pt")
+        write_json(tmp / PEFT_CONFIG, peft_dict)
     return folder
 
 
@@ -149,13 +167,6 @@ def is_peft_export(folder: str | os.PathLike) -> bool:
     return (folder / PEFT_TENSORS).is_file() and (folder / SCALE_TENSORS).is_file()
 
 
-def _read(path: Path, device: str | torch.device) -> dict[str, torch.Tensor]:
-    if not path.is_file():
-        raise CheckpointError(f"{path}: not found")
-    try:
-        return load_file(path, device=str(device))
-    except (SafetensorError, OSError, ValueError) as err:
-        raise CheckpointError(f"{path}: not a readable safetensors file ({err})") from err
 
 
 def load_peft_export(folder: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[dict[str, torch.Tensor], dict]:
@@ -163,8 +174,9 @@ def load_peft_export(folder: str | os.PathLike, device: str | torch.device = "cp
     matrices per layer (exactly the exported values) and its abmll config.
 
     Raises:
-        CheckpointError: a file is missing or unreadable, or the mean and scale pairs do not
-            cover the same layers; the message names the folder or file.
+        CheckpointError: a file is missing or unreadable, the files come from different saves
+            (bundle ids), or the mean and scale pairs do not cover the same layers; the message
+            names the folder or file.
     """
     folder = Path(folder)
     config_path = folder / CONFIG
@@ -175,19 +187,23 @@ def load_peft_export(folder: str | os.PathLike, device: str | torch.device = "cp
         config = json.loads(config_path.read_text(encoding="utf-8-sig"))
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise CheckpointError(f"{config_path}: not valid JSON ({err})") from err
+    mean, mean_meta = read_tensors(folder / PEFT_TENSORS, device)
+    scale, scale_meta = read_tensors(folder / SCALE_TENSORS, device)
+    check_bundle(config_path, config, mean_meta, folder / PEFT_TENSORS)
+    check_bundle(config_path, config, scale_meta, folder / SCALE_TENSORS)
     tensors = {}
-    for key, value in _read(folder / PEFT_TENSORS, device).items():
+    for key, value in mean.items():
         theirs = next((t for t in _MEAN_SUFFIXES.values() if key.endswith(t)), None)
         if theirs is None:
             raise CheckpointError(f"{folder / PEFT_TENSORS}: unexpected tensor {key!r} (only LoRA A/B matrices)")
         ours = next(o for o, t in _MEAN_SUFFIXES.items() if t == theirs)
         tensors[key.removesuffix(theirs) + ours] = value
-    tensors.update(_read(folder / SCALE_TENSORS, device))
+    tensors.update(scale)
     try:
         _split(tensors)
     except ValueError as err:
         raise CheckpointError(f"{folder}: mean and scale pairs do not match ({err})") from err
-    return tensors, config
+    return tensors, without_bundle(config)
 
 
 def load_adapter_folder(folder: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[dict[str, torch.Tensor], dict]:

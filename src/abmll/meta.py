@@ -19,13 +19,14 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from torch import Tensor
 
 from abmll.bayes_lora import BayesLoraModel, HyperpriorConfig, Params
+from abmll.checks import at_least, one_of
 from abmll.scoring import OptionBatch, option_nll, option_scores
-
 
 OUTER_UPDATES = ("abmll", "reptile")
 
@@ -63,21 +64,14 @@ class MetaConfig:
     meta_batch_size: int = 2
     meta_steps: int = 20
     seed: int = 0
-    outer_update: str = "abmll"
+    outer_update: Literal["abmll", "reptile"] = "abmll"
     inner_grad_clip: float = 1.0
 
     def __post_init__(self) -> None:
-        if self.outer_update not in OUTER_UPDATES:
-            raise ValueError(f"outer_update must be one of {OUTER_UPDATES}, got {self.outer_update!r}")
-        for name in ("inner_steps", "n_samples", "meta_steps"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
-        if self.meta_batch_size < 1:
-            raise ValueError(f"meta_batch_size must be >= 1, got {self.meta_batch_size}")
-        for name in ("inner_lr", "outer_lr", "beta", "gamma", "inner_grad_clip"):
-            value = getattr(self, name)
-            if not math.isfinite(value) or value < 0:
-                raise ValueError(f"{name} must be a finite number >= 0, got {value}")
+        one_of(self, "outer_update", OUTER_UPDATES)
+        at_least(self, ("inner_steps", "n_samples", "meta_steps", "seed"), 0)
+        at_least(self, ("meta_batch_size",), 1)
+        at_least(self, ("inner_lr", "outer_lr", "beta", "gamma", "inner_grad_clip"), 0)
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -291,18 +285,35 @@ def predict_batches(
     Raises:
         ValueError: ``batches`` is empty.
     """
+    samples, labels = predict_samples(model, params, batches, n_samples)
+    return samples.mean(0), labels
+
+
+@torch.no_grad()
+def predict_samples(
+    model: BayesLoraModel, params: Params, batches: Sequence[OptionBatch], n_samples: int = 0,
+) -> tuple[Tensor, Tensor]:
+    """The class probabilities of each weight sample, for :func:`abmll.uncertainty.decompose`.
+
+    Returns:
+        sample_probs (max(n_samples, 1), N, C_max) float32 (one row of the posterior mean when
+        ``n_samples`` = 0), zero past an example's number of options; labels (N,) long; rows
+        in the original example order.
+    Raises:
+        ValueError: ``batches`` is empty.
+    """
     if not batches:
         raise ValueError("predict_batches: no batches to predict (empty example list?)")
     n = sum(b.num_examples for b in batches)
     c = max(int(b.num_options.max()) for b in batches)
-    probs = torch.zeros(n, c, dtype=torch.float32)
+    draws = max(n_samples, 1)
+    probs = torch.zeros(draws, n, c, dtype=torch.float32)
     labels = torch.zeros(n, dtype=torch.long)
     for batch in batches:
-        draws = [torch.softmax(option_scores(_logits_fn(model, params, n_samples > 0), batch), -1)
-                 for _ in range(max(n_samples, 1))]
-        p = torch.stack(draws).mean(0).float().cpu()
+        p = torch.stack([torch.softmax(option_scores(_logits_fn(model, params, n_samples > 0), batch), -1)
+                         for _ in range(draws)]).float().cpu()
         idx = batch.example_index.cpu()
-        probs[idx, : p.shape[1]] = p
+        probs[:, idx, : p.shape[2]] = p
         labels[idx] = batch.labels.cpu()
     return probs, labels
 

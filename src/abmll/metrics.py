@@ -33,6 +33,8 @@ from torchmetrics.functional.classification import (
     multiclass_f1_score,
 )
 
+from abmll.uncertainty import aurc, entropy
+
 __all__ = [
     "accuracy",
     "bootstrap_mean_ci",
@@ -367,9 +369,10 @@ def compute_metrics(probs: Tensor, labels: Tensor, n_bins: int = 15) -> dict[str
         n_bins: number of ECE bins.
 
     Returns:
-        ``{"accuracy", "macro_f1", "ece", "nll", "brier"}`` as computed by :func:`accuracy`,
-        :func:`macro_f1`, :func:`expected_calibration_error`, :func:`negative_log_likelihood`
-        (nats) and :func:`brier_score`.
+        ``{"accuracy", "macro_f1", "ece", "nll", "brier", "aurc"}`` as computed by
+        :func:`accuracy`, :func:`macro_f1`, :func:`expected_calibration_error`,
+        :func:`negative_log_likelihood` (nats), :func:`brier_score` and
+        :func:`abmll.uncertainty.aurc` (abstaining by predictive entropy first).
 
     Raises:
         ValueError: for malformed inputs or ``n_bins < 1``.
@@ -380,6 +383,7 @@ def compute_metrics(probs: Tensor, labels: Tensor, n_bins: int = 15) -> dict[str
         "ece": expected_calibration_error(probs, labels, n_bins),
         "nll": negative_log_likelihood(probs, labels),
         "brier": brier_score(probs, labels),
+        "aurc": aurc(probs, labels, entropy(probs)),
     }
 
 
@@ -389,13 +393,15 @@ def plot_reliability_diagram(
     path: str | os.PathLike[str],
     title: str = "",
     n_bins: int = 15,
-) -> None:
+):
     """Write a reliability diagram as a PNG file (Guo et al. 2017, Fig. 1 style).
 
     One bar per non-empty bin with height = accuracy in the bin, a hatched bar for the gap to
     the bin's mean confidence, the diagonal of perfect calibration, and the ECE
-    (:func:`expected_calibration_error`) in the title. Rendered with matplotlib's Agg canvas
-    without touching pyplot's global state; parent folders of ``path`` are created.
+    (:func:`expected_calibration_error`) in the title; under it, a histogram of how many
+    examples each bin holds (its bars are the second axes' patches, in bin order). Rendered
+    with matplotlib's Agg canvas without touching pyplot's global state; parent folders of
+    ``path`` are created. Returns the matplotlib Figure.
 
     Args:
         probs: ``(N, C)`` float probabilities, rows summing to 1.
@@ -414,9 +420,9 @@ def plot_reliability_diagram(
     ece = expected_calibration_error(probs, labels, n_bins)
     width = 1.0 / n_bins
 
-    fig = Figure(figsize=(5, 5), dpi=100)
+    fig = Figure(figsize=(5, 6.2), dpi=100)
     FigureCanvasAgg(fig)
-    ax = fig.add_subplot()
+    ax, hist = fig.subplots(2, 1, sharex=True, gridspec_kw={"height_ratios": [3, 1]})
     for lo, acc, conf, count in zip(
         data["bin_lower"], data["accuracy"], data["confidence"], data["count"]
     ):
@@ -430,14 +436,17 @@ def plot_reliability_diagram(
     ax.bar([0], [0], color="tab:red", alpha=0.3, hatch="//", label="gap to confidence")
     ax.set_xlim(0, 1)
     ax.set_ylim(0, 1)
-    ax.set_xlabel("confidence (max probability)")
     ax.set_ylabel("accuracy")
     ax.legend(loc="upper left")
     prefix = f"{title} - " if title else ""
-    ax.set_title(f"{prefix}ECE = {ece:.4f}")
+    ax.set_title(f"{prefix}ECE = {ece:.4f} (N = {int(sum(data['count']))})")
+    hist.bar(data["bin_lower"], data["count"], width=width, align="edge", color="gray", edgecolor="black")
+    hist.set_xlabel("confidence (max probability)")
+    hist.set_ylabel("examples")
     fig.tight_layout()
 
     parent = os.path.dirname(os.fspath(path))
     if parent:
         os.makedirs(parent, exist_ok=True)
     fig.savefig(path, format="png")
+    return fig

@@ -248,8 +248,31 @@ def load_base_model(
     return model, tokenizer
 
 
+def check_device(device: str | torch.device) -> None:
+    """Raises ValueError (naming --device) unless ``device`` is "auto" or a torch device
+    string this machine has (e.g. "cuda" needs CUDA, "cuda:1" two GPUs)."""
+    if str(device) == "auto":
+        return
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError, ValueError) as err:
+        raise ValueError(f"--device {device!r} is not a device (use auto, cpu, cuda or cuda:N): {err}") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device {device}: CUDA is not available on this machine; use --device cpu or auto")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    elif dev.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"--device {device}: MPS is not available on this machine; use --device cpu or auto")
+
+
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
-    """``"auto"`` -> cuda when available, else cpu; anything else is passed to torch.device."""
+    """``"auto"`` -> cuda when available, else cpu; anything else is passed to torch.device.
+
+    Raises:
+        ValueError: see :func:`check_device`.
+    """
     if str(device) == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    check_device(device)
     return torch.device(device)

@@ -10,6 +10,7 @@ these names.
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 SHIPPED_DIR = Path(__file__).with_name("priors")
@@ -35,3 +36,27 @@ def resolve_adapter(name_or_path: str | os.PathLike) -> Path:
         return SHIPPED_DIR / str(name_or_path)
     raise FileNotFoundError(f"{name_or_path}: no such adapter folder, and not a shipped prior "
                             f"(shipped: {', '.join(shipped_priors()) or 'none'})")
+
+
+def prior_status(saved: dict, folder: str | os.PathLike) -> dict | None:
+    """Whether the prior saved with config ``saved`` (an adapter's abmll_config.json) finished
+    its meta-training: ``{"prior", "meta_steps_done", "meta_steps", "complete"}``, or None
+    for an adapter that is not a meta-trained prior (a posterior, an export of one).
+    ``meta_steps_done`` counts the run's steps (for a ``best/`` prior, the run's, not the
+    selected step's)."""
+    if saved.get("kind") != "prior" or not isinstance(saved.get("meta"), dict):
+        return None
+    total = saved["meta"].get("meta_steps")
+    done = saved.get("run_meta_steps_done", saved.get("meta_steps_done"))
+    if not isinstance(total, int) or not isinstance(done, int):
+        return None
+    return {"prior": str(folder), "meta_steps_done": done, "meta_steps": total, "complete": done >= total}
+
+
+def warn_if_unfinished(status: dict | None) -> None:
+    """Print a loud warning on stderr when ``status`` (:func:`prior_status`) is an unfinished prior."""
+    if status is not None and not status["complete"]:
+        print(f"WARNING: the prior {status['prior']} is unfinished: {status['meta_steps_done']} of "
+              f"{status['meta_steps']} meta-steps (an interrupted run). Results made from it are marked "
+              f"\"prior_complete\": false. Finish it with: abmll meta-train --out {status['prior']} --resume",
+              file=sys.stderr)

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from abmll.checks import at_least
 from abmll.data import Example
 
 LogitsFn = Callable[..., Tensor]
@@ -56,6 +57,27 @@ class ScoringConfig:
     pack_options: bool = True
     chat_template: bool = False
 
+    def __post_init__(self) -> None:
+        _fill_template(self.template)
+        at_least(self, ("max_length", "max_rows"), 1)
+
+
+def _fill_template(template: str) -> str:
+    """``template`` with its ``{input}`` field filled by a marker.
+
+    Raises:
+        ValueError: naming --template, when it has no ``{input}`` field or another field
+            (e.g. ``{inputs}``; literal braces are written ``{{`` and ``}}``).
+    """
+    try:
+        text = template.format(input=_SLOT)
+    except (KeyError, IndexError, ValueError) as err:
+        raise ValueError(f"--template {template!r}: only the field {{input}} is allowed; write a literal brace "
+                         f"as {{{{ or }}}} ({err!r})") from None
+    if _SLOT not in text:
+        raise ValueError(f"--template {template!r} has no {{input}} field: every prompt would ignore its input")
+    return text
+
 
 @dataclass
 class OptionBatch:
@@ -77,6 +99,9 @@ class OptionBatch:
         example_index: (N,) long, each example's position in the list it was built from.
         length_normalize: score options by mean rather than summed token log-probability
             (``ScoringConfig.length_normalize``, carried so every scorer of the batch uses it).
+        dropped_tokens: (N,) long, how many of each input's own tokens were cut from its left
+            to fit ``max_length`` (0: not truncated).
+        dropped_fraction: (N,) float, that count over the input's token count.
     """
 
     input_ids: Tensor
@@ -94,6 +119,8 @@ class OptionBatch:
     num_options: Tensor
     example_index: Tensor
     length_normalize: bool = False
+    dropped_tokens: Tensor | None = None
+    dropped_fraction: Tensor | None = None
 
     @property
     def num_examples(self) -> int:
@@ -129,12 +156,7 @@ def prompt_parts(tokenizer, config: ScoringConfig) -> PromptParts:
             ``chat_template`` is asked of a tokenizer that has none, or the tokenizer's special
             tokens cannot be told apart from a text's own tokens.
     """
-    try:
-        text = config.template.format(input=_SLOT)
-    except (KeyError, IndexError, ValueError) as err:
-        raise ValueError(f"template {config.template!r}: only the field {{input}} is allowed ({err!r})") from None
-    if _SLOT not in text:
-        raise ValueError(f"template {config.template!r} has no {{input}} field: every prompt would ignore its input")
+    text = _fill_template(config.template)
     if config.chat_template:
         if not getattr(tokenizer, "chat_template", None):
             raise ValueError("chat_template=True, but the tokenizer has no chat template")
@@ -200,7 +222,8 @@ def tokenize_prompt(tokenizer, parts: PromptParts, text: str, room: int) -> tupl
 
 
 def _tokenize(tokenizer, examples: Sequence[Example], config: ScoringConfig):
-    """Per example: (prompt ids, input truncated from the left when needed, list of option ids)."""
+    """Per example: (prompt ids, input truncated from the left when needed, list of option ids,
+    input tokens dropped, the input's token count when it was cut (else 0))."""
     parts = prompt_parts(tokenizer, config)
     out = []
     for ex in examples:
@@ -214,12 +237,13 @@ def _tokenize(tokenizer, examples: Sequence[Example], config: ScoringConfig):
                 f"{ex.source or ex.input[:40]!r}: an option of {longest} tokens does not fit "
                 f"max_length={config.max_length}; raise max_length")
         try:
-            prompt, _ = tokenize_prompt(tokenizer, parts, ex.input, room)
+            prompt, cut = tokenize_prompt(tokenizer, parts, ex.input, room)
         except ValueError as err:
             raise ValueError(f"{ex.source or ex.input[:40]!r}: {err}") from None
         if not prompt:
             raise ValueError(f"{ex.source or repr(ex.input)}: the prompt tokenises to nothing (empty input?)")
-        out.append((prompt, options))
+        total = len(tokenizer(ex.input, add_special_tokens=False)["input_ids"]) if cut else 0
+        out.append((prompt, options, cut, total))
     return out
 
 
@@ -235,6 +259,9 @@ def encode_options(tokenizer, examples: Sequence[Example], config: ScoringConfig
         raise ValueError("encode_options needs at least one example")
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     tokenized = _tokenize(tokenizer, examples, config)
+    dropped = torch.tensor([cut for *_, cut, _ in tokenized], dtype=torch.long)
+    fraction = torch.tensor([cut / total if cut else 0.0 for *_, cut, total in tokenized])
+    tokenized = [(prompt, opts) for prompt, opts, *_ in tokenized]
     # segments per sequence: [(prompt ids, [(row, option ids), ...]), ...]
     rows = [(i, c) for i, (_, opts) in enumerate(tokenized) for c in range(len(opts))]
     if config.pack_options:
@@ -287,7 +314,7 @@ def encode_options(tokenizer, examples: Sequence[Example], config: ScoringConfig
         labels=torch.tensor([ex.label for ex in examples]),
         num_options=torch.tensor([len(ex.options) for ex in examples]),
         example_index=torch.tensor(list(example_index) if example_index is not None else range(len(examples))),
-        length_normalize=config.length_normalize,
+        length_normalize=config.length_normalize, dropped_tokens=dropped, dropped_fraction=fraction,
     )
 
 
@@ -346,3 +373,28 @@ def option_nll(scores: Tensor, labels: Tensor) -> Tensor:
     """-log softmax(scores)[label] per example. scores: (N, C) with -inf padding; labels (N,).
     Returns (N,) nats."""
     return -torch.log_softmax(scores, dim=-1).gather(-1, labels.unsqueeze(-1)).squeeze(-1)
+
+
+def truncation_summary(batches: Sequence[OptionBatch]) -> dict:
+    """How many examples of ``batches`` had their input cut to fit ``max_length``:
+    ``{"examples", "truncated", "mean_dropped_fraction" (over the truncated ones),
+    "max_dropped_fraction", "dropped_tokens" (total)}``."""
+    frac = torch.cat([b.dropped_fraction for b in batches if b.dropped_fraction is not None]) if batches else None
+    tokens = torch.cat([b.dropped_tokens for b in batches if b.dropped_tokens is not None]) if batches else None
+    if frac is None or frac.numel() == 0:
+        return {"examples": 0, "truncated": 0, "mean_dropped_fraction": 0.0, "max_dropped_fraction": 0.0,
+                "dropped_tokens": 0}
+    cut = frac > 0
+    return {"examples": int(frac.numel()), "truncated": int(cut.sum()),
+            "mean_dropped_fraction": float(frac[cut].mean()) if cut.any() else 0.0,
+            "max_dropped_fraction": float(frac.max()), "dropped_tokens": int(tokens.sum())}
+
+
+def merge_truncation(summaries: Sequence[dict]) -> dict:
+    """Several :func:`truncation_summary` results as one (means weighted by truncated counts)."""
+    truncated = sum(s["truncated"] for s in summaries)
+    return {"examples": sum(s["examples"] for s in summaries), "truncated": truncated,
+            "mean_dropped_fraction": sum(s["mean_dropped_fraction"] * s["truncated"] for s in summaries) / truncated
+            if truncated else 0.0,
+            "max_dropped_fraction": max((s["max_dropped_fraction"] for s in summaries), default=0.0),
+            "dropped_tokens": sum(s["dropped_tokens"] for s in summaries)}

@@ -34,7 +34,13 @@ from abmll.checkpoint import STATE, CheckpointError, load_state, save_adapter, s
 from abmll.config import TaskArgs
 from abmll.data import check_tasks, load_episode, load_split
 from abmll.distributed import (
-    broadcast_params, check_in_sync, distributed_meta_step, fsdp_plugin, lockstep_counts, noise_seed, split_batches,
+    broadcast_params,
+    check_in_sync,
+    distributed_meta_step,
+    fsdp_plugin,
+    lockstep_counts,
+    noise_seed,
+    split_batches,
     task_share,
 )
 from abmll.meta import MetaConfig, NonFiniteLossError, TaskBatches, meta_step
@@ -207,6 +213,7 @@ class MetaTrainer:
         save_state(folder / CHECKPOINT_DIR, len(self.history), tensors, {**state, "config": config})
         save_adapter(folder, self.theta, {**config, "kind": "prior", "rho0": self.rho0(),
                                           "meta_steps_done": len(self.history),
+                                          "run_meta_steps_done": len(self.history),
                                           "meta_steps_skipped": self.skipped_steps})
         write_json(folder / "history.json", self.history)
         if self.validation:
@@ -216,6 +223,7 @@ class MetaTrainer:
             best_step = next(v["step"] for v in self.validation if v["nll"] == nll)
             save_adapter(folder / BEST_DIR, theta, {**config, "kind": "prior", "rho0": self.rho0(),
                                                     "meta_steps_done": best_step, "validation_nll": nll,
+                                                    "run_meta_steps_done": len(self.history),
                                                     "selected_by": "lowest validation NLL"})
         self._saved_step = len(self.history)
         return folder

@@ -1,0 +1,31 @@
+"""The ``abmll`` console entry point: ``--version`` and the command list answer at once,
+without importing torch; everything else goes to :func:`abmll.cli.main`."""
+
+from __future__ import annotations
+
+import sys
+
+import abmll
+
+COMMANDS = ("meta-train", "evaluate", "demo", "adapt", "predict", "export", "data")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run ``abmll`` with ``argv`` (default ``sys.argv[1:]``); returns the exit status."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] in (["--version"], ["-V"]):
+        print(f"abmll {abmll.__version__}")
+        return 0
+    if not argv or argv[0] not in COMMANDS:
+        from importlib.resources import files
+
+        doc = files("abmll").joinpath("cli.py").read_text(encoding="utf-8").split('"""')[1]
+        print(doc)
+        return 0 if argv and argv[0] in ("-h", "--help") else 2
+    from abmll.cli import main as cli_main
+
+    return cli_main(argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,157 @@
+"""Output folders that never lose finished work: checked before any model is loaded, never
+silently overwritten, and written as results finish so an interrupted command resumes.
+
+- :func:`check_writable`: the folder can be created and written (checked up front).
+- :func:`guard_run_folder`: a meta-training folder that already holds a run is refused unless
+  the run is resumed (``--resume``) or replaced (``--overwrite``, which removes its outputs).
+- :func:`guard_adapter_folder`: an adapter output (``adapt``, ``export``) is refused when it
+  is the input adapter's own folder, holds other files, or holds an adapter (without
+  ``--overwrite``).
+- :class:`ResultLog`: an append-only JSON-lines log of finished results, keyed by a hash of
+  the settings they depend on; a rerun with the same settings reads them back and computes
+  only the rest (a different setting is refused, naming ``--overwrite``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+RUN_OUTPUTS = ("adapter.safetensors", "abmll_config.json", "checkpoint", "best", "history.json", "validation.json",
+               "results.json", "results.partial.jsonl", "training_curves.png", "validation_curve.png")
+"""What ``abmll meta-train`` / ``demo`` write into ``--out`` (plus ``reliability_*.png``)."""
+
+
+def check_writable(folder: str | os.PathLike) -> Path:
+    """Create ``folder`` if needed and check a file can be written in it.
+
+    Raises:
+        ValueError: naming the folder and the reason (read-only, not a folder, ...).
+    """
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(dir=folder, prefix=".abmll-write-check.")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as err:
+        raise ValueError(f"--out {folder}: cannot write there ({err.strerror or err})") from None
+    return folder
+
+
+def run_outputs(folder: str | os.PathLike) -> list[Path]:
+    """The meta-training outputs present in ``folder`` (see :data:`RUN_OUTPUTS`)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    found = [folder / name for name in RUN_OUTPUTS if (folder / name).exists()]
+    return found + sorted(folder.glob("reliability_*.png"))
+
+
+def guard_run_folder(folder: str | os.PathLike, resume: bool, overwrite: bool) -> None:
+    """Refuse to start a new meta-training run over a finished or interrupted one.
+
+    With ``overwrite`` the previous run's outputs (:func:`run_outputs`; nothing else) are
+    removed first, so no stale results or plots stay beside the new prior.
+
+    Raises:
+        ValueError: ``folder`` holds a run and neither ``resume`` nor ``overwrite`` is set,
+            or both are set.
+    """
+    if resume and overwrite:
+        raise ValueError("--resume and --overwrite contradict each other: continue the run or replace it")
+    found = run_outputs(folder)
+    if not found or resume:
+        return
+    if not overwrite:
+        raise ValueError(f"--out {folder} already holds a run ({', '.join(p.name for p in found)}); pass --resume "
+                         "to continue it, --overwrite to replace it, or choose another --out")
+    for path in found:
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+
+
+def guard_adapter_folder(out: str | os.PathLike, source: str | os.PathLike | None, overwrite: bool) -> None:
+    """Check that an adapter can be written to ``out`` (before any work is done).
+
+    Raises:
+        ValueError: ``out`` is ``source``'s folder (the input would be destroyed), holds an
+            adapter and ``overwrite`` is not set, or holds other files (they would be lost).
+    """
+    out = Path(out)
+    if source is not None and out.resolve() == Path(source).resolve():
+        raise ValueError(f"--out {out} is the input adapter's own folder; write the result elsewhere")
+    if not out.is_dir() or not any(out.iterdir()):
+        check_writable(out)
+        return
+    is_adapter = any((out / name).is_file() for name in ("adapter_model.safetensors", "adapter.safetensors"))
+    if not is_adapter:
+        raise ValueError(f"--out {out} is not empty and holds no adapter; choose a new or empty folder")
+    if not overwrite:
+        raise ValueError(f"--out {out} already holds an adapter; pass --overwrite to replace it")
+    check_writable(out)
+
+
+def settings_hash(settings: Any) -> str:
+    """A short stable hash of JSON-serialisable ``settings``."""
+    return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def file_digest(paths: Iterable[str | os.PathLike]) -> str:
+    """sha256 of the contents of ``paths`` (in order), for keying results on their inputs."""
+    h = hashlib.sha256()
+    for path in paths:
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+    return h.hexdigest()[:16]
+
+
+class ResultLog:
+    """Finished results of one command, appended to ``path`` (JSON lines) as each is ready.
+
+    The first line is ``{"settings": <hash>}``; every other line is one result. Opening a log
+    whose settings hash differs raises (unless ``overwrite``: it is started afresh); a line
+    cut short by an interrupt is dropped.
+
+    Attributes:
+        entries: the results read back and appended so far, in order.
+    """
+
+    def __init__(self, path: str | os.PathLike, settings: str, overwrite: bool = False) -> None:
+        self.path = Path(path)
+        self.entries: list[dict] = []
+        if self.path.is_file() and not overwrite:
+            lines = self.path.read_text(encoding="utf-8").split("\n")
+            try:
+                head = json.loads(lines[0])
+            except ValueError:
+                head = {}
+            if head.get("settings") != settings:
+                raise ValueError(f"{self.path} holds partial results of other settings; rerun with those settings "
+                                 "to resume, or pass --overwrite to start again")
+            for line in lines[1:]:
+                try:
+                    self.entries.append(json.loads(line))
+                except ValueError:
+                    break                                      # the line being written when interrupted
+        with open(self.path, "w", encoding="utf-8") as f:      # rewritten without a cut-short last line
+            f.write(json.dumps({"settings": settings}) + "\n")
+            f.writelines(json.dumps(e) + "\n" for e in self.entries)
+
+    def append(self, entry: dict) -> None:
+        """Add one finished result (flushed and fsync'ed before returning)."""
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(entry) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        self.entries.append(entry)
+
+    def remove(self) -> None:
+        """Delete the log (its results are complete and written elsewhere)."""
+        self.path.unlink(missing_ok=True)
