@@ -1,5 +1,5 @@
 """Quality benchmark: ABMLL against zero-shot, LoRA, multi-task LoRA, Reptile and Bayesian LoRA
-on a split's held-out tasks (method doc, "Baselines" and "Prediction and metrics").
+on a split's held-out tasks (docs/method.md, "Baselines" and "Prediction and metrics").
 
     .venv/bin/python benchmarks/quality.py --split class_to_class [--methods ...] [--seeds ...] [flags]
     .venv/bin/python benchmarks/quality.py --quick          # CI smoke test: tiny random model, < 5 min

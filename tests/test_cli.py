@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 
 from abmll.checkpoint import load_adapter
-from abmll.cli import _load_prior, main
+from abmll.cli import main
 from abmll.config import EvalArgs, TaskArgs
 from abmll.evaluate import Method, evaluate
+from abmll.loading import load_prior
 from abmll.meta import MetaConfig, predict_batches
 from abmll.train import episode_batches
 
@@ -62,12 +64,12 @@ def test_saved_prior_reloads_to_identical_predictions(tiny_model_dir, tiny_data_
     history = json.loads((out / "history.json").read_text())
     assert "support_nll_before" in history[0] and "support_nll_after" not in history[0]   # off by default
     cfg = {}
-    model, tok, theta, _ = _load_prior(str(out), cfg)
+    model, tok, theta, _ = load_prior(str(out), cfg)
     assert any(v.abs().sum() > 0 for k, v in theta.items() if "lora_B" in k)   # trained, not the init
     tasks = TaskArgs(data_dir=str(tiny_data_dir), k=4)
     ep = episode_batches(model, tok, "h0", 1, tasks, cfg["scoring"], "test", None)
     first, _ = predict_batches(model, theta, ep.query, 0)
-    model2, _, theta2, _ = _load_prior(str(out), {})
+    model2, _, theta2, _ = load_prior(str(out), {})
     second, _ = predict_batches(model2, theta2, ep.query, 0)
     assert torch.equal(first, second)
     zero, _ = predict_batches(model2, model2.init_params(), ep.query, 0)
@@ -94,3 +96,40 @@ def test_version_and_command_list_answer_without_importing_torch():
             "c = main(['no-such-command']); print(a, b, c, 'torch' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert "abmll 0.1.0" in out and "abmll meta-train" in out and out.strip().endswith("0 0 2 False")
+
+
+def test_each_command_help_lists_only_its_flags_with_their_help(capsys):
+    """``abmll adapt --help``: usage names the command, every flag has its docstring help,
+    enumerations list their choices, and meta-training flags are absent."""
+    with pytest.raises(SystemExit) as info:
+        main(["adapt", "--help"])
+    assert info.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())
+    assert text.startswith("usage: abmll adapt")
+    for absent in ("--resume", "--meta_steps", "--save_every", "--validate_every", "--tensorboard"):
+        assert absent not in text
+    assert "--support SUPPORT JSON-lines file of labelled examples" in text
+    assert "--sampling {flipout,per_batch}" in text and "--dtype {float32,bfloat16,float16,fp32,bf16,fp16}" in text
+    assert "--inner_lr INNER_LR SGD step size" in text or "--inner_lr INNER_LR" in text
+    with pytest.raises(SystemExit) as info:
+        main(["meta-train", "--help"])
+    assert "--outer_update {abmll,reptile}" in " ".join(capsys.readouterr().out.split())
+
+
+def test_a_mistyped_flag_names_the_nearest_ones():
+    with pytest.raises(SystemExit, match="unknown flag --inner_lrr; did you mean --inner_lr"):
+        main(["adapt", "--inner_lrr", "0.1"])
+    with pytest.raises(SystemExit, match="unknown flag --resume"):
+        main(["adapt", "--resume"])
+
+
+def test_public_api_resolves_from_the_package():
+    import abmll
+
+    for name in abmll.__all__:
+        assert getattr(abmll, name) is not None, name
+    from abmll.meta import adapt as adapt_fn
+
+    assert abmll.adapt is adapt_fn
+    with pytest.raises(AttributeError):
+        abmll.no_such_name  # noqa: B018

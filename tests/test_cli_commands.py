@@ -13,11 +13,12 @@ from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
 from abmll.checkpoint import load_adapter
-from abmll.cli import _load_prior, evaluate_with_predictions, main
+from abmll.cli import main
 from abmll.config import EvalArgs, TaskArgs
 from abmll.data import read_jsonl
-from abmll.evaluate import Method, evaluate
+from abmll.evaluate import Method, evaluate, evaluate_with_predictions
 from abmll.export import load_adapter_folder
+from abmll.loading import load_prior
 from abmll.meta import MetaConfig, adapt, predict_batches
 from abmll.metrics import compute_metrics
 from abmll.plots import plot_reliability_per_method, plot_training_curves, pool_predictions
@@ -51,7 +52,7 @@ def test_export_is_a_peft_adapter_with_abmll_posterior_mean_predictions(world, t
     out = tmp_path / "peft"
     assert main(["export", "--config", str(world["config"]), "--adapter", str(world["prior"]), "--out", str(out)]) == 0
     cfg = {}
-    model, _, theta, _ = _load_prior(str(world["prior"]), cfg)
+    model, _, theta, _ = load_prior(str(world["prior"]), cfg)
     assert any(v.abs().sum() > 0 for k, v in theta.items() if "lora_B" in k)    # a trained prior
     peft_model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(world["model_dir"]), out).eval()
     with torch.no_grad():
@@ -76,7 +77,7 @@ def test_adapt_then_predict(world, tmp_path):
     assert len(saved["support_nll_steps"]) == 3 and saved["support_nll_after"] > 0
 
     cfg = {}
-    model, tok, theta, _ = _load_prior(str(world["prior"]), cfg)
+    model, tok, theta, _ = load_prior(str(world["prior"]), cfg)
     batches = make_batches(tok, read_jsonl(support), ScoringConfig(max_rows=8))
     torch.manual_seed(cfg["meta"].seed)
     expected, _ = adapt(model, theta, batches, 3, 0.7, cfg["meta"].beta, cfg["meta"].n_samples, cfg["meta"].inner_grad_clip)
@@ -141,7 +142,7 @@ def test_evaluate_plots_reliability_and_matches_library_evaluate(world, tmp_path
     assert results["config"]["eval"]["eval_samples"] == 2 and results["config"]["eval"]["test_steps"] == 1
 
     cfg = {}
-    model, tok, theta, _ = _load_prior(str(world["prior"]), cfg)
+    model, tok, theta, _ = load_prior(str(world["prior"]), cfg)
     tasks = TaskArgs(data_dir=str(world["data"]), k=4, data_seeds=[1], test_tasks=["h0"])
     ev = EvalArgs(test_steps=1, eval_samples=1, max_test=6)
     methods = [Method("zero_shot", model.init_params(), 0, 0), Method("abmll", theta, 1, 1)]

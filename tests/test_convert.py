@@ -147,3 +147,35 @@ def test_cli_data_without_datasets_package_says_so(tmp_path, monkeypatch, capsys
     assert code == 1
     err = capsys.readouterr().err
     assert "pip install datasets" in err and "--data_files" in err
+
+
+@pytest.mark.parametrize("fmt", ["csv", "json", "parquet"])
+def test_cli_data_builds_tasks_from_local_files_through_the_datasets_library(tmp_path, fmt):
+    """``abmll data --dataset <csv|json|parquet> --data_files ...`` runs the real
+    ``datasets.load_dataset``; the k-shot files are MetaICL's seeded shuffle, so two runs
+    agree byte for byte and each seed's train file is the first k of its permutation."""
+    datasets = pytest.importorskip("datasets")
+    rows = {"train": [{"text": f"review {i}", "label": i % 2} for i in range(24)],
+            "test": [{"text": f"test {i}", "label": (i + 1) % 2} for i in range(6)]}
+    files = []
+    for split, items in rows.items():
+        path = tmp_path / f"{split}.{fmt}"
+        table = datasets.Dataset.from_list(items)
+        {"csv": table.to_csv, "json": table.to_json, "parquet": table.to_parquet}[fmt](str(path))
+        files.append(f"{split}={path}")
+    args = ["data", "--dataset", fmt, "--data_files", *files, "--task", "local", "--input_columns", "text",
+            "--output_column", "label", "--label_names", "negative", "positive", "--options", "negative", "positive",
+            "--shots", "4",
+            "--data_seeds", "100", "13"]
+    assert main([*args, "--out", str(tmp_path / "a")]) == 0
+    assert main([*args, "--out", str(tmp_path / "b")]) == 0
+    names = sorted(p.name for p in (tmp_path / "a" / "local").glob("*.jsonl"))
+    assert names == ["local_4_100_dev.jsonl", "local_4_100_train.jsonl", "local_4_13_dev.jsonl",
+                     "local_4_13_train.jsonl", "local_test.jsonl"]
+    for name in names:
+        assert (tmp_path / "a" / "local" / name).read_bytes() == (tmp_path / "b" / "local" / name).read_bytes()
+    order = list(range(24))
+    np.random.RandomState(13).shuffle(order)
+    episode = load_episode("local", 4, 13, "test", data_dir=tmp_path / "a")
+    assert [e.input for e in episode.support] == [f"review {i}" for i in order[:4]]
+    assert [e.options[e.label] for e in episode.query] == ["positive", "negative"] * 3

@@ -15,17 +15,29 @@ import pytest
 import torch
 
 import abmll.cli as cli
+import abmll.commands.adapt as adapt_cmd
+import abmll.commands.export as export_cmd
+import abmll.commands.meta_train as meta_train_cmd
+import abmll.commands.predict as predict_cmd
 import abmll.evaluate as evaluate_mod
 from abmll.checkpoint import CONFIG, TENSORS
 from abmll.cli import main
-from abmll.config import EvalArgs, TaskArgs
+from abmll.config import EvalArgs, TaskArgs, from_dict
 from abmll.data import DataError, read_jsonl
 from abmll.evaluate import Method, evaluate
+from abmll.loading import load_prior
 from abmll.scoring import ScoringConfig, make_batches
 
 
 def _no_model(*args, **kwargs):
     raise AssertionError("the model was loaded before the inputs and outputs were checked")
+
+
+def _forbid_model(monkeypatch):
+    """Make every way a command builds or loads a model fail the test."""
+    monkeypatch.setattr(meta_train_cmd, "build_model", _no_model)
+    for module in (cli, adapt_cmd, predict_cmd, export_cmd):
+        monkeypatch.setattr(module, "load_prior", _no_model)
 
 
 def _raise_on_call(n: int, real):
@@ -55,7 +67,7 @@ def test_meta_train_refuses_a_folder_that_holds_a_run(world, tmp_path, capsys, m
     (folder / "results.json").write_text("{}")
     (folder / "reliability_abmll.png").write_bytes(b"old")
     before = (folder / TENSORS).read_bytes()
-    monkeypatch.setattr(cli, "_build", _no_model)
+    _forbid_model(monkeypatch)
     assert main(["meta-train", "--config", str(world["config"]), "--meta_steps", "1", "--out", str(folder)]) == 1
     err = capsys.readouterr().err
     assert "--resume" in err and "--overwrite" in err and "already holds a run" in err
@@ -73,7 +85,7 @@ def test_adapt_and_export_refuse_to_replace_an_adapter_and_their_input(world, tm
     post = tmp_path / "post"
     assert main(["adapt", "--prior", str(world["prior"]), "--support", str(support), "--out", str(post)]) == 0
     before = (post / "adapter_model.safetensors").read_bytes()
-    monkeypatch.setattr(cli, "_load_prior", _no_model)
+    _forbid_model(monkeypatch)
     for argv in (["adapt", "--prior", str(world["prior"]), "--support", str(support), "--out", str(post)],
                  ["export", "--adapter", str(world["prior"]), "--out", str(post)]):
         assert main(argv) == 1
@@ -94,8 +106,7 @@ def test_adapt_and_export_refuse_to_replace_an_adapter_and_their_input(world, tm
 # -- 3. inputs and outputs checked before the model; results streamed and resumed -----------------
 
 def test_inputs_and_output_folder_are_checked_before_the_model_is_loaded(world, tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(cli, "_load_prior", _no_model)
-    monkeypatch.setattr(cli, "_build", _no_model)
+    _forbid_model(monkeypatch)
     data = tmp_path / "data"
     shutil.copytree(world["data"], data)
     shutil.copytree(data / "h0", data / "h1")
@@ -136,8 +147,8 @@ def test_an_interrupted_predict_resumes_to_the_same_predictions(world, tmp_path,
     assert main(args + ["--out", str(tmp_path / "ref")]) == 0
     reference = (tmp_path / "ref" / "predictions.jsonl").read_text()
 
-    fake = _raise_on_call(3, cli.predict_samples)
-    monkeypatch.setattr(cli, "predict_samples", fake)
+    fake = _raise_on_call(3, predict_cmd.predict_samples)
+    monkeypatch.setattr(predict_cmd, "predict_samples", fake)
     assert main(args + ["--out", str(tmp_path / "p")]) == 130
     err = capsys.readouterr().err
     last = err.strip().splitlines()[-1]                           # after the progress bars: one line
@@ -146,8 +157,8 @@ def test_an_interrupted_predict_resumes_to_the_same_predictions(world, tmp_path,
     assert partial["complete"] is False
     assert (tmp_path / "p" / "predictions.jsonl").read_text() == "".join(reference.splitlines(True)[:4])
     monkeypatch.undo()
-    calls = _raise_on_call(0, cli.predict_samples)
-    monkeypatch.setattr(cli, "predict_samples", calls)
+    calls = _raise_on_call(0, predict_cmd.predict_samples)
+    monkeypatch.setattr(predict_cmd, "predict_samples", calls)
     assert main(args + ["--out", str(tmp_path / "p")]) == 0
     assert len(calls.calls) == 1                                   # only the last chunk of 6 was computed
     assert (tmp_path / "p" / "predictions.jsonl").read_text() == reference
@@ -205,13 +216,13 @@ def test_an_unfinished_prior_is_warned_about_and_recorded(world, tmp_path, capsy
 
 INVALID = [("--eval_samples", "-1"), ("--test_steps", "-1"), ("--inner_lr", "-1"), ("--inner_lr", "nan"),
            ("--rank", "0"), ("--alpha", "0"), ("--max_length", "0"), ("--k", "0"), ("--max_test", "0"),
-           ("--template", "no input field"), ("--template", "{inputs}"), ("--mean_std", "inf"),
-           ("--save_every", "-1"), ("--data_seeds", "1", "1")]
+           ("--template", "no input field"), ("--template", "{inputs}"), ("--max_rows", "0"), ("--init_std_factor", "inf"),
+           ("--data_seeds", "1", "1")]
 
 
 @pytest.mark.parametrize("flag", INVALID, ids=lambda f: " ".join(f))
 def test_invalid_settings_are_refused_naming_the_flag(world, tmp_path, capsys, monkeypatch, flag):
-    monkeypatch.setattr(cli, "_load_prior", _no_model)
+    _forbid_model(monkeypatch)
     assert main(["evaluate", "--config", str(world["config"]), "--prior", str(world["prior"]),
                  "--out", str(tmp_path / "o"), *flag]) == 1
     err = capsys.readouterr().err
@@ -221,7 +232,7 @@ def test_invalid_settings_are_refused_naming_the_flag(world, tmp_path, capsys, m
 def test_a_device_this_machine_lacks_is_refused(world, tmp_path, capsys, monkeypatch):
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA")
-    monkeypatch.setattr(cli, "_load_prior", _no_model)
+    _forbid_model(monkeypatch)
     assert main(["predict", "--adapter", str(world["prior"]), "--input", str(world["data"] / "h0" / "h0_test.jsonl"),
                  "--device", "cuda", "--out", str(tmp_path)]) == 1
     assert "--device cuda: CUDA is not available" in capsys.readouterr().err
@@ -233,8 +244,7 @@ def test_a_device_this_machine_lacks_is_refused(world, tmp_path, capsys, monkeyp
 # -- 6. truncation is warned about and recorded -------------------------------------------------
 
 def test_truncated_inputs_are_counted_warned_and_recorded(world, tmp_path, capsys):
-    from abmll.cli import _load_prior
-    model, tok, theta, _ = _load_prior(str(world["prior"]), {})
+    model, tok, theta, _ = load_prior(str(world["prior"]), {})
     scoring = ScoringConfig(max_length=30, max_rows=8)
     data = tmp_path / "data"
     shutil.copytree(world["data"], data)
@@ -256,7 +266,7 @@ def test_truncated_inputs_are_counted_warned_and_recorded(world, tmp_path, capsy
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         results = evaluate(model, tok, [Method("zero_shot", model.init_params(), 0, 0)], ["h0"], [1], tasks, scoring,
-                           cli.from_dict({}, "meta"), EvalArgs(max_test=6))
+                           from_dict({}, "meta"), EvalArgs(max_test=6))
     record = results["truncation"]["h0"]
     assert record["truncated"] == 1 and record["examples"] == 4 + 6
     assert record["max_dropped_fraction"] == pytest.approx(fraction[0].item())
@@ -286,7 +296,7 @@ def test_degenerate_options_are_refused_with_the_line(tmp_path, options, output,
 
 def test_ctrl_c_in_meta_training_prints_one_line_and_the_run_resumes(world, tmp_path, capsys, monkeypatch):
     out = tmp_path / "run"
-    monkeypatch.setattr(cli.MetaTrainer, "step", _raise_on_call(3, cli.MetaTrainer.step))
+    monkeypatch.setattr(meta_train_cmd.MetaTrainer, "step", _raise_on_call(3, meta_train_cmd.MetaTrainer.step))
     argv = ["meta-train", "--config", str(world["config"]), "--meta_steps", "4", "--save_every", "1",
             "--out", str(out)]
     assert main(argv) == 130

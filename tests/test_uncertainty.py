@@ -79,3 +79,30 @@ def test_reliability_diagram_has_a_count_histogram(tmp_path):
     counts = reliability_diagram_data(probs, labels, 10)["count"]
     heights = [p.get_height() for p in fig.axes[1].patches]
     assert heights == [float(c) for c in counts] and sum(heights) == 200
+
+
+def test_auroc_is_the_mann_whitney_probability():
+    from abmll.ood import auroc
+
+    torch.manual_seed(2)
+    inside, outside = torch.randn(30), torch.randn(20) + 0.7
+    inside[:5] = outside[:5]                                  # some ties
+    pairs = [(o > i) + 0.5 * (o == i) for o in outside.tolist() for i in inside.tolist()]
+    assert auroc(inside, outside) == pytest.approx(float(sum(pairs)) / len(pairs), abs=1e-6)
+    assert auroc(torch.zeros(3), torch.ones(2)) == 1.0 and auroc(torch.ones(3), torch.zeros(2)) == 0.0
+    assert auroc(torch.zeros(4), torch.zeros(4)) == 0.5          # no information
+    with pytest.raises(ValueError, match="at least one"):
+        auroc(torch.zeros(0), torch.ones(2))
+
+
+def test_evaluate_reports_ood_auroc_per_task_pair(world, tmp_path):
+    import json
+
+    from abmll.cli import main
+
+    assert main(["evaluate", "--config", str(world["config"]), "--prior", str(world["prior"]), "--eval_samples", "3",
+                 "--ood_tasks", "t0", "h0", "--plots", "false", "--out", str(tmp_path)]) == 0
+    ood = json.loads((tmp_path / "results.json").read_text())["ood"]
+    assert list(ood) == ["abmll"] and list(ood["abmll"]) == ["h0 -> t0"]      # zero-shot does not adapt; h0 -> h0 skipped
+    for value in ood["abmll"]["h0 -> t0"].values():
+        assert 0.0 <= value <= 1.0

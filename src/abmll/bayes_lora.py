@@ -168,7 +168,7 @@ class BayesLoraConfig:
             (drawn on the CPU, then moved), so a model built from one config starts from
             one prior whatever torch's global RNG state is (peft's own draws are replaced).
         sampling: how ``forward(sample=True)`` draws dW ~ N(M, S^2):
-            "flipout" (method doc; Wen et al. 2018): one sample per sequence (or per
+            "flipout" (docs/method.md; Wen et al. 2018): one sample per sequence (or per
             ``groups`` id), decorrelated by random signs; costs three extra full-rank matmuls
             per adapted layer in forward + backward.
             "per_batch": one sample per forward pass, shared by every sequence of the batch
@@ -574,7 +574,7 @@ class BayesLoraModel(nn.Module):
     # -- KL and hyperprior ---------------------------------------------------------------------
     def kl(self, q: Params, p: Params, twice_differentiable: bool = False) -> Tensor:
         """KL(q || p) between two Gaussian-LoRA distributions, summed over every weight entry
-        of every adapted layer (method doc, "Meta-objective"). Differentiable in both q and p,
+        of every adapted layer (docs/method.md, "Meta-objective"). Differentiable in both q and p,
         once, with the gradient in closed form (:class:`_FusedGaussianKL`);
         ``twice_differentiable=True`` builds it from plain autograd ops instead, for
         ``create_graph`` (the second-order reference). A layer larger than

@@ -82,12 +82,17 @@ class EvalArgs:
         compare_priors: other priors to evaluate beside zero-shot and the run's own ABMLL prior
             (folders, or names of shipped priors such as ``smollm2-135m-class_to_class``),
             adapted and predicted the same way; each must fit the model's adapter shape.
+        ood_tasks: out-of-distribution check: each method adapted on each test task also
+            predicts these tasks' test examples, and the AUROC of telling them from the
+            task's own by predictive entropy and by epistemic uncertainty is reported
+            (results.json ``ood``; :mod:`abmll.ood`).
     """
 
     test_steps: int = 5
     eval_samples: int = 4
     max_test: int = 64
     compare_priors: list[str] = field(default_factory=list)
+    ood_tasks: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         at_least(self, ("test_steps", "eval_samples"), 0)
@@ -130,3 +135,13 @@ def from_dict(saved: dict, name: str, source: str = "saved config"):
             except (TypeError, ValueError) as own:
                 raise ValueError(f"{source}: invalid {name}.{key} = {value!r} ({own})") from None
         raise ValueError(f"{source}: invalid {name} config ({err})") from None
+
+
+def result_config(cfg: dict) -> dict:
+    """The resolved config without machine fields (results do not depend on them)."""
+    config = to_dict(**cfg)
+    for group, names in MACHINE_FIELDS.items():
+        for name in names:
+            config.get(group, {}).pop(name, None)
+    config.get("lora", {}).pop("frozen_cache_mb", None)              # a runtime setting
+    return config

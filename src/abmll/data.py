@@ -83,24 +83,30 @@ def resolve_data_dir(data_dir: str | os.PathLike | None = None) -> Path:
     return path
 
 
-def _parse_line(text: str, where: str) -> dict:
-    """Decode one JSON record and check its keys and value types."""
+def _parse_line(text: str, where: str, unlabelled: bool = False) -> dict:
+    """Decode one JSON record and check its keys and value types (``output`` may be absent
+    when ``unlabelled``: it is then None)."""
     try:
         record = json.loads(text)
     except (ValueError, RecursionError) as err:
         raise DataError(f"{where}: malformed JSON ({err})") from None
     if not isinstance(record, dict):
         raise DataError(f"{where}: expected a JSON object, got {type(record).__name__}")
+    missing_output = unlabelled and "output" not in record
     for key, kind in _KEYS.items():
+        if key == "output" and missing_output:
+            continue
         if key not in record:
             raise DataError(f"{where}: missing key {key!r}")
         if not isinstance(record[key], kind):
             raise DataError(
                 f"{where}: {key!r} must be {kind.__name__}, got {type(record[key]).__name__}"
             )
+    if missing_output:
+        record["output"] = None
     if not all(isinstance(option, str) for option in record["options"]):
         raise DataError(f"{where}: 'options' must be a list of strings")
-    for text in (record["input"], record["output"], *record["options"]):
+    for text in (record["input"], record["output"] or "", *record["options"]):
         try:
             text.encode("utf-8")
         except UnicodeEncodeError as err:     # a lone surrogate such as "\ud800"
@@ -125,6 +131,8 @@ def _to_example(record: dict, where: str, option_task: bool) -> Example:
     duplicates = sorted({option for option in options if options.count(option) > 1})
     if duplicates:
         raise DataError(f"{where}: duplicate options {duplicates}")
+    if record["output"] is None:
+        return Example(record["input"], options, -1, where)
     if record["output"] not in options:
         raise DataError(
             f"{where}: output {record['output']!r} is not one of the options {list(options)}"
@@ -132,14 +140,15 @@ def _to_example(record: dict, where: str, option_task: bool) -> Example:
     return Example(record["input"], options, options.index(record["output"]), where)
 
 
-def read_jsonl(path: str | os.PathLike, task_type: str | None = None) -> list[Example]:
+def read_jsonl(path: str | os.PathLike, task_type: str | None = None, unlabelled: bool = False) -> list[Example]:
     """Read and validate a JSON-lines task file into a list of Examples, in file order.
 
     Each non-blank line must be a UTF-8 JSON object with ``task``, ``input``,
     ``output`` (str) and ``options`` (list of distinct str). For classification and
     multi-choice tasks (``task_type`` given, or inferred when None: a file where any
     record has options) options must be non-empty and contain the output.
-    Free-form records (empty options) become ``Example(input, (), -1)``.
+    Free-form records (empty options) become ``Example(input, (), -1)``. With ``unlabelled``
+    (inputs to predict), a record may leave ``output`` out: it becomes an Example with label -1.
     Raises DataError naming ``path:line`` and the problem, or the file when it is
     absent or has no examples.
     """
@@ -155,7 +164,7 @@ def read_jsonl(path: str | os.PathLike, task_type: str | None = None) -> list[Ex
                 except UnicodeDecodeError as err:
                     raise DataError(f"{where}: not UTF-8 ({err})") from None
                 if text.strip():
-                    records.append((_parse_line(text, where), where))
+                    records.append((_parse_line(text, where, unlabelled), where))
     except OSError as err:
         raise DataError(f"{path}: cannot read ({err.strerror})") from None
     if not records:

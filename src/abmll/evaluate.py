@@ -1,11 +1,11 @@
 """Evaluation on held-out tasks: adapt from a prior on each task's support set, predict its
 test set, and report accuracy, macro-F1, ECE, NLL and Brier per task and seed, and their
-means (method doc, "Prediction and metrics").
+means (docs/method.md, "Prediction and metrics").
 
 Every method runs through :func:`run_method` with the same per-task budget (``steps`` SGD
 steps at ``meta.inner_lr``); methods differ only in the prior they start from, the inner-loop
 KL weight and weight samples (deterministic LoRA: 0 and 0), and the prediction samples.
-The baselines of the method doc are built by :mod:`abmll.methods`.
+The baselines of docs/method.md are built by :mod:`abmll.methods`.
 """
 
 from __future__ import annotations
@@ -60,18 +60,29 @@ def run_method(model: BayesLoraModel, method: Method, episode: TaskBatches, meta
     Raises:
         NonFiniteLossError: naming the method and the task.
     """
-    torch.manual_seed(seed)
-    posterior = method.prior
-    if method.steps:
-        beta = meta.beta if method.beta is None else method.beta
-        n_samples = meta.n_samples if method.adapt_samples is None else method.adapt_samples
-        try:
-            posterior, _ = adapt(model, method.prior, episode.support, method.steps, meta.inner_lr, beta, n_samples,
-                                 meta.inner_grad_clip)
-        except NonFiniteLossError as err:
-            raise NonFiniteLossError(f"{method.name} on task {episode.task}, seed {seed}: {err}") from err
+    posterior = adapt_method(model, method, episode, meta, seed)
     probs, labels = predict_batches(model, posterior, episode.query, method.samples)
     return compute_metrics(probs, labels), probs, labels
+
+
+def adapt_method(model: BayesLoraModel, method: Method, episode: TaskBatches, meta: MetaConfig, seed: int) -> Params:
+    """``torch.manual_seed(seed)``, then ``method``'s adaptation on the episode's support set
+    (its prior as it is when ``method.steps`` is 0). Returns the posterior tensors.
+
+    Raises:
+        NonFiniteLossError: naming the method and the task.
+    """
+    torch.manual_seed(seed)
+    if not method.steps:
+        return method.prior
+    beta = meta.beta if method.beta is None else method.beta
+    n_samples = meta.n_samples if method.adapt_samples is None else method.adapt_samples
+    try:
+        posterior, _ = adapt(model, method.prior, episode.support, method.steps, meta.inner_lr, beta, n_samples,
+                             meta.inner_grad_clip)
+    except NonFiniteLossError as err:
+        raise NonFiniteLossError(f"{method.name} on task {episode.task}, seed {seed}: {err}") from err
+    return posterior
 
 
 def evaluate(
@@ -147,3 +158,35 @@ def summarise(per_task: dict[str, dict[int, dict]]) -> dict:
     by_seed = [_mean([per_task[t][s] for t in tasks]) for s in seeds]
     out["std_over_seeds"] = {k: statistics.pstdev(d[k] for d in by_seed) for k in by_seed[0]}
     return out
+
+
+def evaluate_with_predictions(model, tokenizer, methods, task_names_, seeds, tasks, scoring, meta, ev,
+                              on_result=None, on_predictions=None, done=None) -> tuple[dict, dict]:
+    """:func:`abmll.evaluate.evaluate`, also keeping each run's predictions: returns (results,
+    {method: [(probs (N, C), labels (N,)), ...]}) for the pooled reliability diagrams.
+    Raises what ``evaluate`` raises."""
+    predictions = {m.name: [] for m in methods}
+
+    def keep(method, task, seed, probs, labels):
+        predictions[method].append((probs, labels))
+        if on_predictions is not None:
+            on_predictions(method, task, seed, probs, labels)
+
+    results = evaluate(model, tokenizer, methods, task_names_, seeds, tasks, scoring, meta, ev, on_result=on_result,
+                       on_predictions=keep, done=done)
+    return results, predictions
+
+
+def format_table(results: dict) -> str:
+    """Per task (mean over seeds): accuracy, macro-F1, ECE and NLL of every method, then the
+    task mean. Macro-F1 beside accuracy shows collapse to the majority class (accuracy at the
+    majority rate, macro-F1 near 1 / C)."""
+    methods = list(results["methods"])
+    head = f"{'task':28s}" + "".join(f" | {m + ' acc':>14s} {'F1':>5s} {'ECE':>5s} {'NLL':>5s}" for m in methods)
+    lines = [head, "-" * len(head)]
+    rows = [(t, {m: results["methods"][m]["per_task"][t]["mean"] for m in methods}) for t in results["tasks"]]
+    rows.append(("mean over tasks", {m: results["methods"][m]["mean"] for m in methods}))
+    for name, by_method in rows:
+        lines.append(f"{name:28s}" + "".join(
+            f" | {r['accuracy']:14.3f} {r['macro_f1']:5.3f} {r['ece']:5.3f} {r['nll']:5.3f}" for r in by_method.values()))
+    return "\n".join(lines)

@@ -131,7 +131,7 @@ def adapt(
     lr: float, beta: float, n_samples: int = 1, grad_clip: float = 0.0,
 ) -> tuple[Params, list[float]]:
     """Amortised inference: ``steps`` SGD steps on NLL(support) + beta * KL(q || prior),
-    starting from the prior, prior held fixed (method doc, "Amortised inference").
+    starting from the prior, prior held fixed (docs/method.md, "Amortised inference").
 
     Args:
         prior: flat dict of the prior's adapter tensors (theta); not modified.
@@ -176,7 +176,7 @@ def meta_step(
     *, total_tasks: int | None = None, reduce: Callable[[Params, dict], dict] | None = None,
     log_support_after: bool = False,
 ) -> dict[str, float]:
-    """One first-order ABMLL outer step on a meta-batch (method doc, "Meta-objective").
+    """One first-order ABMLL outer step on a meta-batch (docs/method.md, "Meta-objective").
 
     For each task: lambda^(K) = adapt(theta, support); then the query objective
     NLL(query; lambda) + beta * KL(q_lambda || p_theta) is differentiated at lambda = lambda^(K)
@@ -276,7 +276,7 @@ def predict_batches(
     model: BayesLoraModel, params: Params, batches: Sequence[OptionBatch], n_samples: int = 0,
 ) -> tuple[Tensor, Tensor]:
     """Predictive probabilities p(y | x) = mean over ``n_samples`` weight samples of
-    softmax(option scores); ``n_samples`` = 0 uses the posterior mean (method doc,
+    softmax(option scores); ``n_samples`` = 0 uses the posterior mean (docs/method.md,
     "Prediction and metrics").
 
     Returns:

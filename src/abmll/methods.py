@@ -1,4 +1,4 @@
-"""The baselines of the method doc and ABMLL, as one registry over one code path.
+"""The baselines of docs/method.md and ABMLL, as one registry over one code path.
 
 Every method is a prior (how theta is obtained) plus a way to adapt and predict on a new
 task; all share the model, data, LoRA rank and targets, and the per-task budget

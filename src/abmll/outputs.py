@@ -23,6 +23,8 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+import torch
+
 RUN_OUTPUTS = ("adapter.safetensors", "abmll_config.json", "checkpoint", "best", "history.json", "validation.json",
                "results.json", "results.partial.jsonl", "training_curves.png", "validation_curve.png")
 """What ``abmll meta-train`` / ``demo`` write into ``--out`` (plus ``reliability_*.png``)."""
@@ -155,3 +157,36 @@ class ResultLog:
     def remove(self) -> None:
         """Delete the log (its results are complete and written elsewhere)."""
         self.path.unlink(missing_ok=True)
+
+
+def complete_lines(path: str | os.PathLike) -> list[str]:
+    """The lines of a JSON-lines file up to the first one that is not whole JSON (cut short)."""
+    path = Path(path)
+    if not path.is_file():
+        return []
+    lines = []
+    for line in path.read_text(encoding="utf-8").split("\n"):
+        try:
+            json.loads(line)
+        except ValueError:
+            break
+        lines.append(line)
+    return lines
+
+
+def read_json_or_none(path: str | os.PathLike) -> dict | None:
+    """The JSON object in ``path``, or None when it is absent or not JSON."""
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8-sig"))
+    except (OSError, ValueError):
+        return None
+
+
+def tensor_digest(params: dict) -> str:
+    """A short hash of adapter tensors (their names, shapes, dtypes and values)."""
+    h = hashlib.sha256()
+    for key in sorted(params):
+        t = params[key].detach().to("cpu").contiguous()
+        h.update(f"{key}{tuple(t.shape)}{t.dtype}".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()[:16]

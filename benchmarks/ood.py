@@ -1,0 +1,106 @@
+"""Out-of-distribution check on SmolLM2: a posterior adapted on task A scores A's test examples
+and task B's; how well does its uncertainty tell B's apart (AUROC by predictive entropy and by
+epistemic uncertainty, abmll.ood)? For ABMLL (a meta-trained prior), Bayesian LoRA (the ABMLL
+inner loop from the untrained prior) and LoRA (deterministic: no epistemic part).
+
+    .venv/bin/python benchmarks/ood.py [--prior smollm2-135m-class_to_class] [--pairs A:B ...]
+
+Settings (model, adapter, scoring, adaptation budget, samples) are src/abmll/demo.yaml's,
+overridable by the same flags as ``abmll evaluate``. Each (method, pair, seed) result is
+cached in ``runs/ood/cache.json`` as it finishes (a rerun computes only what is missing);
+results go to benchmarks/results/ood-class_to_class.{json,md}.
+"""
+
+from __future__ import annotations
+
+import json
+import shlex
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from abmll.args import ALL_GROUPS, parse_args
+from abmll.checkpoint import write_json
+from abmll.cli import DEMO_CONFIG
+from abmll.loading import build_model, fitting_prior
+from abmll.methods import make_method
+from abmll.ood import ood_detection
+from abmll.outputs import settings_hash
+from abmll.train import episode_batches
+
+PAIRS = ["ethos-race:ag_news", "tweet_eval-hate:anli", "ag_news:emo"]
+METHODS = ["lora", "bayes_lora", "abmll"]
+OUT = Path(__file__).parent / "results"
+
+
+def main(argv: list[str]) -> dict:
+    prior = "smollm2-135m-class_to_class"
+    pairs, seeds = list(PAIRS), [100, 13]
+    rest = []
+    it = iter(argv)
+    for arg in it:                      # this script's own flags; the rest are abmll's
+        if arg == "--prior":
+            prior = next(it)
+        elif arg == "--pairs":
+            pairs = [p for p in it if not p.startswith("--")] or pairs
+        elif arg == "--seeds":
+            seeds = [int(s) for s in next(it).split(",")]
+        else:
+            rest.append(arg)
+    _, cfg, _ = parse_args(["--config", str(DEMO_CONFIG), "--max_test", "48", "--eval_samples", "4", *rest],
+                           ALL_GROUPS, command="ood")
+    torch.set_num_threads(2)
+    model, tok = build_model(cfg)
+    priors = {"lora": model.init_params(), "bayes_lora": model.init_params(), "abmll": fitting_prior(prior, model)}
+    work = Path("runs/ood")
+    work.mkdir(parents=True, exist_ok=True)
+    cache_path = work / "cache.json"
+    cache = json.loads(cache_path.read_text()) if cache_path.is_file() else {}
+    key_base = settings_hash({g: vars(cfg[g]) for g in ("model", "lora", "scoring", "meta", "eval")} | {"prior": prior})
+    start = time.perf_counter()
+    for pair in pairs:
+        task, other = pair.split(":")
+        for seed in seeds:
+            episode = ood_query = None
+            for name in METHODS:
+                key = f"{key_base}|{name}|{pair}|{seed}"
+                if key in cache:
+                    continue
+                if episode is None:
+                    episode = episode_batches(model, tok, task, seed, cfg["tasks"], cfg["scoring"], "test",
+                                              cfg["eval"].max_test)
+                    ood_query = episode_batches(model, tok, other, seed, cfg["tasks"], cfg["scoring"], "test",
+                                                cfg["eval"].max_test).query
+                method = make_method(name, priors[name], cfg["eval"])
+                cache[key] = ood_detection(model, method, episode, ood_query, cfg["meta"], seed)
+                write_json(cache_path, cache)
+                print(f"{name:10s} {pair:28s} seed {seed}: {cache[key]} ({time.perf_counter() - start:.0f} s)",
+                      flush=True)
+    table = {name: {pair: {k: statistics.fmean(cache[f"{key_base}|{name}|{pair}|{s}"][k] for s in seeds)
+                           for k in ("auroc_total", "auroc_epistemic")} for pair in pairs} for name in METHODS}
+    command = ".venv/bin/python benchmarks/ood.py " + shlex.join(argv)
+    results = {"command": command, "prior": prior, "pairs": pairs, "seeds": seeds, "methods": table,
+               "config": {g: vars(cfg[g]) for g in ("lora", "scoring", "meta", "eval")}}
+    write_json(OUT / "ood-class_to_class.json", results)
+    lines = ["# Out-of-distribution check: class_to_class test tasks, SmolLM2-135M-Instruct", "",
+             f"Command: `{command.strip()}`", "",
+             f"Adapted on the in-distribution task's k={cfg['tasks'].k} support set ({cfg['eval'].test_steps} steps), "
+             f"then {cfg['eval'].max_test} test examples of each task scored with {cfg['eval'].eval_samples} weight "
+             f"samples (LoRA: the posterior mean). AUROC of flagging the OOD task's examples (0.5 = chance), mean "
+             f"over seeds {seeds}. ABMLL prior: {prior}.", "",
+             "| method | in-distribution -> OOD task | AUROC by entropy | AUROC by epistemic (MI) |", "|---|---|---|---|"]
+    for name in METHODS:
+        for pair in pairs:
+            r = table[name][pair]
+            lines.append(f"| {name} | {pair.replace(':', ' -> ')} | {r['auroc_total']:.3f} | "
+                         f"{r['auroc_epistemic']:.3f} |")
+    (OUT / "ood-class_to_class.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return results
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

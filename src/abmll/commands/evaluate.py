@@ -1,0 +1,109 @@
+"""``abmll evaluate``: zero-shot and the prior's ABMLL (and other priors) on held-out tasks."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from abmll.args import ReportArgs, RunArgs
+from abmll.checkpoint import write_json
+from abmll.config import EvalArgs, TaskArgs, result_config, to_dict
+from abmll.data import check_task_files
+from abmll.evaluate import Method, evaluate_with_predictions, format_table
+from abmll.loading import fitting_prior
+from abmll.metrics import ECE_SCHEME
+from abmll.ood import format_ood_table, ood_table
+from abmll.outputs import (
+    ResultLog,
+    check_writable,
+    settings_hash,
+    tensor_digest,
+)
+from abmll.plots import plot_reliability_per_method
+from abmll.train import task_names
+
+RESULTS, PARTIAL_RESULTS = "results.json", "results.partial.jsonl"
+
+
+def check_evaluate_inputs(run: RunArgs, cfg: dict) -> list[str]:
+    """What ``evaluate`` needs, checked before any model is loaded: every test task's files
+    (support and test, every data seed), the output folder, and that ``results.json`` there
+    is not replaced without ``--overwrite``. Returns the test task names.
+
+    Raises:
+        DataError: a task file problem (file and line). ValueError: ``--out`` unwritable or
+            holding results.
+    """
+    tasks: TaskArgs = cfg["tasks"]
+    names = task_names(tasks, "test")
+    check_task_files(names, ("train", "test"), tasks.k, tasks.data_seeds, tasks.data_dir)
+    check_task_files(cfg["eval"].ood_tasks, ("test",), tasks.k, tasks.data_seeds, tasks.data_dir)
+    check_writable(run.out)
+    if (Path(run.out) / RESULTS).is_file() and not run.overwrite:
+        raise ValueError(f"--out {run.out} already holds {RESULTS}; pass --overwrite to replace it or choose "
+                         "another --out")
+    return names
+
+
+def run_evaluate(run: RunArgs, cfg: dict, model, tokenizer, theta, report: ReportArgs | None = None,
+                 writer=None, prior: dict | None = None) -> dict:
+    """Evaluate zero-shot and ABMLL on the split's test tasks; print and save the results
+    (results.json with the resolved config, and one reliability diagram per method pooled
+    over tasks and seeds unless ``report.plots`` is False). ``prior``: the prior's
+    :func:`abmll.priors.prior_status`, recorded in the results.
+
+    Each (method, task, seed) result is appended to ``results.partial.jsonl`` as it finishes;
+    run again with the same settings, the command computes only the missing ones."""
+    names = check_evaluate_inputs(run, cfg)
+    tasks: TaskArgs = cfg["tasks"]
+    ev: EvalArgs = cfg["eval"]
+    methods = [Method("zero_shot", model.init_params(), 0, 0), Method("abmll", theta, ev.test_steps, ev.eval_samples)]
+    for name in ev.compare_priors:
+        methods.append(Method(f"prior:{Path(name).name}", fitting_prior(name, model), ev.test_steps, ev.eval_samples))
+    settings = settings_hash({"config": result_config(cfg), "names": names,
+                              "methods": {m.name: tensor_digest(m.prior) for m in methods}})
+    log = ResultLog(Path(run.out) / PARTIAL_RESULTS, settings, overwrite=run.overwrite)
+    done = {(e["method"], e["task"], e["seed"]): (e["metrics"], torch.tensor(e["probs"]), torch.tensor(e["labels"]))
+            for e in log.entries}
+    if done:
+        print(f"resuming: {len(done)} result(s) read back from {log.path}")
+    bar = tqdm(total=len(names) * len(tasks.data_seeds) * len(methods), desc="evaluate", unit="run")
+    running = {m.name: [] for m in methods}
+
+    def on_result(method, task, seed, metrics):
+        running[method].append(metrics)
+        bar.update(1)
+        bar.set_postfix({f"{m} acc/nll": f"{sum(r['accuracy'] for r in rs) / len(rs):.3f}/"
+                         f"{sum(r['nll'] for r in rs) / len(rs):.3f}" for m, rs in running.items() if rs})
+
+    def on_predictions(method, task, seed, probs, labels):
+        if (method, task, seed) not in done:
+            log.append({"method": method, "task": task, "seed": seed, "metrics": running[method][-1],
+                        "probs": probs.tolist(), "labels": labels.tolist()})
+
+    results, predictions = evaluate_with_predictions(model, tokenizer, methods, names, tasks.data_seeds, tasks,
+                                                     cfg["scoring"], cfg["meta"], ev, on_result, on_predictions,
+                                                     done=done)
+    bar.close()
+    if ev.ood_tasks:
+        results["ood"] = ood_table(model, tokenizer, [m for m in methods if m.steps], names, cfg)
+        print(format_ood_table(results["ood"]))
+    results["config"] = to_dict(**cfg)
+    results["ece_scheme"] = ECE_SCHEME
+    if prior is not None:
+        results.update(prior=prior, prior_complete=prior["complete"])
+    out = Path(run.out) / RESULTS
+    write_json(out, results)
+    log.remove()
+    print(format_table(results))
+    print(f"results saved to {out}")
+    if report is None or report.plots:
+        for method, path in plot_reliability_per_method(predictions, run.out).items():
+            print(f"reliability diagram ({method}): {path}")
+    if writer is not None:
+        for method, res in results["methods"].items():
+            for metric, value in res["mean"].items():
+                writer.add_scalar(f"evaluate/{method}/{metric}", value, 0)
+    return results

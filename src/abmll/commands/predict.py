@@ -1,0 +1,134 @@
+"""``abmll predict``: predictions, uncertainty and abstention for every line of a file."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from abmll.args import PredictArgs, RunArgs
+from abmll.checkpoint import write_json
+from abmll.config import result_config, to_dict
+from abmll.data import Example, read_jsonl
+from abmll.loading import load_prior
+from abmll.meta import predict_samples
+from abmll.metrics import ECE_SCHEME, compute_metrics
+from abmll.outputs import (
+    check_writable,
+    complete_lines,
+    file_digest,
+    read_json_or_none,
+    settings_hash,
+)
+from abmll.scoring import make_batches
+from abmll.uncertainty import decompose
+
+PREDICTIONS, PREDICT_CONFIG = "predictions.jsonl", "predict_config.json"
+
+
+def run_predict(run: RunArgs, args: PredictArgs, cfg: dict) -> Path:
+    """Predict every example of ``args.input`` with the adapter ``args.adapter``, averaging
+    ``eval.eval_samples`` weight samples (0: posterior mean). Writes ``run.out``/predictions.jsonl
+    (per line: options, probs, prediction, prediction_index; entropy = total predictive
+    entropy, aleatoric (expected entropy) and epistemic (mutual information) in nats and
+    top_prob_std, see :func:`abmll.uncertainty.decompose`; abstain when ``--abstain_above``
+    is set; dropped_tokens (input tokens cut to fit ``max_length``); output / correct when
+    labelled) and predict_config.json (resolved config, metrics when labelled, ``complete``).
+
+    The input and the output folder are checked before the model is loaded. Predictions are
+    appended chunk by chunk (each chunk's weight samples seeded from ``sample_seed`` and its
+    position, so a resumed run gives the same numbers); predict_config.json says
+    ``"complete": false`` until the last one, and the same command run again continues from
+    there. Finished predictions of other settings are not replaced without ``--overwrite``."""
+    if not args.adapter or not args.input:
+        raise SystemExit("predict: --adapter DIR and --input FILE.jsonl are required")
+    examples = read_jsonl(args.input, unlabelled=True)
+    labelled = [ex.label >= 0 for ex in examples]
+    out = check_writable(run.out)
+    n_samples = cfg["eval"].eval_samples
+    adapter_files = sorted(p for p in Path(args.adapter).iterdir() if p.suffix in (".safetensors", ".json"))
+    settings = settings_hash({"config": result_config(cfg), "adapter": file_digest(adapter_files),
+                              "input": file_digest([args.input]), "eval_samples": n_samples,
+                              "sample_seed": args.sample_seed, "chunk_size": args.chunk_size})
+    config_path, pred_path = out / PREDICT_CONFIG, out / PREDICTIONS
+    previous = read_json_or_none(config_path)
+    done_lines = []
+    if previous is not None and not run.overwrite:
+        if previous.get("settings") != settings or previous.get("complete", True):
+            raise ValueError(f"--out {out} already holds predictions ({PREDICTIONS}"
+                             + (", complete" if previous.get("complete", True) else ", of other settings")
+                             + "); pass --overwrite to replace them or choose another --out")
+        done_lines = complete_lines(pred_path)
+    done = len(done_lines) - len(done_lines) % args.chunk_size         # whole chunks only
+    model, tokenizer, params, status = load_prior(args.adapter, cfg)
+    device = next(model.parameters()).device
+    record = {**to_dict(**cfg), "adapter": str(args.adapter), "input": str(args.input), "eval_samples": n_samples,
+              "sample_seed": args.sample_seed, "n": len(examples), "labelled": sum(labelled), "settings": settings}
+    if status is not None:
+        record.update(prior=status, prior_complete=status["complete"])
+    write_json(config_path, {**record, "complete": False})
+    with open(pred_path, "w", encoding="utf-8") as f:
+        f.writelines(line + "\n" for line in done_lines[:done])
+    if done:
+        print(f"resuming: {done} prediction(s) already in {pred_path}")
+    bar = tqdm(total=len(examples), initial=done, desc=f"predict ({n_samples} samples)", unit="ex")
+    truncated = 0
+    for i in range(done, len(examples), args.chunk_size):
+        chunk = examples[i:i + args.chunk_size]
+        batches = [b.to(device) for b in make_batches(tokenizer, chunk, cfg["scoring"])]
+        torch.manual_seed(args.sample_seed * 1_000_003 + i)
+        samples, _ = predict_samples(model, params, batches, n_samples)
+        parts = decompose(samples)
+        dropped = torch.zeros(len(chunk), dtype=torch.long)
+        for b in batches:
+            dropped[b.example_index] = b.dropped_tokens.cpu()
+        lines = [_prediction_line(ex, p[: len(ex.options)], has_label, int(d), {k: float(v[j]) for k, v in parts.items()},
+                                  args)
+                 for j, (ex, p, has_label, d) in enumerate(zip(chunk, samples.mean(0), labelled[i:i + len(chunk)],
+                                                               dropped))]
+        truncated += int((dropped > 0).sum())
+        with open(pred_path, "a", encoding="utf-8") as f:
+            f.writelines(json.dumps(line, ensure_ascii=False) + "\n" for line in lines)
+            f.flush()
+            os.fsync(f.fileno())
+        bar.update(len(chunk))
+    bar.close()
+    if truncated:
+        print(f"warning: {truncated} input(s) were cut from the left to fit max_length={cfg['scoring'].max_length} "
+              "tokens (dropped_tokens > 0 in their lines); raise --max_length to keep more", file=sys.stderr)
+    summary = _prediction_metrics(pred_path) if all(labelled) else {}
+    write_json(config_path, {**record, **summary, "complete": True})
+    if "metrics" in summary:
+        m = summary["metrics"]
+        print(f"accuracy {m['accuracy']:.3f}  ECE {m['ece']:.3f}  NLL {m['nll']:.3f}  ({len(examples)} examples)")
+    print(f"predictions saved to {pred_path}")
+    return pred_path
+
+
+def _prediction_line(ex: Example, p: torch.Tensor, has_label: bool, dropped: int, parts: dict,
+                     args: PredictArgs) -> dict:
+    """One line of predictions.jsonl; probabilities to 9 significant digits (float32's own
+    precision, so metrics recomputed from the file match, and a tiny probability stays > 0)."""
+    pred = int(p.argmax())
+    line = {"input": ex.input, "options": list(ex.options), "probs": [float(f"{float(x):.9g}") for x in p],
+            "prediction": ex.options[pred], "prediction_index": pred, "entropy": round(parts["total"], 6),
+            "aleatoric": round(parts["aleatoric"], 6), "epistemic": round(parts["epistemic"], 6),
+            "top_prob_std": round(parts["top_prob_std"], 6), "dropped_tokens": dropped}
+    if args.abstain_above is not None:
+        line["abstain"] = parts[args.abstain_on] > args.abstain_above
+    if has_label:
+        line.update(output=ex.options[ex.label], correct=pred == ex.label)
+    return line
+
+
+def _prediction_metrics(path: Path) -> dict:
+    """Metrics of a labelled predictions.jsonl (probabilities as written, padded to the widest)."""
+    lines = [json.loads(line) for line in complete_lines(path)]
+    width = max(len(line["probs"]) for line in lines)
+    probs = torch.tensor([line["probs"] + [0.0] * (width - len(line["probs"])) for line in lines])
+    labels = torch.tensor([line["options"].index(line["output"]) for line in lines])
+    return {"metrics": compute_metrics(probs, labels), "ece_scheme": ECE_SCHEME}
