@@ -54,7 +54,7 @@ def main(argv: list[str]) -> dict:
                            ALL_GROUPS, command="ood")
     torch.set_num_threads(2)
     model, tok = build_model(cfg)
-    priors = {"lora": model.init_params(), "bayes_lora": model.init_params(), "abmll": fitting_prior(prior, model)}
+    priors = {"lora": model.init_params(), "bayes_lora": model.init_params(), "abmll": fitting_prior(prior, model)[0]}
     work = Path("runs/ood")
     work.mkdir(parents=True, exist_ok=True)
     cache_path = work / "cache.json"

@@ -20,6 +20,8 @@ Outputs (``<stem>`` = ``quality-<split>``, ``quality-<split>-dev`` with ``--eval
   "task_stats", "train_tasks", "notes", "target", "config", "priors"}``;
 - ``<out_dir>/<stem>.md``: the same as Markdown tables (macro-F1 a headline column, each
   task with its chance and majority-class rates; collapse to one class is marked);
+- ``<out_dir>/<stem>/risk_coverage.png``: accuracy against coverage when each method abstains
+  on its most uncertain (highest-entropy) examples first, predictions pooled;
 - ``<out_dir>/<stem>/reliability_<method>.png``: one reliability diagram per method, its
   predictions pooled over tasks and seeds.
 
@@ -58,7 +60,7 @@ from abmll.evaluate import run_method, summarise
 from abmll.methods import ADAPTING_METHOD, METHODS, get_spec, make_method, prior_kinds, prior_meta_config, train_prior
 from abmll.metrics import ECE_SCHEME, bootstrap_mean_ci, compute_metrics, macro_f1, plot_reliability_diagram
 from abmll.models import load_base_model, resolve_device
-from abmll.plots import plot_validation_curve
+from abmll.plots import RISK_COVERAGE, plot_risk_coverage, plot_validation_curve, pool_predictions
 from abmll.train import episode_batches
 from abmll.validation import make_validator
 
@@ -557,19 +559,18 @@ def write_outputs(results: dict, bench: BenchArgs, cfg: dict, cache: Cache | Non
                 path = plot_validation_curve(p["validation"], out_dir / name / f"validation_{kind}.png", title=kind)
                 print(f"validation curve ({kind}): {path}")
     if bench.plots and cache is not None:
+        predictions = {}
         for m in results["methods"]:
-            probs, labels = [], []
-            for t in results["tasks"]:
-                for s in results["seeds"]:
-                    e = cache.get(m, t, s)
-                    probs.append(torch.tensor(e["probs"]))
-                    labels.append(torch.tensor(e["labels"]))
-            width = max(p.shape[1] for p in probs)
-            pooled = torch.cat([torch.nn.functional.pad(p, (0, width - p.shape[1])) for p in probs])
+            predictions[m] = [(torch.tensor(e["probs"]), torch.tensor(e["labels"]))
+                              for t in results["tasks"] for s in results["seeds"] for e in [cache.get(m, t, s)]]
+            pooled, labels = pool_predictions(predictions[m])
             path = out_dir / name / f"reliability_{m}.png"
-            plot_reliability_diagram(pooled, torch.cat(labels), path,
+            plot_reliability_diagram(pooled, labels, path,
                                      title=f"{m} ({len(results['tasks'])} tasks x {len(results['seeds'])} seeds)")
             print(f"reliability diagram ({m}): {path}")
+        path = plot_risk_coverage(predictions, out_dir / name / RISK_COVERAGE,
+                                  title=f"selective prediction, {len(results['tasks'])} tasks x {len(results['seeds'])} seeds")
+        print(f"risk-coverage curves: {path}")
 
 
 def _f(x: float, digits: int = 3) -> str:
@@ -594,8 +595,10 @@ def markdown(results: dict, cfg: dict) -> str:
              f"ECE: {results.get('ece_scheme', {}).get('n_bins', 15)} "
              f"{results.get('ece_scheme', {}).get('binning', 'equal_width')} bins, "
              f"{results.get('ece_scheme', {}).get('bins', '')}.", "",
-             "| method | accuracy | macro-F1 | ECE | NLL | Brier | s per task x seed |",
-             "|---|---|---|---|---|---|---|"]
+             "AURC: area under the risk-coverage curve, abstaining on the highest predictive entropy first "
+             "(lower is better).", "",
+             "| method | accuracy | macro-F1 | ECE | NLL | Brier | AURC | s per task x seed |",
+             "|---|---|---|---|---|---|---|---|"]
 
     def cell(r, k):
         ci = r.get(f"{k}_ci95")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import random
+import unicodedata
 
 import pytest
 import torch
@@ -22,6 +23,17 @@ def make_tiny_tokenizer(pad: bool = True, padding_side: str = "right") -> PreTra
     tok.decoder = decoders.ByteLevel()
     return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", pad_token="<eos>" if pad else None,
                                    padding_side=padding_side)
+
+
+def readable_option(text: str) -> bool:
+    """Has a letter, number, punctuation mark or symbol: what a valid option needs (options that
+    are blank, invisible or control characters only are refused by design)."""
+    return any(unicodedata.category(ch)[0] in "LNPS" for ch in text)
+
+
+def option_key(text: str) -> str:
+    """Options equal under this key (NFC, surrounding whitespace) are refused as duplicates."""
+    return unicodedata.normalize("NFC", text).strip()
 
 
 def rule_rows(rng, n: int) -> list[tuple[str, str]]:

@@ -6,6 +6,7 @@ import warnings
 from pathlib import Path
 
 import pytest
+from conftest import option_key, readable_option
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -165,7 +166,8 @@ def test_valid_file_labels_and_free_form(tmp_path):
 
 # ---------------------------------------------------------------- read_jsonl properties
 
-options_lists = st.lists(st.text(max_size=20).filter(str.strip), min_size=2, max_size=6, unique=True)  # >= 2 real options
+options_lists = st.lists(st.text(max_size=20).filter(readable_option), min_size=2, max_size=6,
+                         unique_by=option_key)                  # >= 2 distinct, readable options
 emoji_text = st.text(alphabet="😀🎉👍🏽🇫🇷ñ中文\u2028\u0085\r\t\"\\ ", max_size=30)
 
 

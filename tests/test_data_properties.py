@@ -21,7 +21,7 @@ import json
 
 import pytest
 import torch
-from conftest import make_tiny_llama, make_tiny_tokenizer, write_task
+from conftest import make_tiny_llama, make_tiny_tokenizer, option_key, readable_option, write_task
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
@@ -107,7 +107,8 @@ def test_malformed_line_names_file_and_line(tmp_path_factory, bad, n_good, blank
 
 
 @SETTINGS
-@given(options=st.lists(unicode_text.filter(str.strip), min_size=1, max_size=5, unique=True), data=st.data())
+@given(options=st.lists(unicode_text.filter(readable_option), min_size=1, max_size=5, unique_by=option_key),
+       data=st.data())
 def test_duplicate_options_are_refused(tmp_path_factory, options, data):
     twice = data.draw(st.sampled_from(options))
     bad = record("q", options[0], options + [twice])
@@ -145,8 +146,8 @@ def reference_scores(model, example: Example, config: ScoringConfig) -> list[flo
 
 @settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(input=unicode_text | long_text, max_length=st.sampled_from([48, 128]),
-       options=st.lists((unicode_text | long_text.map(lambda s: s[:40])).filter(str.strip), min_size=2, max_size=4,
-                       unique=True),
+       options=st.lists((unicode_text | long_text.map(lambda s: s[:40])).filter(readable_option), min_size=2, max_size=4,
+                       unique_by=option_key),
        data=st.data())
 def test_any_valid_record_is_read_tokenised_and_scored(tmp_path_factory, model, input, max_length, options, data):
     output = data.draw(st.sampled_from(options))

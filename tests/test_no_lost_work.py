@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import stat
 import warnings
 
 import pytest
@@ -217,7 +218,8 @@ def test_an_unfinished_prior_is_warned_about_and_recorded(world, tmp_path, capsy
 INVALID = [("--eval_samples", "-1"), ("--test_steps", "-1"), ("--inner_lr", "-1"), ("--inner_lr", "nan"),
            ("--rank", "0"), ("--alpha", "0"), ("--max_length", "0"), ("--k", "0"), ("--max_test", "0"),
            ("--template", "no input field"), ("--template", "{inputs}"), ("--max_rows", "0"), ("--init_std_factor", "inf"),
-           ("--data_seeds", "1", "1")]
+           ("--data_seeds", "1", "1"), ("--inner_lr", "1e39"), ("--seed", "99999999999999999999"),
+           ("--init_seed", "-1"), ("--test_tasks", "h0", "h0")]
 
 
 @pytest.mark.parametrize("flag", INVALID, ids=lambda f: " ".join(f))
@@ -283,7 +285,8 @@ def test_truncated_inputs_are_counted_warned_and_recorded(world, tmp_path, capsy
 
 @pytest.mark.parametrize("options, output, message", [
     (["", "yes"], "yes", "empty or only whitespace"), (["  ", "yes"], "yes", "empty or only whitespace"),
-    (["yes"], "yes", "only one option")])
+    (["\u200b", "yes"], "yes", "invisible"), (["yes", "yes "], "yes", "differ only"),
+    (["caf\u00e9", "cafe\u0301"], "caf\u00e9", "differ only"), (["yes"], "yes", "only one option")])
 def test_degenerate_options_are_refused_with_the_line(tmp_path, options, output, message):
     path = tmp_path / "t.jsonl"
     good = {"task": "t", "input": "a", "output": "no", "options": ["no", "yes"]}
@@ -306,3 +309,128 @@ def test_ctrl_c_in_meta_training_prints_one_line_and_the_run_resumes(world, tmp_
     monkeypatch.undo()
     assert main(argv + ["--resume"]) == 0
     assert json.loads((out / CONFIG).read_text())["meta_steps_done"] == 4
+
+
+# -- found by trying to break the above ---------------------------------------------------------
+
+def test_evaluate_does_not_resume_over_edited_task_files(world, tmp_path, capsys, monkeypatch):
+    data = tmp_path / "data"
+    shutil.copytree(world["data"], data)
+    args = ["evaluate", "--config", str(world["config"]), "--prior", str(world["prior"]), "--data_dir", str(data),
+            "--eval_samples", "1", "--plots", "false", "--out", str(tmp_path / "e")]
+    real = evaluate_mod.run_method
+    monkeypatch.setattr(evaluate_mod, "run_method", _raise_on_call(2, real))
+    assert main(args) == 130
+    test_file = data / "h0" / "h0_test.jsonl"
+    test_file.write_text(test_file.read_text().replace('"output": "yes"', '"output": "tmp"')
+                         .replace('"output": "no"', '"output": "yes"').replace('"output": "tmp"', '"output": "no"'))
+    monkeypatch.setattr(evaluate_mod, "run_method", real)
+    capsys.readouterr()
+    assert main(args) == 1
+    assert "partial results of other settings" in capsys.readouterr().err
+
+
+def test_an_interrupted_overwrite_resumes_and_leaves_no_stale_plots(world, tmp_path, monkeypatch):
+    out = tmp_path / "e"
+    base = ["evaluate", "--config", str(world["config"]), "--prior", str(world["prior"]), "--out", str(out)]
+    assert main([*base, "--eval_samples", "1"]) == 0
+    (out / "reliability_gone.png").write_bytes(b"old")
+    real = evaluate_mod.run_method
+    monkeypatch.setattr(evaluate_mod, "run_method", _raise_on_call(2, real))
+    args = [*base, "--eval_samples", "2", "--plots", "false", "--overwrite"]
+    assert main(args) == 130
+    calls = _raise_on_call(0, real)
+    monkeypatch.setattr(evaluate_mod, "run_method", calls)
+    assert main(args) == 0 and len(calls.calls) == 1            # the same command resumed
+    assert json.loads((out / "results.json").read_text())["config"]["eval"]["eval_samples"] == 2
+    assert not list(out.glob("reliability_*.png"))
+
+
+def test_predict_is_not_resumed_or_replaced_across_settings(world, tmp_path, capsys, monkeypatch):
+    test_file = world["data"] / "h0" / "h0_test.jsonl"
+    args = ["predict", "--adapter", str(world["prior"]), "--input", str(test_file), "--chunk_size", "2",
+            "--out", str(tmp_path / "p")]
+    monkeypatch.setattr(predict_cmd, "predict_samples", _raise_on_call(2, predict_cmd.predict_samples))
+    assert main(args) == 130
+    monkeypatch.undo()
+    assert main([*args, "--abstain_above", "0.1"]) == 1          # other settings: not mixed into the partial file
+    assert "other settings" in capsys.readouterr().err
+    assert main(args) == 0
+    (tmp_path / "p" / "predict_config.json").unlink()            # finished predictions, their record lost
+    assert main(args) == 1
+    assert "--overwrite" in capsys.readouterr().err
+
+
+def test_overwrite_never_deletes_other_files_and_keeps_the_folder(world, tmp_path, capsys):
+    support = world["data"] / "h0" / "h0_4_1_train.jsonl"
+    post = tmp_path / "post"
+    assert main(["adapt", "--prior", str(world["prior"]), "--support", str(support), "--out", str(post)]) == 0
+    (post / "notes.txt").write_text("mine")
+    assert main(["adapt", "--prior", str(world["prior"]), "--support", str(support), "--out", str(post),
+                 "--overwrite"]) == 1
+    assert (post / "notes.txt").read_text() == "mine" and "notes.txt" in capsys.readouterr().err
+    (post / "notes.txt").unlink()
+    os.chmod(post, 0o750)
+    link = tmp_path / "link"
+    link.symlink_to(post)
+    assert main(["adapt", "--prior", str(world["prior"]), "--support", str(support), "--out", str(link),
+                 "--overwrite", "--test_steps", "2"]) == 0
+    assert link.is_symlink() and (post / "adapter_model.safetensors").is_file()
+    assert stat.S_IMODE(post.stat().st_mode) == 0o750
+    run = tmp_path / "run"
+    shutil.copytree(post, run)                                  # meta-train over an adapt output
+    assert main(["meta-train", "--config", str(world["config"]), "--meta_steps", "1", "--out", str(run),
+                 "--overwrite"]) == 0
+    assert not (run / "adapter_model.safetensors").exists() and (run / TENSORS).is_file()
+
+
+def test_a_swap_interrupted_between_its_renames_puts_the_old_folder_back(tmp_path, monkeypatch):
+    from abmll import checkpoint
+
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "x").write_text("old")
+    real, calls = os.replace, []
+
+    def flaky(src, dst):
+        calls.append(dst)
+        if len(calls) == 2:                     # the new folder's rename
+            raise KeyboardInterrupt
+        return real(src, dst)
+
+    monkeypatch.setattr(checkpoint.os, "replace", flaky)
+    with pytest.raises(KeyboardInterrupt):
+        with checkpoint.atomic_folder(tmp_path / "a") as tmp:
+            (tmp / "x").write_text("new")
+    monkeypatch.undo()
+    assert (tmp_path / "a" / "x").read_text() == "old" and sorted(p.name for p in tmp_path.iterdir()) == ["a"]
+
+
+def test_unfinished_priors_are_flagged_through_posteriors_and_compared_priors(world, tmp_path, capsys):
+    folder = _copy_prior(world, tmp_path, "unfinished")
+    config = json.loads((folder / CONFIG).read_text())
+    config.update(meta_steps_done=1, run_meta_steps_done=1)
+    (folder / CONFIG).write_text(json.dumps(config))
+    support = world["data"] / "h0" / "h0_4_1_train.jsonl"
+    assert main(["adapt", "--prior", str(folder), "--support", str(support), "--out", str(tmp_path / "post")]) == 0
+    capsys.readouterr()
+    assert main(["predict", "--adapter", str(tmp_path / "post"), "--input", str(support),
+                 "--out", str(tmp_path / "p")]) == 0
+    assert "WARNING" in capsys.readouterr().err
+    assert json.loads((tmp_path / "p" / "predict_config.json").read_text())["prior_complete"] is False
+    assert main(["evaluate", "--config", str(world["config"]), "--prior", str(world["prior"]), "--eval_samples", "0",
+                 "--compare_priors", str(folder), "--plots", "false", "--out", str(tmp_path / "e")]) == 0
+    assert "WARNING" in capsys.readouterr().err
+    flags = json.loads((tmp_path / "e" / "results.json").read_text())["priors_complete"]
+    assert flags == {"abmll": True, "prior:unfinished": False}
+
+
+def test_a_checkpoint_from_before_a_new_config_field_resumes():
+    from abmll.config import EvalArgs, to_dict
+    from abmll.train import config_changes
+
+    current = to_dict(eval=EvalArgs())
+    saved = json.loads(json.dumps(current))
+    del saved["eval"]["ood_tasks"], saved["eval"]["compare_priors"]
+    assert config_changes(saved, current) == []
+    saved["eval"]["max_test"] = 3
+    assert config_changes(saved, current) == ["eval.max_test: 3 -> 64"]

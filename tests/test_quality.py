@@ -74,11 +74,12 @@ def test_quick_run_writes_json_table_and_plots(tiny_model_dir, tiny_data_dir, tm
         for key in ("accuracy", "ece"):
             assert d[key]["diff"] == pytest.approx(res["methods"]["abmll"][key] - res["methods"][name][key], abs=1e-9)
     table = (out / "quality-tiny.md").read_text()
-    assert "| method | accuracy | macro-F1 | ECE | NLL | Brier |" in table and "## Paired differences" in table
+    assert "| method | accuracy | macro-F1 | ECE | NLL | Brier | AURC |" in table and "## Paired differences" in table
     assert "Partial" not in table and "| chance | majority F1 |" in table
     for name in METHODS:
         assert f"| {name} |" in table
         assert (out / "quality-tiny" / f"reliability_{name}.png").read_bytes()[:8] == PNG
+    assert (out / "quality-tiny" / "risk_coverage.png").read_bytes()[:8] == PNG
     assert "macro-F1" in capsys.readouterr().out
 
 

@@ -22,8 +22,11 @@ def main(argv: list[str] | None = None) -> int:
         doc = files("abmll").joinpath("cli.py").read_text(encoding="utf-8").split('"""')[1]
         print(doc)
         return 0 if argv and argv[0] in ("-h", "--help") else 2
-    from abmll.cli import main as cli_main
-
+    try:
+        from abmll.cli import main as cli_main
+    except KeyboardInterrupt:                 # Ctrl-C while torch and the models' code import
+        print(f"abmll {argv[0]}: interrupted while starting; nothing was written", file=sys.stderr)
+        return 130
     return cli_main(argv)
 
 

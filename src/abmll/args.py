@@ -23,7 +23,7 @@ from transformers import HfArgumentParser
 
 from abmll.bayes_lora import AUTO_TARGETS
 from abmll.checkpoint import CONFIG, CheckpointError
-from abmll.checks import at_least, non_empty, one_of
+from abmll.checks import at_least, non_empty, one_of, seeds
 from abmll.config import CONFIG_GROUPS, MACHINE_FIELDS, from_dict
 from abmll.convert import ColumnMapping
 from abmll.priors import resolve_adapter
@@ -139,6 +139,7 @@ class PredictArgs:
 
     def __post_init__(self) -> None:
         at_least(self, ("chunk_size",), 1)
+        seeds(self, ("sample_seed",))
         one_of(self, "abstain_on", UNCERTAINTY_KINDS)
         if self.abstain_above is not None:
             at_least(self, ("abstain_above",), 0)
@@ -190,6 +191,7 @@ class DataArgs(ColumnMapping):
 
     def __post_init__(self) -> None:
         non_empty(self, ("shots", "data_seeds"))
+        seeds(self, ("data_seeds",))
         if min(self.shots) < 1:
             raise ValueError(f"--shots must all be >= 1, got {self.shots}")
 

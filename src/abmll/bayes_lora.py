@@ -39,7 +39,7 @@ from torch.autograd.function import once_differentiable
 from torch.func import functional_call
 from torch.utils.checkpoint import checkpoint
 
-from abmll.checks import above, at_least
+from abmll.checks import above, at_least, seeds
 from abmll.layer_cache import FrozenLayerCache
 
 Params = dict[str, Tensor]
@@ -204,7 +204,8 @@ class BayesLoraConfig:
         check_sampling(self.sampling)
         at_least(self, ("rank", "kl_chunk_elements"), 1)
         above(self, ("alpha", "init_std_factor"), 0)
-        at_least(self, ("top_layers", "frozen_cache_mb", "init_seed"), 0)
+        at_least(self, ("top_layers", "frozen_cache_mb"), 0)
+        seeds(self, ("init_seed",))
         if not self.target_modules:
             raise ValueError("--target_modules needs at least one module name (or 'auto')")
 

@@ -24,6 +24,7 @@ import json
 import os
 import re
 import shutil
+import stat
 import tempfile
 import uuid
 from collections.abc import Iterator
@@ -100,23 +101,33 @@ def atomic_folder(folder: str | os.PathLike) -> Iterator[Path]:
     takes ``folder``'s place (an old ``folder`` is moved aside first and then removed), on an
     error it is removed and ``folder`` is left as it was. Readers see the old folder or the
     new one, never a mix (between the two renames, briefly, none)."""
-    folder = Path(folder)
+    folder = Path(folder).resolve() if Path(folder).is_symlink() else Path(folder)     # replace the link's target
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.", suffix=".tmp"))
-    os.chmod(tmp, 0o777 & ~_umask())
+    if folder.is_dir():                           # the new folder keeps the old one's mode and group
+        st = folder.stat()
+        os.chmod(tmp, stat.S_IMODE(st.st_mode))
+        with contextlib.suppress(OSError):
+            os.chown(tmp, -1, st.st_gid)
+    else:
+        os.chmod(tmp, 0o777 & ~_umask())
+    old = None
     try:
         yield tmp
-        old = None
         if folder.exists():
             old = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.", suffix=".old"))
             os.replace(folder, old / folder.name)
         os.replace(tmp, folder)
         _fsync_dir(folder.parent)
+    except BaseException:
+        if old is not None and not folder.exists():      # interrupted between the two renames: put it back
+            os.replace(old / folder.name, folder)
+        shutil.rmtree(tmp, ignore_errors=True)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
         raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def new_bundle_id() -> str:

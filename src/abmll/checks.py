@@ -8,23 +8,42 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable
 
+FLOAT32_MAX = 3.4028234663852886e38
+"""Larger numbers overflow the float32 tensors they end up in."""
+
+SEED_LIMIT = 2**32
+"""Seeds are below this (numpy's RandomState takes no larger)."""
+
+
+def _number(value) -> bool:
+    return (not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
+            and abs(value) <= FLOAT32_MAX)
+
 
 def at_least(config, names: Iterable[str], low: float) -> None:
     """Raises ValueError unless every field in ``names`` of ``config`` is a number >= ``low``
-    (finite, not NaN). Integers stay integers: a float field accepts an int."""
+    (finite in float32, not NaN). Integers stay integers: a float field accepts an int."""
     for name in names:
         value = getattr(config, name)
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
-                or value < low:
+        if not _number(value) or value < low:
             raise ValueError(f"--{name} must be a finite number >= {low:g}, got {value!r}")
+
+
+def seeds(config, names: Iterable[str]) -> None:
+    """Raises ValueError unless every field in ``names`` (an int or a list of ints) holds
+    integers in [0, 2^32)."""
+    for name in names:
+        value = getattr(config, name)
+        for seed in value if isinstance(value, (list, tuple)) else [value]:
+            if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < SEED_LIMIT:
+                raise ValueError(f"--{name} must be an integer in [0, 2^32), got {seed!r}")
 
 
 def above(config, names: Iterable[str], low: float) -> None:
     """Raises ValueError unless every field in ``names`` is a finite number > ``low``."""
     for name in names:
         value = getattr(config, name)
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
-                or value <= low:
+        if not _number(value) or value <= low:
             raise ValueError(f"--{name} must be a finite number > {low:g}, got {value!r}")
 
 
@@ -35,11 +54,12 @@ def one_of(config, name: str, choices: Iterable[str]) -> None:
         raise ValueError(f"--{name} must be one of {', '.join(choices)}; got {getattr(config, name)!r}")
 
 
-def non_empty(config, names: Iterable[str]) -> None:
-    """Raises ValueError if a list field in ``names`` is empty or has repeated values."""
+def non_empty(config, names: Iterable[str], allow_empty: bool = False) -> None:
+    """Raises ValueError if a list field in ``names`` is empty (unless ``allow_empty``) or has
+    repeated values."""
     for name in names:
         value = list(getattr(config, name))
-        if not value:
+        if not value and not allow_empty:
             raise ValueError(f"--{name} needs at least one value")
         if len(set(value)) != len(value):
             raise ValueError(f"--{name} has repeated values: {value}")

@@ -48,7 +48,7 @@ from abmll.args import (
 from abmll.checkpoint import STATE
 from abmll.commands.adapt import run_adapt
 from abmll.commands.data import run_data
-from abmll.commands.evaluate import PARTIAL_RESULTS, check_evaluate_inputs, run_evaluate
+from abmll.commands.evaluate import PARTIAL_RESULTS, RESULTS, check_evaluate_inputs, run_evaluate
 from abmll.commands.export import run_export
 from abmll.commands.meta_train import meta_train, report_writer
 from abmll.commands.predict import PREDICTIONS, run_predict
@@ -124,12 +124,16 @@ def _saved_note(command: str, run: RunArgs | None, extra: list) -> str:
     if run is None:
         return "nothing was written"
     out = Path(run.out)
+    if command == "demo" and (out / PARTIAL_RESULTS).is_file():
+        return f"the prior is saved in {out}; evaluation results so far in {out / PARTIAL_RESULTS}"
     if command in ("meta-train", "demo"):
         state = read_json_or_none(out / CHECKPOINT_DIR / STATE)
         if state is None:
             return f"no checkpoint was written yet in {out} (--save_every {extra[0].save_every})"
         return (f"the run is saved at meta-step {state['step']} in {out}; continue it with the same command "
-                "and --resume")
+                "and --resume (without --overwrite)")
+    if command in ("evaluate", "demo") and (out / RESULTS).is_file():
+        return f"the results were saved in {out / RESULTS} (the plots may be missing)"
     if command in ("evaluate", "predict"):
         log = out / (PARTIAL_RESULTS if command == "evaluate" else PREDICTIONS)
         n = max(len(complete_lines(log)) - (command == "evaluate"), 0)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import unicodedata
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -114,6 +115,12 @@ def _parse_line(text: str, where: str, unlabelled: bool = False) -> dict:
     return record
 
 
+def _visible(text: str) -> bool:
+    """True when ``text`` has a character that is not whitespace, a control or a format
+    character (such as a zero-width space)."""
+    return any(not ch.isspace() and unicodedata.category(ch) not in ("Cc", "Cf", "Zs", "Zl", "Zp") for ch in text)
+
+
 def _to_example(record: dict, where: str, option_task: bool) -> Example:
     """Turn a checked record into an Example, validating its options and output."""
     options = tuple(record["options"])
@@ -121,10 +128,17 @@ def _to_example(record: dict, where: str, option_task: bool) -> Example:
         if option_task:
             raise DataError(f"{where}: empty 'options' in a classification/multi-choice task")
         return Example(record["input"], (), -1, where)
-    blank = [i for i, option in enumerate(options) if not option.strip()]
+    blank = [i for i, option in enumerate(options) if not _visible(option)]
     if blank:
-        raise DataError(f"{where}: option {blank[0]} is empty or only whitespace ({options[blank[0]]!r}); "
-                        "it would be scored as a bare separator")
+        raise DataError(f"{where}: option {blank[0]} is empty or only whitespace / invisible characters "
+                        f"({options[blank[0]]!r}); it would be scored as a bare separator")
+    seen: dict[str, str] = {}
+    for option in options:
+        key = unicodedata.normalize("NFC", option).strip()
+        if key in seen and seen[key] != option:
+            raise DataError(f"{where}: options {seen[key]!r} and {option!r} differ only in surrounding whitespace "
+                            "or Unicode normalisation; a reader (and the scorer's tokens) cannot tell them apart")
+        seen[key] = option
     if len(options) == 1:
         raise DataError(f"{where}: only one option ({options[0]!r}): there is nothing to choose between; "
                         "give at least two options or remove the line")

@@ -41,16 +41,19 @@ def load_prior(folder: str, cfg: dict):
                                        "from the config", f"model {cfg['model'].model!r}, rank {cfg['lora'].rank}"), status
 
 
-def fitting_prior(name: str, model: BayesLoraModel) -> dict:
-    """The tensors of prior ``name`` (folder or shipped name), on the model's device.
+def fitting_prior(name: str, model: BayesLoraModel) -> tuple[dict, dict | None]:
+    """The tensors of prior ``name`` (folder or shipped name), on the model's device, and its
+    :func:`abmll.priors.prior_status` (warned about loudly when unfinished).
 
     Raises:
         CheckpointError: unreadable, or tensors that do not fit ``model``'s adapters.
     """
     folder = resolve_adapter(name)
-    tensors, _ = load_adapter_folder(folder)
+    tensors, saved = load_adapter_folder(folder)
+    status = prior_status(saved, folder)
+    warn_if_unfinished(status)
     return check_fits(tensors, model, f"{folder}: its tensors do not fit this model's adapters",
-                     "compare priors made with the same model, rank, target_modules and top_layers")
+                      "compare priors made with the same model, rank, target_modules and top_layers"), status
 
 
 def check_fits(tensors: dict, model: BayesLoraModel, problem: str, hint: str) -> dict:

@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 
 from abmll.bayes_lora import BayesLoraModel, HyperpriorConfig, Params
-from abmll.checks import at_least, one_of
+from abmll.checks import at_least, one_of, seeds
 from abmll.scoring import OptionBatch, option_nll, option_scores
 
 OUTER_UPDATES = ("abmll", "reptile")
@@ -69,7 +69,8 @@ class MetaConfig:
 
     def __post_init__(self) -> None:
         one_of(self, "outer_update", OUTER_UPDATES)
-        at_least(self, ("inner_steps", "n_samples", "meta_steps", "seed"), 0)
+        at_least(self, ("inner_steps", "n_samples", "meta_steps"), 0)
+        seeds(self, ("seed",))
         at_least(self, ("meta_batch_size",), 1)
         at_least(self, ("inner_lr", "outer_lr", "beta", "gamma", "inner_grad_clip"), 0)
 

@@ -438,8 +438,8 @@ def plot_reliability_diagram(
     ax.set_ylim(0, 1)
     ax.set_ylabel("accuracy")
     ax.legend(loc="upper left")
-    prefix = f"{title} - " if title else ""
-    ax.set_title(f"{prefix}ECE = {ece:.4f} (N = {int(sum(data['count']))})")
+    prefix = f"{title}\n" if title else ""
+    ax.set_title(f"{prefix}ECE = {ece:.4f}, N = {int(sum(data['count']))}", fontsize="medium")
     hist.bar(data["bin_lower"], data["count"], width=width, align="edge", color="gray", edgecolor="black")
     hist.set_xlabel("confidence (max probability)")
     hist.set_ylabel("examples")

@@ -26,8 +26,13 @@ from typing import Any
 import torch
 
 RUN_OUTPUTS = ("adapter.safetensors", "abmll_config.json", "checkpoint", "best", "history.json", "validation.json",
-               "results.json", "results.partial.jsonl", "training_curves.png", "validation_curve.png")
-"""What ``abmll meta-train`` / ``demo`` write into ``--out`` (plus ``reliability_*.png``)."""
+               "results.json", "results.partial.jsonl", "training_curves.png", "validation_curve.png",
+               "adapter_model.safetensors", "abmll_scale.safetensors", "adapter_config.json")
+"""What ``abmll meta-train`` / ``demo`` write into ``--out`` (plus ``reliability_*.png``), and
+an exported adapter's files (a run over an ``adapt`` output replaces them too)."""
+
+EXPORT_FILES = ("adapter_model.safetensors", "abmll_scale.safetensors", "adapter_config.json", "abmll_config.json")
+"""The files of an exported adapter folder (``abmll.export``)."""
 
 
 def check_writable(folder: str | os.PathLike) -> Path:
@@ -83,7 +88,8 @@ def guard_adapter_folder(out: str | os.PathLike, source: str | os.PathLike | Non
 
     Raises:
         ValueError: ``out`` is ``source``'s folder (the input would be destroyed), holds an
-            adapter and ``overwrite`` is not set, or holds other files (they would be lost).
+            exported adapter and ``overwrite`` is not set, or holds anything else (other files
+            would be lost with the folder, even with ``overwrite``).
     """
     out = Path(out)
     if source is not None and out.resolve() == Path(source).resolve():
@@ -91,9 +97,10 @@ def guard_adapter_folder(out: str | os.PathLike, source: str | os.PathLike | Non
     if not out.is_dir() or not any(out.iterdir()):
         check_writable(out)
         return
-    is_adapter = any((out / name).is_file() for name in ("adapter_model.safetensors", "adapter.safetensors"))
-    if not is_adapter:
-        raise ValueError(f"--out {out} is not empty and holds no adapter; choose a new or empty folder")
+    others = sorted(p.name for p in out.iterdir() if p.name not in EXPORT_FILES)
+    if others:
+        raise ValueError(f"--out {out} holds files that are not an exported adapter ({', '.join(others[:3])}); "
+                         "the folder is written whole, so choose a new or empty folder")
     if not overwrite:
         raise ValueError(f"--out {out} already holds an adapter; pass --overwrite to replace it")
     check_writable(out)
@@ -117,9 +124,10 @@ def file_digest(paths: Iterable[str | os.PathLike]) -> str:
 class ResultLog:
     """Finished results of one command, appended to ``path`` (JSON lines) as each is ready.
 
-    The first line is ``{"settings": <hash>}``; every other line is one result. Opening a log
-    whose settings hash differs raises (unless ``overwrite``: it is started afresh); a line
-    cut short by an interrupt is dropped.
+    The first line is ``{"settings": <hash>}``; every other line is one result. A log of the
+    same settings is read back and continued (with or without ``overwrite``: rerunning the
+    command that was interrupted resumes it); one of other settings raises, unless
+    ``overwrite`` (then it is started afresh). A line cut short by an interrupt is dropped.
 
     Attributes:
         entries: the results read back and appended so far, in order.
@@ -128,15 +136,15 @@ class ResultLog:
     def __init__(self, path: str | os.PathLike, settings: str, overwrite: bool = False) -> None:
         self.path = Path(path)
         self.entries: list[dict] = []
-        if self.path.is_file() and not overwrite:
-            lines = self.path.read_text(encoding="utf-8").split("\n")
-            try:
-                head = json.loads(lines[0])
-            except ValueError:
-                head = {}
-            if head.get("settings") != settings:
-                raise ValueError(f"{self.path} holds partial results of other settings; rerun with those settings "
-                                 "to resume, or pass --overwrite to start again")
+        lines = self.path.read_text(encoding="utf-8").split("\n") if self.path.is_file() else []
+        try:
+            same = bool(lines) and json.loads(lines[0]).get("settings") == settings
+        except (ValueError, AttributeError):
+            same = False
+        if lines and not same and not overwrite:
+            raise ValueError(f"{self.path} holds partial results of other settings; rerun with those settings "
+                             "to resume, or pass --overwrite to start again")
+        if same:
             for line in lines[1:]:
                 try:
                     self.entries.append(json.loads(line))

@@ -182,3 +182,36 @@ def plot_reliability_per_method(
         plot_reliability_diagram(probs, labels, path, title=f"{method} (N = {len(labels)})", n_bins=n_bins)
         out[method] = path
     return out
+
+
+RISK_COVERAGE = "risk_coverage.png"
+
+
+def plot_risk_coverage(predictions: Mapping[str, Sequence[tuple[Tensor, Tensor]]], path: str | os.PathLike,
+                       title: str = "") -> Path:
+    """Selective prediction: accuracy against coverage when each method abstains on its most
+    uncertain examples first (by predictive entropy), its predictions pooled over tasks and
+    seeds (:func:`pool_predictions`); the legend gives each method's AURC
+    (:func:`abmll.uncertainty.aurc`). Returns the PNG path.
+
+    Raises:
+        ValueError: a method has no predictions.
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    from abmll.uncertainty import aurc, entropy, risk_coverage
+
+    fig = Figure(figsize=(6, 4.5), dpi=100)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    for method, parts in predictions.items():
+        probs, labels = pool_predictions(parts)
+        coverage, risk = risk_coverage(probs, labels, entropy(probs))
+        ax.plot(coverage.numpy(), (1 - risk).numpy(), label=f"{method} (AURC {aurc(probs, labels, entropy(probs)):.3f})")
+    ax.set_xlabel("coverage (fraction answered, most certain first)")
+    ax.set_ylabel("accuracy on the answered examples")
+    ax.set_xlim(0, 1)
+    ax.legend(loc="lower left", fontsize="small")
+    ax.grid(alpha=0.3)
+    return _save(fig, path, title)

@@ -40,10 +40,13 @@ def resolve_adapter(name_or_path: str | os.PathLike) -> Path:
 
 def prior_status(saved: dict, folder: str | os.PathLike) -> dict | None:
     """Whether the prior saved with config ``saved`` (an adapter's abmll_config.json) finished
-    its meta-training: ``{"prior", "meta_steps_done", "meta_steps", "complete"}``, or None
-    for an adapter that is not a meta-trained prior (a posterior, an export of one).
+    its meta-training: ``{"prior", "meta_steps_done", "meta_steps", "complete"}``; for a
+    posterior, the status of the prior it was adapted from; None for an adapter that comes
+    from no meta-trained prior.
     ``meta_steps_done`` counts the run's steps (for a ``best/`` prior, the run's, not the
     selected step's)."""
+    if isinstance(saved.get("prior_status"), dict):          # a posterior adapted from a prior: the prior's
+        return saved["prior_status"]
     if saved.get("kind") != "prior" or not isinstance(saved.get("meta"), dict):
         return None
     total = saved["meta"].get("meta_steps")

@@ -23,7 +23,7 @@ import math
 import random
 import warnings
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import MISSING, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +31,7 @@ import torch
 
 from abmll.bayes_lora import BayesLoraModel, HyperpriorConfig, Params
 from abmll.checkpoint import STATE, CheckpointError, load_state, save_adapter, save_state, write_json
-from abmll.config import TaskArgs
+from abmll.config import CONFIG_GROUPS, TaskArgs
 from abmll.data import check_tasks, load_episode, load_split
 from abmll.distributed import (
     broadcast_params,
@@ -52,7 +52,8 @@ CHECKPOINT_DIR = "checkpoint"
 BEST_DIR = "best"
 """Sub-folder of a run's output folder holding the prior with the lowest validation NLL."""
 
-RESUMABLE_CHANGES = {"meta.meta_steps", "tasks.data_dir", "model.device", "lora.frozen_cache_mb"}
+RESUMABLE_CHANGES = {"meta.meta_steps", "tasks.data_dir", "model.device", "lora.frozen_cache_mb", "eval.compare_priors",
+                     "eval.ood_tasks"}
 """Config entries that may differ between a saved run and its resumption (all others must match)."""
 
 
@@ -373,10 +374,30 @@ class MetaTrainer:
 
 def config_changes(saved: dict, current: dict) -> list[str]:
     """``"group.key: saved -> current"`` for each config entry that differs between two
-    :func:`abmll.config.to_dict` dicts, except :data:`RESUMABLE_CHANGES` (compared as JSON)."""
+    :func:`abmll.config.to_dict` dicts, except :data:`RESUMABLE_CHANGES` (compared as JSON).
+    A field the saved config lacks (added to abmll after it was saved) counts as its default."""
     old, new = _entries(saved), _entries(json.loads(json.dumps(current)))
+    for name in new.keys() - old.keys():
+        default = _field_default(name)
+        if default is not _MISSING:
+            old[name] = default
     return [f"{name}: {old.get(name)!r} -> {new.get(name)!r}" for name in sorted(old.keys() | new.keys())
             if name not in RESUMABLE_CHANGES and old.get(name) != new.get(name)]
+
+
+_MISSING = object()
+
+
+def _field_default(name: str):
+    """The JSON form of the dataclass default of config entry ``group.key``, or _MISSING."""
+    group, _, key = name.partition(".")
+    for f in fields(CONFIG_GROUPS[group]) if group in CONFIG_GROUPS else ():
+        if f.name == key:
+            if f.default is not MISSING:
+                return json.loads(json.dumps(f.default))
+            if f.default_factory is not MISSING:
+                return json.loads(json.dumps(f.default_factory()))
+    return _MISSING
 
 
 def _entries(config: dict) -> dict:

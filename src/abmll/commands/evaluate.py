@@ -10,18 +10,14 @@ from tqdm.auto import tqdm
 from abmll.args import ReportArgs, RunArgs
 from abmll.checkpoint import write_json
 from abmll.config import EvalArgs, TaskArgs, result_config, to_dict
-from abmll.data import check_task_files
+from abmll.data import check_task_files, resolve_data_dir
 from abmll.evaluate import Method, evaluate_with_predictions, format_table
 from abmll.loading import fitting_prior
 from abmll.metrics import ECE_SCHEME
 from abmll.ood import format_ood_table, ood_table
-from abmll.outputs import (
-    ResultLog,
-    check_writable,
-    settings_hash,
-    tensor_digest,
-)
+from abmll.outputs import ResultLog, check_writable, file_digest, settings_hash, tensor_digest
 from abmll.plots import plot_reliability_per_method
+from abmll.priors import resolve_adapter
 from abmll.train import task_names
 
 RESULTS, PARTIAL_RESULTS = "results.json", "results.partial.jsonl"
@@ -44,7 +40,15 @@ def check_evaluate_inputs(run: RunArgs, cfg: dict) -> list[str]:
     if (Path(run.out) / RESULTS).is_file() and not run.overwrite:
         raise ValueError(f"--out {run.out} already holds {RESULTS}; pass --overwrite to replace it or choose "
                          "another --out")
+    for name in cfg["eval"].compare_priors:
+        resolve_adapter(name)                      # a missing prior is named before the model loads
     return names
+
+
+def task_files_digest(names: list[str], tasks: TaskArgs) -> str:
+    """A hash of the contents of every file of the tasks ``names`` (an edited file changes it)."""
+    root = resolve_data_dir(tasks.data_dir)
+    return file_digest(sorted(p for name in names for p in (root / name).glob("*.jsonl")))
 
 
 def run_evaluate(run: RunArgs, cfg: dict, model, tokenizer, theta, report: ReportArgs | None = None,
@@ -60,11 +64,18 @@ def run_evaluate(run: RunArgs, cfg: dict, model, tokenizer, theta, report: Repor
     tasks: TaskArgs = cfg["tasks"]
     ev: EvalArgs = cfg["eval"]
     methods = [Method("zero_shot", model.init_params(), 0, 0), Method("abmll", theta, ev.test_steps, ev.eval_samples)]
+    statuses = {"abmll": prior}
     for name in ev.compare_priors:
-        methods.append(Method(f"prior:{Path(name).name}", fitting_prior(name, model), ev.test_steps, ev.eval_samples))
+        tensors, statuses[f"prior:{Path(name).name}"] = fitting_prior(name, model)
+        methods.append(Method(f"prior:{Path(name).name}", tensors, ev.test_steps, ev.eval_samples))
     settings = settings_hash({"config": result_config(cfg), "names": names,
+                              "data": task_files_digest([*names, *ev.ood_tasks], tasks),
                               "methods": {m.name: tensor_digest(m.prior) for m in methods}})
     log = ResultLog(Path(run.out) / PARTIAL_RESULTS, settings, overwrite=run.overwrite)
+    if run.overwrite:                              # the previous finished results and their plots go
+        (Path(run.out) / RESULTS).unlink(missing_ok=True)
+        for old in Path(run.out).glob("reliability_*.png"):
+            old.unlink()
     done = {(e["method"], e["task"], e["seed"]): (e["metrics"], torch.tensor(e["probs"]), torch.tensor(e["labels"]))
             for e in log.entries}
     if done:
@@ -94,6 +105,7 @@ def run_evaluate(run: RunArgs, cfg: dict, model, tokenizer, theta, report: Repor
     results["ece_scheme"] = ECE_SCHEME
     if prior is not None:
         results.update(prior=prior, prior_complete=prior["complete"])
+    results["priors_complete"] = {m: s["complete"] for m, s in statuses.items() if s is not None}
     out = Path(run.out) / RESULTS
     write_json(out, results)
     log.remove()

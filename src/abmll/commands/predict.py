@@ -53,21 +53,22 @@ def run_predict(run: RunArgs, args: PredictArgs, cfg: dict) -> Path:
     adapter_files = sorted(p for p in Path(args.adapter).iterdir() if p.suffix in (".safetensors", ".json"))
     settings = settings_hash({"config": result_config(cfg), "adapter": file_digest(adapter_files),
                               "input": file_digest([args.input]), "eval_samples": n_samples,
-                              "sample_seed": args.sample_seed, "chunk_size": args.chunk_size})
+                              "sample_seed": args.sample_seed, "chunk_size": args.chunk_size,
+                              "abstain_above": args.abstain_above, "abstain_on": args.abstain_on})
     config_path, pred_path = out / PREDICT_CONFIG, out / PREDICTIONS
-    previous = read_json_or_none(config_path)
-    done_lines = []
-    if previous is not None and not run.overwrite:
-        if previous.get("settings") != settings or previous.get("complete", True):
-            raise ValueError(f"--out {out} already holds predictions ({PREDICTIONS}"
-                             + (", complete" if previous.get("complete", True) else ", of other settings")
-                             + "); pass --overwrite to replace them or choose another --out")
-        done_lines = complete_lines(pred_path)
+    previous = read_json_or_none(config_path) or {}
+    resumable = previous.get("settings") == settings and previous.get("complete") is False
+    if (previous or pred_path.exists()) and not resumable and not run.overwrite:
+        state = "complete" if previous.get("complete") else "of other settings" if previous else "of unknown settings"
+        raise ValueError(f"--out {out} already holds predictions ({PREDICTIONS}, {state}); pass --overwrite to "
+                         "replace them or choose another --out")
+    done_lines = complete_lines(pred_path) if resumable else []
     done = len(done_lines) - len(done_lines) % args.chunk_size         # whole chunks only
     model, tokenizer, params, status = load_prior(args.adapter, cfg)
     device = next(model.parameters()).device
     record = {**to_dict(**cfg), "adapter": str(args.adapter), "input": str(args.input), "eval_samples": n_samples,
-              "sample_seed": args.sample_seed, "n": len(examples), "labelled": sum(labelled), "settings": settings}
+              "sample_seed": args.sample_seed, "abstain_above": args.abstain_above, "abstain_on": args.abstain_on,
+              "n": len(examples), "labelled": sum(labelled), "settings": settings}
     if status is not None:
         record.update(prior=status, prior_complete=status["complete"])
     write_json(config_path, {**record, "complete": False})
