@@ -102,7 +102,12 @@ def test_evaluate_reports_ood_auroc_per_task_pair(world, tmp_path):
 
     assert main(["evaluate", "--config", str(world["config"]), "--prior", str(world["prior"]), "--eval_samples", "3",
                  "--ood_tasks", "t0", "h0", "--plots", "false", "--out", str(tmp_path)]) == 0
-    ood = json.loads((tmp_path / "results.json").read_text())["ood"]
+    results = json.loads((tmp_path / "results.json").read_text())
+    per_task = {m: results["methods"][m]["per_task"]["h0"]["mean"] for m in ("zero_shot", "abmll")}
+    assert per_task["zero_shot"]["mean_epistemic"] == 0 and per_task["abmll"]["mean_epistemic"] > 0
+    assert per_task["abmll"]["mean_total"] == pytest.approx(per_task["abmll"]["mean_aleatoric"]
+                                                            + per_task["abmll"]["mean_epistemic"], abs=1e-6)
+    ood = results["ood"]
     assert list(ood) == ["abmll"] and list(ood["abmll"]) == ["h0 -> t0"]      # zero-shot does not adapt; h0 -> h0 skipped
     for value in ood["abmll"]["h0 -> t0"].values():
         assert 0.0 <= value <= 1.0

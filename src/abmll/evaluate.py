@@ -20,10 +20,14 @@ from torch import Tensor
 
 from abmll.bayes_lora import BayesLoraModel, Params
 from abmll.config import EvalArgs, TaskArgs
-from abmll.meta import MetaConfig, NonFiniteLossError, TaskBatches, adapt, predict_batches
+from abmll.meta import MetaConfig, NonFiniteLossError, TaskBatches, adapt, predict_samples
 from abmll.metrics import compute_metrics
 from abmll.scoring import ScoringConfig, merge_truncation, truncation_summary
 from abmll.train import episode_batches
+from abmll.uncertainty import decompose
+
+UNCERTAINTY_PARTS = ("total", "aleatoric", "epistemic")
+"""The parts of :func:`abmll.uncertainty.decompose` averaged into every result's metrics."""
 
 
 @dataclass
@@ -55,14 +59,20 @@ def run_method(model: BayesLoraModel, method: Method, episode: TaskBatches, meta
     benchmark can resume), and gives every stochastic method the same noise draws.
 
     Returns:
-        (metrics, probs (N, C), labels (N,)): see :func:`abmll.metrics.compute_metrics` and
-        :func:`abmll.meta.predict_batches`.
+        (metrics, probs (N, C), labels (N,)): :func:`abmll.metrics.compute_metrics` plus the
+        mean over the query examples of each part of the uncertainty (``mean_total``,
+        ``mean_aleatoric``, ``mean_epistemic``, nats; :func:`abmll.uncertainty.decompose`),
+        and the predictive probabilities of :func:`abmll.meta.predict_batches`.
     Raises:
         NonFiniteLossError: naming the method and the task.
     """
     posterior = adapt_method(model, method, episode, meta, seed)
-    probs, labels = predict_batches(model, posterior, episode.query, method.samples)
-    return compute_metrics(probs, labels), probs, labels
+    samples, labels = predict_samples(model, posterior, episode.query, method.samples)
+    probs = samples.mean(0)
+    parts = decompose(samples)
+    metrics = compute_metrics(probs, labels)
+    metrics.update({f"mean_{kind}": float(parts[kind].mean()) for kind in UNCERTAINTY_PARTS})
+    return metrics, probs, labels
 
 
 def adapt_method(model: BayesLoraModel, method: Method, episode: TaskBatches, meta: MetaConfig, seed: int) -> Params:
