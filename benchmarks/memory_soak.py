@@ -32,37 +32,17 @@ if __name__ == "__main__" and "MALLOC_MMAP_THRESHOLD_" not in os.environ:
 
 import psutil  # noqa: E402
 import torch  # noqa: E402
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers  # noqa: E402
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast  # noqa: E402
 
 from abmll.bayes_lora import BayesLoraConfig, BayesLoraModel, HyperpriorConfig  # noqa: E402
 from abmll.config import TaskArgs  # noqa: E402
 from abmll.meta import MetaConfig  # noqa: E402
 from abmll.scoring import ScoringConfig  # noqa: E402
+from abmll.testing import tiny_llama, tiny_tokenizer  # noqa: E402
 from abmll.train import MetaTrainer  # noqa: E402
 
 TASKS = [f"task{i}" for i in range(8)]
 SEEDS = [1, 2, 3]
 RESULTS = Path(__file__).parent / "results"
-
-
-def tiny_tokenizer() -> PreTrainedTokenizerFast:
-    """Byte-level, 256 byte tokens + <eos> (as tests/conftest.py)."""
-    vocab = {ch: i for i, ch in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
-    vocab["<eos>"] = len(vocab)
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", pad_token="<eos>")
-
-
-def tiny_llama() -> LlamaForCausalLM:
-    """2 layers, hidden 64, 4 heads (2 KV heads), random weights, eval mode."""
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=257, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                         pad_token_id=256, eos_token_id=256, bos_token_id=None)
-    return LlamaForCausalLM(config).eval()
 
 
 def write_tasks(root: Path, k: int) -> None:
@@ -93,7 +73,7 @@ def soak(steps: int, every: int) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         data, out = Path(tmp) / "data", Path(tmp) / "run"
         write_tasks(data, k)
-        model = BayesLoraModel(tiny_llama(), BayesLoraConfig(rank=4))
+        model = BayesLoraModel(tiny_llama(hidden_size=64), BayesLoraConfig(rank=4))
         trainer = MetaTrainer(model, tiny_tokenizer(), TASKS, TaskArgs(data_dir=str(data), k=k, data_seeds=SEEDS),
                               MetaConfig(meta_steps=steps, inner_steps=3, n_samples=1), HyperpriorConfig(),
                               ScoringConfig(max_rows=8))

@@ -61,6 +61,7 @@ from abmll.methods import ADAPTING_METHOD, METHODS, get_spec, make_method, prior
 from abmll.metrics import ECE_SCHEME, bootstrap_mean_ci, compute_metrics, macro_f1, plot_reliability_diagram
 from abmll.models import load_base_model, resolve_device
 from abmll.plots import RISK_COVERAGE, plot_risk_coverage, plot_validation_curve, pool_predictions
+from abmll.testing import tiny_llama, tiny_tokenizer
 from abmll.train import episode_batches
 from abmll.validation import make_validator
 
@@ -274,22 +275,9 @@ def task_stats(task: str, seeds, bench: BenchArgs, cfg: dict) -> dict:
 
 def build_tiny_model(folder: Path) -> Path:
     """Save a 2-layer random Llama (hidden 32) with a byte-level tokenizer to ``folder``."""
-    if (folder / "config.json").is_file():
-        return folder
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
-
-    vocab = {ch: i for i, ch in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
-    vocab["<eos>"] = len(vocab)
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    torch.manual_seed(0)
-    n = len(vocab)
-    LlamaForCausalLM(LlamaConfig(vocab_size=n, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                                 pad_token_id=n - 1, eos_token_id=n - 1, bos_token_id=None)).save_pretrained(folder)
-    PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", pad_token="<eos>").save_pretrained(folder)
+    if not (folder / "config.json").is_file():
+        tiny_llama().save_pretrained(folder)
+        tiny_tokenizer().save_pretrained(folder)
     return folder
 
 

@@ -8,21 +8,10 @@ import unicodedata
 
 import pytest
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
 
-
-def make_tiny_tokenizer(pad: bool = True, padding_side: str = "right") -> PreTrainedTokenizerFast:
-    """A byte-level tokenizer (256 byte tokens + <eos>), no merges: no download needed.
-    ``pad``: use <eos> as the pad token (False leaves it unset)."""
-    alphabet = pre_tokenizers.ByteLevel.alphabet()
-    vocab = {ch: i for i, ch in enumerate(sorted(alphabet))}
-    vocab["<eos>"] = len(vocab)
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", pad_token="<eos>" if pad else None,
-                                   padding_side=padding_side)
+from abmll.testing import tiny_llama as make_tiny_llama
+from abmll.testing import tiny_tokenizer as make_tiny_tokenizer
 
 
 def readable_option(text: str) -> bool:
@@ -46,17 +35,6 @@ def rule_rows(rng, n: int) -> list[tuple[str, str]]:
             word = word[:2] + "q" + word[3:]
         out.append((word, "yes" if "q" in word else "no"))
     return out
-
-
-def make_tiny_llama(seed: int = 0, vocab_size: int = 257) -> LlamaForCausalLM:
-    """A 2-layer random Llama (hidden 32, 4 heads, 2 KV heads) in eval mode."""
-    torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-        pad_token_id=vocab_size - 1, eos_token_id=vocab_size - 1, bos_token_id=None,
-    )
-    return LlamaForCausalLM(config).eval()
 
 
 @pytest.fixture
