@@ -11,7 +11,7 @@ from peft import PeftModel
 from safetensors.torch import load_file, save_file
 from test_architectures import make_tiny, random_params
 
-import abmll.export as export_mod
+import abmll.checkpoint as checkpoint_mod
 from abmll.bayes_lora import BayesLoraConfig, BayesLoraModel
 from abmll.checkpoint import CheckpointError, read_tensors, save_adapter
 from abmll.export import (
@@ -123,17 +123,18 @@ def test_export_is_written_as_a_unit_and_a_mixed_folder_is_refused(tmp_path):
 
     def failing_write(path, write):          # the mean tensors (after the scale and config) fail
         calls.append(path)
-        if len(calls) == 2:
+        if len(calls) == 3:
             raise OSError("disk full")
         return real_write(path, write)
 
-    real_write = export_mod.atomic_write
-    export_mod.atomic_write = failing_write
+    real_write = checkpoint_mod.atomic_write
+    checkpoint_mod.atomic_write = failing_write
     try:
         with pytest.raises(OSError, match="disk full"):
             export_peft(tmp_path / "a", other, {"kind": "new"}, model=model)
     finally:
-        export_mod.atomic_write = real_write
+        checkpoint_mod.atomic_write = real_write
+    assert [p.name for p in calls] == [SCALE_TENSORS, "abmll_config.json", PEFT_TENSORS]
     got, config = load_adapter_folder(tmp_path / "a")
     assert config["kind"] == "old" and all(torch.equal(got[k], params[k]) for k in params)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a"]          # no temporary folder left

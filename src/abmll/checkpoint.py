@@ -151,12 +151,14 @@ def save_adapter(folder: str | os.PathLike, tensors: dict[str, torch.Tensor], co
     (an interrupted save is detected by :func:`load_adapter`). Returns the folder."""
     folder = Path(folder)
     bundle = new_bundle_id()
-    _write_tensors(folder / TENSORS, tensors, {"format": "abmll", BUNDLE: bundle})
+    write_tensors(folder / TENSORS, tensors, {"format": "abmll", BUNDLE: bundle})
     write_json(folder / CONFIG, {**config, BUNDLE: bundle})
     return folder
 
 
-def _write_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
+def write_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
+    """Atomically write ``tensors`` (moved to the CPU, made contiguous) as a safetensors file
+    with ``metadata``."""
     cpu = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
     atomic_write(path, lambda tmp: save_file(cpu, tmp, metadata=metadata))
 
@@ -215,7 +217,7 @@ def save_state(folder: str | os.PathLike, step: int, tensors: dict[str, torch.Te
     """
     folder = Path(folder)
     name = f"state-{step:08d}.safetensors"
-    _write_tensors(folder / name, tensors, {"format": STATE_FORMAT, "step": str(step)})
+    write_tensors(folder / name, tensors, {"format": STATE_FORMAT, "step": str(step)})
     write_json(folder / STATE, {**state, "format": STATE_FORMAT, "step": step, "tensors": name})
     for old in folder.iterdir():
         stale_tmp = old.name.startswith(".state") and old.name.endswith(".tmp")

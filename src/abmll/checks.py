@@ -54,12 +54,17 @@ def one_of(config, name: str, choices: Iterable[str]) -> None:
         raise ValueError(f"--{name} must be one of {', '.join(choices)}; got {getattr(config, name)!r}")
 
 
-def non_empty(config, names: Iterable[str], allow_empty: bool = False) -> None:
-    """Raises ValueError if a list field in ``names`` is empty (unless ``allow_empty``) or has
-    repeated values."""
+def non_empty(config, names: Iterable[str]) -> None:
+    """Raises ValueError if a list field in ``names`` is empty or has repeated values."""
+    for name in names:
+        if not getattr(config, name):
+            raise ValueError(f"--{name} needs at least one value")
+    distinct(config, names)
+
+
+def distinct(config, names: Iterable[str]) -> None:
+    """Raises ValueError if a list field in ``names`` has repeated values."""
     for name in names:
         value = list(getattr(config, name))
-        if not value and not allow_empty:
-            raise ValueError(f"--{name} needs at least one value")
         if len(set(value)) != len(value):
             raise ValueError(f"--{name} has repeated values: {value}")

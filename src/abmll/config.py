@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Literal
 
 from abmll.bayes_lora import BayesLoraConfig, HyperpriorConfig
-from abmll.checks import at_least, non_empty, one_of, seeds
+from abmll.checks import at_least, distinct, non_empty, one_of, seeds
 from abmll.meta import MetaConfig
 from abmll.models import DEFAULT_MODEL, check_device
 from abmll.scoring import ScoringConfig
@@ -68,10 +68,9 @@ class TaskArgs:
 
     def __post_init__(self) -> None:
         at_least(self, ("k", "max_query"), 1)
-        non_empty(self, ("data_seeds", "test_tasks", "train_tasks", "val_tasks"), allow_empty=True)
+        non_empty(self, ("data_seeds",))
+        distinct(self, ("test_tasks", "train_tasks", "val_tasks"))
         seeds(self, ("data_seeds",))
-        if not self.data_seeds:
-            raise ValueError("--data_seeds needs at least one value")
 
 
 @dataclass

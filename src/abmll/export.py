@@ -26,7 +26,6 @@ from typing import Any
 
 import torch
 from peft import LoraConfig
-from safetensors.torch import save_file
 
 from abmll.bayes_lora import AUTO_TARGETS, LORA_A, LORA_B, SCALE_A, SCALE_B, BayesLoraModel
 from abmll.checkpoint import (
@@ -35,13 +34,13 @@ from abmll.checkpoint import (
     TENSORS,
     CheckpointError,
     atomic_folder,
-    atomic_write,
     check_bundle,
     load_adapter,
     new_bundle_id,
     read_tensors,
     without_bundle,
     write_json,
+    write_tensors,
 )
 
 PEFT_CONFIG = "adapter_config.json"
@@ -146,17 +145,12 @@ def export_peft(
     lora.inference_mode = True
 
     bundle = new_bundle_id()
-
-    def save(path: Path, part: dict[str, torch.Tensor], fmt: str) -> None:
-        cpu = {k: v.detach().to("cpu").contiguous() for k, v in part.items()}
-        atomic_write(path, lambda tmp: save_file(cpu, tmp, metadata={"format": fmt, BUNDLE: bundle}))
-
     peft_dict = lora.to_dict()
     peft_dict = {k: sorted(v) if isinstance(v, set) else v for k, v in peft_dict.items()}
     with atomic_folder(folder) as tmp:
-        save(tmp / SCALE_TENSORS, scale, "abmll")
+        write_tensors(tmp / SCALE_TENSORS, scale, {"format": "abmll", BUNDLE: bundle})
         write_json(tmp / CONFIG, {**config, "format": EXPORT_FORMAT, BUNDLE: bundle})
-        save(tmp / PEFT_TENSORS, mean, "pt")
+        write_tensors(tmp / PEFT_TENSORS, mean, {"format": "pt", BUNDLE: bundle})
         write_json(tmp / PEFT_CONFIG, peft_dict)
     return folder
 

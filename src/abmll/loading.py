@@ -27,9 +27,7 @@ def load_prior(folder: str, cfg: dict):
     Raises:
         CheckpointError: unreadable folder, or tensors that do not fit the model the config builds.
     """
-    theta, saved = load_adapter_folder(folder)
-    status = prior_status(saved, folder)
-    warn_if_unfinished(status)
+    theta, saved, status = _read_adapter(folder)
     for group in ("model", "lora", "hyperprior", "scoring", "meta"):
         if group not in cfg:
             try:
@@ -49,11 +47,18 @@ def fitting_prior(name: str, model: BayesLoraModel) -> tuple[dict, dict | None]:
         CheckpointError: unreadable, or tensors that do not fit ``model``'s adapters.
     """
     folder = resolve_adapter(name)
+    tensors, _, status = _read_adapter(folder)
+    return check_fits(tensors, model, f"{folder}: its tensors do not fit this model's adapters",
+                      "compare priors made with the same model, rank, target_modules and top_layers"), status
+
+
+def _read_adapter(folder) -> tuple[dict, dict, dict | None]:
+    """(tensors, saved config, :func:`abmll.priors.prior_status`) of an adapter folder, warning
+    loudly when it comes from an unfinished prior."""
     tensors, saved = load_adapter_folder(folder)
     status = prior_status(saved, folder)
     warn_if_unfinished(status)
-    return check_fits(tensors, model, f"{folder}: its tensors do not fit this model's adapters",
-                      "compare priors made with the same model, rank, target_modules and top_layers"), status
+    return tensors, saved, status
 
 
 def check_fits(tensors: dict, model: BayesLoraModel, problem: str, hint: str) -> dict:

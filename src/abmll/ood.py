@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 from torchmetrics.functional.classification import binary_auroc
 
-from abmll.bayes_lora import BayesLoraModel
+from abmll.bayes_lora import BayesLoraModel, Params
 from abmll.evaluate import Method, adapt_method
 from abmll.meta import MetaConfig, TaskBatches, predict_samples
 from abmll.scoring import OptionBatch
@@ -40,14 +40,22 @@ def auroc(in_scores: Tensor, out_scores: Tensor) -> float:
 def ood_detection(model: BayesLoraModel, method: Method, episode: TaskBatches, ood_query: Sequence[OptionBatch],
                   meta: MetaConfig, seed: int) -> dict[str, float]:
     """Adapt ``method`` on ``episode``'s support set (as :func:`abmll.evaluate.run_method`),
-    predict its query set and ``ood_query`` with ``method.samples`` weight samples, and return
-    ``{"auroc_total", "auroc_epistemic"}``: the AUROC of each uncertainty
-    (:func:`abmll.uncertainty.decompose`) at flagging the out-of-distribution examples.
-    Without weight samples the epistemic part is 0 everywhere and its AUROC 0.5."""
+    then :func:`posterior_ood_auroc` of that posterior on ``episode``'s query set against
+    ``ood_query``."""
     posterior = adapt_method(model, method, episode, meta, seed)
+    return posterior_ood_auroc(model, posterior, method.samples, episode.query, ood_query, seed)
+
+
+def posterior_ood_auroc(model: BayesLoraModel, posterior: Params, n_samples: int, query: Sequence[OptionBatch],
+                        ood_query: Sequence[OptionBatch], seed: int) -> dict[str, float]:
+    """Predict ``query`` (in-distribution) and ``ood_query`` with ``n_samples`` weight samples
+    of ``posterior`` (seeded with ``seed``) and return ``{"auroc_total", "auroc_epistemic"}``:
+    the AUROC of each uncertainty (:func:`abmll.uncertainty.decompose`) at flagging the
+    out-of-distribution examples. Without weight samples the epistemic part is 0 everywhere
+    and its AUROC 0.5."""
     torch.manual_seed(seed)
-    inside = decompose(predict_samples(model, posterior, episode.query, method.samples)[0])
-    outside = decompose(predict_samples(model, posterior, ood_query, method.samples)[0])
+    inside = decompose(predict_samples(model, posterior, query, n_samples)[0])
+    outside = decompose(predict_samples(model, posterior, ood_query, n_samples)[0])
     return {f"auroc_{kind}": auroc(inside[kind], outside[kind]) for kind in UNCERTAINTY_KINDS}
 
 
@@ -55,20 +63,22 @@ def ood_table(model: BayesLoraModel, tokenizer, methods: Sequence[Method], task_
               ) -> dict[str, dict[str, dict[str, float]]]:
     """:func:`ood_detection` for every method, test task (in-distribution) and ``eval.ood_tasks``
     task other than it, averaged over the data seeds: ``{method: {"<task> -> <ood task>":
-    {"auroc_total", "auroc_epistemic"}}}``."""
+    {"auroc_total", "auroc_epistemic"}}}``. Each task's episode is built and each method
+    adapted once per seed, whatever the number of OOD tasks."""
     tasks, ev, scoring, meta = cfg["tasks"], cfg["eval"], cfg["scoring"], cfg["meta"]
-    table = {m.name: {} for m in methods}
-    for task in task_names:
-        for other in [t for t in ev.ood_tasks if t != task]:
-            runs = {m.name: [] for m in methods}
-            for seed in tasks.data_seeds:
-                episode = episode_batches(model, tokenizer, task, seed, tasks, scoring, "test", ev.max_test)
-                ood_query = episode_batches(model, tokenizer, other, seed, tasks, scoring, "test", ev.max_test).query
-                for m in methods:
-                    runs[m.name].append(ood_detection(model, m, episode, ood_query, meta, seed))
-            for name, rs in runs.items():
-                table[name][f"{task} -> {other}"] = {k: sum(r[k] for r in rs) / len(rs) for k in rs[0]}
-    return table
+    runs: dict[str, dict[str, list[dict]]] = {m.name: {} for m in methods}
+    for seed in tasks.data_seeds:
+        episodes = {name: episode_batches(model, tokenizer, name, seed, tasks, scoring, "test", ev.max_test)
+                    for name in dict.fromkeys([*task_names, *ev.ood_tasks])}
+        for task in task_names:
+            others = [t for t in ev.ood_tasks if t != task]
+            for m in methods if others else ():
+                posterior = adapt_method(model, m, episodes[task], meta, seed)
+                for other in others:
+                    runs[m.name].setdefault(f"{task} -> {other}", []).append(posterior_ood_auroc(
+                        model, posterior, m.samples, episodes[task].query, episodes[other].query, seed))
+    return {name: {pair: {k: sum(r[k] for r in rs) / len(rs) for k in rs[0]} for pair, rs in pairs.items()}
+            for name, pairs in runs.items()}
 
 
 def format_ood_table(table: dict) -> str:

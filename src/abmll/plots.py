@@ -207,8 +207,9 @@ def plot_risk_coverage(predictions: Mapping[str, Sequence[tuple[Tensor, Tensor]]
     ax = fig.add_subplot()
     for method, parts in predictions.items():
         probs, labels = pool_predictions(parts)
-        coverage, risk = risk_coverage(probs, labels, entropy(probs))
-        ax.plot(coverage.numpy(), (1 - risk).numpy(), label=f"{method} (AURC {aurc(probs, labels, entropy(probs)):.3f})")
+        uncertainty = entropy(probs)
+        coverage, risk = risk_coverage(probs, labels, uncertainty)
+        ax.plot(coverage.numpy(), (1 - risk).numpy(), label=f"{method} (AURC {aurc(probs, labels, uncertainty):.3f})")
     ax.set_xlabel("coverage (fraction answered, most certain first)")
     ax.set_ylabel("accuracy on the answered examples")
     ax.set_xlim(0, 1)
