@@ -7,7 +7,9 @@ on a split's held-out tasks (docs/method.md, "Baselines" and "Prediction and met
 
 Every method is an entry of :data:`abmll.methods.METHODS` run through
 :func:`abmll.evaluate.run_method`: same model, data, LoRA rank and targets, and the same
-per-task budget (``--test_steps`` SGD steps at ``--inner_lr`` on the k-shot support set).
+per-task budget (``--test_steps`` SGD steps at ``--inner_lr`` on the k-shot support set, or
+each method's own optimiser, steps and learning rate with ``--adaptation``, chosen on dev
+tasks by benchmarks/tune_adaptation.py).
 The meta-trained priors (abmll, multitask, reptile) use the same meta-train tasks, episodes,
 meta-batch size and number of meta-steps.
 
@@ -115,6 +117,10 @@ class BenchArgs:
             split held out of meta-training; their dev files are the query sets) every N
             meta-steps and evaluate the one with the lowest validation NLL (0: the last one).
         val_seeds: data seeds of the validation episodes.
+        adaptation: per-method test-time adaptation, "METHOD=OPTIMIZER:STEPS:LR" (e.g.
+            "lora=adamw:15:0.003"); a method not named adapts with --test_optimizer,
+            --test_steps and --test_lr (default --inner_lr).
+        test_k: shots of the held-out tasks' support sets (0: --k, the meta-training episodes').
     """
 
     config: str | None = None
@@ -134,6 +140,8 @@ class BenchArgs:
     plots: bool = True
     validate_every: int = 0
     val_seeds: list[int] = field(default_factory=lambda: [100, 13])
+    adaptation: list[str] = field(default_factory=list)
+    test_k: int = 0
 
 
 GROUPS = ["model", "lora", "hyperprior", "scoring", "meta", "tasks", "eval"]
@@ -156,9 +164,55 @@ def parse(argv: list[str]) -> tuple[BenchArgs, dict]:
     cfg = dict(zip(GROUPS, groups))
     for name in bench.methods:
         get_spec(name)
+    for name in adaptations(bench):
+        if name not in bench.methods:
+            raise SystemExit(f"--adaptation names {name!r}, which is not in --methods")
+    for name in bench.methods:
+        try:
+            method_eval(name, cfg, bench)
+        except ValueError as err:
+            raise SystemExit(f"--adaptation {name}: {err}") from None
     if bench.eval_split not in ("test", "dev"):
         raise SystemExit(f"--eval_split must be test or dev, got {bench.eval_split!r}")
     return bench, cfg
+
+
+def adaptations(bench: BenchArgs) -> dict[str, tuple[str, int, float]]:
+    """``--adaptation`` as {method: (optimizer, steps, lr)}.
+
+    Raises:
+        SystemExit: an entry not of the form METHOD=OPTIMIZER:STEPS:LR.
+    """
+    out = {}
+    for entry in bench.adaptation:
+        name, _, how = entry.partition("=")
+        parts = how.split(":")
+        try:
+            out[name] = (parts[0], int(parts[1]), float(parts[2]))
+            assert len(parts) == 3
+        except (IndexError, ValueError, AssertionError):
+            raise SystemExit(f"--adaptation takes METHOD=OPTIMIZER:STEPS:LR (e.g. lora=adamw:15:0.003), "
+                             f"got {entry!r}") from None
+    return out
+
+
+def method_eval(name: str, cfg: dict, bench: BenchArgs):
+    """The eval config method ``name`` adapts with: --adaptation's entry for it, else the group's.
+
+    Raises:
+        ValueError: an optimizer, step count or learning rate the config refuses.
+    """
+    ev = cfg["eval"]
+    how = adaptations(bench).get(name)
+    if how is None:
+        return ev
+    optimizer, steps, lr = how
+    return replace(ev, test_optimizer=optimizer, test_steps=steps, test_lr=lr)
+
+
+def test_k(bench: BenchArgs, cfg: dict) -> int:
+    """Shots of the held-out support sets (``--test_k``, default the meta-training ``--k``)."""
+    return bench.test_k or cfg["tasks"].k
 
 
 def _yaml_defaults(path: str, classes) -> dict:
@@ -186,11 +240,12 @@ def resolve_tasks(bench: BenchArgs, cfg: dict, need_train: bool) -> tuple[list[s
     tasks, notes = cfg["tasks"], []
     split = load_split(tasks.split, tasks.data_dir) if not (tasks.train_tasks and tasks.test_tasks) else {}
     held = list(tasks.test_tasks or split.get("test", []))
-    held_out = _usable(held, tasks, bench.seeds, bench.eval_split, notes, "held-out", max_options=None)
+    held_tasks = replace(tasks, k=test_k(bench, cfg))
+    held_out = _usable(held, held_tasks, bench.seeds, bench.eval_split, notes, "held-out", max_options=None)
     others = [t for t in split.get("test", []) if t not in held] if tasks.test_tasks and bench.eval_split == "test" else []
     if others:
         why: list[str] = []
-        usable = _usable(others, tasks, bench.seeds, "test", why, "held-out", max_options=None)
+        usable = _usable(others, held_tasks, bench.seeds, "test", why, "held-out", max_options=None)
         notes.extend(n.replace("held-out:", "held-out (not chosen):") for n in why)
         if usable:
             notes.append(f"held-out: usable test tasks of the split not run (--test_tasks): {', '.join(usable)}")
@@ -259,7 +314,7 @@ def task_stats(task: str, seeds, bench: BenchArgs, cfg: dict) -> dict:
     tasks, ev = cfg["tasks"], cfg["eval"]
     per = []
     for seed in seeds:
-        q = load_episode(task, tasks.k, seed, bench.eval_split, ev.max_test, tasks.data_dir).query
+        q = load_episode(task, test_k(bench, cfg), seed, bench.eval_split, ev.max_test, tasks.data_dir).query
         labels = torch.tensor([e.label for e in q])
         width = max(len(e.options) for e in q)
         counts = torch.bincount(labels, minlength=width)
@@ -347,19 +402,26 @@ def method_config(name: str, cfg: dict, train: list[str], eval_split: str, bench
     and evaluated examples; when it adapts, the budget and every meta-config field but the
     meta-training-only ones (:data:`PRIOR_ONLY`; so a field added later counts by default),
     without beta and samples for deterministic LoRA; the prediction samples when it is
-    Bayesian; its prior's config when the prior is trained."""
+    Bayesian; its prior's config when the prior is trained. The optimizer is recorded only
+    when it is not SGD, so results cached before it was a setting keep their keys."""
     spec = get_spec(name)
+    ev = cfg["eval"] if bench is None else method_eval(name, cfg, bench)
     model = _group(cfg, "model")
     model.pop("device")
     lora = _group(cfg, "lora")
     lora.pop("frozen_cache_mb")                      # a runtime setting: results do not depend on it
     config = {"model": model, "lora": lora, "scoring": _group(cfg, "scoring"),
-              "k": cfg["tasks"].k, "max_test": cfg["eval"].max_test, "eval_split": eval_split}
+              "k": cfg["tasks"].k if bench is None else test_k(bench, cfg), "max_test": ev.max_test,
+              "eval_split": eval_split}
     if spec.adapt:
         adapt_config = {k: v for k, v in _group(cfg, "meta").items() if k not in PRIOR_ONLY}
+        if ev.test_lr is not None:
+            adapt_config["inner_lr"] = ev.test_lr
+        if ev.test_optimizer != "sgd":
+            adapt_config["optimizer"] = ev.test_optimizer
         if not spec.bayesian:
             adapt_config.pop("beta"), adapt_config.pop("n_samples")
-        config.update(test_steps=cfg["eval"].test_steps, adapt=adapt_config)
+        config.update(test_steps=ev.test_steps, adapt=adapt_config)
     if spec.bayesian:
         config.update(eval_samples=cfg["eval"].eval_samples)
     if spec.prior != "init":
@@ -439,6 +501,9 @@ def run(bench: BenchArgs, cfg: dict, command: str, work: Path,
                     prior_logs[kind].update(validation=validation, best_step=best["step"], best_val_nll=best["nll"],
                                             best_val_ece=best["ece"], untrained_val_nll=untrained.get("nll"),
                                             untrained_val_ece=untrained.get("ece"))
+        adaptation = {m: [e.test_optimizer, e.test_steps, cfg["meta"].inner_lr if e.test_lr is None else e.test_lr]
+                      for m in bench.methods if get_spec(m).adapt for e in [method_eval(m, cfg, bench)]}
+        results.update(adaptation=adaptation, test_k=test_k(bench, cfg))
         results.update(command=command, complete=complete, code=code, train_tasks=train, notes=notes, priors=prior_logs,
                        config={**{g: _group(cfg, g) for g in GROUPS}, "bench": asdict(bench)},
                        method_configs=cache.hashes, seconds_this_run=time.perf_counter() - start)
@@ -456,11 +521,12 @@ def run(bench: BenchArgs, cfg: dict, command: str, work: Path,
                 continue
             for m in todo:             # priors first: their training does not reseed anything below
                 prior(get_spec(m).prior)
-            ep = episode_batches(model, tok, task, seed, tasks, cfg["scoring"], bench.eval_split, cfg["eval"].max_test)
+            ep = episode_batches(model, tok, task, seed, replace(tasks, k=test_k(bench, cfg)), cfg["scoring"],
+                                 bench.eval_split, cfg["eval"].max_test)
             for m in todo:
                 t0 = time.perf_counter()
-                metrics, probs, labels = run_method(model, make_method(m, prior(get_spec(m).prior), cfg["eval"]),
-                                                    ep, cfg["meta"], seed)
+                method = make_method(m, prior(get_spec(m).prior), method_eval(m, cfg, bench))
+                metrics, probs, labels = run_method(model, method, ep, cfg["meta"], seed)
                 count += 1
                 entry = {"metrics": metrics, "probs": probs.tolist(), "labels": labels.tolist(),
                          "n_predicted_classes": int(probs.argmax(1).unique().numel()),
@@ -565,6 +631,17 @@ def _f(x: float, digits: int = 3) -> str:
     return "nan" if x is None or not math.isfinite(x) else f"{x:.{digits}f}"
 
 
+def adaptation_text(results: dict, cfg: dict) -> str:
+    """The adaptation settings of the results' methods, e.g. "5 SGD steps at lr 0.3 for every method"."""
+    ev, meta = cfg["eval"], cfg["meta"]
+    default = (ev.test_optimizer, ev.test_steps, meta.inner_lr if ev.test_lr is None else ev.test_lr)
+    per = {m: tuple(a) for m, a in results.get("adaptation", {}).items()}
+    fmt = lambda o, n, lr: f"{n} {o.upper() if o == 'sgd' else 'AdamW'} steps at lr {lr:g}"  # noqa: E731
+    if all(a == default for a in per.values()):
+        return fmt(*default) + " for every method"
+    return "; ".join(f"{m} {fmt(*a)}" for m, a in per.items())
+
+
 def markdown(results: dict, cfg: dict) -> str:
     methods = list(results["methods"])
     ev, meta, tasks = cfg["eval"], cfg["meta"], cfg["tasks"]
@@ -573,7 +650,7 @@ def markdown(results: dict, cfg: dict) -> str:
              *([] if results.get("complete", True) else
                [f"**Partial results: the {len(results['tasks'])} task(s) done so far; the run continues.**", ""]),
              f"Model {results['model']}; LoRA rank {cfg['lora'].rank} on {', '.join(cfg['lora'].target_modules)}; "
-             f"k = {tasks.k} shots; {ev.test_steps} adaptation steps at lr {meta.inner_lr} for every method; "
+             f"k = {results.get('test_k', tasks.k)} shots; adaptation {adaptation_text(results, cfg)}; "
              f"up to {ev.max_test} {results['eval_split']} examples per task and seed; seeds {results['seeds']}; "
              f"{ev.eval_samples} weight samples in prediction (bayes_lora, abmll). Meta-training: "
              f"{meta.meta_steps} meta-steps, B = {meta.meta_batch_size}, K = {meta.inner_steps}, outer lr "

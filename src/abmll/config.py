@@ -11,8 +11,8 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Literal
 
 from abmll.bayes_lora import BayesLoraConfig, HyperpriorConfig
-from abmll.checks import at_least, distinct, non_empty, one_of, seeds
-from abmll.meta import MetaConfig
+from abmll.checks import above, at_least, distinct, non_empty, one_of, seeds
+from abmll.meta import ADAPT_OPTIMIZERS, MetaConfig
 from abmll.models import DEFAULT_MODEL, check_device
 from abmll.scoring import ScoringConfig
 
@@ -78,7 +78,10 @@ class EvalArgs:
     """Test-time adaptation and prediction.
 
     Attributes:
-        test_steps: K_test, SGD steps from the prior on the task's support set.
+        test_steps: K_test, optimiser steps from the prior on the task's support set.
+        test_lr: learning rate of those steps (default: meta.inner_lr, the inner loop's).
+        test_optimizer: sgd (the method's inner loop) or adamw (no weight decay; as LoRA
+            users fine-tune).
         eval_samples: weight samples averaged in prediction (0: posterior mean).
         max_test: at most this many test examples per task and seed.
         compare_priors: other priors to evaluate beside zero-shot and the run's own ABMLL prior
@@ -91,6 +94,8 @@ class EvalArgs:
     """
 
     test_steps: int = 5
+    test_lr: float | None = None
+    test_optimizer: Literal["sgd", "adamw"] = "sgd"
     eval_samples: int = 4
     max_test: int = 64
     compare_priors: list[str] = field(default_factory=list)
@@ -99,6 +104,9 @@ class EvalArgs:
     def __post_init__(self) -> None:
         at_least(self, ("test_steps", "eval_samples"), 0)
         at_least(self, ("max_test",), 1)
+        one_of(self, "test_optimizer", ADAPT_OPTIMIZERS)
+        if self.test_lr is not None:
+            above(self, ("test_lr",), 0.0)
 
 
 CONFIG_GROUPS = {

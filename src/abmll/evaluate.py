@@ -40,6 +40,8 @@ class Method:
         beta: KL weight of the adaptation loss; None: ``meta.beta``. 0 with
             ``adapt_samples`` = 0 is plain deterministic LoRA fine-tuning of the mean pair.
         adapt_samples: weight samples per adaptation step; None: ``meta.n_samples``.
+        lr: adaptation learning rate; None: ``meta.inner_lr``.
+        optimizer: "sgd" or "adamw" (see :func:`abmll.meta.adapt`).
     """
 
     name: str
@@ -48,6 +50,8 @@ class Method:
     samples: int
     beta: float | None = None
     adapt_samples: int | None = None
+    lr: float | None = None
+    optimizer: str = "sgd"
 
 
 def run_method(model: BayesLoraModel, method: Method, episode: TaskBatches, meta: MetaConfig, seed: int
@@ -77,7 +81,8 @@ def run_method(model: BayesLoraModel, method: Method, episode: TaskBatches, meta
 
 def adapt_method(model: BayesLoraModel, method: Method, episode: TaskBatches, meta: MetaConfig, seed: int) -> Params:
     """``torch.manual_seed(seed)``, then ``method``'s adaptation on the episode's support set
-    (its prior as it is when ``method.steps`` is 0). Returns the posterior tensors.
+    (``method.steps`` steps of ``method.optimizer`` at ``method.lr``, default ``meta.inner_lr``;
+    its prior as it is when ``method.steps`` is 0). Returns the posterior tensors.
 
     Raises:
         NonFiniteLossError: naming the method and the task.
@@ -87,9 +92,10 @@ def adapt_method(model: BayesLoraModel, method: Method, episode: TaskBatches, me
         return method.prior
     beta = meta.beta if method.beta is None else method.beta
     n_samples = meta.n_samples if method.adapt_samples is None else method.adapt_samples
+    lr = meta.inner_lr if method.lr is None else method.lr
     try:
-        posterior, _ = adapt(model, method.prior, episode.support, method.steps, meta.inner_lr, beta, n_samples,
-                             meta.inner_grad_clip)
+        posterior, _ = adapt(model, method.prior, episode.support, method.steps, lr, beta, n_samples,
+                             meta.inner_grad_clip, method.optimizer)
     except NonFiniteLossError as err:
         raise NonFiniteLossError(f"{method.name} on task {episode.task}, seed {seed}: {err}") from err
     return posterior

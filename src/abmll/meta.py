@@ -123,35 +123,52 @@ def mean_nll(model: BayesLoraModel, params: Params, batches: Sequence[OptionBatc
     return option_nll(probs.clamp_min(1e-30).log(), labels).mean().item()
 
 
+ADAPT_OPTIMIZERS = ("sgd", "adamw")
+"""Optimisers of :func:`adapt` (test-time adaptation; the meta-training inner loop is SGD)."""
+
+
 def _leaves(params: Params) -> Params:
     return {k: v.detach().clone().requires_grad_() for k, v in params.items()}
 
 
 def adapt(
     model: BayesLoraModel, prior: Params, support: Sequence[OptionBatch], steps: int,
-    lr: float, beta: float, n_samples: int = 1, grad_clip: float = 0.0,
+    lr: float, beta: float, n_samples: int = 1, grad_clip: float = 0.0, optimizer: str = "sgd",
 ) -> tuple[Params, list[float]]:
     """Amortised inference: ``steps`` SGD steps on NLL(support) + beta * KL(q || prior),
     starting from the prior, prior held fixed (docs/method.md, "Amortised inference").
+    ``optimizer="adamw"`` takes AdamW steps instead (test-time adaptation as LoRA users run
+    it; meta-training's inner loop is SGD).
 
     Args:
         prior: flat dict of the prior's adapter tensors (theta); not modified.
         support: tokenised support set, on the model's device.
-        steps: number of SGD steps (K, or K_test at test time); 0 returns the prior.
-        lr: SGD learning rate (inner_lr).
+        steps: number of optimiser steps (K, or K_test at test time); 0 returns the prior.
+        lr: learning rate (inner_lr, or the test-time one).
         beta: weight of KL(q || prior), a sum over all weight entries in nats (0: no KL).
         n_samples: weight samples per step (0: posterior mean, i.e. deterministic LoRA).
         grad_clip: clip each step's gradient to this global L2 norm (0: no clipping).
+        optimizer: one of :data:`ADAPT_OPTIMIZERS`: "sgd" (plain SGD, the method's inner
+            loop) or "adamw" (``torch.optim.AdamW`` with its default betas and eps and no
+            weight decay, the default of Hugging Face's Trainer; fresh state per call).
     Returns:
         (posterior, support_nll): the posterior's detached tensors lambda^(K), and the
         support NLL at each step's start (nats, ``steps`` values).
     Raises:
         NonFiniteLossError: the support loss or the adapted tensors became NaN/inf.
+        ValueError: unknown ``optimizer``.
     """
+    if optimizer not in ADAPT_OPTIMIZERS:
+        raise ValueError(f"optimizer must be one of {', '.join(ADAPT_OPTIMIZERS)}; got {optimizer!r}")
     prior = {k: v.detach() for k, v in prior.items()}
     lam = _leaves(prior)
+    # an entry the loss does not reach (the scale pair of deterministic LoRA: n_samples = 0
+    # and beta = 0) has no gradient, and both optimisers leave it where it is
+    params = list(lam.values())
+    opt = torch.optim.SGD(params, lr) if optimizer == "sgd" else torch.optim.AdamW(params, lr, weight_decay=0.0)
     history = []
     for step in range(steps):
+        opt.zero_grad(set_to_none=True)
         nll = nll_backward(model, lam, support, n_samples)
         kl = model.kl(lam, prior) if beta else None
         if kl is not None:
@@ -160,11 +177,8 @@ def adapt(
             raise NonFiniteLossError(f"inner step {step}: support NLL {nll}, KL {kl}")
         history.append(nll)
         if grad_clip:
-            torch.nn.utils.clip_grad_norm_([v for v in lam.values() if v.grad is not None], grad_clip)
-        with torch.no_grad():
-            # an entry the loss does not reach (the scale pair of deterministic LoRA:
-            # n_samples = 0 and beta = 0) has no gradient and stays where it is
-            lam = {k: (v if v.grad is None else v - lr * v.grad).detach().requires_grad_() for k, v in lam.items()}
+            torch.nn.utils.clip_grad_norm_([v for v in params if v.grad is not None], grad_clip)
+        opt.step()
     bad = [k for k, v in lam.items() if not torch.isfinite(v).all()]
     if bad:
         raise NonFiniteLossError(f"adaptation diverged after {steps} steps (lr {lr}): non-finite {bad[0]}")

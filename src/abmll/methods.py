@@ -2,7 +2,8 @@
 
 Every method is a prior (how theta is obtained) plus a way to adapt and predict on a new
 task; all share the model, data, LoRA rank and targets, and the per-task budget
-(``eval.test_steps`` SGD steps at ``meta.inner_lr`` on the k-shot support set):
+(``eval.test_steps`` steps of ``eval.test_optimizer`` at ``eval.test_lr``, default SGD at
+``meta.inner_lr``, on the k-shot support set; the quality benchmark can set them per method):
 
 =================  ==========================  ====================================  ===========
 name               prior (theta)               adaptation on the new task            prediction
@@ -54,7 +55,7 @@ class MethodSpec:
     Attributes:
         name: registry name.
         prior: one of :data:`PRIOR_KINDS`.
-        adapt: adapt ``eval.test_steps`` SGD steps (``meta.inner_lr``) on the support set.
+        adapt: adapt on the support set (``eval.test_steps`` steps; see :func:`make_method`).
         bayesian: adapt with ``meta.beta`` and ``meta.n_samples`` and predict with
             ``eval.eval_samples`` weight samples; False: deterministic LoRA (KL weight 0,
             no samples, the mean pair only) predicting with the posterior mean.
@@ -147,13 +148,15 @@ def train_prior(
 
 def make_method(name: str, prior: Params, ev: EvalArgs) -> Method:
     """The :class:`abmll.evaluate.Method` of registry entry ``name`` with its ``prior``:
-    ``ev.test_steps`` steps when it adapts, ``ev.eval_samples`` prediction samples when it is
-    Bayesian; deterministic methods adapt with beta 0 and 0 samples and predict with the mean."""
+    ``ev.test_steps`` steps of ``ev.test_optimizer`` at ``ev.test_lr`` when it adapts,
+    ``ev.eval_samples`` prediction samples when it is Bayesian; deterministic methods adapt
+    with beta 0 and 0 samples and predict with the mean."""
     spec = get_spec(name)
     steps = ev.test_steps if spec.adapt else 0
+    how = dict(lr=ev.test_lr, optimizer=ev.test_optimizer)
     if spec.bayesian:
-        return Method(name, prior, steps, ev.eval_samples)
-    return Method(name, prior, steps, 0, beta=0.0, adapt_samples=0)
+        return Method(name, prior, steps, ev.eval_samples, **how)
+    return Method(name, prior, steps, 0, beta=0.0, adapt_samples=0, **how)
 
 
 def prior_kinds(names: list[str]) -> list[str]:

@@ -18,7 +18,8 @@ from abmll.scoring import make_batches
 
 def run_adapt(run: RunArgs, args: AdaptArgs, cfg: dict) -> Path:
     """Adapt the prior ``args.prior`` to the examples of ``args.support`` (``eval.test_steps``
-    SGD steps, ``meta.inner_lr``, ``meta.beta``, ``meta.n_samples``) and write the posterior
+    steps of ``eval.test_optimizer`` at ``eval.test_lr`` (default ``meta.inner_lr``),
+    ``meta.beta``, ``meta.n_samples``) and write the posterior
     to ``run.out`` as a PEFT LoRA folder with the abmll scale sidecar."""
     if not args.prior or not args.support:
         raise SystemExit("adapt: --prior DIR and --support FILE.jsonl are required")
@@ -27,12 +28,13 @@ def run_adapt(run: RunArgs, args: AdaptArgs, cfg: dict) -> Path:
     model, tokenizer, theta, status = load_prior(args.prior, cfg)
     device = next(model.parameters()).device
     support = [b.to(device) for b in make_batches(tokenizer, examples, cfg["scoring"])]
-    meta, steps = cfg["meta"], cfg["eval"].test_steps
+    meta, ev, steps = cfg["meta"], cfg["eval"], cfg["eval"].test_steps
     torch.manual_seed(meta.seed)
     before = mean_nll(model, theta, support)
     bar = tqdm(total=1, desc=f"adapt ({steps} steps, {len(examples)} examples)", unit="task")
-    posterior, history = adapt(model, theta, support, steps, meta.inner_lr, meta.beta, meta.n_samples,
-                                meta.inner_grad_clip)
+    lr = meta.inner_lr if ev.test_lr is None else ev.test_lr
+    posterior, history = adapt(model, theta, support, steps, lr, meta.beta, meta.n_samples,
+                                meta.inner_grad_clip, ev.test_optimizer)
     after = mean_nll(model, posterior, support)
     bar.update(1)
     bar.set_postfix(support_nll=f"{before:.3f}->{after:.3f}")

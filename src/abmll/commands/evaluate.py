@@ -63,11 +63,12 @@ def run_evaluate(run: RunArgs, cfg: dict, model, tokenizer, theta, report: Repor
     names = check_evaluate_inputs(run, cfg)
     tasks: TaskArgs = cfg["tasks"]
     ev: EvalArgs = cfg["eval"]
-    methods = [Method("zero_shot", model.init_params(), 0, 0), Method("abmll", theta, ev.test_steps, ev.eval_samples)]
+    adapting = dict(steps=ev.test_steps, samples=ev.eval_samples, lr=ev.test_lr, optimizer=ev.test_optimizer)
+    methods = [Method("zero_shot", model.init_params(), 0, 0), Method("abmll", theta, **adapting)]
     statuses = {"abmll": prior}
     for name in ev.compare_priors:
         tensors, statuses[f"prior:{Path(name).name}"] = fitting_prior(name, model)
-        methods.append(Method(f"prior:{Path(name).name}", tensors, ev.test_steps, ev.eval_samples))
+        methods.append(Method(f"prior:{Path(name).name}", tensors, **adapting))
     settings = settings_hash({"config": result_config(cfg), "names": names,
                               "data": task_files_digest([*names, *ev.ood_tasks], tasks),
                               "methods": {m.name: tensor_digest(m.prior) for m in methods}})

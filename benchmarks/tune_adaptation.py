@@ -1,0 +1,93 @@
+"""Choose every method's test-time adaptation (optimiser, steps, learning rate) on dev data,
+with the same search budget for each: the same grid of settings, the same dev tasks, seeds
+and shots. Never touches a split's test tasks.
+
+    .venv/bin/python benchmarks/tune_adaptation.py <quality.py flags, --val_tasks required> \
+        [--grid sgd:5:0.3 adamw:10:0.003 ...]
+
+The dev tasks are the meta-validation tasks (``--val_tasks``: train tasks of the split held
+out of meta-training); each grid point runs benchmarks/quality.py's ``run`` on their dev
+files (support = the train file of ``--test_k`` shots), every adapting method with that
+point's settings, from the same priors the test run uses (same ``--work_dir``: the priors
+and results are reused, and a killed run resumes). The point with the lowest mean dev NLL
+(over tasks, each task's mean over seeds) is chosen per method.
+
+Writes ``<out_dir>/tune_adaptation-<split>.{json,md}`` and prints the ``--adaptation`` flags
+of the choice, to pass to benchmarks/quality.py.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import quality
+
+from abmll.checkpoint import write_json
+from abmll.methods import get_spec
+
+GRID = ["sgd:5:0.3", "sgd:10:0.1", "sgd:10:0.3", "adamw:5:0.01", "adamw:10:0.003", "adamw:10:0.01"]
+"""OPTIMIZER:STEPS:LR points tried for every method: the shared recipe (SGD, 5 steps at 0.3),
+twice the steps, and AdamW (no weight decay) at learning rates for a few-step LoRA run."""
+SHOWN = ("nll", "accuracy", "macro_f1", "ece")
+
+
+def main(argv: list[str] | None = None) -> dict:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--grid", nargs="+", default=GRID)
+    own, rest = pre.parse_known_args(argv)
+    bench, cfg = quality.parse(rest)
+    val = list(cfg["tasks"].val_tasks)
+    if not val:
+        raise SystemExit("--val_tasks is required: the dev tasks (held out of meta-training) to tune on")
+    adapting = [m for m in bench.methods if get_spec(m).adapt]
+    dev_bench = replace(bench, eval_split="dev", plots=False)
+    dev_cfg = {**cfg, "tasks": replace(cfg["tasks"], test_tasks=val)}
+    split = cfg["tasks"].split
+    work = Path(bench.work_dir or f"runs/quality-{split}")
+    out_dir = Path(bench.out_dir or "benchmarks/results")
+    command = ".venv/bin/python benchmarks/tune_adaptation.py " + quality.shlex.join(argv)
+    rows = {}
+    for point in own.grid:
+        point_bench = replace(dev_bench, adaptation=[f"{m}={point}" for m in adapting])
+        quality.adaptations(point_bench)                      # refuses a malformed point before any run
+        res, _ = quality.run(point_bench, dev_cfg, f"{command}  [{point}]", work)
+        rows[point] = {m: {k: res["methods"][m][k] for k in SHOWN} for m in bench.methods}
+        print(f"{point}: " + ", ".join(f"{m} NLL {r['nll']:.3f}" for m, r in rows[point].items()), flush=True)
+    chosen = {m: min(rows, key=lambda p: rows[p][m]["nll"]) for m in adapting}
+    flags = ["--adaptation", *(f"{m}={p}" for m, p in chosen.items())]
+    out = {"split": split, "dev_tasks": res["tasks"], "seeds": list(bench.seeds), "test_k": res["test_k"],
+           "selection": "lowest mean dev NLL", "grid": list(own.grid), "command": command, "rows": rows,
+           "chosen": chosen, "flags": quality.shlex.join(flags), "priors": res.get("priors", {})}
+    out_dir.mkdir(parents=True, exist_ok=True)
+    name = f"tune_adaptation-{split}"
+    write_json(out_dir / f"{name}.json", out)
+    (out_dir / f"{name}.md").write_text(markdown(out))
+    print(markdown(out))
+    return out
+
+
+def markdown(out: dict) -> str:
+    methods = list(next(iter(out["rows"].values())))
+    lines = [f"# Test-time adaptation chosen on dev data ({out['split']})", "",
+             f"Command: `{out['command']}`", "",
+             f"Dev tasks (held out of meta-training; support = train file, query = dev file): "
+             f"{', '.join(out['dev_tasks'])}; seeds {out['seeds']}; k = {out['test_k']}. Every method tries the "
+             f"same grid (OPTIMIZER:STEPS:LR); chosen by {out['selection']} (**bold**).", "",
+             "Dev NLL / accuracy / macro-F1 / ECE, mean over tasks:", "",
+             "| setting | " + " | ".join(methods) + " |", "|---|" + "---|" * len(methods)]
+    for point, r in out["rows"].items():
+        cells = []
+        for m in methods:
+            text = " / ".join(quality._f(r[m][k]) for k in SHOWN)
+            cells.append(f"**{text}**" if out["chosen"].get(m) == point else text)
+        lines.append(f"| {point} | " + " | ".join(cells) + " |")
+    lines += ["", f"Flags for benchmarks/quality.py: `{out['flags']}`", ""]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
