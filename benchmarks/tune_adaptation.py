@@ -28,9 +28,11 @@ import quality
 from abmll.checkpoint import write_json
 from abmll.methods import get_spec
 
-GRID = ["sgd:5:0.3", "sgd:10:0.1", "sgd:10:0.3", "adamw:5:0.01", "adamw:10:0.003", "adamw:10:0.01"]
+GRID = ["sgd:5:0.3", "sgd:10:0.1", "sgd:10:0.3", "sgd:10:1.0",
+        "adamw:5:0.01", "adamw:10:0.003", "adamw:10:0.01", "adamw:10:0.03"]
 """OPTIMIZER:STEPS:LR points tried for every method: the shared recipe (SGD, 5 steps at 0.3),
-twice the steps, and AdamW (no weight decay) at learning rates for a few-step LoRA run."""
+twice the steps at three learning rates, and AdamW (no weight decay) at learning rates for a
+few-step LoRA run. At most 10 steps: the test benchmark's compute budget on 2 CPU cores."""
 SHOWN = ("nll", "accuracy", "macro_f1", "ece")
 
 

@@ -332,3 +332,25 @@ def test_shipped_priors_are_taken_by_short_name_and_compared_in_evaluate(world, 
     res = json.loads((out / "results.json").read_text())
     assert set(res["methods"]) == {"zero_shot", "abmll", "prior:tiny-rule"}
     assert res["methods"]["prior:tiny-rule"]["mean"] == res["methods"]["abmll"]["mean"]    # the same prior, same seeds
+
+
+def test_library_warnings_and_loading_bars_are_hidden_unless_verbose(world, tmp_path, capsys):
+    """The libraries' FutureWarnings and transformers' weight-loading bar show only with
+    --verbose; abmll's own warnings show either way; the libraries' settings are restored."""
+    import warnings
+
+    from transformers.utils import logging as hf_logging
+
+    test_file = world["data"] / "h0" / "h0_test.jsonl"
+    seen = {}
+    for verbose in (False, True):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            warnings.warn("a library's notice", FutureWarning, stacklevel=1)   # outside the command: shown
+            assert main(["predict", "--adapter", str(world["prior"]), "--input", str(test_file),
+                         "--out", str(tmp_path / f"p{verbose}"), *(["--verbose"] if verbose else [])]) == 0
+        seen[verbose] = ([w for w in caught if issubclass(w.category, FutureWarning)], capsys.readouterr().err)
+    quiet, loud = seen[False], seen[True]
+    assert len(quiet[0]) == 1 and len(loud[0]) > 1, (quiet[0], loud[0])
+    assert "Loading weights" not in quiet[1] and "Loading weights" in loud[1]
+    assert hf_logging.is_progress_bar_enabled()

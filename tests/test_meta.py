@@ -301,3 +301,32 @@ def test_skipping_the_support_after_log_changes_only_that_log():
         {k: v for k, v in logs_off.items() if k != "support_nll_after"}
     for k in theta_on:
         torch.testing.assert_close(theta_on[k], theta_off[k], rtol=0, atol=0)
+
+
+def test_adamw_first_step_moves_every_reached_entry_by_lr_and_sgd_stays_plain():
+    """AdamW's first step is lr * g / (|g| + eps) per entry (bias-corrected moments m = g,
+    v = g^2), so each entry with a gradient moves by lr; the scale pair of deterministic
+    LoRA gets no gradient and stays. SGD through torch.optim equals lambda - lr * grad."""
+    model = BayesLoraModel(make_tiny_llama(), BayesLoraConfig(rank=2))
+    prior = random_theta(model, seed=4)
+    support = task_batches("a", 5).support
+    post, _ = adapt(model, prior, support, steps=1, lr=1e-3, beta=0.0, n_samples=0, optimizer="adamw")
+    lam = {k: v.detach().clone().requires_grad_() for k, v in prior.items()}
+    query_loss(model, lam, prior, support, beta=0.0).backward()
+    for k, v in lam.items():
+        moved = (post[k] - prior[k]).abs()
+        if v.grad is None:
+            assert torch.equal(post[k], prior[k].detach()), k
+        else:
+            big = v.grad.abs() > 1e-5                       # eps (1e-8) is negligible there
+            assert big.any() and torch.allclose(moved[big], torch.full_like(moved[big], 1e-3), rtol=1e-3), k
+    sgd, _ = adapt(model, prior, support, steps=1, lr=0.5, beta=0.0, n_samples=0)
+    for k, v in lam.items():
+        expected = prior[k].detach() if v.grad is None else prior[k].detach() - 0.5 * v.grad
+        assert torch.allclose(sgd[k], expected, atol=1e-6), k
+
+
+def test_unknown_adaptation_optimizer_is_refused():
+    model = BayesLoraModel(make_tiny_llama(), BayesLoraConfig(rank=2))
+    with pytest.raises(ValueError, match="optimizer must be one of sgd, adamw; got 'adam'"):
+        adapt(model, model.init_params(), task_batches("a", 1).support, 1, 1e-3, 0.0, 0, optimizer="adam")

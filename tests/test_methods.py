@@ -136,3 +136,23 @@ def test_evaluate_reports_predictions_and_keeps_its_return_shape(world):
         ep = episode_batches(w["model"], w["tok"], t, s, w["tasks"], w["scoring"], "test", w["ev"].max_test)
         metrics, p2, _ = run_method(w["model"], next(x for x in methods if x.name == m), ep, w["meta"], s)
         assert torch.equal(p, p2) and metrics == res["methods"][m]["per_task"][t]["seeds"][s]
+
+
+def test_eval_settings_choose_the_adaptation_optimizer_and_learning_rate(world):
+    w = world
+    init = w["model"].init_params()
+    ev = EvalArgs(test_steps=2, eval_samples=2, max_test=6, test_optimizer="adamw", test_lr=0.01)
+    _, probs, _ = run_method(w["model"], make_method("lora", init, ev), w["ep"], w["meta"], seed=1)
+    post, _ = adapt(w["model"], init, w["ep"].support, 2, 0.01, beta=0.0, n_samples=0,
+                    grad_clip=w["meta"].inner_grad_clip, optimizer="adamw")
+    assert torch.equal(probs, predict_batches(w["model"], post, w["ep"].query, n_samples=0)[0])
+    _, sgd, _ = run_method(w["model"], make_method("lora", init, w["ev"]), w["ep"], w["meta"], seed=1)
+    assert (sgd - probs).abs().max() > 1e-6
+
+
+@pytest.mark.parametrize("bad,message", [(dict(test_optimizer="adam"), "--test_optimizer must be one of sgd, adamw"),
+                                         (dict(test_lr=0.0), "--test_lr must be a finite number > 0"),
+                                         (dict(test_lr=float("nan")), "--test_lr must be a finite number > 0")])
+def test_invalid_adaptation_settings_are_refused_naming_the_flag(bad, message):
+    with pytest.raises(ValueError, match=message):
+        EvalArgs(**bad)

@@ -118,3 +118,42 @@ def test_dev_sweep_holds_dev_tasks_out_and_writes_the_table(tiny_model_dir, tiny
         assert 0 <= row["abmll"]["ece"] <= 1
     table = (tmp_path / "out" / "quality-tiny-dev-sweep-beta.md").read_text()
     assert "| beta | bayes_lora acc |" in table and "| 1e-3 |" in table
+
+
+def test_per_method_adaptation_reruns_only_that_method_and_is_reported(tiny_model_dir, tiny_data_dir, tmp_path,
+                                                                        monkeypatch):
+    base = args(tiny_model_dir, tiny_data_dir, tmp_path, "--methods", "zero_shot", "lora", "abmll", "--seeds", "1")
+    first = quality.main(base)
+    assert first["adaptation"] == {"lora": ["sgd", 2, 0.3], "abmll": ["sgd", 2, 0.3]}
+    calls = []
+    real = quality.run_method
+    monkeypatch.setattr(quality, "run_method", lambda model, m, ep, meta, seed: calls.append((m.name, m.optimizer,
+                        m.steps, m.lr)) or real(model, m, ep, meta, seed))
+    out = quality.main([*base, "--adaptation", "lora=adamw:3:0.01"])
+    assert sorted(set(calls)) == [("lora", "adamw", 3, 0.01)]            # abmll and zero-shot come from the cache
+    assert out["adaptation"] == {"lora": ["adamw", 3, 0.01], "abmll": ["sgd", 2, 0.3]}
+    assert out["methods"]["abmll"] == first["methods"]["abmll"] and out["methods"]["lora"] != first["methods"]["lora"]
+    table = (tmp_path / "out" / "quality-tiny.md").read_text()
+    assert "adaptation lora 3 AdamW steps at lr 0.01; abmll 2 SGD steps at lr 0.3;" in table
+
+
+@pytest.mark.parametrize("bad", ["lora=adamw:3", "lora=adamw:x:0.1", "lora", "lora=adam:3:0.1", "abmll=sgd:2:0.3"])
+def test_malformed_adaptation_is_refused(tiny_model_dir, tiny_data_dir, tmp_path, bad):
+    with pytest.raises(SystemExit, match="adaptation"):
+        quality.parse(args(tiny_model_dir, tiny_data_dir, tmp_path, "--methods", "lora", "--adaptation", bad))
+
+
+def test_tune_adaptation_tries_the_same_grid_for_every_method_on_dev_tasks(tiny_model_dir, tiny_data_dir, tmp_path):
+    tune_spec = importlib.util.spec_from_file_location("tune_adaptation",
+                                                       Path(__file__).parents[1] / "benchmarks" / "tune_adaptation.py")
+    tune = importlib.util.module_from_spec(tune_spec)
+    tune_spec.loader.exec_module(tune)
+    out = tune.main(args(tiny_model_dir, tiny_data_dir, tmp_path, "--methods", "lora", "abmll", "--val_tasks", "t0",
+                         "--seeds", "1", "--grid", "sgd:1:0.3", "adamw:2:0.01", "--test_k", "4"))
+    assert out["dev_tasks"] == ["t0"] and set(out["rows"]) == {"sgd:1:0.3", "adamw:2:0.01"}
+    for method, point in out["chosen"].items():
+        assert out["rows"][point][method]["nll"] == min(r[method]["nll"] for r in out["rows"].values())
+    assert out["flags"] == "--adaptation " + " ".join(f"{m}={p}" for m, p in out["chosen"].items())
+    assert "| adamw:2:0.01 |" in (tmp_path / "out" / "tune_adaptation-tiny.md").read_text()
+    with pytest.raises(SystemExit, match="--val_tasks is required"):
+        tune.main(args(tiny_model_dir, tiny_data_dir, tmp_path, "--methods", "lora"))

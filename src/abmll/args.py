@@ -40,11 +40,14 @@ class RunArgs:
         overwrite: replace what ``out`` already holds (a run, results, predictions, an
             adapter) instead of refusing; without it a finished output is never replaced and
             partial results of the same settings are resumed.
+        verbose: also show the libraries' own output (transformers' and peft's warnings and
+            logs, the weight-loading bar), which is hidden by default.
     """
 
     config: str | None = None
     out: str | None = None
     overwrite: bool = False
+    verbose: bool = False
 
 
 @dataclass

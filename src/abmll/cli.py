@@ -18,14 +18,17 @@ read an adapter (evaluate, adapt, predict, export) start from the config saved w
 the file and the flags override. The resolved config is saved beside every checkpoint and
 result. ``--tensorboard DIR`` (meta-train, evaluate, demo) logs scalars when tensorboard is
 installed; ``--plots false`` turns off the PNG plots. Each command writes to ``runs/<command>``
-unless ``--out`` says otherwise.
+unless ``--out`` says otherwise. The libraries' warnings and loading bars are hidden unless
+``--verbose``.
 """
 
 from __future__ import annotations
 
 import sys
 import time
+import warnings
 from collections.abc import Callable
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -113,6 +116,34 @@ COMMAND_TABLE = {
 assert tuple(COMMAND_TABLE) == COMMANDS
 
 
+LIBRARIES = r"(transformers|peft|accelerate|huggingface_hub|torch|datasets)(\.|$)"
+"""Modules whose warnings :func:`library_output` hides (abmll's own are always shown)."""
+
+
+@contextmanager
+def library_output(verbose: bool):
+    """Unless ``verbose``: hide the libraries' warnings (every FutureWarning, and any warning
+    issued from a :data:`LIBRARIES` module), transformers' log below ERROR and its progress
+    bars (the weight-loading bar) while the block runs; restored afterwards."""
+    if verbose:
+        yield
+        return
+    from transformers.utils import logging as hf_logging
+
+    level, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", category=FutureWarning)
+            warnings.filterwarnings("ignore", module=LIBRARIES)
+            yield
+    finally:
+        hf_logging.set_verbosity(level)
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
 def _close_bars() -> None:
     """End every open progress bar's line, so a message printed next starts on its own line."""
     for bar in list(getattr(tqdm, "_instances", ())):
@@ -161,7 +192,8 @@ def main(argv: list[str] | None = None) -> int:
             rest = ["--config", str(DEMO_CONFIG), *replace, *rest]
         run, cfg, extra = parse_args(rest, spec.groups, spec.args, spec.adapter_flag, command,
                                      default_out=f"runs/{command}", unused=spec.unused)
-        spec.run(run, cfg, *extra)
+        with library_output(run.verbose):
+            spec.run(run, cfg, *extra)
     except (DataError, NonFiniteLossError, ValueError, OSError) as err:
         _close_bars()
         print(f"abmll {command}: error: {err}", file=sys.stderr)
