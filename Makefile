@@ -19,7 +19,11 @@ test: venv
 demo: venv
 	$(BIN)/abmll demo --out runs/demo
 
+help: venv  # after changing a flag: the stored `abmll <command> --help` texts
+	$(BIN)/python -c "from abmll.helptext import write_help; write_help()"
+
 lint: venv
 	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/ruff format --check src tests benchmarks
 
-.PHONY: venv test demo lint
+.PHONY: venv test demo lint help

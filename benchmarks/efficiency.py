@@ -77,10 +77,10 @@ def setup(args):
     batches = lambda exs: [b.to(device) for b in make_batches(tok, exs[: args.k], scoring)]  # noqa: E731
     tasks = []
     shots = 8 if args.k <= 8 else 16
-    for t in TASKS:                  # the first k examples of the k-shot train (support) and dev (query) files
+    for t in TASKS:  # the first k examples of the k-shot train (support) and dev (query) files
         ep = load_episode(t, shots, 100, "dev")
         tasks.append(TaskBatches(t, batches(ep.support), batches(ep.query)))
-    with torch.no_grad():                        # touch every weight before the memory baseline
+    with torch.no_grad():  # touch every weight before the memory baseline
         for p in model.parameters():
             p.add_(0)
     return model, tasks, device
@@ -115,22 +115,23 @@ def make_step(method: str, K: int, model, tasks):
     if method == "lora":
         lora = {k: theta[k] for k in model.mean_keys()}
         opt = torch.optim.AdamW(lora.values(), lr=1e-4)
-        batches = [b for t in tasks for b in [t.support] * K + [t.query]]    # (K + 1) * B steps
+        batches = [b for t in tasks for b in [t.support] * K + [t.query]]  # (K + 1) * B steps
 
         def step():
             for b in batches:
                 opt.zero_grad(set_to_none=True)
                 nll_backward(model, lora, b, n_samples=0)
                 opt.step()
+
         return step
     opt = torch.optim.Adam(theta.values(), lr=1e-3)
-    fn = meta_step_second_order if method == "second_order" else partial(
-        meta_step, log_support_after=method == "abmll_log")
+    fn = meta_step_second_order if method == "second_order" else partial(meta_step, log_support_after=method == "abmll_log")
     sampling = "per_batch" if method == "abmll_per_batch" else "flipout"
 
-    def step():                       # the sampler is read in each forward; the model is shared
+    def step():  # the sampler is read in each forward; the model is shared
         model.config = replace(model.config, sampling=sampling)
         fn(model, theta, opt, tasks, cfg, hyper)
+
     return step
 
 
@@ -148,13 +149,14 @@ def child(args) -> dict:
     K = args.k_inner
     step = make_step(args.method, K, model, tasks)
     with sdpa_kernel(SDPBackend.MATH):
-        step()                                          # warm-up
+        step()  # warm-up
         times = [timed(step, device) for _ in range(args.repeats)]
     positions = lambda batches: sum(b.input_ids.numel() for b in batches)  # noqa: E731
-    work = sum(K * positions(t.support) + positions(t.query) for t in tasks)   # same for every method
+    work = sum(K * positions(t.support) + positions(t.query) for t in tasks)  # same for every method
     step_s = statistics.median(times)
-    return dict(method=args.method, K=K, step_s=step_s, peak_mb=peak_memory_mb(device),
-                baseline_mb=base_mem, tokens_per_s=work / step_s)
+    return dict(
+        method=args.method, K=K, step_s=step_s, peak_mb=peak_memory_mb(device), baseline_mb=base_mem, tokens_per_s=work / step_s
+    )
 
 
 def paired_step_time(args, K: int = 5) -> dict:
@@ -175,12 +177,17 @@ def paired_step_time(args, K: int = 5) -> dict:
     rounds = []
     with sdpa_kernel(SDPBackend.MATH):
         for fn in steps.values():
-            fn()                                          # warm-up
+            fn()  # warm-up
         for _ in range(args.paired_rounds):
             rounds.append({m: timed(fn, device) for m, fn in steps.items()})
     ratios = {m: [r[m] / r["lora"] for r in rounds] for m in methods[1:]}
-    return {"K": K, "examples_per_task": args.paired_k, "rounds": rounds, "ratios": ratios,
-            "median_ratio": {m: statistics.median(v) for m, v in ratios.items()}}
+    return {
+        "K": K,
+        "examples_per_task": args.paired_k,
+        "rounds": rounds,
+        "ratios": ratios,
+        "median_ratio": {m: statistics.median(v) for m, v in ratios.items()},
+    }
 
 
 def scoring_speed(args) -> dict:
@@ -204,7 +211,7 @@ def scoring_speed(args) -> dict:
         batches = [b.to(device) for b in make_batches(tok, examples, cfg)]
         fn = lambda groups=None, **kw: model(params, groups=groups, **kw).logits  # noqa: E731
         with torch.no_grad():
-            option_scores(fn, batches[0])                # warm-up
+            option_scores(fn, batches[0])  # warm-up
             t0 = time.perf_counter()
             got = [(b.example_index, option_scores(fn, b)) for b in batches]
             if device.type == "cuda":
@@ -215,8 +222,8 @@ def scoring_speed(args) -> dict:
             s[idx, : sc.shape[1]] = sc
         scores[pack] = s
         out["packed" if pack else "per_option"] = dict(
-            examples_per_s=len(examples) / seconds,
-            tokens=sum(int(b.input_ids.numel()) for b in batches))
+            examples_per_s=len(examples) / seconds, tokens=sum(int(b.input_ids.numel()) for b in batches)
+        )
     finite = torch.isfinite(scores[True])
     out["max_abs_diff"] = (scores[True] - scores[False])[finite].abs().max().item()
     out["speedup"] = out["packed"]["examples_per_s"] / out["per_option"]["examples_per_s"]
@@ -242,8 +249,9 @@ def profile_step(args) -> list[dict]:
         meta_step(model, theta, opt, tasks, cfg, HyperpriorConfig())
     total = sum(e.self_cpu_time_total for e in prof.key_averages())
     rows = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)[:12]
-    return [dict(op=e.key, self_cpu_ms=e.self_cpu_time_total / 1e3, share=e.self_cpu_time_total / total,
-                 calls=e.count) for e in rows]
+    return [
+        dict(op=e.key, self_cpu_ms=e.self_cpu_time_total / 1e3, share=e.self_cpu_time_total / total, calls=e.count) for e in rows
+    ]
 
 
 def run_child(args, method: str, K: int) -> dict:
@@ -254,41 +262,55 @@ def run_child(args, method: str, K: int) -> dict:
 
 
 def table(res: dict) -> str:
-    lines = [f"Efficiency ({res['model']}, {res['device']}); command: `{res['command']}`", "",
-             "Each row, and the paired timing, is reused from an earlier invocation when it is in the "
-             "benchmark's cache (benchmarks/results/.efficiency-rows.jsonl, .efficiency-paired.json); "
-             "delete those to measure everything again.", "",
-             "| method | K | step time (s) | peak memory (MB) | peak - baseline (MB) | tokens/s |",
-             "|---|---|---|---|---|---|"]
+    lines = [
+        f"Efficiency ({res['model']}, {res['device']}); command: `{res['command']}`",
+        "",
+        "Each row, and the paired timing, is reused from an earlier invocation when it is in the "
+        "benchmark's cache (benchmarks/results/.efficiency-rows.jsonl, .efficiency-paired.json); "
+        "delete those to measure everything again.",
+        "",
+        "| method | K | step time (s) | peak memory (MB) | peak - baseline (MB) | tokens/s |",
+        "|---|---|---|---|---|---|",
+    ]
     for r in res["rows"]:
         if "error" in r:
             lines.append(f"| {r['method']} | {r['K']} | failed: {r['error']} | | | |")
             continue
-        lines.append(f"| {r['method']} | {r['K']} | {r['step_s']:.2f} | {r['peak_mb']:.0f} | "
-                     f"{r['peak_mb'] - r['baseline_mb']:.0f} | {r['tokens_per_s']:.0f} |")
+        lines.append(
+            f"| {r['method']} | {r['K']} | {r['step_s']:.2f} | {r['peak_mb']:.0f} | "
+            f"{r['peak_mb'] - r['baseline_mb']:.0f} | {r['tokens_per_s']:.0f} |"
+        )
     s, paired = res["scoring"], res["step_time_paired"]
     fmt = lambda x: "n/a" if x is None else f"{x:.3f}"  # noqa: E731
-    lines += ["", f"- memory_ratio_k10_k1: { {m: fmt(v) for m, v in res['memory_ratio_k10_k1'].items()} }",
-              "- peak memory relative to K=1: "
-              f"{ {m: {K: fmt(v) for K, v in d.items()} for m, d in res['memory_ratio_vs_k1'].items()} }",
-              f"- step_time_ratio_vs_lora (K=5, ABMLL meta-step / (K+1)*B LoRA steps, median of "
-              f"{len(paired['rounds'])} paired rounds in one process, {paired['examples_per_task']} support + "
-              f"{paired['examples_per_task']} query examples per task): "
-              f"**{fmt(res['step_time_ratio_vs_lora'])}** (the trainer's default meta-step: flipout); with the "
-              f"support_nll_after logging forward (--log_support_after): "
-              f"{fmt(res['step_time_ratio_vs_lora_with_log'])}; with per_batch sampling: "
-              f"{fmt(res['step_time_ratio_vs_lora_per_batch'])}; per round: "
-              f"{ {m: [fmt(x) for x in v] for m, v in paired['ratios'].items()} }; LoRA steps per round (s): "
-              f"{[round(r['lora'], 1) for r in paired['rounds']]}",
-              f"- the same ratio from the rows above (separate processes, run minutes apart, "
-              f"{res['examples_per_task']['support']} + {res['examples_per_task']['query']} examples per task): "
-              f"{ {m: {K: fmt(v) for K, v in d.items()} for m, d in res['step_time_ratio_vs_lora_separate_processes'].items()} }",
-              f"- scoring_speedup (ai2_arc, {s['examples']} examples, packed vs per-option): "
-              f"{res['scoring_speedup']:.2f}x, max |score diff| {s['max_abs_diff']:.2e}, "
-              f"token positions {s['packed']['tokens']} vs {s['per_option']['tokens']}"]
+    lines += [
+        "",
+        f"- memory_ratio_k10_k1: { {m: fmt(v) for m, v in res['memory_ratio_k10_k1'].items()} }",
+        "- peak memory relative to K=1: "
+        f"{ {m: {K: fmt(v) for K, v in d.items()} for m, d in res['memory_ratio_vs_k1'].items()} }",
+        f"- step_time_ratio_vs_lora (K=5, ABMLL meta-step / (K+1)*B LoRA steps, median of "
+        f"{len(paired['rounds'])} paired rounds in one process, {paired['examples_per_task']} support + "
+        f"{paired['examples_per_task']} query examples per task): "
+        f"**{fmt(res['step_time_ratio_vs_lora'])}** (the trainer's default meta-step: flipout); with the "
+        f"support_nll_after logging forward (--log_support_after): "
+        f"{fmt(res['step_time_ratio_vs_lora_with_log'])}; with per_batch sampling: "
+        f"{fmt(res['step_time_ratio_vs_lora_per_batch'])}; per round: "
+        f"{ {m: [fmt(x) for x in v] for m, v in paired['ratios'].items()} }; LoRA steps per round (s): "
+        f"{[round(r['lora'], 1) for r in paired['rounds']]}",
+        f"- the same ratio from the rows above (separate processes, run minutes apart, "
+        f"{res['examples_per_task']['support']} + {res['examples_per_task']['query']} examples per task): "
+        f"{ {m: {K: fmt(v) for K, v in d.items()} for m, d in res['step_time_ratio_vs_lora_separate_processes'].items()} }",
+        f"- scoring_speedup (ai2_arc, {s['examples']} examples, packed vs per-option): "
+        f"{res['scoring_speedup']:.2f}x, max |score diff| {s['max_abs_diff']:.2e}, "
+        f"token positions {s['packed']['tokens']} vs {s['per_option']['tokens']}",
+    ]
     if res["profile"]:
-        lines += ["", "Profile of one ABMLL meta-step (K=5), top self-CPU operators:", "",
-                  "| operator | self CPU (ms) | share | calls |", "|---|---|---|---|"]
+        lines += [
+            "",
+            "Profile of one ABMLL meta-step (K=5), top self-CPU operators:",
+            "",
+            "| operator | self CPU (ms) | share | calls |",
+            "|---|---|---|---|",
+        ]
         lines += [f"| {p['op']} | {p['self_cpu_ms']:.0f} | {p['share']:.1%} | {p['calls']} |" for p in res["profile"]]
     return "\n".join(lines) + "\n"
 
@@ -307,13 +329,29 @@ def main() -> None:
     ap.add_argument("--ks", nargs="+", type=int, default=KS, help="inner steps K to run")
     ap.add_argument("--child", nargs=2, metavar=("METHOD", "K"))
     ap.add_argument("--paired-rounds", type=int, default=5, help="rounds of the in-process paired timing")
-    ap.add_argument("--paired-k", type=int, default=16,
-                    help="support/query examples per task in the paired timing (the trainer's default episode)")
+    ap.add_argument(
+        "--paired-k",
+        type=int,
+        default=16,
+        help="support/query examples per task in the paired timing (the trainer's default episode)",
+    )
     ap.add_argument("--only", choices=["scoring", "profile", "paired"])
     ap.add_argument("--no-profile", action="store_true", help="skip the meta-step profile")
     args = ap.parse_args()
-    args.passthrough = ["--model", args.model, "--device", args.device, "--dtype", args.dtype, "--k", str(args.k),
-                        "--repeats", str(args.repeats), "--threads", str(args.threads)]
+    args.passthrough = [
+        "--model",
+        args.model,
+        "--device",
+        args.device,
+        "--dtype",
+        args.dtype,
+        "--k",
+        str(args.k),
+        "--repeats",
+        str(args.repeats),
+        "--threads",
+        str(args.threads),
+    ]
     if args.child:
         args.method, args.k_inner = args.child[0], int(args.child[1])
         print(json.dumps(child(args)))
@@ -328,14 +366,14 @@ def main() -> None:
         print(json.dumps(paired_step_time(args), indent=2))
         return
     name = "efficiency" + (f"-{args.tag}" if args.tag else "")
-    rows, cache = [], RESULTS / f".{name}-rows.jsonl"      # finished children survive a restart
+    rows, cache = [], RESULTS / f".{name}-rows.jsonl"  # finished children survive a restart
     done = {(r["method"], r["K"]): r for r in map(json.loads, cache.read_text().splitlines())} if cache.exists() else {}
     for method in args.methods:
         for K in args.ks:
             if (method, K) not in done:
                 try:
                     done[(method, K)] = run_child(args, method, K)
-                except subprocess.CalledProcessError as err:   # e.g. out of memory: recorded, not fatal
+                except subprocess.CalledProcessError as err:  # e.g. out of memory: recorded, not fatal
                     done[(method, K)] = dict(method=method, K=K, error=err.stderr.strip().splitlines()[-1:])
                 with cache.open("a") as f:
                     f.write(json.dumps(done[(method, K)]) + "\n")
@@ -346,11 +384,11 @@ def main() -> None:
     def ratio(num, den, key):
         return num[key] / den[key] if num and den and key in num and key in den else None
 
-    def time_ratio(method, K):     # method's step / the (K + 1) * B LoRA steps of the same K
+    def time_ratio(method, K):  # method's step / the (K + 1) * B LoRA steps of the same K
         return ratio(by.get((method, K)), by.get(("lora", K)), "step_s")
 
     scoring = scoring_speed(args)
-    paired_cache = RESULTS / f".{name}-paired.json"      # the paired timing survives a restart too
+    paired_cache = RESULTS / f".{name}-paired.json"  # the paired timing survives a restart too
     paired = json.loads(paired_cache.read_text()) if paired_cache.exists() else None
     if paired is None or (paired["examples_per_task"], len(paired["rounds"])) != (args.paired_k, args.paired_rounds):
         paired = paired_step_time(args)
@@ -358,21 +396,22 @@ def main() -> None:
     import torch
 
     from abmll.models import resolve_device
+
     res = {
-        "model": args.model, "device": str(resolve_device(args.device)) + f" ({args.dtype}, {args.threads} threads)",
+        "model": args.model,
+        "device": str(resolve_device(args.device)) + f" ({args.dtype}, {args.threads} threads)",
         "command": "python benchmarks/efficiency.py " + " ".join(sys.argv[1:]),
         "torch": torch.__version__,
         "examples_per_task": {"support": args.k, "query": args.k},
-        "memory_ratio_k10_k1": {m: ratio(by.get((m, 10)), by.get((m, 1)), "peak_mb")
-                                for m in ("abmll", "second_order")},
-        "memory_ratio_vs_k1": {m: {K: ratio(by.get((m, K)), by.get((m, 1)), "peak_mb") for K in args.ks}
-                               for m in args.methods},
+        "memory_ratio_k10_k1": {m: ratio(by.get((m, 10)), by.get((m, 1)), "peak_mb") for m in ("abmll", "second_order")},
+        "memory_ratio_vs_k1": {m: {K: ratio(by.get((m, K)), by.get((m, 1)), "peak_mb") for K in args.ks} for m in args.methods},
         "step_time_ratio_vs_lora": paired["median_ratio"]["abmll"],
         "step_time_ratio_vs_lora_with_log": paired["median_ratio"]["abmll_log"],
         "step_time_ratio_vs_lora_per_batch": paired["median_ratio"]["abmll_per_batch"],
         "step_time_paired": paired,
-        "step_time_ratio_vs_lora_separate_processes": {m: {K: time_ratio(m, K) for K in args.ks}
-                                                       for m in args.methods if m != "lora"},
+        "step_time_ratio_vs_lora_separate_processes": {
+            m: {K: time_ratio(m, K) for K in args.ks} for m in args.methods if m != "lora"
+        },
         "scoring_speedup": scoring["speedup"],
         "scoring": scoring,
         "profile": [] if args.no_profile else profile_step(args),

@@ -74,9 +74,15 @@ def soak(steps: int, every: int) -> dict:
         data, out = Path(tmp) / "data", Path(tmp) / "run"
         write_tasks(data, k)
         model = BayesLoraModel(tiny_llama(hidden_size=64), BayesLoraConfig(rank=4))
-        trainer = MetaTrainer(model, tiny_tokenizer(), TASKS, TaskArgs(data_dir=str(data), k=k, data_seeds=SEEDS),
-                              MetaConfig(meta_steps=steps, inner_steps=3, n_samples=1), HyperpriorConfig(),
-                              ScoringConfig(max_rows=8))
+        trainer = MetaTrainer(
+            model,
+            tiny_tokenizer(),
+            TASKS,
+            TaskArgs(data_dir=str(data), k=k, data_seeds=SEEDS),
+            MetaConfig(meta_steps=steps, inner_steps=3, n_samples=1),
+            HyperpriorConfig(),
+            ScoringConfig(max_rows=8),
+        )
         rss = {0: rss_mib()}
 
         def on_step(logs: dict) -> None:
@@ -91,12 +97,25 @@ def soak(steps: int, every: int) -> dict:
     ratio = rss[steps] / rss[every]
     return {
         "command": f"{os.path.relpath(sys.executable)} benchmarks/memory_soak.py --steps {steps} --every {every}",
-        "environment": {"MALLOC_MMAP_THRESHOLD_": os.environ.get("MALLOC_MMAP_THRESHOLD_"), "torch_threads": 1,
-                        "torch": torch.__version__, "python": platform.python_version(),
-                        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs"},
-        "run": {"model": "random Llama, 2 layers, hidden 64", "lora_rank": 4, "tasks": len(TASKS),
-                "data_seeds": SEEDS, "k": k, "inner_steps": 3, "meta_batch_size": 2, "meta_steps": steps,
-                "save_every": every, "seconds": round(seconds, 1)},
+        "environment": {
+            "MALLOC_MMAP_THRESHOLD_": os.environ.get("MALLOC_MMAP_THRESHOLD_"),
+            "torch_threads": 1,
+            "torch": torch.__version__,
+            "python": platform.python_version(),
+            "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
+        },
+        "run": {
+            "model": "random Llama, 2 layers, hidden 64",
+            "lora_rank": 4,
+            "tasks": len(TASKS),
+            "data_seeds": SEEDS,
+            "k": k,
+            "inner_steps": 3,
+            "meta_batch_size": 2,
+            "meta_steps": steps,
+            "save_every": every,
+            "seconds": round(seconds, 1),
+        },
         "rss_mib": {str(s): round(v, 1) for s, v in sorted(rss.items())},
         f"rss_ratio_step{steps}_over_step{every}": round(ratio, 4),
         "flat_within_5_percent": abs(ratio - 1) <= 0.05,

@@ -41,7 +41,7 @@ def main(argv: list[str]) -> dict:
     pairs, seeds = list(PAIRS), [100, 13]
     rest = []
     it = iter(argv)
-    for arg in it:                      # this script's own flags; the rest are abmll's
+    for arg in it:  # this script's own flags; the rest are abmll's
         if arg == "--prior":
             prior = next(it)
         elif arg == "--pairs":
@@ -50,8 +50,9 @@ def main(argv: list[str]) -> dict:
             seeds = [int(s) for s in next(it).split(",")]
         else:
             rest.append(arg)
-    _, cfg, _ = parse_args(["--config", str(DEMO_CONFIG), "--max_test", "48", "--eval_samples", "4", *rest],
-                           ALL_GROUPS, command="ood")
+    _, cfg, _ = parse_args(
+        ["--config", str(DEMO_CONFIG), "--max_test", "48", "--eval_samples", "4", *rest], ALL_GROUPS, command="ood"
+    )
     torch.set_num_threads(2)
     model, tok = build_model(cfg)
     priors = {"lora": model.init_params(), "bayes_lora": model.init_params(), "abmll": fitting_prior(prior, model)[0]}
@@ -70,33 +71,51 @@ def main(argv: list[str]) -> dict:
                 if key in cache:
                     continue
                 if episode is None:
-                    episode = episode_batches(model, tok, task, seed, cfg["tasks"], cfg["scoring"], "test",
-                                              cfg["eval"].max_test)
-                    ood_query = episode_batches(model, tok, other, seed, cfg["tasks"], cfg["scoring"], "test",
-                                                cfg["eval"].max_test).query
+                    episode = episode_batches(model, tok, task, seed, cfg["tasks"], cfg["scoring"], "test", cfg["eval"].max_test)
+                    ood_query = episode_batches(
+                        model, tok, other, seed, cfg["tasks"], cfg["scoring"], "test", cfg["eval"].max_test
+                    ).query
                 method = make_method(name, priors[name], cfg["eval"])
                 cache[key] = ood_detection(model, method, episode, ood_query, cfg["meta"], seed)
                 write_json(cache_path, cache)
-                print(f"{name:10s} {pair:28s} seed {seed}: {cache[key]} ({time.perf_counter() - start:.0f} s)",
-                      flush=True)
-    table = {name: {pair: {k: statistics.fmean(cache[f"{key_base}|{name}|{pair}|{s}"][k] for s in seeds)
-                           for k in ("auroc_total", "auroc_epistemic")} for pair in pairs} for name in METHODS}
+                print(f"{name:10s} {pair:28s} seed {seed}: {cache[key]} ({time.perf_counter() - start:.0f} s)", flush=True)
+    table = {
+        name: {
+            pair: {
+                k: statistics.fmean(cache[f"{key_base}|{name}|{pair}|{s}"][k] for s in seeds)
+                for k in ("auroc_total", "auroc_epistemic")
+            }
+            for pair in pairs
+        }
+        for name in METHODS
+    }
     command = ".venv/bin/python benchmarks/ood.py " + shlex.join(argv)
-    results = {"command": command, "prior": prior, "pairs": pairs, "seeds": seeds, "methods": table,
-               "config": {g: vars(cfg[g]) for g in ("lora", "scoring", "meta", "eval")}}
+    results = {
+        "command": command,
+        "prior": prior,
+        "pairs": pairs,
+        "seeds": seeds,
+        "methods": table,
+        "config": {g: vars(cfg[g]) for g in ("lora", "scoring", "meta", "eval")},
+    }
     write_json(OUT / "ood-class_to_class.json", results)
-    lines = ["# Out-of-distribution check: class_to_class test tasks, SmolLM2-135M-Instruct", "",
-             f"Command: `{command.strip()}`", "",
-             f"Adapted on the in-distribution task's k={cfg['tasks'].k} support set ({cfg['eval'].test_steps} steps), "
-             f"then {cfg['eval'].max_test} test examples of each task scored with {cfg['eval'].eval_samples} weight "
-             f"samples (LoRA: the posterior mean). AUROC of flagging the OOD task's examples (0.5 = chance), mean "
-             f"over seeds {seeds}. ABMLL prior: {prior}.", "",
-             "| method | in-distribution -> OOD task | AUROC by entropy | AUROC by epistemic (MI) |", "|---|---|---|---|"]
+    lines = [
+        "# Out-of-distribution check: class_to_class test tasks, SmolLM2-135M-Instruct",
+        "",
+        f"Command: `{command.strip()}`",
+        "",
+        f"Adapted on the in-distribution task's k={cfg['tasks'].k} support set ({cfg['eval'].test_steps} steps), "
+        f"then {cfg['eval'].max_test} test examples of each task scored with {cfg['eval'].eval_samples} weight "
+        f"samples (LoRA: the posterior mean). AUROC of flagging the OOD task's examples (0.5 = chance), mean "
+        f"over seeds {seeds}. ABMLL prior: {prior}.",
+        "",
+        "| method | in-distribution -> OOD task | AUROC by entropy | AUROC by epistemic (MI) |",
+        "|---|---|---|---|",
+    ]
     for name in METHODS:
         for pair in pairs:
             r = table[name][pair]
-            lines.append(f"| {name} | {pair.replace(':', ' -> ')} | {r['auroc_total']:.3f} | "
-                         f"{r['auroc_epistemic']:.3f} |")
+            lines.append(f"| {name} | {pair.replace(':', ' -> ')} | {r['auroc_total']:.3f} | {r['auroc_epistemic']:.3f} |")
     (OUT / "ood-class_to_class.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return results

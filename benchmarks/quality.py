@@ -56,6 +56,7 @@ from transformers import HfArgumentParser
 
 from abmll.bayes_lora import BayesLoraModel
 from abmll.checkpoint import write_json
+from abmll.cli import DEMO_CONFIG
 from abmll.config import CONFIG_GROUPS, DATA_SEEDS
 from abmll.data import DataError, check_tasks, load_episode, load_split, resolve_data_dir, task_meta
 from abmll.evaluate import run_method, summarise
@@ -71,21 +72,35 @@ METRICS = ("accuracy", "macro_f1", "ece", "nll", "brier", "aurc")
 TINY_MODEL = "tiny-random"
 """``--model tiny-random``: a 2-layer random Llama with a byte-level tokenizer, built offline."""
 
-SMOLLM2_DEFAULTS = dict(
-    # the dev-tuned settings of src/abmll/demo.yaml (template and inner lr: benchmarks/tune_dev.py)
-    # top_layers 4: >= 5x the meta-steps per hour of all-layer adaptation with a lower dev NLL at
-    # equal wall time (benchmarks/results/efficiency-top_layers.md)
-    model="smollm2-135m-instruct", rank=4, alpha=8.0, target_modules=["q_proj", "v_proj"], init_std_factor=0.1,
-    top_layers=4,
-    template="{input}\nThe answer is:", max_length=128, max_rows=16,
-    inner_steps=2, inner_lr=0.3, outer_lr=0.005, beta=1e-6, gamma=1e-10, n_samples=1, meta_batch_size=2,
-    meta_steps=20, k=8, max_query=8, test_steps=5, eval_samples=4, max_test=48, skip_missing=True,
-)
+DEMO_ONLY = ("train_tasks", "test_tasks", "data_seeds", "compare_priors", "log_support_after")
+"""Keys of src/abmll/demo.yaml that pick the demo's own tasks and comparisons: the benchmark
+runs a split's tasks instead."""
+BENCHMARK_OVERRIDES = dict(eval_samples=4, skip_missing=True)
+"""Where the benchmark's SmolLM2 defaults depart from src/abmll/demo.yaml (the settings tuned
+on dev data, shared by the demo and this benchmark): at least 4 weight samples per
+prediction, and a split's tasks absent from the data are skipped (and named)."""
 QUICK_DEFAULTS = dict(
-    model=TINY_MODEL, rank=2, alpha=4.0, target_modules=["q_proj", "v_proj"], max_length=64, max_rows=8,
-    inner_steps=1, inner_lr=0.3, meta_batch_size=2, meta_steps=2, k=8, max_query=4, test_steps=2,
-    eval_samples=2, max_test=8, skip_missing=True, data_seeds=DATA_SEEDS[:2], seeds=DATA_SEEDS[:2],
-    max_train_tasks=3, max_test_tasks=2, save_every=0,
+    model=TINY_MODEL,
+    rank=2,
+    alpha=4.0,
+    target_modules=["q_proj", "v_proj"],
+    max_length=64,
+    max_rows=8,
+    inner_steps=1,
+    inner_lr=0.3,
+    meta_batch_size=2,
+    meta_steps=2,
+    k=8,
+    max_query=4,
+    test_steps=2,
+    eval_samples=2,
+    max_test=8,
+    skip_missing=True,
+    data_seeds=DATA_SEEDS[:2],
+    seeds=DATA_SEEDS[:2],
+    max_train_tasks=3,
+    max_test_tasks=2,
+    save_every=0,
 )
 
 
@@ -157,7 +172,7 @@ def parse(argv: list[str]) -> tuple[BenchArgs, dict]:
     pre.add_argument("--quick", nargs="?", const="true", default="false")
     known, _ = pre.parse_known_args(argv)
     quick = str(known.quick).lower() in ("true", "1", "yes")
-    parser.set_defaults(**(QUICK_DEFAULTS if quick else SMOLLM2_DEFAULTS))
+    parser.set_defaults(**(QUICK_DEFAULTS if quick else smollm2_defaults(classes)))
     if known.config:
         parser.set_defaults(**_yaml_defaults(known.config, classes))
     bench, *groups = parser.parse_args_into_dataclasses(argv)
@@ -188,11 +203,11 @@ def adaptations(bench: BenchArgs) -> dict[str, tuple[str, int, float]]:
         name, _, how = entry.partition("=")
         parts = how.split(":")
         try:
+            if len(parts) != 3:
+                raise ValueError(entry)
             out[name] = (parts[0], int(parts[1]), float(parts[2]))
-            assert len(parts) == 3
-        except (IndexError, ValueError, AssertionError):
-            raise SystemExit(f"--adaptation takes METHOD=OPTIMIZER:STEPS:LR (e.g. lora=adamw:15:0.003), "
-                             f"got {entry!r}") from None
+        except ValueError:
+            raise SystemExit(f"--adaptation takes METHOD=OPTIMIZER:STEPS:LR (e.g. lora=adamw:15:0.003), got {entry!r}") from None
     return out
 
 
@@ -215,13 +230,21 @@ def test_k(bench: BenchArgs, cfg: dict) -> int:
     return bench.test_k or cfg["tasks"].k
 
 
-def _yaml_defaults(path: str, classes) -> dict:
+def smollm2_defaults(classes) -> dict:
+    """The benchmark's SmolLM2 defaults: src/abmll/demo.yaml without :data:`DEMO_ONLY`, with
+    :data:`BENCHMARK_OVERRIDES`."""
+    return {**_yaml_defaults(str(DEMO_CONFIG), classes, drop=DEMO_ONLY), **BENCHMARK_OVERRIDES}
+
+
+def _yaml_defaults(path: str, classes, drop=()) -> dict:
     raw = yaml.safe_load(Path(path).read_text()) or {}
     names = {f.name for c in classes for f in fields(c)}
     flat = {}
     for key, value in raw.items():
         items = value.items() if isinstance(value, dict) and (key in CONFIG_GROUPS or key == "bench") else [(key, value)]
         for k, v in items:
+            if k in drop:
+                continue
             if k not in names:
                 raise SystemExit(f"config {path}: unknown key {k!r}")
             flat[k] = v
@@ -233,6 +256,7 @@ def stem(bench: BenchArgs, cfg: dict) -> str:
 
 
 # -- tasks ---------------------------------------------------------------------------------------
+
 
 def resolve_tasks(bench: BenchArgs, cfg: dict, need_train: bool) -> tuple[list[str], list[str], list[str]]:
     """(held-out tasks, meta-train tasks, notes): the explicit lists or the split's, keeping
@@ -256,8 +280,10 @@ def resolve_tasks(bench: BenchArgs, cfg: dict, need_train: bool) -> tuple[list[s
         names = list(tasks.train_tasks or split.get("train", []))
         if tasks.val_tasks:
             names = [t for t in names if t not in tasks.val_tasks]
-            notes.append(f"meta-validation: {', '.join(tasks.val_tasks)} held out of meta-training (train file = "
-                         f"support, dev file = query, seeds {list(bench.val_seeds)})")
+            notes.append(
+                f"meta-validation: {', '.join(tasks.val_tasks)} held out of meta-training (train file = "
+                f"support, dev file = query, seeds {list(bench.val_seeds)})"
+            )
         if bench.eval_split == "dev":
             dropped = [t for t in names if t in held_out]
             names = [t for t in names if t not in held_out]
@@ -278,8 +304,7 @@ def resolve_tasks(bench: BenchArgs, cfg: dict, need_train: bool) -> tuple[list[s
     return held_out, train, notes
 
 
-def _usable(names: list[str], tasks, seeds, query_split: str, notes: list[str], role: str,
-            max_options: int | None) -> list[str]:
+def _usable(names: list[str], tasks, seeds, query_split: str, notes: list[str], role: str, max_options: int | None) -> list[str]:
     root = resolve_data_dir(tasks.data_dir)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -297,7 +322,7 @@ def _usable(names: list[str], tasks, seeds, query_split: str, notes: list[str], 
             for seed in seeds:
                 ep = load_episode(task, tasks.k, seed, query_split, 1, root)
                 n_options = max([n_options] + [len(e.options) for e in ep.support + ep.query])
-        except DataError as err:        # MissingTaskError (no test file) included
+        except DataError as err:  # MissingTaskError (no test file) included
             notes.append(f"{role}: {task} skipped: {str(err).splitlines()[0][:300]}")
             continue
         if max_options is not None and n_options > max_options:
@@ -320,13 +345,21 @@ def task_stats(task: str, seeds, bench: BenchArgs, cfg: dict) -> dict:
         counts = torch.bincount(labels, minlength=width)
         majority = int(counts.argmax())
         onehot = torch.nn.functional.one_hot(torch.full_like(labels, majority), width).float()
-        per.append(dict(n_test=len(q), n_classes=width, chance_rate=statistics.fmean(1 / len(e.options) for e in q),
-                        majority_rate=counts.max().item() / len(q), majority_macro_f1=macro_f1(onehot, labels)))
+        per.append(
+            dict(
+                n_test=len(q),
+                n_classes=width,
+                chance_rate=statistics.fmean(1 / len(e.options) for e in q),
+                majority_rate=counts.max().item() / len(q),
+                majority_macro_f1=macro_f1(onehot, labels),
+            )
+        )
     out = {k: statistics.fmean(p[k] for p in per) for k in ("chance_rate", "majority_rate", "majority_macro_f1")}
     return {"n_test": per[0]["n_test"], "n_classes": per[0]["n_classes"], **out}
 
 
 # -- model and cache -------------------------------------------------------------------------
+
 
 def build_tiny_model(folder: Path) -> Path:
     """Save a 2-layer random Llama (hidden 32) with a byte-level tokenizer to ``folder``."""
@@ -387,9 +420,17 @@ def prior_config(kind: str, cfg: dict, train: list[str], bench: BenchArgs | None
     config["tasks"] = {**_group(cfg, "tasks", ["split", "k", "data_seeds", "max_query"]), "train_tasks": list(train)}
     config["meta"] = asdict(prior_meta_config(kind, cfg["meta"]))
     if bench is not None and bench.validate_every:
-        config["validation"] = {"val_tasks": list(cfg["tasks"].val_tasks), "val_seeds": list(bench.val_seeds),
-                                "every": bench.validate_every, "method": ADAPTING_METHOD[kind],
-                                "test_steps": cfg["eval"].test_steps, "eval_samples": cfg["eval"].eval_samples}
+        config["validation"] = {
+            "val_tasks": list(cfg["tasks"].val_tasks),
+            "val_seeds": list(bench.val_seeds),
+            "every": bench.validate_every,
+            "method": ADAPTING_METHOD[kind],
+            "test_steps": cfg["eval"].test_steps,
+            "eval_samples": cfg["eval"].eval_samples,
+        }
+        ev = cfg["eval"]  # the validator adapts with its optimiser and lr: in the key when not the defaults
+        config["validation"].update({"test_lr": ev.test_lr} if ev.test_lr is not None else {})
+        config["validation"].update({"test_optimizer": ev.test_optimizer} if ev.test_optimizer != "sgd" else {})
     return config
 
 
@@ -409,10 +450,15 @@ def method_config(name: str, cfg: dict, train: list[str], eval_split: str, bench
     model = _group(cfg, "model")
     model.pop("device")
     lora = _group(cfg, "lora")
-    lora.pop("frozen_cache_mb")                      # a runtime setting: results do not depend on it
-    config = {"model": model, "lora": lora, "scoring": _group(cfg, "scoring"),
-              "k": cfg["tasks"].k if bench is None else test_k(bench, cfg), "max_test": ev.max_test,
-              "eval_split": eval_split}
+    lora.pop("frozen_cache_mb")  # a runtime setting: results do not depend on it
+    config = {
+        "model": model,
+        "lora": lora,
+        "scoring": _group(cfg, "scoring"),
+        "k": cfg["tasks"].k if bench is None else test_k(bench, cfg),
+        "max_test": ev.max_test,
+        "eval_split": eval_split,
+    }
     if spec.adapt:
         adapt_config = {k: v for k, v in _group(cfg, "meta").items() if k not in PRIOR_ONLY}
         if ev.test_lr is not None:
@@ -431,8 +477,10 @@ def method_config(name: str, cfg: dict, train: list[str], eval_split: str, bench
 
 # -- the run ----------------------------------------------------------------------------------
 
-def run(bench: BenchArgs, cfg: dict, command: str, work: Path,
-        on_partial: Callable[[dict, Cache], None] | None = None) -> tuple[dict, Cache]:
+
+def run(
+    bench: BenchArgs, cfg: dict, command: str, work: Path, on_partial: Callable[[dict, Cache], None] | None = None
+) -> tuple[dict, Cache]:
     """Train the needed priors, run every (method, task, seed) not yet cached, aggregate.
     ``on_partial(results, cache)`` is called after each held-out task but the last with the
     results of the tasks done so far (``complete`` False). Returns (results, cache)."""
@@ -465,21 +513,46 @@ def run(bench: BenchArgs, cfg: dict, command: str, work: Path,
 
             def on_step(logs):
                 if not logs.get("skipped"):
-                    print(f"  prior {kind} step {logs['step'] + 1}/{cfg['meta'].meta_steps}: query NLL "
-                          f"{logs['query_nll']:.3f}, support NLL {logs['support_nll_before']:.3f} "
-                          f"({time.perf_counter() - t0:.0f} s)", flush=True)
+                    print(
+                        f"  prior {kind} step {logs['step'] + 1}/{cfg['meta'].meta_steps}: query NLL "
+                        f"{logs['query_nll']:.3f}, support NLL {logs['support_nll_before']:.3f} "
+                        f"({time.perf_counter() - t0:.0f} s)",
+                        flush=True,
+                    )
 
             config = prior_config(kind, cfg, train, bench)
             validator = None
             if bench.validate_every:
-                validator = make_validator(model, tok, tasks.val_tasks, bench.val_seeds, tasks, cfg["scoring"],
-                                           cfg["meta"], cfg["eval"], ADAPTING_METHOD[kind])
-            priors[kind], _ = train_prior(kind, model, tok, train, train_tasks, cfg["meta"], cfg["hyperprior"],
-                                          cfg["scoring"], prior_folder(kind), config, bench.save_every, on_step,
-                                          validator, bench.validate_every)
+                validator = make_validator(
+                    model,
+                    tok,
+                    tasks.val_tasks,
+                    bench.val_seeds,
+                    tasks,
+                    cfg["scoring"],
+                    cfg["meta"],
+                    cfg["eval"],
+                    ADAPTING_METHOD[kind],
+                )
+            priors[kind], _ = train_prior(
+                kind,
+                model,
+                tok,
+                train,
+                train_tasks,
+                cfg["meta"],
+                cfg["hyperprior"],
+                cfg["scoring"],
+                prior_folder(kind),
+                config,
+                bench.save_every,
+                on_step,
+                validator,
+                bench.validate_every,
+            )
         return priors[kind]
 
-    code = code_version()          # once per run: finish() runs after every result
+    code = code_version()  # once per run: finish() runs after every result
 
     def finish(done: list[str], complete: bool) -> dict:
         results = aggregate(bench, cfg, cache, done, stats)
@@ -488,25 +561,44 @@ def run(bench: BenchArgs, cfg: dict, command: str, work: Path,
             path = prior_folder(kind) / "history.json" if kind != "init" else None
             if path is not None and path.is_file():
                 history = [h for h in json.loads(path.read_text()) if "query_nll" in h]
-                prior_logs[kind] = {"meta_steps": len(history), "folder": str(path.parent),
-                                    "first_query_nll": history[0]["query_nll"] if history else None,
-                                    "last_query_nll": history[-1]["query_nll"] if history else None,
-                                    "query_nll_last5": statistics.fmean(h["query_nll"] for h in history[-5:])
-                                    if history else None}
+                prior_logs[kind] = {
+                    "meta_steps": len(history),
+                    "folder": str(path.parent),
+                    "first_query_nll": history[0]["query_nll"] if history else None,
+                    "last_query_nll": history[-1]["query_nll"] if history else None,
+                    "query_nll_last5": statistics.fmean(h["query_nll"] for h in history[-5:]) if history else None,
+                }
                 val_path = path.parent / "validation.json"
                 if val_path.is_file():
                     validation = json.loads(val_path.read_text())
                     best = min(validation, key=lambda v: v["nll"])
                     untrained = next((v for v in validation if v["step"] == 0), {})
-                    prior_logs[kind].update(validation=validation, best_step=best["step"], best_val_nll=best["nll"],
-                                            best_val_ece=best["ece"], untrained_val_nll=untrained.get("nll"),
-                                            untrained_val_ece=untrained.get("ece"))
-        adaptation = {m: [e.test_optimizer, e.test_steps, cfg["meta"].inner_lr if e.test_lr is None else e.test_lr]
-                      for m in bench.methods if get_spec(m).adapt for e in [method_eval(m, cfg, bench)]}
+                    prior_logs[kind].update(
+                        validation=validation,
+                        best_step=best["step"],
+                        best_val_nll=best["nll"],
+                        best_val_ece=best["ece"],
+                        untrained_val_nll=untrained.get("nll"),
+                        untrained_val_ece=untrained.get("ece"),
+                    )
+        adaptation = {
+            m: [e.test_optimizer, e.test_steps, cfg["meta"].inner_lr if e.test_lr is None else e.test_lr]
+            for m in bench.methods
+            if get_spec(m).adapt
+            for e in [method_eval(m, cfg, bench)]
+        }
         results.update(adaptation=adaptation, test_k=test_k(bench, cfg))
-        results.update(command=command, complete=complete, code=code, train_tasks=train, notes=notes, priors=prior_logs,
-                       config={**{g: _group(cfg, g) for g in GROUPS}, "bench": asdict(bench)},
-                       method_configs=cache.hashes, seconds_this_run=time.perf_counter() - start)
+        results.update(
+            command=command,
+            complete=complete,
+            code=code,
+            train_tasks=train,
+            notes=notes,
+            priors=prior_logs,
+            config={**{g: _group(cfg, g) for g in GROUPS}, "bench": asdict(bench)},
+            method_configs=cache.hashes,
+            seconds_this_run=time.perf_counter() - start,
+        )
         return results
 
     stats = {}
@@ -519,22 +611,38 @@ def run(bench: BenchArgs, cfg: dict, command: str, work: Path,
             count += len(bench.methods) - len(todo)
             if not todo:
                 continue
-            for m in todo:             # priors first: their training does not reseed anything below
+            for m in todo:  # priors first: their training does not reseed anything below
                 prior(get_spec(m).prior)
-            ep = episode_batches(model, tok, task, seed, replace(tasks, k=test_k(bench, cfg)), cfg["scoring"],
-                                 bench.eval_split, cfg["eval"].max_test)
+            ep = episode_batches(
+                model,
+                tok,
+                task,
+                seed,
+                replace(tasks, k=test_k(bench, cfg)),
+                cfg["scoring"],
+                bench.eval_split,
+                cfg["eval"].max_test,
+            )
             for m in todo:
                 t0 = time.perf_counter()
                 method = make_method(m, prior(get_spec(m).prior), method_eval(m, cfg, bench))
                 metrics, probs, labels = run_method(model, method, ep, cfg["meta"], seed)
                 count += 1
-                entry = {"metrics": metrics, "probs": probs.tolist(), "labels": labels.tolist(),
-                         "n_predicted_classes": int(probs.argmax(1).unique().numel()),
-                         "seconds": time.perf_counter() - t0, "code": code.get("commit")}
+                entry = {
+                    "metrics": metrics,
+                    "probs": probs.tolist(),
+                    "labels": labels.tolist(),
+                    "n_predicted_classes": int(probs.argmax(1).unique().numel()),
+                    "seconds": time.perf_counter() - t0,
+                    "code": code.get("commit"),
+                }
                 cache.put(m, task, seed, entry)
-                print(f"[{count}/{total}] {m:15s} {task:28s} seed {seed:3d}: acc {metrics['accuracy']:.3f} "
-                      f"F1 {metrics['macro_f1']:.3f} ECE {metrics['ece']:.3f} NLL {metrics['nll']:.3f} "
-                      f"({entry['seconds']:.0f} s)", flush=True)
+                print(
+                    f"[{count}/{total}] {m:15s} {task:28s} seed {seed:3d}: acc {metrics['accuracy']:.3f} "
+                    f"F1 {metrics['macro_f1']:.3f} ECE {metrics['ece']:.3f} NLL {metrics['nll']:.3f} "
+                    f"({entry['seconds']:.0f} s)",
+                    flush=True,
+                )
         if on_partial is not None and task != held_out[-1]:
             on_partial(finish(held_out[: held_out.index(task) + 1], complete=False), cache)
     return finish(held_out, complete=True), cache
@@ -546,26 +654,29 @@ def aggregate(bench: BenchArgs, cfg: dict, cache: Cache, held_out: list[str], st
     the paired differences ABMLL minus each baseline with their intervals. Metrics are recomputed
     from the cached predictions, so a changed metric definition needs no re-run."""
     methods, units = {}, {}
-    unit_tasks = [t for t in held_out for _ in bench.seeds]          # the cluster of each (task, seed) unit
+    unit_tasks = [t for t in held_out for _ in bench.seeds]  # the cluster of each (task, seed) unit
     for m in bench.methods:
         entries = {t: {s: cache.get(m, t, s) for s in bench.seeds} for t in held_out}
-        per = {t: {s: compute_metrics(torch.tensor(e["probs"]), torch.tensor(e["labels"])) for s, e in es.items()}
-               for t, es in entries.items()}
+        per = {
+            t: {s: compute_metrics(torch.tensor(e["probs"]), torch.tensor(e["labels"])) for s, e in es.items()}
+            for t, es in entries.items()
+        }
         units[m] = [per[t][s] for t in held_out for s in bench.seeds]
         summ = summarise(per)
         out = {k: summ["mean"][k] for k in METRICS}
         out.update({f"{k}_std": summ["std_over_seeds"][k] for k in METRICS})
-        out.update({f"{k}_ci95": list(bootstrap_mean_ci([u[k] for u in units[m]], clusters=unit_tasks)[1:])
-                    for k in METRICS})
+        out.update({f"{k}_ci95": list(bootstrap_mean_ci([u[k] for u in units[m]], clusters=unit_tasks)[1:]) for k in METRICS})
         out["per_task"] = {}
         for t in held_out:
             row = {k: summ["per_task"][t]["mean"][k] for k in METRICS}
             row.update({f"{k}_std": statistics.pstdev(per[t][s][k] for s in bench.seeds) for k in METRICS})
-            row.update(chance_rate=stats[t]["chance_rate"], majority_rate=stats[t]["majority_rate"],
-                       majority_macro_f1=stats[t]["majority_macro_f1"],
-                       collapsed_seeds=sum(e["n_predicted_classes"] == 1 for e in entries[t].values()),
-                       seeds={str(s): {**per[t][s], "n_predicted_classes": e["n_predicted_classes"]}
-                              for s, e in entries[t].items()})
+            row.update(
+                chance_rate=stats[t]["chance_rate"],
+                majority_rate=stats[t]["majority_rate"],
+                majority_macro_f1=stats[t]["majority_macro_f1"],
+                collapsed_seeds=sum(e["n_predicted_classes"] == 1 for e in entries[t].values()),
+                seeds={str(s): {**per[t][s], "n_predicted_classes": e["n_predicted_classes"]} for s, e in entries[t].items()},
+            )
             out["per_task"][t] = row
         out["seconds_per_task_seed"] = statistics.fmean(e["seconds"] for es in entries.values() for e in es.values())
         methods[m] = out
@@ -575,14 +686,21 @@ def aggregate(bench: BenchArgs, cfg: dict, cache: Cache, held_out: list[str], st
             if m != "abmll":
                 paired[m] = {}
                 for k in METRICS:
-                    mean, lo, hi = bootstrap_mean_ci([a[k] - b[k] for a, b in zip(units["abmll"], units[m])],
-                                                     clusters=unit_tasks)
+                    mean, lo, hi = bootstrap_mean_ci([a[k] - b[k] for a, b in zip(units["abmll"], units[m])], clusters=unit_tasks)
                     paired[m][k] = {"diff": mean, "ci95": [lo, hi]}
-    return {"model": cfg["model"].model, "split": cfg["tasks"].split, "eval_split": bench.eval_split,
-            "seeds": list(bench.seeds), "tasks": list(held_out), "methods": methods, "task_stats": stats,
-            "paired_abmll_minus": paired, "ece_scheme": ECE_SCHEME,
-            "intervals": "95% percentile cluster bootstrap: tasks resampled with their seeds, 2000 resamples, seed 0",
-            "target": target_check(methods, paired)}
+    return {
+        "model": cfg["model"].model,
+        "split": cfg["tasks"].split,
+        "eval_split": bench.eval_split,
+        "seeds": list(bench.seeds),
+        "tasks": list(held_out),
+        "methods": methods,
+        "task_stats": stats,
+        "paired_abmll_minus": paired,
+        "ece_scheme": ECE_SCHEME,
+        "intervals": "95% percentile cluster bootstrap: tasks resampled with their seeds, 2000 resamples, seed 0",
+        "target": target_check(methods, paired),
+    }
 
 
 def target_check(methods: dict, paired: dict) -> dict:
@@ -592,15 +710,21 @@ def target_check(methods: dict, paired: dict) -> dict:
     if "abmll" not in methods or not paired:
         return {}
     a = methods["abmll"]
-    checks = {name: {"ece_lower_significant": d["ece"]["ci95"][1] < 0,
-                     "accuracy_not_worse": d["accuracy"]["ci95"][1] >= 0,
-                     "macro_f1_not_worse": d["macro_f1"]["ci95"][1] >= 0} for name, d in paired.items()}
+    checks = {
+        name: {
+            "ece_lower_significant": d["ece"]["ci95"][1] < 0,
+            "accuracy_not_worse": d["accuracy"]["ci95"][1] >= 0,
+            "macro_f1_not_worse": d["macro_f1"]["ci95"][1] >= 0,
+        }
+        for name, d in paired.items()
+    }
     absolute = {"ece_at_most_0.15": a["ece"] <= 0.15, "macro_f1_at_least_0.50": a["macro_f1"] >= 0.50}
     met = all(absolute.values()) and all(all(c.values()) for c in checks.values())
     return {"met": met, "absolute": absolute, "vs": checks}
 
 
 # -- outputs ----------------------------------------------------------------------------------
+
 
 def write_outputs(results: dict, bench: BenchArgs, cfg: dict, cache: Cache | None, out_dir: Path, name: str) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -615,15 +739,23 @@ def write_outputs(results: dict, bench: BenchArgs, cfg: dict, cache: Cache | Non
     if bench.plots and cache is not None:
         predictions = {}
         for m in results["methods"]:
-            predictions[m] = [(torch.tensor(e["probs"]), torch.tensor(e["labels"]))
-                              for t in results["tasks"] for s in results["seeds"] for e in [cache.get(m, t, s)]]
+            predictions[m] = [
+                (torch.tensor(e["probs"]), torch.tensor(e["labels"]))
+                for t in results["tasks"]
+                for s in results["seeds"]
+                for e in [cache.get(m, t, s)]
+            ]
             pooled, labels = pool_predictions(predictions[m])
             path = out_dir / name / f"reliability_{m}.png"
-            plot_reliability_diagram(pooled, labels, path,
-                                     title=f"{m} ({len(results['tasks'])} tasks x {len(results['seeds'])} seeds)")
+            plot_reliability_diagram(
+                pooled, labels, path, title=f"{m} ({len(results['tasks'])} tasks x {len(results['seeds'])} seeds)"
+            )
             print(f"reliability diagram ({m}): {path}")
-        path = plot_risk_coverage(predictions, out_dir / name / RISK_COVERAGE,
-                                  title=f"selective prediction, {len(results['tasks'])} tasks x {len(results['seeds'])} seeds")
+        path = plot_risk_coverage(
+            predictions,
+            out_dir / name / RISK_COVERAGE,
+            title=f"selective prediction, {len(results['tasks'])} tasks x {len(results['seeds'])} seeds",
+        )
         print(f"risk-coverage curves: {path}")
 
 
@@ -645,25 +777,35 @@ def adaptation_text(results: dict, cfg: dict) -> str:
 def markdown(results: dict, cfg: dict) -> str:
     methods = list(results["methods"])
     ev, meta, tasks = cfg["eval"], cfg["meta"], cfg["tasks"]
-    lines = [f"# Quality benchmark: {results['split']} ({results['eval_split']} data)", "",
-             f"Command: `{results.get('command', '')}`", "",
-             *([] if results.get("complete", True) else
-               [f"**Partial results: the {len(results['tasks'])} task(s) done so far; the run continues.**", ""]),
-             f"Model {results['model']}; LoRA rank {cfg['lora'].rank} on {', '.join(cfg['lora'].target_modules)}; "
-             f"k = {results.get('test_k', tasks.k)} shots; adaptation {adaptation_text(results, cfg)}; "
-             f"up to {ev.max_test} {results['eval_split']} examples per task and seed; seeds {results['seeds']}; "
-             f"{ev.eval_samples} weight samples in prediction (bayes_lora, abmll). Meta-training: "
-             f"{meta.meta_steps} meta-steps, B = {meta.meta_batch_size}, K = {meta.inner_steps}, outer lr "
-             f"{meta.outer_lr}, beta {meta.beta}, gamma {meta.gamma}, {meta.n_samples} sample(s), on "
-             f"{len(results.get('train_tasks', []))} tasks.", "",
-             "## Mean over tasks [95% bootstrap interval, tasks resampled with their seeds]", "",
-             f"ECE: {results.get('ece_scheme', {}).get('n_bins', 15)} "
-             f"{results.get('ece_scheme', {}).get('binning', 'equal_width')} bins, "
-             f"{results.get('ece_scheme', {}).get('bins', '')}.", "",
-             "AURC: area under the risk-coverage curve, abstaining on the highest predictive entropy first "
-             "(lower is better).", "",
-             "| method | accuracy | macro-F1 | ECE | NLL | Brier | AURC | s per task x seed |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = [
+        f"# Quality benchmark: {results['split']} ({results['eval_split']} data)",
+        "",
+        f"Command: `{results.get('command', '')}`",
+        "",
+        *(
+            []
+            if results.get("complete", True)
+            else [f"**Partial results: the {len(results['tasks'])} task(s) done so far; the run continues.**", ""]
+        ),
+        f"Model {results['model']}; LoRA rank {cfg['lora'].rank} on {', '.join(cfg['lora'].target_modules)}; "
+        f"k = {results.get('test_k', tasks.k)} shots; adaptation {adaptation_text(results, cfg)}; "
+        f"up to {ev.max_test} {results['eval_split']} examples per task and seed; seeds {results['seeds']}; "
+        f"{ev.eval_samples} weight samples in prediction (bayes_lora, abmll). Meta-training: "
+        f"{meta.meta_steps} meta-steps, B = {meta.meta_batch_size}, K = {meta.inner_steps}, outer lr "
+        f"{meta.outer_lr}, beta {meta.beta}, gamma {meta.gamma}, {meta.n_samples} sample(s), on "
+        f"{len(results.get('train_tasks', []))} tasks.",
+        "",
+        "## Mean over tasks [95% bootstrap interval, tasks resampled with their seeds]",
+        "",
+        f"ECE: {results.get('ece_scheme', {}).get('n_bins', 15)} "
+        f"{results.get('ece_scheme', {}).get('binning', 'equal_width')} bins, "
+        f"{results.get('ece_scheme', {}).get('bins', '')}.",
+        "",
+        "AURC: area under the risk-coverage curve, abstaining on the highest predictive entropy first (lower is better).",
+        "",
+        "| method | accuracy | macro-F1 | ECE | NLL | Brier | AURC | s per task x seed |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
 
     def cell(r, k):
         ci = r.get(f"{k}_ci95")
@@ -671,37 +813,58 @@ def markdown(results: dict, cfg: dict) -> str:
 
     for m in methods:
         r = results["methods"][m]
-        lines.append(f"| {m} | " + " | ".join(cell(r, k) for k in METRICS)
-                     + f" | {r.get('seconds_per_task_seed', float('nan')):.0f} |")
+        lines.append(
+            f"| {m} | " + " | ".join(cell(r, k) for k in METRICS) + f" | {r.get('seconds_per_task_seed', float('nan')):.0f} |"
+        )
     st = results["task_stats"]
-    lines += ["", f"Reference, mean over tasks: chance {_f(statistics.fmean(s['chance_rate'] for s in st.values()))}, "
-              f"majority class {_f(statistics.fmean(s['majority_rate'] for s in st.values()))} (accuracy), "
-              f"majority-class macro-F1 {_f(statistics.fmean(s['majority_macro_f1'] for s in st.values()))}.", ""]
+    lines += [
+        "",
+        f"Reference, mean over tasks: chance {_f(statistics.fmean(s['chance_rate'] for s in st.values()))}, "
+        f"majority class {_f(statistics.fmean(s['majority_rate'] for s in st.values()))} (accuracy), "
+        f"majority-class macro-F1 {_f(statistics.fmean(s['majority_macro_f1'] for s in st.values()))}.",
+        "",
+    ]
     paired = results.get("paired_abmll_minus")
     if paired:
-        lines += ["## Paired differences, ABMLL minus baseline [95% bootstrap interval, tasks resampled with their seeds]", "",
-                  "| baseline | " + " | ".join(METRICS) + " |", "|---|" + "---|" * len(METRICS)]
+        lines += [
+            "## Paired differences, ABMLL minus baseline [95% bootstrap interval, tasks resampled with their seeds]",
+            "",
+            "| baseline | " + " | ".join(METRICS) + " |",
+            "|---|" + "---|" * len(METRICS),
+        ]
         for b, d in paired.items():
-            lines.append(f"| {b} | " + " | ".join(f"{d[k]['diff']:+.3f} [{d[k]['ci95'][0]:+.3f}, {d[k]['ci95'][1]:+.3f}]"
-                                                  for k in METRICS) + " |")
+            lines.append(
+                f"| {b} | "
+                + " | ".join(f"{d[k]['diff']:+.3f} [{d[k]['ci95'][0]:+.3f}, {d[k]['ci95'][1]:+.3f}]" for k in METRICS)
+                + " |"
+            )
         lines.append("")
     target = results.get("target")
     if target and "absolute" in target:
         yn = lambda ok: "yes" if ok else "NO"  # noqa: E731
-        lines += ["## Target (ABMLL ECE <= 0.15, macro-F1 >= 0.50; ECE below every baseline with the paired "
-                  "interval excluding 0; accuracy and macro-F1 not below any baseline beyond the interval)", "",
-                  f"Met: **{yn(target['met'])}** (ECE <= 0.15: {yn(target['absolute']['ece_at_most_0.15'])}; "
-                  f"macro-F1 >= 0.50: {yn(target['absolute']['macro_f1_at_least_0.50'])}).", "",
-                  "| baseline | ECE lower (significant) | accuracy not worse | macro-F1 not worse |", "|---|---|---|---|"]
+        lines += [
+            "## Target (ABMLL ECE <= 0.15, macro-F1 >= 0.50; ECE below every baseline with the paired "
+            "interval excluding 0; accuracy and macro-F1 not below any baseline beyond the interval)",
+            "",
+            f"Met: **{yn(target['met'])}** (ECE <= 0.15: {yn(target['absolute']['ece_at_most_0.15'])}; "
+            f"macro-F1 >= 0.50: {yn(target['absolute']['macro_f1_at_least_0.50'])}).",
+            "",
+            "| baseline | ECE lower (significant) | accuracy not worse | macro-F1 not worse |",
+            "|---|---|---|---|",
+        ]
         for b, c in target["vs"].items():
-            lines.append(f"| {b} | {yn(c['ece_lower_significant'])} | {yn(c['accuracy_not_worse'])} | "
-                         f"{yn(c['macro_f1_not_worse'])} |")
+            lines.append(
+                f"| {b} | {yn(c['ece_lower_significant'])} | {yn(c['accuracy_not_worse'])} | {yn(c['macro_f1_not_worse'])} |"
+            )
         lines.append("")
     for metric, title in (("macro_f1", "macro-F1"), ("accuracy", "accuracy"), ("ece", "ECE")):
         ref = "majority F1" if metric == "macro_f1" else "majority"
-        lines += [f"## Per task: {title} (mean over seeds; * = predicted a single class on at least one seed)", "",
-                  f"| task | C | n | chance | {ref} | " + " | ".join(methods) + " |",
-                  "|---|---|---|---|---|" + "---|" * len(methods)]
+        lines += [
+            f"## Per task: {title} (mean over seeds; * = predicted a single class on at least one seed)",
+            "",
+            f"| task | C | n | chance | {ref} | " + " | ".join(methods) + " |",
+            "|---|---|---|---|---|" + "---|" * len(methods),
+        ]
         for t in results["tasks"]:
             s = st[t]
             refv = s["majority_macro_f1"] if metric == "macro_f1" else s["majority_rate"]
@@ -709,19 +872,26 @@ def markdown(results: dict, cfg: dict) -> str:
             for m in methods:
                 r = results["methods"][m]["per_task"][t]
                 cells.append(_f(r[metric]) + ("*" if r["collapsed_seeds"] else ""))
-            lines.append(f"| {t} | {s['n_classes']} | {s['n_test']} | {_f(s['chance_rate'])} | {_f(refv)} | "
-                         + " | ".join(cells) + " |")
+            lines.append(
+                f"| {t} | {s['n_classes']} | {s['n_test']} | {_f(s['chance_rate'])} | {_f(refv)} | " + " | ".join(cells) + " |"
+            )
         lines.append("")
     if results.get("priors"):
-        lines += ["## Priors", "", "| prior | meta-steps | query NLL first -> last step | evaluated prior "
-                  "| validation NLL untrained -> evaluated | validation ECE untrained -> evaluated |",
-                  "|---|---|---|---|---|---|"]
+        lines += [
+            "## Priors",
+            "",
+            "| prior | meta-steps | query NLL first -> last step | evaluated prior "
+            "| validation NLL untrained -> evaluated | validation ECE untrained -> evaluated |",
+            "|---|---|---|---|---|---|",
+        ]
         for kind, p in results["priors"].items():
-            val = (f"best by validation NLL: step {p['best_step']} | {_f(p['untrained_val_nll'])} -> "
-                   f"{_f(p['best_val_nll'])} | {_f(p['untrained_val_ece'])} -> {_f(p['best_val_ece'])}"
-                   if "best_step" in p else "last | - | -")
-            lines.append(f"| {kind} | {p['meta_steps']} | {_f(p['first_query_nll'])} -> {_f(p['last_query_nll'])} "
-                         f"| {val} |")
+            val = (
+                f"best by validation NLL: step {p['best_step']} | {_f(p['untrained_val_nll'])} -> "
+                f"{_f(p['best_val_nll'])} | {_f(p['untrained_val_ece'])} -> {_f(p['best_val_ece'])}"
+                if "best_step" in p
+                else "last | - | -"
+            )
+            lines.append(f"| {kind} | {p['meta_steps']} | {_f(p['first_query_nll'])} -> {_f(p['last_query_nll'])} | {val} |")
         lines.append("")
     if results.get("train_tasks"):
         lines += [f"Meta-train tasks ({len(results['train_tasks'])}): {', '.join(results['train_tasks'])}.", ""]
@@ -731,6 +901,7 @@ def markdown(results: dict, cfg: dict) -> str:
 
 
 # -- sweep ------------------------------------------------------------------------------------
+
 
 def sweep(bench: BenchArgs, cfg: dict, argv: list[str], out_dir: Path, work: Path, name: str) -> dict:
     """Run once per value of ``bench.sweep`` ("field=v1,v2"); write <name>-sweep-<field>.{json,md}."""
@@ -744,25 +915,44 @@ def sweep(bench: BenchArgs, cfg: dict, argv: list[str], out_dir: Path, work: Pat
         value = kind(float(raw)) if kind in (int, float) else kind(raw)
         c = {g: replace(v) for g, v in cfg.items()}
         c[group] = replace(c[group], **{key: value})
-        res, _ = run(bench, c, f"{command_of(argv)}  [{key}={raw}]", work)       # one cache: shared results are reused
+        res, _ = run(bench, c, f"{command_of(argv)}  [{key}={raw}]", work)  # one cache: shared results are reused
         write_json(work / f"sweep-{key}-{raw}.json", res)
-        rows[raw] = {m: {k: r[k] for k in ("accuracy", "accuracy_std", "macro_f1", "macro_f1_std", "ece", "ece_std",
-                                            "nll")} for m, r in res["methods"].items()}
+        rows[raw] = {
+            m: {k: r[k] for k in ("accuracy", "accuracy_std", "macro_f1", "macro_f1_std", "ece", "ece_std", "nll")}
+            for m, r in res["methods"].items()
+        }
         rows[raw]["_tasks"], rows[raw]["_train_tasks"] = res["tasks"], res["train_tasks"]
-    out = {"field": key, "split": cfg["tasks"].split, "eval_split": bench.eval_split, "seeds": bench.seeds,
-           "command": command_of(argv), "values": rows}
+    out = {
+        "field": key,
+        "split": cfg["tasks"].split,
+        "eval_split": bench.eval_split,
+        "seeds": bench.seeds,
+        "command": command_of(argv),
+        "values": rows,
+    }
     out_dir.mkdir(parents=True, exist_ok=True)
     write_json(out_dir / f"{name}-sweep-{key}.json", out)
     methods = bench.methods
-    lines = [f"# Sensitivity to {key} ({bench.eval_split} data, {cfg['tasks'].split})", "",
-             f"Command: `{command_of(argv)}`", "",
-             f"Held-out {bench.eval_split} tasks: {', '.join(next(iter(rows.values()))['_tasks'])}; seeds {bench.seeds}.",
-             "", f"| {key} | " + " | ".join(f"{m} acc | {m} macro-F1 | {m} ECE" for m in methods) + " |",
-             "|---|" + "---|---|---|" * len(methods)]
+    lines = [
+        f"# Sensitivity to {key} ({bench.eval_split} data, {cfg['tasks'].split})",
+        "",
+        f"Command: `{command_of(argv)}`",
+        "",
+        f"Held-out {bench.eval_split} tasks: {', '.join(next(iter(rows.values()))['_tasks'])}; seeds {bench.seeds}.",
+        "",
+        f"| {key} | " + " | ".join(f"{m} acc | {m} macro-F1 | {m} ECE" for m in methods) + " |",
+        "|---|" + "---|---|---|" * len(methods),
+    ]
     for raw, r in rows.items():
-        lines.append(f"| {raw} | " + " | ".join(
-            f"{_f(r[m]['accuracy'])} ± {_f(r[m]['accuracy_std'])} | {_f(r[m]['macro_f1'])} | "
-            f"{_f(r[m]['ece'])} ± {_f(r[m]['ece_std'])}" for m in methods) + " |")
+        lines.append(
+            f"| {raw} | "
+            + " | ".join(
+                f"{_f(r[m]['accuracy'])} ± {_f(r[m]['accuracy_std'])} | {_f(r[m]['macro_f1'])} | "
+                f"{_f(r[m]['ece'])} ± {_f(r[m]['ece_std'])}"
+                for m in methods
+            )
+            + " |"
+        )
     (out_dir / f"{name}-sweep-{key}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return out
@@ -793,6 +983,7 @@ def main(argv: list[str] | None = None) -> dict:
     work = Path(bench.work_dir or f"runs/{name}" + ("-quick" if bench.quick else ""))
     if bench.sweep:
         return sweep(bench, cfg, argv, out_dir, work, name)
+
     def partial(results: dict, cache: Cache) -> None:
         write_outputs(results, replace(bench, plots=False), cfg, cache, out_dir, name)
 

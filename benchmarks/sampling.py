@@ -56,7 +56,7 @@ def gradient_noise(model, params, batches, draws: int) -> dict[str, float]:
     grads = [support_grad(model, params, batches, 1) for _ in range(draws)]
     out = {}
     for pair, keys in (("mean_pair", model.mean_keys()), ("scale_pair", [k for k in params if k not in model.mean_keys()])):
-        g = torch.stack([torch.cat([d[k].flatten() for k in keys]) for d in grads]).double()   # (draws, n)
+        g = torch.stack([torch.cat([d[k].flatten() for k in keys]) for d in grads]).double()  # (draws, n)
         noise = g.var(0).sum().item()
         signal = g.mean(0).square().sum().item() - noise / draws
         out[pair] = noise / signal if signal > 0 else float("inf")
@@ -74,7 +74,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     base, tok = load_base_model()
-    model = BayesLoraModel(base, BayesLoraConfig(rank=4))   # the sampler is read in each forward
+    model = BayesLoraModel(base, BayesLoraConfig(rank=4))  # the sampler is read in each forward
     priors = {"initial": model.init_params()}
     if args.prior:
         priors["meta-trained"] = {k: v for k, v in load_adapter(args.prior)[0].items() if k in priors["initial"]}
@@ -85,9 +85,9 @@ def main() -> None:
             batches = make_batches(tok, ep.support[:k], ScoringConfig(max_length=64, max_rows=16))
             timings = {s: [] for s in ("mean",) + SAMPLERS}
             theta = priors["initial"]
-            for r in range(args.rounds + 1):                       # round 0 warms up
+            for r in range(args.rounds + 1):  # round 0 warms up
                 for s in timings:
-                    if s in SAMPLERS:                              # "mean" draws no noise
+                    if s in SAMPLERS:  # "mean" draws no noise
                         model.config = replace(model.config, sampling=s)
                     t0 = time.perf_counter()
                     support_grad(model, theta, batches, 0 if s == "mean" else 1)
@@ -102,20 +102,32 @@ def main() -> None:
                     row[f"noise_{name}"] = gradient_noise(model, params, batches, args.draws)
                 rows.append(row)
                 print(json.dumps(row), file=sys.stderr)
-    res = {"model": "smollm2-135m-instruct", "device": f"cpu (float32, {args.threads} threads)",
-           "command": "python benchmarks/sampling.py " + " ".join(sys.argv[1:]), "rows": rows}
+    res = {
+        "model": "smollm2-135m-instruct",
+        "device": f"cpu (float32, {args.threads} threads)",
+        "command": "python benchmarks/sampling.py " + " ".join(sys.argv[1:]),
+        "rows": rows,
+    }
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "sampling.json").write_text(json.dumps(res, indent=2) + "\n")
-    lines = [f"Weight sampling: flipout vs per_batch ({res['model']}, {res['device']}); command: `{res['command']}`", "",
-             "Cost: one support NLL forward + backward, relative to the posterior mean (no noise). "
-             "Gradient noise: sum of per-entry variances over the squared norm of the expected gradient "
-             f"(unbiased estimates from {args.draws} draws; inf: no signal detectable); lower is better.", "",
-             "| k | sampler | step (s) | cost vs mean | " + " | ".join(
-                 f"noise {n} ({pair})" for n in priors for pair in ("mean pair", "scale pair")) + " |",
-             "|---|---|---|---|" + "---|" * (2 * len(priors))]
+    lines = [
+        f"Weight sampling: flipout vs per_batch ({res['model']}, {res['device']}); command: `{res['command']}`",
+        "",
+        "Cost: one support NLL forward + backward, relative to the posterior mean (no noise). "
+        "Gradient noise: sum of per-entry variances over the squared norm of the expected gradient "
+        f"(unbiased estimates from {args.draws} draws; inf: no signal detectable); lower is better.",
+        "",
+        "| k | sampler | step (s) | cost vs mean | "
+        + " | ".join(f"noise {n} ({pair})" for n in priors for pair in ("mean pair", "scale pair"))
+        + " |",
+        "|---|---|---|---|" + "---|" * (2 * len(priors)),
+    ]
     for r in rows:
-        lines.append(f"| {r['k']} | {r['sampler']} | {r['step_s']:.2f} | {r['cost_vs_mean']:.3f} | " + " | ".join(
-            f"{r[f'noise_{n}'][pair]:.3g}" for n in priors for pair in ("mean_pair", "scale_pair")) + " |")
+        lines.append(
+            f"| {r['k']} | {r['sampler']} | {r['step_s']:.2f} | {r['cost_vs_mean']:.3f} | "
+            + " | ".join(f"{r[f'noise_{n}'][pair]:.3g}" for n in priors for pair in ("mean_pair", "scale_pair"))
+            + " |"
+        )
     (RESULTS / "sampling.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

@@ -37,7 +37,7 @@ the adapter gradients and of the logs per meta-step (for SmolLM2 rank 4 on q_pro
 Expected on N GPUs: a meta-step takes about ceil(B / N) task-times plus that all-reduce (well
 under a millisecond on NVLink), so the speed-up is near-linear up to N = B and flat beyond (more
 processes than tasks idle). Not measured here: no GPU on this machine."""
-SETTINGS = {   # model: (meta-batch size B, timed meta-steps)
+SETTINGS = {  # model: (meta-batch size B, timed meta-steps)
     "tiny": (4, 20),
     "smollm2": (4, 3),
 }
@@ -53,9 +53,16 @@ def build_model(name: str):
         return load_base_model(device="cpu")
     tok = load_tokenizer()
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                         pad_token_id=tok.pad_token_id)
+    config = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        pad_token_id=tok.pad_token_id,
+    )
     return LlamaForCausalLM(config).eval().requires_grad_(False), tok
 
 
@@ -77,14 +84,22 @@ def worker(args) -> None:
     torch.manual_seed(0)
     model = BayesLoraModel(base, BayesLoraConfig(rank=4, target_modules=["q_proj", "v_proj"]))
     B, steps = SETTINGS[args.model]
-    meta = MetaConfig(inner_steps=2, inner_lr=0.3, outer_lr=0.005, beta=1e-6, gamma=1e-10, n_samples=1,
-                      meta_batch_size=B, meta_steps=steps + 1)
+    meta = MetaConfig(
+        inner_steps=2, inner_lr=0.3, outer_lr=0.005, beta=1e-6, gamma=1e-10, n_samples=1, meta_batch_size=B, meta_steps=steps + 1
+    )
     tasks = TaskArgs(k=8, data_seeds=[100], max_query=8)
-    trainer = MetaTrainer(model, tok, TASKS[:B], tasks, meta, HyperpriorConfig(),
-                          ScoringConfig(template="{input}\nThe answer is:", max_length=128, max_rows=16),
-                          accelerator=accelerator)
+    trainer = MetaTrainer(
+        model,
+        tok,
+        TASKS[:B],
+        tasks,
+        meta,
+        HyperpriorConfig(),
+        ScoringConfig(template="{input}\nThe answer is:", max_length=128, max_rows=16),
+        accelerator=accelerator,
+    )
     barrier = accelerator.wait_for_everyone if accelerator else (lambda: None)
-    trainer.step()                                   # warm-up: tokenises every episode
+    trainer.step()  # warm-up: tokenises every episode
     barrier()
     times = []
     start = time.perf_counter()
@@ -95,10 +110,20 @@ def worker(args) -> None:
     barrier()
     total = time.perf_counter() - start
     if trainer.is_main:
-        Path(args.out).write_text(json.dumps({
-            "model": args.model, "processes": trainer.world_size, "meta_batch_size": B, "timed_steps": steps,
-            "tasks_per_process": B // trainer.world_size, "meta_steps_per_s": steps / total,
-            "step_s": times, "query_nll_last": trainer.history[-1].get("query_nll")}))
+        Path(args.out).write_text(
+            json.dumps(
+                {
+                    "model": args.model,
+                    "processes": trainer.world_size,
+                    "meta_batch_size": B,
+                    "timed_steps": steps,
+                    "tasks_per_process": B // trainer.world_size,
+                    "meta_steps_per_s": steps / total,
+                    "step_s": times,
+                    "query_nll_last": trainer.history[-1].get("query_nll"),
+                }
+            )
+        )
 
 
 def free_port() -> int:
@@ -113,37 +138,57 @@ def run(model: str, processes: int, out: Path) -> dict:
     if processes == 1:
         cmd = [sys.executable, *script]
     else:
-        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes),
-               "--mixed_precision", "no", "--main_process_port", str(free_port()), *script]
+        cmd = [
+            sys.executable,
+            "-m",
+            "accelerate.commands.launch",
+            "--multi_gpu",
+            "--num_processes",
+            str(processes),
+            "--mixed_precision",
+            "no",
+            "--main_process_port",
+            str(free_port()),
+            *script,
+        ]
     load = os.getloadavg()[0]
     start = time.perf_counter()
     subprocess.run(cmd, env=env, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     row = json.loads(out.read_text())
     shown = ["OMP_NUM_THREADS=1", ".venv/bin/python", *cmd[1:]]
     shown = [str(Path(c).relative_to(Path.cwd())) if c.startswith(str(Path.cwd())) else c for c in shown]
-    row.update(loadavg_1min_before=round(load, 2), wall_s=round(time.perf_counter() - start, 1),
-               command=" ".join(shown))
+    row.update(loadavg_1min_before=round(load, 2), wall_s=round(time.perf_counter() - start, 1), command=" ".join(shown))
     return row
 
 
 def write(rows: list[dict], argv: list[str]) -> None:
     RESULTS.mkdir(exist_ok=True)
-    meta = {"command": " ".join([".venv/bin/python benchmarks/scaling.py", *argv]), "cpu_count": os.cpu_count(),
-            "platform": platform.platform(), "rows": rows}
+    meta = {
+        "command": " ".join([".venv/bin/python benchmarks/scaling.py", *argv]),
+        "cpu_count": os.cpu_count(),
+        "platform": platform.platform(),
+        "rows": rows,
+    }
     (RESULTS / "scaling.json").write_text(json.dumps(meta, indent=2) + "\n")
-    lines = ["# Meta-step throughput: 1 vs 2 processes (CPU)", "",
-             f"`{meta['command']}` on {os.cpu_count()} CPU cores shared with other jobs (1-min load average "
-             "before each run in the table); each process on 1 thread, gloo, real 8-shot MetaICL tasks "
-             f"({', '.join(TASKS)}), K = 2 inner steps, 1 weight sample, rank 4 on q_proj / v_proj.", "",
-             "| model | processes | B | tasks / process | meta-steps/s | median step (s) | speed-up | load avg |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = [
+        "# Meta-step throughput: 1 vs 2 processes (CPU)",
+        "",
+        f"`{meta['command']}` on {os.cpu_count()} CPU cores shared with other jobs (1-min load average "
+        "before each run in the table); each process on 1 thread, gloo, real 8-shot MetaICL tasks "
+        f"({', '.join(TASKS)}), K = 2 inner steps, 1 weight sample, rank 4 on q_proj / v_proj.",
+        "",
+        "| model | processes | B | tasks / process | meta-steps/s | median step (s) | speed-up | load avg |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
     base = {r["model"]: r["meta_steps_per_s"] for r in rows if r["processes"] == 1}
     for r in rows:
         steps = sorted(r["step_s"])
         speedup = r["meta_steps_per_s"] / base[r["model"]] if r["model"] in base else float("nan")
-        lines.append(f"| {r['model']} | {r['processes']} | {r['meta_batch_size']} | {r['tasks_per_process']} | "
-                     f"{r['meta_steps_per_s']:.3f} | {steps[len(steps) // 2]:.2f} | {speedup:.2f}x | "
-                     f"{r['loadavg_1min_before']} |")
+        lines.append(
+            f"| {r['model']} | {r['processes']} | {r['meta_batch_size']} | {r['tasks_per_process']} | "
+            f"{r['meta_steps_per_s']:.3f} | {steps[len(steps) // 2]:.2f} | {speedup:.2f}x | "
+            f"{r['loadavg_1min_before']} |"
+        )
     lines += ["", EXPECTED, "", "Commands (run by the script):", ""] + [f"    {r['command']}" for r in rows]
     (RESULTS / "scaling.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))

@@ -29,7 +29,7 @@ def main(argv: list[str] | None = None) -> Path:
     args = p.parse_args(argv)
     run = Path(args.run)
     source = run / BEST_DIR if (run / BEST_DIR).is_dir() else run
-    load_adapter(source)                                   # refuses a folder that is not a readable prior
+    load_adapter(source)  # refuses a folder that is not a readable prior
     out = SHIPPED_DIR / args.name
     out.mkdir(parents=True, exist_ok=True)
     for name in (TENSORS, CONFIG):
@@ -38,11 +38,19 @@ def main(argv: list[str] | None = None) -> Path:
     history = json.loads((run / "history.json").read_text())
     validation = json.loads((run / "validation.json").read_text()) if (run / "validation.json").is_file() else []
     commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
-    write_json(out / "record.json", {
-        "name": args.name, "command": args.command, "shipped_at_commit": commit, "source": str(source),
-        "meta_steps_trained": len(history), "meta_steps_of_this_prior": config.get("meta_steps_done"),
-        "selected_by": config.get("selected_by", "last meta-step"), "validation": validation,
-    })
+    write_json(
+        out / "record.json",
+        {
+            "name": args.name,
+            "command": args.command,
+            "shipped_at_commit": commit,
+            "source": str(source),
+            "meta_steps_trained": len(history),
+            "meta_steps_of_this_prior": config.get("meta_steps_done"),
+            "selected_by": config.get("selected_by", "last meta-step"),
+            "validation": validation,
+        },
+    )
     print(f"shipped {source} as {out}")
     return out
 

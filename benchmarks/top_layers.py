@@ -61,10 +61,14 @@ different domains: irony, paraphrase, hate-speech target, word sense)."""
 
 def demo_groups() -> dict:
     raw = yaml.safe_load(DEMO_CONFIG.read_text())
-    return dict(lora=BayesLoraConfig(**raw["lora"]), scoring=ScoringConfig(**raw["scoring"]),
-                meta=MetaConfig(**raw["meta"]), tasks=TaskArgs(**{k: v for k, v in raw["tasks"].items()
-                                                                   if k not in ("train_tasks", "test_tasks")}),
-                eval=EvalArgs(**raw["eval"]), hyper=HyperpriorConfig())
+    return dict(
+        lora=BayesLoraConfig(**raw["lora"]),
+        scoring=ScoringConfig(**raw["scoring"]),
+        meta=MetaConfig(**raw["meta"]),
+        tasks=TaskArgs(**{k: v for k, v in raw["tasks"].items() if k not in ("train_tasks", "test_tasks")}),
+        eval=EvalArgs(**raw["eval"]),
+        hyper=HyperpriorConfig(),
+    )
 
 
 def variant_lora(lora: BayesLoraConfig, variant: str) -> BayesLoraConfig:
@@ -98,8 +102,15 @@ def main(argv: list[str] | None = None) -> dict:
     g = demo_groups()
     split = load_split(g["tasks"].split)
     notes: list[str] = []
-    train = _usable([t for t in split["train"] if t not in args.val_tasks], g["tasks"], g["tasks"].data_seeds, "dev",
-                    notes, "meta-train", max_options=10)
+    train = _usable(
+        [t for t in split["train"] if t not in args.val_tasks],
+        g["tasks"],
+        g["tasks"].data_seeds,
+        "dev",
+        notes,
+        "meta-train",
+        max_options=10,
+    )
     print(f"{len(train)} meta-train tasks; validation: {args.val_tasks} x seeds {args.val_seeds}", flush=True)
     tasks = replace(g["tasks"], train_tasks=train)
 
@@ -113,12 +124,21 @@ def main(argv: list[str] | None = None) -> dict:
         if state:
             trainer.resume(folder)
         validator = make_validator(model, tok, args.val_tasks, args.val_seeds, tasks, g["scoring"], g["meta"], g["eval"])
-        runs[v] = dict(model=model, trainer=trainer, folder=folder, validator=validator,
-                       elapsed=state["elapsed"] if state else 0.0, rounds=state["rounds"] if state else 0,
-                       untrained=state.get("untrained") if state else None,
-                       per_round=state.get("per_round", []) if state else [])
-        print(f"variant {v}: {len(model.layers)} adapted modules, {model.num_weight_entries():,} weight entries, "
-              f"cache {'off' if model.frozen_cache is None else 'on'}", flush=True)
+        runs[v] = dict(
+            model=model,
+            trainer=trainer,
+            folder=folder,
+            validator=validator,
+            elapsed=state["elapsed"] if state else 0.0,
+            rounds=state["rounds"] if state else 0,
+            untrained=state.get("untrained") if state else None,
+            per_round=state.get("per_round", []) if state else [],
+        )
+        print(
+            f"variant {v}: {len(model.layers)} adapted modules, {model.num_weight_entries():,} weight entries, "
+            f"cache {'off' if model.frozen_cache is None else 'on'}",
+            flush=True,
+        )
 
     budget = args.minutes * 60 / args.rounds
     config = {"benchmark": "top_layers"}
@@ -136,11 +156,20 @@ def main(argv: list[str] | None = None) -> dict:
             run["rounds"] = r + 1
             run["per_round"].append({"steps": len(run["trainer"].history) - before, "seconds": round(spent, 1)})
             run["trainer"].save(run["folder"], config)
-            write_json(run["folder"] / "elapsed.json",
-                       {"elapsed": run["elapsed"], "rounds": run["rounds"], "untrained": run["untrained"],
-                        "per_round": run["per_round"]})
-            print(f"round {r + 1}/{args.rounds} {v}: {len(run['trainer'].history)} meta-steps in {run['elapsed']:.0f} s "
-                  f"(query NLL {logs.get('query_nll', float('nan')):.3f})", flush=True)
+            write_json(
+                run["folder"] / "elapsed.json",
+                {
+                    "elapsed": run["elapsed"],
+                    "rounds": run["rounds"],
+                    "untrained": run["untrained"],
+                    "per_round": run["per_round"],
+                },
+            )
+            print(
+                f"round {r + 1}/{args.rounds} {v}: {len(run['trainer'].history)} meta-steps in {run['elapsed']:.0f} s "
+                f"(query NLL {logs.get('query_nll', float('nan')):.3f})",
+                flush=True,
+            )
 
     rows = []
     for v, run in runs.items():
@@ -148,23 +177,46 @@ def main(argv: list[str] | None = None) -> dict:
         reached = run["validator"](run["trainer"].theta)
         steps = len(run["trainer"].history)
         cache = run["model"].frozen_cache
-        rows.append(dict(variant=v, top_layers=run["model"].config.top_layers or "all",
-                         cached=cache is not None, meta_steps=steps, train_seconds=round(run["elapsed"], 1),
-                         meta_steps_per_hour=round(3600 * steps / run["elapsed"], 1),
-                         weight_entries=run["model"].num_weight_entries(),
-                         val_nll_untrained=run["untrained"]["nll"], val_ece_untrained=run["untrained"]["ece"],
-                         val_nll=reached["nll"], val_ece=reached["ece"], val_accuracy=reached["accuracy"],
-                         val_macro_f1=reached["macro_f1"], val_seconds=round(time.perf_counter() - t0, 1),
-                         cache_hits=cache.hits if cache else None, cache_misses=cache.misses if cache else None,
-                         cache_mb=round(cache.nbytes / 2**20, 1) if cache else None,
-                         seconds_per_step_by_round=[round(x["seconds"] / max(x["steps"], 1), 2) for x in run["per_round"]]))
+        rows.append(
+            dict(
+                variant=v,
+                top_layers=run["model"].config.top_layers or "all",
+                cached=cache is not None,
+                meta_steps=steps,
+                train_seconds=round(run["elapsed"], 1),
+                meta_steps_per_hour=round(3600 * steps / run["elapsed"], 1),
+                weight_entries=run["model"].num_weight_entries(),
+                val_nll_untrained=run["untrained"]["nll"],
+                val_ece_untrained=run["untrained"]["ece"],
+                val_nll=reached["nll"],
+                val_ece=reached["ece"],
+                val_accuracy=reached["accuracy"],
+                val_macro_f1=reached["macro_f1"],
+                val_seconds=round(time.perf_counter() - t0, 1),
+                cache_hits=cache.hits if cache else None,
+                cache_misses=cache.misses if cache else None,
+                cache_mb=round(cache.nbytes / 2**20, 1) if cache else None,
+                seconds_per_step_by_round=[round(x["seconds"] / max(x["steps"], 1), 2) for x in run["per_round"]],
+            )
+        )
         print(json.dumps(rows[-1]), flush=True)
     ref = next((r for r in rows if r["variant"] == "all"), None)
     for row in rows:
         row["speedup_vs_all"] = round(row["meta_steps_per_hour"] / ref["meta_steps_per_hour"], 2) if ref else None
-    res = dict(command=command, model="smollm2-135m-instruct", device="cpu (float32)", threads=args.threads,
-               minutes_per_variant=args.minutes, rounds=args.rounds, val_tasks=args.val_tasks, val_seeds=args.val_seeds,
-               train_tasks=train, notes=notes, settings={k: asdict(v) for k, v in g.items()}, rows=rows)
+    res = dict(
+        command=command,
+        model="smollm2-135m-instruct",
+        device="cpu (float32)",
+        threads=args.threads,
+        minutes_per_variant=args.minutes,
+        rounds=args.rounds,
+        val_tasks=args.val_tasks,
+        val_seeds=args.val_seeds,
+        train_tasks=train,
+        notes=notes,
+        settings={k: asdict(v) for k, v in g.items()},
+        rows=rows,
+    )
     RESULTS.mkdir(exist_ok=True)
     write_json(RESULTS / "efficiency-top_layers.json", res)
     (RESULTS / "efficiency-top_layers.md").write_text(markdown(res))
@@ -188,19 +240,25 @@ def merge_into_efficiency(res: dict) -> None:
 
 
 def markdown(res: dict) -> str:
-    lines = [f"Top-L cached vs all-layer ABMLL meta-training at equal wall time ({res['model']}, {res['device']}, "
-             f"{res['threads']} threads; {res['minutes_per_variant']} min per variant in {res['rounds']} alternating "
-             f"rounds); command: `{res['command']}`", "",
-             f"Meta-validation: {', '.join(res['val_tasks'])} (held out of meta-training) x seeds {res['val_seeds']}; "
-             "5 SGD steps from the prior on the k-shot train file, then the dev file's query NLL / ECE.", "",
-             "| variant | adapted layers | cache | meta-steps | meta-steps / hour | speed-up | val NLL (untrained -> reached) "
-             "| val ECE (untrained -> reached) | cache hits / misses | s / step by round |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        f"Top-L cached vs all-layer ABMLL meta-training at equal wall time ({res['model']}, {res['device']}, "
+        f"{res['threads']} threads; {res['minutes_per_variant']} min per variant in {res['rounds']} alternating "
+        f"rounds); command: `{res['command']}`",
+        "",
+        f"Meta-validation: {', '.join(res['val_tasks'])} (held out of meta-training) x seeds {res['val_seeds']}; "
+        "5 SGD steps from the prior on the k-shot train file, then the dev file's query NLL / ECE.",
+        "",
+        "| variant | adapted layers | cache | meta-steps | meta-steps / hour | speed-up | val NLL (untrained -> reached) "
+        "| val ECE (untrained -> reached) | cache hits / misses | s / step by round |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in res["rows"]:
-        lines.append(f"| {r['variant']} | {r['top_layers']} | {'yes' if r['cached'] else 'no'} | {r['meta_steps']} | "
-                     f"{r['meta_steps_per_hour']} | {r['speedup_vs_all']}x | {r['val_nll_untrained']:.3f} -> "
-                     f"{r['val_nll']:.3f} | {r['val_ece_untrained']:.3f} -> {r['val_ece']:.3f} | "
-                     f"{r['cache_hits']} / {r['cache_misses']} | {r['seconds_per_step_by_round']} |")
+        lines.append(
+            f"| {r['variant']} | {r['top_layers']} | {'yes' if r['cached'] else 'no'} | {r['meta_steps']} | "
+            f"{r['meta_steps_per_hour']} | {r['speedup_vs_all']}x | {r['val_nll_untrained']:.3f} -> "
+            f"{r['val_nll']:.3f} | {r['val_ece_untrained']:.3f} -> {r['val_ece']:.3f} | "
+            f"{r['cache_hits']} / {r['cache_misses']} | {r['seconds_per_step_by_round']} |"
+        )
     return "\n".join(lines) + "\n"
 
 

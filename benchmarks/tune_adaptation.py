@@ -28,8 +28,7 @@ import quality
 from abmll.checkpoint import write_json
 from abmll.methods import get_spec
 
-GRID = ["sgd:5:0.3", "sgd:10:0.1", "sgd:10:0.3", "sgd:10:1.0",
-        "adamw:5:0.01", "adamw:10:0.003", "adamw:10:0.01", "adamw:10:0.03"]
+GRID = ["sgd:5:0.3", "sgd:10:0.1", "sgd:10:0.3", "sgd:10:1.0", "adamw:5:0.01", "adamw:10:0.003", "adamw:10:0.01", "adamw:10:0.03"]
 """OPTIMIZER:STEPS:LR points tried for every method: the shared recipe (SGD, 5 steps at 0.3),
 twice the steps at three learning rates, and AdamW (no weight decay) at learning rates for a
 few-step LoRA run. At most 10 steps: the test benchmark's compute budget on 2 CPU cores."""
@@ -49,21 +48,31 @@ def main(argv: list[str] | None = None) -> dict:
     dev_bench = replace(bench, eval_split="dev", plots=False)
     dev_cfg = {**cfg, "tasks": replace(cfg["tasks"], test_tasks=val)}
     split = cfg["tasks"].split
-    work = Path(bench.work_dir or f"runs/quality-{split}")
+    work = Path(bench.work_dir or f"runs/quality-{split}" + ("-quick" if bench.quick else ""))  # quality.py's
     out_dir = Path(bench.out_dir or "benchmarks/results")
     command = ".venv/bin/python benchmarks/tune_adaptation.py " + quality.shlex.join(argv)
     rows = {}
-    for point in own.grid:
-        point_bench = replace(dev_bench, adaptation=[f"{m}={point}" for m in adapting])
-        quality.adaptations(point_bench)                      # refuses a malformed point before any run
+    for i, point in enumerate(own.grid):  # --fresh discards the cache and priors once, not at every point
+        point_bench = replace(dev_bench, adaptation=[f"{m}={point}" for m in adapting], fresh=bench.fresh and i == 0)
+        quality.adaptations(point_bench)  # refuses a malformed point before any run
         res, _ = quality.run(point_bench, dev_cfg, f"{command}  [{point}]", work)
         rows[point] = {m: {k: res["methods"][m][k] for k in SHOWN} for m in bench.methods}
         print(f"{point}: " + ", ".join(f"{m} NLL {r['nll']:.3f}" for m, r in rows[point].items()), flush=True)
     chosen = {m: min(rows, key=lambda p: rows[p][m]["nll"]) for m in adapting}
     flags = ["--adaptation", *(f"{m}={p}" for m, p in chosen.items())]
-    out = {"split": split, "dev_tasks": res["tasks"], "seeds": list(bench.seeds), "test_k": res["test_k"],
-           "selection": "lowest mean dev NLL", "grid": list(own.grid), "command": command, "rows": rows,
-           "chosen": chosen, "flags": quality.shlex.join(flags), "priors": res.get("priors", {})}
+    out = {
+        "split": split,
+        "dev_tasks": res["tasks"],
+        "seeds": list(bench.seeds),
+        "test_k": res["test_k"],
+        "selection": "lowest mean dev NLL",
+        "grid": list(own.grid),
+        "command": command,
+        "rows": rows,
+        "chosen": chosen,
+        "flags": quality.shlex.join(flags),
+        "priors": res.get("priors", {}),
+    }
     out_dir.mkdir(parents=True, exist_ok=True)
     name = f"tune_adaptation-{split}"
     write_json(out_dir / f"{name}.json", out)
@@ -74,13 +83,20 @@ def main(argv: list[str] | None = None) -> dict:
 
 def markdown(out: dict) -> str:
     methods = list(next(iter(out["rows"].values())))
-    lines = [f"# Test-time adaptation chosen on dev data ({out['split']})", "",
-             f"Command: `{out['command']}`", "",
-             f"Dev tasks (held out of meta-training; support = train file, query = dev file): "
-             f"{', '.join(out['dev_tasks'])}; seeds {out['seeds']}; k = {out['test_k']}. Every method tries the "
-             f"same grid (OPTIMIZER:STEPS:LR); chosen by {out['selection']} (**bold**).", "",
-             "Dev NLL / accuracy / macro-F1 / ECE, mean over tasks:", "",
-             "| setting | " + " | ".join(methods) + " |", "|---|" + "---|" * len(methods)]
+    lines = [
+        f"# Test-time adaptation chosen on dev data ({out['split']})",
+        "",
+        f"Command: `{out['command']}`",
+        "",
+        f"Dev tasks (held out of meta-training; support = train file, query = dev file): "
+        f"{', '.join(out['dev_tasks'])}; seeds {out['seeds']}; k = {out['test_k']}. Every method tries the "
+        f"same grid (OPTIMIZER:STEPS:LR); chosen by {out['selection']} (**bold**).",
+        "",
+        "Dev NLL / accuracy / macro-F1 / ECE, mean over tasks:",
+        "",
+        "| setting | " + " | ".join(methods) + " |",
+        "|---|" + "---|" * len(methods),
+    ]
     for point, r in out["rows"].items():
         cells = []
         for m in methods:

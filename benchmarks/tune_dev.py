@@ -50,15 +50,16 @@ def main() -> None:
                 m = compute_metrics(*predict_batches(model, post, ep.query, 0))
             except (FloatingPointError, ValueError) as err:
                 hist, m = [], dict(accuracy=float("nan"), nll=float("inf"), ece=float("nan"), error=str(err))
-            rows.append(dict(template=template, task=task, inner_lr=lr, support_nll=hist,
-                             seconds=time.perf_counter() - t0, **m))
+            rows.append(dict(template=template, task=task, inner_lr=lr, support_nll=hist, seconds=time.perf_counter() - t0, **m))
             print(rows[-1], file=sys.stderr)
     out = Path(__file__).parent / "results"
     out.mkdir(exist_ok=True)
     (out / "tune_dev.json").write_text(json.dumps(rows, indent=2))
     lines = ["| template | task | inner lr | dev acc | dev NLL | dev ECE |", "|---|---|---|---|---|---|"]
-    lines += [f"| {r['template']!r} | {r['task']} | {r['inner_lr']} | {r['accuracy']:.3f} | {r['nll']:.3f} | "
-              f"{r['ece']:.3f} |" for r in rows]
+    lines += [
+        f"| {r['template']!r} | {r['task']} | {r['inner_lr']} | {r['accuracy']:.3f} | {r['nll']:.3f} | {r['ece']:.3f} |"
+        for r in rows
+    ]
     (out / "tune_dev.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

@@ -118,13 +118,14 @@ def world(tmp_path_factory):
     config = root / "run.yaml"
     config.write_text(
         f"model:\n  model: {model_dir}\n"
-        "lora:\n  rank: 2\n  init_std_factor: 1.0\n"      # visible weight noise
+        "lora:\n  rank: 2\n  init_std_factor: 1.0\n"  # visible weight noise
         "scoring:\n  max_rows: 8\n"
         "meta:\n  inner_steps: 1\n  outer_lr: 0.05\n  meta_steps: 5\n"
         f"tasks:\n  data_dir: {data}\n  split: tiny\n  k: 4\n  data_seeds: [1]\n"
         "eval:\n  test_steps: 1\n  max_test: 6\n"
-        "sample_seed: 3\n"              # an option of `abmll predict`: ignored by the other commands
-        "shots: [4]\n")                 # an option of `abmll data`
+        "sample_seed: 3\n"  # an option of `abmll predict`: ignored by the other commands
+        "shots: [4]\n"
+    )  # an option of `abmll data`
     prior = root / "prior"
     from abmll.cli import main
 

@@ -38,21 +38,44 @@ def make_tiny(arch: str, seed: int = 0) -> nn.Module:
     if arch == "llama":
         return make_tiny_llama(seed)
     if arch == "qwen2":
-        cfg = Qwen2Config(vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
+        cfg = Qwen2Config(
+            vocab_size=V,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=128,
+        )
         return Qwen2ForCausalLM(cfg).eval()
     if arch == "gemma":
-        cfg = GemmaConfig(vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                          num_attention_heads=4, num_key_value_heads=1, head_dim=8, max_position_embeddings=128,
-                          pad_token_id=0, bos_token_id=1, eos_token_id=2)
+        cfg = GemmaConfig(
+            vocab_size=V,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=1,
+            head_dim=8,
+            max_position_embeddings=128,
+            pad_token_id=0,
+            bos_token_id=1,
+            eos_token_id=2,
+        )
         return GemmaForCausalLM(cfg).eval()
     if arch == "gpt2":
-        cfg = GPT2Config(vocab_size=V, n_embd=32, n_layer=2, n_head=4, n_positions=128,
-                         bos_token_id=V - 1, eos_token_id=V - 1)
+        cfg = GPT2Config(vocab_size=V, n_embd=32, n_layer=2, n_head=4, n_positions=128, bos_token_id=V - 1, eos_token_id=V - 1)
         return GPT2LMHeadModel(cfg).eval()
     if arch == "opt":
-        cfg = OPTConfig(vocab_size=V, hidden_size=32, ffn_dim=64, num_hidden_layers=2, num_attention_heads=4,
-                        max_position_embeddings=128, word_embed_proj_dim=32)
+        cfg = OPTConfig(
+            vocab_size=V,
+            hidden_size=32,
+            ffn_dim=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            max_position_embeddings=128,
+            word_embed_proj_dim=32,
+        )
         return OPTForCausalLM(cfg).eval()
     raise ValueError(arch)
 
@@ -81,7 +104,7 @@ def test_auto_targets_use_the_architecture_preset(arch):
     assert all(L.d_in == d_in for L in model.layers)
     if d_out is not None:
         assert all(L.d_out == d_out for L in model.layers)
-    for L in model.layers:   # scale pair shapes follow (d_out, r) / (r, d_in)
+    for L in model.layers:  # scale pair shapes follow (d_out, r) / (r, d_in)
         params = model.init_params()
         assert params[L.scale_A].shape == (2, L.d_in) and params[L.scale_B].shape == (L.d_out, 2)
         assert params[L.mean_A].shape == (2, L.d_in) and params[L.mean_B].shape == (L.d_out, 2)
@@ -91,8 +114,9 @@ def test_auto_targets_use_the_architecture_preset(arch):
 def test_posterior_mean_equals_plain_peft_lora(arch):
     base = make_tiny(arch)
     targets = preset_target_modules(base.config.model_type)
-    plain = get_peft_model(copy.deepcopy(base), LoraConfig(r=2, lora_alpha=4, target_modules=targets,
-                                                            fan_in_fan_out=arch == "gpt2"))
+    plain = get_peft_model(
+        copy.deepcopy(base), LoraConfig(r=2, lora_alpha=4, target_modules=targets, fan_in_fan_out=arch == "gpt2")
+    )
     model = BayesLoraModel(base, BayesLoraConfig(rank=2, alpha=4, target_modules=["auto"]))
     params = random_params(model, 1)
     copied = 0
@@ -110,16 +134,17 @@ def test_posterior_mean_equals_plain_peft_lora(arch):
         zero = model(model.init_params(), ids, mask).logits
         sampled = model(params, ids, mask, sample=True).logits
     torch.testing.assert_close(ours, ref, rtol=0, atol=1e-6)
-    assert (ours - zero).abs().max() > 1e-4        # the random mean pair changes the output
-    assert (sampled - ours).abs().max() > 1e-5     # and weight noise changes it again
+    assert (ours - zero).abs().max() > 1e-4  # the random mean pair changes the output
+    assert (sampled - ours).abs().max() > 1e-5  # and weight noise changes it again
 
 
 @pytest.mark.parametrize("sampling,rows,calls", [("flipout", 16, 60), ("per_batch", 1, 1000)])
 def test_gpt2_conv1d_sampled_moments_match_gaussian_weights(sampling, rows, calls):
     """Conv1D stores W0 as (d_in, d_out); the noise must still be x (S * E)^T with S (d_out, d_in)."""
     torch.manual_seed(0)
-    model = BayesLoraModel(make_tiny("gpt2"), BayesLoraConfig(rank=2, init_std_factor=5.0, target_modules=["auto"],
-                                                            sampling=sampling))
+    model = BayesLoraModel(
+        make_tiny("gpt2"), BayesLoraConfig(rank=2, init_std_factor=5.0, target_modules=["auto"], sampling=sampling)
+    )
     params = random_params(model, 2, scale=0.5)
     L = model.layers[0]
     module = model.peft_model.get_submodule(L.name)
@@ -132,38 +157,40 @@ def test_gpt2_conv1d_sampled_moments_match_gaussian_weights(sampling, rows, call
         for _ in range(calls):
             model(params, ids, sample=True)
     handle.remove()
-    x = captured[0][0][0]                                 # (seq, d_in), identical for all rows and calls
-    outs = torch.cat([out for _, out in captured])        # (960 or 1000 samples, seq, d_out)
-    M = L.scaling * params[L.mean_B] @ params[L.mean_A]   # (d_out, d_in)
+    x = captured[0][0][0]  # (seq, d_in), identical for all rows and calls
+    outs = torch.cat([out for _, out in captured])  # (960 or 1000 samples, seq, d_out)
+    M = L.scaling * params[L.mean_B] @ params[L.mean_A]  # (d_out, d_in)
     S = std_matrix(params[L.scale_B], params[L.scale_A], L.rho0)
     mean_ref = x @ w0 + b0 + x @ M.T
     var_ref = x.square() @ S.square().T
     n = outs.shape[0]
     assert ((outs.mean(0) - mean_ref).abs() <= 6 * (var_ref / n).sqrt() + 1e-5).all()
     ratio = outs.var(0) / var_ref
-    assert abs(ratio.mean().item() - 1) < 0.05                       # pooled over 384 entries
-    torch.testing.assert_close(outs.var(0), var_ref, rtol=0.4, atol=1e-7)      # each entry (~1000 draws)
+    assert abs(ratio.mean().item() - 1) < 0.05  # pooled over 384 entries
+    torch.testing.assert_close(outs.var(0), var_ref, rtol=0.4, atol=1e-7)  # each entry (~1000 draws)
 
 
-@pytest.mark.filterwarnings("ignore::UserWarning")   # peft: a tied layer adapted; mixed Conv1D / Linear targets
+@pytest.mark.filterwarnings("ignore::UserWarning")  # peft: a tied layer adapted; mixed Conv1D / Linear targets
 def test_per_batch_noise_on_a_tied_lm_head_stays_out_of_the_input_embedding():
     """GPT-2 ties lm_head to the token embedding (one tensor, two names): a sampled lm_head
     weight must replace lm_head's W0 only, not the embedding that shares it."""
     base = make_tiny("gpt2")
     assert base.lm_head.weight is base.transformer.wte.weight
-    model = BayesLoraModel(base, BayesLoraConfig(rank=2, init_std_factor=5.0, target_modules=["c_attn", "lm_head"],
-                                                 sampling="per_batch"))
+    model = BayesLoraModel(
+        base, BayesLoraConfig(rank=2, init_std_factor=5.0, target_modules=["c_attn", "lm_head"], sampling="per_batch")
+    )
     params = random_params(model, 4, scale=0.5)
     embedded = []
     handle = model.peft_model.get_submodule("base_model.model.transformer.wte").register_forward_hook(
-        lambda m, a, out: embedded.append(out.detach()))
+        lambda m, a, out: embedded.append(out.detach())
+    )
     ids = torch.tensor([[5, 17, 99, 42]])
     with torch.no_grad():
         mean = model(params, ids).logits
         sampled = model(params, ids, sample=True).logits
     handle.remove()
-    torch.testing.assert_close(embedded[1], embedded[0], rtol=0, atol=0)   # the embedding saw no noise
-    assert (sampled - mean).abs().max() > 1e-3                                 # lm_head (and c_attn) did
+    torch.testing.assert_close(embedded[1], embedded[0], rtol=0, atol=0)  # the embedding saw no noise
+    assert (sampled - mean).abs().max() > 1e-3  # lm_head (and c_attn) did
 
 
 def test_gpt2_kl_matches_torch_distributions():
@@ -186,12 +213,15 @@ def test_explicit_targets_are_kept_and_config_untouched():
     assert [L.name.rsplit(".", 1)[-1] for L in model.layers] == ["v_proj", "v_proj"]
 
 
-@pytest.mark.parametrize("arch, targets, name, kind", [
-    ("llama", ["embed_tokens"], "model.embed_tokens", "Embedding"),
-    ("gpt2", ["wte"], "transformer.wte", "Embedding"),
-    ("llama", ["q_proj", "input_layernorm"], "model.layers.0.input_layernorm", "LlamaRMSNorm"),
-    ("opt", ["self_attn"], "model.decoder.layers.0.self_attn", "OPTAttention"),
-])
+@pytest.mark.parametrize(
+    "arch, targets, name, kind",
+    [
+        ("llama", ["embed_tokens"], "model.embed_tokens", "Embedding"),
+        ("gpt2", ["wte"], "transformer.wte", "Embedding"),
+        ("llama", ["q_proj", "input_layernorm"], "model.layers.0.input_layernorm", "LlamaRMSNorm"),
+        ("opt", ["self_attn"], "model.decoder.layers.0.self_attn", "OPTAttention"),
+    ],
+)
 def test_unsupported_layer_type_names_the_module(arch, targets, name, kind):
     with pytest.raises(ValueError) as info:
         BayesLoraModel(make_tiny(arch), BayesLoraConfig(rank=2, target_modules=targets))
@@ -221,7 +251,7 @@ def test_conv2d_target_is_refused_and_linear_works():
 def test_presets_and_unmatched_hint():
     assert preset_target_modules("gpt2") == ["c_attn"]
     assert preset_target_modules("opt") == ["q_proj", "v_proj"]
-    assert preset_target_modules("gpt_neox") == ["query_key_value"]   # peft's table as fallback
+    assert preset_target_modules("gpt_neox") == ["query_key_value"]  # peft's table as fallback
     with pytest.raises(ValueError, match="known: .*llama"):
         preset_target_modules("no-such-architecture")
     # Llama's default q_proj / v_proj do not exist in GPT-2: the error gives GPT-2's preset.

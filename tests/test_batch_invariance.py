@@ -32,11 +32,16 @@ def test_probabilities_do_not_depend_on_batch_companions_or_padding(pack):
     model = BayesLoraModel(make_tiny_llama(), BayesLoraConfig(rank=2))
     params = random_params(model, seed=2)
     exs = mixed_examples()
-    alone = torch.cat([predict_batches(model, params, make_batches(TOK, [e], ScoringConfig(pack_options=pack)))[0][:, :3]
-                       if len(e.options) == 3 else
-                       torch.nn.functional.pad(predict_batches(model, params, make_batches(
-                           TOK, [e], ScoringConfig(pack_options=pack)))[0], (0, 1))
-                       for e in exs])
+    alone = torch.cat(
+        [
+            predict_batches(model, params, make_batches(TOK, [e], ScoringConfig(pack_options=pack)))[0][:, :3]
+            if len(e.options) == 3
+            else torch.nn.functional.pad(
+                predict_batches(model, params, make_batches(TOK, [e], ScoringConfig(pack_options=pack)))[0], (0, 1)
+            )
+            for e in exs
+        ]
+    )
     for max_rows in (4, 7, 64):
         for order in (list(range(len(exs))), list(reversed(range(len(exs))))):
             batches = make_batches(TOK, [exs[i] for i in order], ScoringConfig(max_rows=max_rows, pack_options=pack))

@@ -41,8 +41,10 @@ def distributions(model: BayesLoraModel, params):
 def test_kl_matches_torch_distributions(chunk):
     model = BayesLoraModel(make_tiny_llama(), BayesLoraConfig(rank=3, kl_chunk_elements=chunk))
     q, p = random_params(model, 1), random_params(model, 2)
-    ref = sum(kl_divergence(Normal(Mq, Sq), Normal(Mp, Sp)).sum()
-              for (Mq, Sq), (Mp, Sp) in zip(distributions(model, q), distributions(model, p)))
+    ref = sum(
+        kl_divergence(Normal(Mq, Sq), Normal(Mp, Sp)).sum()
+        for (Mq, Sq), (Mp, Sp) in zip(distributions(model, q), distributions(model, p))
+    )
     got = model.kl(q, p)
     assert got.item() > 0
     torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-4)
@@ -54,8 +56,10 @@ def test_kl_gradients_match_reference_with_chunking():
     q = {k: v.requires_grad_() for k, v in random_params(model, 3, dtype=torch.float64).items()}
     p = {k: v.requires_grad_() for k, v in random_params(model, 4, dtype=torch.float64).items()}
     grads = torch.autograd.grad(model.kl(q, p), list(q.values()) + list(p.values()))
-    ref = sum(kl_divergence(Normal(Mq, Sq), Normal(Mp, Sp)).sum()
-              for (Mq, Sq), (Mp, Sp) in zip(distributions(model, q), distributions(model, p)))
+    ref = sum(
+        kl_divergence(Normal(Mq, Sq), Normal(Mp, Sp)).sum()
+        for (Mq, Sq), (Mp, Sp) in zip(distributions(model, q), distributions(model, p))
+    )
     ref_grads = torch.autograd.grad(ref, list(q.values()) + list(p.values()))
     for g, r in zip(grads, ref_grads):
         torch.testing.assert_close(g, r, rtol=1e-9, atol=1e-9)
@@ -94,7 +98,7 @@ def test_initial_prior_depends_on_init_seed_not_on_the_global_rng():
     assert all(torch.equal(first[k], second[k]) for k in first)
     a_keys = [k for k in first if k.endswith(("lora_A.default.weight", "bayes_scale_A"))]
     assert a_keys and all(not torch.equal(first[k], other[k]) for k in a_keys)
-    bound = 1 / math.sqrt(first[a_keys[0]].shape[1])              # Kaiming-uniform(a=sqrt(5)) = U(+-1/sqrt(fan_in))
+    bound = 1 / math.sqrt(first[a_keys[0]].shape[1])  # Kaiming-uniform(a=sqrt(5)) = U(+-1/sqrt(fan_in))
     assert all(first[k].abs().max() <= bound for k in a_keys) and first[a_keys[0]].abs().max() > 0.5 * bound
 
 
@@ -119,8 +123,8 @@ def test_sampled_outputs_match_gaussian_weights(sampling, rows, calls):
         for _ in range(calls):
             model(params, ids, sample=True)
     handle.remove()
-    x = captured[0][0][0]                                    # (seq, d_in), same for all calls
-    outs = torch.cat([out for _, out in captured])           # (calls * rows, seq, d_out)
+    x = captured[0][0][0]  # (seq, d_in), same for all calls
+    outs = torch.cat([out for _, out in captured])  # (calls * rows, seq, d_out)
     M = L.scaling * params[L.mean_B] @ params[L.mean_A]
     S = std_matrix(params[L.scale_B], params[L.scale_A], L.rho0)
     mean_ref = x @ (base_w + M).T
@@ -135,17 +139,17 @@ def test_flipout_sample_shared_along_sequence_and_differs_between_sequences():
     model = BayesLoraModel(make_tiny_llama(), BayesLoraConfig(rank=2, init_std_factor=1.0))
     params = random_params(model, 7)
     captured, handle = _capture_layer0_q(model)
-    ids = torch.tensor([[9, 9, 9]] * 4)   # identical q_proj inputs at every position and row
+    ids = torch.tensor([[9, 9, 9]] * 4)  # identical q_proj inputs at every position and row
     with torch.no_grad():
         model(params, ids, sample=True)
         model(params, ids, sample=True, groups=torch.tensor([0, 0, 1, 1]))
     handle.remove()
     out = captured[0][1]
-    torch.testing.assert_close(out[:, 0], out[:, 1])          # same sample along a sequence
+    torch.testing.assert_close(out[:, 0], out[:, 1])  # same sample along a sequence
     torch.testing.assert_close(out[:, 0], out[:, 2])
-    assert (out[0] - out[1]).abs().max() > 1e-3              # rows: different samples
+    assert (out[0] - out[1]).abs().max() > 1e-3  # rows: different samples
     grouped = captured[1][1]
-    torch.testing.assert_close(grouped[0], grouped[1])        # same group: same sample
+    torch.testing.assert_close(grouped[0], grouped[1])  # same group: same sample
     assert (grouped[1] - grouped[2]).abs().max() > 1e-3
 
 
@@ -160,9 +164,9 @@ def test_per_batch_sample_is_shared_by_all_rows_and_redrawn_each_call():
         mean = model(params, ids).logits
     handle.remove()
     first, second = captured[0][1], captured[1][1]
-    torch.testing.assert_close(first[0], first[3])              # one sample for the whole batch
-    assert (first - second).abs().max() > 1e-3                  # a new sample per forward
-    assert (captured[2][1] - first).abs().max() > 1e-3          # sample=False: no noise
+    torch.testing.assert_close(first[0], first[3])  # one sample for the whole batch
+    assert (first - second).abs().max() > 1e-3  # a new sample per forward
+    assert (captured[2][1] - first).abs().max() > 1e-3  # sample=False: no noise
     assert mean.shape == (4, 3, model.peft_model.config.vocab_size)
 
 
@@ -192,7 +196,7 @@ def test_unknown_sampling_is_rejected():
     with pytest.raises(ValueError, match="sampling must be one of"):
         BayesLoraConfig(sampling="per_token")
     model = BayesLoraModel(make_tiny_llama(), BayesLoraConfig(rank=2))
-    model.config.sampling = "per_token"              # changed after construction: refused, not run as flipout
+    model.config.sampling = "per_token"  # changed after construction: refused, not run as flipout
     with pytest.raises(ValueError, match="sampling must be one of"):
         model(model.init_params(), torch.tensor([[3, 4]]), sample=True)
 

@@ -17,14 +17,47 @@ from abmll.train import episode_batches
 
 
 def common(tiny_model_dir, tiny_data_dir):
-    return ["--model", str(tiny_model_dir), "--data_dir", str(tiny_data_dir), "--split", "tiny",
-            "--k", "4", "--data_seeds", "1", "2", "--rank", "2", "--max_rows", "8"]
+    return [
+        "--model",
+        str(tiny_model_dir),
+        "--data_dir",
+        str(tiny_data_dir),
+        "--split",
+        "tiny",
+        "--k",
+        "4",
+        "--data_seeds",
+        "1",
+        "2",
+        "--rank",
+        "2",
+        "--max_rows",
+        "8",
+    ]
 
 
 def test_meta_train_then_evaluate(tiny_model_dir, tiny_data_dir, tmp_path, capsys):
     out = tmp_path / "run"
-    assert main(["meta-train", *common(tiny_model_dir, tiny_data_dir), "--meta_steps", "3", "--inner_steps", "2",
-                 "--beta", "1e-6", "--out", str(out), "--save_every", "2", "--log_support_after"]) == 0
+    assert (
+        main(
+            [
+                "meta-train",
+                *common(tiny_model_dir, tiny_data_dir),
+                "--meta_steps",
+                "3",
+                "--inner_steps",
+                "2",
+                "--beta",
+                "1e-6",
+                "--out",
+                str(out),
+                "--save_every",
+                "2",
+                "--log_support_after",
+            ]
+        )
+        == 0
+    )
     theta, cfg = load_adapter(out)
     assert cfg["kind"] == "prior" and cfg["meta_steps_done"] == 3
     assert cfg["meta"]["inner_steps"] == 2 and cfg["lora"]["rank"] == 2
@@ -32,8 +65,25 @@ def test_meta_train_then_evaluate(tiny_model_dir, tiny_data_dir, tmp_path, capsy
     assert [h["step"] for h in history] == [0, 1, 2]
     assert {"query_nll", "kl", "hyperprior", "support_nll_before", "support_nll_after", "tasks"} <= history[0].keys()
 
-    assert main(["evaluate", *common(tiny_model_dir, tiny_data_dir), "--prior", str(out), "--out", str(out),
-                 "--test_steps", "2", "--eval_samples", "2", "--max_test", "6"]) == 0
+    assert (
+        main(
+            [
+                "evaluate",
+                *common(tiny_model_dir, tiny_data_dir),
+                "--prior",
+                str(out),
+                "--out",
+                str(out),
+                "--test_steps",
+                "2",
+                "--eval_samples",
+                "2",
+                "--max_test",
+                "6",
+            ]
+        )
+        == 0
+    )
     printed = capsys.readouterr().out
     assert "mean over tasks" in printed and "h0" in printed
     results = json.loads((out / "results.json").read_text())
@@ -51,21 +101,38 @@ def test_meta_train_twice_gives_the_same_prior_whatever_the_global_rng(tiny_mode
     for seed in (1, 2):
         torch.manual_seed(seed)
         out = tmp_path / f"run{seed}"
-        assert main(["meta-train", *common(tiny_model_dir, tiny_data_dir), "--meta_steps", "2", "--n_samples", "1",
-                     "--plots", "false", "--out", str(out)]) == 0
+        assert (
+            main(
+                [
+                    "meta-train",
+                    *common(tiny_model_dir, tiny_data_dir),
+                    "--meta_steps",
+                    "2",
+                    "--n_samples",
+                    "1",
+                    "--plots",
+                    "false",
+                    "--out",
+                    str(out),
+                ]
+            )
+            == 0
+        )
         priors.append(load_adapter(out)[0])
     assert all(torch.equal(priors[0][k], priors[1][k]) for k in priors[0])
 
 
 def test_saved_prior_reloads_to_identical_predictions(tiny_model_dir, tiny_data_dir, tmp_path):
     out = tmp_path / "run"
-    assert main(["meta-train", *common(tiny_model_dir, tiny_data_dir), "--meta_steps", "2",
-                 "--outer_lr", "0.05", "--out", str(out)]) == 0
+    assert (
+        main(["meta-train", *common(tiny_model_dir, tiny_data_dir), "--meta_steps", "2", "--outer_lr", "0.05", "--out", str(out)])
+        == 0
+    )
     history = json.loads((out / "history.json").read_text())
-    assert "support_nll_before" in history[0] and "support_nll_after" not in history[0]   # off by default
+    assert "support_nll_before" in history[0] and "support_nll_after" not in history[0]  # off by default
     cfg = {}
     model, tok, theta, _ = load_prior(str(out), cfg)
-    assert any(v.abs().sum() > 0 for k, v in theta.items() if "lora_B" in k)   # trained, not the init
+    assert any(v.abs().sum() > 0 for k, v in theta.items() if "lora_B" in k)  # trained, not the init
     tasks = TaskArgs(data_dir=str(tiny_data_dir), k=4)
     ep = episode_batches(model, tok, "h0", 1, tasks, cfg["scoring"], "test", None)
     first, _ = predict_batches(model, theta, ep.query, 0)
@@ -74,14 +141,16 @@ def test_saved_prior_reloads_to_identical_predictions(tiny_model_dir, tiny_data_
     assert torch.equal(first, second)
     zero, _ = predict_batches(model2, model2.init_params(), ep.query, 0)
     assert (zero - first).abs().max() > 1e-6
-    res = evaluate(model2, tok, [Method("abmll", theta2, 1, 0)], ["h0"], [1], tasks, cfg["scoring"], MetaConfig(),
-                   EvalArgs(max_test=4))
+    res = evaluate(
+        model2, tok, [Method("abmll", theta2, 1, 0)], ["h0"], [1], tasks, cfg["scoring"], MetaConfig(), EvalArgs(max_test=4)
+    )
     assert res["methods"]["abmll"]["per_task"]["h0"]["seeds"][1]["accuracy"] >= 0
 
 
 def test_bad_input_gives_clear_error(tiny_model_dir, tiny_data_dir, tmp_path, capsys):
-    code = main(["meta-train", *common(tiny_model_dir, tiny_data_dir), "--train_tasks", "t0", "nope",
-                 "--out", str(tmp_path / "x")])
+    code = main(
+        ["meta-train", *common(tiny_model_dir, tiny_data_dir), "--train_tasks", "t0", "nope", "--out", str(tmp_path / "x")]
+    )
     assert code == 1
     err = capsys.readouterr().err
     assert "nope" in err and "skip" in err
@@ -92,8 +161,10 @@ def test_version_and_command_list_answer_without_importing_torch():
     import subprocess
     import sys
 
-    code = ("import sys; from abmll.__main__ import main; a = main(['--version']); b = main(['--help']); "
-            "c = main(['no-such-command']); print(a, b, c, 'torch' in sys.modules)")
+    code = (
+        "import sys; from abmll.__main__ import main; a = main(['--version']); b = main(['--help']); "
+        "c = main(['no-such-command']); print(a, b, c, 'torch' in sys.modules)"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert "abmll 0.1.0" in out and "abmll meta-train" in out and out.strip().endswith("0 0 2 False")
 
@@ -114,6 +185,36 @@ def test_each_command_help_lists_only_its_flags_with_their_help(capsys):
     with pytest.raises(SystemExit) as info:
         main(["meta-train", "--help"])
     assert "--outer_update {abmll,reptile}" in " ".join(capsys.readouterr().out.split())
+
+
+def test_stored_help_texts_match_the_parsers():
+    """``abmll <command> --help`` prints a stored text (no torch import); it must be what the
+    command's parser renders. After changing a flag: ``make help``."""
+    from abmll.cli import COMMAND_TABLE
+    from abmll.helptext import HELP_DIR, command_help
+
+    for command in COMMAND_TABLE:
+        stored = (HELP_DIR / f"{command}.txt").read_text(encoding="utf-8")
+        assert stored == command_help(command), f"src/abmll/help/{command}.txt is stale: run `make help`"
+    demo = (HELP_DIR / "demo.txt").read_text(encoding="utf-8")
+    k_help = demo.split("\n  --k K", 1)[1].split("\n  --", 1)[0]
+    assert "(default: 8)" in k_help  # demo.yaml's k, not the dataclass's 16
+
+
+def test_command_help_answers_without_importing_torch():
+    import subprocess
+    import sys
+
+    from abmll.helptext import HELP_DIR
+
+    code = (
+        "import sys; from abmll.__main__ import main; a = main(['adapt', '--help']); "
+        "b = main(['evaluate', '--prior', 'x', '-h']); print(a, b, 'torch' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    adapt_help = (HELP_DIR / "adapt.txt").read_text(encoding="utf-8")
+    assert out.startswith(adapt_help) and out.strip().endswith("0 0 False")
+    assert "usage: abmll evaluate" in out
 
 
 def test_a_mistyped_flag_names_the_nearest_ones():

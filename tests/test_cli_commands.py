@@ -33,10 +33,10 @@ def _ids():
 
 def test_meta_train_resolves_config_and_plots_curves(world):
     theta, cfg = load_adapter(world["prior"])
-    assert cfg["meta_steps_done"] == 2 and cfg["meta"]["meta_steps"] == 2       # the flag beat the file
+    assert cfg["meta_steps_done"] == 2 and cfg["meta"]["meta_steps"] == 2  # the flag beat the file
     assert cfg["meta"]["inner_steps"] == 1 and cfg["meta"]["outer_lr"] == 0.05  # the file beat the defaults
     assert cfg["lora"]["rank"] == 2 and cfg["scoring"]["max_rows"] == 8
-    assert cfg["lora"]["target_modules"] == ["q_proj", "v_proj"]                # "auto" resolved for Llama
+    assert cfg["lora"]["target_modules"] == ["q_proj", "v_proj"]  # "auto" resolved for Llama
     curves = world["prior"] / "training_curves.png"
     assert curves.read_bytes()[:8] == PNG and curves.stat().st_size > 10_000
 
@@ -53,7 +53,7 @@ def test_export_is_a_peft_adapter_with_abmll_posterior_mean_predictions(world, t
     assert main(["export", "--config", str(world["config"]), "--adapter", str(world["prior"]), "--out", str(out)]) == 0
     cfg = {}
     model, _, theta, _ = load_prior(str(world["prior"]), cfg)
-    assert any(v.abs().sum() > 0 for k, v in theta.items() if "lora_B" in k)    # a trained prior
+    assert any(v.abs().sum() > 0 for k, v in theta.items() if "lora_B" in k)  # a trained prior
     peft_model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(world["model_dir"]), out).eval()
     with torch.no_grad():
         torch.testing.assert_close(peft_model(input_ids=_ids()).logits, model(theta, _ids()).logits, rtol=0, atol=1e-6)
@@ -67,13 +67,13 @@ def test_export_is_a_peft_adapter_with_abmll_posterior_mean_predictions(world, t
 
 def test_adapt_then_predict(world, tmp_path):
     support = world["data"] / "h0" / "h0_4_1_train.jsonl"
-    run_file = tmp_path / "adapt.yaml"     # --prior and --support can come from the config file too
+    run_file = tmp_path / "adapt.yaml"  # --prior and --support can come from the config file too
     run_file.write_text(f"prior: {world['prior']}\nsupport: {support}\ntest_steps: 3\n")
     post = tmp_path / "posterior"
     assert main(["adapt", "--config", str(run_file), "--inner_lr", "0.7", "--out", str(post)]) == 0
     posterior, saved = load_adapter_folder(post)
     assert saved["kind"] == "posterior" and saved["eval"]["test_steps"] == 3 and saved["meta"]["inner_lr"] == 0.7
-    assert saved["meta"]["outer_lr"] == 0.05                      # the prior's saved config fills the rest
+    assert saved["meta"]["outer_lr"] == 0.05  # the prior's saved config fills the rest
     assert len(saved["support_nll_steps"]) == 3 and saved["support_nll_after"] > 0
 
     cfg = {}
@@ -81,7 +81,7 @@ def test_adapt_then_predict(world, tmp_path):
     batches = make_batches(tok, read_jsonl(support), ScoringConfig(max_rows=8))
     torch.manual_seed(cfg["meta"].seed)
     expected, _ = adapt(model, theta, batches, 3, 0.7, cfg["meta"].beta, cfg["meta"].n_samples, cfg["meta"].inner_grad_clip)
-    assert all(torch.equal(posterior[k], expected[k]) for k in expected)    # the library's own adapt
+    assert all(torch.equal(posterior[k], expected[k]) for k in expected)  # the library's own adapt
     assert any(not torch.equal(posterior[k], theta[k]) for k in theta)
     assert (post / "adapter_model.safetensors").is_file() and (post / "abmll_scale.safetensors").is_file()
 
@@ -92,11 +92,11 @@ def test_adapt_then_predict(world, tmp_path):
     inputs = tmp_path / "inputs.jsonl"
     inputs.write_text("\n".join(json.dumps(r) for r in [records[0], unlabelled, *records[2:]]) + "\n")
     pred_dir = tmp_path / "pred"
-    assert main(["predict", "--adapter", str(post), "--input", str(inputs), "--eval_samples", "0",
-                 "--out", str(pred_dir)]) == 0
+    assert main(["predict", "--adapter", str(post), "--input", str(inputs), "--eval_samples", "0", "--out", str(pred_dir)]) == 0
     lines = [json.loads(x) for x in (pred_dir / "predictions.jsonl").read_text().splitlines()]
-    ref_probs, ref_labels = predict_batches(model, posterior, make_batches(tok, read_jsonl(test_file),
-                                                                           ScoringConfig(max_rows=8)), 0)
+    ref_probs, ref_labels = predict_batches(
+        model, posterior, make_batches(tok, read_jsonl(test_file), ScoringConfig(max_rows=8)), 0
+    )
     assert len(lines) == len(records) == 6
     for line, p, record in zip(lines, ref_probs, records):
         probs = torch.tensor(line["probs"])
@@ -112,20 +112,38 @@ def test_adapt_then_predict(world, tmp_path):
 
     sampled = tmp_path / "sampled"
     for folder in (sampled, sampled / "again"):
-        assert main(["predict", "--adapter", str(post), "--input", str(test_file), "--eval_samples", "3",
-                     "--sample_seed", "5", "--out", str(folder)]) == 0
+        assert (
+            main(
+                [
+                    "predict",
+                    "--adapter",
+                    str(post),
+                    "--input",
+                    str(test_file),
+                    "--eval_samples",
+                    "3",
+                    "--sample_seed",
+                    "5",
+                    "--out",
+                    str(folder),
+                ]
+            )
+            == 0
+        )
     first = (sampled / "predictions.jsonl").read_text()
-    assert first == (sampled / "again" / "predictions.jsonl").read_text()          # seeded
+    assert first == (sampled / "again" / "predictions.jsonl").read_text()  # seeded
     probs3 = torch.tensor([json.loads(x)["probs"] for x in first.splitlines()])
-    assert (probs3 - ref_probs).abs().max() > 1e-5       # really sampled (values are rounded to 1e-6)
+    assert (probs3 - ref_probs).abs().max() > 1e-5  # really sampled (values are rounded to 1e-6)
     metrics = json.loads((sampled / "predict_config.json").read_text())["metrics"]
     assert 0 <= metrics["accuracy"] <= 1 and metrics["nll"] > 0
 
 
 def test_predict_names_the_bad_line_of_the_input(world, tmp_path, capsys):
     bad = tmp_path / "bad.jsonl"
-    bad.write_text('{"task": "x", "input": "a", "options": ["no", "yes"]}\n'
-                   '{"task": "x", "input": "b", "output": "maybe", "options": ["no", "yes"]}\n')
+    bad.write_text(
+        '{"task": "x", "input": "a", "options": ["no", "yes"]}\n'
+        '{"task": "x", "input": "b", "output": "maybe", "options": ["no", "yes"]}\n'
+    )
     assert main(["predict", "--adapter", str(world["prior"]), "--input", str(bad), "--out", str(tmp_path)]) == 1
     err = capsys.readouterr().err
     assert f"{bad}:2" in err and "maybe" in err
@@ -133,8 +151,22 @@ def test_predict_names_the_bad_line_of_the_input(world, tmp_path, capsys):
 
 def test_evaluate_plots_reliability_and_matches_library_evaluate(world, tmp_path):
     out = tmp_path / "eval"
-    assert main(["evaluate", "--config", str(world["config"]), "--prior", str(world["prior"]), "--eval_samples", "2",
-                 "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "evaluate",
+                "--config",
+                str(world["config"]),
+                "--prior",
+                str(world["prior"]),
+                "--eval_samples",
+                "2",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     results = json.loads((out / "results.json").read_text())
     for method in ("zero_shot", "abmll"):
         png = out / f"reliability_{method}.png"
@@ -150,22 +182,23 @@ def test_evaluate_plots_reliability_and_matches_library_evaluate(world, tmp_path
     ref = evaluate(model, tok, methods, ["h0"], [1], tasks, scoring, meta, ev)
     got, predictions = evaluate_with_predictions(model, tok, methods, ["h0"], [1], tasks, scoring, meta, ev)
     assert got == ref
-    for method in ("zero_shot", "abmll"):      # the kept predictions are the ones behind the metrics
-        (probs, labels), = predictions[method]
+    for method in ("zero_shot", "abmll"):  # the kept predictions are the ones behind the metrics
+        ((probs, labels),) = predictions[method]
         assert probs.shape == (6, 2) and labels.tolist() == [e.label for e in read_jsonl(world["data"] / "h0" / "h0_test.jsonl")]
         seed_metrics = got["methods"][method]["per_task"]["h0"]["seeds"][1]
         assert compute_metrics(probs, labels) == {k: v for k, v in seed_metrics.items() if not k.startswith("mean_")}
-        if method == "zero_shot":                 # no weight samples: nothing epistemic
+        if method == "zero_shot":  # no weight samples: nothing epistemic
             assert seed_metrics["mean_epistemic"] == 0 and seed_metrics["mean_aleatoric"] == seed_metrics["mean_total"]
 
 
 def test_tensorboard_flag_needs_tensorboard(world, tmp_path, monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)
-    code = main(["meta-train", "--config", str(world["config"]), "--tensorboard", str(tmp_path / "tb"),
-                 "--out", str(tmp_path / "run")])
+    code = main(
+        ["meta-train", "--config", str(world["config"]), "--tensorboard", str(tmp_path / "tb"), "--out", str(tmp_path / "run")]
+    )
     assert code == 1
     assert "pip install tensorboard" in capsys.readouterr().err
-    assert not (tmp_path / "run").exists()          # refused before any work
+    assert not (tmp_path / "run").exists()  # refused before any work
 
 
 def test_tensorboard_logs_scalars_through_summary_writer(world, tmp_path, monkeypatch):
@@ -185,8 +218,24 @@ def test_tensorboard_logs_scalars_through_summary_writer(world, tmp_path, monkey
     fake.SummaryWriter = FakeWriter
     monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", fake)
     out = tmp_path / "run"
-    assert main(["meta-train", "--config", str(world["config"]), "--tensorboard", str(tmp_path / "tb"),
-                 "--plots", "false", "--meta_steps", "2", "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "meta-train",
+                "--config",
+                str(world["config"]),
+                "--tensorboard",
+                str(tmp_path / "tb"),
+                "--plots",
+                "false",
+                "--meta_steps",
+                "2",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     history = json.loads((out / "history.json").read_text())
     q = [(step, value) for _, tag, value, step in logged if tag == "meta_train/query_nll"]
     assert q == [(h["step"], h["query_nll"]) for h in history] and len(q) == 2
@@ -195,9 +244,11 @@ def test_tensorboard_logs_scalars_through_summary_writer(world, tmp_path, monkey
 
 
 def test_plot_helpers(tmp_path):
-    history = [{"step": 0, "query_nll": 0.9, "kl": 10.0, "support_nll_before": 1.0, "support_nll_after": 0.8},
-               {"step": 1, "skipped": True, "error": "nan"},
-               {"step": 2, "query_nll": 0.7, "kl": 12.0, "support_nll_before": 0.9, "support_nll_after": 0.6}]
+    history = [
+        {"step": 0, "query_nll": 0.9, "kl": 10.0, "support_nll_before": 1.0, "support_nll_after": 0.8},
+        {"step": 1, "skipped": True, "error": "nan"},
+        {"step": 2, "query_nll": 0.7, "kl": 12.0, "support_nll_before": 0.9, "support_nll_after": 0.6},
+    ]
     path = plot_training_curves(history, tmp_path / "sub" / "curves.png")
     assert path.read_bytes()[:8] == PNG
     with pytest.raises(ValueError, match="query_nll"):
@@ -269,14 +320,17 @@ def test_files_with_a_utf8_bom_are_read(world, tmp_path):
     unlabelled.write_text(BOM + json.dumps(record) + "\n", encoding="utf-8")
     for inputs in (test_file, unlabelled):
         out = tmp_path / f"pred-{inputs.stem}"
-        assert main(["predict", "--config", str(run_file), "--adapter", str(prior), "--input", str(inputs),
-                     "--out", str(out)]) == 0
-        assert len((out / "predictions.jsonl").read_text().splitlines()) == len(read_jsonl(inputs, "classification")
-                                                                                 if inputs == test_file else [1])
+        assert (
+            main(["predict", "--config", str(run_file), "--adapter", str(prior), "--input", str(inputs), "--out", str(out)]) == 0
+        )
+        assert len((out / "predictions.jsonl").read_text().splitlines()) == len(
+            read_jsonl(inputs, "classification") if inputs == test_file else [1]
+        )
 
 
-@pytest.mark.parametrize("group,field,value", [("lora", "sampling", "bogus"), ("lora", "top_layers", -2),
-                                               ("meta", "outer_update", "maml")])
+@pytest.mark.parametrize(
+    "group,field,value", [("lora", "sampling", "bogus"), ("lora", "top_layers", -2), ("meta", "outer_update", "maml")]
+)
 def test_an_invalid_value_in_a_saved_config_names_the_file_and_the_field(world, tmp_path, capsys, group, field, value):
     import shutil
 
@@ -294,13 +348,29 @@ def test_an_invalid_value_in_a_saved_config_names_the_file_and_the_field(world, 
 
 def test_meta_train_validates_on_held_out_train_tasks_and_keeps_the_best_prior(world, tmp_path):
     out = tmp_path / "prior"
-    assert main(["meta-train", "--config", str(world["config"]), "--meta_steps", "2", "--val_tasks", "t1",
-                 "--validate_every", "1", "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "meta-train",
+                "--config",
+                str(world["config"]),
+                "--meta_steps",
+                "2",
+                "--val_tasks",
+                "t1",
+                "--validate_every",
+                "1",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     validation = json.loads((out / "validation.json").read_text())
     assert [v["step"] for v in validation] == [0, 1, 2]
     assert all(v["nll"] > 0 and 0 <= v["ece"] <= 1 for v in validation)
     history = json.loads((out / "history.json").read_text())
-    assert all(h["tasks"] == ["t0", "t0"] for h in history)          # t1 is held out of meta-training
+    assert all(h["tasks"] == ["t0", "t0"] for h in history)  # t1 is held out of meta-training
     _, saved = load_adapter(out / "best")
     best = min(validation, key=lambda v: v["nll"])
     assert saved["meta_steps_done"] == best["step"] and saved["validation_nll"] == pytest.approx(best["nll"])
@@ -319,19 +389,33 @@ def test_shipped_priors_are_taken_by_short_name_and_compared_in_evaluate(world, 
     test_file = world["data"] / "h0" / "h0_test.jsonl"
     by_name, by_path = tmp_path / "by-name", tmp_path / "by-path"
     for adapter, out in (("tiny-rule", by_name), (str(world["prior"]), by_path)):
-        assert main(["predict", "--adapter", adapter, "--input", str(test_file), "--eval_samples", "0",
-                     "--out", str(out)]) == 0
+        assert main(["predict", "--adapter", adapter, "--input", str(test_file), "--eval_samples", "0", "--out", str(out)]) == 0
     assert (by_name / "predictions.jsonl").read_text() == (by_path / "predictions.jsonl").read_text()
     assert main(["predict", "--adapter", "no-such-prior", "--input", str(test_file), "--out", str(tmp_path / "x")]) == 1
     assert "shipped: tiny-rule" in capsys.readouterr().err
 
     out = tmp_path / "eval"
-    assert main(["evaluate", "--config", str(world["config"]), "--prior", str(world["prior"]),
-                 "--compare_priors", "tiny-rule", "--plots", "false",
-                 "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "evaluate",
+                "--config",
+                str(world["config"]),
+                "--prior",
+                str(world["prior"]),
+                "--compare_priors",
+                "tiny-rule",
+                "--plots",
+                "false",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     res = json.loads((out / "results.json").read_text())
     assert set(res["methods"]) == {"zero_shot", "abmll", "prior:tiny-rule"}
-    assert res["methods"]["prior:tiny-rule"]["mean"] == res["methods"]["abmll"]["mean"]    # the same prior, same seeds
+    assert res["methods"]["prior:tiny-rule"]["mean"] == res["methods"]["abmll"]["mean"]  # the same prior, same seeds
 
 
 def test_library_warnings_and_loading_bars_are_hidden_unless_verbose(world, tmp_path, capsys):
@@ -346,9 +430,22 @@ def test_library_warnings_and_loading_bars_are_hidden_unless_verbose(world, tmp_
     for verbose in (False, True):
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            warnings.warn("a library's notice", FutureWarning, stacklevel=1)   # outside the command: shown
-            assert main(["predict", "--adapter", str(world["prior"]), "--input", str(test_file),
-                         "--out", str(tmp_path / f"p{verbose}"), *(["--verbose"] if verbose else [])]) == 0
+            warnings.warn("a library's notice", FutureWarning, stacklevel=1)  # outside the command: shown
+            assert (
+                main(
+                    [
+                        "predict",
+                        "--adapter",
+                        str(world["prior"]),
+                        "--input",
+                        str(test_file),
+                        "--out",
+                        str(tmp_path / f"p{verbose}"),
+                        *(["--verbose"] if verbose else []),
+                    ]
+                )
+                == 0
+            )
         seen[verbose] = ([w for w in caught if issubclass(w.category, FutureWarning)], capsys.readouterr().err)
     quiet, loud = seen[False], seen[True]
     assert len(quiet[0]) == 1 and len(loud[0]) > 1, (quiet[0], loud[0])

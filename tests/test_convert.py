@@ -17,8 +17,10 @@ SEEDS = (100, 13, 21, 42, 87)
 
 def sentiment_dataset(n_train: int = 40, n_test: int = 7) -> dict[str, list[dict]]:
     """A local classification dataset: int labels (as a ClassLabel would give), two text columns."""
+
     def rows(n, offset):
         return [{"title": f"t{offset + i}", "text": f"review {offset + i}", "label": (offset + i) % 2} for i in range(n)]
+
     return {"train": rows(n_train, 0), "test": rows(n_test, 1000)}
 
 
@@ -36,8 +38,13 @@ def test_k_shot_files_follow_metaicl_sampling_and_read_back(tmp_path):
     mapping = ColumnMapping(input_columns=["title", "text"], output_column="label", options=["negative", "positive"])
     report = convert_dataset(data, "toy_sentiment", tmp_path, mapping, shots=[4, 8], seeds=SEEDS)
     assert report["task_type"] == "classification"
-    assert report["counts"]["train"] == {"rows": 40, "kept": 40, "skipped_unlabelled": 0, "skipped_duplicate_options": 0,
-                                         "skipped_invalid_text": 0}
+    assert report["counts"]["train"] == {
+        "rows": 40,
+        "kept": 40,
+        "skipped_unlabelled": 0,
+        "skipped_duplicate_options": 0,
+        "skipped_invalid_text": 0,
+    }
     assert len(report["files"]) == 2 * 5 * 2 + 2
     assert task_meta("toy_sentiment", tmp_path) == {"task_type": "classification", "options": ["negative", "positive"]}
 
@@ -46,7 +53,7 @@ def test_k_shot_files_follow_metaicl_sampling_and_read_back(tmp_path):
             ep = load_episode("toy_sentiment", k, seed, "dev", data_dir=tmp_path)
             assert len(ep.support) == k and len(ep.query) == k
             order = list(range(40))
-            np.random.seed(seed)                       # CrossFit / MetaICL: seed, shuffle, first k, next k
+            np.random.seed(seed)  # CrossFit / MetaICL: seed, shuffle, first k, next k
             np.random.shuffle(order)
             expected = [f"t{i} [SEP] review {i}" for i in order[: 2 * k]]
             assert [e.input for e in ep.support + ep.query] == expected
@@ -58,8 +65,9 @@ def test_k_shot_files_follow_metaicl_sampling_and_read_back(tmp_path):
     assert [e.label for e in test] == [(1000 + i) % 2 for i in range(7)]
     assert load_episode("toy_sentiment", 4, 13, "test", data_dir=tmp_path).query == test
     different = load_episode("toy_sentiment", 4, 21, "dev", data_dir=tmp_path).support
-    assert [e.input for e in different] != [e.input for e in load_episode("toy_sentiment", 4, 13, "dev",
-                                                                          data_dir=tmp_path).support]
+    assert [e.input for e in different] != [
+        e.input for e in load_episode("toy_sentiment", 4, 13, "dev", data_dir=tmp_path).support
+    ]
 
 
 def test_class_label_names_template_and_skipped_rows(tmp_path):
@@ -84,8 +92,11 @@ def test_multiple_choice_with_options_column_and_index_answers(tmp_path):
     def row(i, dup=False):
         choices = [f"a{i}", f"b{i}", f"c{i}"] if not dup else ["x", "x", "y"]
         return {"question": f"q{i}?", "choices": choices, "answer": i % 3}
-    bad = [{"question": "q?", "choices": ["", "b", "c"], "answer": 1},           # an empty option
-           {"question": "q\ud800?", "choices": ["a", "b", "c"], "answer": 1}]   # a lone surrogate
+
+    bad = [
+        {"question": "q?", "choices": ["", "b", "c"], "answer": 1},  # an empty option
+        {"question": "q\ud800?", "choices": ["a", "b", "c"], "answer": 1},
+    ]  # a lone surrogate
     data = {"train": [row(i) for i in range(12)] + [row(99, dup=True)] + bad, "test": [row(i) for i in range(20, 23)]}
     mapping = ColumnMapping(input_columns=["question"], output_column="answer", options_column="choices")
     report = convert_dataset(data, "mcq", tmp_path, mapping, shots=[3], seeds=[42], max_test=2)
@@ -122,15 +133,38 @@ def test_cli_data_from_local_jsonl_files_and_config(tmp_path, capsys):
         path = tmp_path / f"{split}.jsonl"
         path.write_text("".join(json.dumps(r) + "\n" for r in rows))
         files.append(f"{split}={path}")
-    config = tmp_path / "data.yaml"   # a shared run file: sections of other commands are ignored
+    config = tmp_path / "data.yaml"  # a shared run file: sections of other commands are ignored
     config.write_text("meta:\n  inner_steps: 3\nshots: [4]\ndata_seeds: [100, 13]\nlabel_names: [neg, pos]\n")
     out = tmp_path / "metaicl"
-    assert main(["data", "--config", str(config), "--task", "local_sst", "--data_files", *files,
-                 "--input_columns", "text", "--options", "pos", "neg", "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "data",
+                "--config",
+                str(config),
+                "--task",
+                "local_sst",
+                "--data_files",
+                *files,
+                "--input_columns",
+                "text",
+                "--options",
+                "pos",
+                "neg",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     assert "local_sst" in capsys.readouterr().out
     assert sorted(p.name for p in (out / "local_sst").glob("*.jsonl")) == [
-        "local_sst_4_100_dev.jsonl", "local_sst_4_100_train.jsonl", "local_sst_4_13_dev.jsonl",
-        "local_sst_4_13_train.jsonl", "local_sst_test.jsonl"]
+        "local_sst_4_100_dev.jsonl",
+        "local_sst_4_100_train.jsonl",
+        "local_sst_4_13_dev.jsonl",
+        "local_sst_4_13_train.jsonl",
+        "local_sst_test.jsonl",
+    ]
     ep = load_episode("local_sst", 4, 13, "test", data_dir=out)
     # int labels are named by --label_names (0 -> neg), then located among the options (pos, neg)
     assert [e.options[e.label] for e in ep.query] == ["neg", "pos", "neg", "pos", "neg"]
@@ -141,9 +175,22 @@ def test_cli_data_from_local_jsonl_files_and_config(tmp_path, capsys):
 
 
 def test_cli_data_without_datasets_package_says_so(tmp_path, monkeypatch, capsys):
-    monkeypatch.setitem(sys.modules, "datasets", None)     # import datasets -> ImportError
-    code = main(["data", "--task", "sst2", "--dataset", "glue", "--dataset_config", "sst2",
-                 "--input_columns", "sentence", "--out", str(tmp_path)])
+    monkeypatch.setitem(sys.modules, "datasets", None)  # import datasets -> ImportError
+    code = main(
+        [
+            "data",
+            "--task",
+            "sst2",
+            "--dataset",
+            "glue",
+            "--dataset_config",
+            "sst2",
+            "--input_columns",
+            "sentence",
+            "--out",
+            str(tmp_path),
+        ]
+    )
     assert code == 1
     err = capsys.readouterr().err
     assert "pip install datasets" in err and "--data_files" in err
@@ -155,23 +202,50 @@ def test_cli_data_builds_tasks_from_local_files_through_the_datasets_library(tmp
     ``datasets.load_dataset``; the k-shot files are MetaICL's seeded shuffle, so two runs
     agree byte for byte and each seed's train file is the first k of its permutation."""
     datasets = pytest.importorskip("datasets")
-    rows = {"train": [{"text": f"review {i}", "label": i % 2} for i in range(24)],
-            "test": [{"text": f"test {i}", "label": (i + 1) % 2} for i in range(6)]}
+    rows = {
+        "train": [{"text": f"review {i}", "label": i % 2} for i in range(24)],
+        "test": [{"text": f"test {i}", "label": (i + 1) % 2} for i in range(6)],
+    }
     files = []
     for split, items in rows.items():
         path = tmp_path / f"{split}.{fmt}"
         table = datasets.Dataset.from_list(items)
         {"csv": table.to_csv, "json": table.to_json, "parquet": table.to_parquet}[fmt](str(path))
         files.append(f"{split}={path}")
-    args = ["data", "--dataset", fmt, "--data_files", *files, "--task", "local", "--input_columns", "text",
-            "--output_column", "label", "--label_names", "negative", "positive", "--options", "negative", "positive",
-            "--shots", "4",
-            "--data_seeds", "100", "13"]
+    args = [
+        "data",
+        "--dataset",
+        fmt,
+        "--data_files",
+        *files,
+        "--task",
+        "local",
+        "--input_columns",
+        "text",
+        "--output_column",
+        "label",
+        "--label_names",
+        "negative",
+        "positive",
+        "--options",
+        "negative",
+        "positive",
+        "--shots",
+        "4",
+        "--data_seeds",
+        "100",
+        "13",
+    ]
     assert main([*args, "--out", str(tmp_path / "a")]) == 0
     assert main([*args, "--out", str(tmp_path / "b")]) == 0
     names = sorted(p.name for p in (tmp_path / "a" / "local").glob("*.jsonl"))
-    assert names == ["local_4_100_dev.jsonl", "local_4_100_train.jsonl", "local_4_13_dev.jsonl",
-                     "local_4_13_train.jsonl", "local_test.jsonl"]
+    assert names == [
+        "local_4_100_dev.jsonl",
+        "local_4_100_train.jsonl",
+        "local_4_13_dev.jsonl",
+        "local_4_13_train.jsonl",
+        "local_test.jsonl",
+    ]
     for name in names:
         assert (tmp_path / "a" / "local" / name).read_bytes() == (tmp_path / "b" / "local" / name).read_bytes()
     order = list(range(24))

@@ -94,8 +94,12 @@ def test_missing_key(tmp_path, key):
 
 @pytest.mark.parametrize(
     "key, value, fragment",
-    [("input", 3, "'input' must be str"), ("output", None, "'output' must be str"),
-     ("options", "a b", "'options' must be list"), ("options", ["a", 1], "list of strings")],
+    [
+        ("input", 3, "'input' must be str"),
+        ("output", None, "'output' must be str"),
+        ("options", "a b", "'options' must be list"),
+        ("options", ["a", 1], "list of strings"),
+    ],
 )
 def test_wrong_type(tmp_path, key, value, fragment):
     bad = record()
@@ -166,9 +170,10 @@ def test_valid_file_labels_and_free_form(tmp_path):
 
 # ---------------------------------------------------------------- read_jsonl properties
 
-options_lists = st.lists(st.text(max_size=20).filter(readable_option), min_size=2, max_size=6,
-                         unique_by=option_key)                  # >= 2 distinct, readable options
-emoji_text = st.text(alphabet="😀🎉👍🏽🇫🇷ñ中文\u2028\u0085\r\t\"\\ ", max_size=30)
+options_lists = st.lists(
+    st.text(max_size=20).filter(readable_option), min_size=2, max_size=6, unique_by=option_key
+)  # >= 2 distinct, readable options
+emoji_text = st.text(alphabet='😀🎉👍🏽🇫🇷ñ中文\u2028\u0085\r\t"\\ ', max_size=30)
 
 
 @settings(max_examples=50, deadline=None)
@@ -195,8 +200,10 @@ def test_answer_missing_from_options_raises(tmp_path_factory, options, n_good, d
 
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=10),
-    lambda inner: st.lists(inner, max_size=4)
-    | st.dictionaries(st.sampled_from(["task", "input", "output", "options"]) | st.text(max_size=5), inner, max_size=5),
+    lambda inner: (
+        st.lists(inner, max_size=4)
+        | st.dictionaries(st.sampled_from(["task", "input", "output", "options"]) | st.text(max_size=5), inner, max_size=5)
+    ),
     max_leaves=12,
 )
 junk_lines = st.one_of(

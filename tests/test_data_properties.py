@@ -34,7 +34,8 @@ TOKENIZER = make_tiny_tokenizer()
 SETTINGS = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 
 unicode_text = st.text(alphabet=st.characters(exclude_categories=["Cs"]), max_size=12) | st.text(
-    alphabet="😀🎉👍🏽🇫🇷ñ中文\u2028\u0085\r\n\t\"\\{} ", max_size=12)
+    alphabet='😀🎉👍🏽🇫🇷ñ中文\u2028\u0085\r\n\t"\\{} ', max_size=12
+)
 long_text = st.builds(lambda part, times: part * times, unicode_text.filter(bool), st.integers(1, 400))
 
 
@@ -64,7 +65,7 @@ def model():
     return BayesLoraModel(make_tiny_llama(), BayesLoraConfig(rank=2))
 
 
-pytestmark = pytest.mark.usefixtures("one_thread")   # other jobs share the 2 cores
+pytestmark = pytest.mark.usefixtures("one_thread")  # other jobs share the 2 cores
 
 
 # ---------------------------------------------------------------- bad records
@@ -72,28 +73,28 @@ pytestmark = pytest.mark.usefixtures("one_thread")   # other jobs share the 2 co
 
 def wrong_value(key: str):
     scalars = st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False)
-    if key == "options":   # not a list, or a list holding a non-string
-        return (scalars | st.text(max_size=5) | st.dictionaries(st.text(max_size=3), st.integers(), max_size=2)
-                | st.lists(st.text(max_size=3), max_size=2).flatmap(
-                    lambda good: scalars.map(lambda bad: good + [bad])))
-    return scalars | st.lists(st.text(max_size=3), max_size=2) | st.dictionaries(st.text(max_size=3), st.integers(),
-                                                                                 max_size=2)
+    if key == "options":  # not a list, or a list holding a non-string
+        return (
+            scalars
+            | st.text(max_size=5)
+            | st.dictionaries(st.text(max_size=3), st.integers(), max_size=2)
+            | st.lists(st.text(max_size=3), max_size=2).flatmap(lambda good: scalars.map(lambda bad: good + [bad]))
+        )
+    return scalars | st.lists(st.text(max_size=3), max_size=2) | st.dictionaries(st.text(max_size=3), st.integers(), max_size=2)
 
 
 @SETTINGS
-@given(key_value=st.sampled_from(KEYS).flatmap(lambda k: st.tuples(st.just(k), wrong_value(k))),
-       n_good=st.integers(0, 3))
+@given(key_value=st.sampled_from(KEYS).flatmap(lambda k: st.tuples(st.just(k), wrong_value(k))), n_good=st.integers(0, 3))
 def test_wrong_type_names_key_and_line(tmp_path_factory, key_value, n_good):
     key, value = key_value
     path = write(tmp_path_factory.mktemp("type"), [record()] * n_good + [{**record(), key: value}])
     message = data_error(path, n_good + 1)
-    assert repr(key) in message and ("must be list" in message or "must be str" in message
-                                     or "list of strings" in message)
+    assert repr(key) in message and ("must be list" in message or "must be str" in message or "list of strings" in message)
 
 
 malformed_lines = st.one_of(
     st.integers(1, 40).map(lambda cut: json.dumps(record("an input", "b")).encode()[:cut]),  # cut short
-    st.sampled_from([b"[1, 2]", b"3", b'"text"', b"null", b"NaN"]),                          # not an object
+    st.sampled_from([b"[1, 2]", b"3", b'"text"', b"null", b"NaN"]),  # not an object
     st.binary(min_size=1, max_size=10).map(lambda b: b'{"input": "' + b"\xff" + b + b'"}'),  # not UTF-8
 )
 
@@ -107,8 +108,7 @@ def test_malformed_line_names_file_and_line(tmp_path_factory, bad, n_good, blank
 
 
 @SETTINGS
-@given(options=st.lists(unicode_text.filter(readable_option), min_size=1, max_size=5, unique_by=option_key),
-       data=st.data())
+@given(options=st.lists(unicode_text.filter(readable_option), min_size=1, max_size=5, unique_by=option_key), data=st.data())
 def test_duplicate_options_are_refused(tmp_path_factory, options, data):
     twice = data.draw(st.sampled_from(options))
     bad = record("q", options[0], options + [twice])
@@ -139,16 +139,20 @@ def reference_scores(model, example: Example, config: ScoringConfig) -> list[flo
     for option in options:
         with torch.no_grad():
             logits = model(params, input_ids=torch.tensor([prompt + option])).logits[0]
-        logp = torch.log_softmax(logits[len(prompt) - 1: -1].float(), -1)
+        logp = torch.log_softmax(logits[len(prompt) - 1 : -1].float(), -1)
         scores.append(logp.gather(-1, torch.tensor(option)[:, None]).sum().item())
     return scores
 
 
 @settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(input=unicode_text | long_text, max_length=st.sampled_from([48, 128]),
-       options=st.lists((unicode_text | long_text.map(lambda s: s[:40])).filter(readable_option), min_size=2, max_size=4,
-                       unique_by=option_key),
-       data=st.data())
+@given(
+    input=unicode_text | long_text,
+    max_length=st.sampled_from([48, 128]),
+    options=st.lists(
+        (unicode_text | long_text.map(lambda s: s[:40])).filter(readable_option), min_size=2, max_size=4, unique_by=option_key
+    ),
+    data=st.data(),
+)
 def test_any_valid_record_is_read_tokenised_and_scored(tmp_path_factory, model, input, max_length, options, data):
     output = data.draw(st.sampled_from(options))
     path = write(tmp_path_factory.mktemp("ok"), [record(input, output, options)])
@@ -157,20 +161,20 @@ def test_any_valid_record_is_read_tokenised_and_scored(tmp_path_factory, model, 
 
     config = ScoringConfig(max_length=max_length)
     option_ids = [TOKENIZER(" " + o, add_special_tokens=False)["input_ids"] for o in options]
-    if max(map(len, option_ids)) >= max_length:     # no room left for even one prompt token
+    if max(map(len, option_ids)) >= max_length:  # no room left for even one prompt token
         event("an option does not fit max_length")
         with pytest.raises(ValueError, match=f"{path}:1.*does not fit max_length={max_length}"):
             encode_options(TOKENIZER, [example], config)
         return
     prompt_len = len(TOKENIZER(config.template.format(input=input))["input_ids"])
     if reference_prompt(example, config, max_length - max(map(len, option_ids))) is None:
-        event("the template alone does not fit")        # refused: the prompt would hold none of the input
+        event("the template alone does not fit")  # refused: the prompt would hold none of the input
         with pytest.raises(ValueError, match=f"{path}:1.*no room for the input"):
             encode_options(TOKENIZER, [example], config)
         return
     event("input cut from the left" if prompt_len + max(map(len, option_ids)) > max_length else "prompt kept whole")
     batch = encode_options(TOKENIZER, [example], config)
-    for r in range(len(options)):                   # every option kept whole, decodes to itself
+    for r in range(len(options)):  # every option kept whole, decodes to itself
         kept = batch.option_ids[r][batch.option_mask[r]].tolist()
         assert kept == option_ids[batch.row_option[r]]
         assert TOKENIZER.decode(kept) == " " + options[batch.row_option[r]]
@@ -185,9 +189,9 @@ def test_an_empty_input_is_valid_but_an_empty_option_is_refused(tmp_path, model)
     assert example == Example("", ("a", "b"), 0, f"{path}:1")
     with pytest.raises(DataError, match=f"{path}:1: option 0 is empty"):
         read_jsonl(write(tmp_path, [record("", "", ["", "b"], task="")]))
-    example = Example("", ("", "b"), 0, "built:1")                       # built in Python, not read
+    example = Example("", ("", "b"), 0, "built:1")  # built in Python, not read
     batch = encode_options(TOKENIZER, [example], ScoringConfig())
-    assert batch.option_mask.sum(1).tolist() == [1, 2]                 # " " and " b"
+    assert batch.option_mask.sum(1).tolist() == [1, 2]  # " " and " b"
     with pytest.raises(ValueError, match="built:1.*tokenises to nothing"):
         encode_options(TOKENIZER, [example], ScoringConfig(option_prefix=""))
 

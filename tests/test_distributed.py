@@ -30,7 +30,7 @@ FSDP_CONFIG = REPO / "configs" / "accelerate_fsdp_8gpu.yaml"
 TOK = make_tiny_tokenizer()
 
 
-pytestmark = pytest.mark.usefixtures("one_thread")   # other jobs share the 2 cores
+pytestmark = pytest.mark.usefixtures("one_thread")  # other jobs share the 2 cores
 
 
 # ---------------------------------------------------------------- in process
@@ -42,7 +42,7 @@ def test_task_share_covers_each_task_once_and_noise_seeds_ignore_the_process():
         assert sorted(i for s in shares for i in s) == list(range(7))
     assert task_share(4, 1, 2) == [1, 3]
     seeds = {noise_seed(0, step, i) for step in range(5) for i in range(8)}
-    assert len(seeds) == 40                                   # distinct per (step, task index)
+    assert len(seeds) == 40  # distinct per (step, task index)
     assert noise_seed(3, 2, 1) == noise_seed(3, 2, 1) != noise_seed(4, 2, 1)
 
 
@@ -63,7 +63,7 @@ def test_split_batches_gives_exactly_n_batches_with_the_same_scores():
     examples = rule_examples(6, 1, ("no", "yes", "maybe"))
     config = ScoringConfig(max_rows=8)
     reference = make_batches(TOK, examples, config)
-    assert len(reference) == 3                                # 18 rows, at most 8 per batch
+    assert len(reference) == 3  # 18 rows, at most 8 per batch
     split = split_batches(TOK, examples, config, 5)
     assert len(split) == 5
     assert sorted(i for b in split for i in b.example_index.tolist()) == list(range(6))
@@ -73,9 +73,9 @@ def test_split_batches_gives_exactly_n_batches_with_the_same_scores():
     assert (probs - ref_probs).abs().max() < 1e-6
     assert len(split_batches(TOK, examples, config, 3)) == 3
     with pytest.raises(ValueError, match="into exactly 2 batches"):
-        split_batches(TOK, examples, config, 2)               # needs 3
+        split_batches(TOK, examples, config, 2)  # needs 3
     with pytest.raises(ValueError, match="into exactly 7 batches"):
-        split_batches(TOK, examples, config, 7)               # only 6 examples
+        split_batches(TOK, examples, config, 7)  # only 6 examples
 
 
 def test_meta_step_shares_sum_to_the_whole_meta_batch():
@@ -89,8 +89,11 @@ def test_meta_step_shares_sum_to_the_whole_meta_batch():
     tasks = []
     for i in range(4):
         exs = rule_examples(8, i)
-        tasks.append(TaskBatches(f"t{i}", make_batches(TOK, exs[:4], scoring), make_batches(TOK, exs[4:], scoring),
-                                 noise_seed=noise_seed(0, 5, i)))
+        tasks.append(
+            TaskBatches(
+                f"t{i}", make_batches(TOK, exs[:4], scoring), make_batches(TOK, exs[4:], scoring), noise_seed=noise_seed(0, 5, i)
+            )
+        )
 
     def run(share):
         theta = {k: v.clone().requires_grad_() for k, v in theta0.items()}
@@ -100,8 +103,17 @@ def test_meta_step_shares_sum_to_the_whole_meta_batch():
             seen.update(grads={k: v.grad.clone() for k, v in theta.items()}, logs=dict(logs))
             return logs
 
-        meta_step(model, theta, torch.optim.SGD(theta.values(), lr=0.0), [tasks[i] for i in share], config,
-                  HyperpriorConfig(), 5, total_tasks=4, reduce=capture)
+        meta_step(
+            model,
+            theta,
+            torch.optim.SGD(theta.values(), lr=0.0),
+            [tasks[i] for i in share],
+            config,
+            HyperpriorConfig(),
+            5,
+            total_tasks=4,
+            reduce=capture,
+        )
         return seen
 
     whole, first, second = run([0, 1, 2, 3]), run([0, 2]), run([1, 3])
@@ -110,7 +122,7 @@ def test_meta_step_shares_sum_to_the_whole_meta_batch():
     for key, value in whole["logs"].items():
         assert first["logs"][key] + second["logs"][key] == pytest.approx(value, rel=1e-6)
     assert whole["logs"]["query_nll"] > 0
-    torch.manual_seed(123)                                    # the global RNG does not matter
+    torch.manual_seed(123)  # the global RNG does not matter
     again = run([0, 2])
     assert all(torch.equal(again["grads"][k], first["grads"][k]) for k in theta0)
 
@@ -126,14 +138,15 @@ def test_fsdp_config_parses_and_wraps_the_decoder_layers(monkeypatch):
     from accelerate.utils.launch import prepare_multi_gpu_env
     from transformers.models.llama.modeling_llama import LlamaDecoderLayer
 
-    for name, kind in [("accelerate_multigpu_8gpu.yaml", DistributedType.MULTI_GPU),
-                       ("accelerate_cpu_2proc.yaml", DistributedType.MULTI_GPU)]:
+    for name, kind in [
+        ("accelerate_multigpu_8gpu.yaml", DistributedType.MULTI_GPU),
+        ("accelerate_cpu_2proc.yaml", DistributedType.MULTI_GPU),
+    ]:
         assert load_config_from_file(str(REPO / "configs" / name)).distributed_type == kind
     cfg = load_config_from_file(str(FSDP_CONFIG))
     assert cfg.distributed_type == DistributedType.FSDP and cfg.num_processes == 8 and cfg.mixed_precision == "bf16"
     assert cfg.fsdp_config["fsdp_version"] == 2
-    args, _, _ = _validate_launch_command(launch_command_parser().parse_args(
-        ["--config_file", str(FSDP_CONFIG), "train.py"]))
+    args, _, _ = _validate_launch_command(launch_command_parser().parse_args(["--config_file", str(FSDP_CONFIG), "train.py"]))
     env = prepare_multi_gpu_env(args)
     assert env["ACCELERATE_USE_FSDP"] == "true" and env["FSDP_TRANSFORMER_CLS_TO_WRAP"] == "LlamaDecoderLayer"
     for key, value in env.items():
@@ -167,10 +180,39 @@ def test_fsdp_refuses_per_batch_sampling_before_sharding():
 
 
 def cli_args(model_dir, data_dir, *extra) -> list[str]:
-    return ["meta-train", "--model", str(model_dir), "--data_dir", str(data_dir), "--k", "4", "--data_seeds", "1", "2",
-            "--rank", "2", "--max_rows", "8", "--max_query", "4", "--meta_steps", "3", "--meta_batch_size", "4",
-            "--inner_steps", "2", "--outer_lr", "0.05", "--save_every", "2", "--device", "cpu", "--plots", "false",
-            *extra]
+    return [
+        "meta-train",
+        "--model",
+        str(model_dir),
+        "--data_dir",
+        str(data_dir),
+        "--k",
+        "4",
+        "--data_seeds",
+        "1",
+        "2",
+        "--rank",
+        "2",
+        "--max_rows",
+        "8",
+        "--max_query",
+        "4",
+        "--meta_steps",
+        "3",
+        "--meta_batch_size",
+        "4",
+        "--inner_steps",
+        "2",
+        "--outer_lr",
+        "0.05",
+        "--save_every",
+        "2",
+        "--device",
+        "cpu",
+        "--plots",
+        "false",
+        *extra,
+    ]
 
 
 # The launched script: one thread, and the same torch seed as the in-process reference (the
@@ -194,11 +236,22 @@ def launch(tmp_path, args: list[str], *launch_args: str, patch: str = "", timeou
     """``accelerate launch`` (torchrun under the hood) of ``abmll meta-train args`` in 2 processes."""
     script = tmp_path / "run_abmll.py"
     script.write_text(RUN.format(patch=patch))
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("ACCELERATE_", "FSDP_", "RANK", "LOCAL_", "WORLD_", "MASTER_"))}
+    env = {
+        k: v for k, v in os.environ.items() if not k.startswith(("ACCELERATE_", "FSDP_", "RANK", "LOCAL_", "WORLD_", "MASTER_"))
+    }
     env.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", *launch_args, "--num_processes", "2",
-           "--main_process_port", str(free_port()), str(script), *args]
+    cmd = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        *launch_args,
+        "--num_processes",
+        "2",
+        "--main_process_port",
+        str(free_port()),
+        str(script),
+        *args,
+    ]
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
 
 
@@ -221,14 +274,14 @@ def test_two_processes_train_the_same_prior_as_one(tiny_model_dir, tiny_data_dir
     two, saved = load_adapter(tmp_path / "two")
     assert saved["meta_steps_done"] == 3
     assert max_diff(one, two) <= 1e-5
-    assert any(two[k].abs().sum() > 0 for k in two if "lora_B" in k)          # trained, not the init
+    assert any(two[k].abs().sum() > 0 for k in two if "lora_B" in k)  # trained, not the init
     history = json.loads((tmp_path / "two" / "history.json").read_text())
     reference = json.loads((tmp_path / "one" / "history.json").read_text())
-    assert [h["tasks"] for h in history] == [h["tasks"] for h in reference]    # same meta-batches
-    for h, r in zip(history, reference):                                       # logs averaged over processes
+    assert [h["tasks"] for h in history] == [h["tasks"] for h in reference]  # same meta-batches
+    for h, r in zip(history, reference):  # logs averaged over processes
         assert h["query_nll"] == pytest.approx(r["query_nll"], rel=1e-5)
         assert h["kl"] == pytest.approx(r["kl"], rel=1e-5)
-    assert proc.stdout.count("meta-training on 4 tasks: t0, t1, t2, t3 (2 processes)") == 1   # main prints
+    assert proc.stdout.count("meta-training on 4 tasks: t0, t1, t2, t3 (2 processes)") == 1  # main prints
     assert {p.name for p in (tmp_path / "two" / CHECKPOINT_DIR).iterdir()} == {STATE, "state-00000003.safetensors"}
 
     # --resume in 2 processes (both read the checkpoint) continues like 1 process does
@@ -259,19 +312,24 @@ abmll.meta.option_scores = lambda *a, **kw: real_scores(*a, **kw) * (float("nan"
 
 def test_a_nonfinite_loss_in_one_process_stops_or_skips_in_all(tiny_model_dir, tiny_data_dir, tmp_path):
     args = cli_args(tiny_model_dir, tiny_data_dir, "--split", "tiny", "--save_every", "1")
-    proc = launch(tmp_path, [*args, "--out", str(tmp_path / "skip"), "--skip_nonfinite"], "--multi_gpu",
-                  "--mixed_precision", "no", patch=POISON)
+    proc = launch(
+        tmp_path,
+        [*args, "--out", str(tmp_path / "skip"), "--skip_nonfinite"],
+        "--multi_gpu",
+        "--mixed_precision",
+        "no",
+        patch=POISON,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     history = json.loads((tmp_path / "skip" / "history.json").read_text())
     assert [h.get("skipped", False) for h in history] == [False, True, False]
     assert "support NLL nan" in history[1]["error"] and "(in process 1)" in history[1]["error"]
-    assert load_adapter(tmp_path / "skip")[1]["meta_steps_skipped"] == 1   # and theta in sync at the end
+    assert load_adapter(tmp_path / "skip")[1]["meta_steps_skipped"] == 1  # and theta in sync at the end
 
-    proc = launch(tmp_path, [*args, "--out", str(tmp_path / "stop")], "--multi_gpu", "--mixed_precision", "no",
-                  patch=POISON)
-    assert proc.returncode != 0                                            # no process hangs
+    proc = launch(tmp_path, [*args, "--out", str(tmp_path / "stop")], "--multi_gpu", "--mixed_precision", "no", patch=POISON)
+    assert proc.returncode != 0  # no process hangs
     assert "abmll meta-train: error: meta-step 1" in proc.stderr and "(in process 1)" in proc.stderr
-    assert load_adapter(tmp_path / "stop")[1]["meta_steps_done"] == 1      # last good checkpoint
+    assert load_adapter(tmp_path / "stop")[1]["meta_steps_done"] == 1  # last good checkpoint
 
 
 # Records, in process 0, what shard_base_model did and how often episodes were re-split.
@@ -304,21 +362,37 @@ def test_fsdp_two_processes_shard_the_base_and_run_in_lockstep(tiny_model_dir, t
     need 2 batches where the others need 1: the others are re-split so that both processes run
     the same number of forward passes (without that, FSDP's all-gathers deadlock)."""
     rng = random.Random(5)
-    rows = lambda: [(w, ["no", "yes", "maybe"][i % 3]) for i, w in  # noqa: E731
-                    enumerate("".join(rng.choice("abcdefgh") for _ in range(5)) for _ in range(4))]
-    write_task(tiny_data_dir, "t4", {f"4_{s}_{part}": rows() for s in (1, 2) for part in ("train", "dev")},
-               options=("no", "yes", "maybe"))
+    rows = lambda: [
+        (w, ["no", "yes", "maybe"][i % 3])
+        for i, w in enumerate("".join(rng.choice("abcdefgh") for _ in range(5)) for _ in range(4))  # noqa: E731
+    ]
+    write_task(
+        tiny_data_dir,
+        "t4",
+        {f"4_{s}_{part}": rows() for s in (1, 2) for part in ("train", "dev")},
+        options=("no", "yes", "maybe"),
+    )
     args = cli_args(tiny_model_dir, tiny_data_dir, "--train_tasks", "t0", "t1", "t2", "t4", "--n_samples", "0")
     one = reference_run(tmp_path / "one", args)
     spy = tmp_path / "spy.json"
-    proc = launch(tmp_path, [*args, "--out", str(tmp_path / "fsdp")], "--config_file", str(FSDP_CONFIG),
-                  "--mixed_precision", "no", patch=f"SPY_FILE = {str(spy)!r}\n" + SPY)
+    proc = launch(
+        tmp_path,
+        [*args, "--out", str(tmp_path / "fsdp")],
+        "--config_file",
+        str(FSDP_CONFIG),
+        "--mixed_precision",
+        "no",
+        patch=f"SPY_FILE = {str(spy)!r}\n" + SPY,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
 
     sharded = json.loads(spy.read_text())
-    assert sharded == {"units": ["FSDPLlamaDecoderLayer", "FSDPLlamaDecoderLayer", "FSDPPeftModel"],
-                       "base_dtensors": True, "adapter_plain": True}
-    assert sum(json.loads(Path(f"{spy}.splits.{r}").read_text()) for r in (0, 1)) > 0   # lockstep re-splits
+    assert sharded == {
+        "units": ["FSDPLlamaDecoderLayer", "FSDPLlamaDecoderLayer", "FSDPPeftModel"],
+        "base_dtensors": True,
+        "adapter_plain": True,
+    }
+    assert sum(json.loads(Path(f"{spy}.splits.{r}").read_text()) for r in (0, 1)) > 0  # lockstep re-splits
     fsdp, saved = load_adapter(tmp_path / "fsdp")
     assert saved["meta_steps_done"] == 3
-    assert max_diff(one, fsdp) <= 5e-5          # same prior; the re-split batches differ in padding only
+    assert max_diff(one, fsdp) <= 5e-5  # same prior; the re-split batches differ in padding only

@@ -42,7 +42,7 @@ def test_peft_loads_export_with_identical_posterior_mean_logits(arch, tmp_path):
         theirs = peft_model(input_ids=IDS, attention_mask=MASK).logits
         base = make_tiny(arch)(input_ids=IDS, attention_mask=MASK).logits
     torch.testing.assert_close(theirs, ours, rtol=0, atol=1e-6)
-    assert (theirs - base).abs().max() > 1e-3                 # the adapter is really applied
+    assert (theirs - base).abs().max() > 1e-3  # the adapter is really applied
 
     cfg = json.loads((tmp_path / PEFT_CONFIG).read_text())
     assert cfg["peft_type"] == "LORA" and cfg["task_type"] == "CAUSAL_LM"
@@ -71,7 +71,7 @@ def test_reload_gives_back_all_four_tensors_exactly(arch, tmp_path):
         first = model(params, IDS, MASK, sample=True).logits
     torch.manual_seed(0)
     with torch.no_grad():
-        again = model(tensors, IDS, MASK, sample=True).logits    # the same Gaussian: the same samples
+        again = model(tensors, IDS, MASK, sample=True).logits  # the same Gaussian: the same samples
     assert torch.equal(first, again)
 
 
@@ -82,7 +82,7 @@ def test_export_from_config_alone_matches_export_from_model(tmp_path):
     a, b = load_file(tmp_path / "a" / PEFT_TENSORS), load_file(tmp_path / "b" / PEFT_TENSORS)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     cfg = json.loads((tmp_path / "b" / PEFT_CONFIG).read_text())
-    assert cfg["target_modules"] == ["q_proj", "v_proj"] and cfg["r"] == 3   # read off the tensor keys
+    assert cfg["target_modules"] == ["q_proj", "v_proj"] and cfg["r"] == 3  # read off the tensor keys
     peft_model = PeftModel.from_pretrained(make_tiny("llama"), tmp_path / "b").eval()
     with torch.no_grad():
         torch.testing.assert_close(peft_model(input_ids=IDS).logits, model(params, IDS).logits, rtol=0, atol=1e-6)
@@ -95,7 +95,7 @@ def test_abmll_layout_also_loads_and_bad_folders_are_named(tmp_path):
     assert cfg == {"kind": "prior"} and all(torch.equal(tensors[k], params[k]) for k in params)
 
     export_peft(tmp_path / "exp", params, {}, model=model)
-    (tmp_path / "exp" / SCALE_TENSORS).unlink()                 # a plain PEFT adapter: no Gaussian scale
+    (tmp_path / "exp" / SCALE_TENSORS).unlink()  # a plain PEFT adapter: no Gaussian scale
     with pytest.raises(CheckpointError, match=SCALE_TENSORS):
         load_adapter_folder(tmp_path / "exp")
     with pytest.raises(CheckpointError, match="not an abmll adapter folder"):
@@ -121,7 +121,7 @@ def test_export_is_written_as_a_unit_and_a_mixed_folder_is_refused(tmp_path):
     export_peft(tmp_path / "a", params, {"kind": "old"}, model=model)
     calls = []
 
-    def failing_write(path, write):          # the mean tensors (after the scale and config) fail
+    def failing_write(path, write):  # the mean tensors (after the scale and config) fail
         calls.append(path)
         if len(calls) == 3:
             raise OSError("disk full")
@@ -137,10 +137,10 @@ def test_export_is_written_as_a_unit_and_a_mixed_folder_is_refused(tmp_path):
     assert [p.name for p in calls] == [SCALE_TENSORS, "abmll_config.json", PEFT_TENSORS]
     got, config = load_adapter_folder(tmp_path / "a")
     assert config["kind"] == "old" and all(torch.equal(got[k], params[k]) for k in params)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["a"]          # no temporary folder left
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a"]  # no temporary folder left
 
     export_peft(tmp_path / "b", other, {"kind": "new"}, model=model)
-    shutil.copy(tmp_path / "b" / SCALE_TENSORS, tmp_path / "a" / SCALE_TENSORS)   # a half-replaced folder
+    shutil.copy(tmp_path / "b" / SCALE_TENSORS, tmp_path / "a" / SCALE_TENSORS)  # a half-replaced folder
     with pytest.raises(CheckpointError, match="not written by the same save"):
         load_adapter_folder(tmp_path / "a")
     (tmp_path / "c").mkdir()

@@ -39,25 +39,32 @@ def test_an_exported_posterior_runs_under_lm_eval_with_our_accuracy(world, tmp_p
     support = world["data"] / "h0" / "h0_4_1_train.jsonl"
     test_file = world["data"] / "h0" / "h0_test.jsonl"
     post = tmp_path / "post"
-    assert main(["adapt", "--prior", str(world["prior"]), "--support", str(support), "--test_steps", "3",
-                 "--out", str(post)]) == 0
+    assert (
+        main(["adapt", "--prior", str(world["prior"]), "--support", str(support), "--test_steps", "3", "--out", str(post)]) == 0
+    )
     keys = json.loads((post / "adapter_config.json").read_text())
     assert keys["r"] == 2
     from safetensors import safe_open
 
     with safe_open(post / "adapter_model.safetensors", "pt") as f:
-        assert all(k.endswith(("lora_A.weight", "lora_B.weight")) for k in f.keys())      # standard LoRA keys only
+        assert all(k.endswith(("lora_A.weight", "lora_B.weight")) for k in f.keys())  # standard LoRA keys only
 
     tasks = tmp_path / "tasks"
     tasks.mkdir()
     (tasks / "abmll_local.yaml").write_text(TASK_YAML.format(test=test_file))
-    out = lm_eval.simple_evaluate(model="hf", model_args=f"pretrained={world['model_dir']},peft={post},dtype=float32",
-                                  tasks=["abmll_local"], task_manager=TaskManager(include_path=str(tasks)),
-                                  device="cpu", batch_size=2)
+    out = lm_eval.simple_evaluate(
+        model="hf",
+        model_args=f"pretrained={world['model_dir']},peft={post},dtype=float32",
+        tasks=["abmll_local"],
+        task_manager=TaskManager(include_path=str(tasks)),
+        device="cpu",
+        batch_size=2,
+    )
     theirs = out["results"]["abmll_local"]["acc,none"]
 
     model, tok, _, _ = load_prior(str(world["prior"]), {})
     posterior, _ = load_adapter_folder(post)
-    probs, labels = predict_batches(model, posterior, make_batches(tok, read_jsonl(test_file),
-                                                                   ScoringConfig(template="{input}\nAnswer:")), 0)
+    probs, labels = predict_batches(
+        model, posterior, make_batches(tok, read_jsonl(test_file), ScoringConfig(template="{input}\nAnswer:")), 0
+    )
     assert theirs == pytest.approx(accuracy(probs, labels))

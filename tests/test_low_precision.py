@@ -33,7 +33,7 @@ def constant_params(model: BayesLoraModel, mean: float, std: float) -> dict[str,
 
 
 def gaussian_kl(mq, sq, mp, sp):
-    return math.log(sp / sq) + (sq ** 2 + (mq - mp) ** 2) / (2 * sp ** 2) - 0.5
+    return math.log(sp / sq) + (sq**2 + (mq - mp) ** 2) / (2 * sp**2) - 0.5
 
 
 EXTREMES = [(0.0, 1e-6, 50.0, 10.0), (50.0, 10.0, 0.0, 1e-6), (-50.0, 1e-6, 0.0, 1e-6), (1.0, 3e-3, -2.0, 0.1)]
@@ -55,7 +55,7 @@ def test_kl_is_float32_finite_and_matches_the_closed_form(bf16_model, mq, sq, mp
     if param_dtype == torch.float32:
         expected = model.num_weight_entries() * gaussian_kl(mq, sq, mp, sp)
         assert kl.item() == pytest.approx(expected, rel=2e-3)
-    else:      # the same bf16-rounded tensors, computed in float64, agree with the float32 KL
+    else:  # the same bf16-rounded tensors, computed in float64, agree with the float32 KL
         ref = model.kl({k: v.double() for k, v in q.items()}, {k: v.double() for k, v in p.items()})
         assert kl.item() == pytest.approx(ref.item(), rel=2e-3)
 
@@ -78,8 +78,7 @@ def test_kl_gradients_stay_finite_at_extremes(bf16_model):
 
 @pytest.mark.parametrize("n_samples", [0, 2])
 def test_bf16_option_probabilities_are_finite_and_close_to_float32(n_samples):
-    models = {dt: BayesLoraModel(make_tiny_llama().to(dt), BayesLoraConfig(rank=2))
-              for dt in (torch.float32, torch.bfloat16)}
+    models = {dt: BayesLoraModel(make_tiny_llama().to(dt), BayesLoraConfig(rank=2)) for dt in (torch.float32, torch.bfloat16)}
     params = constant_params(models[torch.float32], 0.01, 1e-3)
     batches = make_batches(TOK, rule_task("t", 0, 8, "abcdefgh"), ScoringConfig(max_rows=6))
     probs = {}

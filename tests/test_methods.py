@@ -17,7 +17,7 @@ from abmll.models import load_base_model
 from abmll.scoring import ScoringConfig, option_nll, option_scores
 from abmll.train import episode_batches
 
-pytestmark = pytest.mark.usefixtures("one_thread")   # other jobs share the 2 cores
+pytestmark = pytest.mark.usefixtures("one_thread")  # other jobs share the 2 cores
 
 
 @pytest.fixture
@@ -45,13 +45,23 @@ def test_every_method_resolves_and_runs(world, tmp_path):
     w = world
     priors = {}
     for kind in prior_kinds(list(METHODS)):
-        priors[kind], history = train_prior(kind, w["model"], w["tok"], ["t0", "t1", "t2"], w["tasks"], w["meta"],
-                                            HyperpriorConfig(), w["scoring"], tmp_path / kind, {})
+        priors[kind], history = train_prior(
+            kind,
+            w["model"],
+            w["tok"],
+            ["t0", "t1", "t2"],
+            w["tasks"],
+            w["meta"],
+            HyperpriorConfig(),
+            w["scoring"],
+            tmp_path / kind,
+            {},
+        )
         assert len(history) == (0 if kind == "init" else w["meta"].meta_steps)
     init = w["model"].init_params()
-    for kind in ("abmll", "multitask", "reptile"):          # trained: the mean pair moved
+    for kind in ("abmll", "multitask", "reptile"):  # trained: the mean pair moved
         assert any(not torch.equal(priors[kind][k], init[k]) for k in w["model"].mean_keys()), kind
-    for kind in ("multitask", "reptile"):                   # deterministic: the scale pair did not
+    for kind in ("multitask", "reptile"):  # deterministic: the scale pair did not
         scale = [k for k in init if k not in w["model"].mean_keys()]
         assert all(torch.equal(priors[kind][k], init[k]) for k in scale), kind
     for name, spec in METHODS.items():
@@ -61,8 +71,18 @@ def test_every_method_resolves_and_runs(world, tmp_path):
         metrics, probs, labels = run_method(w["model"], method, w["ep"], w["meta"], seed=1)
         assert probs.shape == (6, 2) and all(torch.isfinite(torch.tensor(v)) for v in metrics.values()), name
     # a saved finished prior is reloaded, not retrained
-    again, history = train_prior("abmll", w["model"], w["tok"], ["t0", "t1", "t2"], w["tasks"], w["meta"],
-                                 HyperpriorConfig(), w["scoring"], tmp_path / "abmll", {})
+    again, history = train_prior(
+        "abmll",
+        w["model"],
+        w["tok"],
+        ["t0", "t1", "t2"],
+        w["tasks"],
+        w["meta"],
+        HyperpriorConfig(),
+        w["scoring"],
+        tmp_path / "abmll",
+        {},
+    )
     assert len(history) == 2 and all(torch.equal(again[k], priors["abmll"][k]) for k in again)
 
 
@@ -70,17 +90,25 @@ def test_lora_is_deterministic_adapt_from_init(world):
     w = world
     init = w["model"].init_params()
     _, probs, _ = run_method(w["model"], make_method("lora", init, w["ev"]), w["ep"], w["meta"], seed=1)
-    post, _ = adapt(w["model"], init, w["ep"].support, w["ev"].test_steps, w["meta"].inner_lr, beta=0.0, n_samples=0,
-                    grad_clip=w["meta"].inner_grad_clip)
+    post, _ = adapt(
+        w["model"],
+        init,
+        w["ep"].support,
+        w["ev"].test_steps,
+        w["meta"].inner_lr,
+        beta=0.0,
+        n_samples=0,
+        grad_clip=w["meta"].inner_grad_clip,
+    )
     ref, _ = predict_batches(w["model"], post, w["ep"].query, n_samples=0)
     assert torch.equal(probs, ref)
     scale = [k for k in init if k not in w["model"].mean_keys()]
-    assert all(torch.equal(post[k], init[k]) for k in scale)            # scale pair untouched
-    assert (ref - predict_batches(w["model"], init, w["ep"].query, 0)[0]).abs().max() > 1e-6   # it adapted
+    assert all(torch.equal(post[k], init[k]) for k in scale)  # scale pair untouched
+    assert (ref - predict_batches(w["model"], init, w["ep"].query, 0)[0]).abs().max() > 1e-6  # it adapted
     _, bayes, _ = run_method(w["model"], make_method("bayes_lora", init, w["ev"]), w["ep"], w["meta"], seed=1)
-    assert (bayes - probs).abs().max() > 1e-6                              # sampled, KL: a different method
+    assert (bayes - probs).abs().max() > 1e-6  # sampled, KL: a different method
     _, bayes2, _ = run_method(w["model"], make_method("bayes_lora", init, w["ev"]), w["ep"], w["meta"], seed=1)
-    assert torch.equal(bayes, bayes2)                                      # seeded per method
+    assert torch.equal(bayes, bayes2)  # seeded per method
 
 
 def test_reptile_outer_update_is_theta_plus_eps_times_lambda_minus_theta():
@@ -99,8 +127,9 @@ def test_reptile_outer_update_is_theta_plus_eps_times_lambda_minus_theta():
     assert logs["support_nll_after"] < logs["support_nll_before"] and logs["query_nll"] > 0
     assert prior_meta_config("reptile", MetaConfig()).outer_update == "reptile"
     with pytest.raises(ValueError, match="outer_update"):
-        meta_step(model, theta, torch.optim.SGD(theta.values(), lr=eps), tasks, MetaConfig(outer_update="maml"),
-                  HyperpriorConfig())
+        meta_step(
+            model, theta, torch.optim.SGD(theta.values(), lr=eps), tasks, MetaConfig(outer_update="maml"), HyperpriorConfig()
+        )
 
 
 def test_multitask_step_is_gradient_of_mean_query_nll():
@@ -112,8 +141,9 @@ def test_multitask_step_is_gradient_of_mean_query_nll():
     meta_step(model, theta, torch.optim.SGD(theta.values(), lr=0.0), tasks, config, HyperpriorConfig())
 
     def task_nll(t):
-        return torch.cat([option_nll(option_scores(lambda groups=None, **kw: model(theta, **kw).logits, b), b.labels)
-                          for b in t.query]).mean()
+        return torch.cat(
+            [option_nll(option_scores(lambda groups=None, **kw: model(theta, **kw).logits, b), b.labels) for b in t.query]
+        ).mean()
 
     ref = torch.autograd.grad(sum(task_nll(t) for t in tasks) / len(tasks), list(theta.values()), allow_unused=True)
     for (_, v), r in zip(theta.items(), ref):
@@ -126,13 +156,23 @@ def test_evaluate_reports_predictions_and_keeps_its_return_shape(world):
     init = w["model"].init_params()
     methods = [make_method(n, init, w["ev"]) for n in ("zero_shot", "lora", "bayes_lora")]
     seen, preds = [], {}
-    res = evaluate(w["model"], w["tok"], methods, ["h0", "h1"], [1, 2], w["tasks"], w["scoring"], w["meta"], w["ev"],
-                   on_result=lambda *a: seen.append(a[:3]),
-                   on_predictions=lambda m, t, s, p, y: preds.setdefault((m, t, s), (p, y)))
+    res = evaluate(
+        w["model"],
+        w["tok"],
+        methods,
+        ["h0", "h1"],
+        [1, 2],
+        w["tasks"],
+        w["scoring"],
+        w["meta"],
+        w["ev"],
+        on_result=lambda *a: seen.append(a[:3]),
+        on_predictions=lambda m, t, s, p, y: preds.setdefault((m, t, s), (p, y)),
+    )
     assert res["tasks"] == ["h0", "h1"] and res["seeds"] == [1, 2]
     assert set(res["methods"]["lora"]) == {"per_task", "mean", "std_over_seeds"}
     assert len(seen) == len(preds) == 12
-    for (m, t, s), (p, _) in preds.items():     # a result does not depend on the methods run before it
+    for (m, t, s), (p, _) in preds.items():  # a result does not depend on the methods run before it
         ep = episode_batches(w["model"], w["tok"], t, s, w["tasks"], w["scoring"], "test", w["ev"].max_test)
         metrics, p2, _ = run_method(w["model"], next(x for x in methods if x.name == m), ep, w["meta"], s)
         assert torch.equal(p, p2) and metrics == res["methods"][m]["per_task"][t]["seeds"][s]
@@ -143,16 +183,31 @@ def test_eval_settings_choose_the_adaptation_optimizer_and_learning_rate(world):
     init = w["model"].init_params()
     ev = EvalArgs(test_steps=2, eval_samples=2, max_test=6, test_optimizer="adamw", test_lr=0.01)
     _, probs, _ = run_method(w["model"], make_method("lora", init, ev), w["ep"], w["meta"], seed=1)
-    post, _ = adapt(w["model"], init, w["ep"].support, 2, 0.01, beta=0.0, n_samples=0,
-                    grad_clip=w["meta"].inner_grad_clip, optimizer="adamw")
+    post, _ = adapt(
+        w["model"], init, w["ep"].support, 2, 0.01, beta=0.0, n_samples=0, grad_clip=w["meta"].inner_grad_clip, optimizer="adamw"
+    )
     assert torch.equal(probs, predict_batches(w["model"], post, w["ep"].query, n_samples=0)[0])
     _, sgd, _ = run_method(w["model"], make_method("lora", init, w["ev"]), w["ep"], w["meta"], seed=1)
     assert (sgd - probs).abs().max() > 1e-6
 
 
-@pytest.mark.parametrize("bad,message", [(dict(test_optimizer="adam"), "--test_optimizer must be one of sgd, adamw"),
-                                         (dict(test_lr=0.0), "--test_lr must be a finite number > 0"),
-                                         (dict(test_lr=float("nan")), "--test_lr must be a finite number > 0")])
+@pytest.mark.parametrize(
+    "bad,message",
+    [
+        (dict(test_optimizer="adam"), "--test_optimizer must be one of sgd, adamw"),
+        (dict(test_lr=0.0), "--test_lr must be a finite number > 0"),
+        (dict(test_lr=float("nan")), "--test_lr must be a finite number > 0"),
+    ],
+)
 def test_invalid_adaptation_settings_are_refused_naming_the_flag(bad, message):
     with pytest.raises(ValueError, match=message):
         EvalArgs(**bad)
+
+
+def test_result_key_leaves_out_added_fields_at_their_defaults():
+    from abmll.config import result_config
+
+    cfg = {"eval": EvalArgs(), "tasks": TaskArgs()}
+    assert "test_optimizer" not in result_config(cfg)["eval"] and "test_lr" not in result_config(cfg)["eval"]
+    changed = result_config({**cfg, "eval": EvalArgs(test_optimizer="adamw", test_lr=0.01)})["eval"]
+    assert changed["test_optimizer"] == "adamw" and changed["test_lr"] == 0.01

@@ -27,10 +27,14 @@ T = torch.tensor
 
 
 def test_accuracy_hand_computed():
-    probs = T([[0.7, 0.2, 0.1],   # pred 0, label 0: correct
-               [0.1, 0.6, 0.3],   # pred 1, label 2: wrong
-               [0.2, 0.3, 0.5],   # pred 2, label 2: correct
-               [0.3, 0.4, 0.3]])  # pred 1, label 1: correct
+    probs = T(
+        [
+            [0.7, 0.2, 0.1],  # pred 0, label 0: correct
+            [0.1, 0.6, 0.3],  # pred 1, label 2: wrong
+            [0.2, 0.3, 0.5],  # pred 2, label 2: correct
+            [0.3, 0.4, 0.3],
+        ]
+    )  # pred 1, label 1: correct
     labels = T([0, 2, 2, 1])
     assert accuracy(probs, labels) == pytest.approx(3 / 4)
 
@@ -41,8 +45,7 @@ def test_accuracy_tie_goes_to_lowest_index():
 
 
 def test_nll_hand_computed():
-    probs = T([[0.5, 0.5, 0.0],
-               [0.25, 0.25, 0.5]])
+    probs = T([[0.5, 0.5, 0.0], [0.25, 0.25, 0.5]])
     labels = T([1, 0])
     # p(label) = 0.5, 0.25 -> (log 2 + log 4) / 2 = 1.5 log 2 = 1.0397 nats
     assert negative_log_likelihood(probs, labels) == pytest.approx(1.5 * math.log(2), rel=1e-6)
@@ -58,8 +61,12 @@ def test_nll_zero_probability_is_floored_by_eps():
 
 
 def test_brier_hand_computed():
-    probs = T([[0.7, 0.2, 0.1],   # label 0: 0.3^2 + 0.2^2 + 0.1^2 = 0.09 + 0.04 + 0.01 = 0.14
-               [0.6, 0.3, 0.1]])  # label 2: 0.6^2 + 0.3^2 + 0.9^2 = 0.36 + 0.09 + 0.81 = 1.26
+    probs = T(
+        [
+            [0.7, 0.2, 0.1],  # label 0: 0.3^2 + 0.2^2 + 0.1^2 = 0.09 + 0.04 + 0.01 = 0.14
+            [0.6, 0.3, 0.1],
+        ]
+    )  # label 2: 0.6^2 + 0.3^2 + 0.9^2 = 0.36 + 0.09 + 0.81 = 1.26
     labels = T([0, 2])
     # mean (0.14 + 1.26) / 2 = 0.70
     assert brier_score(probs, labels) == pytest.approx(0.70, abs=1e-6)
@@ -73,13 +80,16 @@ def test_brier_extremes():
 
 def test_padded_columns_hand_computed():
     # Row 0 has 4 options, row 1 only 2 (columns 2, 3 are padding with probability 0).
-    probs = T([[0.1, 0.6, 0.2, 0.1],   # label 1, pred 1: correct
-               [0.6, 0.4, 0.0, 0.0]])  # label 1, pred 0: wrong
+    probs = T(
+        [
+            [0.1, 0.6, 0.2, 0.1],  # label 1, pred 1: correct
+            [0.6, 0.4, 0.0, 0.0],
+        ]
+    )  # label 1, pred 0: wrong
     labels = T([1, 1])
     assert accuracy(probs, labels) == pytest.approx(0.5)
     # NLL = -(log 0.6 + log 0.4) / 2 = (0.5108 + 0.9163) / 2 = 0.7136
-    assert negative_log_likelihood(probs, labels) == pytest.approx(
-        -(math.log(0.6) + math.log(0.4)) / 2, rel=1e-6)
+    assert negative_log_likelihood(probs, labels) == pytest.approx(-(math.log(0.6) + math.log(0.4)) / 2, rel=1e-6)
     # Brier row 0: 0.01 + 0.16 + 0.04 + 0.01 = 0.22; row 1: 0.36 + 0.36 + 0 + 0 = 0.72
     # mean = 0.47
     assert brier_score(probs, labels) == pytest.approx(0.47, abs=1e-6)
@@ -116,10 +126,14 @@ def test_macro_f1_class_never_predicted_and_absent_class_excluded():
 
 def test_macro_f1_class_predicted_but_never_a_label_counts_as_zero():
     labels = T([0, 0, 1, 1])
-    probs = T([[0.8, 0.1, 0.1],   # pred 0
-               [0.1, 0.1, 0.8],   # pred 2 (class 2 never a label)
-               [0.1, 0.8, 0.1],   # pred 1
-               [0.1, 0.8, 0.1]])  # pred 1
+    probs = T(
+        [
+            [0.8, 0.1, 0.1],  # pred 0
+            [0.1, 0.1, 0.8],  # pred 2 (class 2 never a label)
+            [0.1, 0.8, 0.1],  # pred 1
+            [0.1, 0.8, 0.1],
+        ]
+    )  # pred 1
     # class 0: tp 1, fn 1, fp 0 -> 2/3; class 1: tp 2 -> 1; class 2: fp 1 -> 0
     # macro = (2/3 + 1 + 0) / 3 = 5/9  (MetaICL's label-classes-only average would be 5/6)
     assert macro_f1(probs, labels) == pytest.approx(5 / 9, abs=1e-6)
@@ -150,7 +164,7 @@ def test_ece_hand_computed_three_bins():
     # n_bins = 10; six examples fall in bins [0.5,0.6), [0.7,0.8), [0.9,1.0), two per bin.
     conf = [0.55, 0.58, 0.72, 0.78, 0.91, 0.99]
     probs = _binary_probs(conf, [0] * 6)  # all predict option 0
-    labels = T([0, 1, 0, 0, 0, 1])       # correct: y n | y y | y n
+    labels = T([0, 1, 0, 0, 0, 1])  # correct: y n | y y | y n
     # bin [0.5,0.6): acc 1/2, conf (0.55+0.58)/2 = 0.565 -> gap 0.065
     # bin [0.7,0.8): acc 1,   conf (0.72+0.78)/2 = 0.75  -> gap 0.25
     # bin [0.9,1.0): acc 1/2, conf (0.91+0.99)/2 = 0.95  -> gap 0.45
@@ -210,7 +224,8 @@ def test_equal_mass_ece_closed_form():
     labels = T([0, 0, 0, 1, 1, 0])
     # gaps: |0.5 - 0.575| = 0.075, |1 - 0.75| = 0.25, |0.5 - 0.95| = 0.45; each weight 1/3
     assert expected_calibration_error(probs, labels, n_bins=3, binning="equal_mass") == pytest.approx(
-        (0.075 + 0.25 + 0.45) / 3, abs=1e-9)
+        (0.075 + 0.25 + 0.45) / 3, abs=1e-9
+    )
     data = reliability_diagram_data(probs, labels, n_bins=3, binning="equal_mass")
     assert data["count"] == [2.0, 2.0, 2.0] and data["bin_lower"][0] == pytest.approx(0.55)
     # more bins than examples: one example per bin
@@ -232,9 +247,15 @@ def _ece_reference(probs: np.ndarray, labels: np.ndarray, n_bins: int) -> float:
     return ece
 
 
-@pytest.mark.parametrize("seed,n,c,n_bins,temp", [
-    (0, 500, 4, 15, 2.0), (1, 300, 2, 10, 1.0), (2, 1000, 5, 15, 4.0), (3, 64, 3, 7, 0.5),
-])
+@pytest.mark.parametrize(
+    "seed,n,c,n_bins,temp",
+    [
+        (0, 500, 4, 15, 2.0),
+        (1, 300, 2, 10, 1.0),
+        (2, 1000, 5, 15, 4.0),
+        (3, 64, 3, 7, 0.5),
+    ],
+)
 def test_ece_matches_loop_reference_on_random_inputs(seed, n, c, n_bins, temp):
     rng = np.random.default_rng(seed)
     logits = temp * rng.standard_normal((n, c))
@@ -249,8 +270,7 @@ def test_ece_matches_loop_reference_on_random_inputs(seed, n, c, n_bins, temp):
     # the diagram's bins reproduce the same ECE
     data = reliability_diagram_data(torch.from_numpy(probs), torch.from_numpy(labels), n_bins)
     assert len(data["count"]) == n_bins and sum(data["count"]) == n
-    from_diagram = sum(k / n * abs(a - f) for k, a, f in
-                       zip(data["count"], data["accuracy"], data["confidence"]))
+    from_diagram = sum(k / n * abs(a - f) for k, a, f in zip(data["count"], data["accuracy"], data["confidence"]))
     assert from_diagram == pytest.approx(expected, abs=1e-5)
 
 
@@ -292,25 +312,35 @@ def test_plot_reliability_diagram_writes_png(tmp_path):
 GOOD_P = T([[0.6, 0.4], [0.3, 0.7]])
 GOOD_Y = T([0, 1])
 
-ALL_FUNCS = [accuracy, macro_f1, expected_calibration_error, negative_log_likelihood,
-             brier_score, reliability_diagram_data, compute_metrics]
+ALL_FUNCS = [
+    accuracy,
+    macro_f1,
+    expected_calibration_error,
+    negative_log_likelihood,
+    brier_score,
+    reliability_diagram_data,
+    compute_metrics,
+]
 
 
 @pytest.mark.parametrize("fn", ALL_FUNCS, ids=lambda f: f.__name__)
-@pytest.mark.parametrize("probs,labels,match", [
-    (T([0.6, 0.4]), T([0]), "shape"),                                 # probs 1-D
-    (GOOD_P, T([[0], [1]]), "shape"),                                 # labels 2-D
-    (GOOD_P, T([0, 1, 1]), "rows"),                                   # N mismatch
-    (torch.zeros(0, 2), torch.zeros(0, dtype=torch.long), "empty"),   # empty
-    (GOOD_P, T([0, 2]), "labels must lie"),                           # label == C
-    (GOOD_P, T([-1, 0]), "labels must lie"),                          # negative label
-    (T([[float("nan"), 1.0], [0.3, 0.7]]), GOOD_Y, "NaN"),            # NaN
-    (T([[2.0, -1.0], [0.3, 0.7]]), GOOD_Y, r"\[0, 1\]"),              # logits, not probs
-    (T([[0.6, 0.6], [0.3, 0.7]]), GOOD_Y, "sum to 1"),                # row sums to 1.2
-    (T([[1, 0], [0, 1]]), GOOD_Y, "floating"),                        # integer probs
-    (GOOD_P, T([0.0, 1.0]), "integer"),                               # float labels
-    (T([[1.0], [1.0]]), T([0, 0]), "2 columns"),                      # a single option
-])
+@pytest.mark.parametrize(
+    "probs,labels,match",
+    [
+        (T([0.6, 0.4]), T([0]), "shape"),  # probs 1-D
+        (GOOD_P, T([[0], [1]]), "shape"),  # labels 2-D
+        (GOOD_P, T([0, 1, 1]), "rows"),  # N mismatch
+        (torch.zeros(0, 2), torch.zeros(0, dtype=torch.long), "empty"),  # empty
+        (GOOD_P, T([0, 2]), "labels must lie"),  # label == C
+        (GOOD_P, T([-1, 0]), "labels must lie"),  # negative label
+        (T([[float("nan"), 1.0], [0.3, 0.7]]), GOOD_Y, "NaN"),  # NaN
+        (T([[2.0, -1.0], [0.3, 0.7]]), GOOD_Y, r"\[0, 1\]"),  # logits, not probs
+        (T([[0.6, 0.6], [0.3, 0.7]]), GOOD_Y, "sum to 1"),  # row sums to 1.2
+        (T([[1, 0], [0, 1]]), GOOD_Y, "floating"),  # integer probs
+        (GOOD_P, T([0.0, 1.0]), "integer"),  # float labels
+        (T([[1.0], [1.0]]), T([0, 0]), "2 columns"),  # a single option
+    ],
+)
 def test_invalid_inputs_raise(fn, probs, labels, match):
     with pytest.raises(ValueError, match=match):
         fn(probs, labels)
@@ -345,11 +375,11 @@ def test_bootstrap_interval_matches_the_normal_approximation():
     rng = np.random.default_rng(0)
     x = rng.normal(1.0, 2.0, 400)
     mean, lo, hi = bootstrap_mean_ci(x, n_boot=4000)
-    half = 1.96 * x.std(ddof=1) / math.sqrt(len(x))          # the CLT's 95% half-width
+    half = 1.96 * x.std(ddof=1) / math.sqrt(len(x))  # the CLT's 95% half-width
     assert mean == pytest.approx(x.mean())
     assert lo < mean < hi
     assert (hi - lo) / 2 == pytest.approx(half, rel=0.08)
-    assert bootstrap_mean_ci(x, n_boot=4000) == (mean, lo, hi)      # seeded: reproducible
+    assert bootstrap_mean_ci(x, n_boot=4000) == (mean, lo, hi)  # seeded: reproducible
     with pytest.raises(ValueError, match="finite"):
         bootstrap_mean_ci([1.0, float("nan")])
 
@@ -360,7 +390,7 @@ def test_bootstrap_interval_matches_the_normal_approximation():
 def _sklearn_reference(probs: np.ndarray, labels: np.ndarray) -> tuple[float, float]:
     from sklearn.metrics import accuracy_score, f1_score
 
-    preds = probs.argmax(axis=1)             # numpy: the first maximum, the documented tie rule
+    preds = probs.argmax(axis=1)  # numpy: the first maximum, the documented tie rule
     present = sorted(set(labels.tolist()) | set(preds.tolist()))
     return accuracy_score(labels, preds), f1_score(labels, preds, average="macro", labels=present, zero_division=0)
 
@@ -387,9 +417,14 @@ def test_ties_and_degenerate_sets_follow_scikit_learn(case):
 
 
 @settings(max_examples=60, deadline=None)
-@given(st.integers(2, 4).flatmap(lambda c: st.tuples(
-    st.lists(st.lists(st.integers(0, 3), min_size=c, max_size=c), min_size=1, max_size=12),
-    st.lists(st.integers(0, c - 1), min_size=12, max_size=12))))
+@given(
+    st.integers(2, 4).flatmap(
+        lambda c: st.tuples(
+            st.lists(st.lists(st.integers(0, 3), min_size=c, max_size=c), min_size=1, max_size=12),
+            st.lists(st.integers(0, c - 1), min_size=12, max_size=12),
+        )
+    )
+)
 def test_accuracy_and_macro_f1_match_scikit_learn_on_coarse_scores(data):
     """Scores on a 4-level grid, so ties are frequent; labels drawn freely (often a single class)."""
     rows, label_pool = data
@@ -418,6 +453,6 @@ def test_cluster_bootstrap_resamples_whole_clusters():
     mean, lo, hi = bootstrap_mean_ci(values, clusters=clusters, n_boot=4000)
     assert mean == 0.5 and lo == 0.0 and hi == 1.0
     _, lo_units, hi_units = bootstrap_mean_ci(values, n_boot=4000)
-    assert lo_units > 0.1 and hi_units < 0.9                  # units treated as independent: too narrow
+    assert lo_units > 0.1 and hi_units < 0.9  # units treated as independent: too narrow
     with pytest.raises(ValueError, match="equal sizes"):
         bootstrap_mean_ci([1.0, 2.0, 3.0], clusters=["a", "a", "b"])

@@ -63,6 +63,7 @@ def _copy_prior(world, tmp_path, name="prior"):
 
 # -- 1. a finished run is not overwritten -------------------------------------------------------
 
+
 def test_meta_train_refuses_a_folder_that_holds_a_run(world, tmp_path, capsys, monkeypatch):
     folder = _copy_prior(world, tmp_path)
     (folder / "results.json").write_text("{}")
@@ -74,11 +75,10 @@ def test_meta_train_refuses_a_folder_that_holds_a_run(world, tmp_path, capsys, m
     assert "--resume" in err and "--overwrite" in err and "already holds a run" in err
     assert (folder / TENSORS).read_bytes() == before
     monkeypatch.undo()
-    assert main(["meta-train", "--config", str(world["config"]), "--meta_steps", "1", "--out", str(folder),
-                 "--overwrite"]) == 0
+    assert main(["meta-train", "--config", str(world["config"]), "--meta_steps", "1", "--out", str(folder), "--overwrite"]) == 0
     assert not (folder / "results.json").exists() and not (folder / "reliability_abmll.png").exists()
     assert json.loads((folder / CONFIG).read_text())["meta_steps_done"] == 1
-    assert main(["meta-train", "--out", str(folder), "--resume", "--overwrite"]) == 1     # contradictory
+    assert main(["meta-train", "--out", str(folder), "--resume", "--overwrite"]) == 1  # contradictory
 
 
 def test_adapt_and_export_refuse_to_replace_an_adapter_and_their_input(world, tmp_path, capsys, monkeypatch):
@@ -87,24 +87,41 @@ def test_adapt_and_export_refuse_to_replace_an_adapter_and_their_input(world, tm
     assert main(["adapt", "--prior", str(world["prior"]), "--support", str(support), "--out", str(post)]) == 0
     before = (post / "adapter_model.safetensors").read_bytes()
     _forbid_model(monkeypatch)
-    for argv in (["adapt", "--prior", str(world["prior"]), "--support", str(support), "--out", str(post)],
-                 ["export", "--adapter", str(world["prior"]), "--out", str(post)]):
+    for argv in (
+        ["adapt", "--prior", str(world["prior"]), "--support", str(support), "--out", str(post)],
+        ["export", "--adapter", str(world["prior"]), "--out", str(post)],
+    ):
         assert main(argv) == 1
         assert "already holds an adapter" in capsys.readouterr().err
-    assert main(["adapt", "--prior", str(world["prior"]), "--support", str(support), "--out",
-                 str(world["prior"])]) == 1
+    assert main(["adapt", "--prior", str(world["prior"]), "--support", str(support), "--out", str(world["prior"])]) == 1
     assert "own folder" in capsys.readouterr().err
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "notes.txt").write_text("keep")
     assert main(["export", "--adapter", str(world["prior"]), "--out", str(tmp_path / "mine")]) == 1
     assert (post / "adapter_model.safetensors").read_bytes() == before
     monkeypatch.undo()
-    assert main(["adapt", "--prior", str(world["prior"]), "--support", str(support), "--out", str(post),
-                 "--overwrite", "--test_steps", "2"]) == 0
+    assert (
+        main(
+            [
+                "adapt",
+                "--prior",
+                str(world["prior"]),
+                "--support",
+                str(support),
+                "--out",
+                str(post),
+                "--overwrite",
+                "--test_steps",
+                "2",
+            ]
+        )
+        == 0
+    )
     assert (post / "adapter_model.safetensors").read_bytes() != before
 
 
 # -- 3. inputs and outputs checked before the model; results streamed and resumed -----------------
+
 
 def test_inputs_and_output_folder_are_checked_before_the_model_is_loaded(world, tmp_path, capsys, monkeypatch):
     _forbid_model(monkeypatch)
@@ -118,15 +135,31 @@ def test_inputs_and_output_folder_are_checked_before_the_model_is_loaded(world, 
     lines = test_file.read_text().splitlines()
     lines[3] = lines[3].replace('"output": "', '"output": "nope')
     test_file.write_text("\n".join(lines) + "\n")
-    assert main(["evaluate", "--config", str(world["config"]), "--prior", str(world["prior"]), "--data_dir", str(data),
-                 "--test_tasks", "h0", "h1", "--out", str(tmp_path / "e")]) == 1
-    assert f"{test_file}:4" in capsys.readouterr().err           # the second task's bad line, found up front
+    assert (
+        main(
+            [
+                "evaluate",
+                "--config",
+                str(world["config"]),
+                "--prior",
+                str(world["prior"]),
+                "--data_dir",
+                str(data),
+                "--test_tasks",
+                "h0",
+                "h1",
+                "--out",
+                str(tmp_path / "e"),
+            ]
+        )
+        == 1
+    )
+    assert f"{test_file}:4" in capsys.readouterr().err  # the second task's bad line, found up front
 
     dev = data / "t1" / "t1_4_1_dev.jsonl"
     dev.write_text(dev.read_text() + "{not json\n")
-    assert main(["meta-train", "--config", str(world["config"]), "--data_dir", str(data),
-                 "--out", str(tmp_path / "m")]) == 1
-    assert f"{dev}:5" in capsys.readouterr().err                  # not when t1 is first sampled
+    assert main(["meta-train", "--config", str(world["config"]), "--data_dir", str(data), "--out", str(tmp_path / "m")]) == 1
+    assert f"{dev}:5" in capsys.readouterr().err  # not when t1 is first sampled
 
     locked = tmp_path / "locked"
     locked.mkdir()
@@ -134,8 +167,20 @@ def test_inputs_and_output_folder_are_checked_before_the_model_is_loaded(world, 
     try:
         if os.access(locked, os.W_OK):
             pytest.skip("running as a user who can write anywhere (root)")
-        assert main(["predict", "--adapter", str(world["prior"]), "--input", str(data / "h0" / "h0_test.jsonl"),
-                     "--out", str(locked / "p")]) == 1
+        assert (
+            main(
+                [
+                    "predict",
+                    "--adapter",
+                    str(world["prior"]),
+                    "--input",
+                    str(data / "h0" / "h0_test.jsonl"),
+                    "--out",
+                    str(locked / "p"),
+                ]
+            )
+            == 1
+        )
         assert "cannot write" in capsys.readouterr().err
     finally:
         os.chmod(locked, 0o700)
@@ -143,8 +188,7 @@ def test_inputs_and_output_folder_are_checked_before_the_model_is_loaded(world, 
 
 def test_an_interrupted_predict_resumes_to_the_same_predictions(world, tmp_path, capsys, monkeypatch):
     test_file = world["data"] / "h0" / "h0_test.jsonl"
-    args = ["predict", "--adapter", str(world["prior"]), "--input", str(test_file), "--eval_samples", "2",
-            "--chunk_size", "2"]
+    args = ["predict", "--adapter", str(world["prior"]), "--input", str(test_file), "--eval_samples", "2", "--chunk_size", "2"]
     assert main(args + ["--out", str(tmp_path / "ref")]) == 0
     reference = (tmp_path / "ref" / "predictions.jsonl").read_text()
 
@@ -152,7 +196,7 @@ def test_an_interrupted_predict_resumes_to_the_same_predictions(world, tmp_path,
     monkeypatch.setattr(predict_cmd, "predict_samples", fake)
     assert main(args + ["--out", str(tmp_path / "p")]) == 130
     err = capsys.readouterr().err
-    last = err.strip().splitlines()[-1]                           # after the progress bars: one line
+    last = err.strip().splitlines()[-1]  # after the progress bars: one line
     assert "Traceback" not in err and "4 finished result line(s)" in last and "resume" in last
     partial = json.loads((tmp_path / "p" / "predict_config.json").read_text())
     assert partial["complete"] is False
@@ -161,16 +205,25 @@ def test_an_interrupted_predict_resumes_to_the_same_predictions(world, tmp_path,
     calls = _raise_on_call(0, predict_cmd.predict_samples)
     monkeypatch.setattr(predict_cmd, "predict_samples", calls)
     assert main(args + ["--out", str(tmp_path / "p")]) == 0
-    assert len(calls.calls) == 1                                   # only the last chunk of 6 was computed
+    assert len(calls.calls) == 1  # only the last chunk of 6 was computed
     assert (tmp_path / "p" / "predictions.jsonl").read_text() == reference
     assert json.loads((tmp_path / "p" / "predict_config.json").read_text())["complete"] is True
-    assert main(args + ["--out", str(tmp_path / "p")]) == 1        # finished: not replaced silently
+    assert main(args + ["--out", str(tmp_path / "p")]) == 1  # finished: not replaced silently
     assert "--overwrite" in capsys.readouterr().err
 
 
 def test_an_interrupted_evaluate_resumes_from_its_finished_results(world, tmp_path, capsys, monkeypatch):
-    args = ["evaluate", "--config", str(world["config"]), "--prior", str(world["prior"]), "--eval_samples", "1",
-            "--plots", "false"]
+    args = [
+        "evaluate",
+        "--config",
+        str(world["config"]),
+        "--prior",
+        str(world["prior"]),
+        "--eval_samples",
+        "1",
+        "--plots",
+        "false",
+    ]
     assert main(args + ["--out", str(tmp_path / "ref")]) == 0
     reference = json.loads((tmp_path / "ref" / "results.json").read_text())
 
@@ -182,22 +235,39 @@ def test_an_interrupted_evaluate_resumes_from_its_finished_results(world, tmp_pa
     calls = _raise_on_call(0, real)
     monkeypatch.setattr(evaluate_mod, "run_method", calls)
     assert main(args + ["--out", str(tmp_path / "e")]) == 0
-    assert len(calls.calls) == 1                                   # zero-shot was read back, abmll computed
+    assert len(calls.calls) == 1  # zero-shot was read back, abmll computed
     results = json.loads((tmp_path / "e" / "results.json").read_text())
     assert results["methods"] == reference["methods"]
     assert not (tmp_path / "e" / "results.partial.jsonl").exists()
-    assert main(args + ["--out", str(tmp_path / "e")]) == 1        # finished: not replaced silently
+    assert main(args + ["--out", str(tmp_path / "e")]) == 1  # finished: not replaced silently
 
 
 # -- 4. an unfinished prior is flagged ----------------------------------------------------------
 
+
 def test_an_unfinished_prior_is_warned_about_and_recorded(world, tmp_path, capsys):
     folder = _copy_prior(world, tmp_path)
     config = json.loads((folder / CONFIG).read_text())
-    config.update(meta_steps_done=1, run_meta_steps_done=1)          # 1 of its 2 meta-steps: interrupted
+    config.update(meta_steps_done=1, run_meta_steps_done=1)  # 1 of its 2 meta-steps: interrupted
     (folder / CONFIG).write_text(json.dumps(config))
-    assert main(["evaluate", "--config", str(world["config"]), "--prior", str(folder), "--eval_samples", "0",
-                 "--plots", "false", "--out", str(tmp_path / "e")]) == 0
+    assert (
+        main(
+            [
+                "evaluate",
+                "--config",
+                str(world["config"]),
+                "--prior",
+                str(folder),
+                "--eval_samples",
+                "0",
+                "--plots",
+                "false",
+                "--out",
+                str(tmp_path / "e"),
+            ]
+        )
+        == 0
+    )
     assert "WARNING" in capsys.readouterr().err
     results = json.loads((tmp_path / "e" / "results.json").read_text())
     assert results["prior_complete"] is False and results["prior"]["meta_steps_done"] == 1
@@ -207,26 +277,42 @@ def test_an_unfinished_prior_is_warned_about_and_recorded(world, tmp_path, capsy
     assert main(["predict", "--adapter", str(folder), "--input", str(support), "--out", str(tmp_path / "p")]) == 0
     assert json.loads((tmp_path / "p" / "predict_config.json").read_text())["prior_complete"] is False
     capsys.readouterr()
-    assert main(["predict", "--adapter", str(world["prior"]), "--input", str(support),
-                 "--out", str(tmp_path / "p2")]) == 0
+    assert main(["predict", "--adapter", str(world["prior"]), "--input", str(support), "--out", str(tmp_path / "p2")]) == 0
     assert "WARNING" not in capsys.readouterr().err
     assert json.loads((tmp_path / "p2" / "predict_config.json").read_text())["prior_complete"] is True
 
 
 # -- 5. invalid settings are refused when the config is built, naming the flag -----------------
 
-INVALID = [("--eval_samples", "-1"), ("--test_steps", "-1"), ("--inner_lr", "-1"), ("--inner_lr", "nan"),
-           ("--rank", "0"), ("--alpha", "0"), ("--max_length", "0"), ("--k", "0"), ("--max_test", "0"),
-           ("--template", "no input field"), ("--template", "{inputs}"), ("--max_rows", "0"), ("--init_std_factor", "inf"),
-           ("--data_seeds", "1", "1"), ("--inner_lr", "1e39"), ("--seed", "99999999999999999999"),
-           ("--init_seed", "-1"), ("--test_tasks", "h0", "h0")]
+INVALID = [
+    ("--eval_samples", "-1"),
+    ("--test_steps", "-1"),
+    ("--inner_lr", "-1"),
+    ("--inner_lr", "nan"),
+    ("--rank", "0"),
+    ("--alpha", "0"),
+    ("--max_length", "0"),
+    ("--k", "0"),
+    ("--max_test", "0"),
+    ("--template", "no input field"),
+    ("--template", "{inputs}"),
+    ("--max_rows", "0"),
+    ("--init_std_factor", "inf"),
+    ("--data_seeds", "1", "1"),
+    ("--inner_lr", "1e39"),
+    ("--seed", "99999999999999999999"),
+    ("--init_seed", "-1"),
+    ("--test_tasks", "h0", "h0"),
+]
 
 
 @pytest.mark.parametrize("flag", INVALID, ids=lambda f: " ".join(f))
 def test_invalid_settings_are_refused_naming_the_flag(world, tmp_path, capsys, monkeypatch, flag):
     _forbid_model(monkeypatch)
-    assert main(["evaluate", "--config", str(world["config"]), "--prior", str(world["prior"]),
-                 "--out", str(tmp_path / "o"), *flag]) == 1
+    assert (
+        main(["evaluate", "--config", str(world["config"]), "--prior", str(world["prior"]), "--out", str(tmp_path / "o"), *flag])
+        == 1
+    )
     err = capsys.readouterr().err
     assert flag[0] in err and err.count("\n") == 1, err
 
@@ -235,15 +321,44 @@ def test_a_device_this_machine_lacks_is_refused(world, tmp_path, capsys, monkeyp
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA")
     _forbid_model(monkeypatch)
-    assert main(["predict", "--adapter", str(world["prior"]), "--input", str(world["data"] / "h0" / "h0_test.jsonl"),
-                 "--device", "cuda", "--out", str(tmp_path)]) == 1
+    assert (
+        main(
+            [
+                "predict",
+                "--adapter",
+                str(world["prior"]),
+                "--input",
+                str(world["data"] / "h0" / "h0_test.jsonl"),
+                "--device",
+                "cuda",
+                "--out",
+                str(tmp_path),
+            ]
+        )
+        == 1
+    )
     assert "--device cuda: CUDA is not available" in capsys.readouterr().err
-    assert main(["predict", "--adapter", str(world["prior"]), "--input", str(world["data"] / "h0" / "h0_test.jsonl"),
-                 "--chunk_size", "0", "--out", str(tmp_path)]) == 1
+    assert (
+        main(
+            [
+                "predict",
+                "--adapter",
+                str(world["prior"]),
+                "--input",
+                str(world["data"] / "h0" / "h0_test.jsonl"),
+                "--chunk_size",
+                "0",
+                "--out",
+                str(tmp_path),
+            ]
+        )
+        == 1
+    )
     assert "--chunk_size" in capsys.readouterr().err
 
 
 # -- 6. truncation is warned about and recorded -------------------------------------------------
+
 
 def test_truncated_inputs_are_counted_warned_and_recorded(world, tmp_path, capsys):
     model, tok, theta, _ = load_prior(str(world["prior"]), {})
@@ -267,15 +382,38 @@ def test_truncated_inputs_are_counted_warned_and_recorded(world, tmp_path, capsy
     tasks = TaskArgs(data_dir=str(data), k=4, data_seeds=[1], test_tasks=["h0"])
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        results = evaluate(model, tok, [Method("zero_shot", model.init_params(), 0, 0)], ["h0"], [1], tasks, scoring,
-                           from_dict({}, "meta"), EvalArgs(max_test=6))
+        results = evaluate(
+            model,
+            tok,
+            [Method("zero_shot", model.init_params(), 0, 0)],
+            ["h0"],
+            [1],
+            tasks,
+            scoring,
+            from_dict({}, "meta"),
+            EvalArgs(max_test=6),
+        )
     record = results["truncation"]["h0"]
     assert record["truncated"] == 1 and record["examples"] == 4 + 6
     assert record["max_dropped_fraction"] == pytest.approx(fraction[0].item())
     assert any("h0: 1 of 10 inputs cut" in str(w.message) for w in caught)
 
-    assert main(["predict", "--adapter", str(world["prior"]), "--input", str(test_file), "--max_length", "30",
-                 "--out", str(tmp_path / "p")]) == 0
+    assert (
+        main(
+            [
+                "predict",
+                "--adapter",
+                str(world["prior"]),
+                "--input",
+                str(test_file),
+                "--max_length",
+                "30",
+                "--out",
+                str(tmp_path / "p"),
+            ]
+        )
+        == 0
+    )
     assert "1 input(s) were cut" in capsys.readouterr().err
     lines = [json.loads(x) for x in (tmp_path / "p" / "predictions.jsonl").read_text().splitlines()]
     assert lines[0]["dropped_tokens"] == dropped[0].item() and lines[1]["dropped_tokens"] == 0
@@ -283,10 +421,18 @@ def test_truncated_inputs_are_counted_warned_and_recorded(world, tmp_path, capsy
 
 # -- 7. degenerate examples are refused ---------------------------------------------------------
 
-@pytest.mark.parametrize("options, output, message", [
-    (["", "yes"], "yes", "empty or only whitespace"), (["  ", "yes"], "yes", "empty or only whitespace"),
-    (["\u200b", "yes"], "yes", "invisible"), (["yes", "yes "], "yes", "differ only"),
-    (["caf\u00e9", "cafe\u0301"], "caf\u00e9", "differ only"), (["yes"], "yes", "only one option")])
+
+@pytest.mark.parametrize(
+    "options, output, message",
+    [
+        (["", "yes"], "yes", "empty or only whitespace"),
+        (["  ", "yes"], "yes", "empty or only whitespace"),
+        (["\u200b", "yes"], "yes", "invisible"),
+        (["yes", "yes "], "yes", "differ only"),
+        (["caf\u00e9", "cafe\u0301"], "caf\u00e9", "differ only"),
+        (["yes"], "yes", "only one option"),
+    ],
+)
 def test_degenerate_options_are_refused_with_the_line(tmp_path, options, output, message):
     path = tmp_path / "t.jsonl"
     good = {"task": "t", "input": "a", "output": "no", "options": ["no", "yes"]}
@@ -297,11 +443,11 @@ def test_degenerate_options_are_refused_with_the_line(tmp_path, options, output,
 
 # -- 9. Ctrl-C: one line saying what was saved and how to resume ---------------------------------
 
+
 def test_ctrl_c_in_meta_training_prints_one_line_and_the_run_resumes(world, tmp_path, capsys, monkeypatch):
     out = tmp_path / "run"
     monkeypatch.setattr(meta_train_cmd.MetaTrainer, "step", _raise_on_call(3, meta_train_cmd.MetaTrainer.step))
-    argv = ["meta-train", "--config", str(world["config"]), "--meta_steps", "4", "--save_every", "1",
-            "--out", str(out)]
+    argv = ["meta-train", "--config", str(world["config"]), "--meta_steps", "4", "--save_every", "1", "--out", str(out)]
     assert main(argv) == 130
     err = capsys.readouterr().err
     last = err.strip().splitlines()[-1]
@@ -313,17 +459,35 @@ def test_ctrl_c_in_meta_training_prints_one_line_and_the_run_resumes(world, tmp_
 
 # -- found by trying to break the above ---------------------------------------------------------
 
+
 def test_evaluate_does_not_resume_over_edited_task_files(world, tmp_path, capsys, monkeypatch):
     data = tmp_path / "data"
     shutil.copytree(world["data"], data)
-    args = ["evaluate", "--config", str(world["config"]), "--prior", str(world["prior"]), "--data_dir", str(data),
-            "--eval_samples", "1", "--plots", "false", "--out", str(tmp_path / "e")]
+    args = [
+        "evaluate",
+        "--config",
+        str(world["config"]),
+        "--prior",
+        str(world["prior"]),
+        "--data_dir",
+        str(data),
+        "--eval_samples",
+        "1",
+        "--plots",
+        "false",
+        "--out",
+        str(tmp_path / "e"),
+    ]
     real = evaluate_mod.run_method
     monkeypatch.setattr(evaluate_mod, "run_method", _raise_on_call(2, real))
     assert main(args) == 130
     test_file = data / "h0" / "h0_test.jsonl"
-    test_file.write_text(test_file.read_text().replace('"output": "yes"', '"output": "tmp"')
-                         .replace('"output": "no"', '"output": "yes"').replace('"output": "tmp"', '"output": "no"'))
+    test_file.write_text(
+        test_file.read_text()
+        .replace('"output": "yes"', '"output": "tmp"')
+        .replace('"output": "no"', '"output": "yes"')
+        .replace('"output": "tmp"', '"output": "no"')
+    )
     monkeypatch.setattr(evaluate_mod, "run_method", real)
     capsys.readouterr()
     assert main(args) == 1
@@ -341,22 +505,31 @@ def test_an_interrupted_overwrite_resumes_and_leaves_no_stale_plots(world, tmp_p
     assert main(args) == 130
     calls = _raise_on_call(0, real)
     monkeypatch.setattr(evaluate_mod, "run_method", calls)
-    assert main(args) == 0 and len(calls.calls) == 1            # the same command resumed
+    assert main(args) == 0 and len(calls.calls) == 1  # the same command resumed
     assert json.loads((out / "results.json").read_text())["config"]["eval"]["eval_samples"] == 2
     assert not list(out.glob("reliability_*.png"))
 
 
 def test_predict_is_not_resumed_or_replaced_across_settings(world, tmp_path, capsys, monkeypatch):
     test_file = world["data"] / "h0" / "h0_test.jsonl"
-    args = ["predict", "--adapter", str(world["prior"]), "--input", str(test_file), "--chunk_size", "2",
-            "--out", str(tmp_path / "p")]
+    args = [
+        "predict",
+        "--adapter",
+        str(world["prior"]),
+        "--input",
+        str(test_file),
+        "--chunk_size",
+        "2",
+        "--out",
+        str(tmp_path / "p"),
+    ]
     monkeypatch.setattr(predict_cmd, "predict_samples", _raise_on_call(2, predict_cmd.predict_samples))
     assert main(args) == 130
     monkeypatch.undo()
-    assert main([*args, "--abstain_above", "0.1"]) == 1          # other settings: not mixed into the partial file
+    assert main([*args, "--abstain_above", "0.1"]) == 1  # other settings: not mixed into the partial file
     assert "other settings" in capsys.readouterr().err
     assert main(args) == 0
-    (tmp_path / "p" / "predict_config.json").unlink()            # finished predictions, their record lost
+    (tmp_path / "p" / "predict_config.json").unlink()  # finished predictions, their record lost
     assert main(args) == 1
     assert "--overwrite" in capsys.readouterr().err
 
@@ -366,21 +539,34 @@ def test_overwrite_never_deletes_other_files_and_keeps_the_folder(world, tmp_pat
     post = tmp_path / "post"
     assert main(["adapt", "--prior", str(world["prior"]), "--support", str(support), "--out", str(post)]) == 0
     (post / "notes.txt").write_text("mine")
-    assert main(["adapt", "--prior", str(world["prior"]), "--support", str(support), "--out", str(post),
-                 "--overwrite"]) == 1
+    assert main(["adapt", "--prior", str(world["prior"]), "--support", str(support), "--out", str(post), "--overwrite"]) == 1
     assert (post / "notes.txt").read_text() == "mine" and "notes.txt" in capsys.readouterr().err
     (post / "notes.txt").unlink()
     os.chmod(post, 0o750)
     link = tmp_path / "link"
     link.symlink_to(post)
-    assert main(["adapt", "--prior", str(world["prior"]), "--support", str(support), "--out", str(link),
-                 "--overwrite", "--test_steps", "2"]) == 0
+    assert (
+        main(
+            [
+                "adapt",
+                "--prior",
+                str(world["prior"]),
+                "--support",
+                str(support),
+                "--out",
+                str(link),
+                "--overwrite",
+                "--test_steps",
+                "2",
+            ]
+        )
+        == 0
+    )
     assert link.is_symlink() and (post / "adapter_model.safetensors").is_file()
     assert stat.S_IMODE(post.stat().st_mode) == 0o750
     run = tmp_path / "run"
-    shutil.copytree(post, run)                                  # meta-train over an adapt output
-    assert main(["meta-train", "--config", str(world["config"]), "--meta_steps", "1", "--out", str(run),
-                 "--overwrite"]) == 0
+    shutil.copytree(post, run)  # meta-train over an adapt output
+    assert main(["meta-train", "--config", str(world["config"]), "--meta_steps", "1", "--out", str(run), "--overwrite"]) == 0
     assert not (run / "adapter_model.safetensors").exists() and (run / TENSORS).is_file()
 
 
@@ -393,7 +579,7 @@ def test_a_swap_interrupted_between_its_renames_puts_the_old_folder_back(tmp_pat
 
     def flaky(src, dst):
         calls.append(dst)
-        if len(calls) == 2:                     # the new folder's rename
+        if len(calls) == 2:  # the new folder's rename
             raise KeyboardInterrupt
         return real(src, dst)
 
@@ -413,12 +599,29 @@ def test_unfinished_priors_are_flagged_through_posteriors_and_compared_priors(wo
     support = world["data"] / "h0" / "h0_4_1_train.jsonl"
     assert main(["adapt", "--prior", str(folder), "--support", str(support), "--out", str(tmp_path / "post")]) == 0
     capsys.readouterr()
-    assert main(["predict", "--adapter", str(tmp_path / "post"), "--input", str(support),
-                 "--out", str(tmp_path / "p")]) == 0
+    assert main(["predict", "--adapter", str(tmp_path / "post"), "--input", str(support), "--out", str(tmp_path / "p")]) == 0
     assert "WARNING" in capsys.readouterr().err
     assert json.loads((tmp_path / "p" / "predict_config.json").read_text())["prior_complete"] is False
-    assert main(["evaluate", "--config", str(world["config"]), "--prior", str(world["prior"]), "--eval_samples", "0",
-                 "--compare_priors", str(folder), "--plots", "false", "--out", str(tmp_path / "e")]) == 0
+    assert (
+        main(
+            [
+                "evaluate",
+                "--config",
+                str(world["config"]),
+                "--prior",
+                str(world["prior"]),
+                "--eval_samples",
+                "0",
+                "--compare_priors",
+                str(folder),
+                "--plots",
+                "false",
+                "--out",
+                str(tmp_path / "e"),
+            ]
+        )
+        == 0
+    )
     assert "WARNING" in capsys.readouterr().err
     flags = json.loads((tmp_path / "e" / "results.json").read_text())["priors_complete"]
     assert flags == {"abmll": True, "prior:unfinished": False}

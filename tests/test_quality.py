@@ -17,17 +17,38 @@ from abmll.methods import METHODS
 PNG = b"\x89PNG\r\n\x1a\n"
 spec = importlib.util.spec_from_file_location("quality", Path(__file__).parents[1] / "benchmarks" / "quality.py")
 quality = importlib.util.module_from_spec(spec)
-sys.modules["quality"] = quality           # dataclasses look their module up there
+sys.modules["quality"] = quality  # dataclasses look their module up there
 spec.loader.exec_module(quality)
 
 
-pytestmark = pytest.mark.usefixtures("one_thread")   # other jobs share the 2 cores
+pytestmark = pytest.mark.usefixtures("one_thread")  # other jobs share the 2 cores
 
 
 def args(tiny_model_dir, tiny_data_dir, tmp_path, *extra):
-    return ["--quick", "--model", str(tiny_model_dir), "--data_dir", str(tiny_data_dir), "--split", "tiny",
-            "--k", "4", "--seeds", "1", "2", "--data_seeds", "1", "2", "--max_test", "6",
-            "--out_dir", str(tmp_path / "out"), "--work_dir", str(tmp_path / "work"), *extra]
+    return [
+        "--quick",
+        "--model",
+        str(tiny_model_dir),
+        "--data_dir",
+        str(tiny_data_dir),
+        "--split",
+        "tiny",
+        "--k",
+        "4",
+        "--seeds",
+        "1",
+        "2",
+        "--data_seeds",
+        "1",
+        "2",
+        "--max_test",
+        "6",
+        "--out_dir",
+        str(tmp_path / "out"),
+        "--work_dir",
+        str(tmp_path / "work"),
+        *extra,
+    ]
 
 
 def finite_floats(obj):
@@ -49,7 +70,7 @@ def test_quick_run_writes_json_table_and_plots(tiny_model_dir, tiny_data_dir, tm
     assert res["split"] == "tiny" and res["seeds"] == [1, 2] and res["tasks"] == ["h0", "h1"]
     assert res["model"] == str(tiny_model_dir) and res["command"].startswith(".venv/bin/python benchmarks/quality.py")
     assert set(res["methods"]) == set(METHODS)
-    assert res["train_tasks"] == ["t0", "t1", "t2"]                     # --quick caps at 3
+    assert res["train_tasks"] == ["t0", "t1", "t2"]  # --quick caps at 3
     for name, m in res["methods"].items():
         for key in ("accuracy", "macro_f1", "ece", "nll", "brier", "accuracy_std", "ece_std"):
             assert isinstance(m[key], float) and math.isfinite(m[key]), (name, key)
@@ -83,35 +104,64 @@ def test_quick_run_writes_json_table_and_plots(tiny_model_dir, tiny_data_dir, tm
     assert "macro-F1" in capsys.readouterr().out
 
 
-def test_rerun_reads_the_cache_and_computes_only_what_is_missing(tiny_model_dir, tiny_data_dir, tmp_path,
-                                                                   monkeypatch):
-    first = quality.main(args(tiny_model_dir, tiny_data_dir, tmp_path, "--methods", "zero_shot", "lora", "abmll",
-                              "--seeds", "1"))
+def test_rerun_reads_the_cache_and_computes_only_what_is_missing(tiny_model_dir, tiny_data_dir, tmp_path, monkeypatch):
+    first = quality.main(args(tiny_model_dir, tiny_data_dir, tmp_path, "--methods", "zero_shot", "lora", "abmll", "--seeds", "1"))
     calls = []
     real = quality.run_method
-    monkeypatch.setattr(quality, "run_method", lambda model, m, ep, meta, seed: calls.append((m.name, ep.task, seed))
-                        or real(model, m, ep, meta, seed))
-    again = quality.main(args(tiny_model_dir, tiny_data_dir, tmp_path, "--methods", "zero_shot", "lora", "abmll",
-                              "--seeds", "1"))
+    monkeypatch.setattr(
+        quality,
+        "run_method",
+        lambda model, m, ep, meta, seed: calls.append((m.name, ep.task, seed)) or real(model, m, ep, meta, seed),
+    )
+    again = quality.main(args(tiny_model_dir, tiny_data_dir, tmp_path, "--methods", "zero_shot", "lora", "abmll", "--seeds", "1"))
     assert calls == [] and again["methods"] == first["methods"]
-    more = quality.main(args(tiny_model_dir, tiny_data_dir, tmp_path, "--methods", "lora", "abmll",
-                             "--seeds", "1", "2"))
+    more = quality.main(args(tiny_model_dir, tiny_data_dir, tmp_path, "--methods", "lora", "abmll", "--seeds", "1", "2"))
     assert sorted(calls) == sorted((m, t, 2) for m in ("lora", "abmll") for t in ("h0", "h1"))
     assert more["methods"]["abmll"]["per_task"]["h0"]["seeds"]["1"] == first["methods"]["abmll"]["per_task"]["h0"]["seeds"]["1"]
-    calls.clear()                       # a meta-training setting: only the methods of trained priors rerun
-    quality.main(args(tiny_model_dir, tiny_data_dir, tmp_path, "--methods", "zero_shot", "lora", "abmll",
-                      "--seeds", "1", "--outer_lr", "0.01"))
+    calls.clear()  # a meta-training setting: only the methods of trained priors rerun
+    quality.main(
+        args(
+            tiny_model_dir,
+            tiny_data_dir,
+            tmp_path,
+            "--methods",
+            "zero_shot",
+            "lora",
+            "abmll",
+            "--seeds",
+            "1",
+            "--outer_lr",
+            "0.01",
+        )
+    )
     assert sorted(calls) == [("abmll", "h0", 1), ("abmll", "h1", 1)]
-    calls.clear()                       # the adaptation budget: every method that adapts reruns
-    quality.main(args(tiny_model_dir, tiny_data_dir, tmp_path, "--methods", "zero_shot", "lora",
-                      "--seeds", "1", "--test_steps", "3"))
+    calls.clear()  # the adaptation budget: every method that adapts reruns
+    quality.main(
+        args(tiny_model_dir, tiny_data_dir, tmp_path, "--methods", "zero_shot", "lora", "--seeds", "1", "--test_steps", "3")
+    )
     assert sorted(calls) == [("lora", "h0", 1), ("lora", "h1", 1)]
-    assert len(list((tmp_path / "work").glob("prior-abmll-*"))) == 2      # one folder per prior config
+    assert len(list((tmp_path / "work").glob("prior-abmll-*"))) == 2  # one folder per prior config
 
 
 def test_dev_sweep_holds_dev_tasks_out_and_writes_the_table(tiny_model_dir, tiny_data_dir, tmp_path):
-    out = quality.main(args(tiny_model_dir, tiny_data_dir, tmp_path, "--eval_split", "dev", "--test_tasks", "t0",
-                            "--methods", "bayes_lora", "abmll", "--sweep", "beta=0,1e-3", "--max_test", "4"))
+    out = quality.main(
+        args(
+            tiny_model_dir,
+            tiny_data_dir,
+            tmp_path,
+            "--eval_split",
+            "dev",
+            "--test_tasks",
+            "t0",
+            "--methods",
+            "bayes_lora",
+            "abmll",
+            "--sweep",
+            "beta=0,1e-3",
+            "--max_test",
+            "4",
+        )
+    )
     assert out["field"] == "beta" and set(out["values"]) == {"0", "1e-3"}
     for row in out["values"].values():
         assert row["_tasks"] == ["t0"] and "t0" not in row["_train_tasks"]
@@ -120,17 +170,19 @@ def test_dev_sweep_holds_dev_tasks_out_and_writes_the_table(tiny_model_dir, tiny
     assert "| beta | bayes_lora acc |" in table and "| 1e-3 |" in table
 
 
-def test_per_method_adaptation_reruns_only_that_method_and_is_reported(tiny_model_dir, tiny_data_dir, tmp_path,
-                                                                        monkeypatch):
+def test_per_method_adaptation_reruns_only_that_method_and_is_reported(tiny_model_dir, tiny_data_dir, tmp_path, monkeypatch):
     base = args(tiny_model_dir, tiny_data_dir, tmp_path, "--methods", "zero_shot", "lora", "abmll", "--seeds", "1")
     first = quality.main(base)
     assert first["adaptation"] == {"lora": ["sgd", 2, 0.3], "abmll": ["sgd", 2, 0.3]}
     calls = []
     real = quality.run_method
-    monkeypatch.setattr(quality, "run_method", lambda model, m, ep, meta, seed: calls.append((m.name, m.optimizer,
-                        m.steps, m.lr)) or real(model, m, ep, meta, seed))
+    monkeypatch.setattr(
+        quality,
+        "run_method",
+        lambda model, m, ep, meta, seed: calls.append((m.name, m.optimizer, m.steps, m.lr)) or real(model, m, ep, meta, seed),
+    )
     out = quality.main([*base, "--adaptation", "lora=adamw:3:0.01"])
-    assert sorted(set(calls)) == [("lora", "adamw", 3, 0.01)]            # abmll and zero-shot come from the cache
+    assert sorted(set(calls)) == [("lora", "adamw", 3, 0.01)]  # abmll and zero-shot come from the cache
     assert out["adaptation"] == {"lora": ["adamw", 3, 0.01], "abmll": ["sgd", 2, 0.3]}
     assert out["methods"]["abmll"] == first["methods"]["abmll"] and out["methods"]["lora"] != first["methods"]["lora"]
     table = (tmp_path / "out" / "quality-tiny.md").read_text()
@@ -144,12 +196,30 @@ def test_malformed_adaptation_is_refused(tiny_model_dir, tiny_data_dir, tmp_path
 
 
 def test_tune_adaptation_tries_the_same_grid_for_every_method_on_dev_tasks(tiny_model_dir, tiny_data_dir, tmp_path):
-    tune_spec = importlib.util.spec_from_file_location("tune_adaptation",
-                                                       Path(__file__).parents[1] / "benchmarks" / "tune_adaptation.py")
+    tune_spec = importlib.util.spec_from_file_location(
+        "tune_adaptation", Path(__file__).parents[1] / "benchmarks" / "tune_adaptation.py"
+    )
     tune = importlib.util.module_from_spec(tune_spec)
     tune_spec.loader.exec_module(tune)
-    out = tune.main(args(tiny_model_dir, tiny_data_dir, tmp_path, "--methods", "lora", "abmll", "--val_tasks", "t0",
-                         "--seeds", "1", "--grid", "sgd:1:0.3", "adamw:2:0.01", "--test_k", "4"))
+    out = tune.main(
+        args(
+            tiny_model_dir,
+            tiny_data_dir,
+            tmp_path,
+            "--methods",
+            "lora",
+            "abmll",
+            "--val_tasks",
+            "t0",
+            "--seeds",
+            "1",
+            "--grid",
+            "sgd:1:0.3",
+            "adamw:2:0.01",
+            "--test_k",
+            "4",
+        )
+    )
     assert out["dev_tasks"] == ["t0"] and set(out["rows"]) == {"sgd:1:0.3", "adamw:2:0.01"}
     for method, point in out["chosen"].items():
         assert out["rows"][point][method]["nll"] == min(r[method]["nll"] for r in out["rows"].values())
@@ -157,3 +227,29 @@ def test_tune_adaptation_tries_the_same_grid_for_every_method_on_dev_tasks(tiny_
     assert "| adamw:2:0.01 |" in (tmp_path / "out" / "tune_adaptation-tiny.md").read_text()
     with pytest.raises(SystemExit, match="--val_tasks is required"):
         tune.main(args(tiny_model_dir, tiny_data_dir, tmp_path, "--methods", "lora"))
+
+
+def test_smollm2_defaults_are_the_demo_settings_but_the_named_overrides():
+    """One settings file for the demo and the benchmark: every demo.yaml setting is the
+    benchmark's default unless it picks the demo's tasks or is a named override."""
+    import yaml
+
+    from abmll.cli import DEMO_CONFIG
+
+    bench, cfg = quality.parse([])
+    defaults = {f: getattr(group, f) for group in cfg.values() for f in vars(group)}
+    demo = yaml.safe_load(DEMO_CONFIG.read_text())
+    flat = {k: v for key, value in demo.items() if isinstance(value, dict) for k, v in value.items()}
+    kept = {k: v for k, v in flat.items() if k not in quality.DEMO_ONLY and k not in quality.BENCHMARK_OVERRIDES}
+    assert kept and all(defaults[k] == v for k, v in kept.items()), {k: (defaults[k], v) for k, v in kept.items()}
+    assert cfg["eval"].eval_samples == 4 and cfg["tasks"].train_tasks == [] and cfg["tasks"].data_seeds == [100, 13, 21, 42, 87]
+
+
+def test_prior_key_covers_the_validators_adaptation_only_when_not_the_default(tiny_model_dir, tiny_data_dir, tmp_path):
+    base = args(tiny_model_dir, tiny_data_dir, tmp_path, "--validate_every", "1", "--val_tasks", "t0")
+    bench, cfg = quality.parse(base)
+    default = quality.prior_config("abmll", cfg, ["t1"], bench)["validation"]
+    assert "test_optimizer" not in default and "test_lr" not in default  # keys of priors saved before hold
+    bench, cfg = quality.parse([*base, "--test_optimizer", "adamw", "--test_lr", "0.01"])
+    other = quality.prior_config("abmll", cfg, ["t1"], bench)["validation"]
+    assert other["test_optimizer"] == "adamw" and other["test_lr"] == 0.01

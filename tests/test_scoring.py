@@ -24,8 +24,12 @@ def reference_scores(model, tokenizer, examples, config):
         prompt = tokenizer(config.template.format(input=ex.input))["input_ids"]
         for c, o in enumerate(ex.options):
             opt = tokenizer(config.option_prefix + o, add_special_tokens=False)["input_ids"]
-            prompt_c = prompt[-(config.max_length - max(
-                len(tokenizer(config.option_prefix + oo, add_special_tokens=False)["input_ids"]) for oo in ex.options)):]
+            prompt_c = prompt[
+                -(
+                    config.max_length
+                    - max(len(tokenizer(config.option_prefix + oo, add_special_tokens=False)["input_ids"]) for oo in ex.options)
+                ) :
+            ]
             ids = torch.tensor([prompt_c + opt])
             logp = torch.log_softmax(model(input_ids=ids).logits[0, :-1], -1)
             n = len(opt)
@@ -64,18 +68,18 @@ def test_truncation_keeps_option_tokens(tiny_tokenizer):
     for r in range(batch.input_ids.shape[0]):
         ex = EXAMPLES[batch.row_example[r]]
         opt = tiny_tokenizer(" " + ex.options[batch.row_option[r]], add_special_tokens=False)["input_ids"]
-        assert batch.input_ids[r, -len(opt):].tolist() == opt
+        assert batch.input_ids[r, -len(opt) :].tolist() == opt
     long_prompt = tiny_tokenizer(config.template.format(input=EXAMPLES[1].input))["input_ids"]
     row = batch.input_ids[3][batch.attention_mask[3].bool()].tolist()
     longest = len(tiny_tokenizer(" seventeen", add_special_tokens=False)["input_ids"])
-    assert longest == 10                                  # byte-level: space + 9 letters
-    assert row[: 24 - longest] == long_prompt[-(24 - longest):]
+    assert longest == 10  # byte-level: space + 9 letters
+    assert row[: 24 - longest] == long_prompt[-(24 - longest) :]
     with torch.no_grad():
         ref = reference_scores(base, tiny_tokenizer, EXAMPLES, config)
         got = option_scores(bayes_logits_fn(model, model.init_params()), batch)
         torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
         packed = encode_options(tiny_tokenizer, EXAMPLES, ScoringConfig(max_length=24))
-        assert packed.input_ids.shape[0] == 3                       # one sequence per example
+        assert packed.input_ids.shape[0] == 3  # one sequence per example
         got = option_scores(bayes_logits_fn(model, model.init_params()), packed)
         torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
 
@@ -93,8 +97,12 @@ def test_make_batches_respects_max_rows_and_keeps_order(tiny_tokenizer):
 def test_option_nll_is_cross_entropy_over_present_options():
     scores = torch.tensor([[0.0, 1.0, float("-inf")], [2.0, 0.0, -1.0]])
     labels = torch.tensor([1, 2])
-    ref = torch.stack([torch.nn.functional.cross_entropy(torch.tensor([[0.0, 1.0]]), torch.tensor([1])),
-                       torch.nn.functional.cross_entropy(scores[1:], labels[1:])])
+    ref = torch.stack(
+        [
+            torch.nn.functional.cross_entropy(torch.tensor([[0.0, 1.0]]), torch.tensor([1])),
+            torch.nn.functional.cross_entropy(scores[1:], labels[1:]),
+        ]
+    )
     torch.testing.assert_close(option_nll(scores, labels), ref)
 
 

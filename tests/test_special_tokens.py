@@ -13,25 +13,36 @@ from transformers import PreTrainedTokenizerFast
 from abmll.data import Example
 from abmll.scoring import ScoringConfig, make_batches, prompt_parts, tokenize_prompt
 
-LLAMA3_CHAT = ("{{ bos_token }}{% for m in messages %}<|start_header_id|>{{ m.role }}<|end_header_id|>\n\n"
-               "{{ m.content }}<|eot_id|>{% endfor %}{% if add_generation_prompt %}"
-               "<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}")
-GEMMA_CHAT = ("{{ bos_token }}{% for m in messages %}<start_of_turn>{{ m.role }}\n{{ m.content }}<end_of_turn>\n"
-              "{% endfor %}{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}")
-QWEN_CHAT = ("{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
-             "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+LLAMA3_CHAT = (
+    "{{ bos_token }}{% for m in messages %}<|start_header_id|>{{ m.role }}<|end_header_id|>\n\n"
+    "{{ m.content }}<|eot_id|>{% endfor %}{% if add_generation_prompt %}"
+    "<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}"
+)
+GEMMA_CHAT = (
+    "{{ bos_token }}{% for m in messages %}<start_of_turn>{{ m.role }}\n{{ m.content }}<end_of_turn>\n"
+    "{% endfor %}{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}"
+)
+QWEN_CHAT = (
+    "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
 LLAMA2_CHAT = "{{ bos_token }}{% for m in messages %}[INST] {{ m.content }} [/INST]{% endfor %}"
 
 # family: (special tokens, the token the tokenizer puts first or None, bos, eos, pad, chat template)
 FAMILIES = {
     "llama2": (["<s>", "</s>", "<unk>"], "<s>", "<s>", "</s>", "<unk>", LLAMA2_CHAT),
-    "llama3": (["<|begin_of_text|>", "<|eot_id|>", "<|start_header_id|>", "<|end_header_id|>"],
-               "<|begin_of_text|>", "<|begin_of_text|>", "<|eot_id|>", "<|eot_id|>", LLAMA3_CHAT),
+    "llama3": (
+        ["<|begin_of_text|>", "<|eot_id|>", "<|start_header_id|>", "<|end_header_id|>"],
+        "<|begin_of_text|>",
+        "<|begin_of_text|>",
+        "<|eot_id|>",
+        "<|eot_id|>",
+        LLAMA3_CHAT,
+    ),
     "qwen2": (["<|endoftext|>", "<|im_start|>", "<|im_end|>"], None, None, "<|im_end|>", "<|endoftext|>", QWEN_CHAT),
-    "gemma": (["<pad>", "<eos>", "<bos>", "<start_of_turn>", "<end_of_turn>"], "<bos>", "<bos>", "<eos>", "<pad>",
-              GEMMA_CHAT),
+    "gemma": (["<pad>", "<eos>", "<bos>", "<start_of_turn>", "<end_of_turn>"], "<bos>", "<bos>", "<eos>", "<pad>", GEMMA_CHAT),
     "gpt2": (["<|endoftext|>"], None, "<|endoftext|>", "<|endoftext|>", "<|endoftext|>", None),
-    "opt": (["<pad>", "</s>"], "</s>", "</s>", "</s>", "<pad>", None),     # OPT prepends </s>, its BOS
+    "opt": (["<pad>", "</s>"], "</s>", "</s>", "</s>", "<pad>", None),  # OPT prepends </s>, its BOS
 }
 
 
@@ -46,7 +57,8 @@ def family_tokenizer(family: str) -> PreTrainedTokenizerFast:
     backend.decoder = decoders.ByteLevel()
     if first is not None:
         backend.post_processor = processors.TemplateProcessing(
-            single=f"{first} $A", pair=f"{first} $A {first} $B", special_tokens=[(first, vocab[first])])
+            single=f"{first} $A", pair=f"{first} $A {first} $B", special_tokens=[(first, vocab[first])]
+        )
     tok = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token=bos, eos_token=eos, pad_token=pad)
     if chat:
         tok.chat_template = chat
@@ -60,13 +72,19 @@ def examples(long: bool) -> list[Example]:
 
 def real_start(batch, s: int, packed: bool) -> int:
     """Index of sequence ``s``'s first real (non-pad) token."""
-    if packed:                          # the last row is an option token: it attends to the whole prompt
+    if packed:  # the last row is an option token: it attends to the whole prompt
         return int((batch.attention_mask[s, 0, -1] == 0).nonzero().min())
     return int(batch.attention_mask[s].argmax())
 
 
-CASES = [(f, packed, long, chat) for f in FAMILIES for packed in (True, False) for long in (False, True)
-         for chat in (False, True) if not (chat and FAMILIES[f][5] is None)]
+CASES = [
+    (f, packed, long, chat)
+    for f in FAMILIES
+    for packed in (True, False)
+    for long in (False, True)
+    for chat in (False, True)
+    if not (chat and FAMILIES[f][5] is None)
+]
 
 
 @pytest.mark.parametrize("family,packed,long,chat", CASES)
@@ -77,7 +95,7 @@ def test_exactly_one_bos_first_where_the_tokenizer_adds_one(family, packed, long
     cfg = ScoringConfig(max_length=64, max_rows=6, pack_options=packed, chat_template=chat)
     batches = make_batches(tok, examples(long), cfg)
     if chat and family != "qwen2":
-        first_id = tok.bos_token_id           # chat templates above start with the BOS
+        first_id = tok.bos_token_id  # chat templates above start with the BOS
     for batch in batches:
         for s in range(batch.input_ids.shape[0]):
             start = real_start(batch, s, packed)
@@ -97,8 +115,7 @@ def test_chat_template_puts_the_input_in_the_user_turn_and_options_after_the_gen
     cfg = ScoringConfig(template="Q: {input}", chat_template=True, max_length=256)
     parts = prompt_parts(tok, cfg)
     ids, cut = tokenize_prompt(tok, parts, "hello", 200)
-    expected = tok.apply_chat_template([{"role": "user", "content": "Q: hello"}], add_generation_prompt=True,
-                                       tokenize=False)
+    expected = tok.apply_chat_template([{"role": "user", "content": "Q: hello"}], add_generation_prompt=True, tokenize=False)
     assert cut == 0 and tok.decode(ids) == expected
 
 
@@ -151,14 +168,15 @@ def test_a_cut_prompt_is_tokenised_as_an_uncut_one_on_sentencepiece_tokenizers()
     full, _ = tokenize_prompt(tok, parts, "abcdefghij" * 10, 10_000)
     cut, n = tokenize_prompt(tok, parts, "abcdefghij" * 10, 40)
     assert len(cut) <= 40 and n > 0 and cut[0] == tok.bos_token_id
-    assert cut[-9:] == full[-9:]                 # the template's tail, tokenised as in the uncut prompt
-    assert cut[1:4] == full[1:4]                 # and its head
+    assert cut[-9:] == full[-9:]  # the template's tail, tokenised as in the uncut prompt
+    assert cut[1:4] == full[1:4]  # and its head
 
 
 def test_an_eos_appended_by_the_tokenizer_never_sits_between_prompt_and_answer():
     tok = sentencepiece_tokenizer(eos_suffix=True)
     for pack in (True, False):
-        batch = make_batches(tok, [Example("abc", ("yes", "no"), 0, "f:1")],
-                             ScoringConfig(template="{input}\nAnswer:", pack_options=pack))[0]
+        batch = make_batches(
+            tok, [Example("abc", ("yes", "no"), 0, "f:1")], ScoringConfig(template="{input}\nAnswer:", pack_options=pack)
+        )[0]
         row = batch.input_ids[0].tolist()
         assert tok.eos_token_id not in row and row.count(tok.bos_token_id) == 1

@@ -44,8 +44,7 @@ def make_trainer(data_dir, meta_steps=6, model_seed=0, rank=2) -> MetaTrainer:
     model = BayesLoraModel(make_tiny_llama(), BayesLoraConfig(rank=rank))
     tasks = TaskArgs(data_dir=str(data_dir), k=4, data_seeds=[1, 2], max_query=4)
     config = MetaConfig(meta_steps=meta_steps, inner_steps=1, outer_lr=0.05, seed=3)
-    return MetaTrainer(model, make_tiny_tokenizer(), TASKS, tasks, config, HyperpriorConfig(),
-                       ScoringConfig(max_rows=8))
+    return MetaTrainer(model, make_tiny_tokenizer(), TASKS, tasks, config, HyperpriorConfig(), ScoringConfig(max_rows=8))
 
 
 def thetas_equal(a, b) -> bool:
@@ -61,14 +60,14 @@ def file_bytes(folder: Path) -> dict[str, bytes]:
 
 def test_resume_continues_bit_exactly(tiny_data_dir, tmp_path):
     full = make_trainer(tiny_data_dir)
-    full.run(tmp_path / "a", CONFIG, save_every=3)            # saves after 3 and after 6 steps
+    full.run(tmp_path / "a", CONFIG, save_every=3)  # saves after 3 and after 6 steps
     reference = make_trainer(tiny_data_dir)
     reference.run(None, CONFIG)
-    assert thetas_equal(full.theta, reference.theta)            # saving does not disturb the run
+    assert thetas_equal(full.theta, reference.theta)  # saving does not disturb the run
 
     partial = make_trainer(tiny_data_dir, meta_steps=3)
     partial.run(tmp_path / "b", CONFIG)
-    resumed = make_trainer(tiny_data_dir, model_seed=7)         # a different initial theta
+    resumed = make_trainer(tiny_data_dir, model_seed=7)  # a different initial theta
     assert not thetas_equal(resumed.theta, partial.theta)
     assert resumed.resume(tmp_path / "b", CONFIG) == 3
     assert thetas_equal(resumed.theta, partial.theta)
@@ -79,7 +78,7 @@ def test_resume_continues_bit_exactly(tiny_data_dir, tmp_path):
         assert entry["step"].item() == 3.0
         assert all(torch.equal(adam["state"][i][f], entry[f]) for f in entry)
 
-    resumed.run(tmp_path / "b", CONFIG)                       # meta_steps: 6 in its config
+    resumed.run(tmp_path / "b", CONFIG)  # meta_steps: 6 in its config
     assert len(resumed.history) == 6
     assert resumed.history == full.history
     assert thetas_equal(resumed.theta, full.theta)
@@ -96,7 +95,7 @@ def test_resume_refuses_other_config_model_or_missing_state(tiny_data_dir, tmp_p
     trainer.run(tmp_path, config)
 
     grown = {"meta": {"meta_steps": 9, "beta": 1e-6}, "tasks": {"data_dir": "moved", "k": 4}}
-    assert make_trainer(tiny_data_dir).resume(tmp_path, grown) == 2    # steps and data folder may change
+    assert make_trainer(tiny_data_dir).resume(tmp_path, grown) == 2  # steps and data folder may change
     changed = {"meta": {"meta_steps": 2, "beta": 1e-3}, "tasks": {"data_dir": "x", "k": 4}}
     with pytest.raises(CheckpointError, match=r"different config \(meta.beta: 1e-06 -> 0.001\)"):
         make_trainer(tiny_data_dir).resume(tmp_path, changed)
@@ -119,11 +118,20 @@ def test_resume_refuses_a_damaged_trainer_state(tiny_data_dir, tmp_path):
     before = {k: v.clone() for k, v in fresh.theta.items()}
     with pytest.raises(CheckpointError, match="invalid trainer state"):
         fresh.resume(tmp_path)
-    assert thetas_equal(fresh.theta, before) and fresh.history == []     # nothing half-restored
+    assert thetas_equal(fresh.theta, before) and fresh.history == []  # nothing half-restored
+
+    from safetensors.torch import load_file, save_file
 
     tensors = tmp_path / CHECKPOINT_DIR / good["tensors"]
+    saved = load_file(tensors)
+    save_file({**saved, "best/nope": torch.zeros(2)}, tensors, metadata={"format": good["format"], "step": "2"})
     state_json.write_text(json.dumps(good))
-    torch.save({"theta": torch.zeros(2)}, tensors)                     # a pickle in place of safetensors
+    fresh = make_trainer(tiny_data_dir)
+    with pytest.raises(CheckpointError, match="best prior's tensors do not match"):
+        fresh.resume(tmp_path)
+    assert thetas_equal(fresh.theta, before) and fresh.history == []  # nothing half-restored
+    save_file(saved, tensors, metadata={"format": good["format"], "step": "2"})
+    torch.save({"theta": torch.zeros(2)}, tensors)  # a pickle in place of safetensors
     with pytest.raises(CheckpointError, match="not a readable safetensors"):
         make_trainer(tiny_data_dir).resume(tmp_path)
 
@@ -132,15 +140,43 @@ def test_resume_refuses_a_damaged_trainer_state(tiny_data_dir, tmp_path):
 
 
 def cli_args(model_dir, data_dir) -> list[str]:
-    return ["meta-train", "--model", str(model_dir), "--data_dir", str(data_dir), "--split", "tiny", "--k", "4",
-            "--data_seeds", "1", "2", "--rank", "2", "--max_rows", "8", "--max_query", "4", "--meta_steps", "12",
-            "--inner_steps", "2", "--outer_lr", "0.05", "--save_every", "2", "--device", "cpu"]
+    return [
+        "meta-train",
+        "--model",
+        str(model_dir),
+        "--data_dir",
+        str(data_dir),
+        "--split",
+        "tiny",
+        "--k",
+        "4",
+        "--data_seeds",
+        "1",
+        "2",
+        "--rank",
+        "2",
+        "--max_rows",
+        "8",
+        "--max_query",
+        "4",
+        "--meta_steps",
+        "12",
+        "--inner_steps",
+        "2",
+        "--outer_lr",
+        "0.05",
+        "--save_every",
+        "2",
+        "--device",
+        "cpu",
+    ]
 
 
 # The adapter initialisation draws from torch's global generator when the model is built, so
 # every run seeds it first: the killed subprocess and the in-process reference start equal.
-KILLED_RUN = ("import sys, torch; torch.set_num_threads(1); torch.manual_seed(0); "
-              "from abmll.cli import main; sys.exit(main(sys.argv[1:]))")
+KILLED_RUN = (
+    "import sys, torch; torch.set_num_threads(1); torch.manual_seed(0); from abmll.cli import main; sys.exit(main(sys.argv[1:]))"
+)
 
 
 def test_sigkill_mid_run_then_resume_equals_uninterrupted_run(tiny_model_dir, tiny_data_dir, tmp_path):
@@ -148,15 +184,16 @@ def test_sigkill_mid_run_then_resume_equals_uninterrupted_run(tiny_model_dir, ti
     killed = tmp_path / "killed"
     state_json = killed / CHECKPOINT_DIR / STATE
     with open(tmp_path / "stderr.txt", "w") as err:
-        proc = subprocess.Popen([sys.executable, "-c", KILLED_RUN, *args, "--out", str(killed)],
-                                stdout=subprocess.DEVNULL, stderr=err)
+        proc = subprocess.Popen(
+            [sys.executable, "-c", KILLED_RUN, *args, "--out", str(killed)], stdout=subprocess.DEVNULL, stderr=err
+        )
         deadline = time.monotonic() + 120
         while not (state_json.is_file() and json.loads(state_json.read_text())["step"] >= 4):
             assert proc.poll() is None, (tmp_path / "stderr.txt").read_text()
             assert time.monotonic() < deadline, "no checkpoint of step 4 within 120 s"
             time.sleep(0.005)
         os.kill(proc.pid, signal.SIGKILL)
-        assert proc.wait() == -signal.SIGKILL                  # killed mid-run, not finished
+        assert proc.wait() == -signal.SIGKILL  # killed mid-run, not finished
     done_at_kill = load_state(killed / CHECKPOINT_DIR)[1]["step"]
     assert done_at_kill in range(4, 12, 2)
 
@@ -168,7 +205,7 @@ def test_sigkill_mid_run_then_resume_equals_uninterrupted_run(tiny_model_dir, ti
     full, _ = load_adapter(tmp_path / "full")
     assert cfg["meta_steps_done"] == 12
     assert max((resumed[k] - full[k]).abs().max().item() for k in full) <= 1e-7
-    assert any(full[k].abs().sum() > 0 for k in full if "lora_B" in k)      # trained, not the init
+    assert any(full[k].abs().sum() > 0 for k in full if "lora_B" in k)  # trained, not the init
     history = json.loads((killed / "history.json").read_text())
     assert history == json.loads((tmp_path / "full" / "history.json").read_text())
     assert [h["step"] for h in history] == list(range(12))
@@ -186,8 +223,11 @@ def poison(monkeypatch, bad_step: int, kind: str, seen: dict) -> None:
     def meta_step(model, theta, optimizer, batch, config, hyper, step, **kwargs):
         if step != bad_step:
             return real_step(model, theta, optimizer, batch, config, hyper, step, **kwargs)
-        seen.update(tasks=[t.task for t in batch], theta={k: v.detach().clone() for k, v in theta.items()},
-                    files=file_bytes(seen["out"]) if seen.get("out") else {})
+        seen.update(
+            tasks=[t.task for t in batch],
+            theta={k: v.detach().clone() for k, v in theta.items()},
+            files=file_bytes(seen["out"]) if seen.get("out") else {},
+        )
         with monkeypatch.context() as m:
             if kind == "loss":
                 m.setattr(meta, "option_scores", lambda *a, **kw: real_scores(*a, **kw) * math.nan)
@@ -213,7 +253,7 @@ def test_nonfinite_step_stops_and_keeps_last_good_checkpoint(tiny_data_dir, tmp_
     assert "meta-step 3" in message and f"last good checkpoint (step 2) is kept in {tmp_path}" in message
     assert f"meta-batch tasks {seen['tasks']}" in message
     assert ("support NLL nan" if kind == "loss" else "non-finite loss or gradient") in message
-    assert file_bytes(tmp_path) == seen["files"]                        # checkpoint untouched
+    assert file_bytes(tmp_path) == seen["files"]  # checkpoint untouched
     assert load_state(tmp_path / CHECKPOINT_DIR)[1]["step"] == 2
     assert thetas_equal(trainer.theta, seen["theta"]) and len(trainer.history) == 3
     assert make_trainer(tiny_data_dir).resume(tmp_path, CONFIG) == 2
@@ -233,7 +273,7 @@ def test_skip_nonfinite_logs_the_skipped_meta_batch(tiny_data_dir, tmp_path, mon
     assert all(math.isfinite(h["loss"]) for h in trainer.history if not h.get("skipped"))
     assert all(torch.isfinite(v).all() for v in trainer.theta.values())
     assert thetas_equal(after_step[3], after_step[2]) and thetas_equal(after_step[3], seen["theta"])
-    assert not thetas_equal(after_step[4], after_step[3])                # later steps still train
+    assert not thetas_equal(after_step[4], after_step[3])  # later steps still train
     _, saved = load_adapter(tmp_path)
     assert saved["meta_steps_done"] == 6 and saved["meta_steps_skipped"] == 1
     assert json.loads((tmp_path / "history.json").read_text())[3]["skipped"] is True
@@ -268,25 +308,25 @@ class RecordingValidator:
 
     def __call__(self, theta):
         self.seen.append({k: v.detach().clone() for k, v in theta.items()})
-        torch.manual_seed(12345)          # a validator's own seeding must not reach the run
+        torch.manual_seed(12345)  # a validator's own seeding must not reach the run
         return {"nll": self.nlls[len(self.seen) - 1], "ece": 0.1}
 
 
 def test_validation_curve_best_prior_and_exact_resume(tiny_data_dir, tmp_path):
-    nlls = [1.0, 0.7, 0.4, 0.6]                           # steps 0, 2, 4, 6: the best is step 4
+    nlls = [1.0, 0.7, 0.4, 0.6]  # steps 0, 2, 4, 6: the best is step 4
     ref = make_trainer(tiny_data_dir)
     ref.validator, ref.validate_every = RecordingValidator(nlls), 2
     plain = make_trainer(tiny_data_dir)
     plain.run(None, CONFIG)
     ref.run(tmp_path / "ref", CONFIG)
-    assert thetas_equal(ref.theta, plain.theta)          # validating does not change the run
+    assert thetas_equal(ref.theta, plain.theta)  # validating does not change the run
     assert [v["step"] for v in ref.validation] == [0, 2, 4, 6]
     assert json.loads((tmp_path / "ref" / "validation.json").read_text()) == ref.validation
     best, saved = load_adapter(tmp_path / "ref" / train.BEST_DIR)
     assert saved["meta_steps_done"] == 4 and saved["validation_nll"] == 0.4
     assert thetas_equal(best, ref.validator.seen[2])
 
-    first = make_trainer(tiny_data_dir, meta_steps=4)      # stops after step 4, then resumes to 6
+    first = make_trainer(tiny_data_dir, meta_steps=4)  # stops after step 4, then resumes to 6
     first.validator, first.validate_every = RecordingValidator(nlls), 2
     first.run(tmp_path / "run", CONFIG, save_every=2)
     again = make_trainer(tiny_data_dir)
@@ -311,7 +351,24 @@ def test_a_failed_validation_is_logged_and_the_last_step_is_always_validated(tin
     trainer = make_trainer(tiny_data_dir, meta_steps=5)
     trainer.validator, trainer.validate_every = Flaky(), 2
     trainer.run(tmp_path / "run", CONFIG)
-    assert [v["step"] for v in trainer.validation] == [0, 2, 4, 5]          # 5: the last step, off the grid
+    assert [v["step"] for v in trainer.validation] == [0, 2, 4, 5]  # 5: the last step, off the grid
     assert trainer.validation[0]["nll"] == math.inf and "diverged" in trainer.validation[0]["error"]
     _, saved = load_adapter(tmp_path / "run" / train.BEST_DIR)
-    assert saved["meta_steps_done"] == 4 and saved["validation_nll"] == 0.5      # NaN never wins
+    assert saved["meta_steps_done"] == 4 and saved["validation_nll"] == 0.5  # NaN never wins
+
+
+def test_episode_sampler_state_dict_continues_the_same_draws():
+    from abmll.train import EpisodeSampler
+
+    sampler = EpisodeSampler(["a", "b", "c"], [1, 2, 3], meta_batch_size=2, seed=7)
+    sampler.sample()
+    state = json.loads(json.dumps(sampler.state_dict()))  # saved as JSON with the run
+    expected = [sampler.sample() for _ in range(5)]
+    again = EpisodeSampler(["a", "b", "c"], [1, 2, 3], meta_batch_size=2, seed=0)
+    again.load_state_dict(state)
+    assert [again.sample() for _ in range(5)] == expected
+    assert all(len({t for t, _ in batch}) == 2 for batch in expected)  # distinct tasks per meta-batch
+    many = EpisodeSampler(["a"], [1], meta_batch_size=3).sample()
+    assert many == [("a", 1)] * 3  # with replacement when B > tasks
+    with pytest.raises((TypeError, ValueError)):
+        again.load_state_dict({"task_rng": [3, [1, 2], None]})

@@ -19,7 +19,7 @@ def test_two_confident_samples_that_disagree_are_pure_epistemic():
     assert parts["total"].item() == pytest.approx(LN2)
     assert parts["aleatoric"].item() == pytest.approx(0.0, abs=1e-12)
     assert parts["epistemic"].item() == pytest.approx(LN2)
-    assert parts["top_prob_std"].item() == pytest.approx(0.5)        # top class 0 (tie -> first): 1 and 0
+    assert parts["top_prob_std"].item() == pytest.approx(0.5)  # top class 0 (tie -> first): 1 and 0
 
 
 def test_samples_that_agree_on_a_coin_flip_are_pure_aleatoric():
@@ -33,7 +33,7 @@ def test_samples_that_agree_on_a_coin_flip_are_pure_aleatoric():
 def test_decomposition_matches_a_loop_and_total_is_the_sum():
     torch.manual_seed(0)
     samples = torch.softmax(torch.randn(5, 7, 4) * 2, -1)
-    samples[:, 3, 3] = 0                                    # an example with 3 options (padding column)
+    samples[:, 3, 3] = 0  # an example with 3 options (padding column)
     samples[:, 3] /= samples[:, 3].sum(-1, keepdim=True)
     parts = decompose(samples)
     for n in range(7):
@@ -54,7 +54,7 @@ def test_decomposition_matches_a_loop_and_total_is_the_sum():
 
 def test_risk_coverage_and_aurc_against_brute_force():
     probs = torch.tensor([[0.9, 0.1], [0.2, 0.8], [0.6, 0.4], [0.3, 0.7], [0.5, 0.5]])
-    labels = torch.tensor([0, 0, 1, 1, 0])                   # predictions 0, 1, 0, 1, 0: wrong at 1 and 2
+    labels = torch.tensor([0, 0, 1, 1, 0])  # predictions 0, 1, 0, 1, 0: wrong at 1 and 2
     u = entropy(probs)
     coverage, risk = risk_coverage(probs, labels, u)
     order = sorted(range(5), key=lambda i: (u[i].item(), i))
@@ -63,8 +63,8 @@ def test_risk_coverage_and_aurc_against_brute_force():
     assert coverage.tolist() == pytest.approx([0.2, 0.4, 0.6, 0.8, 1.0])
     assert risk.tolist() == pytest.approx(expected)
     assert aurc(probs, labels, u) == pytest.approx(sum(expected) / 5)
-    assert risk[-1].item() == pytest.approx(2 / 5)           # full coverage: the error rate
-    oracle = torch.tensor([0.0, 1.0, 1.0, 0.0, 0.0])         # the wrong ones last
+    assert risk[-1].item() == pytest.approx(2 / 5)  # full coverage: the error rate
+    oracle = torch.tensor([0.0, 1.0, 1.0, 0.0, 0.0])  # the wrong ones last
     assert aurc(probs, labels, oracle) == pytest.approx((0 + 0 + 0 + 1 / 4 + 2 / 5) / 5)
     acc = accuracy_at_coverage(probs, labels, oracle, (1.0, 0.6))
     assert acc == {"1.00": pytest.approx(0.6), "0.60": pytest.approx(1.0)}
@@ -86,11 +86,11 @@ def test_auroc_is_the_mann_whitney_probability():
 
     torch.manual_seed(2)
     inside, outside = torch.randn(30), torch.randn(20) + 0.7
-    inside[:5] = outside[:5]                                  # some ties
+    inside[:5] = outside[:5]  # some ties
     pairs = [(o > i) + 0.5 * (o == i) for o in outside.tolist() for i in inside.tolist()]
     assert auroc(inside, outside) == pytest.approx(float(sum(pairs)) / len(pairs), abs=1e-6)
     assert auroc(torch.zeros(3), torch.ones(2)) == 1.0 and auroc(torch.ones(3), torch.zeros(2)) == 0.0
-    assert auroc(torch.zeros(4), torch.zeros(4)) == 0.5          # no information
+    assert auroc(torch.zeros(4), torch.zeros(4)) == 0.5  # no information
     with pytest.raises(ValueError, match="at least one"):
         auroc(torch.zeros(0), torch.ones(2))
 
@@ -100,14 +100,34 @@ def test_evaluate_reports_ood_auroc_per_task_pair(world, tmp_path):
 
     from abmll.cli import main
 
-    assert main(["evaluate", "--config", str(world["config"]), "--prior", str(world["prior"]), "--eval_samples", "3",
-                 "--ood_tasks", "t0", "h0", "--plots", "false", "--out", str(tmp_path)]) == 0
+    assert (
+        main(
+            [
+                "evaluate",
+                "--config",
+                str(world["config"]),
+                "--prior",
+                str(world["prior"]),
+                "--eval_samples",
+                "3",
+                "--ood_tasks",
+                "t0",
+                "h0",
+                "--plots",
+                "false",
+                "--out",
+                str(tmp_path),
+            ]
+        )
+        == 0
+    )
     results = json.loads((tmp_path / "results.json").read_text())
     per_task = {m: results["methods"][m]["per_task"]["h0"]["mean"] for m in ("zero_shot", "abmll")}
     assert per_task["zero_shot"]["mean_epistemic"] == 0 and per_task["abmll"]["mean_epistemic"] > 0
-    assert per_task["abmll"]["mean_total"] == pytest.approx(per_task["abmll"]["mean_aleatoric"]
-                                                            + per_task["abmll"]["mean_epistemic"], abs=1e-6)
+    assert per_task["abmll"]["mean_total"] == pytest.approx(
+        per_task["abmll"]["mean_aleatoric"] + per_task["abmll"]["mean_epistemic"], abs=1e-6
+    )
     ood = results["ood"]
-    assert list(ood) == ["abmll"] and list(ood["abmll"]) == ["h0 -> t0"]      # zero-shot does not adapt; h0 -> h0 skipped
+    assert list(ood) == ["abmll"] and list(ood["abmll"]) == ["h0 -> t0"]  # zero-shot does not adapt; h0 -> h0 skipped
     for value in ood["abmll"]["h0 -> t0"].values():
         assert 0.0 <= value <= 1.0

@@ -1,5 +1,6 @@
-"""The ``abmll`` console entry point: ``--version`` and the command list answer at once,
-without importing torch; everything else goes to :func:`abmll.cli.main`."""
+"""The ``abmll`` console entry point: ``--version``, the command list and each command's
+``--help`` (stored texts, see :mod:`abmll.helptext`) answer at once, without
+importing torch; everything else goes to :func:`abmll.cli.main`."""
 
 from __future__ import annotations
 
@@ -22,9 +23,14 @@ def main(argv: list[str] | None = None) -> int:
         doc = files("abmll").joinpath("cli.py").read_text(encoding="utf-8").split('"""')[1]
         print(doc)
         return 0 if argv and argv[0] in ("-h", "--help") else 2
+    if any(a in ("-h", "--help") for a in argv[1:]):  # stored by abmll.helptext: no torch import
+        from importlib.resources import files
+
+        print(files("abmll").joinpath("help", f"{argv[0]}.txt").read_text(encoding="utf-8"), end="")
+        return 0
     try:
         from abmll.cli import main as cli_main
-    except KeyboardInterrupt:                 # Ctrl-C while torch and the models' code import
+    except KeyboardInterrupt:  # Ctrl-C while torch and the models' code import
         print(f"abmll {argv[0]}: interrupted while starting; nothing was written", file=sys.stderr)
         return 130
     return cli_main(argv)

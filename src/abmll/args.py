@@ -248,8 +248,35 @@ def _attribute_docs(doc: str) -> dict[str, str]:
     return {k: v.replace("%", "%%") for k, v in out.items()}
 
 
-def parse_args(argv: list[str], groups: list[str], extra: tuple = (), adapter_flag: str | None = None,
-               command: str = "", default_out: str | None = None, unused: tuple[str, ...] = ()):
+def build_parser(
+    groups: list[str], extra: tuple = (), command: str = "", default_out: str | None = None, unused: tuple[str, ...] = ()
+) -> tuple[HfArgumentParser, list[type]]:
+    """The parser of ``abmll <command>`` (see :func:`parse_args`) and its dataclasses, in order."""
+    classes = [with_help(c) for c in [RunArgs, *extra] + [CONFIG_GROUPS[g] for g in groups]]
+    parser = HfArgumentParser(classes, prog=f"abmll {command}".strip(), allow_abbrev=False)
+    parser.set_defaults(out=default_out)
+    if "lora" in groups:
+        parser.set_defaults(target_modules=[AUTO_TARGETS])
+    for action in [a for a in parser._actions if a.dest in unused]:
+        parser._defaults.setdefault(action.dest, action.default)  # still filled, from the defaults
+        parser._remove_action(action)
+        for group in parser._action_groups:
+            if action in group._group_actions:
+                group._group_actions.remove(action)
+        for option in action.option_strings:
+            parser._option_string_actions.pop(option, None)
+    return parser, classes
+
+
+def parse_args(
+    argv: list[str],
+    groups: list[str],
+    extra: tuple = (),
+    adapter_flag: str | None = None,
+    command: str = "",
+    default_out: str | None = None,
+    unused: tuple[str, ...] = (),
+):
     """Parse ``argv`` into (RunArgs, {group: config}, [extra dataclasses]) for ``abmll <command>``.
 
     Defaults, lowest first: the dataclasses' (``target_modules`` is "auto": the architecture's
@@ -264,19 +291,7 @@ def parse_args(argv: list[str], groups: list[str], extra: tuple = (), adapter_fl
         SystemExit: ``--help`` (after printing it), or an unknown flag (naming the nearest ones).
         ValueError: a value a config refuses (naming the flag).
     """
-    classes = [with_help(c) for c in [RunArgs, *extra] + [CONFIG_GROUPS[g] for g in groups]]
-    parser = HfArgumentParser(classes, prog=f"abmll {command}".strip(), allow_abbrev=False)
-    parser.set_defaults(out=default_out)
-    if "lora" in groups:
-        parser.set_defaults(target_modules=[AUTO_TARGETS])
-    for action in [a for a in parser._actions if a.dest in unused]:
-        parser._defaults.setdefault(action.dest, action.default)      # still filled, from the defaults
-        parser._remove_action(action)
-        for group in parser._action_groups:
-            if action in group._group_actions:
-                group._group_actions.remove(action)
-        for option in action.option_strings:
-            parser._option_string_actions.pop(option, None)
+    parser, classes = build_parser(groups, extra, command, default_out, unused)
     _check_flags(argv, parser)
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--config")
@@ -289,23 +304,23 @@ def parse_args(argv: list[str], groups: list[str], extra: tuple = (), adapter_fl
             raw = yaml.safe_load(Path(known.config).read_text(encoding="utf-8-sig")) or {}
         except (OSError, yaml.YAMLError) as err:
             raise SystemExit(f"config: cannot read {known.config} ({err})") from None
-        file_defaults = _flatten(raw, classes)
+        file_defaults = flatten_config(raw, classes)
     folder = getattr(known, adapter_flag, None) if adapter_flag else None
     folder = folder or file_defaults.get(adapter_flag)
     if folder:
         parser.set_defaults(**_saved_defaults(str(resolve_adapter(folder)), groups))
     parser.set_defaults(**file_defaults)
     run, *rest = parser.parse_args_into_dataclasses(argv)
-    for parsed in (run, *rest[:len(extra)]):            # a shipped prior's short name -> its folder
+    for parsed in (run, *rest[: len(extra)]):  # a shipped prior's short name -> its folder
         if adapter_flag and getattr(parsed, adapter_flag, None):
             setattr(parsed, adapter_flag, str(resolve_adapter(getattr(parsed, adapter_flag))))
-    cfg = dict(zip(groups, rest[len(extra):]))
+    cfg = dict(zip(groups, rest[len(extra) :]))
     given = {a.split("=")[0].replace("-", "_") for a in argv if a.startswith("--")}
     if "tasks" in cfg and "__split" in given:
         for name in ("train_tasks", "test_tasks"):
             if f"__{name}" not in given:
                 setattr(cfg["tasks"], name, [])
-    return run, cfg, rest[:len(extra)]
+    return run, cfg, rest[: len(extra)]
 
 
 def _check_flags(argv: list[str], parser) -> None:
@@ -334,15 +349,15 @@ def _saved_defaults(folder: str, groups: list[str]) -> dict:
         if not isinstance(saved.get(group), dict):
             continue
         try:
-            checked = asdict(from_dict(saved, group, str(path)))    # refuses an invalid value, naming the field
+            checked = asdict(from_dict(saved, group, str(path)))  # refuses an invalid value, naming the field
         except ValueError as err:
             raise CheckpointError(str(err)) from None
-        skip = {*MACHINE_FIELDS.get(group, ()), "data_dir", "train_tasks", "val_tasks"}     # where it ran, how
+        skip = {*MACHINE_FIELDS.get(group, ()), "data_dir", "train_tasks", "val_tasks"}  # where it ran, how
         flat.update({k: v for k, v in checked.items() if k in saved[group] and k not in skip})
     return flat
 
 
-def _flatten(raw: dict, classes) -> dict:
+def flatten_config(raw: dict, classes) -> dict:
     """YAML -> flat flag defaults for this command's ``classes``; accepts
     ``{section: {field: value}}`` or flat keys. Keys of other commands' options and config
     groups are ignored (one file serves every command); unknown keys are an error."""
@@ -352,7 +367,7 @@ def _flatten(raw: dict, classes) -> dict:
     for key, value in raw.items():
         section = isinstance(value, dict) and key in CONFIG_GROUPS
         items = value.items() if section else [(key, value)]
-        used = not section or CONFIG_GROUPS[key] in classes     # a section of a group this command lacks: skipped
+        used = not section or CONFIG_GROUPS[key] in classes  # a section of a group this command lacks: skipped
         for k, v in items:
             if k not in (_fields_of(CONFIG_GROUPS[key]) if section else anywhere):
                 raise SystemExit(f"config: unknown key {k!r}" + (f" in section {key!r}" if section else ""))

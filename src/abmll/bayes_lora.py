@@ -61,7 +61,7 @@ TARGET_MODULE_PRESETS: dict[str, list[str]] = {
     "gemma2": ["q_proj", "v_proj"],
     "gemma3_text": ["q_proj", "v_proj"],
     "opt": ["q_proj", "v_proj"],
-    "gpt2": ["c_attn"],           # fused q,k,v projection, a transformers Conv1D (W0 stored d_in x d_out)
+    "gpt2": ["c_attn"],  # fused q,k,v projection, a transformers Conv1D (W0 stored d_in x d_out)
 }
 """Attention projections adapted by default, per ``config.model_type``; architectures not listed
 fall back to peft's own LoRA table (list-valued entries only)."""
@@ -81,7 +81,8 @@ def preset_target_modules(model_type: str) -> list[str]:
         return list(peft_default)
     raise ValueError(
         f"no target_modules preset for model_type {model_type!r} (known: {', '.join(sorted(TARGET_MODULE_PRESETS))}); "
-        "pass target_modules explicitly (module-name suffixes such as q_proj, v_proj)")
+        "pass target_modules explicitly (module-name suffixes such as q_proj, v_proj)"
+    )
 
 
 def resolve_target_modules(base_model: nn.Module, target_modules: list[str]) -> list[str]:
@@ -99,7 +100,7 @@ def resolve_target_modules(base_model: nn.Module, target_modules: list[str]) -> 
 
 
 def _dense_kind(module: nn.Module) -> str | None:
-    """"linear" for torch.nn.Linear, "conv1d" for transformers' GPT-2 style Conv1D, else None."""
+    """ "linear" for torch.nn.Linear, "conv1d" for transformers' GPT-2 style Conv1D, else None."""
     if isinstance(module, nn.Linear):
         return "linear"
     try:
@@ -128,7 +129,8 @@ def check_target_layers(base_model: nn.Module, lora_config: LoraConfig) -> list[
             raise ValueError(
                 f"target module {name!r} is a {type(module).__name__}, which abmll cannot adapt: only dense "
                 "layers (torch.nn.Linear and GPT-2 style transformers Conv1D) are supported; "
-                f"change target_modules={sorted(lora_config.target_modules)}")
+                f"change target_modules={sorted(lora_config.target_modules)}"
+            )
         found.append((name, kind))
     if not found:
         model_type = getattr(getattr(base_model, "config", None), "model_type", None)
@@ -137,8 +139,9 @@ def check_target_layers(base_model: nn.Module, lora_config: LoraConfig) -> list[
             hint = f"; the preset for {model_type} is {preset_target_modules(model_type)} (or target_modules=['auto'])"
         except ValueError:
             pass
-        raise ValueError(f"no module of the {model_type or 'base'} model matches "
-                         f"target_modules={sorted(lora_config.target_modules)}{hint}")
+        raise ValueError(
+            f"no module of the {model_type or 'base'} model matches target_modules={sorted(lora_config.target_modules)}{hint}"
+        )
     return found
 
 
@@ -264,17 +267,24 @@ def std_matrix(B: Tensor, A: Tensor, rho0: float) -> Tensor:
 
 
 def _gaussian_kl_block(
-    Bq: Tensor, Aq: Tensor, Bsq: Tensor, Asq: Tensor,
-    Bp: Tensor, Ap: Tensor, Bsp: Tensor, Asp: Tensor, scaling: float, rho0: float,
+    Bq: Tensor,
+    Aq: Tensor,
+    Bsq: Tensor,
+    Asq: Tensor,
+    Bp: Tensor,
+    Ap: Tensor,
+    Bsp: Tensor,
+    Asp: Tensor,
+    scaling: float,
+    rho0: float,
 ) -> Tensor:
     """Sum over a row block of KL(N(Mq, Sq^2) || N(Mp, Sp^2)), elementwise Gaussians, in plain
     autograd ops (twice differentiable: used by the second-order reference)."""
-    diff = mean_matrix(torch.cat([Bq, -Bp], 1), torch.cat([Aq, Ap], 0), scaling)    # Mq - Mp in one matmul
+    diff = mean_matrix(torch.cat([Bq, -Bp], 1), torch.cat([Aq, Ap], 0), scaling)  # Mq - Mp in one matmul
     log_sq = torch.log(std_matrix(Bsq, Asq, rho0))
     log_sp = torch.log(std_matrix(Bsp, Asp, rho0))
     # log(sp / sq) + (sq^2 + diff^2) / (2 sp^2) - 1/2, with sq^2 / sp^2 = exp(2 (log_sq - log_sp))
-    return (log_sp - log_sq + 0.5 * torch.exp(2 * (log_sq - log_sp)) + 0.5 * diff.square() * torch.exp(-2 * log_sp)
-            - 0.5).sum()
+    return (log_sp - log_sq + 0.5 * torch.exp(2 * (log_sq - log_sp)) + 0.5 * diff.square() * torch.exp(-2 * log_sp) - 0.5).sum()
 
 
 class _FusedGaussianKL(torch.autograd.Function):
@@ -295,8 +305,8 @@ class _FusedGaussianKL(torch.autograd.Function):
         pre_q, pre_p = (Bsq @ Asq).add_(rho0), (Bsp @ Asp).add_(rho0)
         sq, sp = F.softplus(pre_q), F.softplus(pre_p)
         inv_var_p = sp.reciprocal().square_()
-        ratio = sq.square().mul_(inv_var_p)                      # Sq^2 / Sp^2
-        diff2 = diff.square().mul_(inv_var_p)                    # D^2 / Sp^2
+        ratio = sq.square().mul_(inv_var_p)  # Sq^2 / Sp^2
+        diff2 = diff.square().mul_(inv_var_p)  # D^2 / Sp^2
         # log(Sp / Sq) = -log(ratio) / 2
         kl = 0.5 * (ratio.sum() + diff2.sum() - ratio.log().sum() - ratio.numel())
         need = ctx.needs_input_grad
@@ -312,8 +322,9 @@ class _FusedGaussianKL(torch.autograd.Function):
         Bq, Aq, Bsq, Asq, Bp, Ap, Bsp, Asp, g_mean, g_pre_q, g_pre_p = ctx.saved_tensors
         need = ctx.needs_input_grad
         out = [None] * 10
-        for i, (B, A, g, sign) in enumerate(((Bq, Aq, g_mean, 1), (Bsq, Asq, g_pre_q, 1),
-                                            (Bp, Ap, g_mean, -1), (Bsp, Asp, g_pre_p, 1))):
+        for i, (B, A, g, sign) in enumerate(
+            ((Bq, Aq, g_mean, 1), (Bsq, Asq, g_pre_q, 1), (Bp, Ap, g_mean, -1), (Bsp, Asp, g_pre_p, 1))
+        ):
             if need[2 * i]:
                 out[2 * i] = (sign * grad) * (g @ A.T)
             if need[2 * i + 1]:
@@ -322,8 +333,15 @@ class _FusedGaussianKL(torch.autograd.Function):
 
 
 def _neg_log_hyperprior_block(
-    B: Tensor, A: Tensor, Bs: Tensor, As: Tensor, scaling: float, rho0: float,
-    mean_std: float, a0: float, b0: float,
+    B: Tensor,
+    A: Tensor,
+    Bs: Tensor,
+    As: Tensor,
+    scaling: float,
+    rho0: float,
+    mean_std: float,
+    a0: float,
+    b0: float,
 ) -> Tensor:
     """Sum over a row block of -log N(M; 0, mean_std^2) - log Gamma(1/S^2; a0, b0)."""
     m = mean_matrix(B, A, scaling)
@@ -448,11 +466,15 @@ class BayesLoraModel(nn.Module):
         for p in base_model.parameters():
             p.requires_grad_(False)
         lora_config = LoraConfig(
-            r=config.rank, lora_alpha=config.alpha, target_modules=list(config.target_modules),
-            lora_dropout=0.0, bias="none", layers_to_transform=_top_layer_indices(base_model, config.top_layers),
+            r=config.rank,
+            lora_alpha=config.alpha,
+            target_modules=list(config.target_modules),
+            lora_dropout=0.0,
+            bias="none",
+            layers_to_transform=_top_layer_indices(base_model, config.top_layers),
         )
         kinds = {kind for _, kind in check_target_layers(base_model, lora_config)}
-        lora_config.fan_in_fan_out = kinds == {"conv1d"}   # Conv1D stores W0 as (d_in, d_out)
+        lora_config.fan_in_fan_out = kinds == {"conv1d"}  # Conv1D stores W0 as (d_in, d_out)
         try:
             self.peft_model = get_peft_model(base_model, lora_config)
         except ValueError as err:
@@ -464,7 +486,7 @@ class BayesLoraModel(nn.Module):
             if isinstance(module, LoraLayer) and "default" in getattr(module, "lora_A", {}):
                 self.layers.append(self._add_scale_pair(name, module, generator))
         self.frozen_cache = self._make_cache()
-        get_head = getattr(base_model, "get_output_embeddings", None)     # a plain nn.Module has none
+        get_head = getattr(base_model, "get_output_embeddings", None)  # a plain nn.Module has none
         head = get_head() if get_head is not None else None
         if head is not None:
             head.register_forward_pre_hook(_contiguous_input)
@@ -490,8 +512,9 @@ class BayesLoraModel(nn.Module):
         d_in, d_out = module.in_features, module.out_features
         w0 = module.get_base_layer().weight
         rho0 = inverse_softplus(self.config.init_std_factor * w0.float().std().item())
-        A_mu, A_s = (nn.init.kaiming_uniform_(torch.empty(self.config.rank, d_in), a=math.sqrt(5), generator=generator)
-                     for _ in range(2))                  # peft's init of lora_A, from our generator
+        A_mu, A_s = (
+            nn.init.kaiming_uniform_(torch.empty(self.config.rank, d_in), a=math.sqrt(5), generator=generator) for _ in range(2)
+        )  # peft's init of lora_A, from our generator
         with torch.no_grad():
             lora_A.weight.copy_(A_mu)
         module.bayes_scale_A = nn.Parameter(A_s.to(lora_A.weight), requires_grad=False)
@@ -499,10 +522,17 @@ class BayesLoraModel(nn.Module):
         for p in (lora_A.weight, module.lora_B["default"].weight):
             p.requires_grad_(False)
         layer = AdaptedLayer(
-            name=name, mean_A=f"{name}.{LORA_A}", mean_B=f"{name}.{LORA_B}",
-            scale_A=f"{name}.{SCALE_A}", scale_B=f"{name}.{SCALE_B}", base_weight=f"{name}.base_layer.weight",
-            fan_in_fan_out=bool(module.fan_in_fan_out), d_in=d_in, d_out=d_out,
-            scaling=float(module.scaling["default"]), rho0=rho0,
+            name=name,
+            mean_A=f"{name}.{LORA_A}",
+            mean_B=f"{name}.{LORA_B}",
+            scale_A=f"{name}.{SCALE_A}",
+            scale_B=f"{name}.{SCALE_B}",
+            base_weight=f"{name}.base_layer.weight",
+            fan_in_fan_out=bool(module.fan_in_fan_out),
+            d_in=d_in,
+            d_out=d_out,
+            scaling=float(module.scaling["default"]),
+            rho0=rho0,
         )
         module.register_forward_hook(partial(_flipout_hook, self._noise, layer))
         return layer
@@ -514,8 +544,11 @@ class BayesLoraModel(nn.Module):
         S = c * std(W0); the A draws seeded by ``config.init_seed``). Returns fresh detached
         copies, one entry per matrix."""
         named = dict(self.peft_model.named_parameters())
-        return {k: named[k].detach().clone() for layer in self.layers
-                for k in (layer.mean_A, layer.mean_B, layer.scale_A, layer.scale_B)}
+        return {
+            k: named[k].detach().clone()
+            for layer in self.layers
+            for k in (layer.mean_A, layer.mean_B, layer.scale_A, layer.scale_B)
+        }
 
     def mean_keys(self) -> list[str]:
         """Flat-dict keys of the mean pairs only (what a plain LoRA adapter holds)."""
@@ -523,8 +556,13 @@ class BayesLoraModel(nn.Module):
 
     # -- forward ------------------------------------------------------------------------------
     def forward(
-        self, params: Params, input_ids: Tensor, attention_mask: Tensor | None = None,
-        sample: bool = False, groups: Tensor | None = None, **kwargs,
+        self,
+        params: Params,
+        input_ids: Tensor,
+        attention_mask: Tensor | None = None,
+        sample: bool = False,
+        groups: Tensor | None = None,
+        **kwargs,
     ):
         """Run the LM with adapter tensors ``params``.
 
@@ -542,19 +580,24 @@ class BayesLoraModel(nn.Module):
         Returns: the model's output (``.logits``: (batch, seq or logits_to_keep, vocab)).
         """
         if sample and self.config.sampling != "flipout":
-            check_sampling(self.config.sampling)     # the config may have been changed after construction
+            check_sampling(self.config.sampling)  # the config may have been changed after construction
             params = {**params, **self._sampled_base_weights(params)}
             sample = False
         self._noise.sample, self._noise.groups = sample, groups
-        if attention_mask is not None and attention_mask.is_floating_point():   # additive 4D mask
+        if attention_mask is not None and attention_mask.is_floating_point():  # additive 4D mask
             attention_mask = attention_mask.to(self.peft_model.get_input_embeddings().weight.dtype)
-        run = partial(   # tie_weights=False: a sampled W0 must not reach a weight tied to it
-            functional_call, self.peft_model, params, args=(), strict=False, tie_weights=False,
+        run = partial(  # tie_weights=False: a sampled W0 must not reach a weight tied to it
+            functional_call,
+            self.peft_model,
+            params,
+            args=(),
+            strict=False,
+            tie_weights=False,
             kwargs=dict(input_ids=input_ids, attention_mask=attention_mask, **kwargs),
         )
         try:
             if self.frozen_cache is None or input_ids is None or set(kwargs) - _CACHEABLE_KWARGS:
-                return run()            # inputs the cache key does not cover: compute every layer
+                return run()  # inputs the cache key does not cover: compute every layer
             return self.frozen_cache.run(run, input_ids, attention_mask, kwargs.get("position_ids"))
         finally:
             self._noise.sample, self._noise.groups = False, None
@@ -563,7 +606,7 @@ class BayesLoraModel(nn.Module):
         """One weight sample per adapted layer, W0 + S * E with E ~ N(0, 1)^(d_out x d_in),
         keyed by the base layer's weight name (stored transposed for Conv1D), in W0's dtype.
         Differentiable in the scale pair; the mean path M stays peft's low-rank LoRA."""
-        own = dict(self.peft_model.named_parameters(remove_duplicate=False))   # a tied W0 has two names
+        own = dict(self.peft_model.named_parameters(remove_duplicate=False))  # a tied W0 has two names
         out = {}
         for L in self.layers:
             S = std_matrix(params.get(L.scale_B, own[L.scale_B]), params.get(L.scale_A, own[L.scale_A]), L.rho0)
@@ -589,9 +632,18 @@ class BayesLoraModel(nn.Module):
             blocks = _row_blocks(L.d_out, L.d_in, self.config.kl_chunk_elements)
             for i, j in blocks:
                 total = total + _blockwise(
-                    fn, blocks,
-                    q[L.mean_B][i:j], q[L.mean_A], q[L.scale_B][i:j], q[L.scale_A],
-                    p[L.mean_B][i:j], p[L.mean_A], p[L.scale_B][i:j], p[L.scale_A], L.scaling, L.rho0,
+                    fn,
+                    blocks,
+                    q[L.mean_B][i:j],
+                    q[L.mean_A],
+                    q[L.scale_B][i:j],
+                    q[L.scale_A],
+                    p[L.mean_B][i:j],
+                    p[L.mean_A],
+                    p[L.scale_B][i:j],
+                    p[L.scale_A],
+                    L.scaling,
+                    L.rho0,
                 )
         return total
 
@@ -605,9 +657,17 @@ class BayesLoraModel(nn.Module):
             blocks = _row_blocks(L.d_out, L.d_in, self.config.kl_chunk_elements)
             for i, j in blocks:
                 total = total + _blockwise(
-                    _neg_log_hyperprior_block, blocks,
-                    theta[L.mean_B][i:j], theta[L.mean_A], theta[L.scale_B][i:j], theta[L.scale_A],
-                    L.scaling, L.rho0, hyper.mean_std, hyper.a0, hyper.b0,
+                    _neg_log_hyperprior_block,
+                    blocks,
+                    theta[L.mean_B][i:j],
+                    theta[L.mean_A],
+                    theta[L.scale_B][i:j],
+                    theta[L.scale_A],
+                    L.scaling,
+                    L.rho0,
+                    hyper.mean_std,
+                    hyper.a0,
+                    hyper.b0,
                 )
         return total
 

@@ -101,10 +101,10 @@ def atomic_folder(folder: str | os.PathLike) -> Iterator[Path]:
     takes ``folder``'s place (an old ``folder`` is moved aside first and then removed), on an
     error it is removed and ``folder`` is left as it was. Readers see the old folder or the
     new one, never a mix (between the two renames, briefly, none)."""
-    folder = Path(folder).resolve() if Path(folder).is_symlink() else Path(folder)     # replace the link's target
+    folder = Path(folder).resolve() if Path(folder).is_symlink() else Path(folder)  # replace the link's target
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.", suffix=".tmp"))
-    if folder.is_dir():                           # the new folder keeps the old one's mode and group
+    if folder.is_dir():  # the new folder keeps the old one's mode and group
         st = folder.stat()
         os.chmod(tmp, stat.S_IMODE(st.st_mode))
         with contextlib.suppress(OSError):
@@ -120,7 +120,7 @@ def atomic_folder(folder: str | os.PathLike) -> Iterator[Path]:
         os.replace(tmp, folder)
         _fsync_dir(folder.parent)
     except BaseException:
-        if old is not None and not folder.exists():      # interrupted between the two renames: put it back
+        if old is not None and not folder.exists():  # interrupted between the two renames: put it back
             os.replace(old / folder.name, folder)
         shutil.rmtree(tmp, ignore_errors=True)
         if old is not None:
@@ -141,8 +141,10 @@ def check_bundle(path: str | os.PathLike, config: dict, metadata: dict[str, str]
     abmll's layout and accepted)."""
     mine, theirs = config.get(BUNDLE) if isinstance(config, dict) else None, metadata.get(BUNDLE)
     if mine != theirs:
-        raise CheckpointError(f"{path} and {tensor_path} were not written by the same save (bundle {mine} vs "
-                              f"{theirs}): an interrupted save left files of two versions; save the adapter again")
+        raise CheckpointError(
+            f"{path} and {tensor_path} were not written by the same save (bundle {mine} vs "
+            f"{theirs}): an interrupted save left files of two versions; save the adapter again"
+        )
 
 
 def save_adapter(folder: str | os.PathLike, tensors: dict[str, torch.Tensor], config: dict[str, Any]) -> Path:
@@ -236,12 +238,84 @@ def load_state(folder: str | os.PathLike, device: str | torch.device = "cpu") ->
     folder = Path(folder)
     json_path = folder / STATE
     state = _read_json(json_path)
-    if not (isinstance(state, dict) and state.get("format") == STATE_FORMAT and isinstance(state.get("step"), int)
-            and isinstance(state.get("tensors"), str) and _STATE_TENSORS.fullmatch(state["tensors"])):
+    if not (
+        isinstance(state, dict)
+        and state.get("format") == STATE_FORMAT
+        and isinstance(state.get("step"), int)
+        and isinstance(state.get("tensors"), str)
+        and _STATE_TENSORS.fullmatch(state["tensors"])
+    ):
         raise CheckpointError(f"{json_path}: not an abmll training state (format, step and tensors fields)")
     tensor_path = folder / state["tensors"]
     tensors, metadata = read_tensors(tensor_path, device)
     if metadata.get("format") != STATE_FORMAT or metadata.get("step") != str(state["step"]):
-        raise CheckpointError(
-            f"{tensor_path}: metadata {metadata} does not match step {state['step']} of {json_path}")
+        raise CheckpointError(f"{tensor_path}: metadata {metadata} does not match step {state['step']} of {json_path}")
     return tensors, state
+
+
+def optimizer_tensors(optimizer: torch.optim.Optimizer, names: list[str]) -> tuple[dict[str, torch.Tensor], list[dict]]:
+    """An optimiser's state for :func:`save_state`: per-parameter tensors as
+    ``adam/<name>/<field>`` (parameter i named ``names[i]``) and its param_groups (JSON).
+    Inverse: :func:`load_optimizer_tensors`."""
+    optim = optimizer.state_dict()
+    tensors = {}
+    for i, name in enumerate(names):
+        tensors.update({f"adam/{name}/{field}": v for field, v in optim["state"].get(i, {}).items()})
+    return tensors, optim["param_groups"]
+
+
+def load_optimizer_tensors(
+    optimizer: torch.optim.Optimizer, names: list[str], tensors: dict[str, torch.Tensor], param_groups: list[dict]
+) -> None:
+    """Load what :func:`optimizer_tensors` returned into ``optimizer``.
+
+    Raises:
+        KeyError, TypeError, ValueError: malformed ``param_groups`` (keys the optimiser does
+            not know, or without params, lr or its betas) or state; the optimiser is unchanged.
+    """
+    state = {}
+    for i, name in enumerate(names):
+        prefix = f"adam/{name}/"
+        entry = {key.removeprefix(prefix): t for key, t in tensors.items() if key.startswith(prefix)}
+        if entry:
+            state[i] = entry
+    current = optimizer.state_dict()["param_groups"]
+    # a group saved by an older torch may lack options added since (torch fills their defaults)
+    required = [{"params", "lr", *({"betas"} & set(c))} for c in current]
+    if len(param_groups) != len(current) or any(
+        not (need <= set(g) <= set(c)) for g, c, need in zip(param_groups, current, required)
+    ):
+        raise ValueError(f"param_groups {param_groups} do not match the optimiser's ({current})")
+    groups = [{**g, "betas": tuple(g["betas"])} if "betas" in g else g for g in param_groups]
+    optimizer.load_state_dict({"state": state, "param_groups": groups})
+
+
+def rng_tensors(device: torch.device) -> dict[str, torch.Tensor]:
+    """torch's RNG state (``rng/torch``), and the CUDA one of ``device`` (``rng/cuda``) when it is a GPU."""
+    tensors = {"rng/torch": torch.get_rng_state()}
+    if device.type == "cuda":
+        tensors["rng/cuda"] = torch.cuda.get_rng_state(device)
+    return tensors
+
+
+def checked_rng_state(tensors: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The ``rng/torch`` entry of :func:`rng_tensors`' output, checked to be a torch RNG state
+    (and ``rng/cuda``, when present, a uint8 vector).
+
+    Raises:
+        KeyError: missing; ValueError: not a uint8 tensor of torch's RNG state shape.
+    """
+    state = tensors["rng/torch"]
+    if state.dtype != torch.uint8 or state.shape != torch.get_rng_state().shape:
+        raise ValueError(f"rng/torch is {state.dtype} {tuple(state.shape)}, not a torch RNG state")
+    cuda = tensors.get("rng/cuda")
+    if cuda is not None and (cuda.dtype != torch.uint8 or cuda.dim() != 1):
+        raise ValueError(f"rng/cuda is {cuda.dtype} {tuple(cuda.shape)}, not a CUDA RNG state")
+    return state
+
+
+def set_rng_tensors(tensors: dict[str, torch.Tensor], device: torch.device) -> None:
+    """Restore the RNG states of :func:`rng_tensors` (the CUDA one only on a GPU ``device``)."""
+    torch.set_rng_state(checked_rng_state(tensors))
+    if "rng/cuda" in tensors and device.type == "cuda":
+        torch.cuda.set_rng_state(tensors["rng/cuda"], device)

@@ -16,8 +16,7 @@ SEED_LIMIT = 2**32
 
 
 def _number(value) -> bool:
-    return (not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
-            and abs(value) <= FLOAT32_MAX)
+    return not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value) and abs(value) <= FLOAT32_MAX
 
 
 def at_least(config, names: Iterable[str], low: float) -> None:

@@ -26,9 +26,7 @@ from __future__ import annotations
 
 import sys
 import time
-import warnings
 from collections.abc import Callable
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -59,6 +57,7 @@ from abmll.data import DataError
 from abmll.loading import load_prior
 from abmll.meta import NonFiniteLossError
 from abmll.outputs import complete_lines, read_json_or_none
+from abmll.quiet import library_output
 from abmll.train import CHECKPOINT_DIR
 
 DEMO_CONFIG = Path(__file__).with_name("demo.yaml")
@@ -97,51 +96,33 @@ class Command:
     unused: tuple[str, ...] = ()
 
 
-OUTER_LOOP = ("inner_steps", "outer_lr", "gamma", "meta_batch_size", "meta_steps", "outer_update", "mean_std", "a0",
-              "b0", "train_tasks", "val_tasks", "max_query")
+OUTER_LOOP = tuple(
+    "inner_steps outer_lr gamma meta_batch_size meta_steps outer_update mean_std a0 b0 train_tasks val_tasks max_query".split()
+)
 """Fields only meta-training uses (the outer loop, the hyperprior, the meta-train tasks)."""
 
 COMMAND_TABLE = {
     "meta-train": Command(ALL_GROUPS, (TrainArgs, ReportArgs), None, _meta_train, ("compare_priors",)),
     "evaluate": Command(ALL_GROUPS, (EvaluateArgs, ReportArgs), "prior", _evaluate, (*OUTER_LOOP, "log_support_after")),
     "demo": Command(ALL_GROUPS, (TrainArgs, ReportArgs), None, _demo),
-    "adapt": Command(["model", "lora", "scoring", "meta", "eval"], (AdaptArgs,), "prior",
-                     lambda run, cfg, args: run_adapt(run, args, cfg),
-                     (*OUTER_LOOP, "eval_samples", "max_test", "compare_priors")),
-    "predict": Command(["model", "lora", "scoring", "eval"], (PredictArgs,), "adapter",
-                       lambda run, cfg, args: run_predict(run, args, cfg), ("test_steps", "max_test", "compare_priors")),
+    "adapt": Command(
+        ["model", "lora", "scoring", "meta", "eval"],
+        (AdaptArgs,),
+        "prior",
+        lambda run, cfg, args: run_adapt(run, args, cfg),
+        (*OUTER_LOOP, "eval_samples", "max_test", "compare_priors", "ood_tasks"),
+    ),
+    "predict": Command(
+        ["model", "lora", "scoring", "eval"],
+        (PredictArgs,),
+        "adapter",
+        lambda run, cfg, args: run_predict(run, args, cfg),
+        ("test_steps", "test_lr", "test_optimizer", "max_test", "compare_priors", "ood_tasks"),
+    ),
     "export": Command(["model", "lora"], (ExportArgs,), "adapter", lambda run, cfg, args: run_export(run, args, cfg)),
     "data": Command([], (DataArgs,), None, lambda run, cfg, args: run_data(run, args)),
 }
 assert tuple(COMMAND_TABLE) == COMMANDS
-
-
-LIBRARIES = r"(transformers|peft|accelerate|huggingface_hub|torch|datasets)(\.|$)"
-"""Modules whose warnings :func:`library_output` hides (abmll's own are always shown)."""
-
-
-@contextmanager
-def library_output(verbose: bool):
-    """Unless ``verbose``: hide the libraries' warnings (every FutureWarning, and any warning
-    issued from a :data:`LIBRARIES` module), transformers' log below ERROR and its progress
-    bars (the weight-loading bar) while the block runs; restored afterwards."""
-    if verbose:
-        yield
-        return
-    from transformers.utils import logging as hf_logging
-
-    level, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
-    try:
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", category=FutureWarning)
-            warnings.filterwarnings("ignore", module=LIBRARIES)
-            yield
-    finally:
-        hf_logging.set_verbosity(level)
-        if bars:
-            hf_logging.enable_progress_bar()
 
 
 def _close_bars() -> None:
@@ -161,8 +142,10 @@ def _saved_note(command: str, run: RunArgs | None, extra: list) -> str:
         state = read_json_or_none(out / CHECKPOINT_DIR / STATE)
         if state is None:
             return f"no checkpoint was written yet in {out} (--save_every {extra[0].save_every})"
-        return (f"the run is saved at meta-step {state['step']} in {out}; continue it with the same command "
-                "and --resume (without --overwrite)")
+        return (
+            f"the run is saved at meta-step {state['step']} in {out}; continue it with the same command "
+            "and --resume (without --overwrite)"
+        )
     if command in ("evaluate", "demo") and (out / RESULTS).is_file():
         return f"the results were saved in {out / RESULTS} (the plots may be missing)"
     if command in ("evaluate", "predict"):
@@ -188,10 +171,11 @@ def main(argv: list[str] | None = None) -> int:
     run, extra = None, []
     try:
         if command == "demo":
-            replace = [] if "--resume" in rest else ["--overwrite"]      # a demo run replaces the previous one
+            replace = [] if "--resume" in rest else ["--overwrite"]  # a demo run replaces the previous one
             rest = ["--config", str(DEMO_CONFIG), *replace, *rest]
-        run, cfg, extra = parse_args(rest, spec.groups, spec.args, spec.adapter_flag, command,
-                                     default_out=f"runs/{command}", unused=spec.unused)
+        run, cfg, extra = parse_args(
+            rest, spec.groups, spec.args, spec.adapter_flag, command, default_out=f"runs/{command}", unused=spec.unused
+        )
         with library_output(run.verbose):
             spec.run(run, cfg, *extra)
     except (DataError, NonFiniteLossError, ValueError, OSError) as err:

@@ -110,8 +110,13 @@ class EvalArgs:
 
 
 CONFIG_GROUPS = {
-    "model": ModelArgs, "lora": BayesLoraConfig, "hyperprior": HyperpriorConfig,
-    "scoring": ScoringConfig, "meta": MetaConfig, "tasks": TaskArgs, "eval": EvalArgs,
+    "model": ModelArgs,
+    "lora": BayesLoraConfig,
+    "hyperprior": HyperpriorConfig,
+    "scoring": ScoringConfig,
+    "meta": MetaConfig,
+    "tasks": TaskArgs,
+    "eval": EvalArgs,
 }
 
 
@@ -139,7 +144,7 @@ def from_dict(saved: dict, name: str, source: str = "saved config"):
     try:
         return cls(**values)
     except (TypeError, ValueError) as err:
-        for key, value in values.items():          # name the first field that is refused on its own
+        for key, value in values.items():  # name the first field that is refused on its own
             try:
                 cls(**{key: value})
             except (TypeError, ValueError) as own:
@@ -147,11 +152,21 @@ def from_dict(saved: dict, name: str, source: str = "saved config"):
         raise ValueError(f"{source}: invalid {name} config ({err})") from None
 
 
+ADDED_FIELDS = {"eval": {"test_lr": None, "test_optimizer": "sgd"}}
+"""Fields added after results were first saved, with their defaults: :func:`result_config`
+leaves them out while at the default, so the resume key of results saved before them holds."""
+
+
 def result_config(cfg: dict) -> dict:
-    """The resolved config without machine fields (results do not depend on them)."""
+    """The resolved config without machine fields (results do not depend on them), and
+    without :data:`ADDED_FIELDS` at their defaults."""
     config = to_dict(**cfg)
     for group, names in MACHINE_FIELDS.items():
         for name in names:
             config.get(group, {}).pop(name, None)
-    config.get("lora", {}).pop("frozen_cache_mb", None)              # a runtime setting
+    for group, defaults in ADDED_FIELDS.items():
+        for name, default in defaults.items():
+            if config.get(group, {}).get(name, default) == default:
+                config.get(group, {}).pop(name, None)
+    config.get("lora", {}).pop("frozen_cache_mb", None)  # a runtime setting
     return config

@@ -93,8 +93,9 @@ def _class_names(split: Any, column: str) -> list[str] | None:
     return list(names) if names else None
 
 
-def _records(rows: Iterable[dict], split: str, task: str, mapping: ColumnMapping, class_names: list[str] | None,
-             counts: dict[str, int]) -> list[dict]:
+def _records(
+    rows: Iterable[dict], split: str, task: str, mapping: ColumnMapping, class_names: list[str] | None, counts: dict[str, int]
+) -> list[dict]:
     """Convert one split's rows into records, updating ``counts``."""
     out = []
     option_task = mapping.resolved_task_type() != "free-form"
@@ -118,8 +119,9 @@ def _records(rows: Iterable[dict], split: str, task: str, mapping: ColumnMapping
         if isinstance(raw, int) and not isinstance(raw, bool):
             names = mapping.label_names or mapping.options or class_names or options
             if not names:
-                raise ConversionError(f"{where}: label {raw} is an index but no label names are known "
-                                      "(pass label_names or options)")
+                raise ConversionError(
+                    f"{where}: label {raw} is an index but no label names are known (pass label_names or options)"
+                )
             if raw >= len(names):
                 raise ConversionError(f"{where}: label {raw} is out of range for label names {names}")
             output = str(names[raw])
@@ -130,7 +132,7 @@ def _records(rows: Iterable[dict], split: str, task: str, mapping: ColumnMapping
             counts["skipped_duplicate_options"] += 1
             continue
         if "" in options or not _valid_unicode(text, output, *options):
-            counts["skipped_invalid_text"] += 1     # abmll.data / scoring would refuse the record
+            counts["skipped_invalid_text"] += 1  # abmll.data / scoring would refuse the record
             continue
         if option_task and output not in options:
             raise ConversionError(f"{where}: output {output!r} is not one of the options {options}")
@@ -155,9 +157,15 @@ def _write_jsonl(path: Path, records: Sequence[dict]) -> None:
 
 
 def convert_dataset(
-    splits: Mapping[str, Iterable[dict]], task: str, out_dir: str | os.PathLike, mapping: ColumnMapping,
-    shots: Sequence[int] = (16,), seeds: Sequence[int] = DATA_SEEDS, train_split: str = "train",
-    test_split: str | None = None, max_test: int | None = None,
+    splits: Mapping[str, Iterable[dict]],
+    task: str,
+    out_dir: str | os.PathLike,
+    mapping: ColumnMapping,
+    shots: Sequence[int] = (16,),
+    seeds: Sequence[int] = DATA_SEEDS,
+    train_split: str = "train",
+    test_split: str | None = None,
+    max_test: int | None = None,
 ) -> dict[str, Any]:
     """Write a task's k-shot files (see the module docstring) and return a report.
 
@@ -190,18 +198,19 @@ def convert_dataset(
     counts = {}
     converted = {}
     for name in dict.fromkeys((train_split, test_split)):
-        counts[name] = {"rows": 0, "kept": 0, "skipped_unlabelled": 0, "skipped_duplicate_options": 0,
-                        "skipped_invalid_text": 0}
-        converted[name] = _records(splits[name], name, task, mapping,
-                                   _class_names(splits[name], mapping.output_column), counts[name])
+        counts[name] = {"rows": 0, "kept": 0, "skipped_unlabelled": 0, "skipped_duplicate_options": 0, "skipped_invalid_text": 0}
+        converted[name] = _records(
+            splits[name], name, task, mapping, _class_names(splits[name], mapping.output_column), counts[name]
+        )
     train, test = converted[train_split], converted[test_split]
     need = 2 * max(shots)
     if len(train) < need:
-        raise ConversionError(f"split {train_split!r} has {len(train)} usable rows; k={max(shots)} needs {need} "
-                              f"(k train + k dev), counts {counts[train_split]}")
+        raise ConversionError(
+            f"split {train_split!r} has {len(train)} usable rows; k={max(shots)} needs {need} "
+            f"(k train + k dev), counts {counts[train_split]}"
+        )
     if not test:
-        raise ConversionError(f"split {test_split!r} has no labelled rows ({counts[test_split]}); "
-                              "choose another test split")
+        raise ConversionError(f"split {test_split!r} has no labelled rows ({counts[test_split]}); choose another test split")
     if max_test is not None and len(test) > max_test:
         keep = sorted(random.Random(0).sample(range(len(test)), max_test))
         test = [test[i] for i in keep]
@@ -212,7 +221,7 @@ def convert_dataset(
         for seed in seeds:
             rows = list(train)
             np.random.RandomState(seed).shuffle(rows)  # = numpy.random.seed(seed); numpy.random.shuffle(rows)
-            for part, chunk in (("train", rows[:k]), ("dev", rows[k:2 * k])):
+            for part, chunk in (("train", rows[:k]), ("dev", rows[k : 2 * k])):
                 path = folder / f"{task}_{k}_{seed}_{part}.jsonl"
                 _write_jsonl(path, chunk)
                 files.append(str(path))
@@ -225,8 +234,15 @@ def convert_dataset(
     meta_path = Path(out_dir) / "task_meta" / f"{task}.json"
     write_json(meta_path, {"task_type": task_type, "options": list(fixed)})
     files.append(str(meta_path))
-    return {"task": task, "task_type": task_type, "options": list(fixed), "train_split": train_split,
-            "test_split": test_split, "counts": counts, "files": files}
+    return {
+        "task": task,
+        "task_type": task_type,
+        "options": list(fixed),
+        "train_split": train_split,
+        "test_split": test_split,
+        "counts": counts,
+        "files": files,
+    }
 
 
 def read_jsonl_rows(path: str | os.PathLike) -> list[dict]:
@@ -253,8 +269,9 @@ def read_jsonl_rows(path: str | os.PathLike) -> list[dict]:
     return rows
 
 
-def load_hf_dataset(name_or_path: str, config_name: str | None = None,
-                    data_files: Mapping[str, str] | None = None) -> Mapping[str, Iterable[dict]]:
+def load_hf_dataset(
+    name_or_path: str, config_name: str | None = None, data_files: Mapping[str, str] | None = None
+) -> Mapping[str, Iterable[dict]]:
     """Load a dataset with Hugging Face ``datasets`` (imported only here): a folder written by
     ``save_to_disk``, else ``load_dataset(name_or_path, config_name, data_files=...)`` (a hub
     id, a loading script, or a builder such as "csv" / "json" with ``data_files``).

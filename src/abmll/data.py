@@ -73,10 +73,7 @@ def resolve_data_dir(data_dir: str | os.PathLike | None = None) -> Path:
         data_dir = os.environ.get("ABMLL_DATA_DIR") or None
     if data_dir is None:
         if not DEFAULT_DATA_DIR.is_dir():
-            raise DataError(
-                f"no data directory: {DEFAULT_DATA_DIR} does not exist; "
-                "pass --data-dir or set ABMLL_DATA_DIR"
-            )
+            raise DataError(f"no data directory: {DEFAULT_DATA_DIR} does not exist; pass --data-dir or set ABMLL_DATA_DIR")
         return DEFAULT_DATA_DIR
     path = Path(data_dir).expanduser()
     if not path.is_dir():
@@ -100,9 +97,7 @@ def _parse_line(text: str, where: str, unlabelled: bool = False) -> dict:
         if key not in record:
             raise DataError(f"{where}: missing key {key!r}")
         if not isinstance(record[key], kind):
-            raise DataError(
-                f"{where}: {key!r} must be {kind.__name__}, got {type(record[key]).__name__}"
-            )
+            raise DataError(f"{where}: {key!r} must be {kind.__name__}, got {type(record[key]).__name__}")
     if missing_output:
         record["output"] = None
     if not all(isinstance(option, str) for option in record["options"]):
@@ -110,7 +105,7 @@ def _parse_line(text: str, where: str, unlabelled: bool = False) -> dict:
     for text in (record["input"], record["output"] or "", *record["options"]):
         try:
             text.encode("utf-8")
-        except UnicodeEncodeError as err:     # a lone surrogate such as "\ud800"
+        except UnicodeEncodeError as err:  # a lone surrogate such as "\ud800"
             raise DataError(f"{where}: text is not valid Unicode ({err.reason} at {err.start})") from None
     return record
 
@@ -130,27 +125,31 @@ def _to_example(record: dict, where: str, option_task: bool) -> Example:
         return Example(record["input"], (), -1, where)
     blank = [i for i, option in enumerate(options) if not _visible(option)]
     if blank:
-        raise DataError(f"{where}: option {blank[0]} is empty or only whitespace / invisible characters "
-                        f"({options[blank[0]]!r}); it would be scored as a bare separator")
+        raise DataError(
+            f"{where}: option {blank[0]} is empty or only whitespace / invisible characters "
+            f"({options[blank[0]]!r}); it would be scored as a bare separator"
+        )
     seen: dict[str, str] = {}
     for option in options:
         key = unicodedata.normalize("NFC", option).strip()
         if key in seen and seen[key] != option:
-            raise DataError(f"{where}: options {seen[key]!r} and {option!r} differ only in surrounding whitespace "
-                            "or Unicode normalisation; a reader (and the scorer's tokens) cannot tell them apart")
+            raise DataError(
+                f"{where}: options {seen[key]!r} and {option!r} differ only in surrounding whitespace "
+                "or Unicode normalisation; a reader (and the scorer's tokens) cannot tell them apart"
+            )
         seen[key] = option
     if len(options) == 1:
-        raise DataError(f"{where}: only one option ({options[0]!r}): there is nothing to choose between; "
-                        "give at least two options or remove the line")
+        raise DataError(
+            f"{where}: only one option ({options[0]!r}): there is nothing to choose between; "
+            "give at least two options or remove the line"
+        )
     duplicates = sorted({option for option in options if options.count(option) > 1})
     if duplicates:
         raise DataError(f"{where}: duplicate options {duplicates}")
     if record["output"] is None:
         return Example(record["input"], options, -1, where)
     if record["output"] not in options:
-        raise DataError(
-            f"{where}: output {record['output']!r} is not one of the options {list(options)}"
-        )
+        raise DataError(f"{where}: output {record['output']!r} is not one of the options {list(options)}")
     return Example(record["input"], options, options.index(record["output"]), where)
 
 
@@ -174,7 +173,7 @@ def read_jsonl(path: str | os.PathLike, task_type: str | None = None, unlabelled
             for lineno, raw in enumerate(lines, 1):
                 where = f"{path}:{lineno}"
                 try:
-                    text = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")   # a leading BOM is read, not refused
+                    text = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")  # a leading BOM is read, not refused
                 except UnicodeDecodeError as err:
                     raise DataError(f"{where}: not UTF-8 ({err})") from None
                 if text.strip():
@@ -208,9 +207,7 @@ def load_split(name: str, data_dir: str | os.PathLike | None = None) -> dict[str
     path = splits_dir / f"{name}.json"
     if not path.is_file():
         available = sorted(p.stem for p in splits_dir.glob("*.json"))
-        raise DataError(
-            f"unknown split {name!r} (no {path}); available: {', '.join(available) or 'none'}"
-        )
+        raise DataError(f"unknown split {name!r} (no {path}); available: {', '.join(available) or 'none'}")
     split = _read_json(path)
     if not isinstance(split, dict) or not all(
         isinstance(tasks, list) and all(isinstance(t, str) for t in tasks) for tasks in split.values()
@@ -233,9 +230,7 @@ def task_meta(task: str, data_dir: str | os.PathLike | None = None) -> dict:
     return meta
 
 
-def check_tasks(
-    tasks: Sequence[str], data_dir: str | os.PathLike | None = None, skip_missing: bool = False
-) -> list[str]:
+def check_tasks(tasks: Sequence[str], data_dir: str | os.PathLike | None = None, skip_missing: bool = False) -> list[str]:
     """Return the tasks that have a folder in the data directory, in the given order.
 
     When some are absent: with ``skip_missing=False`` raise MissingTaskError listing all
@@ -247,9 +242,7 @@ def check_tasks(
     missing = [task for task in tasks if not (root / task).is_dir()]
     listed = ", ".join(missing)
     if not present:
-        raise MissingTaskError(
-            f"none of the tasks is present in {root} (missing: {listed or 'no tasks given'})", missing
-        )
+        raise MissingTaskError(f"none of the tasks is present in {root} (missing: {listed or 'no tasks given'})", missing)
     if missing and not skip_missing:
         raise MissingTaskError(
             f"{len(missing)} task(s) absent from {root}: {listed}; "
@@ -319,8 +312,9 @@ def load_episode(
     return Episode(task, support, query)
 
 
-def check_task_files(tasks: Sequence[str], splits: Sequence[str], k: int, seeds: Sequence[int],
-                     data_dir: str | os.PathLike | None = None) -> None:
+def check_task_files(
+    tasks: Sequence[str], splits: Sequence[str], k: int, seeds: Sequence[int], data_dir: str | os.PathLike | None = None
+) -> None:
     """Read and validate every file a run will use: each split in ``splits`` ("train", "dev",
     "test") of each task for each data seed, so a bad line is found before any model is
     loaded rather than when the task is first sampled.

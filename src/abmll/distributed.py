@@ -78,7 +78,7 @@ def fsdp_plugin(accelerator):
         from accelerate import FullyShardedDataParallelPlugin
 
         plugin = FullyShardedDataParallelPlugin()
-        if accelerator.mixed_precision != "no":     # as accelerate does for its own FSDP plugin
+        if accelerator.mixed_precision != "no":  # as accelerate does for its own FSDP plugin
             plugin.set_mixed_precision(accelerator.mixed_precision)
         accelerator.state.fsdp_plugin = plugin
     return plugin
@@ -156,8 +156,7 @@ class ProcessReducer:
         for t, g in zip(theta.values(), total.split([g.numel() for g in grads])):
             t.grad = g.view_as(t).clone()
         device = next(iter(theta.values())).device
-        values = self.accelerator.reduce(torch.tensor(list(logs.values()), dtype=torch.float64, device=device),
-                                         reduction="sum")
+        values = self.accelerator.reduce(torch.tensor(list(logs.values()), dtype=torch.float64, device=device), reduction="sum")
         return dict(zip(logs, values.tolist()))
 
     def fail(self, err: BaseException) -> None:
@@ -183,8 +182,15 @@ class ProcessReducer:
 
 
 def distributed_meta_step(
-    accelerator, model: BayesLoraModel, theta: Params, optimizer: torch.optim.Optimizer,
-    tasks: Sequence[TaskBatches], total_tasks: int, config: MetaConfig, hyper: HyperpriorConfig, step: int,
+    accelerator,
+    model: BayesLoraModel,
+    theta: Params,
+    optimizer: torch.optim.Optimizer,
+    tasks: Sequence[TaskBatches],
+    total_tasks: int,
+    config: MetaConfig,
+    hyper: HyperpriorConfig,
+    step: int,
     log_support_after: bool = False,
 ) -> dict[str, float]:
     """:func:`abmll.meta.meta_step` on this process's ``tasks`` (its share of a meta-batch of
@@ -200,11 +206,21 @@ def distributed_meta_step(
     """
     reducer = ProcessReducer(accelerator, step)
     try:
-        return meta_step(model, theta, optimizer, tasks, config, hyper, step, total_tasks=total_tasks, reduce=reducer,
-                         log_support_after=log_support_after)
+        return meta_step(
+            model,
+            theta,
+            optimizer,
+            tasks,
+            config,
+            hyper,
+            step,
+            total_tasks=total_tasks,
+            reduce=reducer,
+            log_support_after=log_support_after,
+        )
     except Exception as err:
         optimizer.zero_grad(set_to_none=True)
-        if not reducer.called:      # failed before the all-reduce: the others are waiting in it
+        if not reducer.called:  # failed before the all-reduce: the others are waiting in it
             reducer.fail(err)
         raise
 
@@ -255,17 +271,23 @@ def shard_base_model(accelerator, model: BayesLoraModel, plugin=None) -> list[nn
     if plugin.fsdp_version != 2:
         raise ValueError("abmll shards the base model with FSDP2 only: set fsdp_version: 2 in the accelerate config")
     if model.config.sampling != "flipout":
-        raise ValueError(f"sampling={model.config.sampling!r} adds weight noise to the base weights, which FSDP "
-                         "shards: use --sampling flipout with an FSDP config")
+        raise ValueError(
+            f"sampling={model.config.sampling!r} adds weight noise to the base weights, which FSDP "
+            "shards: use --sampling flipout with an FSDP config"
+        )
     # The frozen-layer cache would make processes that hit and processes that miss run
     # different numbers of FSDP all-gathers (a hang); sharded runs compute every layer.
     model.frozen_cache = None
     root = model.peft_model
     device = accelerator.device
     ignored = set(adapter_parameters(model))
-    kwargs = dict(mesh=init_device_mesh(device.type, (accelerator.num_processes,)),
-                  reshard_after_forward=plugin.reshard_after_forward, offload_policy=plugin.cpu_offload,
-                  mp_policy=plugin.mixed_precision_policy or MixedPrecisionPolicy(), ignored_params=ignored)
+    kwargs = dict(
+        mesh=init_device_mesh(device.type, (accelerator.num_processes,)),
+        reshard_after_forward=plugin.reshard_after_forward,
+        offload_policy=plugin.cpu_offload,
+        mp_policy=plugin.mixed_precision_policy or MixedPrecisionPolicy(),
+        ignored_params=ignored,
+    )
     policy = wrap_policy(plugin, root)
     units = [m for m in get_module_children_bottom_up(root)[:-1] if policy is not None and policy(m)]
     for unit in units:
@@ -305,13 +327,14 @@ def split_batches(tokenizer, examples: Sequence, config: ScoringConfig, n: int) 
         groups[-1].append(i)
         rows += size
     if len(groups) > n or len(examples) < n:
-        raise ValueError(f"cannot split {len(examples)} examples ({len(groups)} batches of at most "
-                         f"{config.max_rows} rows) into exactly {n} batches")
+        raise ValueError(
+            f"cannot split {len(examples)} examples ({len(groups)} batches of at most "
+            f"{config.max_rows} rows) into exactly {n} batches"
+        )
     while len(groups) < n:
-        j = max((j for j, g in enumerate(groups) if len(g) > 1),
-                key=lambda j: sum(len(examples[i].options) for i in groups[j]))
+        j = max((j for j, g in enumerate(groups) if len(g) > 1), key=lambda j: sum(len(examples[i].options) for i in groups[j]))
         g = groups.pop(j)
-        groups[j:j] = [g[: len(g) // 2], g[len(g) // 2:]]
+        groups[j:j] = [g[: len(g) // 2], g[len(g) // 2 :]]
     return [encode_options(tokenizer, [examples[i] for i in g], config, g) for g in groups]
 
 

@@ -54,8 +54,9 @@ class Method:
     optimizer: str = "sgd"
 
 
-def run_method(model: BayesLoraModel, method: Method, episode: TaskBatches, meta: MetaConfig, seed: int
-               ) -> tuple[dict, Tensor, Tensor]:
+def run_method(
+    model: BayesLoraModel, method: Method, episode: TaskBatches, meta: MetaConfig, seed: int
+) -> tuple[dict, Tensor, Tensor]:
     """One method on one episode: ``torch.manual_seed(seed)``, adapt (``method.steps`` steps at
     ``meta.inner_lr``) on the support set, predict the query set.
 
@@ -94,16 +95,24 @@ def adapt_method(model: BayesLoraModel, method: Method, episode: TaskBatches, me
     n_samples = meta.n_samples if method.adapt_samples is None else method.adapt_samples
     lr = meta.inner_lr if method.lr is None else method.lr
     try:
-        posterior, _ = adapt(model, method.prior, episode.support, method.steps, lr, beta, n_samples,
-                             meta.inner_grad_clip, method.optimizer)
+        posterior, _ = adapt(
+            model, method.prior, episode.support, method.steps, lr, beta, n_samples, meta.inner_grad_clip, method.optimizer
+        )
     except NonFiniteLossError as err:
         raise NonFiniteLossError(f"{method.name} on task {episode.task}, seed {seed}: {err}") from err
     return posterior
 
 
 def evaluate(
-    model: BayesLoraModel, tokenizer, methods: Sequence[Method], task_names: Sequence[str],
-    seeds: Sequence[int], tasks: TaskArgs, scoring: ScoringConfig, meta: MetaConfig, eval_args: EvalArgs,
+    model: BayesLoraModel,
+    tokenizer,
+    methods: Sequence[Method],
+    task_names: Sequence[str],
+    seeds: Sequence[int],
+    tasks: TaskArgs,
+    scoring: ScoringConfig,
+    meta: MetaConfig,
+    eval_args: EvalArgs,
     on_result: Callable[[str, str, int, dict], None] | None = None,
     on_predictions: Callable[[str, str, int, Tensor, Tensor], None] | None = None,
     query_split: str = "test",
@@ -145,18 +154,26 @@ def evaluate(
                     on_predictions(m.name, task, seed, probs, labels)
         truncation[task] = merge_truncation(summaries)
         warn_truncated(task, truncation[task], scoring.max_length)
-    return {"tasks": list(task_names), "seeds": list(seeds),
-            "methods": {name: summarise(results) for name, results in per.items()}, "truncation": truncation}
+    return {
+        "tasks": list(task_names),
+        "seeds": list(seeds),
+        "methods": {name: summarise(results) for name, results in per.items()},
+        "truncation": truncation,
+    }
 
 
 def warn_truncated(name: str, summary: dict, max_length: int) -> None:
     """A UserWarning saying how many inputs of ``name`` (a task or file) were cut and by how
     much (see :func:`abmll.scoring.truncation_summary`); nothing when none was."""
     if summary["truncated"]:
-        warnings.warn(f"{name}: {summary['truncated']} of {summary['examples']} inputs cut from the left to fit "
-                      f"max_length={max_length} tokens (on average {summary['mean_dropped_fraction']:.0%} of each "
-                      f"cut input dropped, at most {summary['max_dropped_fraction']:.0%}); raise --max_length to "
-                      "keep more", UserWarning, stacklevel=2)
+        warnings.warn(
+            f"{name}: {summary['truncated']} of {summary['examples']} inputs cut from the left to fit "
+            f"max_length={max_length} tokens (on average {summary['mean_dropped_fraction']:.0%} of each "
+            f"cut input dropped, at most {summary['max_dropped_fraction']:.0%}); raise --max_length to "
+            "keep more",
+            UserWarning,
+            stacklevel=2,
+        )
 
 
 def _mean(dicts: Sequence[dict]) -> dict:
@@ -176,8 +193,9 @@ def summarise(per_task: dict[str, dict[int, dict]]) -> dict:
     return out
 
 
-def evaluate_with_predictions(model, tokenizer, methods, task_names_, seeds, tasks, scoring, meta, ev,
-                              on_result=None, on_predictions=None, done=None) -> tuple[dict, dict]:
+def evaluate_with_predictions(
+    model, tokenizer, methods, task_names_, seeds, tasks, scoring, meta, ev, on_result=None, on_predictions=None, done=None
+) -> tuple[dict, dict]:
     """:func:`abmll.evaluate.evaluate`, also keeping each run's predictions: returns (results,
     {method: [(probs (N, C), labels (N,)), ...]}) for the pooled reliability diagrams.
     Raises what ``evaluate`` raises."""
@@ -188,8 +206,20 @@ def evaluate_with_predictions(model, tokenizer, methods, task_names_, seeds, tas
         if on_predictions is not None:
             on_predictions(method, task, seed, probs, labels)
 
-    results = evaluate(model, tokenizer, methods, task_names_, seeds, tasks, scoring, meta, ev, on_result=on_result,
-                       on_predictions=keep, done=done)
+    results = evaluate(
+        model,
+        tokenizer,
+        methods,
+        task_names_,
+        seeds,
+        tasks,
+        scoring,
+        meta,
+        ev,
+        on_result=on_result,
+        on_predictions=keep,
+        done=done,
+    )
     return results, predictions
 
 
@@ -203,6 +233,10 @@ def format_table(results: dict) -> str:
     rows = [(t, {m: results["methods"][m]["per_task"][t]["mean"] for m in methods}) for t in results["tasks"]]
     rows.append(("mean over tasks", {m: results["methods"][m]["mean"] for m in methods}))
     for name, by_method in rows:
-        lines.append(f"{name:28s}" + "".join(
-            f" | {r['accuracy']:14.3f} {r['macro_f1']:5.3f} {r['ece']:5.3f} {r['nll']:5.3f}" for r in by_method.values()))
+        lines.append(
+            f"{name:28s}"
+            + "".join(
+                f" | {r['accuracy']:14.3f} {r['macro_f1']:5.3f} {r['ece']:5.3f} {r['nll']:5.3f}" for r in by_method.values()
+            )
+        )
     return "\n".join(lines)

@@ -68,8 +68,9 @@ def _split(tensors: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], d
         else:
             suffix = next((s for s in _SCALE_SUFFIXES if key.endswith(s)), None)
             if suffix is None:
-                raise ValueError(f"{key!r} is not a Gaussian LoRA tensor (expected *.{LORA_A}, *.{LORA_B}, "
-                                 f"*.{SCALE_A} or *.{SCALE_B})")
+                raise ValueError(
+                    f"{key!r} is not a Gaussian LoRA tensor (expected *.{LORA_A}, *.{LORA_B}, *.{SCALE_A} or *.{SCALE_B})"
+                )
             scale[key] = value
             layers.setdefault(key.removesuffix(suffix), set()).add(suffix)
     incomplete = [name for name, parts in layers.items() if len(parts) != 4]
@@ -88,8 +89,11 @@ def _target_modules(config: dict[str, Any], tensors: dict[str, torch.Tensor]) ->
 
 
 def export_peft(
-    folder: str | os.PathLike, tensors: dict[str, torch.Tensor], config: dict[str, Any],
-    model: BayesLoraModel | None = None, base_model_name_or_path: str | None = None,
+    folder: str | os.PathLike,
+    tensors: dict[str, torch.Tensor],
+    config: dict[str, Any],
+    model: BayesLoraModel | None = None,
+    base_model_name_or_path: str | None = None,
 ) -> Path:
     """Write adapter ``tensors`` (a prior theta or a posterior lambda) as a PEFT LoRA folder
     with the abmll sidecar (see the module docstring). The folder is written as a unit
@@ -120,8 +124,9 @@ def export_peft(
     """
     folder = Path(folder)
     if folder.is_dir() and any(folder.iterdir()) and not is_peft_export(folder):
-        raise ValueError(f"{folder} is not empty and not an exported adapter; export into a new or empty folder "
-                         "(the whole folder is replaced)")
+        raise ValueError(
+            f"{folder} is not empty and not an exported adapter; export into a new or empty folder (the whole folder is replaced)"
+        )
     mean, scale = _split(tensors)
     if model is not None:
         expected = set(model.init_params())
@@ -131,16 +136,27 @@ def export_peft(
         peft_cfg = model.peft_model.peft_config["default"]
         base_name = base_model_name_or_path or getattr(model.peft_model.get_base_model(), "name_or_path", None)
         lora = LoraConfig(
-            r=peft_cfg.r, lora_alpha=peft_cfg.lora_alpha, target_modules=sorted(peft_cfg.target_modules),
-            lora_dropout=0.0, bias="none", fan_in_fan_out=peft_cfg.fan_in_fan_out, task_type="CAUSAL_LM",
+            r=peft_cfg.r,
+            lora_alpha=peft_cfg.lora_alpha,
+            target_modules=sorted(peft_cfg.target_modules),
+            lora_dropout=0.0,
+            bias="none",
+            fan_in_fan_out=peft_cfg.fan_in_fan_out,
+            task_type="CAUSAL_LM",
         )
     else:
         group = config.get("lora", {})
         if "rank" not in group or "alpha" not in group:
             raise ValueError("config['lora'] must give rank and alpha (or pass the model)")
         base_name = base_model_name_or_path
-        lora = LoraConfig(r=int(group["rank"]), lora_alpha=group["alpha"], target_modules=_target_modules(config, tensors),
-                          lora_dropout=0.0, bias="none", task_type="CAUSAL_LM")
+        lora = LoraConfig(
+            r=int(group["rank"]),
+            lora_alpha=group["alpha"],
+            target_modules=_target_modules(config, tensors),
+            lora_dropout=0.0,
+            bias="none",
+            task_type="CAUSAL_LM",
+        )
     lora.base_model_name_or_path = base_name or config.get("model", {}).get("model")
     lora.inference_mode = True
 
@@ -161,8 +177,6 @@ def is_peft_export(folder: str | os.PathLike) -> bool:
     return (folder / PEFT_TENSORS).is_file() and (folder / SCALE_TENSORS).is_file()
 
 
-
-
 def load_peft_export(folder: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[dict[str, torch.Tensor], dict]:
     """Read a folder written by :func:`export_peft` back into abmll's flat dict of all four
     matrices per layer (exactly the exported values) and its abmll config.
@@ -175,8 +189,9 @@ def load_peft_export(folder: str | os.PathLike, device: str | torch.device = "cp
     folder = Path(folder)
     config_path = folder / CONFIG
     if not config_path.is_file():
-        raise CheckpointError(f"{config_path}: not found (an exported abmll adapter holds {PEFT_TENSORS}, "
-                              f"{SCALE_TENSORS} and {CONFIG})")
+        raise CheckpointError(
+            f"{config_path}: not found (an exported abmll adapter holds {PEFT_TENSORS}, {SCALE_TENSORS} and {CONFIG})"
+        )
     try:
         config = json.loads(config_path.read_text(encoding="utf-8-sig"))
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
@@ -213,7 +228,10 @@ def load_adapter_folder(folder: str | os.PathLike, device: str | torch.device = 
     if is_peft_export(folder):
         return load_peft_export(folder, device)
     if (folder / PEFT_TENSORS).is_file():
-        raise CheckpointError(f"{folder}: a plain PEFT adapter without {SCALE_TENSORS}; abmll needs the Gaussian's "
-                              f"scale pair too (folders written by `abmll export` / `abmll adapt` have it)")
-    raise CheckpointError(f"{folder}: not an abmll adapter folder (expected {TENSORS} or {PEFT_TENSORS} + "
-                          f"{SCALE_TENSORS}, with {CONFIG})")
+        raise CheckpointError(
+            f"{folder}: a plain PEFT adapter without {SCALE_TENSORS}; abmll needs the Gaussian's "
+            f"scale pair too (folders written by `abmll export` / `abmll adapt` have it)"
+        )
+    raise CheckpointError(
+        f"{folder}: not an abmll adapter folder (expected {TENSORS} or {PEFT_TENSORS} + {SCALE_TENSORS}, with {CONFIG})"
+    )

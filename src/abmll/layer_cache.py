@@ -100,12 +100,16 @@ class FrozenLayerCache:
 
     def key(self, input_ids: Tensor, attention_mask: Tensor | None, position_ids: Tensor | None) -> tuple:
         """The cache key of one forward's inputs (see the module docstring)."""
-        state = tuple((t.data_ptr(), t._version, str(t.dtype), str(t.device))
-                      for t in (*self._root.parameters(), *self._root.buffers()) if id(t) not in self._above)
+        state = tuple(
+            (t.data_ptr(), t._version, str(t.dtype), str(t.device))
+            for t in (*self._root.parameters(), *self._root.buffers())
+            if id(t) not in self._above
+        )
         return (self.boundary, hash(state), _digest(input_ids), _digest(attention_mask), _digest(position_ids))
 
-    def run(self, forward: Callable[[], Any], input_ids: Tensor, attention_mask: Tensor | None,
-            position_ids: Tensor | None) -> Any:
+    def run(
+        self, forward: Callable[[], Any], input_ids: Tensor, attention_mask: Tensor | None, position_ids: Tensor | None
+    ) -> Any:
         """``forward()`` (a full forward pass of the model on these inputs) with the frozen
         layers served from the cache; on a miss they run once first, without gradients."""
         key = self.key(input_ids, attention_mask, position_ids)
@@ -151,7 +155,7 @@ class FrozenLayerCache:
 
         handle = self.layers[self.boundary].register_forward_pre_hook(inject, with_kwargs=True)
         skipped = list(self.layers[: self.boundary])
-        own = [vars(layer).get("forward") for layer in skipped]     # e.g. accelerate's wrapped forward
+        own = [vars(layer).get("forward") for layer in skipped]  # e.g. accelerate's wrapped forward
         for layer in skipped:
             layer.forward = _pass_through
         try:

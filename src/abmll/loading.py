@@ -14,7 +14,7 @@ def build_model(cfg: dict, device=None):
     m = cfg["model"]
     base, tokenizer = load_base_model(m.model, m.dtype, resolve_device(m.device if device is None else device))
     model = BayesLoraModel(base, cfg["lora"])
-    cfg["lora"] = model.config          # target_modules resolved ("auto" -> the preset)
+    cfg["lora"] = model.config  # target_modules resolved ("auto" -> the preset)
     return model, tokenizer
 
 
@@ -35,8 +35,17 @@ def load_prior(folder: str, cfg: dict):
             except ValueError as err:
                 raise CheckpointError(str(err)) from None
     model, tokenizer = build_model(cfg)
-    return model, tokenizer, check_fits(theta, model, f"{folder}: its adapter tensors do not fit the model built "
-                                       "from the config", f"model {cfg['model'].model!r}, rank {cfg['lora'].rank}"), status
+    return (
+        model,
+        tokenizer,
+        check_fits(
+            theta,
+            model,
+            f"{folder}: its adapter tensors do not fit the model built from the config",
+            f"model {cfg['model'].model!r}, rank {cfg['lora'].rank}",
+        ),
+        status,
+    )
 
 
 def fitting_prior(name: str, model: BayesLoraModel) -> tuple[dict, dict | None]:
@@ -48,8 +57,12 @@ def fitting_prior(name: str, model: BayesLoraModel) -> tuple[dict, dict | None]:
     """
     folder = resolve_adapter(name)
     tensors, _, status = _read_adapter(folder)
-    return check_fits(tensors, model, f"{folder}: its tensors do not fit this model's adapters",
-                      "compare priors made with the same model, rank, target_modules and top_layers"), status
+    return check_fits(
+        tensors,
+        model,
+        f"{folder}: its tensors do not fit this model's adapters",
+        "compare priors made with the same model, rank, target_modules and top_layers",
+    ), status
 
 
 def _read_adapter(folder) -> tuple[dict, dict, dict | None]:

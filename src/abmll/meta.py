@@ -28,8 +28,6 @@ from abmll.bayes_lora import BayesLoraModel, HyperpriorConfig, Params
 from abmll.checks import at_least, one_of, seeds
 from abmll.scoring import OptionBatch, option_nll, option_scores
 
-OUTER_UPDATES = ("abmll", "reptile")
-
 
 @dataclass
 class MetaConfig:
@@ -98,7 +96,11 @@ def _logits_fn(model: BayesLoraModel, params: Params, sample: bool):
 
 
 def nll_backward(
-    model: BayesLoraModel, params: Params, batches: Sequence[OptionBatch], n_samples: int, weight: float = 1.0,
+    model: BayesLoraModel,
+    params: Params,
+    batches: Sequence[OptionBatch],
+    n_samples: int,
+    weight: float = 1.0,
 ) -> float:
     """Mean NLL over all examples of ``batches`` (and over ``n_samples`` weight samples;
     0 = posterior mean); ``weight`` times it is back-propagated batch by batch into the
@@ -132,8 +134,15 @@ def _leaves(params: Params) -> Params:
 
 
 def adapt(
-    model: BayesLoraModel, prior: Params, support: Sequence[OptionBatch], steps: int,
-    lr: float, beta: float, n_samples: int = 1, grad_clip: float = 0.0, optimizer: str = "sgd",
+    model: BayesLoraModel,
+    prior: Params,
+    support: Sequence[OptionBatch],
+    steps: int,
+    lr: float,
+    beta: float,
+    n_samples: int = 1,
+    grad_clip: float = 0.0,
+    optimizer: str = "sgd",
 ) -> tuple[Params, list[float]]:
     """Amortised inference: ``steps`` SGD steps on NLL(support) + beta * KL(q || prior),
     starting from the prior, prior held fixed (docs/method.md, "Amortised inference").
@@ -164,11 +173,9 @@ def adapt(
     lam = _leaves(prior)
     # an entry the loss does not reach (the scale pair of deterministic LoRA: n_samples = 0
     # and beta = 0) has no gradient, and both optimisers leave it where it is
-    params = list(lam.values())
-    opt = torch.optim.SGD(params, lr) if optimizer == "sgd" else torch.optim.AdamW(params, lr, weight_decay=0.0)
+    adamw = torch.optim.AdamW(lam.values(), lr, weight_decay=0.0) if optimizer == "adamw" else None
     history = []
     for step in range(steps):
-        opt.zero_grad(set_to_none=True)
         nll = nll_backward(model, lam, support, n_samples)
         kl = model.kl(lam, prior) if beta else None
         if kl is not None:
@@ -177,8 +184,13 @@ def adapt(
             raise NonFiniteLossError(f"inner step {step}: support NLL {nll}, KL {kl}")
         history.append(nll)
         if grad_clip:
-            torch.nn.utils.clip_grad_norm_([v for v in params if v.grad is not None], grad_clip)
-        opt.step()
+            torch.nn.utils.clip_grad_norm_([v for v in lam.values() if v.grad is not None], grad_clip)
+        if adamw is not None:
+            adamw.step()
+            adamw.zero_grad(set_to_none=True)
+            continue
+        with torch.no_grad():  # SGD written out (lambda - lr * grad: torch.optim.SGD's fused add rounds differently)
+            lam = {k: (v if v.grad is None else v - lr * v.grad).detach().requires_grad_() for k, v in lam.items()}
     bad = [k for k, v in lam.items() if not torch.isfinite(v).all()]
     if bad:
         raise NonFiniteLossError(f"adaptation diverged after {steps} steps (lr {lr}): non-finite {bad[0]}")
@@ -186,9 +198,16 @@ def adapt(
 
 
 def meta_step(
-    model: BayesLoraModel, theta: Params, optimizer: torch.optim.Optimizer,
-    tasks: Sequence[TaskBatches], config: MetaConfig, hyper: HyperpriorConfig, step: int = 0,
-    *, total_tasks: int | None = None, reduce: Callable[[Params, dict], dict] | None = None,
+    model: BayesLoraModel,
+    theta: Params,
+    optimizer: torch.optim.Optimizer,
+    tasks: Sequence[TaskBatches],
+    config: MetaConfig,
+    hyper: HyperpriorConfig,
+    step: int = 0,
+    *,
+    total_tasks: int | None = None,
+    reduce: Callable[[Params, dict], dict] | None = None,
     log_support_after: bool = False,
 ) -> dict[str, float]:
     """One first-order ABMLL outer step on a meta-batch (docs/method.md, "Meta-objective").
@@ -218,7 +237,8 @@ def meta_step(
         NonFiniteLossError: naming ``step`` and the tasks; theta is left unchanged.
     """
     if config.outer_update not in OUTER_UPDATES:
-        raise ValueError(f"outer_update must be one of {OUTER_UPDATES}, got {config.outer_update!r}")
+        raise ValueError(f"outer_update must be one of {tuple(OUTER_UPDATES)}, got {config.outer_update!r}")
+    task_update = OUTER_UPDATES[config.outer_update]
     optimizer.zero_grad(set_to_none=True)
     B = len(tasks) if total_tasks is None else total_tasks
     logs = dict(query_nll=0.0, kl=0.0, support_nll_before=0.0)
@@ -227,29 +247,11 @@ def meta_step(
     for task in tasks:
         if task.noise_seed is not None:
             torch.manual_seed(task.noise_seed)
-        if config.outer_update == "reptile":
-            _reptile_task(model, theta, task, config, B, logs, step)
-            continue
         try:
-            lam_k, history = adapt(model, theta, task.support, config.inner_steps, config.inner_lr,
-                                   config.beta, config.n_samples, config.inner_grad_clip)
+            task_update(model, theta, task, config, B, logs)
         except NonFiniteLossError as err:
             optimizer.zero_grad(set_to_none=True)
             raise NonFiniteLossError(f"meta-step {step}, task {task.task!r}: {err}") from err
-        lam = _leaves(lam_k)
-        query_nll = nll_backward(model, lam, task.query, config.n_samples, weight=1 / B)
-        kl = model.kl(lam, theta)
-        (config.beta / B * kl).backward()
-        with torch.no_grad():  # straight-through: d lambda^(K) / d theta = identity
-            for k, t in theta.items():
-                t.grad = lam[k].grad.clone() if t.grad is None else t.grad + lam[k].grad
-        logs["query_nll"] += query_nll / B
-        logs["kl"] += kl.item() / B
-        before = history[0] if history else mean_nll(model, theta, task.support)
-        logs["support_nll_before"] += before / B
-        if log_support_after:
-            after = mean_nll(model, lam_k, task.support) if history else before   # K = 0: lambda = theta
-            logs["support_nll_after"] += after / B
     if reduce is not None:
         logs = reduce(theta, logs)
     hyperprior = model.neg_log_hyperprior(theta, hyper)
@@ -260,22 +262,51 @@ def meta_step(
     if not finite:
         optimizer.zero_grad(set_to_none=True)
         raise NonFiniteLossError(
-            f"meta-step {step}: non-finite loss or gradient (logs {logs}) on tasks {[t.task for t in tasks]}")
+            f"meta-step {step}: non-finite loss or gradient (logs {logs}) on tasks {[t.task for t in tasks]}"
+        )
     optimizer.step()
     return logs
 
 
-def _reptile_task(model: BayesLoraModel, theta: Params, task: TaskBatches, config: MetaConfig, B: int,
-                  logs: dict[str, float], step: int) -> None:
+def _abmll_task(model: BayesLoraModel, theta: Params, task: TaskBatches, config: MetaConfig, B: int, logs: dict) -> None:
+    """ABMLL's share of one task in :func:`meta_step`: lambda^(K) = adapt(theta, support), then
+    the gradient of (NLL(query; lambda) + beta * KL(q_lambda || p_theta)) / B at lambda = lambda^(K)
+    is added to theta's (straight-through), beside the KL's own gradient through p_theta.
+    Logs: query_nll, kl, support_nll_before, and support_nll_after when ``logs`` has it."""
+    lam_k, history = adapt(
+        model, theta, task.support, config.inner_steps, config.inner_lr, config.beta, config.n_samples, config.inner_grad_clip
+    )
+    lam = _leaves(lam_k)
+    query_nll = nll_backward(model, lam, task.query, config.n_samples, weight=1 / B)
+    kl = model.kl(lam, theta)
+    (config.beta / B * kl).backward()
+    with torch.no_grad():  # straight-through: d lambda^(K) / d theta = identity
+        for k, t in theta.items():
+            t.grad = lam[k].grad.clone() if t.grad is None else t.grad + lam[k].grad
+    logs["query_nll"] += query_nll / B
+    logs["kl"] += kl.item() / B
+    before = history[0] if history else mean_nll(model, theta, task.support)
+    logs["support_nll_before"] += before / B
+    if "support_nll_after" in logs:
+        after = mean_nll(model, lam_k, task.support) if history else before  # K = 0: lambda = theta
+        logs["support_nll_after"] += after / B
+
+
+def _reptile_task(model: BayesLoraModel, theta: Params, task: TaskBatches, config: MetaConfig, B: int, logs: dict) -> None:
     """Reptile's share of one task in :func:`meta_step`: lambda^(K) = K inner steps from theta
     on the task's support and query sets together (Reptile has no held-out set), then
     (theta - lambda^(K)) / B is added to theta's gradient. Logs (no gradient): query_nll and
     support_nll_after at lambda^(K), support_nll_before at theta, kl = KL(q_lambda || p_theta)."""
-    try:
-        lam_k, _ = adapt(model, theta, list(task.support) + list(task.query), config.inner_steps,
-                         config.inner_lr, config.beta, config.n_samples, config.inner_grad_clip)
-    except NonFiniteLossError as err:
-        raise NonFiniteLossError(f"meta-step {step}, task {task.task!r}: {err}") from err
+    lam_k, _ = adapt(
+        model,
+        theta,
+        list(task.support) + list(task.query),
+        config.inner_steps,
+        config.inner_lr,
+        config.beta,
+        config.n_samples,
+        config.inner_grad_clip,
+    )
     with torch.no_grad():
         for k, t in theta.items():
             g = (t.detach() - lam_k[k]) / B
@@ -286,9 +317,17 @@ def _reptile_task(model: BayesLoraModel, theta: Params, task: TaskBatches, confi
     logs["support_nll_after"] += mean_nll(model, lam_k, task.support) / B
 
 
+OUTER_UPDATES: dict[str, Callable[..., None]] = {"abmll": _abmll_task, "reptile": _reptile_task}
+"""The outer update rules of :func:`meta_step`: each adds one task's share (1/B) of theta's
+gradient and of the logs, as ``rule(model, theta, task, config, B, logs)``."""
+
+
 @torch.no_grad()
 def predict_batches(
-    model: BayesLoraModel, params: Params, batches: Sequence[OptionBatch], n_samples: int = 0,
+    model: BayesLoraModel,
+    params: Params,
+    batches: Sequence[OptionBatch],
+    n_samples: int = 0,
 ) -> tuple[Tensor, Tensor]:
     """Predictive probabilities p(y | x) = mean over ``n_samples`` weight samples of
     softmax(option scores); ``n_samples`` = 0 uses the posterior mean (docs/method.md,
@@ -306,7 +345,10 @@ def predict_batches(
 
 @torch.no_grad()
 def predict_samples(
-    model: BayesLoraModel, params: Params, batches: Sequence[OptionBatch], n_samples: int = 0,
+    model: BayesLoraModel,
+    params: Params,
+    batches: Sequence[OptionBatch],
+    n_samples: int = 0,
 ) -> tuple[Tensor, Tensor]:
     """The class probabilities of each weight sample, for :func:`abmll.uncertainty.decompose`.
 
@@ -325,8 +367,11 @@ def predict_samples(
     probs = torch.zeros(draws, n, c, dtype=torch.float32)
     labels = torch.zeros(n, dtype=torch.long)
     for batch in batches:
-        p = torch.stack([torch.softmax(option_scores(_logits_fn(model, params, n_samples > 0), batch), -1)
-                         for _ in range(draws)]).float().cpu()
+        p = (
+            torch.stack([torch.softmax(option_scores(_logits_fn(model, params, n_samples > 0), batch), -1) for _ in range(draws)])
+            .float()
+            .cpu()
+        )
         idx = batch.example_index.cpu()
         probs[:, idx, : p.shape[2]] = p
         labels[idx] = batch.labels.cpu()
@@ -336,14 +381,19 @@ def predict_samples(
 def _mean_nll_graph(model: BayesLoraModel, params: Params, batches: Sequence[OptionBatch], n_samples: int) -> Tensor:
     """Mean NLL over ``batches`` (and ``n_samples`` weight samples) as one differentiable scalar."""
     draws = max(n_samples, 1)
-    losses = [option_nll(option_scores(_logits_fn(model, params, n_samples > 0), b), b.labels)
-              for b in batches for _ in range(draws)]
+    losses = [
+        option_nll(option_scores(_logits_fn(model, params, n_samples > 0), b), b.labels) for b in batches for _ in range(draws)
+    ]
     return torch.cat(losses).sum() / (sum(b.num_examples for b in batches) * draws)
 
 
 def meta_step_second_order(
-    model: BayesLoraModel, theta: Params, optimizer: torch.optim.Optimizer,
-    tasks: Sequence[TaskBatches], config: MetaConfig, hyper: HyperpriorConfig,
+    model: BayesLoraModel,
+    theta: Params,
+    optimizer: torch.optim.Optimizer,
+    tasks: Sequence[TaskBatches],
+    config: MetaConfig,
+    hyper: HyperpriorConfig,
 ) -> dict[str, float]:
     """Exact (second-order) ABML meta-step: back-propagates through all K inner steps
     (``create_graph=True``), including the prior's role in the inner KL. A reference for the

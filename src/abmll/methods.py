@@ -69,16 +69,25 @@ class MethodSpec:
     description: str
 
 
-METHODS: dict[str, MethodSpec] = {s.name: s for s in [
-    MethodSpec("zero_shot", "init", False, False, "pretrained model, no adaptation"),
-    MethodSpec("lora", "init", True, False, "LoRA fine-tuned per task from the pretrained model"),
-    MethodSpec("multitask_lora", "multitask", True, False,
-               "one LoRA trained on the union of the meta-train tasks, then fine-tuned per task"),
-    MethodSpec("reptile", "reptile", True, False, "Reptile on deterministic LoRA, then fine-tuned per task"),
-    MethodSpec("bayes_lora", "init", True, True,
-               "Bayesian LoRA without meta-learning: the ABMLL inner loop from the untrained prior"),
-    MethodSpec("abmll", "abmll", True, True, "ABMLL: the inner loop from the meta-learned prior"),
-]}
+METHODS: dict[str, MethodSpec] = {
+    s.name: s
+    for s in [
+        MethodSpec("zero_shot", "init", False, False, "pretrained model, no adaptation"),
+        MethodSpec("lora", "init", True, False, "LoRA fine-tuned per task from the pretrained model"),
+        MethodSpec(
+            "multitask_lora",
+            "multitask",
+            True,
+            False,
+            "one LoRA trained on the union of the meta-train tasks, then fine-tuned per task",
+        ),
+        MethodSpec("reptile", "reptile", True, False, "Reptile on deterministic LoRA, then fine-tuned per task"),
+        MethodSpec(
+            "bayes_lora", "init", True, True, "Bayesian LoRA without meta-learning: the ABMLL inner loop from the untrained prior"
+        ),
+        MethodSpec("abmll", "abmll", True, True, "ABMLL: the inner loop from the meta-learned prior"),
+    ]
+}
 """The registry: name -> :class:`MethodSpec`."""
 
 
@@ -109,17 +118,35 @@ def prior_meta_config(kind: str, meta: MetaConfig) -> MetaConfig:
     raise ValueError(f"prior kind {kind!r} is not meta-trained (trained kinds: abmll, multitask, reptile)")
 
 
-def make_trainer(kind: str, model: BayesLoraModel, tokenizer, train_tasks: list[str], tasks: TaskArgs,
-                 meta: MetaConfig, hyper: HyperpriorConfig, scoring: ScoringConfig) -> MetaTrainer:
+def make_trainer(
+    kind: str,
+    model: BayesLoraModel,
+    tokenizer,
+    train_tasks: list[str],
+    tasks: TaskArgs,
+    meta: MetaConfig,
+    hyper: HyperpriorConfig,
+    scoring: ScoringConfig,
+) -> MetaTrainer:
     """The :class:`MetaTrainer` that trains prior ``kind`` (see :func:`prior_meta_config`)."""
     return MetaTrainer(model, tokenizer, list(train_tasks), tasks, prior_meta_config(kind, meta), hyper, scoring)
 
 
 def train_prior(
-    kind: str, model: BayesLoraModel, tokenizer, train_tasks: list[str], tasks: TaskArgs, meta: MetaConfig,
-    hyper: HyperpriorConfig, scoring: ScoringConfig, out_dir: str | Path | None = None, config: dict | None = None,
-    save_every: int = 0, on_step: Callable[[dict], None] | None = None,
-    validator: Callable[[Params], dict] | None = None, validate_every: int = 0,
+    kind: str,
+    model: BayesLoraModel,
+    tokenizer,
+    train_tasks: list[str],
+    tasks: TaskArgs,
+    meta: MetaConfig,
+    hyper: HyperpriorConfig,
+    scoring: ScoringConfig,
+    out_dir: str | Path | None = None,
+    config: dict | None = None,
+    save_every: int = 0,
+    on_step: Callable[[dict], None] | None = None,
+    validator: Callable[[Params], dict] | None = None,
+    validate_every: int = 0,
 ) -> tuple[Params, list[dict]]:
     """The prior of ``kind``: the untrained init for "init", else meta-trained.
 
@@ -139,7 +166,7 @@ def train_prior(
     trainer.validator, trainer.validate_every = validator, validate_every
     config = {**(config or {}), "meta": asdict(trainer.meta), "prior_kind": kind}
     if out_dir is not None and (Path(out_dir) / CHECKPOINT_DIR).is_dir():
-        trainer.resume(out_dir, config)         # run() below then continues, or returns at once when done
+        trainer.resume(out_dir, config)  # run() below then continues, or returns at once when done
     theta = trainer.run(out_dir, config, save_every, on_step)
     if trainer.best_prior is not None:
         theta = trainer.best_prior

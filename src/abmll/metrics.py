@@ -48,8 +48,12 @@ __all__ = [
     "reliability_diagram_data",
 ]
 
-ECE_SCHEME = {"binning": "equal_width", "n_bins": 15, "bins": "right-closed ((m-1)/M, m/M] on the max probability",
-              "definition": "Guo et al. 2017 eq. 3"}
+ECE_SCHEME = {
+    "binning": "equal_width",
+    "n_bins": 15,
+    "bins": "right-closed ((m-1)/M, m/M] on the max probability",
+    "definition": "Guo et al. 2017 eq. 3",
+}
 """How ``compute_metrics``' "ece" is binned, recorded beside results."""
 
 # How far a row of ``probs`` may sum from 1 (computed in float64).
@@ -163,8 +167,7 @@ def _check_binning(binning: Any) -> None:
         raise ValueError(f"binning must be one of {ECE_BINNINGS}, got {binning!r}")
 
 
-def expected_calibration_error(probs: Tensor, labels: Tensor, n_bins: int = 15,
-                               binning: str = "equal_width") -> float:
+def expected_calibration_error(probs: Tensor, labels: Tensor, n_bins: int = 15, binning: str = "equal_width") -> float:
     """Expected calibration error (top-label, L1) of Guo et al. (2017), "On Calibration of
     Modern Neural Networks", ICML, eq. 3:
 
@@ -212,8 +215,7 @@ def expected_calibration_error_torchmetrics(probs: Tensor, labels: Tensor, n_bin
     """
     probs, labels = _validate(probs, labels)
     _check_n_bins(n_bins)
-    return multiclass_calibration_error(probs.float(), labels, num_classes=probs.shape[1], n_bins=n_bins,
-                                        norm="l1").item()
+    return multiclass_calibration_error(probs.float(), labels, num_classes=probs.shape[1], n_bins=n_bins, norm="l1").item()
 
 
 def negative_log_likelihood(probs: Tensor, labels: Tensor, eps: float = 1e-12) -> float:
@@ -295,8 +297,8 @@ def reliability_diagram_data(
             "accuracy": [correct[g].mean().item() for g in groups],
             "count": [float(len(g)) for g in groups],
         }
-    edges = torch.arange(n_bins + 1, dtype=torch.float64, device=conf.device) / n_bins   # exact m / M (linspace is not)
-    idx = (torch.bucketize(conf, edges, right=False) - 1).clamp(0, n_bins - 1)     # edges[m] < conf <= edges[m+1]
+    edges = torch.arange(n_bins + 1, dtype=torch.float64, device=conf.device) / n_bins  # exact m / M (linspace is not)
+    idx = (torch.bucketize(conf, edges, right=False) - 1).clamp(0, n_bins - 1)  # edges[m] < conf <= edges[m+1]
     count = torch.zeros(n_bins, dtype=torch.float64, device=conf.device)
     conf_sum = torch.zeros_like(count)
     acc_sum = torch.zeros_like(count)
@@ -313,8 +315,9 @@ def reliability_diagram_data(
     }
 
 
-def bootstrap_mean_ci(values: Any, n_boot: int = 2000, level: float = 0.95, seed: int = 0,
-                      clusters: Any = None) -> tuple[float, float, float]:
+def bootstrap_mean_ci(
+    values: Any, n_boot: int = 2000, level: float = 0.95, seed: int = 0, clusters: Any = None
+) -> tuple[float, float, float]:
     """Mean of ``values`` and its percentile-bootstrap confidence interval (Efron & Tibshirani
     1993, ch. 13): resample with replacement ``n_boot`` times, take the ``(1 - level) / 2`` and
     ``(1 + level) / 2`` quantiles of the resampled means. With ``clusters`` (e.g. the task of
@@ -351,7 +354,7 @@ def bootstrap_mean_ci(values: Any, n_boot: int = 2000, level: float = 0.95, seed
             groups.setdefault(c, []).append(i)
         if len({len(v) for v in groups.values()}) != 1:
             raise ValueError("clusters must have equal sizes")
-        x_by = torch.stack([x[v] for v in groups.values()])                   # (clusters, size)
+        x_by = torch.stack([x[v] for v in groups.values()])  # (clusters, size)
         pick = torch.randint(0, len(groups), (n_boot, len(groups)), generator=g)
         means = x_by[pick].mean(dim=(1, 2))
     else:
@@ -423,14 +426,21 @@ def plot_reliability_diagram(
     fig = Figure(figsize=(5, 6.2), dpi=100)
     FigureCanvasAgg(fig)
     ax, hist = fig.subplots(2, 1, sharex=True, gridspec_kw={"height_ratios": [3, 1]})
-    for lo, acc, conf, count in zip(
-        data["bin_lower"], data["accuracy"], data["confidence"], data["count"]
-    ):
+    for lo, acc, conf, count in zip(data["bin_lower"], data["accuracy"], data["confidence"], data["count"]):
         if count == 0:
             continue
         ax.bar(lo, acc, width=width, align="edge", color="tab:blue", edgecolor="black")
-        ax.bar(lo, abs(conf - acc), bottom=min(acc, conf), width=width, align="edge",
-               color="tab:red", alpha=0.3, edgecolor="tab:red", hatch="//")
+        ax.bar(
+            lo,
+            abs(conf - acc),
+            bottom=min(acc, conf),
+            width=width,
+            align="edge",
+            color="tab:red",
+            alpha=0.3,
+            edgecolor="tab:red",
+            hatch="//",
+        )
     ax.plot([0, 1], [0, 1], linestyle="--", color="gray")
     ax.bar([0], [0], color="tab:blue", label="accuracy")  # legend handles only
     ax.bar([0], [0], color="tab:red", alpha=0.3, hatch="//", label="gap to confidence")

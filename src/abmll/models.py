@@ -79,9 +79,7 @@ def _is_complete(folder: Path) -> bool:
 def _convert_gguf(gguf: Path, out: Path) -> None:
     """Dequantise ``gguf`` to float32 and save it as a plain Hugging Face folder ``out``."""
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    model = AutoModelForCausalLM.from_pretrained(
-        gguf.parent, gguf_file=gguf.name, dtype=torch.float32
-    )
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     # save_pretrained refuses models still marked as gguf-quantised; the weights are
     # already dequantised, so dropping the marker is all that is needed.
     if hasattr(model.config, "quantization_config"):
@@ -230,15 +228,11 @@ def load_base_model(
     """
     torch_dtype = _parse_dtype(dtype)
     source, extra, is_hub_id = _resolve(name_or_path)
-    tokenizer = _finish_tokenizer(
-        _from_pretrained(AutoTokenizer.from_pretrained, source, extra, is_hub_id)
-    )
+    tokenizer = _finish_tokenizer(_from_pretrained(AutoTokenizer.from_pretrained, source, extra, is_hub_id))
     kwargs = {"dtype": torch_dtype}
     if attn_implementation is not None:
         kwargs["attn_implementation"] = attn_implementation
-    model = _from_pretrained(
-        AutoModelForCausalLM.from_pretrained, source, extra, is_hub_id, **kwargs
-    )
+    model = _from_pretrained(AutoModelForCausalLM.from_pretrained, source, extra, is_hub_id, **kwargs)
     model.requires_grad_(False)
     model.to(device)
     model.eval()

@@ -32,13 +32,14 @@ def auroc(in_scores: Tensor, out_scores: Tensor) -> float:
         raise ValueError("auroc needs at least one in- and one out-of-distribution example")
     scores = torch.cat([in_scores, out_scores]).double()
     target = torch.cat([torch.zeros(len(in_scores)), torch.ones(len(out_scores))]).long()
-    if torch.unique(scores).numel() == 1:             # every score tied (e.g. epistemic 0 without samples)
+    if torch.unique(scores).numel() == 1:  # every score tied (e.g. epistemic 0 without samples)
         return 0.5
     return float(binary_auroc(scores, target))
 
 
-def ood_detection(model: BayesLoraModel, method: Method, episode: TaskBatches, ood_query: Sequence[OptionBatch],
-                  meta: MetaConfig, seed: int) -> dict[str, float]:
+def ood_detection(
+    model: BayesLoraModel, method: Method, episode: TaskBatches, ood_query: Sequence[OptionBatch], meta: MetaConfig, seed: int
+) -> dict[str, float]:
     """Adapt ``method`` on ``episode``'s support set (as :func:`abmll.evaluate.run_method`),
     then :func:`posterior_ood_auroc` of that posterior on ``episode``'s query set against
     ``ood_query``."""
@@ -46,8 +47,14 @@ def ood_detection(model: BayesLoraModel, method: Method, episode: TaskBatches, o
     return posterior_ood_auroc(model, posterior, method.samples, episode.query, ood_query, seed)
 
 
-def posterior_ood_auroc(model: BayesLoraModel, posterior: Params, n_samples: int, query: Sequence[OptionBatch],
-                        ood_query: Sequence[OptionBatch], seed: int) -> dict[str, float]:
+def posterior_ood_auroc(
+    model: BayesLoraModel,
+    posterior: Params,
+    n_samples: int,
+    query: Sequence[OptionBatch],
+    ood_query: Sequence[OptionBatch],
+    seed: int,
+) -> dict[str, float]:
     """Predict ``query`` (in-distribution) and ``ood_query`` with ``n_samples`` weight samples
     of ``posterior`` (seeded with ``seed``) and return ``{"auroc_total", "auroc_epistemic"}``:
     the AUROC of each uncertainty (:func:`abmll.uncertainty.decompose`) at flagging the
@@ -59,8 +66,9 @@ def posterior_ood_auroc(model: BayesLoraModel, posterior: Params, n_samples: int
     return {f"auroc_{kind}": auroc(inside[kind], outside[kind]) for kind in UNCERTAINTY_KINDS}
 
 
-def ood_table(model: BayesLoraModel, tokenizer, methods: Sequence[Method], task_names: Sequence[str], cfg: dict
-              ) -> dict[str, dict[str, dict[str, float]]]:
+def ood_table(
+    model: BayesLoraModel, tokenizer, methods: Sequence[Method], task_names: Sequence[str], cfg: dict
+) -> dict[str, dict[str, dict[str, float]]]:
     """:func:`ood_detection` for every method, test task (in-distribution) and ``eval.ood_tasks``
     task other than it, averaged over the data seeds: ``{method: {"<task> -> <ood task>":
     {"auroc_total", "auroc_epistemic"}}}``. Each task's episode is built and each method
@@ -68,23 +76,27 @@ def ood_table(model: BayesLoraModel, tokenizer, methods: Sequence[Method], task_
     tasks, ev, scoring, meta = cfg["tasks"], cfg["eval"], cfg["scoring"], cfg["meta"]
     runs: dict[str, dict[str, list[dict]]] = {m.name: {} for m in methods}
     for seed in tasks.data_seeds:
-        episodes = {name: episode_batches(model, tokenizer, name, seed, tasks, scoring, "test", ev.max_test)
-                    for name in dict.fromkeys([*task_names, *ev.ood_tasks])}
+        episodes = {
+            name: episode_batches(model, tokenizer, name, seed, tasks, scoring, "test", ev.max_test)
+            for name in dict.fromkeys([*task_names, *ev.ood_tasks])
+        }
         for task in task_names:
             others = [t for t in ev.ood_tasks if t != task]
             for m in methods if others else ():
                 posterior = adapt_method(model, m, episodes[task], meta, seed)
                 for other in others:
-                    runs[m.name].setdefault(f"{task} -> {other}", []).append(posterior_ood_auroc(
-                        model, posterior, m.samples, episodes[task].query, episodes[other].query, seed))
-    return {name: {pair: {k: sum(r[k] for r in rs) / len(rs) for k in rs[0]} for pair, rs in pairs.items()}
-            for name, pairs in runs.items()}
+                    runs[m.name].setdefault(f"{task} -> {other}", []).append(
+                        posterior_ood_auroc(model, posterior, m.samples, episodes[task].query, episodes[other].query, seed)
+                    )
+    return {
+        name: {pair: {k: sum(r[k] for r in rs) / len(rs) for k in rs[0]} for pair, rs in pairs.items()}
+        for name, pairs in runs.items()
+    }
 
 
 def format_ood_table(table: dict) -> str:
     """The :func:`ood_table` as Markdown: one row per (method, task pair)."""
-    lines = ["| method | in-distribution -> OOD task | AUROC by entropy | AUROC by epistemic (MI) |",
-             "|---|---|---|---|"]
+    lines = ["| method | in-distribution -> OOD task | AUROC by entropy | AUROC by epistemic (MI) |", "|---|---|---|---|"]
     for method, pairs in table.items():
         for pair, r in pairs.items():
             lines.append(f"| {method} | {pair} | {r['auroc_total']:.3f} | {r['auroc_epistemic']:.3f} |")

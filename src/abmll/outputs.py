@@ -25,9 +25,21 @@ from typing import Any
 
 import torch
 
-RUN_OUTPUTS = ("adapter.safetensors", "abmll_config.json", "checkpoint", "best", "history.json", "validation.json",
-               "results.json", "results.partial.jsonl", "training_curves.png", "validation_curve.png",
-               "adapter_model.safetensors", "abmll_scale.safetensors", "adapter_config.json")
+RUN_OUTPUTS = (
+    "adapter.safetensors",
+    "abmll_config.json",
+    "checkpoint",
+    "best",
+    "history.json",
+    "validation.json",
+    "results.json",
+    "results.partial.jsonl",
+    "training_curves.png",
+    "validation_curve.png",
+    "adapter_model.safetensors",
+    "abmll_scale.safetensors",
+    "adapter_config.json",
+)
 """What ``abmll meta-train`` / ``demo`` write into ``--out`` (plus ``reliability_*.png``), and
 an exported adapter's files (a run over an ``adapt`` output replaces them too)."""
 
@@ -77,8 +89,10 @@ def guard_run_folder(folder: str | os.PathLike, resume: bool, overwrite: bool) -
     if not found or resume:
         return
     if not overwrite:
-        raise ValueError(f"--out {folder} already holds a run ({', '.join(p.name for p in found)}); pass --resume "
-                         "to continue it, --overwrite to replace it, or choose another --out")
+        raise ValueError(
+            f"--out {folder} already holds a run ({', '.join(p.name for p in found)}); pass --resume "
+            "to continue it, --overwrite to replace it, or choose another --out"
+        )
     for path in found:
         shutil.rmtree(path) if path.is_dir() else path.unlink()
 
@@ -99,8 +113,10 @@ def guard_adapter_folder(out: str | os.PathLike, source: str | os.PathLike | Non
         return
     others = sorted(p.name for p in out.iterdir() if p.name not in EXPORT_FILES)
     if others:
-        raise ValueError(f"--out {out} holds files that are not an exported adapter ({', '.join(others[:3])}); "
-                         "the folder is written whole, so choose a new or empty folder")
+        raise ValueError(
+            f"--out {out} holds files that are not an exported adapter ({', '.join(others[:3])}); "
+            "the folder is written whole, so choose a new or empty folder"
+        )
     if not overwrite:
         raise ValueError(f"--out {out} already holds an adapter; pass --overwrite to replace it")
     check_writable(out)
@@ -142,15 +158,17 @@ class ResultLog:
         except (ValueError, AttributeError):
             same = False
         if lines and not same and not overwrite:
-            raise ValueError(f"{self.path} holds partial results of other settings; rerun with those settings "
-                             "to resume, or pass --overwrite to start again")
+            raise ValueError(
+                f"{self.path} holds partial results of other settings; rerun with those settings "
+                "to resume, or pass --overwrite to start again"
+            )
         if same:
             for line in lines[1:]:
                 try:
                     self.entries.append(json.loads(line))
                 except ValueError:
-                    break                                      # the line being written when interrupted
-        with open(self.path, "w", encoding="utf-8") as f:      # rewritten without a cut-short last line
+                    break  # the line being written when interrupted
+        with open(self.path, "w", encoding="utf-8") as f:  # rewritten without a cut-short last line
             f.write(json.dumps({"settings": settings}) + "\n")
             f.writelines(json.dumps(e) + "\n" for e in self.entries)
 

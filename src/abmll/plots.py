@@ -84,7 +84,7 @@ def plot_training_curves(history: Sequence[dict], path: str | os.PathLike, title
     ax = panels[1]
     ax.plot(*_series(history, "support_nll_before"), marker=".", color="tab:gray", label="before inner loop")
     after = _series(history, "support_nll_after")
-    if after[0]:                     # logged only with --log_support_after
+    if after[0]:  # logged only with --log_support_after
         ax.plot(*after, marker=".", color="tab:green", label="after inner loop")
     ax.set_title("support NLL")
     ax.legend(loc="best")
@@ -163,7 +163,9 @@ def _slug(name: str) -> str:
 
 
 def plot_reliability_per_method(
-    predictions: Mapping[str, Sequence[tuple[Tensor, Tensor]]], folder: str | os.PathLike, n_bins: int = 15,
+    predictions: Mapping[str, Sequence[tuple[Tensor, Tensor]]],
+    folder: str | os.PathLike,
+    n_bins: int = 15,
 ) -> dict[str, Path]:
     """One reliability diagram per method, over its predictions pooled across tasks and seeds
     (:func:`pool_predictions`, :func:`abmll.metrics.plot_reliability_diagram`).
@@ -187,8 +189,9 @@ def plot_reliability_per_method(
 RISK_COVERAGE = "risk_coverage.png"
 
 
-def plot_risk_coverage(predictions: Mapping[str, Sequence[tuple[Tensor, Tensor]]], path: str | os.PathLike,
-                       title: str = "") -> Path:
+def plot_risk_coverage(
+    predictions: Mapping[str, Sequence[tuple[Tensor, Tensor]]], path: str | os.PathLike, title: str = ""
+) -> Path:
     """Selective prediction: accuracy against coverage when each method abstains on its most
     uncertain examples first (by predictive entropy), its predictions pooled over tasks and
     seeds (:func:`pool_predictions`); the legend gives each method's AURC

@@ -34,8 +34,9 @@ def resolve_adapter(name_or_path: str | os.PathLike) -> Path:
         return path
     if str(name_or_path) in shipped_priors():
         return SHIPPED_DIR / str(name_or_path)
-    raise FileNotFoundError(f"{name_or_path}: no such adapter folder, and not a shipped prior "
-                            f"(shipped: {', '.join(shipped_priors()) or 'none'})")
+    raise FileNotFoundError(
+        f"{name_or_path}: no such adapter folder, and not a shipped prior (shipped: {', '.join(shipped_priors()) or 'none'})"
+    )
 
 
 def prior_status(saved: dict, folder: str | os.PathLike) -> dict | None:
@@ -45,7 +46,7 @@ def prior_status(saved: dict, folder: str | os.PathLike) -> dict | None:
     from no meta-trained prior.
     ``meta_steps_done`` counts the run's steps (for a ``best/`` prior, the run's, not the
     selected step's)."""
-    if isinstance(saved.get("prior_status"), dict):          # a posterior adapted from a prior: the prior's
+    if isinstance(saved.get("prior_status"), dict):  # a posterior adapted from a prior: the prior's
         return saved["prior_status"]
     if saved.get("kind") != "prior" or not isinstance(saved.get("meta"), dict):
         return None
@@ -59,7 +60,9 @@ def prior_status(saved: dict, folder: str | os.PathLike) -> dict | None:
 def warn_if_unfinished(status: dict | None) -> None:
     """Print a loud warning on stderr when ``status`` (:func:`prior_status`) is an unfinished prior."""
     if status is not None and not status["complete"]:
-        print(f"WARNING: the prior {status['prior']} is unfinished: {status['meta_steps_done']} of "
-              f"{status['meta_steps']} meta-steps (an interrupted run). Results made from it are marked "
-              f"\"prior_complete\": false. Finish it with: abmll meta-train --out {status['prior']} --resume",
-              file=sys.stderr)
+        print(
+            f"WARNING: the prior {status['prior']} is unfinished: {status['meta_steps_done']} of "
+            f"{status['meta_steps']} meta-steps (an interrupted run). Results made from it are marked "
+            f'"prior_complete": false. Finish it with: abmll meta-train --out {status["prior"]} --resume',
+            file=sys.stderr,
+        )

@@ -72,8 +72,9 @@ def _fill_template(template: str) -> str:
     try:
         text = template.format(input=_SLOT)
     except (KeyError, IndexError, ValueError) as err:
-        raise ValueError(f"--template {template!r}: only the field {{input}} is allowed; write a literal brace "
-                         f"as {{{{ or }}}} ({err!r})") from None
+        raise ValueError(
+            f"--template {template!r}: only the field {{input}} is allowed; write a literal brace as {{{{ or }}}} ({err!r})"
+        ) from None
     if _SLOT not in text:
         raise ValueError(f"--template {template!r} has no {{input}} field: every prompt would ignore its input")
     return text
@@ -160,17 +161,18 @@ def prompt_parts(tokenizer, config: ScoringConfig) -> PromptParts:
     if config.chat_template:
         if not getattr(tokenizer, "chat_template", None):
             raise ValueError("chat_template=True, but the tokenizer has no chat template")
-        text = tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
-                                             tokenize=False)
+        text = tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True, tokenize=False)
     head, _, tail = text.partition(_SLOT)
     prefix: tuple[int, ...] = ()
     if not config.chat_template:
         plain = tokenizer("a", add_special_tokens=False)["input_ids"]
         full = tokenizer("a", add_special_tokens=True)["input_ids"]
-        at = next((i for i in range(len(full) - len(plain) + 1) if full[i:i + len(plain)] == plain), None)
+        at = next((i for i in range(len(full) - len(plain) + 1) if full[i : i + len(plain)] == plain), None)
         if at is None:
-            raise ValueError(f"cannot tell the tokenizer's special tokens from text: 'a' encodes to {plain} "
-                             f"without them and to {full} with them")
+            raise ValueError(
+                f"cannot tell the tokenizer's special tokens from text: 'a' encodes to {plain} "
+                f"without them and to {full} with them"
+            )
         prefix = tuple(full[:at])
     return PromptParts(head, tail, prefix)
 
@@ -198,24 +200,25 @@ def tokenize_prompt(tokenizer, parts: PromptParts, text: str, room: int) -> tupl
     ids = encode(parts.head + text + parts.tail)
     if len(ids) <= room:
         return ids, 0
-    no_room = ValueError(f"the template's text and special tokens leave no room for the input in {room} tokens; "
-                         "raise max_length")
+    no_room = ValueError(f"the template's text and special tokens leave no room for the input in {room} tokens; raise max_length")
     body = tokenizer(text, add_special_tokens=False, return_offsets_mapping=bool(tokenizer.is_fast))
     starts = [a for a, _ in body["offset_mapping"]] if tokenizer.is_fast else None
     drop = len(ids) - room
-    while starts is not None:      # fast tokenizers: cut the text where a token (and a character) starts
+    while starts is not None:  # fast tokenizers: cut the text where a token (and a character) starts
         if drop >= len(starts):
             raise no_room
-        if drop and starts[drop] == starts[drop - 1]:          # inside a character: go to the next one
+        if drop and starts[drop] == starts[drop - 1]:  # inside a character: go to the next one
             drop += 1
             continue
-        ids = encode(parts.head + text[starts[drop]:] + parts.tail)
+        ids = encode(parts.head + text[starts[drop] :] + parts.tail)
         if len(ids) <= room:
             return ids, drop
         drop += 1
-    head, tail = tokenizer(parts.head, add_special_tokens=False)["input_ids"] if parts.head else [], \
-        tokenizer(parts.tail, add_special_tokens=False)["input_ids"] if parts.tail else []
-    keep = room - len(parts.prefix) - len(head) - len(tail)      # slow tokenizers: cut the token list
+    head, tail = (
+        tokenizer(parts.head, add_special_tokens=False)["input_ids"] if parts.head else [],
+        tokenizer(parts.tail, add_special_tokens=False)["input_ids"] if parts.tail else [],
+    )
+    keep = room - len(parts.prefix) - len(head) - len(tail)  # slow tokenizers: cut the token list
     if keep < 1:
         raise no_room
     return _single_bos([*parts.prefix, *head, *body["input_ids"][-keep:], *tail], bos), len(body["input_ids"]) - keep
@@ -235,7 +238,8 @@ def _tokenize(tokenizer, examples: Sequence[Example], config: ScoringConfig):
         if room < 1:
             raise ValueError(
                 f"{ex.source or ex.input[:40]!r}: an option of {longest} tokens does not fit "
-                f"max_length={config.max_length}; raise max_length")
+                f"max_length={config.max_length}; raise max_length"
+            )
         try:
             prompt, cut = tokenize_prompt(tokenizer, parts, ex.input, room)
         except ValueError as err:
@@ -247,8 +251,9 @@ def _tokenize(tokenizer, examples: Sequence[Example], config: ScoringConfig):
     return out
 
 
-def encode_options(tokenizer, examples: Sequence[Example], config: ScoringConfig,
-                   example_index: Sequence[int] | None = None) -> OptionBatch:
+def encode_options(
+    tokenizer, examples: Sequence[Example], config: ScoringConfig, example_index: Sequence[int] | None = None
+) -> OptionBatch:
     """Tokenise ``examples`` into one :class:`OptionBatch` (all their options in one batch).
 
     Raises:
@@ -265,8 +270,9 @@ def encode_options(tokenizer, examples: Sequence[Example], config: ScoringConfig
     # segments per sequence: [(prompt ids, [(row, option ids), ...]), ...]
     rows = [(i, c) for i, (_, opts) in enumerate(tokenized) for c in range(len(opts))]
     if config.pack_options:
-        seqs = [(prompt, [(r, opts[c]) for r, (i2, c) in enumerate(rows) if i2 == i])
-                for i, (prompt, opts) in enumerate(tokenized)]
+        seqs = [
+            (prompt, [(r, opts[c]) for r, (i2, c) in enumerate(rows) if i2 == i]) for i, (prompt, opts) in enumerate(tokenized)
+        ]
     else:
         seqs = [(tokenized[i][0], [(r, tokenized[i][1][c])]) for r, (i, c) in enumerate(rows)]
     S, R = len(seqs), len(rows)
@@ -275,46 +281,55 @@ def encode_options(tokenizer, examples: Sequence[Example], config: ScoringConfig
     L = max(len(o) for _, opts in seqs for _, o in opts)
     input_ids = torch.full((S, T), pad, dtype=torch.long)
     position_ids = torch.zeros(S, T, dtype=torch.long)
-    segment = torch.full((S, T), -1, dtype=torch.long)        # -1 pad, 0 prompt, c + 1 option c
+    segment = torch.full((S, T), -1, dtype=torch.long)  # -1 pad, 0 prompt, c + 1 option c
     option_seq = torch.zeros(R, dtype=torch.long)
     pred_index = torch.zeros(R, L, dtype=torch.long)
     option_ids = torch.full((R, L), pad, dtype=torch.long)
     option_mask = torch.zeros(R, L, dtype=torch.bool)
     for s, (prompt, opts) in enumerate(seqs):
         start = T - len(prompt) - sum(len(o) for _, o in opts)
-        pos = start + len(prompt)                             # first option token
+        pos = start + len(prompt)  # first option token
         input_ids[s, start:pos] = torch.tensor(prompt)
         position_ids[s, start:pos] = torch.arange(len(prompt))
         segment[s, start:pos] = 0
         for seg, (r, opt) in enumerate(opts, start=1):
             n = len(opt)
-            input_ids[s, pos:pos + n] = torch.tensor(opt)
-            position_ids[s, pos:pos + n] = torch.arange(len(prompt), len(prompt) + n)
-            segment[s, pos:pos + n] = seg
+            input_ids[s, pos : pos + n] = torch.tensor(opt)
+            position_ids[s, pos : pos + n] = torch.arange(len(prompt), len(prompt) + n)
+            segment[s, pos : pos + n] = seg
             # token j is predicted at the previous position of its own option, the first at the prompt's end
             prev = torch.tensor([start + len(prompt) - 1] + list(range(pos, pos + n - 1)))
             option_seq[r] = s
-            pred_index[r, L - n:] = prev - (T - keep)
-            option_ids[r, L - n:] = torch.tensor(opt)
-            option_mask[r, L - n:] = True
+            pred_index[r, L - n :] = prev - (T - keep)
+            option_ids[r, L - n :] = torch.tensor(opt)
+            option_mask[r, L - n :] = True
             pos += n
     if config.pack_options:
-        q, k = segment.unsqueeze(2), segment.unsqueeze(1)                 # (S, T, 1), (S, 1, T)
+        q, k = segment.unsqueeze(2), segment.unsqueeze(1)  # (S, T, 1), (S, 1, T)
         causal = torch.ones(T, T, dtype=torch.bool).tril()
         allowed = causal & (q >= 0) & (k >= 0) & ((k == 0) | (k == q))
-        allowed |= torch.eye(T, dtype=torch.bool)                         # padding rows attend to themselves
+        allowed |= torch.eye(T, dtype=torch.bool)  # padding rows attend to themselves
         attention_mask = torch.zeros(S, 1, T, T).masked_fill(~allowed.unsqueeze(1), float("-inf"))
     else:
         attention_mask = (segment >= 0).long()
     return OptionBatch(
-        input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, keep=keep,
-        groups=torch.tensor([rows[opts[0][0]][0] for _, opts in seqs]), option_seq=option_seq,
-        pred_index=pred_index, option_ids=option_ids, option_mask=option_mask,
-        row_example=torch.tensor([i for i, _ in rows]), row_option=torch.tensor([c for _, c in rows]),
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        position_ids=position_ids,
+        keep=keep,
+        groups=torch.tensor([rows[opts[0][0]][0] for _, opts in seqs]),
+        option_seq=option_seq,
+        pred_index=pred_index,
+        option_ids=option_ids,
+        option_mask=option_mask,
+        row_example=torch.tensor([i for i, _ in rows]),
+        row_option=torch.tensor([c for _, c in rows]),
         labels=torch.tensor([ex.label for ex in examples]),
         num_options=torch.tensor([len(ex.options) for ex in examples]),
         example_index=torch.tensor(list(example_index) if example_index is not None else range(len(examples))),
-        length_normalize=config.length_normalize, dropped_tokens=dropped, dropped_fraction=fraction,
+        length_normalize=config.length_normalize,
+        dropped_tokens=dropped,
+        dropped_fraction=fraction,
     )
 
 
@@ -354,18 +369,22 @@ def option_scores(logits_fn: LogitsFn, batch: OptionBatch) -> Tensor:
         (N, C_max) float scores; entries past an example's number of options are -inf.
     """
     logits = logits_fn(
-        input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-        position_ids=batch.position_ids, logits_to_keep=batch.keep, groups=batch.groups,
+        input_ids=batch.input_ids,
+        attention_mask=batch.attention_mask,
+        position_ids=batch.position_ids,
+        logits_to_keep=batch.keep,
+        groups=batch.groups,
     )
-    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))   # bf16/fp16 -> fp32
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # bf16/fp16 -> fp32
     seq = batch.option_seq.unsqueeze(-1)
     token_lp = logits[seq, batch.pred_index, batch.option_ids] - torch.logsumexp(logits, -1)[seq, batch.pred_index]
     mask = batch.option_mask
     row_scores = (token_lp * mask).sum(-1)
     if batch.length_normalize:
         row_scores = row_scores / mask.sum(-1)
-    scores = torch.full((batch.num_examples, int(batch.num_options.max())), float("-inf"),
-                        dtype=row_scores.dtype, device=row_scores.device)
+    scores = torch.full(
+        (batch.num_examples, int(batch.num_options.max())), float("-inf"), dtype=row_scores.dtype, device=row_scores.device
+    )
     return scores.index_put((batch.row_example, batch.row_option), row_scores)
 
 
@@ -382,19 +401,26 @@ def truncation_summary(batches: Sequence[OptionBatch]) -> dict:
     frac = torch.cat([b.dropped_fraction for b in batches if b.dropped_fraction is not None]) if batches else None
     tokens = torch.cat([b.dropped_tokens for b in batches if b.dropped_tokens is not None]) if batches else None
     if frac is None or frac.numel() == 0:
-        return {"examples": 0, "truncated": 0, "mean_dropped_fraction": 0.0, "max_dropped_fraction": 0.0,
-                "dropped_tokens": 0}
+        return {"examples": 0, "truncated": 0, "mean_dropped_fraction": 0.0, "max_dropped_fraction": 0.0, "dropped_tokens": 0}
     cut = frac > 0
-    return {"examples": int(frac.numel()), "truncated": int(cut.sum()),
-            "mean_dropped_fraction": float(frac[cut].mean()) if cut.any() else 0.0,
-            "max_dropped_fraction": float(frac.max()), "dropped_tokens": int(tokens.sum())}
+    return {
+        "examples": int(frac.numel()),
+        "truncated": int(cut.sum()),
+        "mean_dropped_fraction": float(frac[cut].mean()) if cut.any() else 0.0,
+        "max_dropped_fraction": float(frac.max()),
+        "dropped_tokens": int(tokens.sum()),
+    }
 
 
 def merge_truncation(summaries: Sequence[dict]) -> dict:
     """Several :func:`truncation_summary` results as one (means weighted by truncated counts)."""
     truncated = sum(s["truncated"] for s in summaries)
-    return {"examples": sum(s["examples"] for s in summaries), "truncated": truncated,
-            "mean_dropped_fraction": sum(s["mean_dropped_fraction"] * s["truncated"] for s in summaries) / truncated
-            if truncated else 0.0,
-            "max_dropped_fraction": max((s["max_dropped_fraction"] for s in summaries), default=0.0),
-            "dropped_tokens": sum(s["dropped_tokens"] for s in summaries)}
+    return {
+        "examples": sum(s["examples"] for s in summaries),
+        "truncated": truncated,
+        "mean_dropped_fraction": sum(s["mean_dropped_fraction"] * s["truncated"] for s in summaries) / truncated
+        if truncated
+        else 0.0,
+        "max_dropped_fraction": max((s["max_dropped_fraction"] for s in summaries), default=0.0),
+        "dropped_tokens": sum(s["dropped_tokens"] for s in summaries),
+    }

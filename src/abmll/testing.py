@@ -16,8 +16,9 @@ def tiny_tokenizer(pad: bool = True, padding_side: str = "right") -> PreTrainedT
     tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", pad_token="<eos>" if pad else None,
-                                   padding_side=padding_side)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, eos_token="<eos>", pad_token="<eos>" if pad else None, padding_side=padding_side
+    )
 
 
 def tiny_llama(seed: int = 0, vocab_size: int = 257, hidden_size: int = 32, layers: int = 2) -> LlamaForCausalLM:
@@ -26,8 +27,15 @@ def tiny_llama(seed: int = 0, vocab_size: int = 257, hidden_size: int = 32, laye
     ``torch.manual_seed(seed)``."""
     torch.manual_seed(seed)
     config = LlamaConfig(
-        vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=2 * hidden_size, num_hidden_layers=layers,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-        pad_token_id=vocab_size - 1, eos_token_id=vocab_size - 1, bos_token_id=None,
+        vocab_size=vocab_size,
+        hidden_size=hidden_size,
+        intermediate_size=2 * hidden_size,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        pad_token_id=vocab_size - 1,
+        eos_token_id=vocab_size - 1,
+        bos_token_id=None,
     )
     return LlamaForCausalLM(config).eval()

@@ -30,7 +30,19 @@ from typing import Any
 import torch
 
 from abmll.bayes_lora import BayesLoraModel, HyperpriorConfig, Params
-from abmll.checkpoint import STATE, CheckpointError, load_state, save_adapter, save_state, write_json
+from abmll.checkpoint import (
+    STATE,
+    CheckpointError,
+    checked_rng_state,
+    load_optimizer_tensors,
+    load_state,
+    optimizer_tensors,
+    rng_tensors,
+    save_adapter,
+    save_state,
+    set_rng_tensors,
+    write_json,
+)
 from abmll.config import CONFIG_GROUPS, TaskArgs
 from abmll.data import check_tasks, load_episode, load_split
 from abmll.distributed import (
@@ -52,19 +64,74 @@ CHECKPOINT_DIR = "checkpoint"
 BEST_DIR = "best"
 """Sub-folder of a run's output folder holding the prior with the lowest validation NLL."""
 
-RESUMABLE_CHANGES = {"meta.meta_steps", "tasks.data_dir", "model.device", "lora.frozen_cache_mb", "eval.compare_priors",
-                     "eval.ood_tasks"}
+RESUMABLE_CHANGES = {
+    "meta.meta_steps",
+    "tasks.data_dir",
+    "model.device",
+    "lora.frozen_cache_mb",
+    "eval.compare_priors",
+    "eval.ood_tasks",
+}
 """Config entries that may differ between a saved run and its resumption (all others must match)."""
 
 
-def episode_batches(model: BayesLoraModel, tokenizer, task: str, seed: int, tasks: TaskArgs,
-                    scoring: ScoringConfig, query_split: str, max_query: int | None) -> TaskBatches:
+def episode_batches(
+    model: BayesLoraModel,
+    tokenizer,
+    task: str,
+    seed: int,
+    tasks: TaskArgs,
+    scoring: ScoringConfig,
+    query_split: str,
+    max_query: int | None,
+) -> TaskBatches:
     """Load and tokenise one episode (support = train file of (k, seed); query = ``query_split``),
     on the model's device."""
     ep = load_episode(task, tasks.k, seed, query_split, max_query, tasks.data_dir)
     device = next(model.parameters()).device
     to = lambda examples: [b.to(device) for b in make_batches(tokenizer, examples, scoring)]  # noqa: E731
     return TaskBatches(task, to(ep.support), to(ep.query))
+
+
+@dataclass
+class EpisodeSampler:
+    """Which episodes each meta-batch holds: ``meta_batch_size`` distinct tasks (with
+    replacement when there are fewer tasks), each with a random data seed, drawn from a
+    ``random.Random(seed)`` whose state is saved with the run (:meth:`state_dict`)."""
+
+    task_names: list[str]
+    data_seeds: list[int]
+    meta_batch_size: int
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        self.rng = random.Random(self.seed)
+
+    def sample(self) -> list[tuple[str, int]]:
+        """(task, data seed) of the next meta-batch's episodes. Advances the sampler."""
+        B = self.meta_batch_size
+        names = (
+            self.rng.sample(self.task_names, B)
+            if B <= len(self.task_names)
+            else [self.rng.choice(self.task_names) for _ in range(B)]
+        )
+        return [(t, self.rng.choice(self.data_seeds)) for t in names]
+
+    def state_dict(self) -> dict:
+        """``{"task_rng": [version, internal state, gauss]}``, JSON-serialisable."""
+        version, internal, gauss = self.rng.getstate()
+        return {"task_rng": [version, list(internal), gauss]}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore :meth:`state_dict`'s output.
+
+        Raises:
+            KeyError, TypeError, ValueError: not such a state (the sampler is unchanged).
+        """
+        rng = random.Random()
+        version, internal, gauss = state["task_rng"]
+        rng.setstate((version, tuple(internal), gauss))
+        self.rng = rng
 
 
 @dataclass
@@ -110,10 +177,12 @@ class MetaTrainer:
         self.rank, self.world_size = (0, 1) if acc is None else (acc.process_index, acc.num_processes)
         self.lockstep = self.world_size > 1 and fsdp_plugin(acc) is not None
         if self.lockstep and self.meta.meta_batch_size % self.world_size:
-            raise ValueError(f"with FSDP the meta-batch size ({self.meta.meta_batch_size}) must be a multiple of "
-                             f"the number of processes ({self.world_size})")
+            raise ValueError(
+                f"with FSDP the meta-batch size ({self.meta.meta_batch_size}) must be a multiple of "
+                f"the number of processes ({self.world_size})"
+            )
         torch.manual_seed(self.meta.seed)
-        self.rng = random.Random(self.meta.seed)
+        self.sampler = EpisodeSampler(self.task_names, self.tasks.data_seeds, self.meta.meta_batch_size, self.meta.seed)
         self.theta: Params = {k: v.clone().requires_grad_() for k, v in self.model.init_params().items()}
         self.optimizer = torch.optim.Adam(self.theta.values(), lr=self.meta.outer_lr)
         self.history: list[dict] = []
@@ -122,7 +191,7 @@ class MetaTrainer:
         self._episodes: dict[tuple, TaskBatches] = {}
         self._saved_step: int | None = None
         if self.world_size > 1:
-            broadcast_params(acc, self.theta)     # one starting point, whatever each process drew
+            broadcast_params(acc, self.theta)  # one starting point, whatever each process drew
 
     @property
     def is_main(self) -> bool:
@@ -132,7 +201,8 @@ class MetaTrainer:
     def _episode(self, task: str, seed: int) -> TaskBatches:
         if (task, seed) not in self._episodes:
             self._episodes[(task, seed)] = episode_batches(
-                self.model, self.tokenizer, task, seed, self.tasks, self.scoring, "dev", self.tasks.max_query)
+                self.model, self.tokenizer, task, seed, self.tasks, self.scoring, "dev", self.tasks.max_query
+            )
         return self._episodes[(task, seed)]
 
     def _lockstep_episode(self, task: str, seed: int, n_support: int, n_query: int) -> TaskBatches:
@@ -141,18 +211,16 @@ class MetaTrainer:
         if key not in self._episodes:
             ep = load_episode(task, self.tasks.k, seed, "dev", self.tasks.max_query, self.tasks.data_dir)
             device = next(self.model.parameters()).device
-            split = lambda examples, n: [b.to(device) for b in  # noqa: E731
-                                         split_batches(self.tokenizer, examples, self.scoring, n)]
+            split = lambda examples, n: [
+                b.to(device)
+                for b in split_batches(self.tokenizer, examples, self.scoring, n)  # noqa: E731
+            ]
             self._episodes[key] = TaskBatches(task, split(ep.support, n_support), split(ep.query, n_query))
         return self._episodes[key]
 
     def sample_episodes(self) -> list[tuple[str, int]]:
-        """(task, data seed) of the next meta-batch's B episodes: B distinct tasks (with
-        replacement when fewer than B), each with a random data seed. Advances the sampler."""
-        B = self.meta.meta_batch_size
-        names = self.rng.sample(self.task_names, B) if B <= len(self.task_names) else \
-            [self.rng.choice(self.task_names) for _ in range(B)]
-        return [(t, self.rng.choice(self.tasks.data_seeds)) for t in names]
+        """(task, data seed) of the next meta-batch's episodes (:meth:`EpisodeSampler.sample`)."""
+        return self.sampler.sample()
 
     def sample_meta_batch(self) -> list[TaskBatches]:
         """The next meta-batch's B episodes (see :meth:`sample_episodes`), tokenised."""
@@ -164,8 +232,10 @@ class MetaTrainer:
         batch = [self._episode(*episodes[i]) for i in mine]
         if self.lockstep:
             n_s, n_q = lockstep_counts(self.accelerator, [(len(t.support), len(t.query)) for t in batch])
-            batch = [t if (len(t.support), len(t.query)) == (n_s, n_q) else
-                     self._lockstep_episode(*episodes[i], n_s, n_q) for i, t in zip(mine, batch)]
+            batch = [
+                t if (len(t.support), len(t.query)) == (n_s, n_q) else self._lockstep_episode(*episodes[i], n_s, n_q)
+                for i, t in zip(mine, batch)
+            ]
         return [replace(t, noise_seed=noise_seed(self.meta.seed, step, i)) for i, t in zip(mine, batch)]
 
     @property
@@ -190,12 +260,29 @@ class MetaTrainer:
         try:
             with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
                 if self.world_size == 1:
-                    logs = meta_step(self.model, self.theta, self.optimizer, batch, self.meta, self.hyper, step,
-                                     log_support_after=self.log_support_after)
+                    logs = meta_step(
+                        self.model,
+                        self.theta,
+                        self.optimizer,
+                        batch,
+                        self.meta,
+                        self.hyper,
+                        step,
+                        log_support_after=self.log_support_after,
+                    )
                 else:
-                    logs = distributed_meta_step(self.accelerator, self.model, self.theta, self.optimizer, batch,
-                                                 len(episodes), self.meta, self.hyper, step,
-                                                 log_support_after=self.log_support_after)
+                    logs = distributed_meta_step(
+                        self.accelerator,
+                        self.model,
+                        self.theta,
+                        self.optimizer,
+                        batch,
+                        len(episodes),
+                        self.meta,
+                        self.hyper,
+                        step,
+                        log_support_after=self.log_support_after,
+                    )
         except NonFiniteLossError as err:
             if not skip_nonfinite:
                 raise NonFiniteLossError(f"{err} (meta-batch tasks {names})") from err
@@ -212,38 +299,53 @@ class MetaTrainer:
         folder = Path(folder)
         tensors, state = self._state()
         save_state(folder / CHECKPOINT_DIR, len(self.history), tensors, {**state, "config": config})
-        save_adapter(folder, self.theta, {**config, "kind": "prior", "rho0": self.rho0(),
-                                          "meta_steps_done": len(self.history),
-                                          "run_meta_steps_done": len(self.history),
-                                          "meta_steps_skipped": self.skipped_steps})
+        save_adapter(
+            folder,
+            self.theta,
+            {
+                **config,
+                "kind": "prior",
+                "rho0": self.rho0(),
+                "meta_steps_done": len(self.history),
+                "run_meta_steps_done": len(self.history),
+                "meta_steps_skipped": self.skipped_steps,
+            },
+        )
         write_json(folder / "history.json", self.history)
         if self.validation:
             write_json(folder / "validation.json", self.validation)
         if self._best is not None:
             nll, theta = self._best
             best_step = next(v["step"] for v in self.validation if v["nll"] == nll)
-            save_adapter(folder / BEST_DIR, theta, {**config, "kind": "prior", "rho0": self.rho0(),
-                                                    "meta_steps_done": best_step, "validation_nll": nll,
-                                                    "run_meta_steps_done": len(self.history),
-                                                    "selected_by": "lowest validation NLL"})
+            save_adapter(
+                folder / BEST_DIR,
+                theta,
+                {
+                    **config,
+                    "kind": "prior",
+                    "rho0": self.rho0(),
+                    "meta_steps_done": best_step,
+                    "validation_nll": nll,
+                    "run_meta_steps_done": len(self.history),
+                    "selected_by": "lowest validation NLL",
+                },
+            )
         self._saved_step = len(self.history)
         return folder
 
     def _state(self) -> tuple[dict[str, torch.Tensor], dict]:
         """Everything the next steps depend on, as (tensors, JSON-serialisable dict)."""
-        optim = self.optimizer.state_dict()
         tensors = {f"theta/{k}": v for k, v in self.theta.items()}
-        for i, k in enumerate(self.theta):
-            tensors.update({f"adam/{k}/{field}": v for field, v in optim["state"].get(i, {}).items()})
-        tensors["rng/torch"] = torch.get_rng_state()
-        device = next(iter(self.theta.values())).device
-        if device.type == "cuda":
-            tensors["rng/cuda"] = torch.cuda.get_rng_state(device)
-        version, internal, gauss = self.rng.getstate()
+        adam, groups = optimizer_tensors(self.optimizer, list(self.theta))
+        tensors.update({**adam, **rng_tensors(next(iter(self.theta.values())).device)})
         if self._best is not None:
             tensors.update({f"best/{k}": v for k, v in self._best[1].items()})
-        return tensors, {"adam_param_groups": optim["param_groups"], "history": self.history,
-                         "task_rng": [version, list(internal), gauss], "validation": self.validation}
+        return tensors, {
+            "adam_param_groups": groups,
+            "history": self.history,
+            **self.sampler.state_dict(),
+            "validation": self.validation,
+        }
 
     def resume(self, out_dir: str | Path, config: dict | None = None) -> int:
         """Restore the state saved by :meth:`save` in ``out_dir`` (theta, Adam state, torch and
@@ -264,8 +366,10 @@ class MetaTrainer:
         if config is not None:
             changed = config_changes(state.get("config", {}), config)
             if changed:
-                raise CheckpointError(f"{where}: saved with a different config ({'; '.join(changed)}); "
-                                      "resume with the same settings or start a new run")
+                raise CheckpointError(
+                    f"{where}: saved with a different config ({'; '.join(changed)}); "
+                    "resume with the same settings or start a new run"
+                )
         shapes = {k: tuple(v.shape) for k, v in self.theta.items()}
         saved = {k.removeprefix("theta/"): tuple(v.shape) for k, v in tensors.items() if k.startswith("theta/")}
         if saved != shapes:
@@ -274,34 +378,27 @@ class MetaTrainer:
         history = state.get("history")
         if not isinstance(history, list) or len(history) != state["step"]:
             raise CheckpointError(f"{where}: the history does not hold the {state['step']} steps done")
+        sampler = replace(self.sampler)
         try:  # all that can fail on a malformed state, before any change (the optimizer loads last)
-            adam = {i: {key.removeprefix(f"adam/{k}/"): t for key, t in tensors.items()
-                        if key.startswith(f"adam/{k}/")} for i, k in enumerate(self.theta)}
-            groups = [{**g, "betas": tuple(g["betas"])} for g in state["adam_param_groups"]]
-            task_rng = random.Random()
-            version, internal, gauss = state["task_rng"]
-            task_rng.setstate((version, tuple(internal), gauss))
-            torch_rng = tensors["rng/torch"]
-            if torch_rng.dtype != torch.uint8 or torch_rng.shape != torch.get_rng_state().shape:
-                raise ValueError(f"rng/torch is {torch_rng.dtype} {tuple(torch_rng.shape)}, not a torch RNG state")
-            self.optimizer.load_state_dict({"state": {i: e for i, e in adam.items() if e}, "param_groups": groups})
+            sampler.load_state_dict(state)
+            checked_rng_state(tensors)
+            best = {k.removeprefix("best/"): v for k, v in tensors.items() if k.startswith("best/")}
+            if best and {k: tuple(v.shape) for k, v in best.items()} != shapes:
+                raise ValueError("the best prior's tensors do not match theta's")
+            validation = list(state.get("validation", []))
+            finite = [v["nll"] for v in validation if math.isfinite(v["nll"])]
+            load_optimizer_tensors(self.optimizer, list(self.theta), tensors, state["adam_param_groups"])
         except (KeyError, TypeError, ValueError, RuntimeError) as err:
             raise CheckpointError(f"{where}: incomplete or invalid trainer state ({err!r})") from err
-        torch.set_rng_state(torch_rng)
-        device = next(iter(self.theta.values())).device
-        if "rng/cuda" in tensors and device.type == "cuda":
-            torch.cuda.set_rng_state(tensors["rng/cuda"], device)
+        set_rng_tensors(tensors, next(iter(self.theta.values())).device)
         with torch.no_grad():
             for k, v in self.theta.items():
                 v.copy_(tensors[f"theta/{k}"])
-        self.rng = task_rng
+        self.sampler = sampler
         self.history = history
-        self.validation = list(state.get("validation", []))
-        best = {k.removeprefix("best/"): v.to(self.theta[k.removeprefix("best/")].device)
-                for k, v in tensors.items() if k.startswith("best/")}
-        finite = [v["nll"] for v in self.validation if math.isfinite(v["nll"])]
+        self.validation = validation
         if best and finite:
-            self._best = (min(finite), best)
+            self._best = (min(finite), {k: v.to(self.theta[k].device) for k, v in best.items()})
         self._saved_step = len(history)
         return len(history)
 
@@ -310,8 +407,14 @@ class MetaTrainer:
         (saved with checkpoints so a resumed run checks it adapts the same base weights)."""
         return {L.name: L.rho0 for L in self.model.layers}
 
-    def run(self, out_dir: str | Path | None, config: dict, save_every: int = 0,
-            on_step: Callable[[dict], None] | None = None, skip_nonfinite: bool = False) -> Params:
+    def run(
+        self,
+        out_dir: str | Path | None,
+        config: dict,
+        save_every: int = 0,
+        on_step: Callable[[dict], None] | None = None,
+        skip_nonfinite: bool = False,
+    ) -> Params:
         """Run meta-steps until ``meta.meta_steps`` are done (continuing after :meth:`resume`),
         saving to ``out_dir`` (see :meth:`save`) every ``save_every`` steps (0: only at the end)
         and calling ``on_step(logs)`` after each. Returns theta (detached). With several
@@ -327,8 +430,11 @@ class MetaTrainer:
             try:
                 logs = self.step(skip_nonfinite)
             except NonFiniteLossError as err:
-                kept = (f"the last good checkpoint (step {self._saved_step}) is kept in {out_dir}"
-                        if out_dir and self._saved_step is not None else "no checkpoint was written")
+                kept = (
+                    f"the last good checkpoint (step {self._saved_step}) is kept in {out_dir}"
+                    if out_dir and self._saved_step is not None
+                    else "no checkpoint was written"
+                )
                 raise NonFiniteLossError(f"{err}; {kept}") from err
             if on_step:
                 on_step(logs)
@@ -338,7 +444,7 @@ class MetaTrainer:
         if out_dir and self._saved_step != len(self.history):
             self._save_on_main(out_dir, config)
         if self.world_size > 1:
-            check_in_sync(self.accelerator, self.theta)     # every process ends with the same prior
+            check_in_sync(self.accelerator, self.theta)  # every process ends with the same prior
             self.accelerator.wait_for_everyone()
         return {k: v.detach() for k, v in self.theta.items()}
 
@@ -353,11 +459,15 @@ class MetaTrainer:
         prior if its NLL is finite and the lowest so far. A validation that fails (diverged
         adaptation, non-finite probabilities) is logged with NLL inf and its error; the run goes on."""
         step = len(self.history)
-        if (self.validator is None or not self.validate_every or (step % self.validate_every and not last)
-                or any(v["step"] == step for v in self.validation)):
+        if (
+            self.validator is None
+            or not self.validate_every
+            or (step % self.validate_every and not last)
+            or any(v["step"] == step for v in self.validation)
+        ):
             return
         try:
-            with torch.random.fork_rng(devices=[]):     # validation's own seeding must not move the run's RNG
+            with torch.random.fork_rng(devices=[]):  # validation's own seeding must not move the run's RNG
                 metrics = self.validator(self.theta)
         except (NonFiniteLossError, ValueError) as err:
             metrics = {"nll": math.inf, "error": str(err)}
@@ -381,8 +491,11 @@ def config_changes(saved: dict, current: dict) -> list[str]:
         default = _field_default(name)
         if default is not _MISSING:
             old[name] = default
-    return [f"{name}: {old.get(name)!r} -> {new.get(name)!r}" for name in sorted(old.keys() | new.keys())
-            if name not in RESUMABLE_CHANGES and old.get(name) != new.get(name)]
+    return [
+        f"{name}: {old.get(name)!r} -> {new.get(name)!r}"
+        for name in sorted(old.keys() | new.keys())
+        if name not in RESUMABLE_CHANGES and old.get(name) != new.get(name)
+    ]
 
 
 _MISSING = object()
@@ -402,8 +515,11 @@ def _field_default(name: str):
 
 def _entries(config: dict) -> dict:
     """``{"group.key": value}`` (``{"key": value}`` for entries that are not groups)."""
-    return {group if key is None else f"{group}.{key}": value for group, sub in config.items()
-            for key, value in (sub.items() if isinstance(sub, dict) else [(None, sub)])}
+    return {
+        group if key is None else f"{group}.{key}": value
+        for group, sub in config.items()
+        for key, value in (sub.items() if isinstance(sub, dict) else [(None, sub)])
+    }
 
 
 def task_names(tasks: TaskArgs, split_part: str) -> list[str]:

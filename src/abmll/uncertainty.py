@@ -49,10 +49,13 @@ def decompose(sample_probs: Tensor) -> dict[str, Tensor]:
     total = entropy(mean)
     aleatoric = entropy(p).mean(0)
     top = mean.argmax(-1)
-    top_probs = p.gather(2, top.expand(p.shape[0], -1).unsqueeze(-1)).squeeze(-1)      # (S, N)
-    return {"total": total.float(), "aleatoric": aleatoric.float(),
-            "epistemic": (total - aleatoric).clamp_min(0).float(),
-            "top_prob_std": top_probs.std(0, unbiased=False).float()}
+    top_probs = p.gather(2, top.expand(p.shape[0], -1).unsqueeze(-1)).squeeze(-1)  # (S, N)
+    return {
+        "total": total.float(),
+        "aleatoric": aleatoric.float(),
+        "epistemic": (total - aleatoric).clamp_min(0).float(),
+        "top_prob_std": top_probs.std(0, unbiased=False).float(),
+    }
 
 
 def risk_coverage(probs: Tensor, labels: Tensor, uncertainty: Tensor) -> tuple[Tensor, Tensor]:
@@ -80,8 +83,9 @@ def aurc(probs: Tensor, labels: Tensor, uncertainty: Tensor) -> float:
     return float(risk.mean())
 
 
-def accuracy_at_coverage(probs: Tensor, labels: Tensor, uncertainty: Tensor,
-                         coverages: tuple[float, ...] = (1.0, 0.9, 0.8, 0.7, 0.6, 0.5)) -> dict[str, float]:
+def accuracy_at_coverage(
+    probs: Tensor, labels: Tensor, uncertainty: Tensor, coverages: tuple[float, ...] = (1.0, 0.9, 0.8, 0.7, 0.6, 0.5)
+) -> dict[str, float]:
     """Accuracy on the ``ceil(c N)`` least uncertain examples for each coverage c in (0, 1]."""
     coverage, risk = risk_coverage(probs, labels, uncertainty)
     n = len(labels)

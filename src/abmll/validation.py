@@ -55,9 +55,17 @@ class Validator:
         return {m: sum(r[m] for r in rows) / len(rows) for m in VAL_METRICS}
 
 
-def make_validator(model: BayesLoraModel, tokenizer, val_tasks: Sequence[str], seeds: Sequence[int],
-                   tasks: TaskArgs, scoring: ScoringConfig, meta: MetaConfig, ev: EvalArgs,
-                   method: str = "abmll") -> Validator:
+def make_validator(
+    model: BayesLoraModel,
+    tokenizer,
+    val_tasks: Sequence[str],
+    seeds: Sequence[int],
+    tasks: TaskArgs,
+    scoring: ScoringConfig,
+    meta: MetaConfig,
+    ev: EvalArgs,
+    method: str = "abmll",
+) -> Validator:
     """A :class:`Validator` on every (task, seed) of ``val_tasks`` x ``seeds``: support = the
     k-shot train file, query = the dev file (at most ``tasks.max_query`` examples).
 
@@ -67,6 +75,7 @@ def make_validator(model: BayesLoraModel, tokenizer, val_tasks: Sequence[str], s
     """
     if not val_tasks or not seeds:
         raise ValueError("meta-validation needs at least one task and one data seed")
-    episodes = [(episode_batches(model, tokenizer, t, s, tasks, scoring, "dev", tasks.max_query), s)
-                for t in val_tasks for s in seeds]
+    episodes = [
+        (episode_batches(model, tokenizer, t, s, tasks, scoring, "dev", tasks.max_query), s) for t in val_tasks for s in seeds
+    ]
     return Validator(model, episodes, meta, ev, method)

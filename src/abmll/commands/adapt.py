@@ -33,17 +33,33 @@ def run_adapt(run: RunArgs, args: AdaptArgs, cfg: dict) -> Path:
     before = mean_nll(model, theta, support)
     bar = tqdm(total=1, desc=f"adapt ({steps} steps, {len(examples)} examples)", unit="task")
     lr = meta.inner_lr if ev.test_lr is None else ev.test_lr
-    posterior, history = adapt(model, theta, support, steps, lr, meta.beta, meta.n_samples,
-                                meta.inner_grad_clip, ev.test_optimizer)
+    posterior, history = adapt(
+        model, theta, support, steps, lr, meta.beta, meta.n_samples, meta.inner_grad_clip, ev.test_optimizer
+    )
     after = mean_nll(model, posterior, support)
     bar.update(1)
     bar.set_postfix(support_nll=f"{before:.3f}->{after:.3f}")
     bar.close()
     extra = {} if status is None else {"prior_status": status, "prior_complete": status["complete"]}
-    export_peft(run.out, posterior, adapter_config(
-        cfg, model, kind="posterior", prior=str(args.prior), support=str(args.support),
-        support_nll_steps=history, support_nll_before=before, support_nll_after=after, **extra), model=model)
-    print(f"support NLL at the posterior mean: {before:.4f} (prior) -> {after:.4f} (posterior); "
-          f"per step ({meta.n_samples} samples): {[round(h, 4) for h in history]}")
+    export_peft(
+        run.out,
+        posterior,
+        adapter_config(
+            cfg,
+            model,
+            kind="posterior",
+            prior=str(args.prior),
+            support=str(args.support),
+            support_nll_steps=history,
+            support_nll_before=before,
+            support_nll_after=after,
+            **extra,
+        ),
+        model=model,
+    )
+    print(
+        f"support NLL at the posterior mean: {before:.4f} (prior) -> {after:.4f} (posterior); "
+        f"per step ({meta.n_samples} samples): {[round(h, 4) for h in history]}"
+    )
     print(f"posterior saved to {run.out} (PEFT LoRA folder: the posterior mean; abmll_scale.safetensors: its scale)")
     return Path(run.out)

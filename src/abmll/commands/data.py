@@ -28,8 +28,9 @@ def run_data(run: RunArgs, args: DataArgs) -> dict:
         raise SystemExit("data: give --dataset NAME_OR_PATH or --data_files split=path.jsonl ...")
     if not args.input_columns and args.input_template is None:
         raise SystemExit("data: give --input_columns COL [COL ...] or --input_template")
-    report = convert_dataset(splits, args.task, run.out, args, args.shots, args.data_seeds, args.train_split,
-                             args.test_split, args.test_rows)
+    report = convert_dataset(
+        splits, args.task, run.out, args, args.shots, args.data_seeds, args.train_split, args.test_split, args.test_rows
+    )
     write_json(Path(run.out) / args.task / "abmll_data_config.json", {"data": asdict(args), "report": report})
     for split, counts in report["counts"].items():
         print(f"{split}: {counts}")

@@ -38,10 +38,9 @@ def check_evaluate_inputs(run: RunArgs, cfg: dict) -> list[str]:
     check_task_files(cfg["eval"].ood_tasks, ("test",), tasks.k, tasks.data_seeds, tasks.data_dir)
     check_writable(run.out)
     if (Path(run.out) / RESULTS).is_file() and not run.overwrite:
-        raise ValueError(f"--out {run.out} already holds {RESULTS}; pass --overwrite to replace it or choose "
-                         "another --out")
+        raise ValueError(f"--out {run.out} already holds {RESULTS}; pass --overwrite to replace it or choose another --out")
     for name in cfg["eval"].compare_priors:
-        resolve_adapter(name)                      # a missing prior is named before the model loads
+        resolve_adapter(name)  # a missing prior is named before the model loads
     return names
 
 
@@ -51,8 +50,9 @@ def task_files_digest(names: list[str], tasks: TaskArgs) -> str:
     return file_digest(sorted(p for name in names for p in (root / name).glob("*.jsonl")))
 
 
-def run_evaluate(run: RunArgs, cfg: dict, model, tokenizer, theta, report: ReportArgs | None = None,
-                 writer=None, prior: dict | None = None) -> dict:
+def run_evaluate(
+    run: RunArgs, cfg: dict, model, tokenizer, theta, report: ReportArgs | None = None, writer=None, prior: dict | None = None
+) -> dict:
     """Evaluate zero-shot and ABMLL on the split's test tasks; print and save the results
     (results.json with the resolved config, and one reliability diagram per method pooled
     over tasks and seeds unless ``report.plots`` is False). ``prior``: the prior's
@@ -69,16 +69,23 @@ def run_evaluate(run: RunArgs, cfg: dict, model, tokenizer, theta, report: Repor
     for name in ev.compare_priors:
         tensors, statuses[f"prior:{Path(name).name}"] = fitting_prior(name, model)
         methods.append(Method(f"prior:{Path(name).name}", tensors, **adapting))
-    settings = settings_hash({"config": result_config(cfg), "names": names,
-                              "data": task_files_digest([*names, *ev.ood_tasks], tasks),
-                              "methods": {m.name: tensor_digest(m.prior) for m in methods}})
+    settings = settings_hash(
+        {
+            "config": result_config(cfg),
+            "names": names,
+            "data": task_files_digest([*names, *ev.ood_tasks], tasks),
+            "methods": {m.name: tensor_digest(m.prior) for m in methods},
+        }
+    )
     log = ResultLog(Path(run.out) / PARTIAL_RESULTS, settings, overwrite=run.overwrite)
-    if run.overwrite:                              # the previous finished results and their plots go
+    if run.overwrite:  # the previous finished results and their plots go
         (Path(run.out) / RESULTS).unlink(missing_ok=True)
         for old in Path(run.out).glob("reliability_*.png"):
             old.unlink()
-    done = {(e["method"], e["task"], e["seed"]): (e["metrics"], torch.tensor(e["probs"]), torch.tensor(e["labels"]))
-            for e in log.entries}
+    done = {
+        (e["method"], e["task"], e["seed"]): (e["metrics"], torch.tensor(e["probs"]), torch.tensor(e["labels"]))
+        for e in log.entries
+    }
     if done:
         print(f"resuming: {len(done)} result(s) read back from {log.path}")
     bar = tqdm(total=len(names) * len(tasks.data_seeds) * len(methods), desc="evaluate", unit="run")
@@ -87,17 +94,41 @@ def run_evaluate(run: RunArgs, cfg: dict, model, tokenizer, theta, report: Repor
     def on_result(method, task, seed, metrics):
         running[method].append(metrics)
         bar.update(1)
-        bar.set_postfix({f"{m} acc/nll": f"{sum(r['accuracy'] for r in rs) / len(rs):.3f}/"
-                         f"{sum(r['nll'] for r in rs) / len(rs):.3f}" for m, rs in running.items() if rs})
+        bar.set_postfix(
+            {
+                f"{m} acc/nll": f"{sum(r['accuracy'] for r in rs) / len(rs):.3f}/{sum(r['nll'] for r in rs) / len(rs):.3f}"
+                for m, rs in running.items()
+                if rs
+            }
+        )
 
     def on_predictions(method, task, seed, probs, labels):
         if (method, task, seed) not in done:
-            log.append({"method": method, "task": task, "seed": seed, "metrics": running[method][-1],
-                        "probs": probs.tolist(), "labels": labels.tolist()})
+            log.append(
+                {
+                    "method": method,
+                    "task": task,
+                    "seed": seed,
+                    "metrics": running[method][-1],
+                    "probs": probs.tolist(),
+                    "labels": labels.tolist(),
+                }
+            )
 
-    results, predictions = evaluate_with_predictions(model, tokenizer, methods, names, tasks.data_seeds, tasks,
-                                                     cfg["scoring"], cfg["meta"], ev, on_result, on_predictions,
-                                                     done=done)
+    results, predictions = evaluate_with_predictions(
+        model,
+        tokenizer,
+        methods,
+        names,
+        tasks.data_seeds,
+        tasks,
+        cfg["scoring"],
+        cfg["meta"],
+        ev,
+        on_result,
+        on_predictions,
+        done=done,
+    )
     bar.close()
     if ev.ood_tasks:
         results["ood"] = ood_table(model, tokenizer, [m for m in methods if m.steps], names, cfg)

@@ -50,8 +50,9 @@ class report_writer:
             self.writer.close()
 
 
-def meta_train(run: RunArgs, train: TrainArgs, cfg: dict, report: ReportArgs | None = None, writer=None
-               ) -> tuple[BayesLoraModel, object, dict]:
+def meta_train(
+    run: RunArgs, train: TrainArgs, cfg: dict, report: ReportArgs | None = None, writer=None
+) -> tuple[BayesLoraModel, object, dict]:
     """Meta-train and save the prior into ``run.out`` (saving, resuming and validating as
     ``train`` says; with training_curves.png unless
     ``report.plots`` is False; scalars to ``writer``, a SummaryWriter, when given);
@@ -66,28 +67,48 @@ def meta_train(run: RunArgs, train: TrainArgs, cfg: dict, report: ReportArgs | N
     check_writable(run.out)
     check_task_files(names, ("train", "dev"), tasks.k, tasks.data_seeds, tasks.data_dir)
     if train.validate_every:
-        check_task_files(check_tasks(tasks.val_tasks, tasks.data_dir), ("train", "dev"), tasks.k, tasks.data_seeds,
-                         tasks.data_dir)
-    accelerator = make_accelerator(cfg["model"].device)       # None for a single process
+        check_task_files(
+            check_tasks(tasks.val_tasks, tasks.data_dir), ("train", "dev"), tasks.k, tasks.data_seeds, tasks.data_dir
+        )
+    accelerator = make_accelerator(cfg["model"].device)  # None for a single process
     model, tokenizer = build_model(cfg, base_model_device(accelerator, cfg["model"].device))
-    prepare_model(accelerator, model)                          # FSDP config: shard the base model
+    prepare_model(accelerator, model)  # FSDP config: shard the base model
     validator = None
     if train.validate_every:
-        validator = make_validator(model, tokenizer, check_tasks(tasks.val_tasks, tasks.data_dir), tasks.data_seeds,
-                                   tasks, cfg["scoring"], cfg["meta"], cfg.get("eval", EvalArgs()))
-    trainer = MetaTrainer(model, tokenizer, names, cfg["tasks"], cfg["meta"], cfg["hyperprior"], cfg["scoring"],
-                          accelerator=accelerator, log_support_after=report is not None and report.log_support_after,
-                          validator=validator, validate_every=train.validate_every)
+        validator = make_validator(
+            model,
+            tokenizer,
+            check_tasks(tasks.val_tasks, tasks.data_dir),
+            tasks.data_seeds,
+            tasks,
+            cfg["scoring"],
+            cfg["meta"],
+            cfg.get("eval", EvalArgs()),
+        )
+    trainer = MetaTrainer(
+        model,
+        tokenizer,
+        names,
+        cfg["tasks"],
+        cfg["meta"],
+        cfg["hyperprior"],
+        cfg["scoring"],
+        accelerator=accelerator,
+        log_support_after=report is not None and report.log_support_after,
+        validator=validator,
+        validate_every=train.validate_every,
+    )
     is_main = trainer.is_main
     say = print if is_main else (lambda *args: None)
     writer = writer if is_main else None
-    say(f"meta-training on {len(names)} tasks: {', '.join(names)}"
-        + (f" ({trainer.world_size} processes)" if trainer.world_size > 1 else ""))
+    say(
+        f"meta-training on {len(names)} tasks: {', '.join(names)}"
+        + (f" ({trainer.world_size} processes)" if trainer.world_size > 1 else "")
+    )
     if train.resume:
         done = trainer.resume(run.out, to_dict(**cfg))
         say(f"resuming {run.out} after {done} meta-steps")
-    bar = tqdm(total=cfg["meta"].meta_steps, initial=len(trainer.history), desc="meta-train", unit="step",
-               disable=not is_main)
+    bar = tqdm(total=cfg["meta"].meta_steps, initial=len(trainer.history), desc="meta-train", unit="step", disable=not is_main)
 
     def on_step(logs):
         bar.update(1)
@@ -97,8 +118,9 @@ def meta_train(run: RunArgs, train: TrainArgs, cfg: dict, report: ReportArgs | N
                     writer.add_scalar(f"meta_train/{key}", logs[key], logs["step"])
         if not logs.get("skipped"):
             after = f"->{logs['support_nll_after']:.3f}" if "support_nll_after" in logs else ""
-            bar.set_postfix(q_nll=f"{logs['query_nll']:.3f}", kl=f"{logs['kl']:.3g}",
-                            s_nll=f"{logs['support_nll_before']:.3f}{after}")
+            bar.set_postfix(
+                q_nll=f"{logs['query_nll']:.3f}", kl=f"{logs['kl']:.3g}", s_nll=f"{logs['support_nll_before']:.3f}{after}"
+            )
 
     theta = trainer.run(run.out, to_dict(**cfg), train.save_every, on_step, train.skip_nonfinite)
     bar.close()
@@ -107,8 +129,10 @@ def meta_train(run: RunArgs, train: TrainArgs, cfg: dict, report: ReportArgs | N
         print(f"training curves: {plot_training_curves(trainer.history, Path(run.out) / CURVES)}")
     if is_main and trainer.validation:
         best = min(trainer.validation, key=lambda v: v["nll"])
-        say(f"validation NLL: untrained {trainer.validation[0]['nll']:.3f}, best {best['nll']:.3f} at meta-step "
-            f"{best['step']} (saved to {Path(run.out) / BEST_DIR})")
+        say(
+            f"validation NLL: untrained {trainer.validation[0]['nll']:.3f}, best {best['nll']:.3f} at meta-step "
+            f"{best['step']} (saved to {Path(run.out) / BEST_DIR})"
+        )
         if report is None or report.plots:
             print(f"validation curve: {plot_validation_curve(trainer.validation, Path(run.out) / VALIDATION_CURVE)}")
     return model, tokenizer, theta

@@ -51,24 +51,43 @@ def run_predict(run: RunArgs, args: PredictArgs, cfg: dict) -> Path:
     out = check_writable(run.out)
     n_samples = cfg["eval"].eval_samples
     adapter_files = sorted(p for p in Path(args.adapter).iterdir() if p.suffix in (".safetensors", ".json"))
-    settings = settings_hash({"config": result_config(cfg), "adapter": file_digest(adapter_files),
-                              "input": file_digest([args.input]), "eval_samples": n_samples,
-                              "sample_seed": args.sample_seed, "chunk_size": args.chunk_size,
-                              "abstain_above": args.abstain_above, "abstain_on": args.abstain_on})
+    settings = settings_hash(
+        {
+            "config": result_config(cfg),
+            "adapter": file_digest(adapter_files),
+            "input": file_digest([args.input]),
+            "eval_samples": n_samples,
+            "sample_seed": args.sample_seed,
+            "chunk_size": args.chunk_size,
+            "abstain_above": args.abstain_above,
+            "abstain_on": args.abstain_on,
+        }
+    )
     config_path, pred_path = out / PREDICT_CONFIG, out / PREDICTIONS
     previous = read_json_or_none(config_path) or {}
     resumable = previous.get("settings") == settings and previous.get("complete") is False
     if (previous or pred_path.exists()) and not resumable and not run.overwrite:
         state = "complete" if previous.get("complete") else "of other settings" if previous else "of unknown settings"
-        raise ValueError(f"--out {out} already holds predictions ({PREDICTIONS}, {state}); pass --overwrite to "
-                         "replace them or choose another --out")
+        raise ValueError(
+            f"--out {out} already holds predictions ({PREDICTIONS}, {state}); pass --overwrite to "
+            "replace them or choose another --out"
+        )
     done_lines = complete_lines(pred_path) if resumable else []
-    done = len(done_lines) - len(done_lines) % args.chunk_size         # whole chunks only
+    done = len(done_lines) - len(done_lines) % args.chunk_size  # whole chunks only
     model, tokenizer, params, status = load_prior(args.adapter, cfg)
     device = next(model.parameters()).device
-    record = {**to_dict(**cfg), "adapter": str(args.adapter), "input": str(args.input), "eval_samples": n_samples,
-              "sample_seed": args.sample_seed, "abstain_above": args.abstain_above, "abstain_on": args.abstain_on,
-              "n": len(examples), "labelled": sum(labelled), "settings": settings}
+    record = {
+        **to_dict(**cfg),
+        "adapter": str(args.adapter),
+        "input": str(args.input),
+        "eval_samples": n_samples,
+        "sample_seed": args.sample_seed,
+        "abstain_above": args.abstain_above,
+        "abstain_on": args.abstain_on,
+        "n": len(examples),
+        "labelled": sum(labelled),
+        "settings": settings,
+    }
     if status is not None:
         record.update(prior=status, prior_complete=status["complete"])
     write_json(config_path, {**record, "complete": False})
@@ -79,7 +98,7 @@ def run_predict(run: RunArgs, args: PredictArgs, cfg: dict) -> Path:
     bar = tqdm(total=len(examples), initial=done, desc=f"predict ({n_samples} samples)", unit="ex")
     truncated = 0
     for i in range(done, len(examples), args.chunk_size):
-        chunk = examples[i:i + args.chunk_size]
+        chunk = examples[i : i + args.chunk_size]
         batches = [b.to(device) for b in make_batches(tokenizer, chunk, cfg["scoring"])]
         torch.manual_seed(args.sample_seed * 1_000_003 + i)
         samples, _ = predict_samples(model, params, batches, n_samples)
@@ -87,10 +106,10 @@ def run_predict(run: RunArgs, args: PredictArgs, cfg: dict) -> Path:
         dropped = torch.zeros(len(chunk), dtype=torch.long)
         for b in batches:
             dropped[b.example_index] = b.dropped_tokens.cpu()
-        lines = [_prediction_line(ex, p[: len(ex.options)], has_label, int(d), {k: float(v[j]) for k, v in parts.items()},
-                                  args)
-                 for j, (ex, p, has_label, d) in enumerate(zip(chunk, samples.mean(0), labelled[i:i + len(chunk)],
-                                                               dropped))]
+        lines = [
+            _prediction_line(ex, p[: len(ex.options)], has_label, int(d), {k: float(v[j]) for k, v in parts.items()}, args)
+            for j, (ex, p, has_label, d) in enumerate(zip(chunk, samples.mean(0), labelled[i : i + len(chunk)], dropped))
+        ]
         truncated += int((dropped > 0).sum())
         with open(pred_path, "a", encoding="utf-8") as f:
             f.writelines(json.dumps(line, ensure_ascii=False) + "\n" for line in lines)
@@ -99,8 +118,11 @@ def run_predict(run: RunArgs, args: PredictArgs, cfg: dict) -> Path:
         bar.update(len(chunk))
     bar.close()
     if truncated:
-        print(f"warning: {truncated} input(s) were cut from the left to fit max_length={cfg['scoring'].max_length} "
-              "tokens (dropped_tokens > 0 in their lines); raise --max_length to keep more", file=sys.stderr)
+        print(
+            f"warning: {truncated} input(s) were cut from the left to fit max_length={cfg['scoring'].max_length} "
+            "tokens (dropped_tokens > 0 in their lines); raise --max_length to keep more",
+            file=sys.stderr,
+        )
     summary = _prediction_metrics(pred_path) if all(labelled) else {}
     write_json(config_path, {**record, **summary, "complete": True})
     if "metrics" in summary:
@@ -110,15 +132,22 @@ def run_predict(run: RunArgs, args: PredictArgs, cfg: dict) -> Path:
     return pred_path
 
 
-def _prediction_line(ex: Example, p: torch.Tensor, has_label: bool, dropped: int, parts: dict,
-                     args: PredictArgs) -> dict:
+def _prediction_line(ex: Example, p: torch.Tensor, has_label: bool, dropped: int, parts: dict, args: PredictArgs) -> dict:
     """One line of predictions.jsonl; probabilities to 9 significant digits (float32's own
     precision, so metrics recomputed from the file match, and a tiny probability stays > 0)."""
     pred = int(p.argmax())
-    line = {"input": ex.input, "options": list(ex.options), "probs": [float(f"{float(x):.9g}") for x in p],
-            "prediction": ex.options[pred], "prediction_index": pred, "entropy": round(parts["total"], 6),
-            "aleatoric": round(parts["aleatoric"], 6), "epistemic": round(parts["epistemic"], 6),
-            "top_prob_std": round(parts["top_prob_std"], 6), "dropped_tokens": dropped}
+    line = {
+        "input": ex.input,
+        "options": list(ex.options),
+        "probs": [float(f"{float(x):.9g}") for x in p],
+        "prediction": ex.options[pred],
+        "prediction_index": pred,
+        "entropy": round(parts["total"], 6),
+        "aleatoric": round(parts["aleatoric"], 6),
+        "epistemic": round(parts["epistemic"], 6),
+        "top_prob_std": round(parts["top_prob_std"], 6),
+        "dropped_tokens": dropped,
+    }
     if args.abstain_above is not None:
         line["abstain"] = parts[args.abstain_on] > args.abstain_above
     if has_label:

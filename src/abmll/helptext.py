@@ -1,0 +1,40 @@
+"""The stored ``abmll <command> --help`` texts (``src/abmll/help/<command>.txt``), so that
+``--help`` answers without importing torch (:mod:`abmll.__main__`). After changing a flag or
+its help, ``make help`` rewrites them; a test checks they match the parsers."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import yaml
+
+from abmll.args import build_parser, flatten_config
+from abmll.cli import COMMAND_TABLE, DEMO_CONFIG
+
+HELP_WIDTH = 100
+"""Columns of the stored ``--help`` texts (``src/abmll/help/<command>.txt``)."""
+HELP_DIR = Path(__file__).with_name("help")
+
+
+def command_help(command: str) -> str:
+    """``abmll <command> --help`` as the command's parser renders it, ``HELP_WIDTH`` columns wide.
+    Stored in ``src/abmll/help/`` (:func:`write_help`) so that ``--help`` answers without
+    importing torch (:mod:`abmll.__main__`); a test checks the stored texts are current."""
+    spec = COMMAND_TABLE[command]
+    parser, classes = build_parser(spec.groups, spec.args, command, f"runs/{command}", spec.unused)
+    if command == "demo":  # its defaults are demo.yaml's
+        parser.set_defaults(**flatten_config(yaml.safe_load(DEMO_CONFIG.read_text(encoding="utf-8")), classes))
+    old = os.environ.get("COLUMNS")
+    os.environ["COLUMNS"] = str(HELP_WIDTH)
+    try:
+        return parser.format_help()
+    finally:
+        os.environ.pop("COLUMNS") if old is None else os.environ.__setitem__("COLUMNS", old)
+
+
+def write_help(folder: Path = HELP_DIR) -> None:
+    """Write every command's :func:`command_help` to ``folder/<command>.txt`` (``make help``)."""
+    folder.mkdir(exist_ok=True)
+    for command in COMMAND_TABLE:
+        (folder / f"{command}.txt").write_text(command_help(command), encoding="utf-8")
