@@ -4,21 +4,16 @@ majority-class rates; resuming from the cache; the dev-data sweep table."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
-import sys
-from pathlib import Path
 
 import pytest
+import quality
+import tune_adaptation
 
 from abmll.methods import METHODS
 
 PNG = b"\x89PNG\r\n\x1a\n"
-spec = importlib.util.spec_from_file_location("quality", Path(__file__).parents[1] / "benchmarks" / "quality.py")
-quality = importlib.util.module_from_spec(spec)
-sys.modules["quality"] = quality  # dataclasses look their module up there
-spec.loader.exec_module(quality)
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # other jobs share the 2 cores
@@ -196,11 +191,7 @@ def test_malformed_adaptation_is_refused(tiny_model_dir, tiny_data_dir, tmp_path
 
 
 def test_tune_adaptation_tries_the_same_grid_for_every_method_on_dev_tasks(tiny_model_dir, tiny_data_dir, tmp_path):
-    tune_spec = importlib.util.spec_from_file_location(
-        "tune_adaptation", Path(__file__).parents[1] / "benchmarks" / "tune_adaptation.py"
-    )
-    tune = importlib.util.module_from_spec(tune_spec)
-    tune_spec.loader.exec_module(tune)
+    tune = tune_adaptation
     out = tune.main(
         args(
             tiny_model_dir,

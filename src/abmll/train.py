@@ -259,30 +259,12 @@ class MetaTrainer:
         device = next(iter(self.theta.values())).device
         try:
             with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+                run = (self.model, self.theta, self.optimizer, batch)
+                after = {"log_support_after": self.log_support_after}
                 if self.world_size == 1:
-                    logs = meta_step(
-                        self.model,
-                        self.theta,
-                        self.optimizer,
-                        batch,
-                        self.meta,
-                        self.hyper,
-                        step,
-                        log_support_after=self.log_support_after,
-                    )
+                    logs = meta_step(*run, self.meta, self.hyper, step, **after)
                 else:
-                    logs = distributed_meta_step(
-                        self.accelerator,
-                        self.model,
-                        self.theta,
-                        self.optimizer,
-                        batch,
-                        len(episodes),
-                        self.meta,
-                        self.hyper,
-                        step,
-                        log_support_after=self.log_support_after,
-                    )
+                    logs = distributed_meta_step(self.accelerator, *run, len(episodes), self.meta, self.hyper, step, **after)
         except NonFiniteLossError as err:
             if not skip_nonfinite:
                 raise NonFiniteLossError(f"{err} (meta-batch tasks {names})") from err
@@ -299,17 +281,9 @@ class MetaTrainer:
         folder = Path(folder)
         tensors, state = self._state()
         save_state(folder / CHECKPOINT_DIR, len(self.history), tensors, {**state, "config": config})
+        record = {**config, "kind": "prior", "rho0": self.rho0(), "run_meta_steps_done": len(self.history)}
         save_adapter(
-            folder,
-            self.theta,
-            {
-                **config,
-                "kind": "prior",
-                "rho0": self.rho0(),
-                "meta_steps_done": len(self.history),
-                "run_meta_steps_done": len(self.history),
-                "meta_steps_skipped": self.skipped_steps,
-            },
+            folder, self.theta, {**record, "meta_steps_done": len(self.history), "meta_steps_skipped": self.skipped_steps}
         )
         write_json(folder / "history.json", self.history)
         if self.validation:
@@ -317,19 +291,8 @@ class MetaTrainer:
         if self._best is not None:
             nll, theta = self._best
             best_step = next(v["step"] for v in self.validation if v["nll"] == nll)
-            save_adapter(
-                folder / BEST_DIR,
-                theta,
-                {
-                    **config,
-                    "kind": "prior",
-                    "rho0": self.rho0(),
-                    "meta_steps_done": best_step,
-                    "validation_nll": nll,
-                    "run_meta_steps_done": len(self.history),
-                    "selected_by": "lowest validation NLL",
-                },
-            )
+            selected = {"meta_steps_done": best_step, "validation_nll": nll, "selected_by": "lowest validation NLL"}
+            save_adapter(folder / BEST_DIR, theta, {**record, **selected})
         self._saved_step = len(self.history)
         return folder
 
