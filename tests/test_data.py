@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from abmll import data
-from abmll.data import DataError, Episode, Example, MissingTaskError
+from abmll.data import DataError, Episode, Example, MissingTaskError, read_jsonl
 
 SST2_OPTIONS = ["negative", "positive"]
 CLASS_TO_CLASS_ABSENT = [
@@ -405,3 +405,12 @@ def test_real_duplicate_options_are_reported(real_dir):
     with pytest.raises(DataError, match="duplicate options \\['going away'\\]") as info:
         data.load_episode("commonsense_qa", 16, 13, data_dir=real_dir)
     assert f"{path}:5" in str(info.value)
+
+
+def test_predict_inputs_may_leave_out_task_and_output(tmp_path):
+    path = tmp_path / "inputs.jsonl"
+    path.write_text('{"input": "great film", "options": ["negative", "positive"]}\n')
+    (example,) = read_jsonl(path, unlabelled=True)
+    assert example.input == "great film" and example.options == ("negative", "positive") and example.label == -1
+    with pytest.raises(DataError, match="missing key 'task'"):
+        read_jsonl(path)  # a task file still needs it

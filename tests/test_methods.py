@@ -211,3 +211,8 @@ def test_result_key_leaves_out_added_fields_at_their_defaults():
     assert "test_optimizer" not in result_config(cfg)["eval"] and "test_lr" not in result_config(cfg)["eval"]
     changed = result_config({**cfg, "eval": EvalArgs(test_optimizer="adamw", test_lr=0.01)})["eval"]
     assert changed["test_optimizer"] == "adamw" and changed["test_lr"] == 0.01
+
+
+def test_adamw_without_its_own_learning_rate_is_refused():
+    with pytest.raises(ValueError, match="--test_optimizer adamw needs --test_lr"):
+        EvalArgs(test_optimizer="adamw")

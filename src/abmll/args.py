@@ -36,7 +36,7 @@ class RunArgs:
 
     Attributes:
         config: YAML file of defaults (flags override it).
-        out: output folder (default: runs/<command>).
+        out: output folder (runs/<command> unless given).
         overwrite: replace what ``out`` already holds (a run, results, predictions, an
             adapter) instead of refusing; without it a finished output is never replaced and
             partial results of the same settings are resumed.

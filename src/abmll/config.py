@@ -79,9 +79,10 @@ class EvalArgs:
 
     Attributes:
         test_steps: K_test, optimiser steps from the prior on the task's support set.
-        test_lr: learning rate of those steps (default: meta.inner_lr, the inner loop's).
+        test_lr: learning rate of those steps; unset: meta.inner_lr (SGD only: adamw needs
+            its own, e.g. 0.01 as chosen on dev data for SmolLM2).
         test_optimizer: sgd (the method's inner loop) or adamw (no weight decay; as LoRA
-            users fine-tune).
+            users fine-tune; needs --test_lr).
         eval_samples: weight samples averaged in prediction (0: posterior mean).
         max_test: at most this many test examples per task and seed.
         compare_priors: other priors to evaluate beside zero-shot and the run's own ABMLL prior
@@ -107,6 +108,8 @@ class EvalArgs:
         one_of(self, "test_optimizer", ADAPT_OPTIMIZERS)
         if self.test_lr is not None:
             above(self, ("test_lr",), 0.0)
+        elif self.test_optimizer == "adamw":  # the inner loop's SGD rate (e.g. 0.3) makes AdamW diverge
+            raise ValueError("--test_optimizer adamw needs --test_lr (the SGD --inner_lr does not carry over)")
 
 
 CONFIG_GROUPS = {

@@ -82,8 +82,8 @@ def resolve_data_dir(data_dir: str | os.PathLike | None = None) -> Path:
 
 
 def _parse_line(text: str, where: str, unlabelled: bool = False) -> dict:
-    """Decode one JSON record and check its keys and value types (``output`` may be absent
-    when ``unlabelled``: it is then None)."""
+    """Decode one JSON record and check its keys and value types (``output`` and ``task`` may
+    be absent when ``unlabelled``: None and "")."""
     try:
         record = json.loads(text)
     except (ValueError, RecursionError) as err:
@@ -91,6 +91,8 @@ def _parse_line(text: str, where: str, unlabelled: bool = False) -> dict:
     if not isinstance(record, dict):
         raise DataError(f"{where}: expected a JSON object, got {type(record).__name__}")
     missing_output = unlabelled and "output" not in record
+    if unlabelled:  # inputs to predict: only input and options are needed
+        record.setdefault("task", "")
     for key, kind in _KEYS.items():
         if key == "output" and missing_output:
             continue
@@ -161,7 +163,8 @@ def read_jsonl(path: str | os.PathLike, task_type: str | None = None, unlabelled
     multi-choice tasks (``task_type`` given, or inferred when None: a file where any
     record has options) options must be non-empty and contain the output.
     Free-form records (empty options) become ``Example(input, (), -1)``. With ``unlabelled``
-    (inputs to predict), a record may leave ``output`` out: it becomes an Example with label -1.
+    (inputs to predict), a record may leave ``output`` out (an Example with label -1) and
+    ``task`` too.
     Raises DataError naming ``path:line`` and the problem, or the file when it is
     absent or has no examples.
     """

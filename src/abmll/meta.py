@@ -35,7 +35,7 @@ class MetaConfig:
 
     Attributes:
         inner_steps: K, SGD steps from the prior on the support set (meta-training).
-        inner_lr: SGD learning rate of the inner loop (and of test-time adaptation).
+        inner_lr: SGD learning rate of the inner loop (and of test-time SGD unless --test_lr).
         outer_lr: Adam learning rate on theta.
         beta: weight of KL(q || p_theta), a sum over all weight entries (nats).
         gamma: weight of the hyperprior -log p(theta), a sum over all weight entries (nats).

@@ -134,6 +134,7 @@ def run_evaluate(
         results["ood"] = ood_table(model, tokenizer, [m for m in methods if m.steps], names, cfg)
         print(format_ood_table(results["ood"]))
     results["config"] = to_dict(**cfg)
+    results["data_dir_resolved"] = str(resolve_data_dir(tasks.data_dir))
     results["ece_scheme"] = ECE_SCHEME
     if prior is not None:
         results.update(prior=prior, prior_complete=prior["complete"])
