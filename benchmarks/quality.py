@@ -57,7 +57,7 @@ from transformers import HfArgumentParser
 from abmll.bayes_lora import BayesLoraModel
 from abmll.checkpoint import write_json
 from abmll.cli import DEMO_CONFIG
-from abmll.config import CONFIG_GROUPS, DATA_SEEDS
+from abmll.config import CONFIG_GROUPS, DATA_SEEDS, changed_added_fields
 from abmll.data import DataError, check_tasks, load_episode, load_split, resolve_data_dir, task_meta
 from abmll.evaluate import run_method, summarise
 from abmll.methods import ADAPTING_METHOD, METHODS, get_spec, make_method, prior_kinds, prior_meta_config, train_prior
@@ -428,9 +428,8 @@ def prior_config(kind: str, cfg: dict, train: list[str], bench: BenchArgs | None
             "test_steps": cfg["eval"].test_steps,
             "eval_samples": cfg["eval"].eval_samples,
         }
-        ev = cfg["eval"]  # the validator adapts with its optimiser and lr: in the key when not the defaults
-        config["validation"].update({"test_lr": ev.test_lr} if ev.test_lr is not None else {})
-        config["validation"].update({"test_optimizer": ev.test_optimizer} if ev.test_optimizer != "sgd" else {})
+        # the validator adapts with the eval group's optimiser and lr: in the key when not the defaults
+        config["validation"].update(changed_added_fields("eval", cfg["eval"]))
     return config
 
 
@@ -582,7 +581,7 @@ def run(
                         untrained_val_ece=untrained.get("ece"),
                     )
         adaptation = {
-            m: [e.test_optimizer, e.test_steps, cfg["meta"].inner_lr if e.test_lr is None else e.test_lr]
+            m: [e.test_optimizer, e.test_steps, e.adapt_lr(cfg["meta"])]
             for m in bench.methods
             if get_spec(m).adapt
             for e in [method_eval(m, cfg, bench)]
@@ -766,7 +765,7 @@ def _f(x: float, digits: int = 3) -> str:
 def adaptation_text(results: dict, cfg: dict) -> str:
     """The adaptation settings of the results' methods, e.g. "5 SGD steps at lr 0.3 for every method"."""
     ev, meta = cfg["eval"], cfg["meta"]
-    default = (ev.test_optimizer, ev.test_steps, meta.inner_lr if ev.test_lr is None else ev.test_lr)
+    default = (ev.test_optimizer, ev.test_steps, ev.adapt_lr(meta))
     per = {m: tuple(a) for m, a in results.get("adaptation", {}).items()}
     fmt = lambda o, n, lr: f"{n} {o.upper() if o == 'sgd' else 'AdamW'} steps at lr {lr:g}"  # noqa: E731
     if all(a == default for a in per.values()):

@@ -111,6 +111,10 @@ class EvalArgs:
         elif self.test_optimizer == "adamw":  # the inner loop's SGD rate (e.g. 0.3) makes AdamW diverge
             raise ValueError("--test_optimizer adamw needs --test_lr (the SGD --inner_lr does not carry over)")
 
+    def adapt_lr(self, meta: MetaConfig) -> float:
+        """The learning rate of test-time adaptation: ``test_lr``, else ``meta.inner_lr``."""
+        return meta.inner_lr if self.test_lr is None else self.test_lr
+
 
 CONFIG_GROUPS = {
     "model": ModelArgs,
@@ -158,6 +162,14 @@ def from_dict(saved: dict, name: str, source: str = "saved config"):
 ADDED_FIELDS = {"eval": {"test_lr": None, "test_optimizer": "sgd"}}
 """Fields added after results were first saved, with their defaults: :func:`result_config`
 leaves them out while at the default, so the resume key of results saved before them holds."""
+
+
+def changed_added_fields(group: str, config) -> dict:
+    """The :data:`ADDED_FIELDS` of ``group`` whose value in ``config`` is not their default
+    (what a resume key records of them)."""
+    return {
+        name: getattr(config, name) for name, default in ADDED_FIELDS.get(group, {}).items() if getattr(config, name) != default
+    }
 
 
 def result_config(cfg: dict) -> dict:

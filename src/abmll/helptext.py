@@ -4,7 +4,7 @@ its help, ``make help`` rewrites them; a test checks they match the parsers."""
 
 from __future__ import annotations
 
-import os
+from functools import partial
 from pathlib import Path
 
 import yaml
@@ -25,12 +25,9 @@ def command_help(command: str) -> str:
     parser, classes = build_parser(spec.groups, spec.args, command, f"runs/{command}", spec.unused)
     if command == "demo":  # its defaults are demo.yaml's
         parser.set_defaults(**flatten_config(yaml.safe_load(DEMO_CONFIG.read_text(encoding="utf-8")), classes))
-    old = os.environ.get("COLUMNS")
-    os.environ["COLUMNS"] = str(HELP_WIDTH)
-    try:
-        return parser.format_help()
-    finally:
-        os.environ.pop("COLUMNS") if old is None else os.environ.__setitem__("COLUMNS", old)
+    # argparse wraps at $COLUMNS - 2 by default: fix the width instead, whatever the terminal
+    parser.formatter_class = partial(parser.formatter_class, width=HELP_WIDTH - 2)
+    return parser.format_help()
 
 
 def write_help(folder: Path = HELP_DIR) -> None:

@@ -32,7 +32,7 @@ def run_adapt(run: RunArgs, args: AdaptArgs, cfg: dict) -> Path:
     torch.manual_seed(meta.seed)
     before = mean_nll(model, theta, support)
     bar = tqdm(total=1, desc=f"adapt ({steps} steps, {len(examples)} examples)", unit="task")
-    lr = meta.inner_lr if ev.test_lr is None else ev.test_lr
+    lr = ev.adapt_lr(meta)
     posterior, history = adapt(
         model, theta, support, steps, lr, meta.beta, meta.n_samples, meta.inner_grad_clip, ev.test_optimizer
     )
