@@ -57,7 +57,7 @@ from transformers import HfArgumentParser
 from abmll.bayes_lora import BayesLoraModel
 from abmll.checkpoint import write_json
 from abmll.cli import DEMO_CONFIG
-from abmll.config import CONFIG_GROUPS, DATA_SEEDS, changed_added_fields
+from abmll.config import ADDED_FIELDS, CONFIG_GROUPS, DATA_SEEDS, changed_added_fields
 from abmll.data import DataError, check_tasks, load_episode, load_split, resolve_data_dir, task_meta
 from abmll.evaluate import run_method, summarise
 from abmll.methods import ADAPTING_METHOD, METHODS, get_spec, make_method, prior_kinds, prior_meta_config, train_prior
@@ -418,7 +418,9 @@ def prior_config(kind: str, cfg: dict, train: list[str], bench: BenchArgs | None
     config["model"].pop("device")
     config["lora"].pop("frozen_cache_mb")
     config["tasks"] = {**_group(cfg, "tasks", ["split", "k", "data_seeds", "max_query"]), "train_tasks": list(train)}
-    config["meta"] = asdict(prior_meta_config(kind, cfg["meta"]))
+    meta = prior_meta_config(kind, cfg["meta"])
+    config["meta"] = {k: v for k, v in asdict(meta).items() if k not in ADDED_FIELDS["meta"]}
+    config["meta"].update(changed_added_fields("meta", meta))  # so priors trained before them keep their keys
     if bench is not None and bench.validate_every:
         config["validation"] = {
             "val_tasks": list(cfg["tasks"].val_tasks),
@@ -433,7 +435,17 @@ def prior_config(kind: str, cfg: dict, train: list[str], bench: BenchArgs | None
     return config
 
 
-PRIOR_ONLY = {"inner_steps", "outer_lr", "gamma", "meta_batch_size", "meta_steps", "seed", "outer_update"}
+PRIOR_ONLY = {
+    "inner_steps",
+    "outer_lr",
+    "gamma",
+    "meta_batch_size",
+    "meta_steps",
+    "seed",
+    "outer_update",
+    "outer_warmup_steps",
+    "outer_grad_clip",
+}
 """Meta-config fields used only to train a prior, not by test-time adaptation."""
 
 

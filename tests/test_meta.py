@@ -20,6 +20,7 @@ from abmll.meta import (
     mean_nll,
     meta_step,
     meta_step_second_order,
+    outer_lr_at,
     predict_batches,
 )
 from abmll.scoring import ScoringConfig, make_batches, option_nll, option_scores
@@ -105,6 +106,38 @@ def test_meta_gradient_k3_equals_straight_through_by_hand():
     for (k, e), hk in zip(expected.items(), h):
         torch.testing.assert_close(grads[k], e + hk, rtol=1e-4, atol=1e-6)
     assert logs["support_nll_after"] < logs["support_nll_before"]
+
+
+def test_outer_warmup_is_linear_and_then_constant():
+    config = MetaConfig(outer_lr=0.01, outer_warmup_steps=4)
+    assert [outer_lr_at(config, t) for t in range(6)] == pytest.approx([0.0025, 0.005, 0.0075, 0.01, 0.01, 0.01])
+    assert outer_lr_at(MetaConfig(outer_lr=0.01), 0) == 0.01
+    for field, value in [("outer_warmup_steps", -1), ("outer_grad_clip", -0.5), ("outer_grad_clip", float("nan"))]:
+        with pytest.raises(ValueError, match=field):
+            MetaConfig(**{field: value})
+
+
+@pytest.mark.parametrize("clip", [0.0, 0.01])
+def test_outer_step_uses_the_warmed_up_lr_and_the_clipped_meta_gradient(clip):
+    model = BayesLoraModel(make_tiny_llama(), BayesLoraConfig(rank=2))
+    tasks = [task_batches("a", 1), task_batches("b", 2)]
+    config = MetaConfig(inner_steps=1, outer_lr=0.5, n_samples=0, outer_warmup_steps=4, outer_grad_clip=clip)
+    hyper = HyperpriorConfig()
+    theta = random_theta(model)
+    _, grads = run_meta_step(model, random_theta(model), tasks, MetaConfig(inner_steps=1, n_samples=0), hyper)
+    norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads.values()])).item()
+    assert norm > 0.1  # so the clip below binds
+
+    before = {k: v.detach().clone() for k, v in theta.items()}
+    opt = torch.optim.SGD(theta.values(), lr=123.0)  # replaced by outer_lr_at(config, 1) = 0.5 * 2 / 4
+    logs = meta_step(model, theta, opt, tasks, config, hyper, step=1)
+    scale = 0.25 * (clip / norm if clip else 1.0)
+    for k in theta:
+        torch.testing.assert_close(before[k] - theta[k].detach(), scale * grads[k], rtol=1e-4, atol=1e-7)
+    if clip:
+        assert logs["meta_grad_norm"] == pytest.approx(norm, rel=1e-5)
+    else:
+        assert "meta_grad_norm" not in logs
 
 
 class SavedTensorMeter:

@@ -38,12 +38,13 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-def make_trainer(data_dir, meta_steps=6, model_seed=0, rank=2) -> MetaTrainer:
-    """A trainer on the tiny random Llama; ``model_seed`` changes the adapter initialisation."""
+def make_trainer(data_dir, meta_steps=6, model_seed=0, rank=2, **outer) -> MetaTrainer:
+    """A trainer on the tiny random Llama; ``model_seed`` changes the adapter initialisation;
+    ``outer``: more MetaConfig fields."""
     torch.manual_seed(model_seed)
     model = BayesLoraModel(make_tiny_llama(), BayesLoraConfig(rank=rank))
     tasks = TaskArgs(data_dir=str(data_dir), k=4, data_seeds=[1, 2], max_query=4)
-    config = MetaConfig(meta_steps=meta_steps, inner_steps=1, outer_lr=0.05, seed=3)
+    config = MetaConfig(meta_steps=meta_steps, inner_steps=1, outer_lr=0.05, seed=3, **outer)
     return MetaTrainer(model, make_tiny_tokenizer(), TASKS, tasks, config, HyperpriorConfig(), ScoringConfig(max_rows=8))
 
 
@@ -58,16 +59,20 @@ def file_bytes(folder: Path) -> dict[str, bytes]:
 # ---------------------------------------------------------------- exact resume, in process
 
 
-def test_resume_continues_bit_exactly(tiny_data_dir, tmp_path):
-    full = make_trainer(tiny_data_dir)
+@pytest.mark.parametrize("outer", [{}, {"outer_warmup_steps": 5, "outer_grad_clip": 0.05}], ids=["plain", "warmup_clip"])
+def test_resume_continues_bit_exactly(tiny_data_dir, tmp_path, outer):
+    full = make_trainer(tiny_data_dir, **outer)
     full.run(tmp_path / "a", CONFIG, save_every=3)  # saves after 3 and after 6 steps
-    reference = make_trainer(tiny_data_dir)
+    reference = make_trainer(tiny_data_dir, **outer)
     reference.run(None, CONFIG)
     assert thetas_equal(full.theta, reference.theta)  # saving does not disturb the run
+    if outer:  # the warm-up reached outer_lr; the clip bound some steps
+        assert full.optimizer.param_groups[0]["lr"] == pytest.approx(0.05)
+        assert any(h["meta_grad_norm"] > 0.05 for h in full.history)
 
-    partial = make_trainer(tiny_data_dir, meta_steps=3)
+    partial = make_trainer(tiny_data_dir, meta_steps=3, **outer)
     partial.run(tmp_path / "b", CONFIG)
-    resumed = make_trainer(tiny_data_dir, model_seed=7)  # a different initial theta
+    resumed = make_trainer(tiny_data_dir, model_seed=7, **outer)  # a different initial theta
     assert not thetas_equal(resumed.theta, partial.theta)
     assert resumed.resume(tmp_path / "b", CONFIG) == 3
     assert thetas_equal(resumed.theta, partial.theta)

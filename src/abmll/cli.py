@@ -97,7 +97,8 @@ class Command:
 
 
 OUTER_LOOP = tuple(
-    "inner_steps outer_lr gamma meta_batch_size meta_steps outer_update mean_std a0 b0 train_tasks val_tasks max_query".split()
+    "inner_steps outer_lr outer_warmup_steps outer_grad_clip gamma meta_batch_size meta_steps outer_update mean_std a0 b0 "
+    "train_tasks val_tasks max_query".split()
 )
 """Fields only meta-training uses (the outer loop, the hyperprior, the meta-train tasks)."""
 

@@ -159,7 +159,10 @@ def from_dict(saved: dict, name: str, source: str = "saved config"):
         raise ValueError(f"{source}: invalid {name} config ({err})") from None
 
 
-ADDED_FIELDS = {"eval": {"test_lr": None, "test_optimizer": "sgd"}}
+ADDED_FIELDS = {
+    "eval": {"test_lr": None, "test_optimizer": "sgd"},
+    "meta": {"outer_warmup_steps": 0, "outer_grad_clip": 0.0},
+}
 """Fields added after results were first saved, with their defaults: :func:`result_config`
 leaves them out while at the default, so the resume key of results saved before them holds."""
 

@@ -51,6 +51,11 @@ class MetaConfig:
             this value (0: plain SGD). Not in the paper: without it SGD at a useful learning
             rate diverges on tasks where the pretrained model is confidently wrong (seen on
             tweet_eval-hate, zero-shot NLL 4.6, support NLL 6.5 -> 16 in 4 steps at lr 0.3).
+        outer_warmup_steps: linear warm-up of the outer learning rate: meta-step t (counted
+            from 0) uses outer_lr * min(1, (t + 1) / outer_warmup_steps); 0: constant outer_lr.
+        outer_grad_clip: clip the global L2 norm of theta's meta-gradient (the meta-batch
+            mean, with the hyperprior term) to this value before the Adam step (0: no
+            clipping); the norm before clipping is logged as meta_grad_norm.
     """
 
     inner_steps: int = 3
@@ -64,13 +69,23 @@ class MetaConfig:
     seed: int = 0
     outer_update: Literal["abmll", "reptile"] = "abmll"
     inner_grad_clip: float = 1.0
+    outer_warmup_steps: int = 0
+    outer_grad_clip: float = 0.0
 
     def __post_init__(self) -> None:
         one_of(self, "outer_update", OUTER_UPDATES)
-        at_least(self, ("inner_steps", "n_samples", "meta_steps"), 0)
+        at_least(self, ("inner_steps", "n_samples", "meta_steps", "outer_warmup_steps"), 0)
         seeds(self, ("seed",))
         at_least(self, ("meta_batch_size",), 1)
-        at_least(self, ("inner_lr", "outer_lr", "beta", "gamma", "inner_grad_clip"), 0)
+        at_least(self, ("inner_lr", "outer_lr", "beta", "gamma", "inner_grad_clip", "outer_grad_clip"), 0)
+
+
+def outer_lr_at(config: MetaConfig, step: int) -> float:
+    """The outer learning rate of meta-step ``step`` (counted from 0): ``outer_lr`` times
+    min(1, (step + 1) / outer_warmup_steps), or ``outer_lr`` without warm-up."""
+    if config.outer_warmup_steps == 0:
+        return config.outer_lr
+    return config.outer_lr * min(1.0, (step + 1) / config.outer_warmup_steps)
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -215,7 +230,9 @@ def meta_step(
     For each task: lambda^(K) = adapt(theta, support); then the query objective
     NLL(query; lambda) + beta * KL(q_lambda || p_theta) is differentiated at lambda = lambda^(K)
     and at theta (through p_theta); the lambda-gradient is added to theta's gradient
-    (straight-through). Then gamma * (-log p(theta)) is added and the optimizer steps.
+    (straight-through). Then gamma * (-log p(theta)) is added, the meta-gradient is clipped to
+    ``config.outer_grad_clip`` (when set) and the optimizer steps (at :func:`outer_lr_at` when
+    ``config.outer_warmup_steps`` is set).
 
     Args:
         theta: leaf tensors with requires_grad, updated in place by ``optimizer``.
@@ -232,7 +249,7 @@ def meta_step(
         logs: query_nll, kl, hyperprior (= -log p(theta), unweighted), support_nll_before
         (the first inner step's sampled NLL), support_nll_after (only with
         ``log_support_after``; always for Reptile), as means over the meta-batch in nats, and
-        loss (the meta-objective).
+        loss (the meta-objective); with ``outer_grad_clip``, meta_grad_norm (before clipping).
     Raises:
         NonFiniteLossError: naming ``step`` and the tasks; theta is left unchanged.
     """
@@ -264,6 +281,11 @@ def meta_step(
         raise NonFiniteLossError(
             f"meta-step {step}: non-finite loss or gradient (logs {logs}) on tasks {[t.task for t in tasks]}"
         )
+    if config.outer_grad_clip:
+        logs["meta_grad_norm"] = torch.nn.utils.clip_grad_norm_(list(theta.values()), config.outer_grad_clip).item()
+    if config.outer_warmup_steps:  # else the optimizer's own lr (MetaTrainer's is outer_lr)
+        for group in optimizer.param_groups:
+            group["lr"] = outer_lr_at(config, step)
     optimizer.step()
     return logs
 
