@@ -42,10 +42,13 @@ import statistics
 import subprocess
 import sys
 import time
+from dataclasses import dataclass, field
 from functools import partial
-from pathlib import Path
+from typing import Literal
 
-RESULTS = Path(__file__).parent / "results"
+import harness
+
+RESULTS = harness.RESULTS
 KS = [1, 2, 5, 10]
 METHODS = ["lora", "abmll", "abmll_log", "abmll_per_batch", "second_order"]
 ABMLL_VARIANTS = ["abmll", "abmll_log", "abmll_per_batch"]
@@ -315,29 +318,52 @@ def table(res: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default="smollm2-135m-instruct")
-    ap.add_argument("--device", default="auto")
-    ap.add_argument("--dtype", default="float32")
-    ap.add_argument("--k", type=int, default=4, help="support/query examples per task")
-    ap.add_argument("--repeats", type=int, default=2)
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--n-score", type=int, default=64)
-    ap.add_argument("--tag", default="")
-    ap.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS)
-    ap.add_argument("--ks", nargs="+", type=int, default=KS, help="inner steps K to run")
-    ap.add_argument("--child", nargs=2, metavar=("METHOD", "K"))
-    ap.add_argument("--paired-rounds", type=int, default=5, help="rounds of the in-process paired timing")
-    ap.add_argument(
-        "--paired-k",
-        type=int,
-        default=16,
-        help="support/query examples per task in the paired timing (the trainer's default episode)",
-    )
-    ap.add_argument("--only", choices=["scoring", "profile", "paired"])
-    ap.add_argument("--no-profile", action="store_true", help="skip the meta-step profile")
-    args = ap.parse_args()
+@dataclass
+class EfficiencyArgs:
+    """Flags of benchmarks/efficiency.py.
+
+    Attributes:
+        model: base model (a hub id, local folder or the embedded smollm2-135m-instruct).
+        device: "auto", "cpu", "cuda", "cuda:1", "mps".
+        dtype: base-model dtype (float32, bfloat16, float16).
+        k: support / query examples per task in the per-K children.
+        repeats: timed meta-steps per child (after a warm-up step).
+        threads: torch intra-op threads.
+        n_score: examples of the option-scoring speed test.
+        tag: results go to efficiency-TAG.{json,md} (e.g. gpu).
+        methods: variants run as separate processes per K: lora, abmll, abmll_log,
+            abmll_per_batch, second_order.
+        ks: inner steps K to run.
+        child: internal: METHOD K of one child process (started by the script).
+        paired_rounds: rounds of the in-process paired timing.
+        paired_k: support / query examples per task in the paired timing (the trainer's
+            default episode).
+        only: run one part and print it: scoring, profile or paired.
+        no_profile: skip the meta-step profile.
+    """
+
+    model: str = "smollm2-135m-instruct"
+    device: str = "auto"
+    dtype: str = "float32"
+    k: int = 4
+    repeats: int = 2
+    threads: int = 2
+    n_score: int = 64
+    tag: str = ""
+    methods: list[str] = field(default_factory=lambda: list(METHODS))
+    ks: list[int] = field(default_factory=lambda: list(KS))
+    child: list[str] | None = None
+    paired_rounds: int = 5
+    paired_k: int = 16
+    only: Literal["scoring", "profile", "paired"] | None = None
+    no_profile: bool = False
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    (args,) = harness.parse(argv, EfficiencyArgs, script="efficiency.py", description=__doc__.splitlines()[0])
+    if unknown := set(args.methods) - set(METHODS):
+        raise SystemExit(f"--methods: unknown {sorted(unknown)}; choose from {METHODS}")
     args.passthrough = [
         "--model",
         args.model,
@@ -400,7 +426,7 @@ def main() -> None:
     res = {
         "model": args.model,
         "device": str(resolve_device(args.device)) + f" ({args.dtype}, {args.threads} threads)",
-        "command": "python benchmarks/efficiency.py " + " ".join(sys.argv[1:]),
+        "command": harness.command_line("efficiency.py", argv),
         "torch": torch.__version__,
         "examples_per_task": {"support": args.k, "query": args.k},
         "memory_ratio_k10_k1": {m: ratio(by.get((m, 10)), by.get((m, 1)), "peak_mb") for m in ("abmll", "second_order")},
@@ -417,9 +443,7 @@ def main() -> None:
         "profile": [] if args.no_profile else profile_step(args),
         "rows": rows,
     }
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / f"{name}.json").write_text(json.dumps(res, indent=2) + "\n")
-    (RESULTS / f"{name}.md").write_text(table(res))
+    harness.write_results(name, res, table(res))
     print(table(res))
 
 

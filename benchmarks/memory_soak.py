@@ -14,7 +14,6 @@ system when freed) unless that variable is already set. One torch thread, for st
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import platform
@@ -22,6 +21,7 @@ import random
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 MMAP_THRESHOLD = "65536"
@@ -30,6 +30,7 @@ if __name__ == "__main__" and "MALLOC_MMAP_THRESHOLD_" not in os.environ:
     os.environ["MALLOC_MMAP_THRESHOLD_"] = MMAP_THRESHOLD
     os.execv(sys.executable, [sys.executable, *sys.argv])
 
+import harness  # noqa: E402
 import psutil  # noqa: E402
 import torch  # noqa: E402
 
@@ -42,7 +43,6 @@ from abmll.train import MetaTrainer  # noqa: E402
 
 TASKS = [f"task{i}" for i in range(8)]
 SEEDS = [1, 2, 3]
-RESULTS = Path(__file__).parent / "results"
 
 
 def write_tasks(root: Path, k: int) -> None:
@@ -141,15 +141,23 @@ def markdown(result: dict, steps: int, every: int) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=200)
-    parser.add_argument("--every", type=int, default=20)
-    args = parser.parse_args()
+@dataclass
+class SoakArgs:
+    """Flags of benchmarks/memory_soak.py.
+
+    Attributes:
+        steps: meta-steps to run.
+        every: save the prior and trainer state, and read the RSS, every this many meta-steps.
+    """
+
+    steps: int = 200
+    every: int = 20
+
+
+def main(argv: list[str] | None = None) -> None:
+    (args,) = harness.parse(argv, SoakArgs, script="memory_soak.py", description=__doc__.splitlines()[0])
     result = soak(args.steps, args.every)
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "memory_soak.json").write_text(json.dumps(result, indent=2) + "\n")
-    (RESULTS / "memory_soak.md").write_text(markdown(result, args.steps, args.every))
+    harness.write_results("memory_soak", result, markdown(result, args.steps, args.every))
     print(markdown(result, args.steps, args.every))
 
 

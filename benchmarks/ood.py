@@ -3,7 +3,7 @@ and task B's; how well does its uncertainty tell B's apart (AUROC by predictive 
 epistemic uncertainty, abmll.ood)? For ABMLL (a meta-trained prior), Bayesian LoRA (the ABMLL
 inner loop from the untrained prior) and LoRA (deterministic: no epistemic part).
 
-    .venv/bin/python benchmarks/ood.py [--prior smollm2-135m-class_to_class] [--pairs A:B ...]
+    .venv/bin/python benchmarks/ood.py [--prior smollm2-135m-class_to_class] [--pairs A:B ...] [--seeds 100 13]
 
 Settings (model, adapter, scoring, adaptation budget, samples) are src/abmll/demo.yaml's,
 overridable by the same flags as ``abmll evaluate``. Each (method, pair, seed) result is
@@ -14,13 +14,14 @@ results go to benchmarks/results/ood-class_to_class.{json,md}.
 from __future__ import annotations
 
 import json
-import shlex
 import statistics
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from harness import command_line, write_results
 
 from abmll.args import ALL_GROUPS, parse_args
 from abmll.checkpoint import write_json
@@ -33,26 +34,33 @@ from abmll.train import episode_batches
 
 PAIRS = ["ethos-race:ag_news", "tweet_eval-hate:anli", "ag_news:emo"]
 METHODS = ["lora", "bayes_lora", "abmll"]
-OUT = Path(__file__).parent / "results"
+
+
+@dataclass
+class OodArgs:
+    """Flags of this script beside ``abmll evaluate``'s.
+
+    Attributes:
+        prior: the ABMLL prior (a shipped prior's short name or a folder).
+        pairs: IN:OOD task pairs: adapt on IN's support set, flag OOD's test examples.
+        seeds: data seeds (k-shot support sets) per pair.
+    """
+
+    prior: str = "smollm2-135m-class_to_class"
+    pairs: list[str] = field(default_factory=lambda: list(PAIRS))
+    seeds: list[int] = field(default_factory=lambda: [100, 13])
 
 
 def main(argv: list[str]) -> dict:
-    prior = "smollm2-135m-class_to_class"
-    pairs, seeds = list(PAIRS), [100, 13]
-    rest = []
-    it = iter(argv)
-    for arg in it:  # this script's own flags; the rest are abmll's
-        if arg == "--prior":
-            prior = next(it)
-        elif arg == "--pairs":
-            pairs = [p for p in it if not p.startswith("--")] or pairs
-        elif arg == "--seeds":
-            seeds = [int(s) for s in next(it).split(",")]
-        else:
-            rest.append(arg)
-    _, cfg, _ = parse_args(
-        ["--config", str(DEMO_CONFIG), "--max_test", "48", "--eval_samples", "4", *rest], ALL_GROUPS, command="ood"
+    _, cfg, (args,) = parse_args(
+        ["--config", str(DEMO_CONFIG), "--max_test", "48", "--eval_samples", "4", *argv],
+        ALL_GROUPS,
+        extra=(OodArgs,),
+        command="ood",
     )
+    prior, pairs, seeds = args.prior, args.pairs, args.seeds
+    if bad := [p for p in pairs if p.count(":") != 1]:
+        raise SystemExit(f"--pairs takes IN:OOD task pairs, got {bad}")
     torch.set_num_threads(2)
     model, tok = build_model(cfg)
     priors = {"lora": model.init_params(), "bayes_lora": model.init_params(), "abmll": fitting_prior(prior, model)[0]}
@@ -89,7 +97,7 @@ def main(argv: list[str]) -> dict:
         }
         for name in METHODS
     }
-    command = ".venv/bin/python benchmarks/ood.py " + shlex.join(argv)
+    command = command_line("ood.py", argv)
     results = {
         "command": command,
         "prior": prior,
@@ -98,11 +106,10 @@ def main(argv: list[str]) -> dict:
         "methods": table,
         "config": {g: vars(cfg[g]) for g in ("lora", "scoring", "meta", "eval")},
     }
-    write_json(OUT / "ood-class_to_class.json", results)
     lines = [
         "# Out-of-distribution check: class_to_class test tasks, SmolLM2-135M-Instruct",
         "",
-        f"Command: `{command.strip()}`",
+        f"Command: `{command}`",
         "",
         f"Adapted on the in-distribution task's k={cfg['tasks'].k} support set ({cfg['eval'].test_steps} steps), "
         f"then {cfg['eval'].max_test} test examples of each task scored with {cfg['eval'].eval_samples} weight "
@@ -116,7 +123,7 @@ def main(argv: list[str]) -> dict:
         for pair in pairs:
             r = table[name][pair]
             lines.append(f"| {name} | {pair.replace(':', ' -> ')} | {r['auroc_total']:.3f} | {r['auroc_epistemic']:.3f} |")
-    (OUT / "ood-class_to_class.md").write_text("\n".join(lines) + "\n")
+    write_results("ood-class_to_class", results, "\n".join(lines))
     print("\n".join(lines))
     return results
 

@@ -37,10 +37,8 @@ only the methods it affects (``--fresh`` discards the cache and the priors).
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import math
-import shlex
 import shutil
 import statistics
 import sys
@@ -50,9 +48,10 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
+import harness
 import torch
 import yaml
-from transformers import HfArgumentParser
+from harness import Cache, command_line, config_hash, write_results
 
 from abmll.bayes_lora import BayesLoraModel
 from abmll.checkpoint import write_json
@@ -162,21 +161,21 @@ class BenchArgs:
 GROUPS = ["model", "lora", "hyperprior", "scoring", "meta", "tasks", "eval"]
 
 
-def parse(argv: list[str]) -> tuple[BenchArgs, dict]:
-    """(BenchArgs, {group: config}). Defaults, lowest first: the dataclasses', the SmolLM2
-    (or, with --quick, the smoke-test) preset, the --config file, the flags."""
-    classes = [BenchArgs] + [CONFIG_GROUPS[g] for g in GROUPS]
-    parser = HfArgumentParser(classes)
+def parse(argv: list[str], extra: tuple[type, ...] = (), script: str = "quality.py") -> tuple:
+    """(BenchArgs, {group: config}, *one instance of each ``extra`` dataclass: the flags of
+    ``script``, built on this one). Defaults, lowest first: the dataclasses', the SmolLM2 (or, with
+    --quick, the smoke-test) preset, the --config file, the flags."""
+    classes = [BenchArgs, *extra] + [CONFIG_GROUPS[g] for g in GROUPS]
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--config")
     pre.add_argument("--quick", nargs="?", const="true", default="false")
     known, _ = pre.parse_known_args(argv)
     quick = str(known.quick).lower() in ("true", "1", "yes")
-    parser.set_defaults(**(QUICK_DEFAULTS if quick else smollm2_defaults(classes)))
+    defaults = dict(QUICK_DEFAULTS if quick else smollm2_defaults(classes))
     if known.config:
-        parser.set_defaults(**_yaml_defaults(known.config, classes))
-    bench, *groups = parser.parse_args_into_dataclasses(argv)
-    cfg = dict(zip(GROUPS, groups))
+        defaults.update(_yaml_defaults(known.config, classes))
+    bench, *parsed = harness.parse(argv, *classes, script=script, defaults=defaults)
+    extras, cfg = parsed[: len(extra)], dict(zip(GROUPS, parsed[len(extra) :]))
     for name in bench.methods:
         get_spec(name)
     for name in adaptations(bench):
@@ -189,7 +188,7 @@ def parse(argv: list[str]) -> tuple[BenchArgs, dict]:
             raise SystemExit(f"--adaptation {name}: {err}") from None
     if bench.eval_split not in ("test", "dev"):
         raise SystemExit(f"--eval_split must be test or dev, got {bench.eval_split!r}")
-    return bench, cfg
+    return (bench, cfg, *extras)
 
 
 def adaptations(bench: BenchArgs) -> dict[str, tuple[str, int, float]]:
@@ -376,34 +375,6 @@ def build_model(cfg: dict, work: Path) -> tuple[BayesLoraModel, object]:
     model = BayesLoraModel(base, cfg["lora"])
     cfg["lora"] = model.config
     return model, tok
-
-
-class Cache:
-    """(method, task, seed, config hash) -> {"metrics", "probs", "labels", ...}, in one JSON
-    file rewritten atomically after each result. The hash is of the config the method's
-    result depends on (:func:`method_config`), so a changed setting recomputes only the
-    methods it affects, and results of several settings (e.g. a sweep) live side by side."""
-
-    def __init__(self, path: Path, configs: dict[str, dict], fresh: bool = False) -> None:
-        self.path = path
-        self.hashes = {m: config_hash(c) for m, c in configs.items()}
-        self.results: dict[str, dict] = {}
-        if path.is_file() and not fresh:
-            self.results = json.loads(path.read_text())["results"]
-
-    def key(self, method: str, task: str, seed: int) -> str:
-        return f"{method}|{task}|{seed}|{self.hashes[method]}"
-
-    def get(self, method, task, seed) -> dict | None:
-        return self.results.get(self.key(method, task, seed))
-
-    def put(self, method, task, seed, entry: dict) -> None:
-        self.results[self.key(method, task, seed)] = entry
-        write_json(self.path, {"results": self.results})
-
-
-def config_hash(config: dict) -> str:
-    return hashlib.sha1(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:10]
 
 
 def _group(cfg: dict, name: str, keys=None) -> dict:
@@ -738,9 +709,7 @@ def target_check(methods: dict, paired: dict) -> dict:
 
 
 def write_outputs(results: dict, bench: BenchArgs, cfg: dict, cache: Cache | None, out_dir: Path, name: str) -> None:
-    out_dir.mkdir(parents=True, exist_ok=True)
-    write_json(out_dir / f"{name}.json", results)
-    (out_dir / f"{name}.md").write_text(markdown(results, cfg))
+    write_results(name, results, markdown(results, cfg), out_dir)
     print(f"results: {out_dir / (name + '.json')}, {out_dir / (name + '.md')}")
     if bench.plots:
         for kind, p in results.get("priors", {}).items():
@@ -917,6 +886,7 @@ def markdown(results: dict, cfg: dict) -> str:
 def sweep(bench: BenchArgs, cfg: dict, argv: list[str], out_dir: Path, work: Path, name: str) -> dict:
     """Run once per value of ``bench.sweep`` ("field=v1,v2"); write <name>-sweep-<field>.{json,md}."""
     key, _, values = bench.sweep.partition("=")
+    command = command_line("quality.py", argv)
     group = next((g for g in GROUPS if key in {f.name for f in fields(CONFIG_GROUPS[g])}), None)
     if group is None or not values:
         raise SystemExit(f"--sweep takes field=v1,v2,... with a config field, got {bench.sweep!r}")
@@ -926,7 +896,7 @@ def sweep(bench: BenchArgs, cfg: dict, argv: list[str], out_dir: Path, work: Pat
         value = kind(float(raw)) if kind in (int, float) else kind(raw)
         c = {g: replace(v) for g, v in cfg.items()}
         c[group] = replace(c[group], **{key: value})
-        res, _ = run(bench, c, f"{command_of(argv)}  [{key}={raw}]", work)  # one cache: shared results are reused
+        res, _ = run(bench, c, f"{command}  [{key}={raw}]", work)  # one cache: shared results are reused
         write_json(work / f"sweep-{key}-{raw}.json", res)
         rows[raw] = {
             m: {k: r[k] for k in ("accuracy", "accuracy_std", "macro_f1", "macro_f1_std", "ece", "ece_std", "nll")}
@@ -938,16 +908,14 @@ def sweep(bench: BenchArgs, cfg: dict, argv: list[str], out_dir: Path, work: Pat
         "split": cfg["tasks"].split,
         "eval_split": bench.eval_split,
         "seeds": bench.seeds,
-        "command": command_of(argv),
+        "command": command,
         "values": rows,
     }
-    out_dir.mkdir(parents=True, exist_ok=True)
-    write_json(out_dir / f"{name}-sweep-{key}.json", out)
     methods = bench.methods
     lines = [
         f"# Sensitivity to {key} ({bench.eval_split} data, {cfg['tasks'].split})",
         "",
-        f"Command: `{command_of(argv)}`",
+        f"Command: `{command}`",
         "",
         f"Held-out {bench.eval_split} tasks: {', '.join(next(iter(rows.values()))['_tasks'])}; seeds {bench.seeds}.",
         "",
@@ -964,7 +932,7 @@ def sweep(bench: BenchArgs, cfg: dict, argv: list[str], out_dir: Path, work: Pat
             )
             + " |"
         )
-    (out_dir / f"{name}-sweep-{key}.md").write_text("\n".join(lines) + "\n")
+    write_results(f"{name}-sweep-{key}", out, "\n".join(lines), out_dir)
     print("\n".join(lines))
     return out
 
@@ -982,10 +950,6 @@ def code_version() -> dict:
     return {"commit": commit, "src_modified": dirty}
 
 
-def command_of(argv: list[str]) -> str:
-    return ".venv/bin/python benchmarks/quality.py " + shlex.join(argv)
-
-
 def main(argv: list[str] | None = None) -> dict:
     argv = list(sys.argv[1:] if argv is None else argv)
     bench, cfg = parse(argv)
@@ -998,7 +962,7 @@ def main(argv: list[str] | None = None) -> dict:
     def partial(results: dict, cache: Cache) -> None:
         write_outputs(results, replace(bench, plots=False), cfg, cache, out_dir, name)
 
-    results, cache = run(bench, cfg, command_of(argv), work, partial)
+    results, cache = run(bench, cfg, command_line("quality.py", argv), work, partial)
     write_outputs(results, bench, cfg, cache, out_dir, name)
     print(markdown(results, cfg))
     return results

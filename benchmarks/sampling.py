@@ -20,14 +20,13 @@ Writes benchmarks/results/sampling.json and .md.
 
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 import sys
 import time
-from dataclasses import replace
-from pathlib import Path
+from dataclasses import dataclass, field, replace
 
+import harness
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
@@ -38,7 +37,6 @@ from abmll.meta import nll_backward
 from abmll.models import load_base_model
 from abmll.scoring import ScoringConfig, make_batches
 
-RESULTS = Path(__file__).parent / "results"
 SAMPLERS = ("flipout", "per_batch")
 
 
@@ -63,14 +61,27 @@ def gradient_noise(model, params, batches, draws: int) -> dict[str, float]:
     return out
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--ks", nargs="+", type=int, default=[4, 16], help="support examples per episode")
-    ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--draws", type=int, default=12, help="gradient draws per variance estimate")
-    ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--prior", help="a meta-trained prior folder (adapter.safetensors) to measure noise at")
-    args = ap.parse_args()
+@dataclass
+class SamplingArgs:
+    """Flags of benchmarks/sampling.py.
+
+    Attributes:
+        ks: support examples per episode (one row per k and sampler).
+        rounds: timed rounds per k (after one warm-up round); the median is reported.
+        draws: gradient draws per variance estimate.
+        threads: torch intra-op threads.
+        prior: a meta-trained prior folder (adapter.safetensors) to measure the noise at too.
+    """
+
+    ks: list[int] = field(default_factory=lambda: [4, 16])
+    rounds: int = 3
+    draws: int = 12
+    threads: int = 1
+    prior: str | None = None
+
+
+def main(argv: list[str] | None = None) -> None:
+    (args,) = harness.parse(argv, SamplingArgs, script="sampling.py", description=__doc__.splitlines()[0])
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     base, tok = load_base_model()
@@ -105,11 +116,9 @@ def main() -> None:
     res = {
         "model": "smollm2-135m-instruct",
         "device": f"cpu (float32, {args.threads} threads)",
-        "command": "python benchmarks/sampling.py " + " ".join(sys.argv[1:]),
+        "command": harness.command_line("sampling.py", argv),
         "rows": rows,
     }
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "sampling.json").write_text(json.dumps(res, indent=2) + "\n")
     lines = [
         f"Weight sampling: flipout vs per_batch ({res['model']}, {res['device']}); command: `{res['command']}`",
         "",
@@ -128,7 +137,7 @@ def main() -> None:
             + " | ".join(f"{r[f'noise_{n}'][pair]:.3g}" for n in priors for pair in ("mean_pair", "scale_pair"))
             + " |"
         )
-    (RESULTS / "sampling.md").write_text("\n".join(lines) + "\n")
+    harness.write_results("sampling", res, "\n".join(lines))
     print("\n".join(lines))
 
 

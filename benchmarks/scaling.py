@@ -15,7 +15,6 @@ Writes benchmarks/results/scaling.json and .md. Models: "tiny" (random 2-layer L
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import platform
@@ -23,9 +22,11 @@ import socket
 import subprocess
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
-RESULTS = Path(__file__).parent / "results"
+import harness
+
 TASKS = ["glue-sst2", "rotten_tomatoes", "tweet_eval-sentiment", "sms_spam"]
 EXPECTED = """\
 Reading: 2 processes on these 2 shared cores (load average ~5, so each process gets well under
@@ -44,26 +45,13 @@ SETTINGS = {  # model: (meta-batch size B, timed meta-steps)
 
 
 def build_model(name: str):
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     from abmll.models import load_base_model, load_tokenizer
+    from abmll.testing import tiny_llama
 
     if name == "smollm2":
         return load_base_model(device="cpu")
     tok = load_tokenizer()
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=len(tok),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-        pad_token_id=tok.pad_token_id,
-    )
-    return LlamaForCausalLM(config).eval().requires_grad_(False), tok
+    return tiny_llama(vocab_size=len(tok), hidden_size=64).requires_grad_(False), tok
 
 
 def worker(args) -> None:
@@ -162,14 +150,12 @@ def run(model: str, processes: int, out: Path) -> dict:
 
 
 def write(rows: list[dict], argv: list[str]) -> None:
-    RESULTS.mkdir(exist_ok=True)
     meta = {
-        "command": " ".join([".venv/bin/python benchmarks/scaling.py", *argv]),
+        "command": harness.command_line("scaling.py", argv),
         "cpu_count": os.cpu_count(),
         "platform": platform.platform(),
         "rows": rows,
     }
-    (RESULTS / "scaling.json").write_text(json.dumps(meta, indent=2) + "\n")
     lines = [
         "# Meta-step throughput: 1 vs 2 processes (CPU)",
         "",
@@ -190,30 +176,46 @@ def write(rows: list[dict], argv: list[str]) -> None:
             f"{r['loadavg_1min_before']} |"
         )
     lines += ["", EXPECTED, "", "Commands (run by the script):", ""] + [f"    {r['command']}" for r in rows]
-    (RESULTS / "scaling.md").write_text("\n".join(lines) + "\n")
+    harness.write_results("scaling", meta, "\n".join(lines))
     print("\n".join(lines))
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--models", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
-    parser.add_argument("--processes", nargs="+", type=int, default=[1, 2])
-    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
-    parser.add_argument("--model", help=argparse.SUPPRESS)
-    parser.add_argument("--out", help=argparse.SUPPRESS)
-    args = parser.parse_args()
+@dataclass
+class ScalingArgs:
+    """Flags of benchmarks/scaling.py.
+
+    Attributes:
+        models: models to time: tiny, smollm2 (see above).
+        processes: numbers of processes to time each model with.
+        worker: internal: run one timed run in this process (started by the script).
+        model: internal: the worker's model.
+        out: internal: the JSON file the worker writes.
+    """
+
+    models: list[str] = field(default_factory=lambda: list(SETTINGS))
+    processes: list[int] = field(default_factory=lambda: [1, 2])
+    worker: bool = False
+    model: str | None = None
+    out: str | None = None
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    (args,) = harness.parse(argv, ScalingArgs, script="scaling.py", description=__doc__.splitlines()[0])
+    if unknown := set(args.models) - set(SETTINGS):
+        raise SystemExit(f"--models: unknown {sorted(unknown)}; choose from {list(SETTINGS)}")
     if args.worker:
         worker(args)
         return
     rows = []
-    tmp = RESULTS / ".scaling-run.json"
-    RESULTS.mkdir(exist_ok=True)
+    tmp = harness.RESULTS / ".scaling-run.json"
+    harness.RESULTS.mkdir(exist_ok=True)
     for model in args.models:
         for processes in args.processes:
             rows.append(run(model, processes, tmp))
             print(f"{model} x{processes}: {rows[-1]['meta_steps_per_s']:.3f} meta-steps/s", flush=True)
     tmp.unlink(missing_ok=True)
-    write(rows, sys.argv[1:])
+    write(rows, argv)
 
 
 if __name__ == "__main__":

@@ -1,8 +1,8 @@
 """Copy a meta-trained prior (its best-by-validation checkpoint) into the package as a shipped
 prior, with its record, so ``abmll adapt|predict|evaluate`` take it by a short name.
 
-    .venv/bin/python benchmarks/ship_prior.py runs/quality-class_to_class/prior-abmll-<hash> \\
-        smollm2-135m-class_to_class --command "<the command that trained it>"
+    .venv/bin/python benchmarks/ship_prior.py --run runs/quality-class_to_class/prior-abmll-<hash> \\
+        --name smollm2-135m-class_to_class --command "<the command that trained it>"
 
 Writes src/abmll/priors/<name>/{adapter.safetensors, abmll_config.json, record.json}; the
 record holds the command, the code commit, the meta-steps done and the validation curve.
@@ -10,23 +10,36 @@ record holds the command, the code commit, the meta-steps done and the validatio
 
 from __future__ import annotations
 
-import argparse
 import json
 import shutil
 import subprocess
+from dataclasses import dataclass
 from pathlib import Path
+
+import harness
 
 from abmll.checkpoint import CONFIG, TENSORS, load_adapter, write_json
 from abmll.priors import SHIPPED_DIR
 from abmll.train import BEST_DIR
 
 
+@dataclass
+class ShipArgs:
+    """Flags of benchmarks/ship_prior.py (all required).
+
+    Attributes:
+        run: a meta-training output folder (holds best/, history.json, validation.json).
+        name: short name of the shipped prior.
+        command: the command that trained the prior (recorded).
+    """
+
+    run: str
+    name: str
+    command: str
+
+
 def main(argv: list[str] | None = None) -> Path:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("run", help="a meta-training output folder (holds best/, history.json, validation.json)")
-    p.add_argument("name", help="short name of the shipped prior")
-    p.add_argument("--command", required=True, help="the command that trained the prior (recorded)")
-    args = p.parse_args(argv)
+    (args,) = harness.parse(argv, ShipArgs, script="ship_prior.py", description=__doc__.splitlines()[0])
     run = Path(args.run)
     source = run / BEST_DIR if (run / BEST_DIR).is_dir() else run
     load_adapter(source)  # refuses a folder that is not a readable prior

@@ -27,33 +27,30 @@ Writes benchmarks/results/efficiency-top_layers.{json,md}.
 
 from __future__ import annotations
 
-import argparse
 import json
-import shlex
 import shutil
 import sys
 import time
-from dataclasses import asdict, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
+import harness
 import torch
 import yaml
+from quality import _usable
 
-sys.path.insert(0, str(Path(__file__).parent))
-from quality import _usable  # noqa: E402
+from abmll.bayes_lora import BayesLoraConfig, BayesLoraModel, HyperpriorConfig
+from abmll.checkpoint import write_json
+from abmll.cli import DEMO_CONFIG
+from abmll.config import EvalArgs, TaskArgs
+from abmll.data import load_split
+from abmll.meta import MetaConfig
+from abmll.models import load_base_model
+from abmll.scoring import ScoringConfig
+from abmll.train import MetaTrainer
+from abmll.validation import make_validator
 
-from abmll.bayes_lora import BayesLoraConfig, BayesLoraModel, HyperpriorConfig  # noqa: E402
-from abmll.checkpoint import write_json  # noqa: E402
-from abmll.cli import DEMO_CONFIG  # noqa: E402
-from abmll.config import EvalArgs, TaskArgs  # noqa: E402
-from abmll.data import load_split  # noqa: E402
-from abmll.meta import MetaConfig  # noqa: E402
-from abmll.models import load_base_model  # noqa: E402
-from abmll.scoring import ScoringConfig  # noqa: E402
-from abmll.train import MetaTrainer  # noqa: E402
-from abmll.validation import make_validator  # noqa: E402
-
-RESULTS = Path(__file__).parent / "results"
+RESULTS = harness.RESULTS
 VAL_TASKS = ["tweet_eval-irony", "glue-mrpc", "ethos-directed_vs_generalized", "superglue-wic"]
 """Meta-validation tasks: class_to_class train tasks held out of meta-training (binary,
 different domains: irony, paraphrase, hate-speech target, word sense)."""
@@ -78,24 +75,43 @@ def variant_lora(lora: BayesLoraConfig, variant: str) -> BayesLoraConfig:
     return replace(lora, top_layers=int(top), frozen_cache_mb=0 if nocache else 4096)
 
 
+@dataclass
+class TopLayersArgs:
+    """Flags of benchmarks/top_layers.py.
+
+    Attributes:
+        variants: adapted layers per variant: "all", or L (the top L layers, frozen ones
+            below cached); "L-nocache" runs the top L without the cache.
+        minutes: training wall time per variant (split over the rounds).
+        rounds: alternating rounds, so every variant sees the machine's load alike.
+        val_tasks: meta-validation tasks (train tasks held out; scored on their dev files).
+        val_seeds: data seeds of the validation episodes.
+        threads: torch intra-op threads.
+        work_dir: where the runs' checkpoints live (a rerun resumes).
+        fresh: delete work_dir first.
+        merge_only: only copy efficiency-top_layers.json into efficiency.{json,md}.
+    """
+
+    variants: list[str] = field(default_factory=lambda: ["all", "4", "8"])
+    minutes: float = 6.0
+    rounds: int = 3
+    val_tasks: list[str] = field(default_factory=lambda: list(VAL_TASKS))
+    val_seeds: list[int] = field(default_factory=lambda: [100, 13])
+    threads: int = 2
+    work_dir: str = "runs/top_layers"
+    fresh: bool = False
+    merge_only: bool = False
+
+
 def main(argv: list[str] | None = None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--variants", nargs="+", default=["all", "4", "8"])
-    p.add_argument("--minutes", type=float, default=6.0, help="training wall time per variant")
-    p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--val_tasks", nargs="+", default=VAL_TASKS)
-    p.add_argument("--val_seeds", nargs="+", type=int, default=[100, 13])
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--work_dir", default="runs/top_layers")
-    p.add_argument("--fresh", action="store_true")
-    p.add_argument("--merge_only", action="store_true", help="only copy efficiency-top_layers.json into efficiency.*")
-    args = p.parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    (args,) = harness.parse(argv, TopLayersArgs, script="top_layers.py", description=__doc__.splitlines()[0])
     if args.merge_only:
         res = json.loads((RESULTS / "efficiency-top_layers.json").read_text())
         merge_into_efficiency(res)
         return res
     torch.set_num_threads(args.threads)
-    command = "python benchmarks/top_layers.py " + shlex.join(argv if argv is not None else sys.argv[1:])
+    command = harness.command_line("top_layers.py", argv)
     work = Path(args.work_dir)
     if args.fresh and work.exists():
         shutil.rmtree(work)
@@ -217,9 +233,7 @@ def main(argv: list[str] | None = None) -> dict:
         settings={k: asdict(v) for k, v in g.items()},
         rows=rows,
     )
-    RESULTS.mkdir(exist_ok=True)
-    write_json(RESULTS / "efficiency-top_layers.json", res)
-    (RESULTS / "efficiency-top_layers.md").write_text(markdown(res))
+    harness.write_results("efficiency-top_layers", res, markdown(res))
     merge_into_efficiency(res)
     return res
 

@@ -18,14 +18,14 @@ of the choice, to pass to benchmarks/quality.py.
 
 from __future__ import annotations
 
-import argparse
+import shlex
 import sys
-from dataclasses import replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import quality
+from harness import command_line, write_results
 
-from abmll.checkpoint import write_json
 from abmll.methods import get_spec
 
 GRID = ["sgd:5:0.3", "sgd:10:0.1", "sgd:10:0.3", "sgd:10:1.0", "adamw:5:0.01", "adamw:10:0.003", "adamw:10:0.01", "adamw:10:0.03"]
@@ -35,12 +35,21 @@ few-step LoRA run. At most 10 steps: the test benchmark's compute budget on 2 CP
 SHOWN = ("nll", "accuracy", "macro_f1", "ece")
 
 
+@dataclass
+class TuneArgs:
+    """Flags of this script beside benchmarks/quality.py's.
+
+    Attributes:
+        grid: OPTIMIZER:STEPS:LR settings tried for every adapting method (optimizer sgd or
+            adamw).
+    """
+
+    grid: list[str] = field(default_factory=lambda: list(GRID))
+
+
 def main(argv: list[str] | None = None) -> dict:
     argv = list(sys.argv[1:] if argv is None else argv)
-    pre = argparse.ArgumentParser(add_help=False)
-    pre.add_argument("--grid", nargs="+", default=GRID)
-    own, rest = pre.parse_known_args(argv)
-    bench, cfg = quality.parse(rest)
+    bench, cfg, own = quality.parse(argv, extra=(TuneArgs,), script="tune_adaptation.py")
     val = list(cfg["tasks"].val_tasks)
     if not val:
         raise SystemExit("--val_tasks is required: the dev tasks (held out of meta-training) to tune on")
@@ -50,7 +59,7 @@ def main(argv: list[str] | None = None) -> dict:
     split = cfg["tasks"].split
     work = Path(bench.work_dir or f"runs/quality-{split}" + ("-quick" if bench.quick else ""))  # quality.py's
     out_dir = Path(bench.out_dir or "benchmarks/results")
-    command = ".venv/bin/python benchmarks/tune_adaptation.py " + quality.shlex.join(argv)
+    command = command_line("tune_adaptation.py", argv)
     rows = {}
     for i, point in enumerate(own.grid):  # --fresh discards the cache and priors once, not at every point
         point_bench = replace(dev_bench, adaptation=[f"{m}={point}" for m in adapting], fresh=bench.fresh and i == 0)
@@ -70,13 +79,10 @@ def main(argv: list[str] | None = None) -> dict:
         "command": command,
         "rows": rows,
         "chosen": chosen,
-        "flags": quality.shlex.join(flags),
+        "flags": shlex.join(flags),
         "priors": res.get("priors", {}),
     }
-    out_dir.mkdir(parents=True, exist_ok=True)
-    name = f"tune_adaptation-{split}"
-    write_json(out_dir / f"{name}.json", out)
-    (out_dir / f"{name}.md").write_text(markdown(out))
+    write_results(f"tune_adaptation-{split}", out, markdown(out), out_dir)
     print(markdown(out))
     return out
 

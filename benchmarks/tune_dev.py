@@ -10,11 +10,10 @@ benchmarks/results/tune_dev.json and a Markdown table. Never touches test splits
 from __future__ import annotations
 
 import itertools
-import json
 import sys
 import time
-from pathlib import Path
 
+import harness
 import torch
 
 from abmll.bayes_lora import BayesLoraConfig, BayesLoraModel
@@ -31,7 +30,8 @@ INNER_LRS = [0.1, 0.3, 1.0]
 STEPS = 5
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
+    harness.parse(argv, script="tune_dev.py", description=__doc__.splitlines()[0])  # no flags but --help
     base, tok = load_base_model()
     model = BayesLoraModel(base, BayesLoraConfig(rank=4, alpha=8))
     prior = model.init_params()
@@ -52,15 +52,12 @@ def main() -> None:
                 hist, m = [], dict(accuracy=float("nan"), nll=float("inf"), ece=float("nan"), error=str(err))
             rows.append(dict(template=template, task=task, inner_lr=lr, support_nll=hist, seconds=time.perf_counter() - t0, **m))
             print(rows[-1], file=sys.stderr)
-    out = Path(__file__).parent / "results"
-    out.mkdir(exist_ok=True)
-    (out / "tune_dev.json").write_text(json.dumps(rows, indent=2))
     lines = ["| template | task | inner lr | dev acc | dev NLL | dev ECE |", "|---|---|---|---|---|---|"]
     lines += [
         f"| {r['template']!r} | {r['task']} | {r['inner_lr']} | {r['accuracy']:.3f} | {r['nll']:.3f} | {r['ece']:.3f} |"
         for r in rows
     ]
-    (out / "tune_dev.md").write_text("\n".join(lines) + "\n")
+    harness.write_results("tune_dev", rows, "\n".join(lines))
     print("\n".join(lines))
 
 

@@ -292,7 +292,7 @@ def parse_args(
         ValueError: a value a config refuses (naming the flag).
     """
     parser, classes = build_parser(groups, extra, command, default_out, unused)
-    _check_flags(argv, parser)
+    check_flags(argv, parser)
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--config")
     if adapter_flag:
@@ -323,7 +323,24 @@ def parse_args(
     return run, cfg, rest[: len(extra)]
 
 
-def _check_flags(argv: list[str], parser) -> None:
+def parse_dataclasses(
+    argv: list[str], classes: list[type], prog: str, description: str | None = None, defaults: dict | None = None
+) -> tuple:
+    """``argv`` parsed into one instance of each dataclass in ``classes`` by the CLI's parser
+    (help from the ``Attributes:`` docstrings, ``Literal`` fields as choices, no abbreviations):
+    the entry of a benchmark script. ``defaults`` (flag name -> value) replace the dataclasses'.
+
+    Raises:
+        SystemExit: ``--help`` (after printing it), an unknown flag (naming the nearest ones)
+            or a value argparse refuses.
+    """
+    parser = HfArgumentParser([with_help(c) for c in classes], prog=prog, description=description, allow_abbrev=False)
+    parser.set_defaults(**(defaults or {}))
+    check_flags(argv, parser)
+    return tuple(parser.parse_args_into_dataclasses(argv))
+
+
+def check_flags(argv: list[str], parser) -> None:
     """Raises SystemExit naming the nearest known flags for a flag ``parser`` does not take."""
     known = {s for s in parser._option_string_actions if s.startswith("--")}
     for arg in argv:

@@ -1,0 +1,75 @@
+"""The benchmark harness (benchmarks/harness.py) and the entries of the benchmark scripts."""
+
+from __future__ import annotations
+
+import importlib
+import json
+
+import harness
+import pytest
+
+SCRIPTS = [
+    "efficiency",
+    "memory_soak",
+    "ood",
+    "quality",
+    "sampling",
+    "scaling",
+    "ship_prior",
+    "top_layers",
+    "tune_adaptation",
+    "tune_dev",
+]
+
+
+def test_cache_round_trips_and_keys_results_by_config(tmp_path):
+    path = tmp_path / "cache.json"
+    cache = harness.Cache(path, {"lora": {"lr": 0.1}, "abmll": {"lr": 0.1, "prior": "p"}})
+    cache.put("lora", "task", 13, {"probs": [[0.5, 0.5]]})
+    assert cache.get("lora", "task", 13) == {"probs": [[0.5, 0.5]]}
+    assert cache.get("abmll", "task", 13) is None and cache.get("lora", "task", 21) is None
+
+    again = harness.Cache(path, {"lora": {"lr": 0.1}})  # read back from disk
+    assert again.get("lora", "task", 13) == {"probs": [[0.5, 0.5]]}
+    changed = harness.Cache(path, {"lora": {"lr": 0.3}})  # another setting: not reused
+    assert changed.get("lora", "task", 13) is None
+    assert harness.Cache(path, {"lora": {"lr": 0.1}}, fresh=True).get("lora", "task", 13) is None
+    assert harness.config_hash({"a": 1, "b": [2]}) == harness.config_hash({"b": [2], "a": 1})
+
+
+def test_a_damaged_cache_is_refused_naming_the_file(tmp_path):
+    path = tmp_path / "cache.json"
+    path.write_text('{"results": {"lora|t|1|x": ')
+    with pytest.raises(ValueError, match="cache.json"):
+        harness.Cache(path, {"lora": {}})
+    path.write_text("[]")
+    with pytest.raises(ValueError, match="not a benchmark cache"):
+        harness.Cache(path, {"lora": {}})
+
+
+def test_results_are_written_as_json_and_markdown_with_their_command(tmp_path):
+    command = harness.command_line("quality.py", ["--split", "class_to_class", "--template", "{input} x"])
+    assert command == ".venv/bin/python benchmarks/quality.py --split class_to_class --template '{input} x'"
+    assert harness.command_line("ood.py", []) == ".venv/bin/python benchmarks/ood.py"
+    harness.write_results("demo", {"command": command, "x": [1.5]}, "| a |\n|---|\n\n", tmp_path)
+    assert json.loads((tmp_path / "demo.json").read_text()) == {"command": command, "x": [1.5]}
+    assert (tmp_path / "demo.md").read_text() == "| a |\n|---|\n"
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_every_script_answers_help_and_names_the_nearest_flag(script, capsys):
+    module = importlib.import_module(script)
+    argv = ["--help"]
+    with pytest.raises(SystemExit) as done:
+        module.main(argv)
+    assert done.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith("usage: ")
+    if script == "ood":  # takes abmll evaluate's flags as well as its own
+        assert "--pairs" in out and "--test_steps" in out
+    else:
+        assert f"benchmarks/{script}.py" in out
+    flags = [a.split()[0] for a in out.split("\n  --")[1:]] or ["help"]  # tune_dev has only -h, --help
+    with pytest.raises(SystemExit) as done:
+        module.main([f"--{flags[0]}x"])
+    assert f"unknown flag --{flags[0]}x; did you mean --{flags[0]}" in str(done.value.code)
