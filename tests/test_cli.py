@@ -190,12 +190,17 @@ def test_each_command_help_lists_only_its_flags_with_their_help(capsys):
 def test_stored_help_texts_match_the_parsers():
     """``abmll <command> --help`` prints a stored text (no torch import); it must be what the
     command's parser renders. After changing a flag: ``make help``."""
+    from abmll.args import build_parser
     from abmll.cli import COMMAND_TABLE
+    from abmll.flags import flags_in_help
     from abmll.helptext import HELP_DIR, command_help
 
-    for command in COMMAND_TABLE:
+    for command, spec in COMMAND_TABLE.items():
         stored = (HELP_DIR / f"{command}.txt").read_text(encoding="utf-8")
         assert stored == command_help(command), f"src/abmll/help/{command}.txt is stale: run `make help`"
+        # the console entry checks flags against the stored text: the same set as the parser's
+        parser, _ = build_parser(spec.groups, spec.args, command, None, spec.unused)
+        assert flags_in_help(stored) == set(parser._option_string_actions), command
     demo = (HELP_DIR / "demo.txt").read_text(encoding="utf-8")
     k_help = demo.split("\n  --k K", 1)[1].split("\n  --", 1)[0]
     assert "(default: 8)" in k_help  # demo.yaml's k, not the dataclass's 16
@@ -222,6 +227,25 @@ def test_a_mistyped_flag_names_the_nearest_ones():
         main(["adapt", "--inner_lrr", "0.1"])
     with pytest.raises(SystemExit, match="unknown flag --resume"):
         main(["adapt", "--resume"])
+
+
+def test_the_console_entry_names_a_mistyped_flag_before_importing_torch():
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; from abmll.__main__ import main\n"
+        "for argv in (['adapt', '--inner_lrr', '0.1'], ['meta-train', '--rank=4', '--outer-lr', '1', '--seeed', '1']):\n"
+        "    try: main(argv)\n"
+        "    except SystemExit as e: print(e)\n"
+        "print('torch' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.splitlines()
+    assert out == [
+        "abmll adapt: unknown flag --inner_lrr; did you mean --inner_lr or --inner_grad_clip or --test_lr?",
+        "abmll meta-train: unknown flag --seeed; did you mean --seed or --init_seed or --save_every?",  # --x=v, aliases pass
+        "False",
+    ]
 
 
 def test_public_api_resolves_from_the_package():

@@ -1,6 +1,6 @@
-"""The ``abmll`` console entry point: ``--version``, the command list and each command's
-``--help`` (stored texts, see :mod:`abmll.helptext`) answer at once, without
-importing torch; everything else goes to :func:`abmll.cli.main`."""
+"""The ``abmll`` console entry point: ``--version``, the command list, each command's
+``--help`` (stored texts, see :mod:`abmll.helptext`) and a mistyped flag answer at once,
+without importing torch; everything else goes to :func:`abmll.cli.main`."""
 
 from __future__ import annotations
 
@@ -23,11 +23,17 @@ def main(argv: list[str] | None = None) -> int:
         doc = files("abmll").joinpath("cli.py").read_text(encoding="utf-8").split('"""')[1]
         print(doc)
         return 0 if argv and argv[0] in ("-h", "--help") else 2
-    if any(a in ("-h", "--help") for a in argv[1:]):  # stored by abmll.helptext: no torch import
-        from importlib.resources import files
+    from importlib.resources import files
 
-        print(files("abmll").joinpath("help", f"{argv[0]}.txt").read_text(encoding="utf-8"), end="")
+    from abmll.flags import flags_in_help, unknown_flag
+
+    stored = files("abmll").joinpath("help", f"{argv[0]}.txt").read_text(encoding="utf-8")  # abmll.helptext
+    if any(a in ("-h", "--help") for a in argv[1:]):  # answered without importing torch
+        print(stored, end="")
         return 0
+    message = unknown_flag(argv[1:], flags_in_help(stored), f"abmll {argv[0]}")
+    if message:  # found before torch is imported; the parser would say the same after
+        raise SystemExit(message)
     try:
         from abmll.cli import main as cli_main
     except KeyboardInterrupt:  # Ctrl-C while torch and the models' code import

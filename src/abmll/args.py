@@ -11,7 +11,6 @@ the ``--config`` YAML file, then the flags.
 from __future__ import annotations
 
 import argparse
-import difflib
 import json
 import types
 from dataclasses import asdict, dataclass, field, fields
@@ -26,6 +25,7 @@ from abmll.checkpoint import CONFIG, CheckpointError
 from abmll.checks import at_least, non_empty, one_of, seeds
 from abmll.config import CONFIG_GROUPS, MACHINE_FIELDS, from_dict
 from abmll.convert import ColumnMapping
+from abmll.flags import unknown_flag
 from abmll.priors import resolve_adapter
 from abmll.uncertainty import UNCERTAINTY_KINDS
 
@@ -342,13 +342,9 @@ def parse_dataclasses(
 
 def check_flags(argv: list[str], parser) -> None:
     """Raises SystemExit naming the nearest known flags for a flag ``parser`` does not take."""
-    known = {s for s in parser._option_string_actions if s.startswith("--")}
-    for arg in argv:
-        flag = arg.split("=")[0]
-        if flag.startswith("--") and flag not in known:
-            near = difflib.get_close_matches(flag, sorted(k for k in known if "-" not in k[2:]), n=3, cutoff=0.6)
-            hint = f"; did you mean {' or '.join(near)}?" if near else "; see --help"
-            raise SystemExit(f"{parser.prog}: unknown flag {flag}{hint}")
+    message = unknown_flag(argv, parser._option_string_actions, parser.prog)
+    if message:
+        raise SystemExit(message)
 
 
 def _saved_defaults(folder: str, groups: list[str]) -> dict:
