@@ -124,6 +124,10 @@ def test_resume_refuses_a_damaged_trainer_state(tiny_data_dir, tmp_path):
     with pytest.raises(CheckpointError, match="invalid trainer state"):
         fresh.resume(tmp_path)
     assert thetas_equal(fresh.theta, before) and fresh.history == []  # nothing half-restored
+    state_json.write_text(json.dumps({**good, "validation": [{"step": 0}]}))  # a validation without its NLL
+    with pytest.raises(CheckpointError, match="invalid trainer state"):
+        fresh.resume(tmp_path)
+    assert thetas_equal(fresh.theta, before) and fresh.history == [] and fresh.validation == []
 
     from safetensors.torch import load_file, save_file
 

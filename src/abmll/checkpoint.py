@@ -27,7 +27,7 @@ import shutil
 import stat
 import tempfile
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -319,3 +319,63 @@ def set_rng_tensors(tensors: dict[str, torch.Tensor], device: torch.device) -> N
     torch.set_rng_state(checked_rng_state(tensors))
     if "rng/cuda" in tensors and device.type == "cuda":
         torch.cuda.set_rng_state(tensors["rng/cuda"], device)
+
+
+def save_trainer_state(
+    folder: str | os.PathLike,
+    theta: dict[str, torch.Tensor],
+    optimizer: torch.optim.Optimizer,
+    best: dict[str, torch.Tensor] | None,
+    state: dict[str, Any],
+) -> Path:
+    """A meta-training run's state as a training state (:func:`save_state`) at step
+    ``len(state["history"])``: theta (``theta/<name>``), the optimiser of theta
+    (:func:`optimizer_tensors`), the RNG states (:func:`rng_tensors`), the best prior so far
+    (``best/<name>``, when given) and ``state`` (JSON: history, validation, sampler, config).
+    Inverse: :func:`load_trainer_state`."""
+    tensors = {f"theta/{k}": v for k, v in theta.items()}
+    adam, groups = optimizer_tensors(optimizer, list(theta))
+    tensors.update({**adam, **rng_tensors(next(iter(theta.values())).device)})
+    tensors.update({f"best/{k}": v for k, v in (best or {}).items()})
+    return save_state(folder, len(state["history"]), tensors, {"adam_param_groups": groups, **state})
+
+
+def load_trainer_state(
+    folder: str | os.PathLike, shapes: dict[str, tuple], changes: Callable[[dict], list[str]] | None = None
+) -> tuple[dict[str, torch.Tensor], dict]:
+    """Load and check the state written by :func:`save_trainer_state` before anything uses it.
+
+    Args:
+        shapes: name -> shape of the trainer's theta; the saved theta and best prior must match.
+        changes: called with the saved config, returns the differences that forbid resuming
+            (e.g. ``lambda saved: abmll.train.config_changes(saved, config)``).
+    Returns:
+        (tensors, state): ``state["history"]`` holds ``state["step"]`` entries; the RNG state
+        is a torch RNG state; ``state["validation"]`` is a list of dicts with an ``nll``.
+    Raises:
+        CheckpointError: naming the file: missing, unreadable or inconsistent state, a
+            config with ``changes``, or tensors that do not match ``shapes``.
+    """
+    tensors, state = load_state(folder)
+    where = Path(folder) / STATE
+    changed = changes(state.get("config", {})) if changes is not None else []
+    if changed:
+        raise CheckpointError(
+            f"{where}: saved with a different config ({'; '.join(changed)}); resume with the same settings or start a new run"
+        )
+    saved = {k.removeprefix("theta/"): tuple(v.shape) for k, v in tensors.items() if k.startswith("theta/")}
+    if saved != shapes:
+        diff = sorted(set(saved.items()) ^ set(shapes.items()))[:3]
+        raise CheckpointError(f"{where}: adapter tensors do not match this model's (e.g. {diff})")
+    if not isinstance(state.get("history"), list) or len(state["history"]) != state["step"]:
+        raise CheckpointError(f"{where}: the history does not hold the {state['step']} steps done")
+    try:
+        checked_rng_state(tensors)
+        best = {k.removeprefix("best/"): tuple(v.shape) for k, v in tensors.items() if k.startswith("best/")}
+        if best and best != shapes:
+            raise ValueError("the best prior's tensors do not match theta's")
+        state["validation"] = list(state.get("validation", []))
+        [float(v["nll"]) for v in state["validation"]]  # each validation has its NLL
+    except (KeyError, TypeError, ValueError) as err:
+        raise CheckpointError(f"{where}: incomplete or invalid trainer state ({err!r})") from err
+    return tensors, state

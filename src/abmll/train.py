@@ -5,7 +5,7 @@ cached, each meta-step is :func:`abmll.meta.meta_step`, and every ``save_every``
 the end the run is saved into its output folder:
 
 - the prior, as an adapter folder (:func:`abmll.checkpoint.save_adapter`) plus ``history.json``;
-- the full trainer state in ``checkpoint/`` (:func:`abmll.checkpoint.save_state`): theta, the
+- the full trainer state in ``checkpoint/`` (:func:`abmll.checkpoint.save_trainer_state`): theta, the
   Adam state, the torch and task-sampler RNG states, the history and the config. Resuming
   from it (:meth:`MetaTrainer.resume`) continues the run exactly as if it had not stopped
   (bit for bit on CPU).
@@ -33,13 +33,10 @@ from abmll.bayes_lora import BayesLoraModel, HyperpriorConfig, Params
 from abmll.checkpoint import (
     STATE,
     CheckpointError,
-    checked_rng_state,
     load_optimizer_tensors,
-    load_state,
-    optimizer_tensors,
-    rng_tensors,
+    load_trainer_state,
     save_adapter,
-    save_state,
+    save_trainer_state,
     set_rng_tensors,
     write_json,
 )
@@ -276,11 +273,13 @@ class MetaTrainer:
         return logs
 
     def save(self, folder: str | Path, config: dict) -> Path:
-        """Write the run into ``folder``: the trainer state into ``folder/checkpoint`` (see
-        :meth:`resume`), then the prior (adapter folder with ``config``) and ``history.json``."""
+        """Write the run into ``folder``: the trainer state into ``folder/checkpoint``
+        (:func:`abmll.checkpoint.save_trainer_state`; see :meth:`resume`), then the prior
+        (adapter folder with ``config``), ``history.json`` and ``best/``."""
         folder = Path(folder)
-        tensors, state = self._state()
-        save_state(folder / CHECKPOINT_DIR, len(self.history), tensors, {**state, "config": config})
+        best = None if self._best is None else self._best[1]
+        state = {"history": self.history, **self.sampler.state_dict(), "validation": self.validation, "config": config}
+        save_trainer_state(folder / CHECKPOINT_DIR, self.theta, self.optimizer, best, state)
         record = {**config, "kind": "prior", "rho0": self.rho0(), "run_meta_steps_done": len(self.history)}
         save_adapter(
             folder, self.theta, {**record, "meta_steps_done": len(self.history), "meta_steps_skipped": self.skipped_steps}
@@ -296,24 +295,10 @@ class MetaTrainer:
         self._saved_step = len(self.history)
         return folder
 
-    def _state(self) -> tuple[dict[str, torch.Tensor], dict]:
-        """Everything the next steps depend on, as (tensors, JSON-serialisable dict)."""
-        tensors = {f"theta/{k}": v for k, v in self.theta.items()}
-        adam, groups = optimizer_tensors(self.optimizer, list(self.theta))
-        tensors.update({**adam, **rng_tensors(next(iter(self.theta.values())).device)})
-        if self._best is not None:
-            tensors.update({f"best/{k}": v for k, v in self._best[1].items()})
-        return tensors, {
-            "adam_param_groups": groups,
-            "history": self.history,
-            **self.sampler.state_dict(),
-            "validation": self.validation,
-        }
-
     def resume(self, out_dir: str | Path, config: dict | None = None) -> int:
         """Restore the state saved by :meth:`save` in ``out_dir`` (theta, Adam state, torch and
-        task-sampler RNG states, history), so that :meth:`run` continues the saved run exactly.
-        Returns the number of meta-steps already done.
+        task-sampler RNG states, history, validation and best prior), so that :meth:`run`
+        continues the saved run exactly. Returns the number of meta-steps already done.
 
         Args:
             config: when given, must equal the saved run's config except for the entries in
@@ -324,46 +309,26 @@ class MetaTrainer:
                 adapter tensors that do not match this model's; the message names the file.
         """
         folder = Path(out_dir) / CHECKPOINT_DIR
-        tensors, state = load_state(folder)
-        where = folder / STATE
-        if config is not None:
-            changed = config_changes(state.get("config", {}), config)
-            if changed:
-                raise CheckpointError(
-                    f"{where}: saved with a different config ({'; '.join(changed)}); "
-                    "resume with the same settings or start a new run"
-                )
         shapes = {k: tuple(v.shape) for k, v in self.theta.items()}
-        saved = {k.removeprefix("theta/"): tuple(v.shape) for k, v in tensors.items() if k.startswith("theta/")}
-        if saved != shapes:
-            diff = sorted(set(saved.items()) ^ set(shapes.items()))[:3]
-            raise CheckpointError(f"{where}: adapter tensors do not match this model's (e.g. {diff})")
-        history = state.get("history")
-        if not isinstance(history, list) or len(history) != state["step"]:
-            raise CheckpointError(f"{where}: the history does not hold the {state['step']} steps done")
+        changes = None if config is None else (lambda saved: config_changes(saved, config))
+        tensors, state = load_trainer_state(folder, shapes, changes)
         sampler = replace(self.sampler)
-        try:  # all that can fail on a malformed state, before any change (the optimizer loads last)
+        try:  # all that can still fail, before any change (the optimizer loads last)
             sampler.load_state_dict(state)
-            checked_rng_state(tensors)
-            best = {k.removeprefix("best/"): v for k, v in tensors.items() if k.startswith("best/")}
-            if best and {k: tuple(v.shape) for k, v in best.items()} != shapes:
-                raise ValueError("the best prior's tensors do not match theta's")
-            validation = list(state.get("validation", []))
-            finite = [v["nll"] for v in validation if math.isfinite(v["nll"])]
             load_optimizer_tensors(self.optimizer, list(self.theta), tensors, state["adam_param_groups"])
         except (KeyError, TypeError, ValueError, RuntimeError) as err:
-            raise CheckpointError(f"{where}: incomplete or invalid trainer state ({err!r})") from err
+            raise CheckpointError(f"{folder / STATE}: incomplete or invalid trainer state ({err!r})") from err
         set_rng_tensors(tensors, next(iter(self.theta.values())).device)
         with torch.no_grad():
             for k, v in self.theta.items():
                 v.copy_(tensors[f"theta/{k}"])
-        self.sampler = sampler
-        self.history = history
-        self.validation = validation
+        self.sampler, self.history, self.validation = sampler, state["history"], state["validation"]
+        finite = [v["nll"] for v in self.validation if math.isfinite(v["nll"])]
+        best = {k.removeprefix("best/"): v for k, v in tensors.items() if k.startswith("best/")}
         if best and finite:
             self._best = (min(finite), {k: v.to(self.theta[k].device) for k, v in best.items()})
-        self._saved_step = len(history)
-        return len(history)
+        self._saved_step = len(self.history)
+        return len(self.history)
 
     def rho0(self) -> dict[str, float]:
         """Adapted layer name -> rho0 = softplus^-1(c * std(W0)), the scale-pair offset
