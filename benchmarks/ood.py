@@ -26,6 +26,7 @@ from harness import command_line, write_results
 from abmll.args import ALL_GROUPS, parse_args
 from abmll.checkpoint import write_json
 from abmll.cli import DEMO_CONFIG
+from abmll.config import group_dict
 from abmll.loading import build_model, fitting_prior
 from abmll.methods import make_method
 from abmll.ood import ood_detection
@@ -68,7 +69,8 @@ def main(argv: list[str]) -> dict:
     work.mkdir(parents=True, exist_ok=True)
     cache_path = work / "cache.json"
     cache = json.loads(cache_path.read_text()) if cache_path.is_file() else {}
-    key_base = settings_hash({g: vars(cfg[g]) for g in ("model", "lora", "scoring", "meta", "eval")} | {"prior": prior})
+    groups = {g: group_dict(g, cfg[g]) for g in ("model", "lora", "scoring", "meta", "eval")}
+    key_base = settings_hash(groups | {"prior": prior})
     start = time.perf_counter()
     for pair in pairs:
         task, other = pair.split(":")
@@ -104,7 +106,7 @@ def main(argv: list[str]) -> dict:
         "pairs": pairs,
         "seeds": seeds,
         "methods": table,
-        "config": {g: vars(cfg[g]) for g in ("lora", "scoring", "meta", "eval")},
+        "config": {g: groups[g] for g in ("lora", "scoring", "meta", "eval")},
     }
     lines = [
         "# Out-of-distribution check: class_to_class test tasks, SmolLM2-135M-Instruct",

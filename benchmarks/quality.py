@@ -56,7 +56,7 @@ from harness import Cache, command_line, config_hash, write_results
 from abmll.bayes_lora import BayesLoraModel
 from abmll.checkpoint import write_json
 from abmll.cli import DEMO_CONFIG
-from abmll.config import ADDED_FIELDS, CONFIG_GROUPS, DATA_SEEDS, changed_added_fields
+from abmll.config import CONFIG_GROUPS, DATA_SEEDS, changed_added_fields, group_dict
 from abmll.data import DataError, check_tasks, load_episode, load_split, resolve_data_dir, task_meta
 from abmll.evaluate import run_method, summarise
 from abmll.methods import ADAPTING_METHOD, METHODS, get_spec, make_method, prior_kinds, prior_meta_config, train_prior
@@ -389,9 +389,7 @@ def prior_config(kind: str, cfg: dict, train: list[str], bench: BenchArgs | None
     config["model"].pop("device")
     config["lora"].pop("frozen_cache_mb")
     config["tasks"] = {**_group(cfg, "tasks", ["split", "k", "data_seeds", "max_query"]), "train_tasks": list(train)}
-    meta = prior_meta_config(kind, cfg["meta"])
-    config["meta"] = {k: v for k, v in asdict(meta).items() if k not in ADDED_FIELDS["meta"]}
-    config["meta"].update(changed_added_fields("meta", meta))  # so priors trained before them keep their keys
+    config["meta"] = group_dict("meta", prior_meta_config(kind, cfg["meta"]))  # keys of priors trained before kept
     if bench is not None and bench.validate_every:
         config["validation"] = {
             "val_tasks": list(cfg["tasks"].val_tasks),

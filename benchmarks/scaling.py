@@ -185,7 +185,8 @@ class ScalingArgs:
     """Flags of benchmarks/scaling.py.
 
     Attributes:
-        models: models to time: tiny, smollm2 (see above).
+        models: models to time: tiny (a random 2-layer Llama, hidden 64, SmolLM2's tokenizer:
+            shows the fixed costs), smollm2 (SmolLM2-135M-Instruct).
         processes: numbers of processes to time each model with.
         worker: internal: run one timed run in this process (started by the script).
         model: internal: the worker's model.

@@ -124,10 +124,11 @@ def test_resume_refuses_a_damaged_trainer_state(tiny_data_dir, tmp_path):
     with pytest.raises(CheckpointError, match="invalid trainer state"):
         fresh.resume(tmp_path)
     assert thetas_equal(fresh.theta, before) and fresh.history == []  # nothing half-restored
-    state_json.write_text(json.dumps({**good, "validation": [{"step": 0}]}))  # a validation without its NLL
-    with pytest.raises(CheckpointError, match="invalid trainer state"):
-        fresh.resume(tmp_path)
-    assert thetas_equal(fresh.theta, before) and fresh.history == [] and fresh.validation == []
+    for bad in ({"step": 0}, {"step": 0, "nll": "0.7"}, {"step": 0, "nll": 10**400}):  # no NLL, not a float
+        state_json.write_text(json.dumps({**good, "validation": [bad]}))
+        with pytest.raises(CheckpointError, match="invalid trainer state"):
+            fresh.resume(tmp_path)
+        assert thetas_equal(fresh.theta, before) and fresh.history == [] and fresh.validation == []
 
     from safetensors.torch import load_file, save_file
 

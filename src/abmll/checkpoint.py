@@ -375,7 +375,10 @@ def load_trainer_state(
         if best and best != shapes:
             raise ValueError("the best prior's tensors do not match theta's")
         state["validation"] = list(state.get("validation", []))
-        [float(v["nll"]) for v in state["validation"]]  # each validation has its NLL
-    except (KeyError, TypeError, ValueError) as err:
+        for v in state["validation"]:
+            if not isinstance(v["nll"], (int, float)) or isinstance(v["nll"], bool):
+                raise ValueError(f"validation at step {v.get('step')} has NLL {v['nll']!r}, not a number")
+            float(v["nll"])  # OverflowError: an integer beyond float range
+    except (KeyError, TypeError, ValueError, OverflowError) as err:
         raise CheckpointError(f"{where}: incomplete or invalid trainer state ({err!r})") from err
     return tensors, state

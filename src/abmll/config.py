@@ -175,6 +175,13 @@ def changed_added_fields(group: str, config) -> dict:
     }
 
 
+def group_dict(group: str, config) -> dict:
+    """``vars(config)`` of config group ``group`` without its :data:`ADDED_FIELDS` at their
+    defaults: a cache key or record that does not change when a field is added."""
+    added = ADDED_FIELDS.get(group, {})
+    return {k: v for k, v in vars(config).items() if k not in added or v != added[k]}
+
+
 def result_config(cfg: dict) -> dict:
     """The resolved config without machine fields (results do not depend on them), and
     without :data:`ADDED_FIELDS` at their defaults."""

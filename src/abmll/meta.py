@@ -240,8 +240,9 @@ def meta_step(
             share of a larger meta-batch passes that meta-batch's size.
         reduce: called as ``logs = reduce(theta, logs)`` once the tasks' gradients (in
             ``theta[k].grad``, None when ``tasks`` is empty) and logs (sums of per-task values
-            times 1/B) are accumulated, before the hyperprior term, the finiteness check and the
-            optimizer step: e.g. a sum over processes (:mod:`abmll.distributed`).
+            times 1/B) are accumulated, before the hyperprior term, the finiteness check, the
+            meta-gradient clipping and the optimizer step: e.g. a sum over processes
+            (:mod:`abmll.distributed`).
         log_support_after: also run the support set once more, without gradients, at the
             posterior mean of lambda^(K), to log support_nll_after: one extra forward per
             task, about 6% of a meta-step at 16 + 16 examples (benchmarks/efficiency.py).
@@ -421,7 +422,8 @@ def meta_step_second_order(
     (``create_graph=True``), including the prior's role in the inner KL. A reference for the
     first-order :func:`meta_step` on small models and for memory comparisons: its graph, and
     so its memory, grows linearly with K. Runs attention on the math SDPA kernel (the fused
-    CPU kernels have no double backward). Returns logs: query_nll, kl, hyperprior, loss."""
+    CPU kernels have no double backward). The optimizer steps at its own learning rate, without
+    ``outer_warmup_steps`` or ``outer_grad_clip``. Returns logs: query_nll, kl, hyperprior, loss."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     optimizer.zero_grad(set_to_none=True)

@@ -6,7 +6,8 @@ the end the run is saved into its output folder:
 
 - the prior, as an adapter folder (:func:`abmll.checkpoint.save_adapter`) plus ``history.json``;
 - the full trainer state in ``checkpoint/`` (:func:`abmll.checkpoint.save_trainer_state`): theta, the
-  Adam state, the torch and task-sampler RNG states, the history and the config. Resuming
+  Adam state, the torch and task-sampler RNG states, the history, the validation curve, the
+  best prior so far and the config. Resuming
   from it (:meth:`MetaTrainer.resume`) continues the run exactly as if it had not stopped
   (bit for bit on CPU).
 
@@ -318,13 +319,13 @@ class MetaTrainer:
             load_optimizer_tensors(self.optimizer, list(self.theta), tensors, state["adam_param_groups"])
         except (KeyError, TypeError, ValueError, RuntimeError) as err:
             raise CheckpointError(f"{folder / STATE}: incomplete or invalid trainer state ({err!r})") from err
-        set_rng_tensors(tensors, next(iter(self.theta.values())).device)
+        finite = [v["nll"] for v in state["validation"] if math.isfinite(v["nll"])]
+        best = {k.removeprefix("best/"): v for k, v in tensors.items() if k.startswith("best/")}
+        set_rng_tensors(tensors, next(iter(self.theta.values())).device)  # nothing below can fail
         with torch.no_grad():
             for k, v in self.theta.items():
                 v.copy_(tensors[f"theta/{k}"])
         self.sampler, self.history, self.validation = sampler, state["history"], state["validation"]
-        finite = [v["nll"] for v in self.validation if math.isfinite(v["nll"])]
-        best = {k.removeprefix("best/"): v for k, v in tensors.items() if k.startswith("best/")}
         if best and finite:
             self._best = (min(finite), {k: v.to(self.theta[k].device) for k, v in best.items()})
         self._saved_step = len(self.history)
