@@ -96,10 +96,8 @@ class Command:
     unused: tuple[str, ...] = ()
 
 
-OUTER_LOOP = tuple(
-    "inner_steps outer_lr outer_warmup_steps outer_grad_clip gamma meta_batch_size meta_steps outer_update mean_std a0 b0 "
-    "train_tasks val_tasks max_query".split()
-)
+OUTER_LOOP = tuple("inner_steps outer_lr outer_warmup_steps outer_grad_clip gamma meta_batch_size meta_steps".split())
+OUTER_LOOP += tuple("outer_update mean_std a0 b0 train_tasks val_tasks max_query".split())
 """Fields only meta-training uses (the outer loop, the hyperprior, the meta-train tasks)."""
 
 COMMAND_TABLE = {
