@@ -317,6 +317,17 @@ def test_invalid_settings_are_refused_naming_the_flag(world, tmp_path, capsys, m
     assert flag[0] in err and err.count("\n") == 1, err
 
 
+@pytest.mark.parametrize("entry", ["max_test: 4.5", "test_steps: 2.0", "eval_samples: true"])
+def test_a_non_integer_from_a_config_file_is_refused_naming_the_flag(world, tmp_path, capsys, monkeypatch, entry):
+    # values from YAML reach the configs unconverted (argparse converts only the flags)
+    _forbid_model(monkeypatch)
+    config = tmp_path / "c.yaml"  # the entry last in the eval group (a repeated key: the last wins)
+    config.write_text(world["config"].read_text().replace("  max_test: 6\n", f"  max_test: 6\n  {entry}\n"))
+    assert main(["evaluate", "--config", str(config), "--prior", str(world["prior"]), "--out", str(tmp_path / "o")]) == 1
+    name = entry.split(":")[0]
+    assert f"--{name} must be an integer" in capsys.readouterr().err
+
+
 def test_a_device_this_machine_lacks_is_refused(world, tmp_path, capsys, monkeypatch):
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA")

@@ -5,6 +5,7 @@ Python), before any model is loaded. Each error names the field as its command-l
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Iterable
 
@@ -19,12 +20,22 @@ def _number(value) -> bool:
     return not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value) and abs(value) <= FLOAT32_MAX
 
 
+def _integer_field(config, name: str) -> bool:
+    """True when dataclass field ``name`` of ``config`` is declared ``int`` (or ``int | None``)."""
+    kind = next((f.type for f in dataclasses.fields(config) if f.name == name), None)
+    return kind in (int, "int", "int | None")
+
+
 def at_least(config, names: Iterable[str], low: float) -> None:
     """Raises ValueError unless every field in ``names`` of ``config`` is a number >= ``low``
-    (finite in float32, not NaN). Integers stay integers: a float field accepts an int."""
+    (finite in float32, not NaN); a field declared ``int`` must hold an integer (a value from
+    a YAML file or Python is not converted by the parser). A float field accepts an int."""
     for name in names:
         value = getattr(config, name)
-        if not _number(value) or value < low:
+        if _integer_field(config, name):
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ValueError(f"--{name} must be an integer >= {low:g}, got {value!r}")
+        elif not _number(value) or value < low:
             raise ValueError(f"--{name} must be a finite number >= {low:g}, got {value!r}")
 
 
