@@ -64,7 +64,7 @@ def test_top_layers_adapts_only_the_top_decoder_layers():
     assert model.num_weight_entries() == 2 * (32 * 32 + 16 * 32)  # 2 layers x (q 32x32, v 16x32: 2 KV heads)
     with pytest.raises(ValueError, match="top_layers=6 but the model has 5"):
         BayesLoraModel(LlamaForCausalLM(cfg).eval(), BayesLoraConfig(top_layers=6))
-    with pytest.raises(ValueError, match="--top_layers must be a finite number >= 0"):
+    with pytest.raises(ValueError, match="--top_layers must be an integer >= 0"):
         BayesLoraConfig(top_layers=-1)
 
 
