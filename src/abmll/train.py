@@ -24,7 +24,8 @@ import math
 import random
 import warnings
 from collections.abc import Callable, Sequence
-from dataclasses import MISSING, dataclass, fields, replace
+from dataclasses import MISSING, dataclass, field, fields, replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -133,6 +134,48 @@ class EpisodeSampler:
 
 
 @dataclass
+class ValidationCurve:
+    """Meta-validation during a run: one record ``{"step": meta-steps done, **metrics}`` per
+    validation, and the prior with the lowest finite validation NLL so far.
+
+    Attributes:
+        records: the curve, in step order.
+        best: (NLL, detached copy of theta) of the best validated prior, or None.
+    """
+
+    records: list[dict] = field(default_factory=list)
+    best: tuple[float, Params] | None = None
+
+    def maybe_validate(self, validator, every: int, step: int, theta: Params, last: bool = False) -> None:
+        """Validate ``theta`` by ``validator(theta)`` (metrics with at least ``nll``) when it is
+        set, ``step`` was not validated yet, and ``every`` divides it or the run is at its
+        ``last`` step; keep the prior if its NLL is finite and the lowest so far. A validation
+        that fails (diverged adaptation, non-finite probabilities) is recorded with NLL inf and
+        its error; the run goes on."""
+        if validator is None or not every or (step % every and not last) or any(v["step"] == step for v in self.records):
+            return
+        try:
+            with torch.random.fork_rng(devices=[]):  # validation's own seeding must not move the run's RNG
+                metrics = validator(theta)
+        except (NonFiniteLossError, ValueError) as err:
+            metrics = {"nll": math.inf, "error": str(err)}
+        self.records.append({"step": step, **metrics})
+        if math.isfinite(metrics["nll"]) and (self.best is None or metrics["nll"] < self.best[0]):
+            self.best = (metrics["nll"], {k: v.detach().clone() for k, v in theta.items()})
+
+    def selection(self) -> dict:
+        """How the best prior was chosen, for its saved config (call only when ``best`` is set)."""
+        nll = self.best[0]
+        step = next(v["step"] for v in self.records if v["nll"] == nll)
+        return {"meta_steps_done": step, "validation_nll": nll, "selected_by": "lowest validation NLL"}
+
+    def restore(self, records: list[dict], best: Params) -> None:
+        """Take a saved curve and best prior (empty dict: none) back (see :meth:`MetaTrainer.resume`)."""
+        finite = [v["nll"] for v in records if math.isfinite(v["nll"])]
+        self.records, self.best = records, (min(finite), best) if best and finite else None
+
+
+@dataclass
 class MetaTrainer:
     """State of one meta-training run: theta, its Adam optimiser, the task sampler, the log.
 
@@ -153,7 +196,6 @@ class MetaTrainer:
         validate_every: meta-steps between two validations (0: no validation).
         history: one dict of logs per finished meta-step (see :func:`abmll.meta.meta_step`);
             a skipped step's dict has ``skipped: True`` and ``error`` instead of the losses.
-        validation: one dict per validation, ``{"step": meta-steps done, **metrics}``.
     """
 
     model: BayesLoraModel
@@ -184,12 +226,16 @@ class MetaTrainer:
         self.theta: Params = {k: v.clone().requires_grad_() for k, v in self.model.init_params().items()}
         self.optimizer = torch.optim.Adam(self.theta.values(), lr=self.meta.outer_lr)
         self.history: list[dict] = []
-        self.validation: list[dict] = []
-        self._best: tuple[float, Params] | None = None
+        self.curve = ValidationCurve()
         self._episodes: dict[tuple, TaskBatches] = {}
         self._saved_step: int | None = None
         if self.world_size > 1:
             broadcast_params(acc, self.theta)  # one starting point, whatever each process drew
+
+    @property
+    def validation(self) -> list[dict]:
+        """The validation curve: one dict per validation, ``{"step": meta-steps done, **metrics}``."""
+        return self.curve.records
 
     @property
     def is_main(self) -> bool:
@@ -278,7 +324,7 @@ class MetaTrainer:
         (:func:`abmll.checkpoint.save_trainer_state`; see :meth:`resume`), then the prior
         (adapter folder with ``config``), ``history.json`` and ``best/``."""
         folder = Path(folder)
-        best = None if self._best is None else self._best[1]
+        best = None if self.curve.best is None else self.curve.best[1]
         state = {"history": self.history, **self.sampler.state_dict(), "validation": self.validation, "config": config}
         save_trainer_state(folder / CHECKPOINT_DIR, self.theta, self.optimizer, best, state)
         record = {**config, "kind": "prior", "rho0": self.rho0(), "run_meta_steps_done": len(self.history)}
@@ -288,11 +334,8 @@ class MetaTrainer:
         write_json(folder / "history.json", self.history)
         if self.validation:
             write_json(folder / "validation.json", self.validation)
-        if self._best is not None:
-            nll, theta = self._best
-            best_step = next(v["step"] for v in self.validation if v["nll"] == nll)
-            selected = {"meta_steps_done": best_step, "validation_nll": nll, "selected_by": "lowest validation NLL"}
-            save_adapter(folder / BEST_DIR, theta, {**record, **selected})
+        if best is not None:
+            save_adapter(folder / BEST_DIR, best, {**record, **self.curve.selection()})
         self._saved_step = len(self.history)
         return folder
 
@@ -319,15 +362,13 @@ class MetaTrainer:
             load_optimizer_tensors(self.optimizer, list(self.theta), tensors, state["adam_param_groups"])
         except (KeyError, TypeError, ValueError, RuntimeError) as err:
             raise CheckpointError(f"{folder / STATE}: incomplete or invalid trainer state ({err!r})") from err
-        finite = [v["nll"] for v in state["validation"] if math.isfinite(v["nll"])]
-        best = {k.removeprefix("best/"): v for k, v in tensors.items() if k.startswith("best/")}
+        best = {k: tensors[f"best/{k}"].to(v.device) for k, v in self.theta.items() if f"best/{k}" in tensors}
         set_rng_tensors(tensors, next(iter(self.theta.values())).device)  # nothing below can fail
         with torch.no_grad():
             for k, v in self.theta.items():
                 v.copy_(tensors[f"theta/{k}"])
-        self.sampler, self.history, self.validation = sampler, state["history"], state["validation"]
-        if best and finite:
-            self._best = (min(finite), {k: v.to(self.theta[k].device) for k, v in best.items()})
+        self.sampler, self.history = sampler, state["history"]
+        self.curve.restore(state["validation"], best)
         self._saved_step = len(self.history)
         return len(self.history)
 
@@ -354,7 +395,8 @@ class MetaTrainer:
                 :meth:`step`); the message names the step, the tasks and the last good
                 checkpoint, which is left as it was.
         """
-        self._maybe_validate()
+        validate = partial(self.curve.maybe_validate, self.validator, self.validate_every)
+        validate(len(self.history), self.theta)
         while len(self.history) < self.meta.meta_steps:
             try:
                 logs = self.step(skip_nonfinite)
@@ -367,7 +409,7 @@ class MetaTrainer:
                 raise NonFiniteLossError(f"{err}; {kept}") from err
             if on_step:
                 on_step(logs)
-            self._maybe_validate(last=len(self.history) == self.meta.meta_steps)
+            validate(len(self.history), self.theta, last=len(self.history) == self.meta.meta_steps)
             if out_dir and save_every and len(self.history) % save_every == 0:
                 self._save_on_main(out_dir, config)
         if out_dir and self._saved_step != len(self.history):
@@ -380,30 +422,7 @@ class MetaTrainer:
     @property
     def best_prior(self) -> Params | None:
         """The validated prior with the lowest validation NLL (detached), or None without validation."""
-        return None if self._best is None else {k: v.detach() for k, v in self._best[1].items()}
-
-    def _maybe_validate(self, last: bool = False) -> None:
-        """Validate when a validator is set, this step was not validated yet, and
-        ``validate_every`` divides the steps done or the run is at its ``last`` step; keep the
-        prior if its NLL is finite and the lowest so far. A validation that fails (diverged
-        adaptation, non-finite probabilities) is logged with NLL inf and its error; the run goes on."""
-        step = len(self.history)
-        if (
-            self.validator is None
-            or not self.validate_every
-            or (step % self.validate_every and not last)
-            or any(v["step"] == step for v in self.validation)
-        ):
-            return
-        try:
-            with torch.random.fork_rng(devices=[]):  # validation's own seeding must not move the run's RNG
-                metrics = self.validator(self.theta)
-        except (NonFiniteLossError, ValueError) as err:
-            metrics = {"nll": math.inf, "error": str(err)}
-        self.validation.append({"step": step, **metrics})
-        nll = metrics["nll"]
-        if math.isfinite(nll) and (self._best is None or nll < self._best[0]):
-            self._best = (nll, {k: v.detach().clone() for k, v in self.theta.items()})
+        return None if self.curve.best is None else {k: v.detach() for k, v in self.curve.best[1].items()}
 
     def _save_on_main(self, out_dir: str | Path, config: dict) -> None:
         if self.is_main:
