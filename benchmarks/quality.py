@@ -768,10 +768,14 @@ def markdown(results: dict, cfg: dict) -> str:
         f"Model {results['model']}; LoRA rank {cfg['lora'].rank} on {', '.join(cfg['lora'].target_modules)}; "
         f"k = {results.get('test_k', tasks.k)} shots; adaptation {adaptation_text(results, cfg)}; "
         f"up to {ev.max_test} {results['eval_split']} examples per task and seed; seeds {results['seeds']}; "
-        f"{ev.eval_samples} weight samples in prediction (bayes_lora, abmll). Meta-training: "
-        f"{meta.meta_steps} meta-steps, B = {meta.meta_batch_size}, K = {meta.inner_steps}, outer lr "
-        f"{meta.outer_lr}, beta {meta.beta}, gamma {meta.gamma}, {meta.n_samples} sample(s), on "
-        f"{len(results.get('train_tasks', []))} tasks.",
+        f"{ev.eval_samples} weight samples in prediction (bayes_lora, abmll). "
+        + (
+            f"Meta-training: {meta.meta_steps} meta-steps, B = {meta.meta_batch_size}, K = {meta.inner_steps}, "
+            f"outer lr {meta.outer_lr}, beta {meta.beta}, gamma {meta.gamma}, {meta.n_samples} sample(s), on "
+            f"{len(results['train_tasks'])} tasks."
+            if results.get("train_tasks")
+            else "No prior is meta-trained in this run."
+        ),
         "",
         "## Mean over tasks [95% bootstrap interval, tasks resampled with their seeds]",
         "",

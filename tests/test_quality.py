@@ -136,6 +136,8 @@ def test_rerun_reads_the_cache_and_computes_only_what_is_missing(tiny_model_dir,
     )
     assert sorted(calls) == [("lora", "h0", 1), ("lora", "h1", 1)]
     assert len(list((tmp_path / "work").glob("prior-abmll-*"))) == 2  # one folder per prior config
+    text = (tmp_path / "out" / "quality-tiny.md").read_text()  # the last run trained no prior
+    assert "No prior is meta-trained in this run." in text and "Meta-training:" not in text
 
 
 def test_dev_sweep_holds_dev_tasks_out_and_writes_the_table(tiny_model_dir, tiny_data_dir, tmp_path):
