@@ -55,10 +55,11 @@ from harness import Cache, command_line, config_hash, write_results
 
 from abmll.bayes_lora import BayesLoraModel
 from abmll.checkpoint import write_json
-from abmll.cli import DEMO_CONFIG
+from abmll.cli import DEMO_CONFIG, OUTER_LOOP
 from abmll.config import CONFIG_GROUPS, DATA_SEEDS, changed_added_fields, group_dict
 from abmll.data import DataError, check_tasks, load_episode, load_split, resolve_data_dir, task_meta
 from abmll.evaluate import run_method, summarise
+from abmll.meta import MetaConfig
 from abmll.methods import ADAPTING_METHOD, METHODS, get_spec, make_method, prior_kinds, prior_meta_config, train_prior
 from abmll.metrics import ECE_SCHEME, bootstrap_mean_ci, compute_metrics, macro_f1, plot_reliability_diagram
 from abmll.models import load_base_model, resolve_device
@@ -404,18 +405,10 @@ def prior_config(kind: str, cfg: dict, train: list[str], bench: BenchArgs | None
     return config
 
 
-PRIOR_ONLY = {
-    "inner_steps",
-    "outer_lr",
-    "gamma",
-    "meta_batch_size",
-    "meta_steps",
-    "seed",
-    "outer_update",
-    "outer_warmup_steps",
-    "outer_grad_clip",
-}
-"""Meta-config fields used only to train a prior, not by test-time adaptation."""
+PRIOR_ONLY = {f.name for f in fields(MetaConfig) if f.name in OUTER_LOOP} | {"seed"}
+"""Meta-config fields used only to train a prior, not by test-time adaptation: the outer-loop
+fields the CLI's adapt and evaluate do not take (:data:`abmll.cli.OUTER_LOOP`), and the seed
+(which ``abmll adapt`` uses, but the benchmark's adaptation is seeded per task and seed)."""
 
 
 def method_config(name: str, cfg: dict, train: list[str], eval_split: str, bench: BenchArgs | None = None) -> dict:
