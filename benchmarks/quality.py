@@ -448,6 +448,54 @@ def method_config(name: str, cfg: dict, train: list[str], eval_split: str, bench
     return config
 
 
+def prior_folder(kind: str, cfg: dict, train: list[str], bench: BenchArgs, work: Path) -> Path:
+    """Where prior ``kind`` is trained under ``work``: named by the hash of :func:`prior_config`."""
+    return work / f"prior-{kind}-{config_hash(prior_config(kind, cfg, train, bench))}"
+
+
+def train_kind(kind: str, model: BayesLoraModel, tok, cfg: dict, train: list[str], bench: BenchArgs, work: Path):
+    """Prior ``kind`` (the untrained init for "init"), meta-trained on ``train`` in its
+    :func:`prior_folder`: loaded when finished there, resumed when not; with
+    ``bench.validate_every``, validated on ``cfg["tasks"].val_tasks`` (adapted as the eval
+    group says) and the best prior by validation NLL returned."""
+    if kind == "init":
+        return model.init_params()
+    t0 = time.perf_counter()
+
+    def on_step(logs):
+        if not logs.get("skipped"):
+            print(
+                f"  prior {kind} step {logs['step'] + 1}/{cfg['meta'].meta_steps}: query NLL "
+                f"{logs['query_nll']:.3f}, support NLL {logs['support_nll_before']:.3f} "
+                f"({time.perf_counter() - t0:.0f} s)",
+                flush=True,
+            )
+
+    tasks = cfg["tasks"]
+    validator = None
+    if bench.validate_every:
+        validator = make_validator(
+            model, tok, tasks.val_tasks, bench.val_seeds, tasks, cfg["scoring"], cfg["meta"], cfg["eval"], ADAPTING_METHOD[kind]
+        )
+    theta, _ = train_prior(
+        kind,
+        model,
+        tok,
+        train,
+        replace(tasks, train_tasks=train, test_tasks=[]),
+        cfg["meta"],
+        cfg["hyperprior"],
+        cfg["scoring"],
+        prior_folder(kind, cfg, train, bench, work),
+        prior_config(kind, cfg, train, bench),
+        bench.save_every,
+        on_step,
+        validator,
+        bench.validate_every,
+    )
+    return theta
+
+
 # -- the run ----------------------------------------------------------------------------------
 
 
@@ -470,59 +518,13 @@ def run(
             shutil.rmtree(old) if old.is_dir() else old.unlink()
     model, tok = build_model(cfg, work)
     tasks = cfg["tasks"]
-    train_tasks = replace(tasks, train_tasks=train, test_tasks=[])
     configs = {m: method_config(m, cfg, train, bench.eval_split, bench) for m in bench.methods}
     cache = Cache(work / "cache.json", configs)
     priors = {}
 
-    def prior_folder(kind: str) -> Path:
-        return work / f"prior-{kind}-{config_hash(prior_config(kind, cfg, train, bench))}"
-
     def prior(kind: str):
-        if kind == "init":
-            return model.init_params()
         if kind not in priors:
-            t0 = time.perf_counter()
-
-            def on_step(logs):
-                if not logs.get("skipped"):
-                    print(
-                        f"  prior {kind} step {logs['step'] + 1}/{cfg['meta'].meta_steps}: query NLL "
-                        f"{logs['query_nll']:.3f}, support NLL {logs['support_nll_before']:.3f} "
-                        f"({time.perf_counter() - t0:.0f} s)",
-                        flush=True,
-                    )
-
-            config = prior_config(kind, cfg, train, bench)
-            validator = None
-            if bench.validate_every:
-                validator = make_validator(
-                    model,
-                    tok,
-                    tasks.val_tasks,
-                    bench.val_seeds,
-                    tasks,
-                    cfg["scoring"],
-                    cfg["meta"],
-                    cfg["eval"],
-                    ADAPTING_METHOD[kind],
-                )
-            priors[kind], _ = train_prior(
-                kind,
-                model,
-                tok,
-                train,
-                train_tasks,
-                cfg["meta"],
-                cfg["hyperprior"],
-                cfg["scoring"],
-                prior_folder(kind),
-                config,
-                bench.save_every,
-                on_step,
-                validator,
-                bench.validate_every,
-            )
+            priors[kind] = train_kind(kind, model, tok, cfg, train, bench, work)
         return priors[kind]
 
     code = code_version()  # once per run: finish() runs after every result
@@ -531,7 +533,7 @@ def run(
         results = aggregate(bench, cfg, cache, done, stats)
         prior_logs = {}
         for kind in prior_kinds(bench.methods):
-            path = prior_folder(kind) / "history.json" if kind != "init" else None
+            path = prior_folder(kind, cfg, train, bench, work) / "history.json" if kind != "init" else None
             if path is not None and path.is_file():
                 history = [h for h in json.loads(path.read_text()) if "query_nll" in h]
                 prior_logs[kind] = {

@@ -6,10 +6,12 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 import quality
 import tune_adaptation
+import tune_outer
 
 from abmll.methods import METHODS
 
@@ -220,6 +222,51 @@ def test_tune_adaptation_tries_the_same_grid_for_every_method_on_dev_tasks(tiny_
     assert "| adamw:2:0.01 |" in (tmp_path / "out" / "tune_adaptation-tiny.md").read_text()
     with pytest.raises(SystemExit, match="--val_tasks is required"):
         tune.main(args(tiny_model_dir, tiny_data_dir, tmp_path, "--methods", "lora"))
+
+
+def test_tune_outer_trains_every_kind_at_every_grid_point_and_picks_the_lowest_validation_nll(
+    tiny_model_dir, tiny_data_dir, tmp_path
+):
+    flags = args(
+        tiny_model_dir,
+        tiny_data_dir,
+        tmp_path,
+        "--val_tasks",
+        "t0",
+        "--val_seeds",
+        "1",
+        "--validate_every",
+        "1",
+        "--meta_steps",
+        "2",
+    )
+    out = tune_outer.main([*flags, "--grid", "0.001:0:0", "0.01:2:0.5", "--kinds", "abmll", "reptile"])
+    assert set(out["rows"]) == {"0.001:0:0", "0.01:2:0.5"} and out["val_tasks"] == ["t0"]
+    for kind, point in out["chosen"].items():
+        assert out["rows"][point][kind]["best_nll"] == min(r[kind]["best_nll"] for r in out["rows"].values())
+    for point, rows in out["rows"].items():
+        for row in rows.values():
+            assert [s for s, _, _ in row["curve"]] == [0, 1, 2]
+            assert row["best_nll"] == min(n for _, n, _ in row["curve"])
+            saved = json.loads((Path(row["folder"]) / "abmll_config.json").read_text())["meta"]
+            assert {f: saved[f] for f in ("outer_lr", "outer_warmup_steps", "outer_grad_clip")} == tune_outer.outer_point(point)
+            history = json.loads((Path(row["folder"]) / "history.json").read_text())
+            assert ("meta_grad_norm" in history[-1]) == (point == "0.01:2:0.5")
+    # the test run (quality.py with the same flags) finds the default point's prior where the search left it
+    bench, cfg = quality.parse([*flags, "--outer_lr", "0.001"])
+    _, train, _ = quality.resolve_tasks(bench, cfg, need_train=True)
+    assert quality.prior_folder("abmll", cfg, train, bench, Path(out["rows"]["0.001:0:0"]["abmll"]["folder"]).parent) == Path(
+        out["rows"]["0.001:0:0"]["abmll"]["folder"]
+    )
+    stamp = {p: (Path(r["abmll"]["folder"]) / "history.json").stat().st_mtime_ns for p, r in out["rows"].items()}
+    again = tune_outer.main([*flags, "--grid", "0.001:0:0", "0.01:2:0.5", "--kinds", "abmll", "reptile"])
+    assert again["rows"] == out["rows"]  # resumed from the finished priors, not retrained
+    assert {p: (Path(r["abmll"]["folder"]) / "history.json").stat().st_mtime_ns for p, r in out["rows"].items()} == stamp
+    assert "| 0.01:2:0.5 | reptile |" in (tmp_path / "out" / "tune_outer-tiny.md").read_text()
+    with pytest.raises(SystemExit, match="LR:WARMUP:CLIP"):
+        tune_outer.main([*flags, "--grid", "0.001:0"])
+    with pytest.raises(SystemExit, match="--val_tasks and --validate_every are required"):
+        tune_outer.main(args(tiny_model_dir, tiny_data_dir, tmp_path))
 
 
 def test_smollm2_defaults_are_the_demo_settings_but_the_named_overrides():

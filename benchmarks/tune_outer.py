@@ -1,0 +1,164 @@
+"""Choose the outer loop's settings (learning rate, warm-up, meta-gradient clipping) of every
+trained prior (ABMLL, multi-task LoRA, Reptile) on meta-validation data, with the same search
+budget for each: the same grid, meta-steps, train tasks, validation tasks and seeds. Never
+touches a split's test tasks.
+
+    .venv/bin/python benchmarks/tune_outer.py <quality.py flags, --val_tasks and
+        --validate_every required> [--grid 0.001:0:0 0.003:25:1.0 ...] [--kinds abmll reptile]
+
+Each grid point LR:WARMUP:CLIP meta-trains every prior kind for ``--meta_steps`` with
+``outer_lr`` LR, ``outer_warmup_steps`` WARMUP and ``outer_grad_clip`` CLIP (0: none), scoring
+it every ``--validate_every`` steps on the ``--val_tasks`` (train tasks held out of
+meta-training; support = train file, query = dev file) after adapting it as the eval group
+says (``--test_optimizer``, ``--test_steps``, ``--test_lr``: one recipe for every kind). The
+point with the lowest best validation NLL is chosen per kind. Priors live in benchmarks/quality.py's
+work folder under the hash of their config, so a killed search resumes and the test run reuses
+a chosen prior when its flags are the same.
+
+Writes ``<out_dir>/tune_outer-<split>.{json,md}`` and prints the outer-loop flags of each choice.
+"""
+
+from __future__ import annotations
+
+import json
+import shlex
+import sys
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import quality
+import torch
+from harness import command_line, write_results
+
+GRID = ["0.001:0:0", "0.001:25:1.0", "0.003:25:1.0"]
+"""LR:WARMUP:CLIP points: the setting the 500-step priors were trained with (Adam at 0.001,
+constant, unclipped), the same with a 25-step warm-up and the meta-gradient's L2 norm clipped
+at 1 (its norm is 0.05-3.6 over a run's first steps on SmolLM2), and three times the learning
+rate with both."""
+KINDS = ["abmll", "multitask", "reptile"]
+
+
+@dataclass
+class OuterArgs:
+    """Flags of this script beside benchmarks/quality.py's.
+
+    Attributes:
+        grid: LR:WARMUP:CLIP outer-loop settings tried for every prior kind (outer_lr,
+            outer_warmup_steps, outer_grad_clip; CLIP 0 means no clipping).
+        kinds: the trained prior kinds to tune (abmll, multitask, reptile).
+    """
+
+    grid: list[str] = field(default_factory=lambda: list(GRID))
+    kinds: list[str] = field(default_factory=lambda: list(KINDS))
+
+
+def outer_point(point: str) -> dict:
+    """ "LR:WARMUP:CLIP" as meta-config fields.
+
+    Raises:
+        SystemExit: not three fields, or not numbers.
+    """
+    parts = point.split(":")
+    try:
+        if len(parts) != 3:
+            raise ValueError(point)
+        return dict(outer_lr=float(parts[0]), outer_warmup_steps=int(parts[1]), outer_grad_clip=float(parts[2]))
+    except ValueError:
+        raise SystemExit(f"--grid takes LR:WARMUP:CLIP (e.g. 0.003:25:1.0), got {point!r}") from None
+
+
+def main(argv: list[str] | None = None) -> dict:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    bench, cfg, own = quality.parse(argv, extra=(OuterArgs,), script="tune_outer.py")
+    if not cfg["tasks"].val_tasks or not bench.validate_every:
+        raise SystemExit("--val_tasks and --validate_every are required: the search compares validation NLL")
+    unknown = set(own.kinds) - set(KINDS)
+    if unknown:
+        raise SystemExit(f"--kinds takes {KINDS}, got {sorted(unknown)}")
+    points = {p: outer_point(p) for p in own.grid}
+    for fields_ in points.values():
+        replace(cfg["meta"], **fields_)  # MetaConfig refuses a negative value before any run
+    split = cfg["tasks"].split
+    work = Path(bench.work_dir or f"runs/quality-{split}" + ("-quick" if bench.quick else ""))  # quality.py's
+    out_dir = Path(bench.out_dir or "benchmarks/results")
+    if bench.threads:
+        torch.set_num_threads(bench.threads)
+    _, train, notes = quality.resolve_tasks(replace(bench, max_test_tasks=1), cfg, need_train=True)
+    model, tok = quality.build_model(cfg, work)
+    rows: dict[str, dict] = {}
+    for point, fields_ in points.items():
+        point_cfg = {**cfg, "meta": replace(cfg["meta"], **fields_)}
+        rows[point] = {}
+        for kind in own.kinds:
+            quality.train_kind(kind, model, tok, point_cfg, train, bench, work)
+            folder = quality.prior_folder(kind, point_cfg, train, bench, work)
+            curve = json.loads((folder / "validation.json").read_text())
+            best = min(curve, key=lambda v: v["nll"])
+            rows[point][kind] = {
+                "best_step": best["step"],
+                "best_nll": best["nll"],
+                "best_ece": best["ece"],
+                "curve": [[v["step"], v["nll"], v["ece"]] for v in curve],
+                "folder": str(folder),
+            }
+            print(f"{point} {kind}: best validation NLL {best['nll']:.3f} at step {best['step']}", flush=True)
+    chosen = {k: min(rows, key=lambda p: rows[p][k]["best_nll"]) for k in own.kinds}
+    out = {
+        "split": split,
+        "train_tasks": train,
+        "val_tasks": list(cfg["tasks"].val_tasks),
+        "val_seeds": list(bench.val_seeds),
+        "meta_steps": cfg["meta"].meta_steps,
+        "validate_every": bench.validate_every,
+        "validation_adaptation": [cfg["eval"].test_optimizer, cfg["eval"].test_steps, cfg["eval"].adapt_lr(cfg["meta"])],
+        "selection": "lowest best validation NLL",
+        "grid": list(own.grid),
+        "command": command_line("tune_outer.py", argv),
+        "rows": rows,
+        "chosen": chosen,
+        "flags": {k: shlex.join(flag for f, v in points[p].items() for flag in (f"--{f}", str(v))) for k, p in chosen.items()},
+        "notes": notes,
+    }
+    write_results(f"tune_outer-{split}", out, markdown(out), out_dir)
+    print(markdown(out))
+    return out
+
+
+def markdown(out: dict) -> str:
+    kinds = list(next(iter(out["rows"].values())))
+    opt, steps, lr = out["validation_adaptation"]
+    lines = [
+        f"# Outer-loop settings chosen on meta-validation data ({out['split']})",
+        "",
+        f"Command: `{out['command']}`",
+        "",
+        f"Every prior kind meta-trained {out['meta_steps']} steps per setting (LR:WARMUP:CLIP = outer_lr, "
+        f"outer_warmup_steps, outer_grad_clip; 0 = no clipping) on {len(out['train_tasks'])} train tasks, "
+        f"validated every {out['validate_every']} steps on {', '.join(out['val_tasks'])} (held out of "
+        f"meta-training; support = train file, query = dev file) x seeds {out['val_seeds']}, adapted with "
+        f"{steps} {opt} steps at lr {lr:g}. Chosen by {out['selection']} (**bold**).",
+        "",
+        "Best validation NLL / its ECE (at meta-step):",
+        "",
+        "| setting | " + " | ".join(kinds) + " |",
+        "|---|" + "---|" * len(kinds),
+    ]
+    for point, r in out["rows"].items():
+        cells = []
+        for k in kinds:
+            text = f"{quality._f(r[k]['best_nll'])} / {quality._f(r[k]['best_ece'])} ({r[k]['best_step']})"
+            cells.append(f"**{text}**" if out["chosen"].get(k) == point else text)
+        lines.append(f"| {point} | " + " | ".join(cells) + " |")
+    lines += ["", "Validation NLL along meta-training (step 0: the untrained prior):", ""]
+    steps_ = [s for s, _, _ in next(iter(next(iter(out["rows"].values())).values()))["curve"]]
+    lines += ["| setting | kind | " + " | ".join(str(s) for s in steps_) + " |", "|---|---|" + "---|" * len(steps_)]
+    for point, r in out["rows"].items():
+        for k in kinds:
+            lines.append(f"| {point} | {k} | " + " | ".join(quality._f(n) for _, n, _ in r[k]["curve"]) + " |")
+    lines += ["", "Flags of the choice for benchmarks/quality.py:", ""]
+    lines += [f"- {k}: `{flags}`" for k, flags in out["flags"].items()]
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()
