@@ -134,6 +134,40 @@ class EpisodeSampler:
 
 
 @dataclass
+class EpisodeCache:
+    """Meta-training episodes, tokenised once and re-used across meta-steps: (task, data
+    seed) -> :class:`abmll.meta.TaskBatches` with support = the k-shot train file and query =
+    at most ``tasks.max_query`` examples of the dev file, on the model's device."""
+
+    model: BayesLoraModel
+    tokenizer: object
+    tasks: TaskArgs
+    scoring: ScoringConfig
+
+    def __post_init__(self) -> None:
+        self._store: dict[tuple, TaskBatches] = {}
+
+    def get(self, task: str, seed: int) -> TaskBatches:
+        """The episode of ``task`` and data ``seed``, in the scorer's own batches."""
+        if (task, seed) not in self._store:
+            self._store[(task, seed)] = episode_batches(
+                self.model, self.tokenizer, task, seed, self.tasks, self.scoring, "dev", self.tasks.max_query
+            )
+        return self._store[(task, seed)]
+
+    def resplit(self, task: str, seed: int, n_support: int, n_query: int) -> TaskBatches:
+        """The episode split into exactly ``n_support`` / ``n_query`` batches (FSDP lockstep:
+        every process runs as many forwards; :func:`abmll.distributed.split_batches`)."""
+        key = (task, seed, n_support, n_query)
+        if key not in self._store:
+            ep = load_episode(task, self.tasks.k, seed, "dev", self.tasks.max_query, self.tasks.data_dir)
+            device = next(self.model.parameters()).device
+            split = lambda examples, n: [b.to(device) for b in split_batches(self.tokenizer, examples, self.scoring, n)]  # noqa: E731
+            self._store[key] = TaskBatches(task, split(ep.support, n_support), split(ep.query, n_query))
+        return self._store[key]
+
+
+@dataclass
 class ValidationCurve:
     """Meta-validation during a run: one record ``{"step": meta-steps done, **metrics}`` per
     validation, and the prior with the lowest finite validation NLL so far.
@@ -227,7 +261,7 @@ class MetaTrainer:
         self.optimizer = torch.optim.Adam(self.theta.values(), lr=self.meta.outer_lr)
         self.history: list[dict] = []
         self.curve = ValidationCurve()
-        self._episodes: dict[tuple, TaskBatches] = {}
+        self.episodes = EpisodeCache(self.model, self.tokenizer, self.tasks, self.scoring)
         self._saved_step: int | None = None
         if self.world_size > 1:
             broadcast_params(acc, self.theta)  # one starting point, whatever each process drew
@@ -242,42 +276,18 @@ class MetaTrainer:
         """True in the process that saves and reports (process 0; always, for one process)."""
         return self.rank == 0
 
-    def _episode(self, task: str, seed: int) -> TaskBatches:
-        if (task, seed) not in self._episodes:
-            self._episodes[(task, seed)] = episode_batches(
-                self.model, self.tokenizer, task, seed, self.tasks, self.scoring, "dev", self.tasks.max_query
-            )
-        return self._episodes[(task, seed)]
-
-    def _lockstep_episode(self, task: str, seed: int, n_support: int, n_query: int) -> TaskBatches:
-        """The episode re-split into exactly ``n_support`` / ``n_query`` batches (FSDP lockstep)."""
-        key = (task, seed, n_support, n_query)
-        if key not in self._episodes:
-            ep = load_episode(task, self.tasks.k, seed, "dev", self.tasks.max_query, self.tasks.data_dir)
-            device = next(self.model.parameters()).device
-            split = lambda examples, n: [
-                b.to(device)
-                for b in split_batches(self.tokenizer, examples, self.scoring, n)  # noqa: E731
-            ]
-            self._episodes[key] = TaskBatches(task, split(ep.support, n_support), split(ep.query, n_query))
-        return self._episodes[key]
-
     def sample_episodes(self) -> list[tuple[str, int]]:
         """(task, data seed) of the next meta-batch's episodes (:meth:`EpisodeSampler.sample`)."""
         return self.sampler.sample()
 
-    def sample_meta_batch(self) -> list[TaskBatches]:
-        """The next meta-batch's B episodes (see :meth:`sample_episodes`), tokenised."""
-        return [self._episode(t, s) for t, s in self.sample_episodes()]
-
     def _local_batch(self, episodes: list[tuple[str, int]], step: int) -> list[TaskBatches]:
         """This process's share of the meta-batch ``episodes``, each task with its noise seed."""
         mine = task_share(len(episodes), self.rank, self.world_size)
-        batch = [self._episode(*episodes[i]) for i in mine]
+        batch = [self.episodes.get(*episodes[i]) for i in mine]
         if self.lockstep:
             n_s, n_q = lockstep_counts(self.accelerator, [(len(t.support), len(t.query)) for t in batch])
             batch = [
-                t if (len(t.support), len(t.query)) == (n_s, n_q) else self._lockstep_episode(*episodes[i], n_s, n_q)
+                t if (len(t.support), len(t.query)) == (n_s, n_q) else self.episodes.resplit(*episodes[i], n_s, n_q)
                 for i, t in zip(mine, batch)
             ]
         return [replace(t, noise_seed=noise_seed(self.meta.seed, step, i)) for i, t in zip(mine, batch)]
@@ -327,7 +337,8 @@ class MetaTrainer:
         best = None if self.curve.best is None else self.curve.best[1]
         state = {"history": self.history, **self.sampler.state_dict(), "validation": self.validation, "config": config}
         save_trainer_state(folder / CHECKPOINT_DIR, self.theta, self.optimizer, best, state)
-        record = {**config, "kind": "prior", "rho0": self.rho0(), "run_meta_steps_done": len(self.history)}
+        rho0 = {L.name: L.rho0 for L in self.model.layers}  # softplus^-1(c * std(W0)) per layer, for the record
+        record = {**config, "kind": "prior", "rho0": rho0, "run_meta_steps_done": len(self.history)}
         save_adapter(
             folder, self.theta, {**record, "meta_steps_done": len(self.history), "meta_steps_skipped": self.skipped_steps}
         )
@@ -371,11 +382,6 @@ class MetaTrainer:
         self.curve.restore(state["validation"], best)
         self._saved_step = len(self.history)
         return len(self.history)
-
-    def rho0(self) -> dict[str, float]:
-        """Adapted layer name -> rho0 = softplus^-1(c * std(W0)), the scale-pair offset
-        (saved with checkpoints so a resumed run checks it adapts the same base weights)."""
-        return {L.name: L.rho0 for L in self.model.layers}
 
     def run(
         self,
