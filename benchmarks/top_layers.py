@@ -37,7 +37,6 @@ from pathlib import Path
 import harness
 import torch
 import yaml
-from quality import _usable
 
 from abmll.bayes_lora import BayesLoraConfig, BayesLoraModel, HyperpriorConfig
 from abmll.checkpoint import write_json
@@ -118,7 +117,7 @@ def main(argv: list[str] | None = None) -> dict:
     g = demo_groups()
     split = load_split(g["tasks"].split)
     notes: list[str] = []
-    train = _usable(
+    train = harness.usable_tasks(
         [t for t in split["train"] if t not in args.val_tasks],
         g["tasks"],
         g["tasks"].data_seeds,

@@ -6,7 +6,7 @@ and shots. Never touches a split's test tasks.
         [--grid sgd:5:0.3 adamw:10:0.003 ...]
 
 The dev tasks are the meta-validation tasks (``--val_tasks``: train tasks of the split held
-out of meta-training); each grid point runs benchmarks/quality.py's ``run`` on their dev
+out of meta-training); each grid point runs the comparison (:func:`harness.run`) on their dev
 files (support = the train file of ``--test_k`` shots), every adapting method with that
 point's settings, from the same priors the test run uses (same ``--work_dir``: the priors
 and results are reused, and a killed run resumes). The point with the lowest mean dev NLL
@@ -23,8 +23,7 @@ import sys
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-import quality
-from harness import command_line, write_results
+import harness
 
 from abmll.methods import get_spec
 
@@ -49,7 +48,7 @@ class TuneArgs:
 
 def main(argv: list[str] | None = None) -> dict:
     argv = list(sys.argv[1:] if argv is None else argv)
-    bench, cfg, own = quality.parse(argv, extra=(TuneArgs,), script="tune_adaptation.py")
+    bench, cfg, own = harness.parse_bench(argv, extra=(TuneArgs,), script="tune_adaptation.py")
     val = list(cfg["tasks"].val_tasks)
     if not val:
         raise SystemExit("--val_tasks is required: the dev tasks (held out of meta-training) to tune on")
@@ -57,14 +56,14 @@ def main(argv: list[str] | None = None) -> dict:
     dev_bench = replace(bench, eval_split="dev", plots=False)
     dev_cfg = {**cfg, "tasks": replace(cfg["tasks"], test_tasks=val)}
     split = cfg["tasks"].split
-    work = Path(bench.work_dir or f"runs/quality-{split}" + ("-quick" if bench.quick else ""))  # quality.py's
+    work = harness.comparison_work_dir(bench, cfg)
     out_dir = Path(bench.out_dir or "benchmarks/results")
-    command = command_line("tune_adaptation.py", argv)
+    command = harness.command_line("tune_adaptation.py", argv)
     rows = {}
     for i, point in enumerate(own.grid):  # --fresh discards the cache and priors once, not at every point
         point_bench = replace(dev_bench, adaptation=[f"{m}={point}" for m in adapting], fresh=bench.fresh and i == 0)
-        quality.adaptations(point_bench)  # refuses a malformed point before any run
-        res, _ = quality.run(point_bench, dev_cfg, f"{command}  [{point}]", work)
+        harness.adaptations(point_bench)  # refuses a malformed point before any run
+        res, _ = harness.run(point_bench, dev_cfg, f"{command}  [{point}]", work)
         rows[point] = {m: {k: res["methods"][m][k] for k in SHOWN} for m in bench.methods}
         print(f"{point}: " + ", ".join(f"{m} NLL {r['nll']:.3f}" for m, r in rows[point].items()), flush=True)
     chosen = {m: min(rows, key=lambda p: rows[p][m]["nll"]) for m in adapting}
@@ -82,7 +81,7 @@ def main(argv: list[str] | None = None) -> dict:
         "flags": shlex.join(flags),
         "priors": res.get("priors", {}),
     }
-    write_results(f"tune_adaptation-{split}", out, markdown(out), out_dir)
+    harness.write_results(f"tune_adaptation-{split}", out, markdown(out), out_dir)
     print(markdown(out))
     return out
 
@@ -100,15 +99,8 @@ def markdown(out: dict) -> str:
         "",
         "Dev NLL / accuracy / macro-F1 / ECE, mean over tasks:",
         "",
-        "| setting | " + " | ".join(methods) + " |",
-        "|---|" + "---|" * len(methods),
+        *harness.choice_table(out["rows"], methods, out["chosen"], lambda r: " / ".join(harness.fmt(r[k]) for k in SHOWN)),
     ]
-    for point, r in out["rows"].items():
-        cells = []
-        for m in methods:
-            text = " / ".join(quality._f(r[m][k]) for k in SHOWN)
-            cells.append(f"**{text}**" if out["chosen"].get(m) == point else text)
-        lines.append(f"| {point} | " + " | ".join(cells) + " |")
     lines += ["", f"Flags for benchmarks/quality.py: `{out['flags']}`", ""]
     return "\n".join(lines)
 

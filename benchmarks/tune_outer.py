@@ -11,9 +11,9 @@ Each grid point LR:WARMUP:CLIP meta-trains every prior kind for ``--meta_steps``
 it every ``--validate_every`` steps on the ``--val_tasks`` (train tasks held out of
 meta-training; support = train file, query = dev file) after adapting it as the eval group
 says (``--test_optimizer``, ``--test_steps``, ``--test_lr``: one recipe for every kind). The
-point with the lowest best validation NLL is chosen per kind. Priors live in benchmarks/quality.py's
-work folder under the hash of their config, so a killed search resumes and the test run reuses
-a chosen prior when its flags are the same.
+point with the lowest best validation NLL is chosen per kind. Priors live in the quality
+benchmark's work folder (:func:`harness.comparison_work_dir`) under the hash of their config,
+so a killed search resumes and the test run reuses a chosen prior when its flags are the same.
 
 Writes ``<out_dir>/tune_outer-<split>.{json,md}`` and prints the outer-loop flags of each choice.
 """
@@ -26,9 +26,8 @@ import sys
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-import quality
+import harness
 import torch
-from harness import command_line, write_results
 
 GRID = ["0.001:0:0", "0.001:25:1.0", "0.003:25:1.0"]
 """LR:WARMUP:CLIP points: the setting the 500-step priors were trained with (Adam at 0.001,
@@ -69,7 +68,7 @@ def outer_point(point: str) -> dict:
 
 def main(argv: list[str] | None = None) -> dict:
     argv = list(sys.argv[1:] if argv is None else argv)
-    bench, cfg, own = quality.parse(argv, extra=(OuterArgs,), script="tune_outer.py")
+    bench, cfg, own = harness.parse_bench(argv, extra=(OuterArgs,), script="tune_outer.py")
     if not cfg["tasks"].val_tasks or not bench.validate_every:
         raise SystemExit("--val_tasks and --validate_every are required: the search compares validation NLL")
     unknown = set(own.kinds) - set(KINDS)
@@ -79,19 +78,19 @@ def main(argv: list[str] | None = None) -> dict:
     for fields_ in points.values():
         replace(cfg["meta"], **fields_)  # MetaConfig refuses a negative value before any run
     split = cfg["tasks"].split
-    work = Path(bench.work_dir or f"runs/quality-{split}" + ("-quick" if bench.quick else ""))  # quality.py's
+    work = harness.comparison_work_dir(bench, cfg)
     out_dir = Path(bench.out_dir or "benchmarks/results")
     if bench.threads:
         torch.set_num_threads(bench.threads)
-    _, train, notes = quality.resolve_tasks(replace(bench, max_test_tasks=1), cfg, need_train=True)
-    model, tok = quality.build_model(cfg, work)
+    _, train, notes = harness.resolve_tasks(replace(bench, max_test_tasks=1), cfg, need_train=True)
+    model, tok = harness.build_model(cfg, work)
     rows: dict[str, dict] = {}
     for point, fields_ in points.items():
         point_cfg = {**cfg, "meta": replace(cfg["meta"], **fields_)}
         rows[point] = {}
         for kind in own.kinds:
-            quality.train_kind(kind, model, tok, point_cfg, train, bench, work)
-            folder = quality.prior_folder(kind, point_cfg, train, bench, work)
+            harness.train_kind(kind, model, tok, point_cfg, train, bench, work)
+            folder = harness.prior_folder(kind, point_cfg, train, bench, work)
             curve = json.loads((folder / "validation.json").read_text())
             best = min(curve, key=lambda v: v["nll"])
             rows[point][kind] = {
@@ -113,15 +112,19 @@ def main(argv: list[str] | None = None) -> dict:
         "validation_adaptation": [cfg["eval"].test_optimizer, cfg["eval"].test_steps, cfg["eval"].adapt_lr(cfg["meta"])],
         "selection": "lowest best validation NLL",
         "grid": list(own.grid),
-        "command": command_line("tune_outer.py", argv),
+        "command": harness.command_line("tune_outer.py", argv),
         "rows": rows,
         "chosen": chosen,
         "flags": {k: shlex.join(flag for f, v in points[p].items() for flag in (f"--{f}", str(v))) for k, p in chosen.items()},
         "notes": notes,
     }
-    write_results(f"tune_outer-{split}", out, markdown(out), out_dir)
+    harness.write_results(f"tune_outer-{split}", out, markdown(out), out_dir)
     print(markdown(out))
     return out
+
+
+def best_cell(row: dict) -> str:
+    return f"{harness.fmt(row['best_nll'])} / {harness.fmt(row['best_ece'])} ({row['best_step']})"
 
 
 def markdown(out: dict) -> str:
@@ -140,21 +143,14 @@ def markdown(out: dict) -> str:
         "",
         "Best validation NLL / its ECE (at meta-step):",
         "",
-        "| setting | " + " | ".join(kinds) + " |",
-        "|---|" + "---|" * len(kinds),
+        *harness.choice_table(out["rows"], kinds, out["chosen"], best_cell),
     ]
-    for point, r in out["rows"].items():
-        cells = []
-        for k in kinds:
-            text = f"{quality._f(r[k]['best_nll'])} / {quality._f(r[k]['best_ece'])} ({r[k]['best_step']})"
-            cells.append(f"**{text}**" if out["chosen"].get(k) == point else text)
-        lines.append(f"| {point} | " + " | ".join(cells) + " |")
     lines += ["", "Validation NLL along meta-training (step 0: the untrained prior):", ""]
     steps_ = [s for s, _, _ in next(iter(next(iter(out["rows"].values())).values()))["curve"]]
     lines += ["| setting | kind | " + " | ".join(str(s) for s in steps_) + " |", "|---|---|" + "---|" * len(steps_)]
     for point, r in out["rows"].items():
         for k in kinds:
-            lines.append(f"| {point} | {k} | " + " | ".join(quality._f(n) for _, n, _ in r[k]["curve"]) + " |")
+            lines.append(f"| {point} | {k} | " + " | ".join(harness.fmt(n) for _, n, _ in r[k]["curve"]) + " |")
     lines += ["", "Flags of the choice for benchmarks/quality.py:", ""]
     lines += [f"- {k}: `{flags}`" for k, flags in out["flags"].items()]
     return "\n".join(lines) + "\n"

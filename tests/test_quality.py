@@ -8,6 +8,7 @@ import json
 import math
 from pathlib import Path
 
+import harness
 import pytest
 import quality
 import tune_adaptation
@@ -104,9 +105,9 @@ def test_quick_run_writes_json_table_and_plots(tiny_model_dir, tiny_data_dir, tm
 def test_rerun_reads_the_cache_and_computes_only_what_is_missing(tiny_model_dir, tiny_data_dir, tmp_path, monkeypatch):
     first = quality.main(args(tiny_model_dir, tiny_data_dir, tmp_path, "--methods", "zero_shot", "lora", "abmll", "--seeds", "1"))
     calls = []
-    real = quality.run_method
+    real = harness.run_method
     monkeypatch.setattr(
-        quality,
+        harness,
         "run_method",
         lambda model, m, ep, meta, seed: calls.append((m.name, ep.task, seed)) or real(model, m, ep, meta, seed),
     )
@@ -174,9 +175,9 @@ def test_per_method_adaptation_reruns_only_that_method_and_is_reported(tiny_mode
     first = quality.main(base)
     assert first["adaptation"] == {"lora": ["sgd", 2, 0.3], "abmll": ["sgd", 2, 0.3]}
     calls = []
-    real = quality.run_method
+    real = harness.run_method
     monkeypatch.setattr(
-        quality,
+        harness,
         "run_method",
         lambda model, m, ep, meta, seed: calls.append((m.name, m.optimizer, m.steps, m.lr)) or real(model, m, ep, meta, seed),
     )
@@ -191,7 +192,7 @@ def test_per_method_adaptation_reruns_only_that_method_and_is_reported(tiny_mode
 @pytest.mark.parametrize("bad", ["lora=adamw:3", "lora=adamw:x:0.1", "lora", "lora=adam:3:0.1", "abmll=sgd:2:0.3"])
 def test_malformed_adaptation_is_refused(tiny_model_dir, tiny_data_dir, tmp_path, bad):
     with pytest.raises(SystemExit, match="adaptation"):
-        quality.parse(args(tiny_model_dir, tiny_data_dir, tmp_path, "--methods", "lora", "--adaptation", bad))
+        harness.parse_bench(args(tiny_model_dir, tiny_data_dir, tmp_path, "--methods", "lora", "--adaptation", bad))
 
 
 def test_tune_adaptation_tries_the_same_grid_for_every_method_on_dev_tasks(tiny_model_dir, tiny_data_dir, tmp_path):
@@ -253,9 +254,9 @@ def test_tune_outer_trains_every_kind_at_every_grid_point_and_picks_the_lowest_v
             history = json.loads((Path(row["folder"]) / "history.json").read_text())
             assert ("meta_grad_norm" in history[-1]) == (point == "0.01:2:0.5")
     # the test run (quality.py with the same flags) finds the default point's prior where the search left it
-    bench, cfg = quality.parse([*flags, "--outer_lr", "0.001"])
-    _, train, _ = quality.resolve_tasks(bench, cfg, need_train=True)
-    assert quality.prior_folder("abmll", cfg, train, bench, Path(out["rows"]["0.001:0:0"]["abmll"]["folder"]).parent) == Path(
+    bench, cfg = harness.parse_bench([*flags, "--outer_lr", "0.001"])
+    _, train, _ = harness.resolve_tasks(bench, cfg, need_train=True)
+    assert harness.prior_folder("abmll", cfg, train, bench, Path(out["rows"]["0.001:0:0"]["abmll"]["folder"]).parent) == Path(
         out["rows"]["0.001:0:0"]["abmll"]["folder"]
     )
     stamp = {p: (Path(r["abmll"]["folder"]) / "history.json").stat().st_mtime_ns for p, r in out["rows"].items()}
@@ -276,20 +277,20 @@ def test_smollm2_defaults_are_the_demo_settings_but_the_named_overrides():
 
     from abmll.cli import DEMO_CONFIG
 
-    bench, cfg = quality.parse([])
+    bench, cfg = harness.parse_bench([])
     defaults = {f: getattr(group, f) for group in cfg.values() for f in vars(group)}
     demo = yaml.safe_load(DEMO_CONFIG.read_text())
     flat = {k: v for key, value in demo.items() if isinstance(value, dict) for k, v in value.items()}
-    kept = {k: v for k, v in flat.items() if k not in quality.DEMO_ONLY and k not in quality.BENCHMARK_OVERRIDES}
+    kept = {k: v for k, v in flat.items() if k not in harness.DEMO_ONLY and k not in harness.BENCHMARK_OVERRIDES}
     assert kept and all(defaults[k] == v for k, v in kept.items()), {k: (defaults[k], v) for k, v in kept.items()}
     assert cfg["eval"].eval_samples == 4 and cfg["tasks"].train_tasks == [] and cfg["tasks"].data_seeds == [100, 13, 21, 42, 87]
 
 
 def test_prior_key_covers_the_validators_adaptation_only_when_not_the_default(tiny_model_dir, tiny_data_dir, tmp_path):
     base = args(tiny_model_dir, tiny_data_dir, tmp_path, "--validate_every", "1", "--val_tasks", "t0")
-    bench, cfg = quality.parse(base)
-    default = quality.prior_config("abmll", cfg, ["t1"], bench)["validation"]
+    bench, cfg = harness.parse_bench(base)
+    default = harness.prior_config("abmll", cfg, ["t1"], bench)["validation"]
     assert "test_optimizer" not in default and "test_lr" not in default  # keys of priors saved before hold
-    bench, cfg = quality.parse([*base, "--test_optimizer", "adamw", "--test_lr", "0.01"])
-    other = quality.prior_config("abmll", cfg, ["t1"], bench)["validation"]
+    bench, cfg = harness.parse_bench([*base, "--test_optimizer", "adamw", "--test_lr", "0.01"])
+    other = harness.prior_config("abmll", cfg, ["t1"], bench)["validation"]
     assert other["test_optimizer"] == "adamw" and other["test_lr"] == 0.01
