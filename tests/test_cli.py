@@ -222,6 +222,17 @@ def test_command_help_answers_without_importing_torch():
     assert "usage: abmll evaluate" in out
 
 
+def test_a_refused_value_is_one_line_naming_the_flag_and_its_choices_not_the_usage_block(capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["adapt", "--test_optimizer", "adam"])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.splitlines() == [
+        "abmll adapt: error: argument --test_optimizer/--test-optimizer: invalid choice: 'adam' (choose from 'sgd', 'adamw')",
+        "(run 'abmll adapt --help' for every flag and its choices)",
+    ]
+
+
 def test_a_mistyped_flag_names_the_nearest_ones():
     with pytest.raises(SystemExit, match="unknown flag --inner_lrr; did you mean --inner_lr"):
         main(["adapt", "--inner_lrr", "0.1"])

@@ -248,12 +248,20 @@ def _attribute_docs(doc: str) -> dict[str, str]:
     return {k: v.replace("%", "%%") for k, v in out.items()}
 
 
+class ArgParser(HfArgumentParser):
+    """HfArgumentParser whose errors are one line and a pointer to ``--help``, instead of
+    argparse's usage block (dozens of lines for a command with every config group)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message}\n(run '{self.prog} --help' for every flag and its choices)\n")
+
+
 def build_parser(
     groups: list[str], extra: tuple = (), command: str = "", default_out: str | None = None, unused: tuple[str, ...] = ()
-) -> tuple[HfArgumentParser, list[type]]:
+) -> tuple[ArgParser, list[type]]:
     """The parser of ``abmll <command>`` (see :func:`parse_args`) and its dataclasses, in order."""
     classes = [with_help(c) for c in [RunArgs, *extra] + [CONFIG_GROUPS[g] for g in groups]]
-    parser = HfArgumentParser(classes, prog=f"abmll {command}".strip(), allow_abbrev=False)
+    parser = ArgParser(classes, prog=f"abmll {command}".strip(), allow_abbrev=False)
     parser.set_defaults(out=default_out)
     if "lora" in groups:
         parser.set_defaults(target_modules=[AUTO_TARGETS])
@@ -334,7 +342,7 @@ def parse_dataclasses(
         SystemExit: ``--help`` (after printing it), an unknown flag (naming the nearest ones)
             or a value argparse refuses.
     """
-    parser = HfArgumentParser([with_help(c) for c in classes], prog=prog, description=description, allow_abbrev=False)
+    parser = ArgParser([with_help(c) for c in classes], prog=prog, description=description, allow_abbrev=False)
     parser.set_defaults(**(defaults or {}))
     check_flags(argv, parser)
     return tuple(parser.parse_args_into_dataclasses(argv))
