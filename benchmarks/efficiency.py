@@ -47,6 +47,7 @@ from functools import partial
 from typing import Literal
 
 import harness
+import top_layers
 
 RESULTS = harness.RESULTS
 KS = [1, 2, 5, 10]
@@ -443,8 +444,18 @@ def main(argv: list[str] | None = None) -> None:
         "profile": [] if args.no_profile else profile_step(args),
         "rows": rows,
     }
-    harness.write_results(name, res, table(res))
+    write(name, res)
     print(table(res))
+
+
+def write(name: str, res: dict) -> None:
+    """Write ``RESULTS/<name>.{json,md}``; into efficiency.{json,md}, benchmarks/top_layers.py's
+    rows (efficiency-top_layers.json: all layers vs top-L cached at equal wall time) are merged
+    back, so rerunning this script does not drop them."""
+    harness.write_results(name, res, table(res), RESULTS)
+    top = RESULTS / "efficiency-top_layers.json"
+    if name == "efficiency" and top.is_file():
+        top_layers.merge_into_efficiency(json.loads(top.read_text()))
 
 
 if __name__ == "__main__":

@@ -73,3 +73,24 @@ def test_every_script_answers_help_and_names_the_nearest_flag(script, capsys):
     with pytest.raises(SystemExit) as done:
         module.main([f"--{flags[0]}x"])
     assert f"unknown flag --{flags[0]}x; did you mean --{flags[0]}" in str(done.value.code)
+
+
+def test_rerunning_efficiency_keeps_the_top_layers_rows_in_efficiency_results(tmp_path, monkeypatch):
+    """benchmarks/efficiency.py rewrites efficiency.{json,md}; the all-layer vs top-L rows that
+    benchmarks/top_layers.py merged into them (issue 13) come back, once, after each rewrite."""
+    import efficiency
+    import top_layers
+
+    committed = json.loads((harness.RESULTS / "efficiency.json").read_text())
+    rows = committed.pop("top_layers_equal_wall_time")
+    (tmp_path / "efficiency-top_layers.json").write_text(json.dumps(rows))
+    monkeypatch.setattr(efficiency, "RESULTS", tmp_path)
+    monkeypatch.setattr(top_layers, "RESULTS", tmp_path)
+    for _ in range(2):
+        efficiency.write("efficiency", committed)
+        assert json.loads((tmp_path / "efficiency.json").read_text()) == {**committed, "top_layers_equal_wall_time": rows}
+        text = (tmp_path / "efficiency.md").read_text()
+        assert text.startswith(efficiency.table(committed).rstrip()) and text.count(top_layers.MARK) == 1
+        assert "Top-L cached vs all-layer" in text
+    efficiency.write("efficiency-tagged", committed)  # a tagged run is a file of its own
+    assert "top_layers_equal_wall_time" not in json.loads((tmp_path / "efficiency-tagged.json").read_text())
