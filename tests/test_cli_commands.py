@@ -65,7 +65,7 @@ def test_export_is_a_peft_adapter_with_abmll_posterior_mean_predictions(world, t
     assert saved["lora"]["rank"] == 2
 
 
-def test_adapt_then_predict(world, tmp_path):
+def test_adapt_then_predict(world, tmp_path, monkeypatch):
     support = world["data"] / "h0" / "h0_4_1_train.jsonl"
     run_file = tmp_path / "adapt.yaml"  # --prior and --support can come from the config file too
     run_file.write_text(f"prior: {world['prior']}\nsupport: {support}\ntest_steps: 3\n")
@@ -92,7 +92,10 @@ def test_adapt_then_predict(world, tmp_path):
     inputs = tmp_path / "inputs.jsonl"
     inputs.write_text("\n".join(json.dumps(r) for r in [records[0], unlabelled, *records[2:]]) + "\n")
     pred_dir = tmp_path / "pred"
-    assert main(["predict", "--adapter", str(post), "--input", str(inputs), "--eval_samples", "0", "--out", str(pred_dir)]) == 0
+    monkeypatch.chdir(tmp_path)  # the input given relative to where the command runs
+    assert (
+        main(["predict", "--adapter", str(post), "--input", "inputs.jsonl", "--eval_samples", "0", "--out", str(pred_dir)]) == 0
+    )
     lines = [json.loads(x) for x in (pred_dir / "predictions.jsonl").read_text().splitlines()]
     ref_probs, ref_labels = predict_batches(
         model, posterior, make_batches(tok, read_jsonl(test_file), ScoringConfig(max_rows=8)), 0
@@ -109,6 +112,7 @@ def test_adapt_then_predict(world, tmp_path):
     summary = json.loads((pred_dir / "predict_config.json").read_text())
     assert summary["labelled"] == 5 and "metrics" not in summary and summary["eval_samples"] == 0
     assert summary["lora"]["rank"] == 2
+    assert summary["input"] == "inputs.jsonl" and summary["input_resolved"] == str(inputs.resolve())
 
     sampled = tmp_path / "sampled"
     for folder in (sampled, sampled / "again"):

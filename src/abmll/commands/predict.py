@@ -80,6 +80,7 @@ def run_predict(run: RunArgs, args: PredictArgs, cfg: dict) -> Path:
         **to_dict(**cfg),
         "adapter": str(args.adapter),
         "input": str(args.input),
+        "input_resolved": str(Path(args.input).resolve()),  # the file read, wherever the command ran
         "eval_samples": n_samples,
         "sample_seed": args.sample_seed,
         "abstain_above": args.abstain_above,
