@@ -79,8 +79,10 @@ def write_results(name: str, result: dict, markdown: str, folder: Path = RESULTS
 
 
 def fmt(x: float | None, digits: int = 3) -> str:
-    """``x`` with ``digits`` decimals for a results table; "nan" for None, NaN or inf."""
-    return "nan" if x is None or not math.isfinite(x) else f"{x:.{digits}f}"
+    """``x`` with ``digits`` decimals for a results table; "nan" for None or NaN, "inf" for inf."""
+    if x is None or math.isnan(x):
+        return "nan"
+    return str(x) if math.isinf(x) else f"{x:.{digits}f}"
 
 
 def choice_table(rows: dict[str, dict], columns: list[str], chosen: dict[str, str], cell: Callable[[dict], str]) -> list[str]:
@@ -199,6 +201,10 @@ class BenchArgs:
             "lora=adamw:15:0.003"); a method not named adapts with --test_optimizer,
             --test_steps and --test_lr (default --inner_lr).
         test_k: shots of the held-out tasks' support sets (0: --k, the meta-training episodes').
+        outer: per-prior-kind outer loop, "KIND=LR:WARMUP:CLIP" (kind abmll, multitask or
+            reptile; outer_lr, outer_warmup_steps, outer_grad_clip with 0 for no clipping; e.g.
+            "reptile=0.003:25:1.0", as benchmarks/tune_outer.py chooses them); a kind not named
+            trains with --outer_lr, --outer_warmup_steps and --outer_grad_clip.
     """
 
     config: str | None = None
@@ -220,6 +226,7 @@ class BenchArgs:
     val_seeds: list[int] = field(default_factory=lambda: [100, 13])
     adaptation: list[str] = field(default_factory=list)
     test_k: int = 0
+    outer: list[str] = field(default_factory=list)
 
 
 GROUPS = ["model", "lora", "hyperprior", "scoring", "meta", "tasks", "eval"]
@@ -250,6 +257,11 @@ def parse_bench(argv: list[str], extra: tuple[type, ...] = (), script: str = "qu
             method_eval(name, cfg, bench)
         except ValueError as err:
             raise SystemExit(f"--adaptation {name}: {err}") from None
+    for kind in outer_settings(bench):
+        try:
+            kind_cfg(kind, cfg, bench)
+        except ValueError as err:
+            raise SystemExit(f"--outer {kind}: {err}") from None
     if bench.eval_split not in ("test", "dev"):
         raise SystemExit(f"--eval_split must be test or dev, got {bench.eval_split!r}")
     return (bench, cfg, *extras)
@@ -288,6 +300,51 @@ def method_eval(name: str, cfg: dict, bench: BenchArgs):
     return replace(ev, test_optimizer=optimizer, test_steps=steps, test_lr=lr)
 
 
+TRAINED_KINDS = ("abmll", "multitask", "reptile")
+"""The prior kinds that are meta-trained (``init`` is not)."""
+
+
+def outer_point(text: str) -> dict:
+    """ "LR:WARMUP:CLIP" as the meta-config fields outer_lr, outer_warmup_steps, outer_grad_clip.
+
+    Raises:
+        SystemExit: not three fields, or not numbers.
+    """
+    parts = text.split(":")
+    try:
+        if len(parts) != 3:
+            raise ValueError(text)
+        return dict(outer_lr=float(parts[0]), outer_warmup_steps=int(parts[1]), outer_grad_clip=float(parts[2]))
+    except ValueError:
+        raise SystemExit(f"an outer-loop setting is LR:WARMUP:CLIP (e.g. 0.003:25:1.0), got {text!r}") from None
+
+
+def outer_settings(bench: BenchArgs) -> dict[str, dict]:
+    """``--outer`` as {kind: {"outer_lr", "outer_warmup_steps", "outer_grad_clip"}}.
+
+    Raises:
+        SystemExit: an entry not of the form KIND=LR:WARMUP:CLIP, or not a trained kind.
+    """
+    out = {}
+    for entry in bench.outer:
+        kind, _, how = entry.partition("=")
+        if kind not in TRAINED_KINDS:
+            raise SystemExit(f"--outer takes KIND=LR:WARMUP:CLIP with KIND one of {TRAINED_KINDS}, got {entry!r}")
+        out[kind] = outer_point(how)
+    return out
+
+
+def kind_cfg(kind: str, cfg: dict, bench: BenchArgs | None) -> dict:
+    """``cfg`` with the meta group prior ``kind`` trains with: ``--outer``'s settings for it,
+    else ``cfg`` itself.
+
+    Raises:
+        ValueError: a value the meta config refuses (e.g. a negative learning rate).
+    """
+    how = None if bench is None else outer_settings(bench).get(kind)
+    return cfg if how is None else {**cfg, "meta": replace(cfg["meta"], **how)}
+
+
 def test_k(bench: BenchArgs, cfg: dict) -> int:
     """Shots of the held-out support sets (``--test_k``, default the meta-training ``--k``)."""
     return bench.test_k or cfg["tasks"].k
@@ -317,6 +374,12 @@ def _yaml_defaults(path: str, classes, drop=()) -> dict:
 def stem(bench: BenchArgs, cfg: dict) -> str:
     """The quality benchmark's results name: quality-<split>, with -dev for ``--eval_split dev``."""
     return f"quality-{cfg['tasks'].split}" + ("-dev" if bench.eval_split == "dev" else "")
+
+
+def comparison_out_dir(bench: BenchArgs) -> Path:
+    """``--out_dir``, else benchmarks/results (runs/quality-quick with --quick: a smoke run
+    never overwrites committed results)."""
+    return Path(bench.out_dir or ("runs/quality-quick" if bench.quick else "benchmarks/results"))
 
 
 def comparison_work_dir(bench: BenchArgs, cfg: dict) -> Path:
@@ -462,6 +525,7 @@ def _group(cfg: dict, name: str, keys=None) -> dict:
 def prior_config(kind: str, cfg: dict, train: list[str], bench: BenchArgs | None = None) -> dict:
     """What prior ``kind`` depends on (also saved with it and checked on resume): the groups
     but runtime-only fields, the train tasks, and the validation that picks the best prior."""
+    cfg = kind_cfg(kind, cfg, bench)
     config = {g: _group(cfg, g) for g in ("model", "lora", "hyperprior", "scoring")}
     config["model"].pop("device")
     config["lora"].pop("frozen_cache_mb")
@@ -536,6 +600,7 @@ def train_kind(kind: str, model: BayesLoraModel, tok, cfg: dict, train: list[str
     group says) and the best prior by validation NLL returned."""
     if kind == "init":
         return model.init_params()
+    cfg = kind_cfg(kind, cfg, bench)
     t0 = time.perf_counter()
 
     def on_step(logs):

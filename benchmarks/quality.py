@@ -41,6 +41,7 @@ import sys
 from dataclasses import fields, replace
 from pathlib import Path
 
+import harness
 import torch
 from harness import GROUPS, METRICS, BenchArgs, Cache, command_line, fmt, parse_bench, run, stem, write_results
 
@@ -94,6 +95,16 @@ def adaptation_text(results: dict, cfg: dict) -> str:
     return "; ".join(f"{m} {fmt(*a)}" for m, a in per.items())
 
 
+def outer_text(meta, results: dict) -> str:
+    """The priors' outer loop, e.g. "outer lr 0.001" or "outer lr 0.001, warm-up 25 steps,
+    meta-gradient clip 1.0 (reptile 0.003:25:1.0)" with per-kind ``--outer`` settings."""
+    text = f"outer lr {meta.outer_lr}"
+    text += f", warm-up {meta.outer_warmup_steps} steps" if meta.outer_warmup_steps else ""
+    text += f", meta-gradient clip {meta.outer_grad_clip}" if meta.outer_grad_clip else ""
+    per_kind = results.get("config", {}).get("bench", {}).get("outer")
+    return text + (f" ({', '.join(e.replace('=', ' ') for e in per_kind)}, as LR:WARMUP:CLIP)" if per_kind else "")
+
+
 def markdown(results: dict, cfg: dict) -> str:
     methods = list(results["methods"])
     ev, meta, tasks = cfg["eval"], cfg["meta"], cfg["tasks"]
@@ -113,7 +124,7 @@ def markdown(results: dict, cfg: dict) -> str:
         f"{ev.eval_samples} weight samples in prediction (bayes_lora, abmll). "
         + (
             f"Meta-training: {meta.meta_steps} meta-steps, B = {meta.meta_batch_size}, K = {meta.inner_steps}, "
-            f"outer lr {meta.outer_lr}, beta {meta.beta}, gamma {meta.gamma}, {meta.n_samples} sample(s), on "
+            f"{outer_text(meta, results)}, beta {meta.beta}, gamma {meta.gamma}, {meta.n_samples} sample(s), on "
             f"{len(results['train_tasks'])} tasks."
             if results.get("train_tasks")
             else "No prior is meta-trained in this run."
@@ -285,7 +296,7 @@ def main(argv: list[str] | None = None) -> dict:
     argv = list(sys.argv[1:] if argv is None else argv)
     bench, cfg = parse_bench(argv)
     name = stem(bench, cfg)
-    out_dir = Path(bench.out_dir or ("runs/quality-quick" if bench.quick else "benchmarks/results"))
+    out_dir = harness.comparison_out_dir(bench)
     work = Path(bench.work_dir or f"runs/{name}" + ("-quick" if bench.quick else ""))
     if bench.sweep:
         return sweep(bench, cfg, argv, out_dir, work, name)

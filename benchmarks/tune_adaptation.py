@@ -21,7 +21,6 @@ from __future__ import annotations
 import shlex
 import sys
 from dataclasses import dataclass, field, replace
-from pathlib import Path
 
 import harness
 
@@ -57,7 +56,7 @@ def main(argv: list[str] | None = None) -> dict:
     dev_cfg = {**cfg, "tasks": replace(cfg["tasks"], test_tasks=val)}
     split = cfg["tasks"].split
     work = harness.comparison_work_dir(bench, cfg)
-    out_dir = Path(bench.out_dir or "benchmarks/results")
+    out_dir = harness.comparison_out_dir(bench)
     command = harness.command_line("tune_adaptation.py", argv)
     rows = {}
     for i, point in enumerate(own.grid):  # --fresh discards the cache and priors once, not at every point

@@ -24,7 +24,6 @@ import json
 import shlex
 import sys
 from dataclasses import dataclass, field, replace
-from pathlib import Path
 
 import harness
 import torch
@@ -34,7 +33,6 @@ GRID = ["0.001:0:0", "0.001:25:1.0", "0.003:25:1.0"]
 constant, unclipped), the same with a 25-step warm-up and the meta-gradient's L2 norm clipped
 at 1 (its norm is 0.05-3.6 over a run's first steps on SmolLM2), and three times the learning
 rate with both."""
-KINDS = ["abmll", "multitask", "reptile"]
 
 
 @dataclass
@@ -48,41 +46,40 @@ class OuterArgs:
     """
 
     grid: list[str] = field(default_factory=lambda: list(GRID))
-    kinds: list[str] = field(default_factory=lambda: list(KINDS))
-
-
-def outer_point(point: str) -> dict:
-    """ "LR:WARMUP:CLIP" as meta-config fields.
-
-    Raises:
-        SystemExit: not three fields, or not numbers.
-    """
-    parts = point.split(":")
-    try:
-        if len(parts) != 3:
-            raise ValueError(point)
-        return dict(outer_lr=float(parts[0]), outer_warmup_steps=int(parts[1]), outer_grad_clip=float(parts[2]))
-    except ValueError:
-        raise SystemExit(f"--grid takes LR:WARMUP:CLIP (e.g. 0.003:25:1.0), got {point!r}") from None
+    kinds: list[str] = field(default_factory=lambda: list(harness.TRAINED_KINDS))
 
 
 def main(argv: list[str] | None = None) -> dict:
     argv = list(sys.argv[1:] if argv is None else argv)
     bench, cfg, own = harness.parse_bench(argv, extra=(OuterArgs,), script="tune_outer.py")
-    if not cfg["tasks"].val_tasks or not bench.validate_every:
+    val = list(cfg["tasks"].val_tasks)
+    if not val or not bench.validate_every:
         raise SystemExit("--val_tasks and --validate_every are required: the search compares validation NLL")
-    unknown = set(own.kinds) - set(KINDS)
+    if bench.validate_every > cfg["meta"].meta_steps:
+        raise SystemExit(
+            f"--validate_every {bench.validate_every} > --meta_steps {cfg['meta'].meta_steps}: no trained prior is validated"
+        )
+    if bench.outer or bench.fresh:
+        raise SystemExit(
+            "--outer and --fresh are not for this script: it sets the outer loop per grid point, and resumes what is done"
+        )
+    unknown = set(own.kinds) - set(harness.TRAINED_KINDS)
     if unknown:
-        raise SystemExit(f"--kinds takes {KINDS}, got {sorted(unknown)}")
-    points = {p: outer_point(p) for p in own.grid}
-    for fields_ in points.values():
-        replace(cfg["meta"], **fields_)  # MetaConfig refuses a negative value before any run
+        raise SystemExit(f"--kinds takes {list(harness.TRAINED_KINDS)}, got {sorted(unknown)}")
+    points = {p: harness.outer_point(p) for p in own.grid}
+    for point, fields_ in points.items():
+        try:
+            replace(cfg["meta"], **fields_)
+        except ValueError as err:  # refused before any run
+            raise SystemExit(f"--grid {point}: {err}") from None
     split = cfg["tasks"].split
     work = harness.comparison_work_dir(bench, cfg)
-    out_dir = Path(bench.out_dir or "benchmarks/results")
+    out_dir = harness.comparison_out_dir(bench)
     if bench.threads:
         torch.set_num_threads(bench.threads)
-    _, train, notes = harness.resolve_tasks(replace(bench, max_test_tasks=1), cfg, need_train=True)
+    # the meta-train tasks of the test run, as tune_adaptation.py finds them: no test file is read
+    dev = (replace(bench, eval_split="dev"), {**cfg, "tasks": replace(cfg["tasks"], test_tasks=val)})
+    _, train, notes = harness.resolve_tasks(*dev, need_train=True)
     model, tok = harness.build_model(cfg, work)
     rows: dict[str, dict] = {}
     for point, fields_ in points.items():
@@ -92,12 +89,12 @@ def main(argv: list[str] | None = None) -> dict:
             harness.train_kind(kind, model, tok, point_cfg, train, bench, work)
             folder = harness.prior_folder(kind, point_cfg, train, bench, work)
             curve = json.loads((folder / "validation.json").read_text())
-            best = min(curve, key=lambda v: v["nll"])
+            best = min(curve, key=lambda v: v["nll"])  # a failed validation has nll inf and no ece
             rows[point][kind] = {
                 "best_step": best["step"],
                 "best_nll": best["nll"],
-                "best_ece": best["ece"],
-                "curve": [[v["step"], v["nll"], v["ece"]] for v in curve],
+                "best_ece": best.get("ece"),
+                "curve": [[v["step"], v["nll"], v.get("ece")] for v in curve],
                 "folder": str(folder),
             }
             print(f"{point} {kind}: best validation NLL {best['nll']:.3f} at step {best['step']}", flush=True)
@@ -105,7 +102,7 @@ def main(argv: list[str] | None = None) -> dict:
     out = {
         "split": split,
         "train_tasks": train,
-        "val_tasks": list(cfg["tasks"].val_tasks),
+        "val_tasks": val,
         "val_seeds": list(bench.val_seeds),
         "meta_steps": cfg["meta"].meta_steps,
         "validate_every": bench.validate_every,
@@ -115,7 +112,8 @@ def main(argv: list[str] | None = None) -> dict:
         "command": harness.command_line("tune_outer.py", argv),
         "rows": rows,
         "chosen": chosen,
-        "flags": {k: shlex.join(flag for f, v in points[p].items() for flag in (f"--{f}", str(v))) for k, p in chosen.items()},
+        "untrained_best": [k for k in own.kinds if all(rows[p][k]["best_step"] == 0 for p in rows)],
+        "flags": shlex.join(["--outer", *(f"{k}={p}" for k, p in chosen.items())]),
         "notes": notes,
     }
     harness.write_results(f"tune_outer-{split}", out, markdown(out), out_dir)
@@ -151,8 +149,12 @@ def markdown(out: dict) -> str:
     for point, r in out["rows"].items():
         for k in kinds:
             lines.append(f"| {point} | {k} | " + " | ".join(harness.fmt(n) for _, n, _ in r[k]["curve"]) + " |")
-    lines += ["", "Flags of the choice for benchmarks/quality.py:", ""]
-    lines += [f"- {k}: `{flags}`" for k, flags in out["flags"].items()]
+    for k in out["untrained_best"]:
+        lines += [
+            "",
+            f"**{k}: no setting improves on the untrained prior** (best at step 0 everywhere): its choice is arbitrary.",
+        ]
+    lines += ["", f"Flags of the choice for benchmarks/quality.py: `{out['flags']}`"]
     return "\n".join(lines) + "\n"
 
 

@@ -226,11 +226,9 @@ def test_a_refused_value_is_one_line_naming_the_flag_and_its_choices_not_the_usa
     with pytest.raises(SystemExit) as info:
         main(["adapt", "--test_optimizer", "adam"])
     assert info.value.code == 2
-    err = capsys.readouterr().err
-    assert err.splitlines() == [
-        "abmll adapt: error: argument --test_optimizer/--test-optimizer: invalid choice: 'adam' (choose from 'sgd', 'adamw')",
-        "(run 'abmll adapt --help' for every flag and its choices)",
-    ]
+    first, second = capsys.readouterr().err.splitlines()  # two lines, no usage block
+    assert first.startswith("abmll adapt: error: argument --test_optimizer") and "invalid choice: 'adam'" in first
+    assert "sgd" in first and "adamw" in first and second == "(run 'abmll adapt --help' for every flag and its choices)"
 
 
 def test_a_mistyped_flag_names_the_nearest_ones():

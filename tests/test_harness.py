@@ -18,6 +18,7 @@ SCRIPTS = [
     "ship_prior",
     "top_layers",
     "tune_adaptation",
+    "tune_outer",
     "tune_dev",
 ]
 

@@ -250,22 +250,28 @@ def test_tune_outer_trains_every_kind_at_every_grid_point_and_picks_the_lowest_v
             assert [s for s, _, _ in row["curve"]] == [0, 1, 2]
             assert row["best_nll"] == min(n for _, n, _ in row["curve"])
             saved = json.loads((Path(row["folder"]) / "abmll_config.json").read_text())["meta"]
-            assert {f: saved[f] for f in ("outer_lr", "outer_warmup_steps", "outer_grad_clip")} == tune_outer.outer_point(point)
+            assert {f: saved[f] for f in ("outer_lr", "outer_warmup_steps", "outer_grad_clip")} == harness.outer_point(point)
             history = json.loads((Path(row["folder"]) / "history.json").read_text())
             assert ("meta_grad_norm" in history[-1]) == (point == "0.01:2:0.5")
-    # the test run (quality.py with the same flags) finds the default point's prior where the search left it
-    bench, cfg = harness.parse_bench([*flags, "--outer_lr", "0.001"])
-    _, train, _ = harness.resolve_tasks(bench, cfg, need_train=True)
-    assert harness.prior_folder("abmll", cfg, train, bench, Path(out["rows"]["0.001:0:0"]["abmll"]["folder"]).parent) == Path(
-        out["rows"]["0.001:0:0"]["abmll"]["folder"]
-    )
-    stamp = {p: (Path(r["abmll"]["folder"]) / "history.json").stat().st_mtime_ns for p, r in out["rows"].items()}
+    # the test run (quality.py with the printed --outer flags) evaluates the chosen priors, not retrained
+    assert out["flags"] == "--outer " + " ".join(f"{k}={p}" for k, p in out["chosen"].items())
+    chosen = {k: Path(out["rows"][p][k]["folder"]) for k, p in out["chosen"].items()}
+    stamp = {k: (f / "history.json").stat().st_mtime_ns for k, f in chosen.items()}
+    res = quality.main([*flags, *out["flags"].split(), "--methods", "abmll", "reptile", "--seeds", "1"])
+    assert {k: Path(res["priors"][k]["folder"]) for k in chosen} == chosen
+    assert {k: (f / "history.json").stat().st_mtime_ns for k, f in chosen.items()} == stamp
     again = tune_outer.main([*flags, "--grid", "0.001:0:0", "0.01:2:0.5", "--kinds", "abmll", "reptile"])
     assert again["rows"] == out["rows"]  # resumed from the finished priors, not retrained
-    assert {p: (Path(r["abmll"]["folder"]) / "history.json").stat().st_mtime_ns for p, r in out["rows"].items()} == stamp
+    assert {k: (f / "history.json").stat().st_mtime_ns for k, f in chosen.items()} == stamp
     assert "| 0.01:2:0.5 | reptile |" in (tmp_path / "out" / "tune_outer-tiny.md").read_text()
     with pytest.raises(SystemExit, match="LR:WARMUP:CLIP"):
         tune_outer.main([*flags, "--grid", "0.001:0"])
+    with pytest.raises(SystemExit, match="--grid 0.001:0:-1: .*outer_grad_clip"):
+        tune_outer.main([*flags, "--grid", "0.001:0:-1"])
+    with pytest.raises(SystemExit, match="--outer takes KIND=LR:WARMUP:CLIP"):
+        harness.parse_bench([*flags, "--outer", "lora=0.001:0:0"])
+    with pytest.raises(SystemExit, match="--outer abmll: .*outer_grad_clip"):
+        harness.parse_bench([*flags, "--outer", "abmll=0.001:0:-1"])
     with pytest.raises(SystemExit, match="--val_tasks and --validate_every are required"):
         tune_outer.main(args(tiny_model_dir, tiny_data_dir, tmp_path))
 
