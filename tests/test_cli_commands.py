@@ -422,6 +422,38 @@ def test_shipped_priors_are_taken_by_short_name_and_compared_in_evaluate(world, 
     assert res["methods"]["prior:tiny-rule"]["mean"] == res["methods"]["abmll"]["mean"]  # the same prior, same seeds
 
 
+@pytest.mark.parametrize("verbose", [False, True])
+def test_a_warning_never_shares_a_line_with_a_progress_bar(verbose, capsys, monkeypatch):
+    """A warning issued while a bar is on screen (evaluate's truncation warning during the
+    demo's bar) is printed on a line of its own and the bar is redrawn after it; the
+    warnings hook in place before the command is back afterwards."""
+    import re
+    import warnings
+
+    from tqdm.auto import tqdm
+
+    from abmll.quiet import library_output
+
+    def to_stderr(message, category, filename, lineno, file=None, line=None):  # the interpreter's own
+        sys.stderr.write(warnings.formatwarning(message, category, filename, lineno, line))
+
+    monkeypatch.setattr(warnings, "showwarning", to_stderr)
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        with library_output(verbose):
+            bar = tqdm(total=3, desc="evaluate", unit="run", file=sys.stderr, mininterval=0)
+            bar.update(1)
+            warnings.warn("task-x: 3 of 8 inputs cut", UserWarning, stacklevel=1)
+            bar.update(1)
+            bar.close()
+    assert warnings.showwarning is to_stderr
+    segments = re.split(r"[\r\n]", capsys.readouterr().err)
+    (warned,) = [s for s in segments if "UserWarning: task-x" in s]
+    assert "evaluate" not in warned and "1/3" not in warned, warned
+    after = segments[segments.index(warned) + 1 :]
+    assert any("evaluate" in s and "1/3" in s for s in after), after  # redrawn below the warning
+
+
 def test_library_warnings_and_loading_bars_are_hidden_unless_verbose(world, tmp_path, capsys):
     """The libraries' FutureWarnings and transformers' weight-loading bar show only with
     --verbose; abmll's own warnings show either way; the libraries' settings are restored."""
