@@ -43,6 +43,7 @@ from abmll.meta import MetaConfig
 from abmll.methods import ADAPTING_METHOD, METHODS, get_spec, make_method, prior_kinds, prior_meta_config, train_prior
 from abmll.metrics import ECE_SCHEME, bootstrap_mean_ci, compute_metrics, macro_f1
 from abmll.models import load_base_model, resolve_device
+from abmll.scoring import make_batches, merge_truncation, truncation_summary
 from abmll.testing import tiny_llama, tiny_tokenizer
 from abmll.train import episode_batches
 from abmll.validation import make_validator
@@ -471,14 +472,18 @@ def usable_tasks(
     return out
 
 
-def task_stats(task: str, seeds, bench: BenchArgs, cfg: dict) -> dict:
+def task_stats(task: str, seeds, bench: BenchArgs, cfg: dict, tokenizer) -> dict:
     """Chance rate (mean 1 / number of options), majority-class rate (share of the most
     frequent answer index) and the macro-F1 of always predicting it, of the evaluated
-    examples, averaged over seeds."""
+    examples, averaged over seeds; and ``truncation``, how many support and query inputs
+    over all seeds were cut from the left to fit ``max_length``
+    (:func:`abmll.scoring.merge_truncation` of each seed's :func:`~abmll.scoring.truncation_summary`)."""
     tasks, ev = cfg["tasks"], cfg["eval"]
-    per = []
+    per, cut = [], []
     for seed in seeds:
-        q = load_episode(task, test_k(bench, cfg), seed, bench.eval_split, ev.max_test, tasks.data_dir).query
+        ep = load_episode(task, test_k(bench, cfg), seed, bench.eval_split, ev.max_test, tasks.data_dir)
+        cut.append(truncation_summary(make_batches(tokenizer, [*ep.support, *ep.query], cfg["scoring"])))
+        q = ep.query
         labels = torch.tensor([e.label for e in q])
         width = max(len(e.options) for e in q)
         counts = torch.bincount(labels, minlength=width)
@@ -494,7 +499,7 @@ def task_stats(task: str, seeds, bench: BenchArgs, cfg: dict) -> dict:
             )
         )
     out = {k: statistics.fmean(p[k] for p in per) for k in ("chance_rate", "majority_rate", "majority_macro_f1")}
-    return {"n_test": per[0]["n_test"], "n_classes": per[0]["n_classes"], **out}
+    return {"n_test": per[0]["n_test"], "n_classes": per[0]["n_classes"], **out, "truncation": merge_truncation(cut)}
 
 
 # -- model and cache -------------------------------------------------------------------------
@@ -721,7 +726,7 @@ def run(
     total = len(held_out) * len(bench.seeds) * len(bench.methods)
     count = 0
     for task in held_out:
-        stats[task] = task_stats(task, bench.seeds, bench, cfg)
+        stats[task] = task_stats(task, bench.seeds, bench, cfg, tok)
         for seed in bench.seeds:
             todo = [m for m in bench.methods if cache.get(m, task, seed) is None]
             count += len(bench.methods) - len(todo)

@@ -19,7 +19,8 @@ Outputs (``<stem>`` = ``quality-<split>``, ``quality-<split>-dev`` with ``--eval
   {name: {"accuracy", "macro_f1", "ece", "nll", "brier", "aurc" (means over tasks of the means over
   seeds), "<metric>_std" (std over seeds of the task-averaged metric), "per_task": {task:
   {metrics, "chance_rate", "majority_rate", "collapsed_seeds", "seeds": {...}}}}},
-  "task_stats", "train_tasks", "notes", "target", "config", "priors"}``;
+  "task_stats" (per task: chance and majority rates, and ``truncation``, the support and query
+  inputs cut to fit ``max_length``), "train_tasks", "notes", "target", "config", "priors"}``;
 - ``<out_dir>/<stem>.md``: the same as Markdown tables (macro-F1 a headline column, each
   task with its chance and majority-class rates; collapse to one class is marked);
 - ``<out_dir>/<stem>/risk_coverage.png``: accuracy against coverage when each method abstains
@@ -159,6 +160,8 @@ def markdown(results: dict, cfg: dict) -> str:
         f"majority-class macro-F1 {fmt(statistics.fmean(s['majority_macro_f1'] for s in st.values()))}.",
         "",
     ]
+    if all("truncation" in s for s in st.values()):  # recorded since the harness counts cut inputs
+        lines += [truncation_line(st, results["config"]["scoring"]["max_length"]), ""]
     paired = results.get("paired_abmll_minus")
     if paired:
         lines += [
@@ -233,6 +236,20 @@ def markdown(results: dict, cfg: dict) -> str:
     if results.get("notes"):
         lines += ["## Notes", ""] + [f"- {n}" for n in results["notes"]] + [""]
     return "\n".join(lines)
+
+
+def truncation_line(stats: dict, max_length: int) -> str:
+    """One sentence naming each task whose support or query inputs were cut from the left to
+    fit ``max_length`` tokens (counts over all seeds), or saying that none was."""
+    cut = {t: s["truncation"] for t, s in stats.items() if s["truncation"]["truncated"]}
+    if not cut:
+        return f"No support or query input was cut to fit max_length={max_length} tokens."
+    parts = [
+        f"{t} {c['truncated']} of {c['examples']} (on average {c['mean_dropped_fraction']:.0%} of each cut input dropped)"
+        for t, c in cut.items()
+    ]
+    head = f"Inputs cut from the left to fit max_length={max_length} tokens (support and query, all seeds): "
+    return head + "; ".join(parts) + "."
 
 
 # -- sweep ------------------------------------------------------------------------------------

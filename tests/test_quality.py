@@ -82,6 +82,8 @@ def test_quick_run_writes_json_table_and_plots(tiny_model_dir, tiny_data_dir, tm
     stats = res["task_stats"]["h0"]
     assert stats["majority_rate"] == pytest.approx(share) and stats["chance_rate"] == 0.5
     assert stats["majority_macro_f1"] == pytest.approx(2 * share / (1 + share) / len(set(labels)))
+    support = sum(len((tiny_data_dir / "h0" / f"h0_4_{s}_train.jsonl").read_text().splitlines()) for s in (1, 2))
+    assert stats["truncation"]["examples"] == support + 2 * len(labels)  # support and query inputs of both seeds
     assert set(res["target"]["vs"]) == set(METHODS) - {"abmll"}
     assert res["ece_scheme"]["binning"] == "equal_width" and res["ece_scheme"]["n_bins"] == 15
     for name, m in res["methods"].items():
@@ -300,3 +302,20 @@ def test_prior_key_covers_the_validators_adaptation_only_when_not_the_default(ti
     bench, cfg = harness.parse_bench([*base, "--test_optimizer", "adamw", "--test_lr", "0.01"])
     other = harness.prior_config("abmll", cfg, ["t1"], bench)["validation"]
     assert other["test_optimizer"] == "adamw" and other["test_lr"] == 0.01
+
+
+@pytest.mark.parametrize("max_length", [64, 16])
+def test_task_stats_count_the_support_and_query_inputs_cut_to_fit_max_length(tiny_model_dir, tiny_data_dir, tmp_path, max_length):
+    """Every input of the tiny tasks fits in 64 tokens and none fits in 16 (prompt plus option):
+    the per-task record counts none, then all, of both seeds' support and query inputs, and
+    the table's sentence names the cut task."""
+    from transformers import AutoTokenizer
+
+    bench, cfg = harness.parse_bench(args(tiny_model_dir, tiny_data_dir, tmp_path, "--max_length", str(max_length)))[:2]
+    stats = harness.task_stats("h0", [1, 2], bench, cfg, AutoTokenizer.from_pretrained(tiny_model_dir))
+    cut, all_cut = stats["truncation"], max_length == 16
+    assert cut["examples"] == 2 * (4 + 6)  # 2 seeds x (k = 4 support + 6 test inputs)
+    assert cut["truncated"] == (cut["examples"] if all_cut else 0)
+    assert (0 < cut["mean_dropped_fraction"] < 1) == all_cut
+    line = quality.truncation_line({"h0": stats}, max_length)
+    assert ("h0 20 of 20" in line) == all_cut and line.startswith("No ") == (not all_cut), line
