@@ -7,7 +7,8 @@ inner loop from the untrained prior) and LoRA (deterministic: no epistemic part)
 
 Settings (model, adapter, scoring, adaptation budget, samples) are src/abmll/demo.yaml's,
 overridable by the same flags as ``abmll evaluate``. Each (method, pair, seed) result is
-cached in ``runs/ood/cache.json`` as it finishes (a rerun computes only what is missing);
+cached in ``runs/ood/cache.json`` as it finishes, keyed by the settings and the tensors the
+method adapts from (a rerun computes only what is missing; a changed prior is recomputed);
 results go to benchmarks/results/ood-class_to_class.{json,md}.
 """
 
@@ -26,11 +27,12 @@ from harness import command_line, write_results
 from abmll.args import ALL_GROUPS, parse_args
 from abmll.checkpoint import write_json
 from abmll.cli import DEMO_CONFIG
+from abmll.commands.evaluate import task_files_digest
 from abmll.config import group_dict
 from abmll.loading import build_model, fitting_prior
 from abmll.methods import make_method
 from abmll.ood import ood_detection
-from abmll.outputs import settings_hash
+from abmll.outputs import settings_hash, tensor_digest
 from abmll.train import episode_batches
 
 PAIRS = ["ethos-race:ag_news", "tweet_eval-hate:anli", "ag_news:emo"]
@@ -70,15 +72,21 @@ def main(argv: list[str]) -> dict:
     cache_path = work / "cache.json"
     cache = json.loads(cache_path.read_text()) if cache_path.is_file() else {}
     groups = {g: group_dict(g, cfg[g]) for g in ("model", "lora", "scoring", "meta", "eval")}
-    key_base = settings_hash(groups | {"prior": prior})
+    # keyed by the tensors each method adapts from, not the prior's name (a shipped prior
+    # replaced under the same name must not reuse results), and by the pair's task files
+    starts = {name: tensor_digest(priors[name]) for name in METHODS}
+    files = {pair: task_files_digest(pair.split(":"), cfg["tasks"]) for pair in pairs}
+
+    def key(name: str, pair: str, seed: int) -> str:
+        return f"{settings_hash(groups | {'prior': starts[name], 'data': files[pair]})}|{name}|{pair}|{seed}"
+
     start = time.perf_counter()
     for pair in pairs:
         task, other = pair.split(":")
         for seed in seeds:
             episode = ood_query = None
             for name in METHODS:
-                key = f"{key_base}|{name}|{pair}|{seed}"
-                if key in cache:
+                if key(name, pair, seed) in cache:
                     continue
                 if episode is None:
                     episode = episode_batches(model, tok, task, seed, cfg["tasks"], cfg["scoring"], "test", cfg["eval"].max_test)
@@ -86,15 +94,12 @@ def main(argv: list[str]) -> dict:
                         model, tok, other, seed, cfg["tasks"], cfg["scoring"], "test", cfg["eval"].max_test
                     ).query
                 method = make_method(name, priors[name], cfg["eval"])
-                cache[key] = ood_detection(model, method, episode, ood_query, cfg["meta"], seed)
+                result = cache[key(name, pair, seed)] = ood_detection(model, method, episode, ood_query, cfg["meta"], seed)
                 write_json(cache_path, cache)
-                print(f"{name:10s} {pair:28s} seed {seed}: {cache[key]} ({time.perf_counter() - start:.0f} s)", flush=True)
+                print(f"{name:10s} {pair:28s} seed {seed}: {result} ({time.perf_counter() - start:.0f} s)", flush=True)
     table = {
         name: {
-            pair: {
-                k: statistics.fmean(cache[f"{key_base}|{name}|{pair}|{s}"][k] for s in seeds)
-                for k in ("auroc_total", "auroc_epistemic")
-            }
+            pair: {k: statistics.fmean(cache[key(name, pair, s)][k] for s in seeds) for k in ("auroc_total", "auroc_epistemic")}
             for pair in pairs
         }
         for name in METHODS

@@ -95,3 +95,35 @@ def test_rerunning_efficiency_keeps_the_top_layers_rows_in_efficiency_results(tm
         assert "Top-L cached vs all-layer" in text
     efficiency.write("efficiency-tagged", committed)  # a tagged run is a file of its own
     assert "top_layers_equal_wall_time" not in json.loads((tmp_path / "efficiency-tagged.json").read_text())
+
+
+def test_ood_results_are_recomputed_when_the_prior_under_the_same_name_changes(world, tmp_path, monkeypatch):
+    """benchmarks/ood.py caches each (method, pair, seed) result. A rerun reuses them; a prior
+    replaced in place (as a shipped prior is, under its name) recomputes ABMLL's, never the
+    methods that do not start from it."""
+    import shutil
+
+    import ood
+
+    from abmll.checkpoint import load_adapter, save_adapter
+
+    prior = tmp_path / "prior"
+    shutil.copytree(world["prior"], prior)
+    monkeypatch.chdir(tmp_path)  # the cache goes to runs/ood/ under the working folder
+    monkeypatch.setattr(ood, "write_results", lambda *a, **k: None)  # not the committed results
+    argv = ["--config", str(world["config"]), "--top_layers", "0", "--max_test", "6", "--eval_samples", "2"]
+    argv += ["--prior", str(prior), "--pairs", "h0:t0", "--seeds", "1"]
+
+    def cached():
+        return json.loads((tmp_path / "runs" / "ood" / "cache.json").read_text())
+
+    first = ood.main(argv)
+    assert len(cached()) == 3  # lora, bayes_lora, abmll
+    assert ood.main(argv)["methods"] == first["methods"] and len(cached()) == 3
+
+    tensors, config = load_adapter(prior)
+    save_adapter(prior, {k: v + 0.5 if "lora_" in k else v for k, v in tensors.items()}, config)
+    again = ood.main(argv)
+    assert len(cached()) == 4  # only abmll's result is new
+    assert again["methods"]["lora"] == first["methods"]["lora"]
+    assert again["methods"]["abmll"] != first["methods"]["abmll"]
