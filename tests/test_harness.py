@@ -9,6 +9,7 @@ import harness
 import pytest
 
 SCRIPTS = [
+    "compare_runs",
     "efficiency",
     "memory_soak",
     "ood",
@@ -127,3 +128,37 @@ def test_ood_results_are_recomputed_when_the_prior_under_the_same_name_changes(w
     assert len(cached()) == 4  # only abmll's result is new
     assert again["methods"]["lora"] == first["methods"]["lora"]
     assert again["methods"]["abmll"] != first["methods"]["abmll"]
+
+
+def test_compare_runs_pairs_evaluate_runs_by_task_and_seed(tmp_path):
+    """benchmarks/compare_runs.py: each run's means and the paired difference from the first,
+    equal to the difference of the means (closed form), with the setting the runs differ in
+    named; runs over different (task, seed) units are refused naming them."""
+    import compare_runs
+
+    def run(name, samples, acc):  # acc: {(task, seed): accuracy}
+        per_task = {}
+        for (t, s), a in acc.items():
+            per_task.setdefault(t, {"seeds": {}})["seeds"][s] = {"accuracy": a, "ece": 1 - a}
+        folder = tmp_path / name
+        folder.mkdir()
+        config = {"eval": {"eval_samples": samples, "max_test": 8}, "tasks": {"k": 16}}
+        (folder / "results.json").write_text(json.dumps({"config": config, "methods": {"abmll": {"per_task": per_task}}}))
+        return str(folder)
+
+    a = run("a", 4, {("t1", "1"): 0.5, ("t1", "2"): 0.7, ("t2", "1"): 0.6, ("t2", "2"): 0.8})
+    b = run("b", 0, {("t1", "1"): 0.4, ("t1", "2"): 0.7, ("t2", "1"): 0.6, ("t2", "2"): 0.5})
+    result = compare_runs.compare([a, b], "abmll")
+    assert result["differ_in"] == ["eval.eval_samples"] and result["units"] == 4
+    first, second = result["runs"]
+    assert first["accuracy"]["mean"] == pytest.approx(0.65) and second["accuracy"]["mean"] == pytest.approx(0.55)
+    diff = second["minus_first"]["accuracy"]
+    assert diff["diff"] == pytest.approx(-0.1) and diff["ci95"][0] <= -0.1 <= diff["ci95"][1]
+    assert second["minus_first"]["ece"]["diff"] == pytest.approx(0.1)
+    assert "eval.eval_samples=0" in compare_runs.markdown(result, "cmd")
+
+    c = run("c", 0, {("t1", "1"): 0.4, ("t3", "1"): 0.7})
+    with pytest.raises(SystemExit, match="different \\(task, seed\\) units"):
+        compare_runs.compare([a, c], "abmll")
+    with pytest.raises(SystemExit, match="no results of method 'lora'"):
+        compare_runs.compare([a, b], "lora")
