@@ -92,7 +92,7 @@ def compare(runs: list[str], method: str) -> dict:
                 mean, lo, hi = bootstrap_mean_ci([u[key][k] - reference[key][k] for key in keys], clusters=clusters)
                 entry["minus_first"][k] = {"diff": mean, "ci95": [lo, hi]}
         out["runs"].append(entry)
-    out["intervals"] = "95% percentile cluster bootstrap: tasks resampled with their seeds, 2000 resamples, seed 0"
+    out["intervals"] = harness.INTERVALS
     return out
 
 
@@ -118,7 +118,7 @@ def markdown(result: dict, command: str) -> str:
     lines.append("|---|" + "---|" * len(metrics))
     for name, r in zip(label[1:], result["runs"][1:]):
         d = r["minus_first"]
-        cells = [f"{d[k]['diff']:+.3f} [{d[k]['ci95'][0]:+.3f}, {d[k]['ci95'][1]:+.3f}]" for k in metrics]
+        cells = [harness.diff_cell(d[k]) for k in metrics]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

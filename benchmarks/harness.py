@@ -86,6 +86,16 @@ def fmt(x: float | None, digits: int = 3) -> str:
     return str(x) if math.isinf(x) else f"{x:.{digits}f}"
 
 
+def diff_cell(d: dict) -> str:
+    """A paired difference ``{"diff", "ci95": [lo, hi]}`` as a table cell: "+0.005 [-0.017, +0.026]"."""
+    return f"{d['diff']:+.3f} [{d['ci95'][0]:+.3f}, {d['ci95'][1]:+.3f}]"
+
+
+INTERVALS = "95% percentile cluster bootstrap: tasks resampled with their seeds, 2000 resamples, seed 0"
+"""How every interval of the method comparison is computed (:func:`abmll.metrics.bootstrap_mean_ci`
+at its defaults, the (task, seed) units clustered by task); recorded with the results."""
+
+
 def choice_table(rows: dict[str, dict], columns: list[str], chosen: dict[str, str], cell: Callable[[dict], str]) -> list[str]:
     """Markdown lines of a tuning table: a row per setting, a column per method (or prior kind),
     ``cell(rows[setting][column])`` in each, the setting ``chosen[column]`` in bold."""
@@ -819,7 +829,7 @@ def aggregate(bench: BenchArgs, cfg: dict, cache: Cache, held_out: list[str], st
         "task_stats": stats,
         "paired_abmll_minus": paired,
         "ece_scheme": ECE_SCHEME,
-        "intervals": "95% percentile cluster bootstrap: tasks resampled with their seeds, 2000 resamples, seed 0",
+        "intervals": INTERVALS,
         "target": target_check(methods, paired),
     }
 

@@ -44,7 +44,7 @@ from pathlib import Path
 
 import harness
 import torch
-from harness import GROUPS, METRICS, BenchArgs, Cache, command_line, fmt, parse_bench, run, stem, write_results
+from harness import GROUPS, METRICS, BenchArgs, Cache, command_line, diff_cell, fmt, parse_bench, run, stem, write_results
 
 from abmll.checkpoint import write_json
 from abmll.config import CONFIG_GROUPS
@@ -171,11 +171,7 @@ def markdown(results: dict, cfg: dict) -> str:
             "|---|" + "---|" * len(METRICS),
         ]
         for b, d in paired.items():
-            lines.append(
-                f"| {b} | "
-                + " | ".join(f"{d[k]['diff']:+.3f} [{d[k]['ci95'][0]:+.3f}, {d[k]['ci95'][1]:+.3f}]" for k in METRICS)
-                + " |"
-            )
+            lines.append(f"| {b} | " + " | ".join(diff_cell(d[k]) for k in METRICS) + " |")
         lines.append("")
     target = results.get("target")
     if target and "absolute" in target:
