@@ -165,3 +165,56 @@ def test_export_refuses_incomplete_or_foreign_tensors(tmp_path):
     with pytest.raises(ValueError, match="not empty and not an exported adapter"):
         export_peft(tmp_path / "native", params, {}, model=model)
     assert not (tmp_path / PEFT_TENSORS).exists()
+
+
+def _peft_modules(peft_model) -> set[str]:
+    """Names (without peft's prefix) of the modules that got a LoRA adapter."""
+    from peft.tuners.lora import LoraLayer
+
+    return {n.removeprefix("base_model.model.") for n, m in peft_model.named_modules() if isinstance(m, LoraLayer)}
+
+
+SELECTIONS = [  # (target_modules, top_layers)
+    (["auto"], 0),
+    (["auto"], 1),
+    ("first", 0),  # a subset of the preset's modules
+    ("first", 1),
+]
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gemma", "gpt2", "opt"])
+@pytest.mark.parametrize("targets,top", SELECTIONS)
+@pytest.mark.parametrize("from_model", [True, False])
+def test_every_export_describes_exactly_what_it_holds(arch, targets, top, from_model, tmp_path):
+    """Any layer selection, any architecture, prior or posterior, exported with the model or
+    from its config alone: plain peft loads it without a missing or unexpected key, builds a
+    LoRA module exactly where the file has weights, and gives abmll's posterior-mean logits."""
+    import warnings
+
+    from abmll.bayes_lora import preset_target_modules
+
+    base = make_tiny(arch)
+    if targets == "first":
+        targets = preset_target_modules(base.config.model_type)[:1]
+    model = BayesLoraModel(base, BayesLoraConfig(rank=2, alpha=4, target_modules=targets, top_layers=top))
+    params = random_params(model, 7)
+    lora = {"rank": 2, "alpha": 4.0, "target_modules": targets, "top_layers": top}
+    for kind in ("prior", "posterior"):
+        folder = tmp_path / kind
+        export_peft(folder, params, {"lora": lora, "kind": kind}, model=model if from_model else None)
+        saved = {k.removesuffix(".lora_A.weight").removeprefix("base_model.model.") for k in load_file(folder / PEFT_TENSORS)}
+        saved = {k for k in saved if not k.endswith(".lora_B.weight")}
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            peft_model = PeftModel.from_pretrained(make_tiny(arch), folder).eval()
+        keys = [str(w.message) for w in caught if "adapter keys" in str(w.message) or "unexpected" in str(w.message).lower()]
+        assert keys == [], keys
+        assert _peft_modules(peft_model) == saved  # a module for every weight, a weight for every module
+        cfg = json.loads((folder / PEFT_CONFIG).read_text())
+        expected_layers = [1] if top else [0, 1]
+        assert cfg["layers_to_transform"] == expected_layers
+        if from_model or arch != "gpt2":  # without the model a Conv1D layout is flagged by peft itself
+            with torch.no_grad():
+                theirs = peft_model(input_ids=IDS, attention_mask=MASK).logits
+                ours = model(params, IDS, MASK).logits
+            torch.testing.assert_close(theirs, ours, rtol=0, atol=1e-5)

@@ -26,6 +26,7 @@ import math
 import re
 from dataclasses import dataclass, field, replace
 from functools import partial
+from collections.abc import Sequence
 from typing import Literal
 
 import torch
@@ -364,6 +365,43 @@ def _blockwise(fn, blocks: list[tuple[int, int]], *args):
     return checkpoint(fn, *args, use_reentrant=False)
 
 
+def peft_lora_config(
+    rank: int,
+    alpha: float,
+    target_modules: Sequence[str],
+    layers_to_transform: Sequence[int] | None = None,
+    layers_pattern: str | None = None,
+    fan_in_fan_out: bool = False,
+    task_type: str | None = None,
+) -> LoraConfig:
+    """The peft :class:`~peft.LoraConfig` of a Gaussian LoRA adapter's mean pair: the one place
+    abmll builds it, for injecting adapters (:class:`BayesLoraModel`) and for exporting them
+    (:func:`abmll.export.export_peft`), so a saved adapter's config names exactly the modules
+    it was built on. No dropout, no bias.
+
+    Args:
+        rank, alpha: LoRA r and lora_alpha (scaling alpha / r).
+        target_modules: module-name suffixes (q_proj, v_proj, c_attn, ...).
+        layers_to_transform: indices of the decoder layers adapted (None: every layer).
+        layers_pattern: the name of the decoder-layer list holding those indices (``layers``,
+            ``h``); None lets peft match the first numbered name component.
+        fan_in_fan_out: True for GPT-2 style Conv1D layers, which store W0 as (d_in, d_out).
+        task_type: peft's task type (``CAUSAL_LM`` in an exported adapter; None when
+            injecting, so the model stays a plain ``PeftModel``).
+    """
+    return LoraConfig(
+        r=rank,
+        lora_alpha=alpha,
+        target_modules=sorted(target_modules),
+        lora_dropout=0.0,
+        bias="none",
+        layers_to_transform=None if layers_to_transform is None else sorted(layers_to_transform),
+        layers_pattern=layers_pattern if layers_to_transform is not None else None,
+        fan_in_fan_out=fan_in_fan_out,
+        task_type=task_type,
+    )
+
+
 def _top_layer_indices(base_model: nn.Module, top_layers: int) -> list[int] | None:
     """peft ``layers_to_transform`` for the top ``top_layers`` decoder layers (None: all).
 
@@ -465,16 +503,12 @@ class BayesLoraModel(nn.Module):
         self.config = config
         for p in base_model.parameters():
             p.requires_grad_(False)
-        lora_config = LoraConfig(
-            r=config.rank,
-            lora_alpha=config.alpha,
-            target_modules=list(config.target_modules),
-            lora_dropout=0.0,
-            bias="none",
-            layers_to_transform=_top_layer_indices(base_model, config.top_layers),
+        lora_config = peft_lora_config(
+            config.rank, config.alpha, config.target_modules, _top_layer_indices(base_model, config.top_layers)
         )
         kinds = {kind for _, kind in check_target_layers(base_model, lora_config)}
-        lora_config.fan_in_fan_out = kinds == {"conv1d"}  # Conv1D stores W0 as (d_in, d_out)
+        if kinds == {"conv1d"}:  # Conv1D stores W0 as (d_in, d_out)
+            lora_config = replace(lora_config, fan_in_fan_out=True)
         try:
             self.peft_model = get_peft_model(base_model, lora_config)
         except ValueError as err:

@@ -2,8 +2,11 @@
 
 An exported folder is a plain PEFT LoRA adapter plus an abmll sidecar:
 
-- ``adapter_config.json``: a :class:`peft.LoraConfig` (r, lora_alpha, target_modules,
-  fan_in_fan_out, base_model_name_or_path, task_type ``CAUSAL_LM``);
+- ``adapter_config.json``: a :class:`peft.LoraConfig` built by
+  :func:`abmll.bayes_lora.peft_lora_config` (r, lora_alpha, fan_in_fan_out,
+  base_model_name_or_path, task_type ``CAUSAL_LM``), whose target_modules,
+  layers_to_transform and layers_pattern are read off the tensors written
+  (:func:`adapter_layout`): peft builds a LoRA module exactly where the file has weights;
 - ``adapter_model.safetensors``: the mean pair (``lora_A`` = A_mu, ``lora_B`` = B_mu) under the
   names peft saves them with (``get_peft_model_state_dict``: no adapter name), so
   ``PeftModel.from_pretrained(base, folder)`` is the posterior-mean model W0 + M (the
@@ -21,13 +24,13 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 from typing import Any
 
 import torch
-from peft import LoraConfig
 
-from abmll.bayes_lora import AUTO_TARGETS, LORA_A, LORA_B, SCALE_A, SCALE_B, BayesLoraModel
+from abmll.bayes_lora import LORA_A, LORA_B, SCALE_A, SCALE_B, BayesLoraModel, peft_lora_config
 from abmll.checkpoint import (
     BUNDLE,
     CONFIG,
@@ -79,13 +82,23 @@ def _split(tensors: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], d
     return mean, scale
 
 
-def _target_modules(config: dict[str, Any], tensors: dict[str, torch.Tensor]) -> list[str]:
-    """The config's target_modules, or (when it is "auto" / absent) the adapted modules'
-    last name components read off the tensor keys."""
-    targets = list(config.get("lora", {}).get("target_modules") or [])
-    if targets and targets != [AUTO_TARGETS]:
-        return targets
-    return sorted({k.removesuffix(f".{LORA_A}").rsplit(".", 1)[-1] for k in tensors if k.endswith(f".{LORA_A}")})
+def adapter_layout(tensors: dict[str, torch.Tensor]) -> tuple[list[str], list[int] | None, str | None]:
+    """What an adapter holds, read off its tensor keys: (target module suffixes, sorted
+    decoder-layer indices or None when the keys carry no layer index, the name of the layer
+    list holding them, e.g. ``layers`` or ``h``).
+
+    Raises:
+        ValueError: the adapted modules sit in more than one layer list.
+    """
+    names = {k.removesuffix(f".{LORA_A}") for k in tensors if k.endswith(f".{LORA_A}")}
+    targets = sorted({n.rsplit(".", 1)[-1] for n in names})
+    positions = [re.search(r"(?:^|\.)([^.]+)\.(\d+)\.", n) for n in names]
+    if not names or any(p is None for p in positions):
+        return targets, None, None
+    patterns = {p.group(1) for p in positions}
+    if len(patterns) != 1:
+        raise ValueError(f"adapted modules in more than one layer list ({sorted(patterns)})")
+    return targets, sorted({int(p.group(2)) for p in positions}), patterns.pop()
 
 
 def export_peft(
@@ -133,30 +146,17 @@ def export_peft(
         if set(tensors) != expected:
             missing, extra = sorted(expected - set(tensors)), sorted(set(tensors) - expected)
             raise ValueError(f"tensors do not match the model's adapter (missing {missing[:2]}, unexpected {extra[:2]})")
-        peft_cfg = model.peft_model.peft_config["default"]
+        rank, alpha = model.config.rank, model.config.alpha
+        fan_in_fan_out = any(L.fan_in_fan_out for L in model.layers)
         base_name = base_model_name_or_path or getattr(model.peft_model.get_base_model(), "name_or_path", None)
-        lora = LoraConfig(
-            r=peft_cfg.r,
-            lora_alpha=peft_cfg.lora_alpha,
-            target_modules=sorted(peft_cfg.target_modules),
-            lora_dropout=0.0,
-            bias="none",
-            fan_in_fan_out=peft_cfg.fan_in_fan_out,
-            task_type="CAUSAL_LM",
-        )
     else:
         group = config.get("lora", {})
         if "rank" not in group or "alpha" not in group:
             raise ValueError("config['lora'] must give rank and alpha (or pass the model)")
+        rank, alpha, fan_in_fan_out = int(group["rank"]), group["alpha"], False
         base_name = base_model_name_or_path
-        lora = LoraConfig(
-            r=int(group["rank"]),
-            lora_alpha=group["alpha"],
-            target_modules=_target_modules(config, tensors),
-            lora_dropout=0.0,
-            bias="none",
-            task_type="CAUSAL_LM",
-        )
+    targets, layers, pattern = adapter_layout(tensors)
+    lora = peft_lora_config(rank, alpha, targets, layers, pattern, fan_in_fan_out, task_type="CAUSAL_LM")
     lora.base_model_name_or_path = base_name or config.get("model", {}).get("model")
     lora.inference_mode = True
 
