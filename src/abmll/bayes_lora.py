@@ -24,9 +24,9 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from functools import partial
-from collections.abc import Sequence
 from typing import Literal
 
 import torch
