@@ -95,11 +95,72 @@ def test_auroc_is_the_mann_whitney_probability():
         auroc(torch.zeros(0), torch.ones(2))
 
 
-def test_evaluate_reports_ood_auroc_per_task_pair(world, tmp_path):
+def _entropies(samples):
+    """(total, epistemic) per example of (S, N, C) sample probabilities, written out here."""
+    h = lambda p: -(p * p.clamp_min(1e-30).log()).sum(-1)  # noqa: E731
+    total = h(samples.mean(0))
+    return {"total": total, "epistemic": total - h(samples).mean(0)}
+
+
+def _sklearn_auroc(inside, outside):
+    from sklearn.metrics import roc_auc_score
+
+    return roc_auc_score([0] * len(inside) + [1] * len(outside), torch.cat([inside, outside]).tolist())
+
+
+def test_ood_auroc_flags_the_uncertain_examples_as_out_of_distribution(monkeypatch):
+    """Known direction: in-distribution examples predicted confidently and alike by every
+    weight sample, out-of-distribution ones near uniform and disagreeing, so both AUROCs are
+    1 (and 0 with the two sets swapped); a mixed case matches scikit-learn's AUROC."""
+    from abmll import ood
+
+    confident = torch.tensor(  # (S=3, N=3, C=2): the samples nearly agree
+        [
+            [[0.95, 0.05], [0.1, 0.9], [0.8, 0.2]],
+            [[0.9, 0.1], [0.15, 0.85], [0.85, 0.15]],
+            [[0.93, 0.07], [0.05, 0.95], [0.75, 0.25]],
+        ]
+    )
+    unsure = torch.tensor([[[0.7, 0.3], [0.4, 0.6]], [[0.3, 0.7], [0.6, 0.4]], [[0.5, 0.5], [0.5, 0.5]]])  # disagree
+    # uncertain and disagreeing; confident and agreeing; a coin flip all samples agree on
+    mixed = torch.tensor([[[0.6, 0.4], [0.98, 0.02], [0.5, 0.5]], [[0.2, 0.8], [0.98, 0.02], [0.5, 0.5]]])
+    mixed = torch.cat([mixed, torch.tensor([[[0.55, 0.45], [0.98, 0.02], [0.5, 0.5]]])])
+    fake = {"in": confident, "out": unsure, "mixed": mixed}
+    monkeypatch.setattr(ood, "predict_samples", lambda model, params, batches, n: (fake[batches[0]], None))
+
+    assert ood.posterior_ood_auroc(None, {}, 3, ["in"], ["out"], seed=0) == {"auroc_total": 1.0, "auroc_epistemic": 1.0}
+    assert ood.posterior_ood_auroc(None, {}, 3, ["out"], ["in"], seed=0) == {"auroc_total": 0.0, "auroc_epistemic": 0.0}
+    got = ood.posterior_ood_auroc(None, {}, 3, ["in"], ["mixed"], seed=0)
+    inside, outside = _entropies(confident), _entropies(mixed)
+    # by entropy 2 of the 3 OOD examples rank above all in-distribution ones; by MI only 1
+    for kind, fraction in (("total", 2 / 3), ("epistemic", 1 / 3)):
+        assert _sklearn_auroc(inside[kind], outside[kind]) == pytest.approx(fraction)
+        assert got[f"auroc_{kind}"] == pytest.approx(fraction, abs=1e-6)
+
+
+def test_evaluate_reports_ood_auroc_per_task_pair(world, tmp_path, monkeypatch):
+    """The reported AUROCs are recomputed (scikit-learn) from the per-example uncertainties
+    of the predictions behind them: h0's own test examples negative, t0's positive."""
     import json
 
+    from abmll import ood
     from abmll.cli import main
 
+    names, samples = {}, {}
+
+    def episode_batches(*args):
+        ep = real_episode_batches(*args)
+        names[id(ep.query)] = args[2]
+        return ep
+
+    def predict_samples(model, params, batches, n):
+        out = real_predict_samples(model, params, batches, n)
+        samples[names[id(batches)]] = out[0]
+        return out
+
+    real_episode_batches, real_predict_samples = ood.episode_batches, ood.predict_samples
+    monkeypatch.setattr(ood, "episode_batches", episode_batches)
+    monkeypatch.setattr(ood, "predict_samples", predict_samples)
     assert (
         main(
             [
@@ -127,7 +188,13 @@ def test_evaluate_reports_ood_auroc_per_task_pair(world, tmp_path):
     assert per_task["abmll"]["mean_total"] == pytest.approx(
         per_task["abmll"]["mean_aleatoric"] + per_task["abmll"]["mean_epistemic"], abs=1e-6
     )
-    ood = results["ood"]
-    assert list(ood) == ["abmll"] and list(ood["abmll"]) == ["h0 -> t0"]  # zero-shot does not adapt; h0 -> h0 skipped
-    for value in ood["abmll"]["h0 -> t0"].values():
-        assert 0.0 <= value <= 1.0
+    ood_results = results["ood"]
+    assert list(ood_results) == ["abmll"] and list(ood_results["abmll"]) == [
+        "h0 -> t0"
+    ]  # zero-shot does not adapt; h0 -> h0 skipped
+    assert set(samples) == {"h0", "t0"} and samples["h0"].shape[:2] == (3, 6) and samples["t0"].shape[:2] == (3, 6)
+    inside, outside = _entropies(samples["h0"]), _entropies(samples["t0"])
+    for kind in ("total", "epistemic"):
+        expected = _sklearn_auroc(inside[kind], outside[kind])
+        assert abs(expected - 0.5) > 0.05  # swapping in- and out-of-distribution would show
+        assert ood_results["abmll"]["h0 -> t0"][f"auroc_{kind}"] == pytest.approx(expected, abs=1e-6)
