@@ -19,7 +19,7 @@ from abmll.data import read_jsonl
 from abmll.evaluate import Method, evaluate, evaluate_with_predictions
 from abmll.export import load_adapter_folder
 from abmll.loading import load_prior
-from abmll.meta import MetaConfig, adapt, predict_batches
+from abmll.meta import adapt, mean_nll, predict_batches
 from abmll.metrics import compute_metrics
 from abmll.plots import plot_reliability_per_method, plot_training_curves, pool_predictions
 from abmll.scoring import ScoringConfig, make_batches
@@ -76,14 +76,17 @@ def test_adapt_then_predict(world, tmp_path, monkeypatch):
     posterior, saved = load_adapter_folder(post)
     assert saved["kind"] == "posterior" and saved["eval"]["test_steps"] == 3 and saved["meta"]["inner_lr"] == 0.7
     assert saved["meta"]["outer_lr"] == 0.05  # the prior's saved config fills the rest
-    assert len(saved["support_nll_steps"]) == 3 and saved["support_nll_after"] > 0
 
     cfg = {}
     model, tok, theta, _ = load_prior(str(world["prior"]), cfg)
     batches = make_batches(tok, read_jsonl(support), ScoringConfig(max_rows=8))
     torch.manual_seed(cfg["meta"].seed)
-    expected, _ = adapt(model, theta, batches, 3, 0.7, cfg["meta"].beta, cfg["meta"].n_samples, cfg["meta"].inner_grad_clip)
+    expected, steps = adapt(model, theta, batches, 3, 0.7, cfg["meta"].beta, cfg["meta"].n_samples, cfg["meta"].inner_grad_clip)
     assert all(torch.equal(posterior[k], expected[k]) for k in expected)  # the library's own adapt
+    assert saved["support_nll_steps"] == pytest.approx(steps, abs=1e-6)
+    assert saved["support_nll_before"] == pytest.approx(mean_nll(model, theta, batches), abs=1e-6)  # at the means
+    assert saved["support_nll_after"] == pytest.approx(mean_nll(model, expected, batches), abs=1e-6)
+    assert saved["support_nll_after"] < saved["support_nll_before"]  # 3 steps at lr 0.7 fit the support set
     assert any(not torch.equal(posterior[k], theta[k]) for k in theta)
     assert (post / "adapter_model.safetensors").is_file() and (post / "abmll_scale.safetensors").is_file()
 
@@ -141,7 +144,10 @@ def test_adapt_then_predict(world, tmp_path, monkeypatch):
     probs3 = torch.tensor([json.loads(x)["probs"] for x in first.splitlines()])
     assert (probs3 - ref_probs).abs().max() > 1e-5  # really sampled (values are rounded to 1e-6)
     metrics = json.loads((sampled / "predict_config.json").read_text())["metrics"]
-    assert 0 <= metrics["accuracy"] <= 1 and metrics["nll"] > 0
+    labels3 = torch.tensor([r["options"].index(r["output"]) for r in records])
+    assert metrics == pytest.approx(compute_metrics(probs3, labels3), abs=1e-6)  # of the predictions written
+    assert metrics["accuracy"] == pytest.approx((probs3.argmax(-1) == labels3).float().mean().item())
+    assert metrics["nll"] == pytest.approx(-probs3[torch.arange(6), labels3].log().mean().item(), abs=1e-6)
 
 
 def test_predict_names_the_bad_line_of_the_input(world, tmp_path, capsys):
@@ -179,15 +185,22 @@ def test_evaluate_plots_reliability_and_matches_library_evaluate(world, tmp_path
         assert png.read_bytes()[:8] == PNG
     assert results["config"]["eval"]["eval_samples"] == 2 and results["config"]["eval"]["test_steps"] == 1
 
+    # the library with the settings the command resolved: the prior's saved config, run.yaml's
+    # tasks and eval settings, the --eval_samples flag
     cfg = {}
     model, tok, theta, _ = load_prior(str(world["prior"]), cfg)
     tasks = TaskArgs(data_dir=str(world["data"]), k=4, data_seeds=[1], test_tasks=["h0"])
-    ev = EvalArgs(test_steps=1, eval_samples=1, max_test=6)
-    methods = [Method("zero_shot", model.init_params(), 0, 0), Method("abmll", theta, 1, 1)]
-    scoring, meta = ScoringConfig(max_rows=8), MetaConfig(inner_lr=0.3)
+    ev = EvalArgs(test_steps=1, eval_samples=2, max_test=6)
+    methods = [Method("zero_shot", model.init_params(), 0, 0), Method("abmll", theta, 1, 2)]
+    scoring, meta = ScoringConfig(max_rows=8), cfg["meta"]
     ref = evaluate(model, tok, methods, ["h0"], [1], tasks, scoring, meta, ev)
     got, predictions = evaluate_with_predictions(model, tok, methods, ["h0"], [1], tasks, scoring, meta, ev)
     assert got == ref
+    cli = {m: results["methods"][m]["per_task"]["h0"]["seeds"]["1"] for m in ("zero_shot", "abmll")}
+    lib = {m: got["methods"][m]["per_task"]["h0"]["seeds"][1] for m in ("zero_shot", "abmll")}
+    for method in lib:
+        assert cli[method] == pytest.approx(lib[method], rel=1e-6, abs=1e-9), method
+    assert cli["abmll"]["nll"] != pytest.approx(cli["zero_shot"]["nll"], abs=1e-4)  # two different methods
     for method in ("zero_shot", "abmll"):  # the kept predictions are the ones behind the metrics
         ((probs, labels),) = predictions[method]
         assert probs.shape == (6, 2) and labels.tolist() == [e.label for e in read_jsonl(world["data"] / "h0" / "h0_test.jsonl")]
