@@ -12,7 +12,9 @@ from abmll.cli import main
 from abmll.config import EvalArgs, TaskArgs
 from abmll.evaluate import Method, evaluate
 from abmll.loading import load_prior
-from abmll.meta import MetaConfig, predict_batches
+from abmll.meta import MetaConfig, adapt, predict_batches
+from abmll.metrics import compute_metrics
+from abmll.outputs import ResultLog
 from abmll.train import episode_batches
 
 
@@ -36,7 +38,7 @@ def common(tiny_model_dir, tiny_data_dir):
     ]
 
 
-def test_meta_train_then_evaluate(tiny_model_dir, tiny_data_dir, tmp_path, capsys):
+def test_meta_train_then_evaluate(tiny_model_dir, tiny_data_dir, tmp_path, capsys, monkeypatch):
     out = tmp_path / "run"
     assert (
         main(
@@ -65,6 +67,9 @@ def test_meta_train_then_evaluate(tiny_model_dir, tiny_data_dir, tmp_path, capsy
     assert [h["step"] for h in history] == [0, 1, 2]
     assert {"query_nll", "kl", "hyperprior", "support_nll_before", "support_nll_after", "tasks"} <= history[0].keys()
 
+    kept = []  # each (method, task, seed) result with its predictions, as streamed to results.partial.jsonl
+    real_append = ResultLog.append
+    monkeypatch.setattr(ResultLog, "append", lambda log, entry: (kept.append(entry), real_append(log, entry))[1])
     assert (
         main(
             [
@@ -88,10 +93,26 @@ def test_meta_train_then_evaluate(tiny_model_dir, tiny_data_dir, tmp_path, capsy
     assert "mean over tasks" in printed and "h0" in printed
     results = json.loads((out / "results.json").read_text())
     assert results["tasks"] == ["h0", "h1"] and results["seeds"] == [1, 2]
-    for method in ("zero_shot", "abmll"):
-        mean = results["methods"][method]["mean"]
-        assert 0.0 <= mean["accuracy"] <= 1.0 and 0.0 <= mean["ece"] <= 1.0 and mean["nll"] > 0
-        assert set(results["methods"][method]["per_task"]["h0"]["seeds"]) == {"1", "2"}
+    assert sorted((e["method"], e["task"], e["seed"]) for e in kept) == [
+        (m, t, s) for m in ("abmll", "zero_shot") for t in ("h0", "h1") for s in (1, 2)
+    ]
+    for e in kept:  # every reported metric is that of the run's predictions
+        probs, labels = torch.tensor(e["probs"]), torch.tensor(e["labels"])
+        reported = results["methods"][e["method"]]["per_task"][e["task"]]["seeds"][str(e["seed"])]
+        metrics = compute_metrics(probs, labels)
+        assert {k: reported[k] for k in metrics} == pytest.approx(metrics, abs=1e-6)
+        assert reported["accuracy"] == pytest.approx((probs.argmax(-1) == labels).float().mean().item())
+        assert reported["nll"] == pytest.approx(-probs[torch.arange(len(labels)), labels].log().mean().item(), abs=1e-6)
+    for method in ("zero_shot", "abmll"):  # per task: the mean over seeds; overall: the mean over tasks
+        res = results["methods"][method]
+        for task in ("h0", "h1"):
+            seeds = res["per_task"][task]["seeds"]
+            assert set(seeds) == {"1", "2"}
+            for key, value in res["per_task"][task]["mean"].items():
+                assert value == pytest.approx((seeds["1"][key] + seeds["2"][key]) / 2, abs=1e-12)
+        for key, value in res["mean"].items():
+            assert value == pytest.approx(sum(res["per_task"][t]["mean"][key] for t in ("h0", "h1")) / 2, abs=1e-12)
+    assert results["methods"]["abmll"]["mean"]["nll"] != pytest.approx(results["methods"]["zero_shot"]["mean"]["nll"])
     assert results["config"]["eval"]["test_steps"] == 2
 
 
@@ -141,10 +162,16 @@ def test_saved_prior_reloads_to_identical_predictions(tiny_model_dir, tiny_data_
     assert torch.equal(first, second)
     zero, _ = predict_batches(model2, model2.init_params(), ep.query, 0)
     assert (zero - first).abs().max() > 1e-6
-    res = evaluate(
-        model2, tok, [Method("abmll", theta2, 1, 0)], ["h0"], [1], tasks, cfg["scoring"], MetaConfig(), EvalArgs(max_test=4)
-    )
-    assert res["methods"]["abmll"]["per_task"]["h0"]["seeds"][1]["accuracy"] >= 0
+    meta = MetaConfig()
+    res = evaluate(model2, tok, [Method("abmll", theta2, 1, 0)], ["h0"], [1], tasks, cfg["scoring"], meta, EvalArgs(max_test=4))
+    got = res["methods"]["abmll"]["per_task"]["h0"]["seeds"][1]
+    # the reloaded prior adapted one step on h0's support (seeded by the data seed), 4 test examples
+    ep4 = episode_batches(model2, tok, "h0", 1, tasks, cfg["scoring"], "test", 4)
+    torch.manual_seed(1)
+    post, _ = adapt(model2, theta2, ep4.support, 1, meta.inner_lr, meta.beta, meta.n_samples, meta.inner_grad_clip)
+    probs, labels = predict_batches(model2, post, ep4.query, 0)
+    assert len(labels) == 4 and got["accuracy"] == (probs.argmax(-1) == labels).float().mean().item()
+    assert got["nll"] == pytest.approx(-probs[torch.arange(4), labels].log().mean().item(), abs=1e-6)
 
 
 def test_bad_input_gives_clear_error(tiny_model_dir, tiny_data_dir, tmp_path, capsys):
