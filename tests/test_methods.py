@@ -11,7 +11,7 @@ from test_meta import random_theta, task_batches
 from abmll.bayes_lora import BayesLoraConfig, BayesLoraModel, HyperpriorConfig
 from abmll.config import EvalArgs, TaskArgs
 from abmll.evaluate import evaluate, run_method
-from abmll.meta import MetaConfig, adapt, meta_step, predict_batches
+from abmll.meta import MetaConfig, adapt, mean_nll, meta_step, predict_batches
 from abmll.methods import METHODS, get_spec, make_method, prior_kinds, prior_meta_config, train_prior
 from abmll.models import load_base_model
 from abmll.scoring import ScoringConfig, option_nll, option_scores
@@ -124,7 +124,14 @@ def test_reptile_outer_update_is_theta_plus_eps_times_lambda_minus_theta():
         lam_mean = sum(lam[k] for lam in lams) / len(lams)
         torch.testing.assert_close(theta[k].detach(), before[k] + eps * (lam_mean - before[k]), rtol=1e-5, atol=1e-7)
     assert any(not torch.equal(theta[k].detach(), before[k]) for k in theta)
-    assert logs["support_nll_after"] < logs["support_nll_before"] and logs["query_nll"] > 0
+    # the logs, recomputed: NLLs at the posterior mean of each task's lambda^(K) (before: at theta)
+    mean_over_tasks = lambda f: sum(f(lam, t) for lam, t in zip(lams, tasks)) / len(tasks)  # noqa: E731
+    assert logs["query_nll"] == pytest.approx(mean_over_tasks(lambda lam, t: mean_nll(model, lam, t.query)), abs=1e-6)
+    assert logs["support_nll_after"] == pytest.approx(mean_over_tasks(lambda lam, t: mean_nll(model, lam, t.support)), abs=1e-6)
+    assert logs["support_nll_before"] == pytest.approx(
+        mean_over_tasks(lambda lam, t: mean_nll(model, before, t.support)), abs=1e-6
+    )
+    assert logs["support_nll_after"] < logs["support_nll_before"]
     assert prior_meta_config("reptile", MetaConfig()).outer_update == "reptile"
     with pytest.raises(ValueError, match="outer_update"):
         meta_step(
