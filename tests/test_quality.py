@@ -11,10 +11,12 @@ from pathlib import Path
 import harness
 import pytest
 import quality
+import torch
 import tune_adaptation
 import tune_outer
 
 from abmll.methods import METHODS
+from abmll.metrics import compute_metrics
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -69,16 +71,32 @@ def test_quick_run_writes_json_table_and_plots(tiny_model_dir, tiny_data_dir, tm
     assert res["model"] == str(tiny_model_dir) and res["command"].startswith(".venv/bin/python benchmarks/quality.py")
     assert set(res["methods"]) == set(METHODS)
     assert res["train_tasks"] == ["t0", "t1", "t2"]  # --quick caps at 3
+    labels = [json.loads(line)["output"] for line in (tiny_data_dir / "h0" / "h0_test.jsonl").read_text().splitlines()]
+    share = max(labels.count("yes"), labels.count("no")) / len(labels)
+    cached = {}  # (method, task, seed) -> the predictions kept in the benchmark's cache
+    for key, entry in json.loads((tmp_path / "work" / "cache.json").read_text())["results"].items():
+        method, task, seed, _ = key.split("|")
+        cached[method, task, seed] = (torch.tensor(entry["probs"]), torch.tensor(entry["labels"]))
+    assert sorted(cached) == sorted((m, t, s) for m in METHODS for t in ("h0", "h1") for s in ("1", "2"))
     for name, m in res["methods"].items():
         for key in ("accuracy", "macro_f1", "ece", "nll", "brier", "accuracy_std", "ece_std"):
             assert isinstance(m[key], float) and math.isfinite(m[key]), (name, key)
         assert set(m["per_task"]) == {"h0", "h1"}
         row = m["per_task"]["h0"]
-        assert row["chance_rate"] == 0.5 and 0.5 <= row["majority_rate"] <= 1
+        assert row["chance_rate"] == 0.5 and row["majority_rate"] == pytest.approx(share)
         assert set(row["seeds"]) == {"1", "2"}
+        for task, t_row in m["per_task"].items():  # each seed's metrics are those of its cached predictions
+            for seed, reported in t_row["seeds"].items():
+                probs, y = cached[name, task, seed]
+                metrics = compute_metrics(probs, y)
+                assert {k: reported[k] for k in metrics} == pytest.approx(metrics, abs=1e-9), (name, task, seed)
+                assert reported["accuracy"] == pytest.approx((probs.argmax(-1) == y).float().mean().item())
+                assert reported["n_predicted_classes"] == len(set(probs.argmax(-1).tolist()))
+            for key in ("accuracy", "ece", "nll"):  # per task: mean over seeds; overall: mean over tasks
+                assert t_row[key] == pytest.approx((t_row["seeds"]["1"][key] + t_row["seeds"]["2"][key]) / 2)
+        for key in ("accuracy", "ece", "nll"):
+            assert m[key] == pytest.approx((m["per_task"]["h0"][key] + m["per_task"]["h1"][key]) / 2)
     assert all(math.isfinite(x) for x in finite_floats(res["methods"]))
-    labels = [json.loads(line)["output"] for line in (tiny_data_dir / "h0" / "h0_test.jsonl").read_text().splitlines()]
-    share = max(labels.count("yes"), labels.count("no")) / len(labels)
     stats = res["task_stats"]["h0"]
     assert stats["majority_rate"] == pytest.approx(share) and stats["chance_rate"] == 0.5
     assert stats["majority_macro_f1"] == pytest.approx(2 * share / (1 + share) / len(set(labels)))
@@ -165,9 +183,16 @@ def test_dev_sweep_holds_dev_tasks_out_and_writes_the_table(tiny_model_dir, tiny
         )
     )
     assert out["field"] == "beta" and set(out["values"]) == {"0", "1e-3"}
-    for row in out["values"].values():
+    full = {raw: json.loads((tmp_path / "work" / f"sweep-beta-{raw}.json").read_text()) for raw in ("0", "1e-3")}
+    for raw, row in out["values"].items():
         assert row["_tasks"] == ["t0"] and "t0" not in row["_train_tasks"]
-        assert 0 <= row["abmll"]["ece"] <= 1
+        assert full[raw]["config"]["meta"]["beta"] == float(raw)  # the swept value was the one run
+        for m in ("bayes_lora", "abmll"):  # each row is its run's, the mean over seeds of task t0
+            seeds = full[raw]["methods"][m]["per_task"]["t0"]["seeds"]
+            for key in ("accuracy", "ece", "nll"):
+                assert row[m][key] == full[raw]["methods"][m][key]
+                assert row[m][key] == pytest.approx(sum(r[key] for r in seeds.values()) / len(seeds))
+    assert out["values"]["0"]["abmll"]["nll"] != out["values"]["1e-3"]["abmll"]["nll"]  # beta changed the result
     table = (tmp_path / "out" / "quality-tiny-dev-sweep-beta.md").read_text()
     assert "| beta | bayes_lora acc |" in table and "| 1e-3 |" in table
 
