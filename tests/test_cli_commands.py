@@ -50,6 +50,36 @@ def test_unknown_config_key_is_refused(world, tmp_path):
         main(["meta-train", "--config", str(bad), "--out", str(tmp_path / "x")])
 
 
+CONFIG_BUG = (
+    "src/abmll/args.py parse_args/flatten_config: an unknown key in a --config file is refused as "
+    "'config: unknown key ...' without the file's path, and a file whose top level is not a mapping "
+    "(a YAML list or scalar) crashes with AttributeError ('list' object has no attribute 'items')"
+)
+
+
+@pytest.mark.parametrize(
+    "text,what",
+    [
+        pytest.param(
+            "meta:\n  inner_stepz: 3\n",
+            "inner_stepz",
+            marks=pytest.mark.xfail(strict=True, raises=AssertionError, reason=CONFIG_BUG),  # refused, file not named
+        ),
+        pytest.param("- inner_steps\n- 3\n", "", marks=pytest.mark.xfail(strict=True, raises=AttributeError, reason=CONFIG_BUG)),
+        ("meta: [1, 2\n", "cannot read"),
+        (None, "cannot read"),
+    ],
+    ids=["unknown-key", "not-a-mapping", "not-yaml", "missing"],
+)
+def test_a_bad_config_file_is_refused_naming_the_file(tmp_path, text, what):
+    bad = tmp_path / "bad.yaml"
+    if text is not None:
+        bad.write_text(text)
+    with pytest.raises(SystemExit) as info:
+        main(["meta-train", "--config", str(bad), "--out", str(tmp_path / "x")])
+    assert str(bad) in str(info.value) and what in str(info.value), info.value
+
+
 def test_export_is_a_peft_adapter_with_abmll_posterior_mean_predictions(world, tmp_path):
     out = tmp_path / "peft"
     assert main(["export", "--config", str(world["config"]), "--adapter", str(world["prior"]), "--out", str(out)]) == 0

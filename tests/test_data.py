@@ -2,6 +2,7 @@
 
 import json
 import random
+import re
 import warnings
 from pathlib import Path
 
@@ -153,7 +154,7 @@ def test_empty_file(tmp_path, content):
 
 def test_unknown_task_type(tmp_path):
     path = write_lines(tmp_path / "f.jsonl", [record()])
-    with pytest.raises(DataError, match="unknown task type 'regression'"):
+    with pytest.raises(DataError, match=re.escape(f"{path}: unknown task type 'regression'")):
         data.read_jsonl(path, "regression")
 
 
@@ -247,7 +248,7 @@ def test_resolve_data_dir_errors(tmp_path, monkeypatch):
     monkeypatch.setattr(data, "DEFAULT_DATA_DIR", tmp_path / "absent")
     with pytest.raises(DataError, match="--data-dir or set ABMLL_DATA_DIR"):
         data.resolve_data_dir()
-    with pytest.raises(DataError, match="does not exist"):
+    with pytest.raises(DataError, match=re.escape(f"{tmp_path / 'nope'} does not exist")):
         data.resolve_data_dir(tmp_path / "nope")
     monkeypatch.setenv("ABMLL_DATA_DIR", str(tmp_path / "also-nope"))
     with pytest.raises(DataError, match="also-nope"):
@@ -264,8 +265,9 @@ def test_load_split(fake_dir):
 
 
 def test_missing_split_lists_available(fake_dir):
-    with pytest.raises(DataError, match="unknown split 'nope'.*available: other, tiny"):
+    with pytest.raises(DataError, match="unknown split 'nope'.*available: other, tiny") as info:
         data.load_split("nope", fake_dir)
+    assert str(fake_dir / "splits" / "nope.json") in str(info.value)  # the file it looked for
 
 
 def test_task_meta(fake_dir):
@@ -331,7 +333,8 @@ def test_bad_split_argument(fake_dir):
 def test_load_examples_uses_task_meta_type(tmp_path):
     make_task(tmp_path, "ff", task_type="classification")
     write_lines(tmp_path / "ff" / "ff_16_100_train.jsonl", [record("q", "free text", ())])
-    with pytest.raises(DataError, match="empty 'options'"):
+    path = tmp_path / "ff" / "ff_16_100_train.jsonl"
+    with pytest.raises(DataError, match=re.escape(f"{path}:1: empty 'options'")):
         data.load_examples("ff", "train", data_dir=tmp_path)
     write_lines(tmp_path / "task_meta" / "ff.json", [{"task_type": "free-form", "options": []}])
     assert data.load_examples("ff", "train", data_dir=tmp_path)[0].label == -1
@@ -412,5 +415,5 @@ def test_predict_inputs_may_leave_out_task_and_output(tmp_path):
     path.write_text('{"input": "great film", "options": ["negative", "positive"]}\n')
     (example,) = read_jsonl(path, unlabelled=True)
     assert example.input == "great film" and example.options == ("negative", "positive") and example.label == -1
-    with pytest.raises(DataError, match="missing key 'task'"):
+    with pytest.raises(DataError, match=re.escape(f"{path}:1: missing key 'task'")):
         read_jsonl(path)  # a task file still needs it

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import huggingface_hub.constants
@@ -73,9 +74,9 @@ def test_bad_dtype_and_missing_paths(tiny_model_dir, tmp_path):
     folder, _ = tiny_model_dir
     with pytest.raises(ValueError, match="dtype"):
         models.load_base_model(str(folder), dtype="int7")
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(FileNotFoundError, match=re.escape(str(tmp_path / "nothing-here"))):
         models.load_base_model(str(tmp_path / "nothing-here"))
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(FileNotFoundError, match=re.escape(str(tmp_path / "model.gguf"))):
         models.load_base_model(str(tmp_path / "model.gguf"))
 
 
