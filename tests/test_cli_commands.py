@@ -445,6 +445,31 @@ def test_meta_train_validates_on_held_out_train_tasks_and_keeps_the_best_prior(w
         assert abs(-unadapted[torch.arange(len(labels)), labels].log().mean().item() - nll) > 1e-3
 
 
+def test_demo_replaces_its_own_previous_run(world, tmp_path, monkeypatch):
+    """README: "make demo replaces its own previous run": a second `abmll demo --out X` (no
+    --overwrite given) runs, and nothing of the first run stays beside the new one (here: the
+    first validated and plotted, the second does neither); other files in X are kept."""
+    from abmll import cli
+
+    monkeypatch.setattr(cli, "DEMO_CONFIG", world["config"])  # the tiny model and data, not SmolLM2
+    out = tmp_path / "demo"
+    first = ["--meta_steps", "1", "--val_tasks", "t1", "--validate_every", "1", "--max_test", "2", "--max_query", "2"]
+    assert main(["demo", *first, "--eval_samples", "1", "--out", str(out)]) == 0
+    stale = ["best", "validation.json", "validation_curve.png", "training_curves.png"]
+    stale += ["reliability_zero_shot.png", "reliability_abmll.png"]
+    assert all((out / name).exists() for name in stale)
+    (out / "notes.txt").write_text("mine")
+    assert (
+        main(["demo", "--meta_steps", "2", "--eval_samples", "1", "--max_test", "2", "--plots", "false", "--out", str(out)]) == 0
+    )
+    assert [name for name in stale if (out / name).exists()] == []
+    assert (out / "notes.txt").read_text() == "mine"
+    _, saved = load_adapter(out)
+    assert saved["meta_steps_done"] == 2 and len(json.loads((out / "history.json").read_text())) == 2
+    results = json.loads((out / "results.json").read_text())
+    assert results["config"]["meta"]["meta_steps"] == 2 and results["config"]["tasks"]["val_tasks"] == []
+
+
 def test_shipped_priors_are_taken_by_short_name_and_compared_in_evaluate(world, tmp_path, monkeypatch, capsys):
     import shutil
 
