@@ -1,32 +1,41 @@
 """Adapter and training-state folders: safetensors + JSON round trip; pickles, truncation,
-tampering and half-written states refused; no pickle loading anywhere in the library."""
+tampering, changed bytes (sha256) and half-written states refused, a damaged newest training
+state replaced by the previous one; no pickle loading anywhere in the library."""
 
 from __future__ import annotations
 
 import ast
+import hashlib
 import json
 import os
+import re
 import stat
+import warnings
 from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 import abmll
 from abmll import checkpoint
 from abmll.checkpoint import (
     CONFIG,
+    PREVIOUS_STATE,
+    SHA256,
     STATE,
     TENSORS,
     CheckpointError,
     atomic_folder,
     atomic_write,
     load_adapter,
+    load_latest_state,
     load_state,
     save_adapter,
     save_state,
     write_json,
 )
+from abmll.priors import SHIPPED_DIR, shipped_priors
 
 
 def test_round_trip(tmp_path):
@@ -111,14 +120,26 @@ def state_tensors(step: int) -> dict[str, torch.Tensor]:
     }
 
 
-def test_state_round_trip_keeps_only_the_latest(tmp_path):
+def test_state_round_trip_keeps_the_latest_and_the_previous(tmp_path):
     save_state(tmp_path, 2, state_tensors(2), {"history": [1, 2]})
     save_state(tmp_path, 4, state_tensors(4), {"history": [1, 2, 3, 4]})
+    save_state(tmp_path, 6, state_tensors(6), {"history": [1, 2, 3, 4, 5, 6]})
     tensors, state = load_state(tmp_path)
-    assert state == {"history": [1, 2, 3, 4], "format": "abmll-state", "step": 4, "tensors": "state-00000004.safetensors"}
-    for k, v in state_tensors(4).items():
+    name = "state-00000006.safetensors"
+    digest = hashlib.sha256((tmp_path / name).read_bytes()).hexdigest()
+    assert state == {
+        "history": [1, 2, 3, 4, 5, 6],
+        "format": "abmll-state",
+        "step": 6,
+        "tensors": name,
+        SHA256: {name: digest},
+    }
+    for k, v in state_tensors(6).items():
         assert torch.equal(tensors[k], v) and tensors[k].dtype == v.dtype
-    assert {p.name for p in tmp_path.iterdir()} == {STATE, "state-00000004.safetensors"}
+    previous, state = load_state(tmp_path, name=PREVIOUS_STATE)
+    assert state["step"] == 4 and state["history"] == [1, 2, 3, 4]
+    assert torch.equal(previous["theta/w"], state_tensors(4)["theta/w"])
+    assert {p.name for p in tmp_path.iterdir()} == {STATE, PREVIOUS_STATE, name, "state-00000004.safetensors"}
 
 
 def test_crash_before_the_commit_keeps_the_previous_state(tmp_path, monkeypatch):
@@ -134,23 +155,52 @@ def test_crash_before_the_commit_keeps_the_previous_state(tmp_path, monkeypatch)
     assert state["step"] == 2 and torch.equal(tensors["theta/w"], state_tensors(2)["theta/w"])
     monkeypatch.undo()
     save_state(tmp_path, 6, state_tensors(6), {})  # the orphan of the crash is cleaned up
-    assert {p.name for p in tmp_path.iterdir()} == {STATE, "state-00000006.safetensors"}
+    assert {p.name for p in tmp_path.iterdir()} == {
+        STATE,
+        PREVIOUS_STATE,
+        "state-00000006.safetensors",
+        "state-00000002.safetensors",
+    }
 
 
-@pytest.mark.parametrize("damage", ["pickle", "truncated", "tampered", "missing"])
+def flip_a_bit(path: Path) -> None:
+    """Flip one bit in the middle of a safetensors file's tensor data: same size, same header,
+    and safetensors itself still reads it (only a checksum tells)."""
+    raw = bytearray(path.read_bytes())
+    n = int.from_bytes(raw[:8], "little")
+    raw[8 + n + (len(raw) - 8 - n) // 2] ^= 0x10
+    path.write_bytes(bytes(raw))
+    assert load_file(path).keys()  # still a readable safetensors file
+
+
+def damage_file(path: Path, damage: str) -> None:
+    """Damage ``path`` as ``damage`` says: flipped (one bit, see :func:`flip_a_bit`), truncated
+    (40 bytes short), empty, missing, pickle (a torch.save file in its place)."""
+    if damage == "flipped":
+        flip_a_bit(path)
+    elif damage == "truncated":
+        path.write_bytes(path.read_bytes()[:-40])
+    elif damage == "empty":
+        path.write_bytes(b"")
+    elif damage == "missing":
+        path.unlink()
+    else:
+        assert damage == "pickle"
+        torch.save({"theta/w": torch.zeros(2)}, path)
+
+
+@pytest.mark.parametrize("damage", ["pickle", "truncated", "tampered", "missing", "empty", "flipped"])
 def test_damaged_state_tensors_refused(tmp_path, damage):
     save_state(tmp_path, 2, state_tensors(2), {})
     path = tmp_path / "state-00000002.safetensors"
-    if damage == "pickle":
-        torch.save(state_tensors(2), path)
-    elif damage == "truncated":
-        path.write_bytes(path.read_bytes()[:-40])
-    elif damage == "tampered":
+    if damage == "tampered":
         tamper_header(path)
     else:
-        path.unlink()
-    with pytest.raises(CheckpointError, match=str(path)):
+        damage_file(path, damage)
+    message = {"missing": "not found", "empty": "empty", "flipped": "damaged: its sha256"}.get(damage, "safetensors")
+    with pytest.raises(CheckpointError, match=f"{re.escape(str(path))}: .*{message}") as err:
         load_state(tmp_path)
+    assert str(err.value).endswith("no earlier state is kept: start the run again (without --resume)")
 
 
 @pytest.mark.parametrize(
@@ -170,6 +220,165 @@ def test_inconsistent_state_json_refused(tmp_path, change, message):
     (tmp_path / STATE).write_text('{"step": 2, "tensors": ')
     with pytest.raises(CheckpointError, match=f"{tmp_path / STATE}: not valid JSON"):
         load_state(tmp_path)
+
+
+@pytest.mark.parametrize("damage", ["flipped", "truncated", "empty", "missing", "json"])
+def test_a_damaged_newest_state_falls_back_to_the_previous_one_with_a_warning(tmp_path, damage):
+    save_state(tmp_path, 2, state_tensors(2), {"history": [1, 2]})
+    save_state(tmp_path, 4, state_tensors(4), {"history": [1, 2, 3, 4]})
+    damaged = tmp_path / (STATE if damage == "json" else "state-00000004.safetensors")
+    if damage == "json":
+        damaged.write_text(damaged.read_text()[:-20])
+    else:
+        damage_file(damaged, damage)
+    with pytest.raises(CheckpointError, match=re.escape(str(damaged))) as err:
+        load_state(tmp_path)  # the newest state alone: refused, pointing at the previous one
+    assert str(err.value).endswith(
+        f"resume from the previous state, {PREVIOUS_STATE} (`abmll meta-train --resume` falls back to it)"
+    )
+
+    with pytest.warns(RuntimeWarning) as caught:
+        tensors, state, json_path = load_latest_state(tmp_path)
+    assert state["step"] == 2 and state["history"] == [1, 2] and json_path == tmp_path / PREVIOUS_STATE
+    assert all(torch.equal(tensors[k], v) for k, v in state_tensors(2).items())
+    (warning,) = caught
+    text = str(warning.message)
+    assert text.startswith(f"{damaged}: ") and text.endswith(f"resuming from the previous state {json_path} (step 2) instead")
+
+
+def test_an_intact_newest_state_is_loaded_without_a_warning(tmp_path):
+    save_state(tmp_path, 2, state_tensors(2), {})
+    flip_a_bit(tmp_path / "state-00000002.safetensors")  # the previous one, damaged, is not read
+    save_state(tmp_path, 4, state_tensors(4), {})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert load_latest_state(tmp_path)[1]["step"] == 4
+
+
+def test_both_states_damaged_are_refused_naming_both_files(tmp_path):
+    save_state(tmp_path, 2, state_tensors(2), {})
+    with pytest.raises(CheckpointError, match="no earlier state is kept in .*: start the run again"):
+        flip_a_bit(tmp_path / "state-00000002.safetensors")
+        load_latest_state(tmp_path)  # no previous state yet
+    save_state(tmp_path, 2, state_tensors(2), {})
+    save_state(tmp_path, 4, state_tensors(4), {})
+    newest, previous = tmp_path / "state-00000004.safetensors", tmp_path / "state-00000002.safetensors"
+    flip_a_bit(newest)
+    previous.write_bytes(previous.read_bytes()[:-40])
+    with pytest.raises(CheckpointError) as err:
+        load_latest_state(tmp_path)
+    message = str(err.value)
+    assert message.startswith(f"no intact training state in {tmp_path}: the newest is damaged ({newest}: damaged: its sha256")
+    assert f"and so is the previous one ({previous}: not a readable safetensors file" in message
+    assert message.endswith("start the run again (without --resume)")
+
+
+def test_a_damaged_state_is_never_kept_as_the_previous_one(tmp_path):
+    """A save after a damaged newest state keeps the intact previous one, also when the run
+    resumed from it (the damaged state is of a later step than the new one)."""
+    save_state(tmp_path, 2, state_tensors(2), {})
+    save_state(tmp_path, 4, state_tensors(4), {})
+    flip_a_bit(tmp_path / "state-00000004.safetensors")
+    save_state(tmp_path, 6, state_tensors(6), {})
+    assert load_state(tmp_path, name=PREVIOUS_STATE)[1]["step"] == 2
+    assert {p.name for p in tmp_path.iterdir()} == {
+        STATE,
+        PREVIOUS_STATE,
+        "state-00000006.safetensors",
+        "state-00000002.safetensors",
+    }
+
+    flip_a_bit(tmp_path / "state-00000006.safetensors")
+    with pytest.warns(RuntimeWarning, match="step 2"):
+        assert load_latest_state(tmp_path)[1]["step"] == 2
+    save_state(tmp_path, 3, state_tensors(3), {})  # the run resumed at step 2 saves step 3
+    assert load_state(tmp_path)[1]["step"] == 3 and load_state(tmp_path, name=PREVIOUS_STATE)[1]["step"] == 2
+    assert {p.name for p in tmp_path.iterdir()} == {
+        STATE,
+        PREVIOUS_STATE,
+        "state-00000003.safetensors",
+        "state-00000002.safetensors",
+    }
+
+
+@pytest.mark.parametrize("crash_at", [1, 2, 3])
+def test_a_save_interrupted_at_any_write_leaves_an_intact_newest_and_previous_state(tmp_path, monkeypatch, crash_at):
+    """The three files a save writes (the tensors, the commit, the previous state's JSON): a
+    crash before each leaves the last committed state and a previous one, both loadable."""
+    save_state(tmp_path, 2, state_tensors(2), {})
+    save_state(tmp_path, 4, state_tensors(4), {})
+    real, calls = checkpoint.atomic_write, []
+
+    def crashing(path, write):
+        calls.append(Path(path).name)
+        if len(calls) == crash_at:
+            raise OSError("power cut")
+        real(path, write)
+
+    monkeypatch.setattr(checkpoint, "atomic_write", crashing)
+    with pytest.raises(OSError, match="power cut"):
+        save_state(tmp_path, 6, state_tensors(6), {})
+    monkeypatch.undo()
+    assert calls == ["state-00000006.safetensors", STATE, PREVIOUS_STATE][:crash_at]
+    newest, previous = (4, 2) if crash_at < 3 else (6, 2)
+    assert load_state(tmp_path)[1]["step"] == newest
+    tensors, state = load_state(tmp_path, name=PREVIOUS_STATE)
+    assert state["step"] == previous and torch.equal(tensors["theta/w"], state_tensors(previous)["theta/w"])
+    save_state(tmp_path, 8, state_tensors(8), {})
+    assert load_state(tmp_path, name=PREVIOUS_STATE)[1]["step"] == newest
+    assert {p.name for p in tmp_path.iterdir()} == {
+        STATE,
+        PREVIOUS_STATE,
+        "state-00000008.safetensors",
+        f"state-{newest:08d}.safetensors",
+    }
+
+
+@pytest.mark.parametrize("damage", ["flipped", "truncated", "empty", "pickle"])
+def test_a_damaged_adapter_file_is_refused_naming_it(tmp_path, damage):
+    path = _saved(tmp_path)
+    config = json.loads((tmp_path / CONFIG).read_text())
+    assert config[SHA256] == {TENSORS: hashlib.sha256(path.read_bytes()).hexdigest()}
+    damage_file(path, damage)
+    message = {"flipped": "damaged: its sha256", "empty": "empty"}.get(damage, "not a readable safetensors")
+    with pytest.raises(CheckpointError, match=f"{re.escape(str(path))}: {message}") as err:
+        load_adapter(tmp_path)
+    assert str(err.value).endswith("save the adapter again, or copy it again from where it came from")
+    path.unlink()
+    with pytest.raises(CheckpointError, match=f"{re.escape(str(path))}: not found"):
+        load_adapter(tmp_path)
+
+
+def test_files_without_a_checksum_of_older_abmll_still_load(tmp_path):
+    tensors = {"w": torch.randn(8, 8)}
+    save_adapter(tmp_path / "p", tensors, {"x": 1})
+    config = json.loads((tmp_path / "p" / CONFIG).read_text())
+    write_json(tmp_path / "p" / CONFIG, {k: v for k, v in config.items() if k != SHA256})
+    got, cfg = load_adapter(tmp_path / "p")
+    assert cfg == {"x": 1} and torch.equal(got["w"], tensors["w"])
+
+    save_state(tmp_path / "s", 2, state_tensors(2), {})
+    save_state(tmp_path / "s", 4, state_tensors(4), {})
+    for name in (STATE, PREVIOUS_STATE):
+        state = json.loads((tmp_path / "s" / name).read_text())
+        write_json(tmp_path / "s" / name, {k: v for k, v in state.items() if k != SHA256})
+    assert load_latest_state(tmp_path / "s")[1]["step"] == 4
+    save_state(tmp_path / "s", 6, state_tensors(6), {})  # the older state is kept as the previous one
+    assert load_state(tmp_path / "s", name=PREVIOUS_STATE)[1]["step"] == 4
+
+    assert shipped_priors()
+    for name in shipped_priors():  # shipped before checksums: loaded as they are
+        assert SHA256 not in json.loads((SHIPPED_DIR / name / CONFIG).read_text())
+        got, cfg = load_adapter(SHIPPED_DIR / name)
+        assert got and all(v.numel() > 0 for v in got.values()) and "lora" in cfg
+
+
+def test_a_malformed_checksum_entry_is_refused(tmp_path):
+    _saved(tmp_path)
+    config = json.loads((tmp_path / CONFIG).read_text())
+    write_json(tmp_path / CONFIG, {**config, SHA256: {TENSORS: "0" * 10}})
+    with pytest.raises(CheckpointError, match=f"{re.escape(str(tmp_path / CONFIG))}: its sha256 entry records no valid checksum"):
+        load_adapter(tmp_path)
 
 
 def test_library_never_unpickles():

@@ -218,3 +218,35 @@ def test_every_export_describes_exactly_what_it_holds(arch, targets, top, from_m
                 theirs = peft_model(input_ids=IDS, attention_mask=MASK).logits
                 ours = model(params, IDS, MASK).logits
             torch.testing.assert_close(theirs, ours, rtol=0, atol=1e-5)
+
+
+def test_a_changed_byte_in_an_export_is_refused_and_an_older_export_still_loads(tmp_path):
+    """Both tensor files of an export are checked against the sha256 its abmll_config.json
+    records; an export of older abmll, without them, loads as before."""
+    import hashlib
+    import re
+
+    from test_checkpoint import flip_a_bit
+
+    from abmll.checkpoint import CONFIG, SHA256
+    from abmll.export import load_peft_export
+
+    model, params = _abmll_and_params("llama", seed=6)
+    for name in (PEFT_TENSORS, SCALE_TENSORS):
+        folder = tmp_path / name
+        export_peft(folder, params, {"kind": "posterior"}, model=model)
+        sums = json.loads((folder / CONFIG).read_text())[SHA256]
+        assert sums == {n: hashlib.sha256((folder / n).read_bytes()).hexdigest() for n in (PEFT_TENSORS, SCALE_TENSORS)}
+        flip_a_bit(folder / name)
+        with pytest.raises(CheckpointError, match=f"{re.escape(str(folder / name))}: damaged: its sha256") as err:
+            load_adapter_folder(folder)
+        assert str(err.value).endswith(
+            "write the adapter again (abmll export / abmll adapt), or download or copy it again from where it came from"
+        )
+    older = tmp_path / "older"
+    export_peft(older, params, {"kind": "posterior"}, model=model)
+    config = json.loads((older / CONFIG).read_text())
+    (older / CONFIG).write_text(json.dumps({k: v for k, v in config.items() if k != SHA256}))
+    tensors, cfg = load_peft_export(older)
+    assert cfg == {"kind": "posterior", "format": "peft"}
+    assert tensors.keys() == params.keys() and all(torch.equal(tensors[k], params[k]) for k in params)

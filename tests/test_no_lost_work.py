@@ -648,3 +648,70 @@ def test_a_checkpoint_from_before_a_new_config_field_resumes():
     assert config_changes(saved, current) == []
     saved["eval"]["max_test"] = 3
     assert config_changes(saved, current) == ["eval.max_test: 3 -> 64"]
+
+
+# -- damaged files on disk (issue 28): checksums, and the previous training state kept -----------
+
+
+def test_meta_train_resumes_from_the_previous_state_when_the_newest_is_damaged(world, tmp_path, capsys):
+    """A flipped bit in the newest training state (step 3): --resume warns, continues from the
+    previous state (step 2) and ends with the prior of an uninterrupted run; with both states
+    damaged it refuses, naming both files, and writes nothing."""
+    from test_checkpoint import flip_a_bit
+
+    from abmll.checkpoint import PREVIOUS_STATE, STATE, load_adapter
+    from abmll.train import CHECKPOINT_DIR
+
+    out, full = tmp_path / "run", tmp_path / "full"
+    argv = ["meta-train", "--config", str(world["config"]), "--save_every", "1", "--plots", "false"]
+    torch.manual_seed(0)  # the adapter's initialisation draws from torch's global generator
+    assert main([*argv, "--meta_steps", "3", "--out", str(out)]) == 0
+    ckpt = out / CHECKPOINT_DIR
+    newest, previous = ckpt / "state-00000003.safetensors", ckpt / "state-00000002.safetensors"
+    assert {p.name for p in ckpt.iterdir()} == {STATE, PREVIOUS_STATE, newest.name, previous.name}
+    flip_a_bit(newest)
+    capsys.readouterr()
+    with pytest.warns(RuntimeWarning, match="resuming from the previous state") as caught:
+        assert main([*argv, "--meta_steps", "4", "--out", str(out), "--resume"]) == 0
+    (warning,) = [w for w in caught if "resuming from the previous state" in str(w.message)]
+    assert str(warning.message).startswith(f"{newest}: damaged: its sha256")
+    assert str(warning.message).endswith(f"resuming from the previous state {ckpt / PREVIOUS_STATE} (step 2) instead")
+    assert f"resuming {out} after 2 meta-steps" in capsys.readouterr().out
+    assert json.loads((out / CONFIG).read_text())["meta_steps_done"] == 4
+    assert [h["step"] for h in json.loads((out / "history.json").read_text())] == [0, 1, 2, 3]
+    torch.manual_seed(0)
+    assert main([*argv, "--meta_steps", "4", "--out", str(full)]) == 0
+    resumed, reference = load_adapter(out)[0], load_adapter(full)[0]
+    assert all(torch.equal(resumed[k], reference[k]) for k in reference)  # steps 3 and 4 redone exactly
+    assert {p.name for p in ckpt.iterdir()} == {STATE, PREVIOUS_STATE, "state-00000004.safetensors", newest.name}
+
+    flip_a_bit(ckpt / "state-00000004.safetensors")
+    newest.write_bytes(newest.read_bytes()[:-40])
+    before = (out / TENSORS).read_bytes()
+    assert main([*argv, "--meta_steps", "5", "--out", str(out), "--resume"]) == 1
+    err = capsys.readouterr().err
+    assert f"no intact training state in {ckpt}" in err
+    assert f"{ckpt / 'state-00000004.safetensors'}: damaged: its sha256" in err
+    assert f"{newest}: not a readable safetensors file" in err and "start the run again" in err
+    assert (out / TENSORS).read_bytes() == before
+
+
+def test_adapt_and_predict_refuse_an_adapter_with_a_changed_byte(world, tmp_path, capsys):
+    """A prior's adapter.safetensors or an export's adapter_model.safetensors with one bit
+    flipped (still valid safetensors) is refused, naming the file and what to do."""
+    from test_checkpoint import flip_a_bit
+
+    support = world["data"] / "h0" / "h0_4_1_train.jsonl"
+    prior = _copy_prior(world, tmp_path)
+    flip_a_bit(prior / TENSORS)
+    assert main(["adapt", "--prior", str(prior), "--support", str(support), "--out", str(tmp_path / "post")]) == 1
+    err = capsys.readouterr().err
+    assert f"{prior / TENSORS}: damaged: its sha256" in err and "save the adapter again" in err
+
+    exported = tmp_path / "exported"
+    assert main(["export", "--adapter", str(world["prior"]), "--out", str(exported)]) == 0
+    flip_a_bit(exported / "adapter_model.safetensors")
+    test_file = world["data"] / "h0" / "h0_test.jsonl"
+    assert main(["predict", "--adapter", str(exported), "--input", str(test_file), "--out", str(tmp_path / "pred")]) == 1
+    err = capsys.readouterr().err
+    assert f"{exported / 'adapter_model.safetensors'}: damaged: its sha256" in err and "write the adapter again" in err

@@ -7,12 +7,19 @@ same random ``bundle`` id (the tensors in their safetensors metadata), and loadi
 pair whose ids differ: files of two saves (one interrupted half-way) are never mixed.
 A folder that is only an adapter can also be written whole (:func:`atomic_folder`).
 
+Every tensor file is recorded in the JSON written beside it with the sha256 of the bytes
+written (``"sha256": {file name: hex digest}``), and loading refuses a file whose bytes differ
+(a flipped bit, a truncated or replaced file), naming it: abmll never adapts with or resumes
+from bytes it did not write. Files of older abmll, whose JSON records no checksum, still load.
+
 Files get the permissions the user's umask gives (as ``open`` would), not ``mkstemp``'s 0600.
 
 A training state (see :func:`save_state`) is a folder with ``state-<step>.safetensors`` and
 ``state.json``; the JSON file is written last and names the tensor file, so replacing it is
 the single atomic step that commits a new state: a crash at any moment leaves the previous
-state or the new one, never a mix.
+state or the new one, never a mix. The state before the newest is kept too
+(``state.previous.json`` and its tensor file), and :func:`load_latest_state` falls back to
+it, with a warning, when the newest one is damaged.
 
 Nothing is ever loaded with pickle: safetensors holds raw tensors only, everything else is JSON.
 """
@@ -20,6 +27,7 @@ Nothing is ever loaded with pickle: safetensors holds raw tensors only, everythi
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import re
@@ -27,24 +35,30 @@ import shutil
 import stat
 import tempfile
 import uuid
+import warnings
 from collections.abc import Callable, Iterator
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
+from safetensors import SafetensorError
+from safetensors.torch import load as load_tensor_bytes
+from safetensors.torch import save as tensor_bytes
 
 TENSORS = "adapter.safetensors"
 CONFIG = "abmll_config.json"
 STATE = "state.json"
+PREVIOUS_STATE = "state.previous.json"
+SHA256 = "sha256"
 STATE_FORMAT = "abmll-state"
 _STATE_TENSORS = re.compile(r"state-(\d+)\.safetensors")
 
 
 class CheckpointError(ValueError):
     """An adapter or state folder is missing, truncated, tampered with or not safetensors /
-    JSON, or inconsistent; the message names the file."""
+    JSON, inconsistent, or a file's bytes differ from those written (its sha256); the message
+    names the file."""
 
 
 BUNDLE = "bundle"
@@ -147,33 +161,120 @@ def check_bundle(path: str | os.PathLike, config: dict, metadata: dict[str, str]
         )
 
 
+ADAPTER_REMEDY = "; save the adapter again, or copy it again from where it came from"
+"""What to do about a damaged adapter file (appended to the CheckpointError)."""
+
+
 def save_adapter(folder: str | os.PathLike, tensors: dict[str, torch.Tensor], config: dict[str, Any]) -> Path:
     """Save adapter ``tensors`` (flat dict, any shapes) and its JSON-serialisable ``config``
     into ``folder`` (created if needed), each file atomically, both with one new bundle id
-    (an interrupted save is detected by :func:`load_adapter`). Returns the folder."""
+    (an interrupted save is detected by :func:`load_adapter`); the config records the tensor
+    file's sha256 (``"sha256": {"adapter.safetensors": hex}``). Returns the folder."""
     folder = Path(folder)
     bundle = new_bundle_id()
-    write_tensors(folder / TENSORS, tensors, {"format": "abmll", BUNDLE: bundle})
-    write_json(folder / CONFIG, {**config, BUNDLE: bundle})
+    digest = write_tensors(folder / TENSORS, tensors, {"format": "abmll", BUNDLE: bundle})
+    write_json(folder / CONFIG, {**config, BUNDLE: bundle, SHA256: {TENSORS: digest}})
     return folder
 
 
-def write_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
+def encode_tensors(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> bytes:
+    """The safetensors file of ``tensors`` (moved to the CPU, made contiguous) with ``metadata``."""
+    return tensor_bytes({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, metadata=metadata)
+
+
+def write_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> str:
     """Atomically write ``tensors`` (moved to the CPU, made contiguous) as a safetensors file
-    with ``metadata``."""
-    cpu = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
-    atomic_write(path, lambda tmp: save_file(cpu, tmp, metadata=metadata))
+    with ``metadata``. Returns the sha256 (hex) of the file written (see :func:`write_bytes`)."""
+    return write_bytes(path, encode_tensors(tensors, metadata))
 
 
-def read_tensors(path: Path, device: str | torch.device = "cpu") -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """``(tensors, metadata)`` of a safetensors file; CheckpointError naming ``path`` otherwise."""
-    if not path.is_file():
-        raise CheckpointError(f"{path}: not found")
+def write_bytes(path: Path, data: bytes) -> str:
+    """Atomically write ``data`` to ``path``. Returns its sha256 (hex), which the temporary
+    file is read back and checked to have before it is renamed into place.
+
+    Raises:
+        OSError: the file read back differs from ``data`` (nothing is renamed into place).
+    """
+    digest = hashlib.sha256(data).hexdigest()
+
+    def write(tmp):
+        Path(tmp).write_bytes(data)
+        if file_sha256(Path(tmp)) != digest:
+            raise OSError(f"{path}: the bytes read back differ from those written")
+
+    atomic_write(path, write)
+    return digest
+
+
+def file_sha256(path: Path) -> str:
+    """The sha256 (hex) of the file at ``path``, read in chunks."""
+    sha = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            sha.update(chunk)
+    return sha.hexdigest()
+
+
+def recorded_sha256(record: Any, name: str, json_path: Path) -> str | None:
+    """The sha256 that the JSON ``record`` (read from ``json_path``) records for its file
+    ``name``; None when it records none (written by an older abmll).
+
+    Raises:
+        CheckpointError: it has a ``sha256`` entry, but no valid digest for ``name`` there.
+    """
+    if not isinstance(record, dict) or SHA256 not in record:
+        return None
+    sums = record[SHA256]
+    digest = sums.get(name) if isinstance(sums, dict) else None
+    if not (isinstance(digest, str) and re.fullmatch(r"[0-9a-f]{64}", digest)):
+        raise CheckpointError(f"{json_path}: its {SHA256} entry records no valid checksum for {name}")
+    return digest
+
+
+def read_tensors(
+    path: Path,
+    device: str | torch.device = "cpu",
+    sha256: str | None = None,
+    recorded_in: Path | None = None,
+    remedy: str = "",
+    check_metadata: Callable[[dict[str, str]], None] | None = None,
+) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """``(tensors, metadata)`` of a safetensors file, read once and parsed from the bytes read;
+    when ``sha256`` is given (recorded in the JSON file ``recorded_in``), those bytes must
+    have it. ``check_metadata(metadata)`` runs before the checksum is compared (e.g.
+    :func:`check_bundle`: a file of another save is reported as such).
+
+    Raises:
+        CheckpointError: naming ``path``, followed by ``remedy`` (what to do): it is missing,
+            empty, not safetensors (a pickle, truncated, a tampered header) or its sha256
+            differs (a changed byte, or another file in its place); or from ``check_metadata``.
+    """
     try:
-        with safe_open(path, framework="pt", device=str(device)) as f:
-            return {k: f.get_tensor(k) for k in f.keys()}, f.metadata() or {}
-    except (SafetensorError, OSError, ValueError) as err:
-        raise CheckpointError(f"{path}: not a readable safetensors file ({err})") from err
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: not found{remedy}") from None
+    except OSError as err:
+        raise CheckpointError(f"{path}: not readable ({err}){remedy}") from err
+    if not data:
+        raise CheckpointError(f"{path}: empty (0 bytes){remedy}")
+    try:
+        tensors = load_tensor_bytes(data)
+        n = int.from_bytes(data[:8], "little")
+        metadata = json.loads(data[8 : 8 + n]).get("__metadata__") or {}
+    except (SafetensorError, ValueError, AttributeError) as err:
+        raise CheckpointError(f"{path}: not a readable safetensors file ({err}){remedy}") from err
+    if check_metadata is not None:
+        check_metadata(metadata)
+    if sha256 is not None:
+        digest = hashlib.sha256(data).hexdigest()
+        if digest != sha256:
+            raise CheckpointError(
+                f"{path}: damaged: its sha256 is {digest[:16]}..., not the {sha256[:16]}... recorded in "
+                f"{recorded_in} when it was written (a changed byte, or another file in its place){remedy}"
+            )
+    if str(device) != "cpu":
+        tensors = {k: v.to(device) for k, v in tensors.items()}
+    return tensors, metadata
 
 
 def _read_json(path: Path) -> Any:
@@ -189,9 +290,11 @@ def load_adapter(folder: str | os.PathLike, device: str | torch.device = "cpu") 
     """Load ``(tensors, config)`` saved by :func:`save_adapter`.
 
     Raises:
-        CheckpointError: the folder or a file is missing, the tensor file is not valid
-            safetensors (a pickle, truncated, a tampered header), the config is not JSON, or
-            the two files come from different saves (their bundle ids differ).
+        CheckpointError: the folder or a file is missing, the tensor file is empty, not valid
+            safetensors (a pickle, truncated, a tampered header) or not the bytes written (its
+            sha256 differs from the config's; a config without one, of older abmll, is not
+            checked), the config is not JSON, or the two files come from different saves
+            (their bundle ids differ).
     """
     folder = Path(folder)
     tensor_path, config_path = folder / TENSORS, folder / CONFIG
@@ -199,44 +302,60 @@ def load_adapter(folder: str | os.PathLike, device: str | torch.device = "cpu") 
         if not p.is_file():
             raise CheckpointError(f"{p}: not found (an abmll adapter folder holds {TENSORS} and {CONFIG})")
     config = _read_json(config_path)
-    tensors, metadata = read_tensors(tensor_path, device)
-    check_bundle(config_path, config, metadata, tensor_path)
+    digest = recorded_sha256(config, TENSORS, config_path)
+    same_save = partial(check_bundle, config_path, config, tensor_path=tensor_path)
+    tensors, _ = read_tensors(tensor_path, device, digest, config_path, ADAPTER_REMEDY, same_save)
     return tensors, without_bundle(config)
 
 
 def without_bundle(config):
-    """``config`` without its bundle id (not part of the adapter's settings)."""
-    return {k: v for k, v in config.items() if k != BUNDLE} if isinstance(config, dict) else config
+    """``config`` without its bundle id and checksums (records of the save, not the adapter's settings)."""
+    return {k: v for k, v in config.items() if k not in (BUNDLE, SHA256)} if isinstance(config, dict) else config
 
 
 def save_state(folder: str | os.PathLike, step: int, tensors: dict[str, torch.Tensor], state: dict[str, Any]) -> Path:
-    """Save a training state at ``step`` into ``folder`` (created if needed), atomically as a pair.
+    """Save a training state at ``step`` into ``folder`` (created if needed), atomically as a
+    pair, keeping the state before it.
 
     ``tensors`` (flat dict, any shapes and dtypes) go to ``state-<step>.safetensors`` (with
     ``step`` in its metadata), then ``state.json`` = ``state`` (JSON-serialisable) plus
-    ``step``, ``format`` and the tensor file's name replaces the previous one: that rename is
-    the commit. Tensor files of older states are removed afterwards. Returns the folder.
+    ``step``, ``format``, the tensor file's name and its sha256 (``"sha256": {name: hex}``)
+    replaces the newest one: that rename is the commit. The state it replaced becomes the
+    previous one (``state.previous.json``, a copy of its JSON) when it is intact (its tensor
+    file has the recorded sha256) and of an earlier step; otherwise the previous one stays
+    (when of an earlier step). Tensor files of neither state (older ones, orphans of a crash)
+    are removed last. A crash at any moment leaves a loadable newest state and the previous
+    one of before the call or of after it. Returns the folder.
     """
     folder = Path(folder)
     name = f"state-{step:08d}.safetensors"
-    write_tensors(folder / name, tensors, {"format": STATE_FORMAT, "step": str(step)})
-    write_json(folder / STATE, {**state, "format": STATE_FORMAT, "step": step, "tensors": name})
+    digest = write_tensors(folder / name, tensors, {"format": STATE_FORMAT, "step": str(step)})
+    newest = _intact_state(folder, STATE)
+    if newest is not None and newest["step"] < step and newest["tensors"] != name:
+        previous = newest
+    else:
+        previous = _intact_state(folder, PREVIOUS_STATE, check_file=False)
+        if previous is not None and (previous["step"] >= step or previous["tensors"] == name):
+            previous = None
+    write_json(folder / STATE, {**state, "format": STATE_FORMAT, "step": step, "tensors": name, SHA256: {name: digest}})
+    if previous is None:
+        (folder / PREVIOUS_STATE).unlink(missing_ok=True)
+    elif previous is newest:  # until this rename, the previous state is the one before it, its files still there
+        write_json(folder / PREVIOUS_STATE, newest)
+    keep = {name} if previous is None else {name, previous["tensors"]}
     for old in folder.iterdir():
         stale_tmp = old.name.startswith(".state") and old.name.endswith(".tmp")
-        if old.name != name and (_STATE_TENSORS.fullmatch(old.name) or stale_tmp):
+        if old.name not in keep and (_STATE_TENSORS.fullmatch(old.name) or stale_tmp):
             old.unlink(missing_ok=True)
     return folder
 
 
-def load_state(folder: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[dict[str, torch.Tensor], dict]:
-    """Load ``(tensors, state)`` written by :func:`save_state`; ``state["step"]`` is the step.
+def _state_json(json_path: Path) -> dict:
+    """The JSON of a training state, checked to name its tensor file.
 
     Raises:
-        CheckpointError: ``state.json`` or the tensor file it names is missing, not valid JSON /
-            safetensors (a pickle, truncated, a tampered header), or the two disagree on the step.
+        CheckpointError: missing, not JSON, or without the format, step and tensors fields.
     """
-    folder = Path(folder)
-    json_path = folder / STATE
     state = _read_json(json_path)
     if not (
         isinstance(state, dict)
@@ -246,11 +365,95 @@ def load_state(folder: str | os.PathLike, device: str | torch.device = "cpu") ->
         and _STATE_TENSORS.fullmatch(state["tensors"])
     ):
         raise CheckpointError(f"{json_path}: not an abmll training state (format, step and tensors fields)")
+    return state
+
+
+def _intact_state(folder: Path, name: str, check_file: bool = True) -> dict | None:
+    """The state JSON ``folder/name`` when it is one and (``check_file``) its tensor file has
+    the recorded sha256 (is not empty, when none is recorded); None otherwise."""
+    try:
+        state = _state_json(folder / name)
+        if not check_file:
+            return state
+        digest = recorded_sha256(state, state["tensors"], folder / name)
+        tensor_path = folder / state["tensors"]
+        intact = file_sha256(tensor_path) == digest if digest is not None else tensor_path.stat().st_size > 0
+    except (CheckpointError, OSError):
+        return None
+    return state if intact else None
+
+
+def _load_state_file(folder: Path, name: str, device: str | torch.device) -> tuple[dict[str, torch.Tensor], dict]:
+    """:func:`load_state` of the state JSON ``folder/name``, its errors without a remedy."""
+    json_path = folder / name
+    state = _state_json(json_path)
     tensor_path = folder / state["tensors"]
-    tensors, metadata = read_tensors(tensor_path, device)
+    digest = recorded_sha256(state, state["tensors"], json_path)
+    tensors, metadata = read_tensors(tensor_path, device, digest, json_path)
     if metadata.get("format") != STATE_FORMAT or metadata.get("step") != str(state["step"]):
         raise CheckpointError(f"{tensor_path}: metadata {metadata} does not match step {state['step']} of {json_path}")
     return tensors, state
+
+
+_START_AGAIN = "start the run again (without --resume)"
+
+
+def load_state(
+    folder: str | os.PathLike, device: str | torch.device = "cpu", name: str = STATE
+) -> tuple[dict[str, torch.Tensor], dict]:
+    """Load ``(tensors, state)`` written by :func:`save_state`: the newest state
+    (``state.json``), or the previous one with ``name="state.previous.json"``; ``state["step"]``
+    is the step. See :func:`load_latest_state` for the newest intact one.
+
+    Raises:
+        CheckpointError: naming the file and what to do: the state JSON or the tensor file it
+            names is missing, not valid JSON / safetensors (a pickle, empty, truncated, a
+            tampered header), not the bytes written (its sha256 differs from the recorded one;
+            a state of older abmll, without one, is not checked), or the two disagree on the step.
+    """
+    folder = Path(folder)
+    try:
+        return _load_state_file(folder, name, device)
+    except CheckpointError as err:
+        if name == STATE and (folder / PREVIOUS_STATE).exists():
+            remedy = f"resume from the previous state, {PREVIOUS_STATE} (`abmll meta-train --resume` falls back to it)"
+        else:
+            remedy = f"no earlier state is kept: {_START_AGAIN}"
+        raise CheckpointError(f"{err}; {remedy}") from err
+
+
+def load_latest_state(
+    folder: str | os.PathLike, device: str | torch.device = "cpu"
+) -> tuple[dict[str, torch.Tensor], dict, Path]:
+    """``(tensors, state, json_path)`` of the newest intact training state in ``folder``
+    (:func:`load_state`): the newest one, else the previous one, with a RuntimeWarning
+    naming the damaged file and the step resumed from.
+
+    Raises:
+        CheckpointError: the newest state is damaged and no previous one is kept, or both
+            are damaged (the message names the files of both).
+    """
+    folder = Path(folder)
+    try:
+        return (*_load_state_file(folder, STATE, device), folder / STATE)
+    except CheckpointError as err:
+        newest = err
+    previous_path = folder / PREVIOUS_STATE
+    if not previous_path.exists():
+        raise CheckpointError(f"{newest}; no earlier state is kept in {folder}: {_START_AGAIN}") from newest
+    try:
+        tensors, state = _load_state_file(folder, PREVIOUS_STATE, device)
+    except CheckpointError as err:
+        raise CheckpointError(
+            f"no intact training state in {folder}: the newest is damaged ({newest}) and so is the previous one "
+            f"({err}); {_START_AGAIN}"
+        ) from err
+    warnings.warn(
+        f"{newest}; resuming from the previous state {previous_path} (step {state['step']}) instead",
+        RuntimeWarning,
+        stacklevel=2,
+    )
+    return tensors, state, previous_path
 
 
 def optimizer_tensors(optimizer: torch.optim.Optimizer, names: list[str]) -> tuple[dict[str, torch.Tensor], list[dict]]:
@@ -342,22 +545,25 @@ def save_trainer_state(
 
 def load_trainer_state(
     folder: str | os.PathLike, shapes: dict[str, tuple], changes: Callable[[dict], list[str]] | None = None
-) -> tuple[dict[str, torch.Tensor], dict]:
-    """Load and check the state written by :func:`save_trainer_state` before anything uses it.
+) -> tuple[dict[str, torch.Tensor], dict, Path]:
+    """Load and check the state written by :func:`save_trainer_state` before anything uses it:
+    the newest intact one (:func:`load_latest_state`: the previous one, with a warning, when
+    the newest is damaged).
 
     Args:
         shapes: name -> shape of the trainer's theta; the saved theta and best prior must match.
         changes: called with the saved config, returns the differences that forbid resuming
             (e.g. ``lambda saved: abmll.train.config_changes(saved, config)``).
     Returns:
-        (tensors, state): ``state["history"]`` holds ``state["step"]`` entries; the RNG state
-        is a torch RNG state; ``state["validation"]`` is a list of dicts with an ``nll``.
+        (tensors, state, json_path): ``state["history"]`` holds ``state["step"]`` entries; the
+        RNG state is a torch RNG state; ``state["validation"]`` is a list of dicts with an
+        ``nll``; ``json_path`` is the state JSON loaded.
     Raises:
-        CheckpointError: naming the file: missing, unreadable or inconsistent state, a
-            config with ``changes``, or tensors that do not match ``shapes``.
+        CheckpointError: naming the file: missing, damaged (both the newest and the previous
+            state), unreadable or inconsistent state, a config with ``changes``, or tensors
+            that do not match ``shapes``.
     """
-    tensors, state = load_state(folder)
-    where = Path(folder) / STATE
+    tensors, state, where = load_latest_state(folder)
     changed = changes(state.get("config", {})) if changes is not None else []
     if changed:
         raise CheckpointError(
@@ -381,4 +587,4 @@ def load_trainer_state(
             float(v["nll"])  # OverflowError: an integer beyond float range
     except (KeyError, TypeError, ValueError, OverflowError) as err:
         raise CheckpointError(f"{where}: incomplete or invalid trainer state ({err!r})") from err
-    return tensors, state
+    return tensors, state, where

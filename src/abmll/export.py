@@ -14,7 +14,9 @@ An exported folder is a plain PEFT LoRA adapter plus an abmll sidecar:
 - ``abmll_scale.safetensors``: the scale pair (``bayes_scale_A`` / ``bayes_scale_B``, abmll's
   flat-dict keys), which peft ignores;
 - ``abmll_config.json``: the abmll config (as in an abmll adapter folder) with
-  ``"format": "peft"``, so :func:`load_adapter_folder` rebuilds the full Gaussian.
+  ``"format": "peft"``, so :func:`load_adapter_folder` rebuilds the full Gaussian, and the
+  sha256 of both tensor files (``"sha256": {file name: hex}``), which :func:`load_peft_export`
+  checks (an export of older abmll, without them, still loads).
 
 :func:`load_adapter_folder` reads both this layout and abmll's own
 (:func:`abmll.checkpoint.save_adapter`), returning the same flat dict of all four matrices.
@@ -22,9 +24,11 @@ An exported folder is a plain PEFT LoRA adapter plus an abmll sidecar:
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -34,14 +38,18 @@ from abmll.bayes_lora import LORA_A, LORA_B, SCALE_A, SCALE_B, BayesLoraModel, p
 from abmll.checkpoint import (
     BUNDLE,
     CONFIG,
+    SHA256,
     TENSORS,
     CheckpointError,
     atomic_folder,
     check_bundle,
+    encode_tensors,
     load_adapter,
     new_bundle_id,
     read_tensors,
+    recorded_sha256,
     without_bundle,
+    write_bytes,
     write_json,
     write_tensors,
 )
@@ -50,6 +58,8 @@ PEFT_CONFIG = "adapter_config.json"
 PEFT_TENSORS = "adapter_model.safetensors"
 SCALE_TENSORS = "abmll_scale.safetensors"
 EXPORT_FORMAT = "peft"
+EXPORT_REMEDY = "; write the adapter again (abmll export / abmll adapt), or download or copy it again from where it came from"
+"""What to do about a damaged file of an exported adapter (appended to the CheckpointError)."""
 
 _MEAN_SUFFIXES = {f".{LORA_A}": ".lora_A.weight", f".{LORA_B}": ".lora_B.weight"}
 _SCALE_SUFFIXES = (f".{SCALE_A}", f".{SCALE_B}")
@@ -163,10 +173,12 @@ def export_peft(
     bundle = new_bundle_id()
     peft_dict = lora.to_dict()
     peft_dict = {k: sorted(v) if isinstance(v, set) else v for k, v in peft_dict.items()}
+    mean_file = encode_tensors(mean, {"format": "pt", BUNDLE: bundle})  # its sha256 goes into the config first
     with atomic_folder(folder) as tmp:
-        write_tensors(tmp / SCALE_TENSORS, scale, {"format": "abmll", BUNDLE: bundle})
-        write_json(tmp / CONFIG, {**config, "format": EXPORT_FORMAT, BUNDLE: bundle})
-        write_tensors(tmp / PEFT_TENSORS, mean, {"format": "pt", BUNDLE: bundle})
+        sums = {SCALE_TENSORS: write_tensors(tmp / SCALE_TENSORS, scale, {"format": "abmll", BUNDLE: bundle})}
+        sums[PEFT_TENSORS] = hashlib.sha256(mean_file).hexdigest()
+        write_json(tmp / CONFIG, {**config, "format": EXPORT_FORMAT, BUNDLE: bundle, SHA256: sums})
+        write_bytes(tmp / PEFT_TENSORS, mean_file)
         write_json(tmp / PEFT_CONFIG, peft_dict)
     return folder
 
@@ -182,9 +194,11 @@ def load_peft_export(folder: str | os.PathLike, device: str | torch.device = "cp
     matrices per layer (exactly the exported values) and its abmll config.
 
     Raises:
-        CheckpointError: a file is missing or unreadable, the files come from different saves
+        CheckpointError: a file is missing, empty or unreadable, a tensor file is not the bytes
+            written (its sha256 differs from the one abmll_config.json records; an export of
+            older abmll, without them, is not checked), the files come from different saves
             (bundle ids), or the mean and scale pairs do not cover the same layers; the message
-            names the folder or file.
+            names the folder or file and what to do.
     """
     folder = Path(folder)
     config_path = folder / CONFIG
@@ -196,10 +210,12 @@ def load_peft_export(folder: str | os.PathLike, device: str | torch.device = "cp
         config = json.loads(config_path.read_text(encoding="utf-8-sig"))
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise CheckpointError(f"{config_path}: not valid JSON ({err})") from err
-    mean, mean_meta = read_tensors(folder / PEFT_TENSORS, device)
-    scale, scale_meta = read_tensors(folder / SCALE_TENSORS, device)
-    check_bundle(config_path, config, mean_meta, folder / PEFT_TENSORS)
-    check_bundle(config_path, config, scale_meta, folder / SCALE_TENSORS)
+    read = {}
+    for name in (PEFT_TENSORS, SCALE_TENSORS):
+        digest = recorded_sha256(config, name, config_path)
+        same_save = partial(check_bundle, config_path, config, tensor_path=folder / name)  # before the checksum
+        read[name], _ = read_tensors(folder / name, device, digest, config_path, EXPORT_REMEDY, same_save)
+    mean, scale = read[PEFT_TENSORS], read[SCALE_TENSORS]
     tensors = {}
     for key, value in mean.items():
         theirs = next((t for t in _MEAN_SUFFIXES.values() if key.endswith(t)), None)

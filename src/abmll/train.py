@@ -33,7 +33,6 @@ import torch
 
 from abmll.bayes_lora import BayesLoraModel, HyperpriorConfig, Params
 from abmll.checkpoint import (
-    STATE,
     CheckpointError,
     load_optimizer_tensors,
     load_trainer_state,
@@ -355,24 +354,29 @@ class MetaTrainer:
         task-sampler RNG states, history, validation and best prior), so that :meth:`run`
         continues the saved run exactly. Returns the number of meta-steps already done.
 
+        The newest state is used, or, when it is damaged (a file missing, truncated or not the
+        bytes written), the previous one kept beside it, with a RuntimeWarning naming the
+        damaged file and the step resumed from (:func:`abmll.checkpoint.load_latest_state`).
+
         Args:
             config: when given, must equal the saved run's config except for the entries in
                 :data:`RESUMABLE_CHANGES` (e.g. ``meta.meta_steps`` may grow).
         Raises:
-            CheckpointError: no valid state in ``out_dir/checkpoint`` (missing, not
-                safetensors/JSON, truncated, tampered, inconsistent), a different config, or
-                adapter tensors that do not match this model's; the message names the file.
+            CheckpointError: no valid state in ``out_dir/checkpoint`` (missing, or the newest
+                and the previous one both damaged: not safetensors/JSON, truncated, tampered,
+                not the bytes written, inconsistent), a different config, or adapter tensors
+                that do not match this model's; the message names the file(s).
         """
         folder = Path(out_dir) / CHECKPOINT_DIR
         shapes = {k: tuple(v.shape) for k, v in self.theta.items()}
         changes = None if config is None else (lambda saved: config_changes(saved, config))
-        tensors, state = load_trainer_state(folder, shapes, changes)
+        tensors, state, where = load_trainer_state(folder, shapes, changes)
         sampler = replace(self.sampler)
         try:  # all that can still fail, before any change (the optimizer loads last)
             sampler.load_state_dict(state)
             load_optimizer_tensors(self.optimizer, list(self.theta), tensors, state["adam_param_groups"])
         except (KeyError, TypeError, ValueError, RuntimeError) as err:
-            raise CheckpointError(f"{folder / STATE}: incomplete or invalid trainer state ({err!r})") from err
+            raise CheckpointError(f"{where}: incomplete or invalid trainer state ({err!r})") from err
         best = {k: tensors[f"best/{k}"].to(v.device) for k, v in self.theta.items() if f"best/{k}" in tensors}
         set_rng_tensors(tensors, next(iter(self.theta.values())).device)  # nothing below can fail
         with torch.no_grad():
