@@ -3,6 +3,8 @@ deterministic inner loop, Reptile's and multi-task LoRA's outer steps match thei
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from conftest import make_tiny_llama
@@ -10,9 +12,11 @@ from test_meta import random_theta, task_batches
 
 from abmll.bayes_lora import BayesLoraConfig, BayesLoraModel, HyperpriorConfig
 from abmll.config import EvalArgs, TaskArgs
+from abmll.data import read_jsonl
 from abmll.evaluate import evaluate, run_method
 from abmll.meta import MetaConfig, adapt, mean_nll, meta_step, predict_batches
 from abmll.methods import METHODS, get_spec, make_method, prior_kinds, prior_meta_config, train_prior
+from abmll.metrics import compute_metrics
 from abmll.models import load_base_model
 from abmll.scoring import ScoringConfig, option_nll, option_scores
 from abmll.train import episode_batches
@@ -64,12 +68,17 @@ def test_every_method_resolves_and_runs(world, tmp_path):
     for kind in ("multitask", "reptile"):  # deterministic: the scale pair did not
         scale = [k for k in init if k not in w["model"].mean_keys()]
         assert all(torch.equal(priors[kind][k], init[k]) for k in scale), kind
+    query_labels = [e.label for e in read_jsonl(Path(w["tasks"].data_dir) / "h0" / "h0_test.jsonl")]
     for name, spec in METHODS.items():
         method = make_method(name, priors[spec.prior], w["ev"])
         assert method.steps == (w["ev"].test_steps if spec.adapt else 0)
         assert method.samples == (w["ev"].eval_samples if spec.bayesian else 0)
         metrics, probs, labels = run_method(w["model"], method, w["ep"], w["meta"], seed=1)
-        assert probs.shape == (6, 2) and all(torch.isfinite(torch.tensor(v)) for v in metrics.values()), name
+        assert probs.shape == (6, 2) and labels.tolist() == query_labels, name
+        expected = compute_metrics(probs, labels)  # the metrics are those of the returned predictions
+        assert {k: metrics[k] for k in expected} == pytest.approx(expected, abs=1e-9), name
+        if not spec.adapt:  # zero-shot: the pretrained model's own predictions
+            torch.testing.assert_close(probs, predict_batches(w["model"], init, w["ep"].query, 0)[0], rtol=0, atol=0)
     # a saved finished prior is reloaded, not retrained
     again, history = train_prior(
         "abmll",
