@@ -238,3 +238,111 @@ def test_fused_kl_equals_plain_autograd_kl_in_value_and_gradient():
         torch.testing.assert_close(fused, plain, rtol=1e-12, atol=1e-10)
         for g, r in zip(torch.autograd.grad(3.0 * fused, leaves), torch.autograd.grad(3.0 * plain, leaves)):
             torch.testing.assert_close(g, r, rtol=1e-9, atol=1e-12)
+
+
+# ------------------------------------------------------------ numerics over the legal range
+PRE = [-1000.0, -300.0, -120.0, -50.0, -20.5, -19.5, -5.0, 0.0, 5.0, 50.0, 300.0, 1000.0]
+"""Scale pre-activations B_s A_s + rho0 from -1e3 to 1e3 (both sides of log_softplus's switch)."""
+
+
+def _mp_log_softplus(x):
+    import mpmath
+
+    return mpmath.log(mpmath.log1p(mpmath.exp(x)))
+
+
+def _mp_reference(pq: float, pp: float, d: float, n: int) -> dict:
+    """KL(N(d, Sq^2) || N(0, Sp^2)), the hyperprior of N(d, Sq^2) (mean_std 1, Gamma(1, 0.01))
+    and their gradients, for a row of ``n`` equal entries, in 50-digit arithmetic."""
+    import mpmath
+
+    mpmath.mp.dps = 50
+    pq, pp, d = mpmath.mpf(pq), mpmath.mpf(pp), mpmath.mpf(d)
+    lq, lp = _mp_log_softplus(pq), _mp_log_softplus(pp)
+    dls = lambda x: mpmath.diff(_mp_log_softplus, x)  # noqa: E731
+    ratio = mpmath.exp(2 * (lq - lp))
+    return {
+        "kl": n * (lp - lq + ratio / 2 + d**2 * mpmath.exp(-2 * lp) / 2 - mpmath.mpf(1) / 2),
+        "kl_scale_q": n * (ratio - 1) * dls(pq),
+        "kl_mean_q": n * d * mpmath.exp(-2 * lp),
+        "hyper": n
+        * (d**2 / 2 + mpmath.log(2 * mpmath.pi) / 2 - mpmath.log(mpmath.mpf("0.01")) + mpmath.mpf("0.01") * mpmath.exp(-2 * lq)),
+    }
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_kl_hyperprior_and_scale_stay_finite_over_the_legal_range(dtype):
+    """For every pair of scale pre-activations in [-1e3, 1e3] (and mean differences 0 and 0.01),
+    with the adapter tensors in fp32, bf16 or fp16: KL(q || p), the hyperprior, the sampling
+    scale S and their gradients are finite, and within 1e-4 (values) / 1e-2 (gradients,
+    rounded to the tensors' dtype) of a 50-digit reference, wherever that reference fits the
+    dtype's range (fp32 for the values, which are accumulated in fp32). The direct log(softplus)
+    gives -inf below about -104 in fp32 (the KL at -120 was inf, its gradient NaN)."""
+    model = BayesLoraModel(make_tiny_llama(), BayesLoraConfig(rank=1, alpha=1.0, target_modules=["q_proj"], top_layers=1))
+    (L,) = model.layers
+    n, rows = L.d_in, L.d_out
+    big_value, big_grad = 1e30, torch.finfo(dtype).max / 10
+    cases = []
+    for pq in PRE:
+        for pp in PRE:
+            for d in (0.0, 0.01):
+                ref = _mp_reference(pq, pp, d, n)
+                if abs(ref["kl"]) < big_value and abs(ref["kl_scale_q"]) < big_grad and abs(ref["kl_mean_q"]) < big_grad:
+                    cases.append((pq, pp, d, ref))
+    assert len(cases) > (120 if dtype == torch.float16 else 200)  # most of the grid (fp16's range is narrower)
+    assert any(pq == -120.0 and pp == 0.0 for pq, pp, _, _ in cases)
+    for start in range(0, len(cases), rows):
+        chunk = cases[start : start + rows]
+        chunk = chunk + [chunk[0]] * (rows - len(chunk))  # pad with a repeat (counted below)
+        col = lambda values: torch.tensor(values, dtype=torch.float64).unsqueeze(1).to(dtype)  # noqa: E731
+        ones = torch.ones(1, n, dtype=dtype)
+        q = {
+            L.mean_B: col([d for _, _, d, _ in chunk]).requires_grad_(),
+            L.mean_A: ones,
+            L.scale_B: col([pq - L.rho0 for pq, _, _, _ in chunk]).requires_grad_(),
+            L.scale_A: ones,
+        }
+        p = {
+            L.mean_B: torch.zeros(rows, 1, dtype=dtype),
+            L.mean_A: ones,
+            L.scale_B: col([pp - L.rho0 for _, pp, _, _ in chunk]),
+            L.scale_A: ones,
+        }
+        kl = model.kl(q, p)
+        kl.backward()
+        assert torch.isfinite(kl)
+        g_scale, g_mean = q[L.scale_B].grad.double().squeeze(1), q[L.mean_B].grad.double().squeeze(1)
+        assert torch.isfinite(g_scale).all() and torch.isfinite(g_mean).all()
+        # the inputs as rounded to the dtype: the reference is taken at the values actually stored
+        stored = [
+            _mp_reference(
+                float(q[L.scale_B][i].detach()) + L.rho0, float(p[L.scale_B][i]) + L.rho0, float(q[L.mean_B][i].detach()), n
+            )
+            for i in range(rows)
+        ]
+        assert kl.item() == pytest.approx(float(sum(r["kl"] for r in stored)), rel=1e-4, abs=1e-3)
+        for i, r in enumerate(stored):
+            assert g_scale[i].item() == pytest.approx(float(r["kl_scale_q"]), rel=1e-2, abs=1e-4), (i, chunk[i][:3])
+            assert g_mean[i].item() == pytest.approx(float(r["kl_mean_q"]), rel=1e-2, abs=1e-4), (i, chunk[i][:3])
+    # the hyperprior of theta, at every pre-activation where its value (b0 / S^2 grows as S -> 0) fits
+    # (and its gradient, about twice as large, fits the tensors' dtype)
+    fit = [x for x in PRE if abs(_mp_reference(x, 0.0, 0.01, n)["hyper"]) < min(big_value, big_grad / 4)]
+    assert 1000.0 in fit and (dtype == torch.float16 or -20.5 in fit)
+    theta = {
+        L.mean_B: torch.full((rows, 1), 0.01, dtype=dtype),
+        L.mean_A: torch.ones(1, n, dtype=dtype),
+        L.scale_B: torch.tensor([fit[i % len(fit)] - L.rho0 for i in range(rows)], dtype=torch.float64).unsqueeze(1).to(dtype),
+        L.scale_A: torch.ones(1, n, dtype=dtype),
+    }
+    theta[L.scale_B].requires_grad_()
+    hyper = model.neg_log_hyperprior(theta, HyperpriorConfig())
+    hyper.backward()
+    want = sum(
+        _mp_reference(float(theta[L.scale_B][i].detach()) + L.rho0, 0.0, float(theta[L.mean_B][i]), n)["hyper"]
+        for i in range(rows)
+    )
+    assert hyper.item() == pytest.approx(float(want), rel=1e-4) and torch.isfinite(theta[L.scale_B].grad).all()
+    pre = torch.tensor(PRE, dtype=dtype).unsqueeze(1).requires_grad_()
+    S = std_matrix(pre, torch.ones(1, 3, dtype=dtype), 0.0)
+    S.sum().backward()
+    assert torch.isfinite(S).all() and (S >= 0).all() and torch.isfinite(pre.grad).all()

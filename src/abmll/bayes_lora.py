@@ -263,8 +263,43 @@ def mean_matrix(B: Tensor, A: Tensor, scaling: float) -> Tensor:
 
 
 def std_matrix(B: Tensor, A: Tensor, rho0: float) -> Tensor:
-    """S = softplus(B @ A + rho0) > 0. B: (d_out, r), A: (r, d_in) -> (d_out, d_in)."""
+    """S = softplus(B @ A + rho0) >= 0. B: (d_out, r), A: (r, d_in) -> (d_out, d_in). Finite for
+    every finite pre-activation (it underflows to 0 below about -104 in float32)."""
     return F.softplus(B @ A + rho0)
+
+
+_LOG_SOFTPLUS_SWITCH = -20.0
+"""Below this pre-activation log(softplus(x)) is computed as x - exp(x) / 2 (its series,
+exact to O(exp(2x)) ~ 4e-18), so it stays finite where softplus itself underflows to 0."""
+
+
+def log_softplus(x: Tensor) -> Tensor:
+    """log(softplus(x)) = log(log(1 + exp(x))), elementwise, finite for every finite x (the
+    direct form is -inf below about -104 in float32, where softplus underflows). Twice
+    differentiable; its derivative is :func:`dlog_softplus`."""
+    small = x < _LOG_SOFTPLUS_SWITCH
+    lo = x.clamp(max=_LOG_SOFTPLUS_SWITCH)
+    hi = x.clamp(min=_LOG_SOFTPLUS_SWITCH)
+    return torch.where(small, lo - 0.5 * torch.exp(lo), torch.log(F.softplus(hi)))
+
+
+def dlog_softplus(x: Tensor) -> Tensor:
+    """d log(softplus(x)) / dx = sigmoid(x) / softplus(x), finite for every finite x (1 - exp(x) / 2
+    below :data:`_LOG_SOFTPLUS_SWITCH`, where both factors underflow)."""
+    small = x < _LOG_SOFTPLUS_SWITCH
+    hi = x.clamp(min=_LOG_SOFTPLUS_SWITCH)
+    return torch.where(small, 1 - 0.5 * torch.exp(x.clamp(max=_LOG_SOFTPLUS_SWITCH)), torch.sigmoid(hi) / F.softplus(hi))
+
+
+def log_std_matrix(B: Tensor, A: Tensor, rho0: float) -> Tensor:
+    """log S = log softplus(B @ A + rho0), computed stably (:func:`log_softplus`)."""
+    return log_softplus(B @ A + rho0)
+
+
+def _inv_std(log_s: Tensor) -> Tensor:
+    """1 / S from log S, capped at the dtype's largest finite value (so 0 * (1 / S) stays 0
+    where S underflows; a nonzero mean difference over such an S is genuinely out of range)."""
+    return torch.exp(-log_s).clamp(max=torch.finfo(log_s.dtype).max)
 
 
 def _gaussian_kl_block(
@@ -280,40 +315,45 @@ def _gaussian_kl_block(
     rho0: float,
 ) -> Tensor:
     """Sum over a row block of KL(N(Mq, Sq^2) || N(Mp, Sp^2)), elementwise Gaussians, in plain
-    autograd ops (twice differentiable: used by the second-order reference)."""
+    autograd ops (twice differentiable: used by the second-order reference). log S is
+    computed stably (:func:`log_std_matrix`), so the KL is finite wherever its value is."""
     diff = mean_matrix(torch.cat([Bq, -Bp], 1), torch.cat([Aq, Ap], 0), scaling)  # Mq - Mp in one matmul
-    log_sq = torch.log(std_matrix(Bsq, Asq, rho0))
-    log_sp = torch.log(std_matrix(Bsp, Asp, rho0))
+    log_sq = log_std_matrix(Bsq, Asq, rho0)
+    log_sp = log_std_matrix(Bsp, Asp, rho0)
     # log(sp / sq) + (sq^2 + diff^2) / (2 sp^2) - 1/2, with sq^2 / sp^2 = exp(2 (log_sq - log_sp))
-    return (log_sp - log_sq + 0.5 * torch.exp(2 * (log_sq - log_sp)) + 0.5 * diff.square() * torch.exp(-2 * log_sp) - 0.5).sum()
+    scaled = diff * _inv_std(log_sp)
+    return (log_sp - log_sq + 0.5 * torch.exp(2 * (log_sq - log_sp)) + 0.5 * scaled.square() - 0.5).sum()
 
 
 class _FusedGaussianKL(torch.autograd.Function):
     """:func:`_gaussian_kl_block` with its gradient in closed form, computed in the forward
     pass: with D = Mq - Mp, pre = B_s @ A_s + rho0, S = softplus(pre), r = Sq^2 / Sp^2,
+    l(pre) = d log S / d pre = sigmoid(pre) / S,
 
         dKL/dMq = -dKL/dMp = D / Sp^2,
-        dKL/dpre_q = (r - 1) / Sq * sigmoid(pre_q),
-        dKL/dpre_p = (1 - r - D^2 / Sp^2) / Sp * sigmoid(pre_p),
+        dKL/dpre_q = (r - 1) * l(pre_q),
+        dKL/dpre_p = (1 - r - D^2 / Sp^2) * l(pre_p),
 
-    then chained to the LoRA factors by four small matmuls. Fewer full-matrix passes and
-    buffers than autograd's graph of the same expression (the inner loop's hot spot beside
-    the model). Once differentiable."""
+    then chained to the LoRA factors by four small matmuls. r and log r come from log S
+    (:func:`log_softplus`), so value and gradients stay finite where S underflows.
+    Fewer full-matrix passes and buffers than autograd's graph of the same expression (the
+    inner loop's hot spot beside the model). Once differentiable."""
 
     @staticmethod
     def forward(ctx, Bq, Aq, Bsq, Asq, Bp, Ap, Bsp, Asp, scaling: float, rho0: float):
         diff = mean_matrix(torch.cat([Bq, -Bp], 1), torch.cat([Aq, Ap], 0), scaling)
         pre_q, pre_p = (Bsq @ Asq).add_(rho0), (Bsp @ Asp).add_(rho0)
-        sq, sp = F.softplus(pre_q), F.softplus(pre_p)
-        inv_var_p = sp.reciprocal().square_()
-        ratio = sq.square().mul_(inv_var_p)  # Sq^2 / Sp^2
-        diff2 = diff.square().mul_(inv_var_p)  # D^2 / Sp^2
-        # log(Sp / Sq) = -log(ratio) / 2
-        kl = 0.5 * (ratio.sum() + diff2.sum() - ratio.log().sum() - ratio.numel())
+        log_sq, log_sp = log_softplus(pre_q), log_softplus(pre_p)
+        log_ratio = (log_sq - log_sp).mul_(2)  # log(Sq^2 / Sp^2)
+        ratio = log_ratio.exp()
+        inv_sp = _inv_std(log_sp)
+        scaled = diff.mul_(inv_sp)  # D / Sp
+        diff2 = scaled.square()  # D^2 / Sp^2
+        kl = 0.5 * (ratio.sum() + diff2.sum() - log_ratio.sum() - ratio.numel())
         need = ctx.needs_input_grad
-        g_mean = diff.mul_(inv_var_p).mul_(scaling) if any(need[:2] + need[4:6]) else None
-        g_pre_q = (ratio - 1).div_(sq).mul_(pre_q.sigmoid_()) if any(need[2:4]) else None
-        g_pre_p = ratio.add_(diff2).sub_(1).neg_().div_(sp).mul_(pre_p.sigmoid_()) if any(need[6:8]) else None
+        g_mean = scaled.mul_(inv_sp).mul_(scaling) if any(need[:2] + need[4:6]) else None
+        g_pre_q = (ratio - 1).mul_(dlog_softplus(pre_q)) if any(need[2:4]) else None
+        g_pre_p = ratio.add_(diff2).sub_(1).neg_().mul_(dlog_softplus(pre_p)) if any(need[6:8]) else None
         ctx.save_for_backward(Bq, Aq, Bsq, Asq, Bp, Ap, Bsp, Asp, g_mean, g_pre_q, g_pre_p)
         return kl
 
@@ -344,9 +384,10 @@ def _neg_log_hyperprior_block(
     a0: float,
     b0: float,
 ) -> Tensor:
-    """Sum over a row block of -log N(M; 0, mean_std^2) - log Gamma(1/S^2; a0, b0)."""
+    """Sum over a row block of -log N(M; 0, mean_std^2) - log Gamma(1/S^2; a0, b0), with
+    log S computed stably (:func:`log_std_matrix`)."""
     m = mean_matrix(B, A, scaling)
-    log_prec = -2 * torch.log(std_matrix(Bs, As, rho0))
+    log_prec = -2 * log_std_matrix(Bs, As, rho0)
     nlp_mean = 0.5 * (m / mean_std).square() + math.log(mean_std) + 0.5 * math.log(2 * math.pi)
     nlp_prec = -(a0 * math.log(b0) - math.lgamma(a0) + (a0 - 1) * log_prec - b0 * log_prec.exp())
     return (nlp_mean + nlp_prec).sum()

@@ -195,8 +195,7 @@ def adapt(
         kl = model.kl(lam, prior) if beta else None
         if kl is not None:
             (beta * kl).backward()
-        if not math.isfinite(nll) or (kl is not None and not torch.isfinite(kl)):
-            raise NonFiniteLossError(f"inner step {step}: support NLL {nll}, KL {kl}")
+        _check_finite(f"inner step {step}", ("support NLL", nll), ("KL(q || prior)", kl))
         history.append(nll)
         if grad_clip:
             torch.nn.utils.clip_grad_norm_([v for v in lam.values() if v.grad is not None], grad_clip)
@@ -210,6 +209,14 @@ def adapt(
     if bad:
         raise NonFiniteLossError(f"adaptation diverged after {steps} steps (lr {lr}): non-finite {bad[0]}")
     return {k: v.detach() for k, v in lam.items()}, history
+
+
+def _check_finite(where: str, *terms: tuple[str, float | Tensor | None]) -> None:
+    """Raises NonFiniteLossError naming ``where`` and the first of ``terms`` ((name, value);
+    None values skipped) that is NaN or infinite, so a stopped run says which loss term broke."""
+    for name, value in terms:
+        if value is not None and not math.isfinite(float(value)):
+            raise NonFiniteLossError(f"{where}: {name} {float(value)} (not finite)")
 
 
 def meta_step(
@@ -276,12 +283,15 @@ def meta_step(
     (config.gamma * hyperprior).backward()
     logs["hyperprior"] = hyperprior.item()
     logs["loss"] = logs["query_nll"] + config.beta * logs["kl"] + config.gamma * logs["hyperprior"]
-    finite = math.isfinite(logs["loss"]) and all(torch.isfinite(t.grad).all() for t in theta.values())
-    if not finite:
+    terms = [(name, logs[key]) for name, key in (("query NLL", "query_nll"), ("KL", "kl"), ("hyperprior", "hyperprior"))]
+    bad_grad = next((k for k, t in theta.items() if not torch.isfinite(t.grad).all()), None)
+    try:
+        _check_finite(f"meta-step {step}", *terms, ("loss", logs["loss"]))
+        if bad_grad is not None:
+            raise NonFiniteLossError(f"meta-step {step}: non-finite meta-gradient of {bad_grad} (logs {logs})")
+    except NonFiniteLossError as err:
         optimizer.zero_grad(set_to_none=True)
-        raise NonFiniteLossError(
-            f"meta-step {step}: non-finite loss or gradient (logs {logs}) on tasks {[t.task for t in tasks]}"
-        )
+        raise NonFiniteLossError(f"{err} on tasks {[t.task for t in tasks]}") from None
     if config.outer_grad_clip:
         logs["meta_grad_norm"] = torch.nn.utils.clip_grad_norm_(list(theta.values()), config.outer_grad_clip).item()
     if config.outer_warmup_steps:  # else the optimizer's own lr (MetaTrainer's is outer_lr)
@@ -302,6 +312,7 @@ def _abmll_task(model: BayesLoraModel, theta: Params, task: TaskBatches, config:
     lam = _leaves(lam_k)
     query_nll = nll_backward(model, lam, task.query, config.n_samples, weight=1 / B)
     kl = model.kl(lam, theta)
+    _check_finite("outer loss", ("query NLL", query_nll), ("KL(q || p_theta)", kl))
     (config.beta / B * kl).backward()
     with torch.no_grad():  # straight-through: d lambda^(K) / d theta = identity
         for k, t in theta.items():
