@@ -143,16 +143,6 @@ def test_meta_train_twice_gives_the_same_prior_whatever_the_global_rng(tiny_mode
     assert all(torch.equal(priors[0][k], priors[1][k]) for k in priors[0])
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "src/abmll/checkpoint.py read_tensors (since e0abc83) parses the file's bytes with "
-        "safetensors.torch.load(data): the tensors are views into that Python bytes object, whose "
-        "address modulo 64 changes from load to load (the old mmap read was page-aligned), so SIMD "
-        "kernels round differently: a posterior adapted from the same prior differs by ~1e-8 between "
-        "runs (tests/test_cli_commands.py::test_adapt_then_predict fails about half the time)"
-    ),
-)
 def test_a_saved_adapter_loads_at_the_same_alignment_every_time(tmp_path):
     """Where a loaded tensor sits in memory (its address modulo 64 bytes: which SIMD path
     reads it, hence the last bits of every sum over it) depends on the file only: loading

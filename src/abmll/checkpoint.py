@@ -258,7 +258,9 @@ def read_tensors(
     if not data:
         raise CheckpointError(f"{path}: empty (0 bytes){remedy}")
     try:
-        tensors = load_tensor_bytes(data)
+        # copied into fresh (allocator-aligned) storage: views into ``data`` sit at a different
+        # alignment on every read, and CPU kernels then round differently from load to load
+        tensors = {k: v.clone() for k, v in load_tensor_bytes(data).items()}
         n = int.from_bytes(data[:8], "little")
         metadata = json.loads(data[8 : 8 + n]).get("__metadata__") or {}
     except (SafetensorError, ValueError, AttributeError) as err:
