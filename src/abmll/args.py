@@ -312,7 +312,10 @@ def parse_args(
             raw = yaml.safe_load(Path(known.config).read_text(encoding="utf-8-sig")) or {}
         except (OSError, yaml.YAMLError) as err:
             raise SystemExit(f"config: cannot read {known.config} ({err})") from None
-        file_defaults = flatten_config(raw, classes)
+        try:
+            file_defaults = flatten_config(raw, classes)
+        except ValueError as err:
+            raise SystemExit(f"config {known.config}: {err}") from None
     folder = getattr(known, adapter_flag, None) if adapter_flag else None
     folder = folder or file_defaults.get(adapter_flag)
     if folder:
@@ -381,7 +384,13 @@ def _saved_defaults(folder: str, groups: list[str]) -> dict:
 def flatten_config(raw: dict, classes) -> dict:
     """YAML -> flat flag defaults for this command's ``classes``; accepts
     ``{section: {field: value}}`` or flat keys. Keys of other commands' options and config
-    groups are ignored (one file serves every command); unknown keys are an error."""
+    groups are ignored (one file serves every command).
+
+    Raises:
+        ValueError: the top level is not a mapping, or a key is unknown (naming it).
+    """
+    if not isinstance(raw, dict):
+        raise ValueError(f"the top level must be a mapping of flag names (or sections) to values, not a {type(raw).__name__}")
     names = {f.name for c in classes for f in fields(c)}
     anywhere = names | {f.name for c in [RunArgs, *COMMAND_ARGS, *CONFIG_GROUPS.values()] for f in fields(c)}
     flat = {}
@@ -391,7 +400,7 @@ def flatten_config(raw: dict, classes) -> dict:
         used = not section or CONFIG_GROUPS[key] in classes  # a section of a group this command lacks: skipped
         for k, v in items:
             if k not in (_fields_of(CONFIG_GROUPS[key]) if section else anywhere):
-                raise SystemExit(f"config: unknown key {k!r}" + (f" in section {key!r}" if section else ""))
+                raise ValueError(f"unknown key {k!r}" + (f" in section {key!r}" if section else ""))
             if used and k in names:
                 flat[k] = v
     return flat
