@@ -17,7 +17,7 @@ import torch
 from conftest import make_tiny_llama, make_tiny_tokenizer, write_task
 
 from abmll.bayes_lora import BayesLoraConfig, BayesLoraModel, HyperpriorConfig
-from abmll.checkpoint import STATE, load_adapter
+from abmll.checkpoint import PREVIOUS_STATE, STATE, load_adapter
 from abmll.cli import main
 from abmll.data import Example
 from abmll.distributed import adapter_parameters, noise_seed, shard_base_model, split_batches, task_share, wrap_policy
@@ -282,7 +282,8 @@ def test_two_processes_train_the_same_prior_as_one(tiny_model_dir, tiny_data_dir
         assert h["query_nll"] == pytest.approx(r["query_nll"], rel=1e-5)
         assert h["kl"] == pytest.approx(r["kl"], rel=1e-5)
     assert proc.stdout.count("meta-training on 4 tasks: t0, t1, t2, t3 (2 processes)") == 1  # main prints
-    assert {p.name for p in (tmp_path / "two" / CHECKPOINT_DIR).iterdir()} == {STATE, "state-00000003.safetensors"}
+    saved_states = {STATE, PREVIOUS_STATE, "state-00000002.safetensors", "state-00000003.safetensors"}  # newest + previous
+    assert {p.name for p in (tmp_path / "two" / CHECKPOINT_DIR).iterdir()} == saved_states  # one writer: no extra files
 
     # --resume in 2 processes (both read the checkpoint) continues like 1 process does
     more = [*args, "--meta_steps", "4", "--resume"]

@@ -13,7 +13,7 @@ from test_architectures import make_tiny, random_params
 
 import abmll.checkpoint as checkpoint_mod
 from abmll.bayes_lora import BayesLoraConfig, BayesLoraModel
-from abmll.checkpoint import CheckpointError, read_tensors, save_adapter
+from abmll.checkpoint import CheckpointError, file_sha256, read_tensors, save_adapter
 from abmll.export import (
     PEFT_CONFIG,
     PEFT_TENSORS,
@@ -109,6 +109,10 @@ def test_abmll_layout_also_loads_and_bad_folders_are_named(tmp_path):
     export_peft(tmp_path / "mismatch", params, {}, model=model)
     scale, metadata = read_tensors(tmp_path / "mismatch" / SCALE_TENSORS)
     save_file(dict(list(scale.items())[1:]), tmp_path / "mismatch" / SCALE_TENSORS, metadata=metadata)
+    config_file = tmp_path / "mismatch" / "abmll_config.json"  # written so, not damaged: its checksum recorded
+    config = json.loads(config_file.read_text())
+    config["sha256"][SCALE_TENSORS] = file_sha256(tmp_path / "mismatch" / SCALE_TENSORS)
+    config_file.write_text(json.dumps(config))
     with pytest.raises(CheckpointError, match="mean and scale pairs"):
         load_adapter_folder(tmp_path / "mismatch")
 

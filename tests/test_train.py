@@ -17,7 +17,7 @@ from conftest import make_tiny_llama, make_tiny_tokenizer
 
 from abmll import meta, train
 from abmll.bayes_lora import BayesLoraConfig, BayesLoraModel, HyperpriorConfig
-from abmll.checkpoint import STATE, CheckpointError, load_adapter, load_state
+from abmll.checkpoint import PREVIOUS_STATE, STATE, CheckpointError, file_sha256, load_adapter, load_state
 from abmll.cli import main
 from abmll.config import TaskArgs
 from abmll.meta import MetaConfig, NonFiniteLossError
@@ -91,7 +91,10 @@ def test_resume_continues_bit_exactly(tiny_data_dir, tmp_path, outer):
     assert saved["meta_steps_done"] == 6
     assert all(torch.equal(theta[k], full.theta[k].detach()) for k in theta)
     ckpt = tmp_path / "b" / CHECKPOINT_DIR
-    assert {p.name for p in ckpt.iterdir()} == {STATE, "state-00000006.safetensors"}
+    # the newest state and the one before it (kept for when the newest is damaged), nothing older
+    names = {STATE, PREVIOUS_STATE, "state-00000003.safetensors", "state-00000006.safetensors"}
+    assert {p.name for p in ckpt.iterdir()} == names
+    assert json.loads((ckpt / PREVIOUS_STATE).read_text())["step"] == 3
 
 
 def test_resume_refuses_other_config_model_or_missing_state(tiny_data_dir, tmp_path):
@@ -135,7 +138,7 @@ def test_resume_refuses_a_damaged_trainer_state(tiny_data_dir, tmp_path):
     tensors = tmp_path / CHECKPOINT_DIR / good["tensors"]
     saved = load_file(tensors)
     save_file({**saved, "best/nope": torch.zeros(2)}, tensors, metadata={"format": good["format"], "step": "2"})
-    state_json.write_text(json.dumps(good))
+    state_json.write_text(json.dumps({**good, "sha256": {good["tensors"]: file_sha256(tensors)}}))  # written, not damaged
     fresh = make_trainer(tiny_data_dir)
     with pytest.raises(CheckpointError, match="best prior's tensors do not match"):
         fresh.resume(tmp_path)
