@@ -492,7 +492,7 @@ def task_stats(task: str, seeds, bench: BenchArgs, cfg: dict, tokenizer) -> dict
     per, cut = [], []
     for seed in seeds:
         ep = load_episode(task, test_k(bench, cfg), seed, bench.eval_split, ev.max_test, tasks.data_dir)
-        cut.append(truncation_summary(make_batches(tokenizer, [*ep.support, *ep.query], cfg["scoring"])))
+        cut.append(truncation_summary(make_batches(tokenizer, [*ep.support, *ep.query], cfg["scoring"], ep.support)))
         q = ep.query
         labels = torch.tensor([e.label for e in q])
         width = max(len(e.options) for e in q)
@@ -533,7 +533,8 @@ def build_model(cfg: dict, work: Path) -> tuple[BayesLoraModel, object]:
 
 
 def _group(cfg: dict, name: str, keys=None) -> dict:
-    d = asdict(cfg[name])
+    kept = group_dict(name, cfg[name])  # fields added since priors and results were cached: only when set
+    d = {k: v for k, v in asdict(cfg[name]).items() if k in kept}
     return d if keys is None else {k: d[k] for k in keys}
 
 

@@ -131,10 +131,13 @@ class PredictArgs:
             nats) exceeds this value (selective prediction); None: never.
         abstain_on: the uncertainty ``abstain_above`` applies to: "total" (predictive entropy)
             or "epistemic" (mutual information between the answer and the weights).
+        support: the task's labelled support file (JSON lines, e.g. the one given to ``abmll
+            adapt``): the in-context demonstrations of an adapter with ``--demonstrations`` > 0.
     """
 
     adapter: str | None = None
     input: str | None = None
+    support: str | None = None
     sample_seed: int = 0
     chunk_size: int = 8
     abstain_above: float | None = None

@@ -162,6 +162,7 @@ def from_dict(saved: dict, name: str, source: str = "saved config"):
 ADDED_FIELDS = {
     "eval": {"test_lr": None, "test_optimizer": "sgd"},
     "meta": {"outer_warmup_steps": 0, "outer_grad_clip": 0.0},
+    "scoring": {"channel": False, "channel_template": "{option}\n{input}", "channel_loss": "generative", "demonstrations": 0},
 }
 """Fields added after results were first saved, with their defaults: :func:`result_config`
 leaves them out while at the default, so the resume key of results saved before them holds."""

@@ -26,7 +26,7 @@ from torch import Tensor
 
 from abmll.bayes_lora import BayesLoraModel, HyperpriorConfig, Params
 from abmll.checks import at_least, one_of, seeds
-from abmll.scoring import OptionBatch, option_nll, option_scores
+from abmll.scoring import OptionBatch, option_nll, option_scores, training_loss
 
 
 @dataclass
@@ -117,9 +117,10 @@ def nll_backward(
     n_samples: int,
     weight: float = 1.0,
 ) -> float:
-    """Mean NLL over all examples of ``batches`` (and over ``n_samples`` weight samples;
-    0 = posterior mean); ``weight`` times it is back-propagated batch by batch into the
-    ``.grad`` of the leaves of ``params``, so only one batch's graph is alive at a time.
+    """Mean NLL (the batches' :func:`abmll.scoring.training_loss`) over all examples of
+    ``batches`` (and over ``n_samples`` weight samples; 0 = posterior mean); ``weight`` times
+    it is back-propagated batch by batch into the ``.grad`` of the leaves of ``params``, so
+    only one batch's graph is alive at a time.
     Returns the (unweighted) NLL in nats."""
     n_examples = sum(b.num_examples for b in batches)
     draws = max(n_samples, 1)
@@ -127,7 +128,7 @@ def nll_backward(
     for batch in batches:
         for _ in range(draws):
             scores = option_scores(_logits_fn(model, params, n_samples > 0), batch)
-            loss = option_nll(scores, batch.labels).sum() / (n_examples * draws)
+            loss = training_loss(scores, batch).sum() / (n_examples * draws)
             (weight * loss).backward()
             total += loss.item()
     return total
@@ -415,9 +416,7 @@ def predict_samples(
 def _mean_nll_graph(model: BayesLoraModel, params: Params, batches: Sequence[OptionBatch], n_samples: int) -> Tensor:
     """Mean NLL over ``batches`` (and ``n_samples`` weight samples) as one differentiable scalar."""
     draws = max(n_samples, 1)
-    losses = [
-        option_nll(option_scores(_logits_fn(model, params, n_samples > 0), b), b.labels) for b in batches for _ in range(draws)
-    ]
+    losses = [training_loss(option_scores(_logits_fn(model, params, n_samples > 0), b), b) for b in batches for _ in range(draws)]
     return torch.cat(losses).sum() / (sum(b.num_examples for b in batches) * draws)
 
 

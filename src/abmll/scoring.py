@@ -2,6 +2,13 @@
 
 Method doc, "Likelihood for tasks with options": score_c = sum of the token log-probabilities
 of option c given the prompt built from the input; p(y | x, dW) = softmax_c(score_c).
+``channel=True`` is MetaICL's noisy channel: score_c = log p(input | option c), the input's
+tokens scored after the option (``channel_template``), with the same softmax over options.
+
+Text is scored as written: a scored continuation's tokens are those of the whole text after
+the context's (lm-evaluation-harness's ``_encode_pair`` rule), the context's trailing spaces and
+tabs moved into the continuation, so a word split across the boundary (``"Answer: " + "yes"``)
+tokenises as it does in the whole text.
 
 By default each example is one LEFT-padded sequence: its prompt once, then all its options,
 each option attending to the prompt and to itself only (4D attention mask, position ids
@@ -17,11 +24,12 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from torch import Tensor
 
-from abmll.checks import at_least
+from abmll.checks import at_least, one_of
 from abmll.data import Example
 
 LogitsFn = Callable[..., Tensor]
@@ -33,7 +41,9 @@ class ScoringConfig:
     """How prompts are built and scored.
 
     Attributes:
-        template: prompt built from an example, ``{input}`` replaced by its input text.
+        template: prompt built from an example, ``{input}`` replaced by its input text. In
+            this and the other text settings, a typed ``\\n`` or ``\\t`` (as a shell passes
+            ``"\\n"`` on) is read as a newline or tab.
         option_prefix: text put before each option (a space, so options tokenise as words).
         max_length: tokens per (prompt + longest option); a longer input is cut from the left
             (the template text and special tokens are kept).
@@ -47,6 +57,23 @@ class ScoringConfig:
             turn, with the generation prompt, so each option is scored as the assistant's
             answer (for instruct models). The special tokens come from the chat template
             (the tokenizer adds none of its own, so BOS appears once).
+        channel: noisy-channel scoring (MetaICL): score each option c by log p(input | c), the
+            text of ``channel_template`` from ``{input}`` on scored after the text before it
+            (``{option}`` filled); class probabilities are the softmax over options as in direct
+            scoring. ``template`` and ``option_prefix`` are not used; no chat template.
+        channel_template: channel mode's text, with ``{option}`` before ``{input}``; the
+            part from ``{input}`` on is scored.
+        channel_loss: channel mode's training loss (inner loop, outer loop, adaptation):
+            ``generative`` = -log p(input | true option), MetaICL's channel loss (summed over
+            the input's tokens, or their mean with ``length_normalize``); ``softmax`` = the
+            NLL of the softmax over options, as in direct mode. Predictions and reported NLL
+            always use the softmax.
+        demonstrations: m, in-context examples of the task's support set put before each
+            prompt (each written as a scored example would be, with its true option; a blank
+            line after each), in every scoring (adaptation, meta-training, prediction). Never
+            the example being scored (nor one with the same input); fewer than m when m would
+            not fit ``max_length`` without cutting the input. Needs the support set: given by
+            evaluate and meta-train, the support file in adapt, ``--support`` in predict.
     """
 
     template: str = "{input}\nAnswer:"
@@ -56,10 +83,32 @@ class ScoringConfig:
     max_rows: int = 16
     pack_options: bool = True
     chat_template: bool = False
+    channel: bool = False
+    channel_template: str = "{option}\n{input}"
+    channel_loss: Literal["generative", "softmax"] = "generative"
+    demonstrations: int = 0
 
     def __post_init__(self) -> None:
+        for name in TEXT_FIELDS:
+            setattr(self, name, read_escapes(getattr(self, name)))
         _fill_template(self.template)
+        _split_channel_template(self.channel_template)
         at_least(self, ("max_length", "max_rows"), 1)
+        at_least(self, ("demonstrations",), 0)
+        one_of(self, "channel_loss", ("generative", "softmax"))
+        if self.channel and self.chat_template:
+            raise ValueError("--channel and --chat_template: channel scoring scores the input, not an assistant's answer")
+
+
+TEXT_FIELDS = ("template", "option_prefix", "channel_template")
+"""The text settings whose typed escapes :func:`read_escapes` reads."""
+
+
+def read_escapes(text: str) -> str:
+    """``text`` with a typed backslash-n and backslash-t read as a newline and a tab (a shell
+    passes ``"\\n"`` on unchanged); other backslashes kept. Idempotent: a config read again
+    (saved, replaced) stays the same."""
+    return text.replace("\\n", "\n").replace("\\t", "\t")
 
 
 def _fill_template(template: str) -> str:
@@ -80,12 +129,59 @@ def _fill_template(template: str) -> str:
     return text
 
 
+_OPTION = "\ue001"
+"""A private-use character standing for the option in the channel template."""
+
+
+def _split_channel_template(template: str) -> tuple[str, str]:
+    """``(before, after)``: ``template``'s text before ``{input}`` (with ``{option}`` as
+    :data:`_OPTION`) and after it.
+
+    Raises:
+        ValueError: naming --channel_template, when it lacks ``{option}`` or ``{input}``,
+            has ``{option}`` after ``{input}`` or more than once, or another field.
+    """
+    try:
+        text = template.format(input=_SLOT, option=_OPTION)
+    except (KeyError, IndexError, ValueError) as err:
+        raise ValueError(
+            f"--channel_template {template!r}: only the fields {{option}} and {{input}} are allowed; "
+            f"write a literal brace as {{{{ or }}}} ({err!r})"
+        ) from None
+    before, slot, after = text.partition(_SLOT)
+    if not slot or before.count(_OPTION) != 1 or _OPTION in after or _SLOT in after:
+        raise ValueError(
+            f"--channel_template {template!r}: needs {{option}} once, then {{input}} once (the input is scored after the option)"
+        )
+    return before, after
+
+
+def _move_blank(context: str, continuation: str) -> tuple[str, str]:
+    """``context``'s trailing spaces and tabs moved to the front of ``continuation`` (newlines
+    stay: every tokenizer ends a token at one)."""
+    kept = context.rstrip(" \t")
+    return kept, context[len(kept) :] + continuation
+
+
+def continuation_ids(tokenizer, context: str, continuation: str) -> list[int]:
+    """Token ids of ``continuation`` as it tokenises after ``context``: those of
+    ``context + continuation`` past the tokens of ``context`` (lm-evaluation-harness's rule;
+    ``context``'s trailing blanks moved into ``continuation`` first, see :func:`_move_blank`).
+    No special tokens."""
+    context, continuation = _move_blank(context, continuation)
+    encode = lambda t: tokenizer(t, add_special_tokens=False)["input_ids"] if t else []  # noqa: E731
+    return encode(context + continuation)[len(encode(context)) :]
+
+
 @dataclass
 class OptionBatch:
     """Tokenised sequences for N examples with up to C options each; R = total options.
 
     S sequences of T tokens: one per (example, option) (unpacked) or one per example with
-    its options packed after the prompt. Option token j of option row r sits at index
+    its options packed after the prompt. Each option's segment is an unscored part (empty in
+    direct scoring; the option text in channel scoring, whose shared prompt is only the
+    tokenizer's special tokens) then its scored tokens ("option tokens" below: the option in
+    direct scoring, the input in channel scoring). Option token j of option row r sits at index
     ``pred_index[r, j] + 1`` of the last ``keep`` positions of sequence ``option_seq[r]``;
     its log-probability is read from the logits at ``pred_index[r, j]``.
 
@@ -100,9 +196,12 @@ class OptionBatch:
         example_index: (N,) long, each example's position in the list it was built from.
         length_normalize: score options by mean rather than summed token log-probability
             (``ScoringConfig.length_normalize``, carried so every scorer of the batch uses it).
+        loss: the training loss of the batch (:func:`training_loss`): ``softmax`` or
+            ``generative`` (channel scoring's -score of the true option).
         dropped_tokens: (N,) long, how many of each input's own tokens were cut from its left
             to fit ``max_length`` (0: not truncated).
         dropped_fraction: (N,) float, that count over the input's token count.
+        demonstrations: (N,) long, how many in-context demonstrations each prompt holds.
     """
 
     input_ids: Tensor
@@ -120,8 +219,10 @@ class OptionBatch:
     num_options: Tensor
     example_index: Tensor
     length_normalize: bool = False
+    loss: str = "softmax"
     dropped_tokens: Tensor | None = None
     dropped_fraction: Tensor | None = None
+    demonstrations: Tensor | None = None
 
     @property
     def num_examples(self) -> int:
@@ -224,50 +325,141 @@ def tokenize_prompt(tokenizer, parts: PromptParts, text: str, room: int) -> tupl
     return _single_bos([*parts.prefix, *head, *body["input_ids"][-keep:], *tail], bos), len(body["input_ids"]) - keep
 
 
-def _tokenize(tokenizer, examples: Sequence[Example], config: ScoringConfig):
-    """Per example: (prompt ids, input truncated from the left when needed, list of option ids,
-    input tokens dropped, the input's token count when it was cut (else 0))."""
-    parts = prompt_parts(tokenizer, config)
+DEMONSTRATION_END = "\n\n"
+"""What follows each in-context demonstration."""
+
+
+def demonstration_text(ex: Example, config: ScoringConfig) -> str:
+    """Example ``ex`` written as scoring reads it, with its true option: the template's text and
+    ``option_prefix`` + option (direct), or ``channel_template`` (channel); then
+    :data:`DEMONSTRATION_END`. No special tokens and no chat template."""
+    answer = ex.options[ex.label]
+    if config.channel:
+        before, after = _split_channel_template(config.channel_template)
+        text = before.replace(_OPTION, answer) + ex.input + after
+    else:
+        text = _fill_template(config.template).replace(_SLOT, ex.input) + config.option_prefix + answer
+    return text + DEMONSTRATION_END
+
+
+def pick_demonstrations(ex: Example, pool: Sequence[Example], m: int) -> list[Example]:
+    """The first ``m`` examples of ``pool`` (in its order) whose input is not ``ex``'s."""
+    return [d for d in pool if d.input != ex.input][:m]
+
+
+def _tokenize(tokenizer, examples: Sequence[Example], config: ScoringConfig, pool: Sequence[Example] | None = None):
+    """Per example: (prompt ids, per option (unscored ids, scored ids), input tokens dropped,
+    the input's token count when it was cut (else 0), demonstrations used). The input is cut
+    from the left when needed (direct: the prompt's; channel: the scored tokens'); with
+    ``config.demonstrations``, as many of them as fit without cutting it (none when it is cut).
+
+    Raises:
+        ValueError: ``config.demonstrations`` > 0 without a ``pool`` (the support set).
+    """
+    if config.demonstrations and pool is None:
+        raise ValueError("--demonstrations needs the task's support set (predict: --support FILE)")
+    tokenize = _tokenize_channel if config.channel else _tokenize_direct
+    plain = prompt_parts(tokenizer, config)
+    if config.channel:  # no template text around the input; the head holds the demonstrations
+        plain = PromptParts("", "", plain.prefix)
     out = []
     for ex in examples:
-        options = [tokenizer(config.option_prefix + o, add_special_tokens=False)["input_ids"] for o in ex.options]
-        if not options or min(len(o) for o in options) == 0:
-            raise ValueError(f"{ex.source or ex.input[:40]!r}: no options, or an option tokenises to nothing")
-        longest = max(len(o) for o in options)
-        room = config.max_length - longest
-        if room < 1:
-            raise ValueError(
-                f"{ex.source or ex.input[:40]!r}: an option of {longest} tokens does not fit "
-                f"max_length={config.max_length}; raise max_length"
-            )
         try:
-            prompt, cut = tokenize_prompt(tokenizer, parts, ex.input, room)
+            demos = pick_demonstrations(ex, pool, config.demonstrations) if config.demonstrations else []
+            for m in range(len(demos), -1, -1):  # the most demonstrations that leave the input whole
+                text = "".join(demonstration_text(d, config) for d in demos[:m])
+                parts = plain if not m else _with_demonstrations(tokenizer, config, plain, text)
+                try:
+                    result = tokenize(tokenizer, parts, ex, config)
+                except ValueError:
+                    if not m:
+                        raise
+                    continue  # m demonstrations leave no room: fewer
+                if not result[2]:
+                    break
+            out.append((*result, m))
         except ValueError as err:
-            raise ValueError(f"{ex.source or ex.input[:40]!r}: {err}") from None
-        if not prompt:
-            raise ValueError(f"{ex.source or repr(ex.input)}: the prompt tokenises to nothing (empty input?)")
-        total = len(tokenizer(ex.input, add_special_tokens=False)["input_ids"]) if cut else 0
-        out.append((prompt, options, cut, total))
+            raise ValueError(f"{ex.source or repr(ex.input[:40])}: {err}") from None
     return out
 
 
+def _with_demonstrations(tokenizer, config: ScoringConfig, plain: PromptParts, text: str) -> PromptParts:
+    """``plain`` with ``text`` (the demonstrations) before the template's text; inside the
+    user turn under a chat template."""
+    if config.channel:  # channel: the shared prompt is the special tokens; text goes to the head
+        return PromptParts(text, plain.tail, plain.prefix)
+    escaped = text.replace("{", "{{").replace("}", "}}")
+    return prompt_parts(tokenizer, ScoringConfig(**{**vars(config), "template": escaped + config.template}))
+
+
+def _tokenize_direct(tokenizer, parts: PromptParts, ex: Example, config: ScoringConfig):
+    tail, moved = _move_blank(parts.tail, "")
+    text = ex.input
+    if not tail:  # the input ends the prompt: its own trailing blanks move with the template's
+        text, moved = _move_blank(text, moved)
+    context = parts.head + text + tail
+    options = [continuation_ids(tokenizer, context, moved + config.option_prefix + o) for o in ex.options]
+    if not options or min(len(o) for o in options) == 0:
+        raise ValueError("no options, or an option tokenises to nothing")
+    longest = max(len(o) for o in options)
+    room = config.max_length - longest
+    if room < 1:
+        raise ValueError(f"an option of {longest} tokens does not fit max_length={config.max_length}; raise max_length")
+    prompt, cut = tokenize_prompt(tokenizer, PromptParts(parts.head, tail, parts.prefix), text, room)
+    if not prompt:
+        raise ValueError("the prompt tokenises to nothing (empty input?)")
+    total = len(tokenizer(text, add_special_tokens=False)["input_ids"]) if cut else 0
+    return prompt, [([], o) for o in options], cut, total
+
+
+def _tokenize_channel(tokenizer, parts: PromptParts, ex: Example, config: ScoringConfig):
+    # the shared prompt: special tokens, then the demonstrations (``parts.head``; no template text)
+    demos = tokenizer(parts.head, add_special_tokens=False)["input_ids"] if parts.head else []
+    prefix = [*parts.prefix, *demos]
+    before, after = _split_channel_template(config.channel_template)
+    if not ex.options:
+        raise ValueError("no options")
+    segments = []
+    for option in ex.options:
+        cond, scored = _move_blank(before.replace(_OPTION, option), ex.input + after)
+        cond_ids = tokenizer(cond, add_special_tokens=False)["input_ids"] if cond else []
+        if not cond_ids:
+            raise ValueError(f"option {option!r} under --channel_template tokenises to nothing")
+        segments.append((cond_ids, continuation_ids(tokenizer, cond, scored)))
+    if min(len(t) for _, t in segments) == 0:
+        raise ValueError("the input tokenises to nothing (empty input?)")
+    room = config.max_length - len(prefix) - max(len(c) for c, _ in segments)
+    if room < 1:
+        raise ValueError(f"an option does not leave room for the input in max_length={config.max_length}; raise max_length")
+    total = max(len(t) for _, t in segments)
+    cut = max(0, total - room)
+    return prefix, [(c, t[-room:]) for c, t in segments], cut, total if cut else 0
+
+
 def encode_options(
-    tokenizer, examples: Sequence[Example], config: ScoringConfig, example_index: Sequence[int] | None = None
+    tokenizer,
+    examples: Sequence[Example],
+    config: ScoringConfig,
+    example_index: Sequence[int] | None = None,
+    demonstrations: Sequence[Example] | None = None,
 ) -> OptionBatch:
     """Tokenise ``examples`` into one :class:`OptionBatch` (all their options in one batch).
+    ``demonstrations``: the pool ``config.demonstrations`` draws from (the task's support set).
 
     Raises:
-        ValueError: empty ``examples``, an option that tokenises to nothing, or an option
-            longer than ``config.max_length``; the message names the example's source line.
+        ValueError: empty ``examples``, an option that tokenises to nothing, an option
+            longer than ``config.max_length`` (the message names the example's source line),
+            or ``config.demonstrations`` without ``demonstrations``.
     """
     if not examples:
         raise ValueError("encode_options needs at least one example")
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    tokenized = _tokenize(tokenizer, examples, config)
-    dropped = torch.tensor([cut for *_, cut, _ in tokenized], dtype=torch.long)
-    fraction = torch.tensor([cut / total if cut else 0.0 for *_, cut, total in tokenized])
+    tokenized = _tokenize(tokenizer, examples, config, demonstrations)
+    dropped = torch.tensor([cut for *_, cut, _, _ in tokenized], dtype=torch.long)
+    fraction = torch.tensor([cut / total if cut else 0.0 for *_, cut, total, _ in tokenized])
+    used = torch.tensor([m for *_, m in tokenized], dtype=torch.long)
     tokenized = [(prompt, opts) for prompt, opts, *_ in tokenized]
-    # segments per sequence: [(prompt ids, [(row, option ids), ...]), ...]
+    # segments per sequence: [(prompt ids, [(row, (unscored ids, scored ids)), ...]), ...]
     rows = [(i, c) for i, (_, opts) in enumerate(tokenized) for c in range(len(opts))]
     if config.pack_options:
         seqs = [
@@ -275,10 +467,10 @@ def encode_options(
         ]
     else:
         seqs = [(tokenized[i][0], [(r, tokenized[i][1][c])]) for r, (i, c) in enumerate(rows)]
+    size = lambda opts: sum(len(u) + len(o) for _, (u, o) in opts)  # noqa: E731
     S, R = len(seqs), len(rows)
-    T = max(len(p) + sum(len(o) for _, o in opts) for p, opts in seqs)
-    keep = max(sum(len(o) for _, o in opts) for _, opts in seqs) + 1
-    L = max(len(o) for _, opts in seqs for _, o in opts)
+    T = max(len(p) + size(opts) for p, opts in seqs)
+    L = max(len(o) for _, opts in seqs for _, (_, o) in opts)
     input_ids = torch.full((S, T), pad, dtype=torch.long)
     position_ids = torch.zeros(S, T, dtype=torch.long)
     segment = torch.full((S, T), -1, dtype=torch.long)  # -1 pad, 0 prompt, c + 1 option c
@@ -287,23 +479,29 @@ def encode_options(
     option_ids = torch.full((R, L), pad, dtype=torch.long)
     option_mask = torch.zeros(R, L, dtype=torch.bool)
     for s, (prompt, opts) in enumerate(seqs):
-        start = T - len(prompt) - sum(len(o) for _, o in opts)
+        start = T - len(prompt) - size(opts)
         pos = start + len(prompt)  # first option token
-        input_ids[s, start:pos] = torch.tensor(prompt)
+        input_ids[s, start:pos] = torch.tensor(prompt, dtype=torch.long)
         position_ids[s, start:pos] = torch.arange(len(prompt))
         segment[s, start:pos] = 0
-        for seg, (r, opt) in enumerate(opts, start=1):
-            n = len(opt)
-            input_ids[s, pos : pos + n] = torch.tensor(opt)
-            position_ids[s, pos : pos + n] = torch.arange(len(prompt), len(prompt) + n)
-            segment[s, pos : pos + n] = seg
-            # token j is predicted at the previous position of its own option, the first at the prompt's end
-            prev = torch.tensor([start + len(prompt) - 1] + list(range(pos, pos + n - 1)))
+        for seg, (r, (unscored, opt)) in enumerate(opts, start=1):
+            ids, n = [*unscored, *opt], len(opt)
+            input_ids[s, pos : pos + len(ids)] = torch.tensor(ids)
+            position_ids[s, pos : pos + len(ids)] = torch.arange(len(prompt), len(prompt) + len(ids))
+            segment[s, pos : pos + len(ids)] = seg
+            # scored token j is predicted at the position before it: the first at the end of
+            # the unscored part, or of the prompt when there is none
+            first = pos + len(unscored)
+            prev = torch.arange(first - 1, first + n - 1)
+            if not unscored:  # packed options follow each other: the first is read off the prompt's end
+                prev[0] = start + len(prompt) - 1
             option_seq[r] = s
-            pred_index[r, L - n :] = prev - (T - keep)
+            pred_index[r, L - n :] = prev
             option_ids[r, L - n :] = torch.tensor(opt)
             option_mask[r, L - n :] = True
-            pos += n
+            pos += len(ids)
+    keep = T - int(pred_index[option_mask].min())  # from the first position whose logits are read
+    pred_index = (pred_index - (T - keep)) * option_mask
     if config.pack_options:
         q, k = segment.unsqueeze(2), segment.unsqueeze(1)  # (S, T, 1), (S, 1, T)
         causal = torch.ones(T, T, dtype=torch.bool).tril()
@@ -328,20 +526,26 @@ def encode_options(
         num_options=torch.tensor([len(ex.options) for ex in examples]),
         example_index=torch.tensor(list(example_index) if example_index is not None else range(len(examples))),
         length_normalize=config.length_normalize,
+        loss=config.channel_loss if config.channel else "softmax",
         dropped_tokens=dropped,
         dropped_fraction=fraction,
+        demonstrations=used,
     )
 
 
-def make_batches(tokenizer, examples: Sequence[Example], config: ScoringConfig) -> list[OptionBatch]:
+def make_batches(
+    tokenizer, examples: Sequence[Example], config: ScoringConfig, demonstrations: Sequence[Example] | None = None
+) -> list[OptionBatch]:
     """Split ``examples`` into :class:`OptionBatch` es of at most ``config.max_rows``
     (example, option) pairs (an example with more options gets a batch of its own), grouping
     examples of similar length to cut padding. ``example_index`` maps results back to input order.
+    ``demonstrations``: the task's support set, drawn from when ``config.demonstrations`` > 0.
 
     Raises:
         ValueError: an example whose prompt tokenises to nothing, that has no options or an
             empty one, or whose options do not fit in ``max_length`` (the message names the
-            example's source file and line when known).
+            example's source file and line when known), or ``config.demonstrations`` without
+            ``demonstrations``.
     """
     order = sorted(range(len(examples)), key=lambda i: len(examples[i].input))
     batches, chunk, rows = [], [], 0
@@ -354,7 +558,7 @@ def make_batches(tokenizer, examples: Sequence[Example], config: ScoringConfig) 
         rows += n
     if chunk:
         batches.append(chunk)
-    return [encode_options(tokenizer, [examples[i] for i in idx], config, idx) for idx in batches]
+    return [encode_options(tokenizer, [examples[i] for i in idx], config, idx, demonstrations) for idx in batches]
 
 
 def option_scores(logits_fn: LogitsFn, batch: OptionBatch) -> Tensor:
@@ -392,6 +596,16 @@ def option_nll(scores: Tensor, labels: Tensor) -> Tensor:
     """-log softmax(scores)[label] per example. scores: (N, C) with -inf padding; labels (N,).
     Returns (N,) nats."""
     return -torch.log_softmax(scores, dim=-1).gather(-1, labels.unsqueeze(-1)).squeeze(-1)
+
+
+def training_loss(scores: Tensor, batch: OptionBatch) -> Tensor:
+    """The per-example loss every training loop minimises (inner, outer, adaptation), as
+    ``batch.loss`` says: ``softmax``, :func:`option_nll`; ``generative`` (channel scoring),
+    -scores[label] = -log p(input | true option), MetaICL's channel loss, summed over the
+    input's tokens (their mean with ``length_normalize``). scores: (N, C). Returns (N,) nats."""
+    if batch.loss == "generative":
+        return -scores.gather(-1, batch.labels.unsqueeze(-1)).squeeze(-1)
+    return option_nll(scores, batch.labels)
 
 
 def truncation_summary(batches: Sequence[OptionBatch]) -> dict:

@@ -84,10 +84,10 @@ def episode_batches(
     max_query: int | None,
 ) -> TaskBatches:
     """Load and tokenise one episode (support = train file of (k, seed); query = ``query_split``),
-    on the model's device."""
+    on the model's device; in-context demonstrations (``scoring.demonstrations``) come from the support."""
     ep = load_episode(task, tasks.k, seed, query_split, max_query, tasks.data_dir)
     device = next(model.parameters()).device
-    to = lambda examples: [b.to(device) for b in make_batches(tokenizer, examples, scoring)]  # noqa: E731
+    to = lambda examples: [b.to(device) for b in make_batches(tokenizer, examples, scoring, ep.support)]  # noqa: E731
     return TaskBatches(task, to(ep.support), to(ep.query))
 
 

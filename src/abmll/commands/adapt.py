@@ -27,7 +27,7 @@ def run_adapt(run: RunArgs, args: AdaptArgs, cfg: dict) -> Path:
     guard_adapter_folder(run.out, args.prior, run.overwrite)
     model, tokenizer, theta, status = load_prior(args.prior, cfg)
     device = next(model.parameters()).device
-    support = [b.to(device) for b in make_batches(tokenizer, examples, cfg["scoring"])]
+    support = [b.to(device) for b in make_batches(tokenizer, examples, cfg["scoring"], examples)]
     meta, ev, steps = cfg["meta"], cfg["eval"], cfg["eval"].test_steps
     torch.manual_seed(meta.seed)
     before = mean_nll(model, theta, support)

@@ -47,6 +47,12 @@ def run_predict(run: RunArgs, args: PredictArgs, cfg: dict) -> Path:
     if not args.adapter or not args.input:
         raise SystemExit("predict: --adapter DIR and --input FILE.jsonl are required")
     examples = read_jsonl(args.input, unlabelled=True)
+    if cfg["scoring"].demonstrations and not args.support:
+        raise SystemExit(
+            f"predict: the adapter scores with --demonstrations {cfg['scoring'].demonstrations}: "
+            "pass --support FILE.jsonl (the task's labelled examples, e.g. the file given to abmll adapt)"
+        )
+    support = read_jsonl(args.support) if cfg["scoring"].demonstrations else None
     labelled = [ex.label >= 0 for ex in examples]
     out = check_writable(run.out)
     n_samples = cfg["eval"].eval_samples
@@ -56,6 +62,7 @@ def run_predict(run: RunArgs, args: PredictArgs, cfg: dict) -> Path:
             "config": result_config(cfg),
             "adapter": file_digest(adapter_files),
             "input": file_digest([args.input]),
+            **({"support": file_digest([args.support])} if support is not None else {}),
             "eval_samples": n_samples,
             "sample_seed": args.sample_seed,
             "chunk_size": args.chunk_size,
@@ -81,6 +88,7 @@ def run_predict(run: RunArgs, args: PredictArgs, cfg: dict) -> Path:
         "adapter": str(args.adapter),
         "input": str(args.input),
         "input_resolved": str(Path(args.input).resolve()),  # the file read, wherever the command ran
+        **({"support": str(args.support)} if support is not None else {}),
         "eval_samples": n_samples,
         "sample_seed": args.sample_seed,
         "abstain_above": args.abstain_above,
@@ -100,7 +108,7 @@ def run_predict(run: RunArgs, args: PredictArgs, cfg: dict) -> Path:
     truncated = 0
     for i in range(done, len(examples), args.chunk_size):
         chunk = examples[i : i + args.chunk_size]
-        batches = [b.to(device) for b in make_batches(tokenizer, chunk, cfg["scoring"])]
+        batches = [b.to(device) for b in make_batches(tokenizer, chunk, cfg["scoring"], support)]
         torch.manual_seed(args.sample_seed * 1_000_003 + i)
         samples, _ = predict_samples(model, params, batches, n_samples)
         parts = decompose(samples)
