@@ -14,6 +14,7 @@ SCRIPTS = [
     "efficiency",
     "memory_soak",
     "ood",
+    "prior_grid",
     "quality",
     "sampling",
     "scaling",
@@ -168,3 +169,24 @@ def test_compare_runs_pairs_evaluate_runs_by_task_and_seed(tmp_path):
         compare_runs.compare([a, c], "abmll")
     with pytest.raises(SystemExit, match="no results of method 'lora'"):
         compare_runs.compare([a, b], "lora")
+
+
+def test_prior_grid_reads_every_curve_kind_cuts_at_the_budget_and_chooses_the_lowest(tmp_path, monkeypatch):
+    import prior_grid
+
+    steps = [{"step": 0, "nll": 3.0, "ece": 0.5}, {"step": 50, "nll": 1.6, "ece": 0.3}, {"step": 100, "nll": 0.9}]
+    record = {"validation": steps}
+    curve = [{"step": 0, "nll": 3.0, "ece": 0.5}, {"step": 50, "nll": 1.5, "ece": 0.2}]
+    tuned = {"rows": {"0.001:25:1.0": {"abmll": {"curve": [[0, 3.0, 0.5], [50, 1.7, 0.4]]}}}}
+    short = [{"step": 0, "nll": 0.1, "ece": 0.1}]  # never reaches the budget: left out
+    files = {}
+    for name, data in {"record": record, "curve": curve, "tuned": tuned, "short": short}.items():
+        files[name] = tmp_path / f"{name}.json"
+        files[name].write_text(json.dumps(data))
+    points = [f"{k}={v}" for k, v in files.items()]
+    monkeypatch.setattr(prior_grid.harness, "write_results", lambda name, out, md: (tmp_path / f"{name}.md").write_text(md))
+    out = prior_grid.main(["--max_step", "50", "--name", "g", "--points", *points])
+    assert list(out["rows"]) == ["record", "curve", "tuned"]
+    assert out["rows"]["record"]["best_nll"] == 1.6  # step 100's 0.9 is past the budget
+    assert out["chosen"] == "curve" and out["rows"]["curve"]["best_ece"] == 0.2
+    assert "| **curve** | 3.000 | 1.500 | 1.500 (50) | 0.200 |" in (tmp_path / "g.md").read_text()
