@@ -97,6 +97,39 @@ def test_resume_continues_bit_exactly(tiny_data_dir, tmp_path, outer):
     assert json.loads((ckpt / PREVIOUS_STATE).read_text())["step"] == 3
 
 
+def test_ctrl_c_finishes_the_step_saves_it_and_resume_continues_bit_exactly(tiny_data_dir, tmp_path):
+    """Ctrl-C in a run that saves only at the end (save_every 0) keeps the steps done: the step
+    under way finishes and is saved, KeyboardInterrupt follows, and --resume ends where an
+    uninterrupted run ends. A second Ctrl-C stops at once; the handler is put back after."""
+    full = make_trainer(tiny_data_dir)
+    full.run(None, CONFIG)
+    handler_before = signal.getsignal(signal.SIGINT)
+
+    def ctrl_c_at_step_2(logs):
+        if logs["step"] == 1:  # 0-based: the second meta-step has just finished
+            os.kill(os.getpid(), signal.SIGINT)
+
+    interrupted = make_trainer(tiny_data_dir)
+    with pytest.raises(KeyboardInterrupt):
+        interrupted.run(tmp_path, CONFIG, save_every=0, on_step=ctrl_c_at_step_2)
+    assert signal.getsignal(signal.SIGINT) is handler_before
+    assert load_state(tmp_path / CHECKPOINT_DIR)[1]["step"] == 2 and len(interrupted.history) == 2
+    resumed = make_trainer(tiny_data_dir)
+    assert resumed.resume(tmp_path, CONFIG) == 2
+    resumed.run(tmp_path, CONFIG)
+    assert resumed.history == full.history and thetas_equal(resumed.theta, full.theta)
+
+    def ctrl_c_twice(logs):
+        os.kill(os.getpid(), signal.SIGINT)
+        os.kill(os.getpid(), signal.SIGINT)  # the second one raises here, before the step is saved
+
+    twice = make_trainer(tiny_data_dir)
+    with pytest.raises(KeyboardInterrupt):
+        twice.run(tmp_path / "twice", CONFIG, save_every=0, on_step=ctrl_c_twice)
+    assert not (tmp_path / "twice" / CHECKPOINT_DIR).exists()
+    assert signal.getsignal(signal.SIGINT) is handler_before
+
+
 def test_resume_refuses_other_config_model_or_missing_state(tiny_data_dir, tmp_path):
     trainer = make_trainer(tiny_data_dir, meta_steps=2)
     config = {"meta": {"meta_steps": 2, "beta": 1e-6}, "tasks": {"data_dir": "x", "k": 4}}

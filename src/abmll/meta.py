@@ -216,6 +216,7 @@ def _check_finite(where: str, *terms: tuple[str, float | Tensor | None]) -> None
     """Raises NonFiniteLossError naming ``where`` and the first of ``terms`` ((name, value);
     None values skipped) that is NaN or infinite, so a stopped run says which loss term broke."""
     for name, value in terms:
+        value = value.detach() if isinstance(value, Tensor) else value
         if value is not None and not math.isfinite(float(value)):
             raise NonFiniteLossError(f"{where}: {name} {float(value)} (not finite)")
 

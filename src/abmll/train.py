@@ -22,8 +22,12 @@ from __future__ import annotations
 import json
 import math
 import random
+import signal
+import sys
+import threading
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import MISSING, dataclass, field, fields, replace
 from functools import partial
 from pathlib import Path
@@ -400,28 +404,36 @@ class MetaTrainer:
         and calling ``on_step(logs)`` after each. Returns theta (detached). With several
         processes only the main one saves, and all return once the last save is written.
 
+        A first Ctrl-C (SIGINT) lets the meta-step under way finish, saves it and then raises
+        KeyboardInterrupt, so an interrupted run loses nothing it finished (``--resume``
+        continues it); a second one stops at once.
+
         Raises:
             NonFiniteLossError: a non-finite loss or gradient (unless ``skip_nonfinite``, see
                 :meth:`step`); the message names the step, the tasks and the last good
                 checkpoint, which is left as it was.
+            KeyboardInterrupt: after an interrupt, once the finished step is saved.
         """
         validate = partial(self.curve.maybe_validate, self.validator, self.validate_every)
         validate(len(self.history), self.theta)
-        while len(self.history) < self.meta.meta_steps:
-            try:
-                logs = self.step(skip_nonfinite)
-            except NonFiniteLossError as err:
-                kept = (
-                    f"the last good checkpoint (step {self._saved_step}) is kept in {out_dir}"
-                    if out_dir and self._saved_step is not None
-                    else "no checkpoint was written"
-                )
-                raise NonFiniteLossError(f"{err}; {kept}") from err
-            if on_step:
-                on_step(logs)
-            validate(len(self.history), self.theta, last=len(self.history) == self.meta.meta_steps)
-            if out_dir and save_every and len(self.history) % save_every == 0:
-                self._save_on_main(out_dir, config)
+        with finish_step_on_interrupt() as interrupted:
+            while len(self.history) < self.meta.meta_steps:
+                try:
+                    logs = self.step(skip_nonfinite)
+                except NonFiniteLossError as err:
+                    kept = (
+                        f"the last good checkpoint (step {self._saved_step}) is kept in {out_dir}"
+                        if out_dir and self._saved_step is not None
+                        else "no checkpoint was written"
+                    )
+                    raise NonFiniteLossError(f"{err}; {kept}") from err
+                if on_step:
+                    on_step(logs)
+                validate(len(self.history), self.theta, last=len(self.history) == self.meta.meta_steps)
+                if out_dir and (interrupted.is_set() or save_every and len(self.history) % save_every == 0):
+                    self._save_on_main(out_dir, config)
+                if interrupted.is_set():
+                    raise KeyboardInterrupt
         if out_dir and self._saved_step != len(self.history):
             self._save_on_main(out_dir, config)
         if self.world_size > 1:
@@ -438,6 +450,30 @@ class MetaTrainer:
         if self.is_main:
             self.save(out_dir, config)
         self._saved_step = len(self.history)
+
+
+@contextmanager
+def finish_step_on_interrupt() -> Iterator[threading.Event]:
+    """While open, a first SIGINT only sets the yielded event (the caller finishes its unit of
+    work, saves it, and stops) and says so on stderr; a second raises KeyboardInterrupt at
+    once. Off the main thread (where signals cannot be handled) the event is never set and
+    SIGINT acts as usual."""
+    interrupted = threading.Event()
+    if threading.current_thread() is not threading.main_thread():
+        yield interrupted
+        return
+
+    def handler(signum, frame):
+        if interrupted.is_set():
+            raise KeyboardInterrupt
+        interrupted.set()
+        print("\ninterrupt: finishing this meta-step, then saving it (Ctrl-C again to stop now)", file=sys.stderr, flush=True)
+
+    previous = signal.signal(signal.SIGINT, handler)
+    try:
+        yield interrupted
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def config_changes(saved: dict, current: dict) -> list[str]:
