@@ -85,6 +85,15 @@ def test_malformed_json_names_file_and_line(tmp_path):
     assert_data_error(path, 2, "malformed JSON")
 
 
+@pytest.mark.parametrize("first", ["text,label", "text\tlabel", "great film,positive"])
+def test_a_csv_given_as_a_task_file_points_at_abmll_data(tmp_path, first):
+    path = write_lines(tmp_path / "reviews.csv", [first, "awful,negative"])
+    message = assert_data_error(path, 1, "malformed JSON", "`abmll data`")
+    assert message.count("becomes such files with") == 1  # the hint, once
+    broken = write_lines(tmp_path / "f.jsonl", ['{"task": "t", "input": '])  # JSON gone wrong: no hint
+    assert "abmll data" not in assert_data_error(broken, 1, "malformed JSON")
+
+
 @pytest.mark.parametrize("key", ["task", "input", "output", "options"])
 def test_missing_key(tmp_path, key):
     bad = record()

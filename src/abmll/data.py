@@ -155,6 +155,13 @@ def _to_example(record: dict, where: str, option_task: bool) -> Example:
     return Example(record["input"], options, options.index(record["output"]), where)
 
 
+NOT_JSONL_HINT = (
+    'abmll reads JSON lines ({"task", "input", "output", "options"} per line); a CSV, TSV or '
+    "Hugging Face dataset becomes such files with `abmll data` (see README: Data format and `abmll data`)"
+)
+"""Added to the error of a file whose first line is not JSON (a CSV given as a task file)."""
+
+
 def read_jsonl(path: str | os.PathLike, task_type: str | None = None, unlabelled: bool = False) -> list[Example]:
     """Read and validate a JSON-lines task file into a list of Examples, in file order.
 
@@ -180,7 +187,12 @@ def read_jsonl(path: str | os.PathLike, task_type: str | None = None, unlabelled
                 except UnicodeDecodeError as err:
                     raise DataError(f"{where}: not UTF-8 ({err})") from None
                 if text.strip():
-                    records.append((_parse_line(text, where, unlabelled), where))
+                    try:
+                        records.append((_parse_line(text, where, unlabelled), where))
+                    except DataError as err:
+                        if lineno == 1 and not text.lstrip().startswith(("{", "[")):  # not JSON lines at all
+                            raise DataError(f"{err}; {NOT_JSONL_HINT}") from None
+                        raise
     except OSError as err:
         raise DataError(f"{path}: cannot read ({err.strerror})") from None
     if not records:
