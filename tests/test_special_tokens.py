@@ -11,7 +11,8 @@ from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers,
 from transformers import PreTrainedTokenizerFast
 
 from abmll.data import Example
-from abmll.scoring import ScoringConfig, make_batches, prompt_parts, tokenize_prompt
+from abmll.prompts import prompt_parts, tokenize_prompt
+from abmll.scoring import ScoringConfig, make_batches
 
 LLAMA3_CHAT = (
     "{{ bos_token }}{% for m in messages %}<|start_header_id|>{{ m.role }}<|end_header_id|>\n\n"
