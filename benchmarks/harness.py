@@ -38,6 +38,7 @@ from abmll.checkpoint import write_json
 from abmll.cli import DEMO_CONFIG, OUTER_LOOP
 from abmll.config import CONFIG_GROUPS, DATA_SEEDS, changed_added_fields, group_dict
 from abmll.data import DataError, check_tasks, load_episode, load_split, resolve_data_dir, task_meta
+from abmll.episodes import episode_batches
 from abmll.evaluate import run_method, summarise
 from abmll.meta import MetaConfig
 from abmll.methods import ADAPTING_METHOD, METHODS, get_spec, make_method, prior_kinds, prior_meta_config, train_prior
@@ -45,7 +46,6 @@ from abmll.metrics import ECE_SCHEME, bootstrap_mean_ci, compute_metrics, macro_
 from abmll.models import load_base_model, resolve_device
 from abmll.scoring import make_batches, merge_truncation, truncation_summary
 from abmll.testing import tiny_llama, tiny_tokenizer
-from abmll.train import episode_batches
 from abmll.validation import make_validator
 
 RESULTS = Path(__file__).parent / "results"

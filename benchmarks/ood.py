@@ -29,11 +29,11 @@ from abmll.checkpoint import write_json
 from abmll.cli import DEMO_CONFIG
 from abmll.commands.evaluate import task_files_digest
 from abmll.config import group_dict
+from abmll.episodes import episode_batches
 from abmll.loading import build_model, fitting_prior
 from abmll.methods import make_method
 from abmll.ood import ood_detection
 from abmll.outputs import settings_hash, tensor_digest
-from abmll.train import episode_batches
 
 PAIRS = ["ethos-race:ag_news", "tweet_eval-hate:anli", "ag_news:emo"]
 METHODS = ["lora", "bayes_lora", "abmll"]

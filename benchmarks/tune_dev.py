@@ -18,11 +18,11 @@ import torch
 
 from abmll.bayes_lora import BayesLoraConfig, BayesLoraModel
 from abmll.config import TaskArgs
+from abmll.episodes import episode_batches
 from abmll.meta import adapt, predict_batches
 from abmll.metrics import compute_metrics
 from abmll.models import load_base_model
 from abmll.scoring import ScoringConfig
-from abmll.train import episode_batches
 
 TASKS = ["glue-sst2", "tweet_eval-sentiment", "ethos-gender"]
 TEMPLATES = ["{input}\nAnswer:", "{input}\nThe answer is:"]

@@ -10,12 +10,12 @@ import torch
 from abmll.checkpoint import load_adapter
 from abmll.cli import main
 from abmll.config import EvalArgs, TaskArgs
+from abmll.episodes import episode_batches
 from abmll.evaluate import Method, evaluate
 from abmll.loading import load_prior
 from abmll.meta import MetaConfig, adapt, predict_batches
 from abmll.metrics import compute_metrics
 from abmll.outputs import ResultLog
-from abmll.train import episode_batches
 
 
 def common(tiny_model_dir, tiny_data_dir):

@@ -16,6 +16,7 @@ from abmll.checkpoint import load_adapter
 from abmll.cli import main
 from abmll.config import EvalArgs, TaskArgs, from_dict
 from abmll.data import read_jsonl
+from abmll.episodes import episode_batches
 from abmll.evaluate import Method, evaluate, evaluate_with_predictions
 from abmll.export import load_adapter_folder
 from abmll.loading import load_prior
@@ -23,7 +24,6 @@ from abmll.meta import adapt, mean_nll, predict_batches
 from abmll.metrics import compute_metrics
 from abmll.plots import plot_reliability_per_method, plot_training_curves, pool_predictions
 from abmll.scoring import ScoringConfig, make_batches
-from abmll.train import episode_batches
 from abmll.validation import VAL_METRICS
 
 PNG = b"\x89PNG\r\n\x1a\n"

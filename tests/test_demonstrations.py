@@ -88,7 +88,7 @@ def test_episodes_draw_demonstrations_from_their_support_set(tiny_data_dir):
     hold the support's first examples, and a support example never itself."""
     from abmll.config import TaskArgs
     from abmll.data import load_episode
-    from abmll.train import episode_batches
+    from abmll.episodes import episode_batches
 
     model = BayesLoraModel(make_tiny_llama(), BayesLoraConfig())
     tasks = TaskArgs(data_dir=str(tiny_data_dir), k=4)

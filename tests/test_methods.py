@@ -13,13 +13,13 @@ from test_meta import random_theta, task_batches
 from abmll.bayes_lora import BayesLoraConfig, BayesLoraModel, HyperpriorConfig
 from abmll.config import EvalArgs, TaskArgs
 from abmll.data import read_jsonl
+from abmll.episodes import episode_batches
 from abmll.evaluate import evaluate, run_method
 from abmll.meta import MetaConfig, adapt, mean_nll, meta_step, predict_batches
 from abmll.methods import METHODS, get_spec, make_method, prior_kinds, prior_meta_config, train_prior
 from abmll.metrics import compute_metrics
 from abmll.models import load_base_model
 from abmll.scoring import ScoringConfig, option_nll, option_scores
-from abmll.train import episode_batches
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # other jobs share the 2 cores
 

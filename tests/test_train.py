@@ -405,7 +405,7 @@ def test_a_failed_validation_is_logged_and_the_last_step_is_always_validated(tin
 
 
 def test_episode_sampler_state_dict_continues_the_same_draws():
-    from abmll.train import EpisodeSampler
+    from abmll.episodes import EpisodeSampler
 
     sampler = EpisodeSampler(["a", "b", "c"], [1, 2, 3], meta_batch_size=2, seed=7)
     sampler.sample()

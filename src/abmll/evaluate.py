@@ -20,10 +20,10 @@ from torch import Tensor
 
 from abmll.bayes_lora import BayesLoraModel, Params
 from abmll.config import EvalArgs, TaskArgs
+from abmll.episodes import episode_batches
 from abmll.meta import MetaConfig, NonFiniteLossError, TaskBatches, adapt, predict_samples
 from abmll.metrics import compute_metrics
 from abmll.scoring import ScoringConfig, merge_truncation, truncation_summary
-from abmll.train import episode_batches
 from abmll.uncertainty import decompose
 
 UNCERTAINTY_PARTS = ("total", "aleatoric", "epistemic")

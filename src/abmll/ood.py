@@ -13,10 +13,10 @@ from torch import Tensor
 from torchmetrics.functional.classification import binary_auroc
 
 from abmll.bayes_lora import BayesLoraModel, Params
+from abmll.episodes import episode_batches
 from abmll.evaluate import Method, adapt_method
 from abmll.meta import MetaConfig, TaskBatches, predict_samples
 from abmll.scoring import OptionBatch
-from abmll.train import episode_batches
 from abmll.uncertainty import UNCERTAINTY_KINDS, decompose
 
 

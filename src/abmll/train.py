@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import json
 import math
-import random
 import signal
 import sys
 import threading
@@ -57,8 +56,9 @@ from abmll.distributed import (
     split_batches,
     task_share,
 )
+from abmll.episodes import EpisodeSampler, episode_batches
 from abmll.meta import MetaConfig, NonFiniteLossError, TaskBatches, meta_step
-from abmll.scoring import ScoringConfig, make_batches
+from abmll.scoring import ScoringConfig
 
 CHECKPOINT_DIR = "checkpoint"
 """Sub-folder of a run's output folder holding the trainer state."""
@@ -75,65 +75,6 @@ RESUMABLE_CHANGES = {
     "eval.ood_tasks",
 }
 """Config entries that may differ between a saved run and its resumption (all others must match)."""
-
-
-def episode_batches(
-    model: BayesLoraModel,
-    tokenizer,
-    task: str,
-    seed: int,
-    tasks: TaskArgs,
-    scoring: ScoringConfig,
-    query_split: str,
-    max_query: int | None,
-) -> TaskBatches:
-    """Load and tokenise one episode (support = train file of (k, seed); query = ``query_split``),
-    on the model's device; in-context demonstrations (``scoring.demonstrations``) come from the support."""
-    ep = load_episode(task, tasks.k, seed, query_split, max_query, tasks.data_dir)
-    device = next(model.parameters()).device
-    to = lambda examples: [b.to(device) for b in make_batches(tokenizer, examples, scoring, ep.support)]  # noqa: E731
-    return TaskBatches(task, to(ep.support), to(ep.query))
-
-
-@dataclass
-class EpisodeSampler:
-    """Which episodes each meta-batch holds: ``meta_batch_size`` distinct tasks (with
-    replacement when there are fewer tasks), each with a random data seed, drawn from a
-    ``random.Random(seed)`` whose state is saved with the run (:meth:`state_dict`)."""
-
-    task_names: list[str]
-    data_seeds: list[int]
-    meta_batch_size: int
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        self.rng = random.Random(self.seed)
-
-    def sample(self) -> list[tuple[str, int]]:
-        """(task, data seed) of the next meta-batch's episodes. Advances the sampler."""
-        B = self.meta_batch_size
-        names = (
-            self.rng.sample(self.task_names, B)
-            if B <= len(self.task_names)
-            else [self.rng.choice(self.task_names) for _ in range(B)]
-        )
-        return [(t, self.rng.choice(self.data_seeds)) for t in names]
-
-    def state_dict(self) -> dict:
-        """``{"task_rng": [version, internal state, gauss]}``, JSON-serialisable."""
-        version, internal, gauss = self.rng.getstate()
-        return {"task_rng": [version, list(internal), gauss]}
-
-    def load_state_dict(self, state: dict) -> None:
-        """Restore :meth:`state_dict`'s output.
-
-        Raises:
-            KeyError, TypeError, ValueError: not such a state (the sampler is unchanged).
-        """
-        rng = random.Random()
-        version, internal, gauss = state["task_rng"]
-        rng.setstate((version, tuple(internal), gauss))
-        self.rng = rng
 
 
 @dataclass

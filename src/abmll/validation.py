@@ -15,11 +15,11 @@ from dataclasses import dataclass
 
 from abmll.bayes_lora import BayesLoraModel, Params
 from abmll.config import EvalArgs, TaskArgs
+from abmll.episodes import episode_batches
 from abmll.evaluate import run_method
 from abmll.meta import MetaConfig, TaskBatches
 from abmll.methods import make_method
 from abmll.scoring import ScoringConfig
-from abmll.train import episode_batches
 
 VAL_METRICS = ("nll", "ece", "accuracy", "macro_f1", "brier")
 
