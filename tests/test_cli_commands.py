@@ -587,3 +587,43 @@ def test_channel_and_demonstrations_run_through_adapt_and_predict(world, tmp_pat
     assert all(b.demonstrations.min() > 0 for b in batches)
     probs, _ = predict_batches(model, posterior, batches, 0)
     torch.testing.assert_close(written, probs, atol=1e-5, rtol=1e-5)
+
+
+def test_a_prior_carries_its_adaptation_recipe_and_flags_override_it(world, tmp_path, capsys):
+    """A prior whose abmll_config.json records an adaptation recipe (``eval``: as
+    benchmarks/ship_prior.py writes it for a shipped prior) is adapted with it by default; a
+    flag overrides one field and keeps the others."""
+    import shutil
+
+    prior = tmp_path / "prior"
+    shutil.copytree(world["prior"], prior)
+    config = json.loads((prior / "abmll_config.json").read_text())
+    config["eval"] = {"test_optimizer": "adamw", "test_steps": 4, "test_lr": 0.02}
+    (prior / "abmll_config.json").write_text(json.dumps(config))
+    support = world["data"] / "h0" / "h0_4_1_train.jsonl"
+    assert main(["adapt", "--prior", str(prior), "--support", str(support), "--out", str(tmp_path / "a")]) == 0
+    assert "adapting with 4 adamw steps at lr 0.02" in capsys.readouterr().out
+    posterior, saved = load_adapter_folder(tmp_path / "a")
+    assert (saved["eval"]["test_optimizer"], saved["eval"]["test_steps"], saved["eval"]["test_lr"]) == ("adamw", 4, 0.02)
+    cfg = {}
+    model, tok, theta, _ = load_prior(str(prior), cfg)
+    torch.manual_seed(cfg["meta"].seed)
+    batches = make_batches(tok, read_jsonl(support), cfg["scoring"])
+    meta = cfg["meta"]
+    expected, _ = adapt(model, theta, batches, 4, 0.02, meta.beta, meta.n_samples, meta.inner_grad_clip, "adamw")
+    for k in expected:
+        torch.testing.assert_close(posterior[k], expected[k], rtol=1e-5, atol=1e-7)
+    flags = ["--test_steps", "1", "--out", str(tmp_path / "b")]
+    assert main(["adapt", "--prior", str(prior), "--support", str(support), *flags]) == 0
+    saved = load_adapter_folder(tmp_path / "b")[1]["eval"]
+    assert (saved["test_optimizer"], saved["test_steps"], saved["test_lr"]) == ("adamw", 1, 0.02)
+
+
+def test_the_shipped_prior_carries_the_recipe_it_was_chosen_with():
+    from abmll.priors import resolve_adapter
+
+    folder = resolve_adapter("smollm2-135m-class_to_class")
+    config = json.loads((folder / "abmll_config.json").read_text())
+    record = json.loads((folder / "record.json").read_text())
+    assert config["eval"] == record["adaptation"] == {"test_optimizer": "adamw", "test_steps": 10, "test_lr": 0.01}
+    assert "abmll=adamw:10:0.01" in record["command"]  # the recipe its benchmark adapted it with

@@ -31,8 +31,9 @@ def run_adapt(run: RunArgs, args: AdaptArgs, cfg: dict) -> Path:
     meta, ev, steps = cfg["meta"], cfg["eval"], cfg["eval"].test_steps
     torch.manual_seed(meta.seed)
     before = mean_nll(model, theta, support)
-    bar = tqdm(total=1, desc=f"adapt ({steps} steps, {len(examples)} examples)", unit="task")
     lr = ev.adapt_lr(meta)
+    print(f"adapting with {steps} {ev.test_optimizer} steps at lr {lr:g} (the prior's recipe unless set by flags)")
+    bar = tqdm(total=1, desc=f"adapt ({steps} steps, {len(examples)} examples)", unit="task")
     posterior, history = adapt(
         model, theta, support, steps, lr, meta.beta, meta.n_samples, meta.inner_grad_clip, ev.test_optimizer
     )
