@@ -467,7 +467,9 @@ def test_shipped_priors_are_taken_by_short_name_and_compared_in_evaluate(world, 
     by_name, by_path = tmp_path / "by-name", tmp_path / "by-path"
     for adapter, out in (("tiny-rule", by_name), (str(world["prior"]), by_path)):
         assert main(["predict", "--adapter", adapter, "--input", str(test_file), "--eval_samples", "0", "--out", str(out)]) == 0
-    assert (by_name / "predictions.jsonl").read_text() == (by_path / "predictions.jsonl").read_text()
+    named, pathed = ([json.loads(x) for x in (d / "predictions.jsonl").read_text().splitlines()] for d in (by_name, by_path))
+    assert [r["prediction"] for r in named] == [r["prediction"] for r in pathed]  # to rounding: BLAS sums vary with load
+    torch.testing.assert_close(torch.tensor([r["probs"] for r in named]), torch.tensor([r["probs"] for r in pathed]))
     assert main(["predict", "--adapter", "no-such-prior", "--input", str(test_file), "--out", str(tmp_path / "x")]) == 1
     assert "shipped: tiny-rule" in capsys.readouterr().err
 
@@ -492,7 +494,7 @@ def test_shipped_priors_are_taken_by_short_name_and_compared_in_evaluate(world, 
     )
     res = json.loads((out / "results.json").read_text())
     assert set(res["methods"]) == {"zero_shot", "abmll", "prior:tiny-rule"}
-    assert res["methods"]["prior:tiny-rule"]["mean"] == res["methods"]["abmll"]["mean"]  # the same prior, same seeds
+    assert res["methods"]["prior:tiny-rule"]["mean"] == pytest.approx(res["methods"]["abmll"]["mean"], rel=1e-5)  # same prior
 
 
 @pytest.mark.parametrize("verbose", [False, True])
