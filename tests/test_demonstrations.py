@@ -105,3 +105,11 @@ def test_episodes_draw_demonstrations_from_their_support_set(tiny_data_dir):
                 expected = [d for d in raw.support if d.input != ex.input][:2]
                 demo_part = "".join(f"{d.input}\nAnswer: {d.options[d.label]}\n\n" for d in expected)
                 assert text.startswith(demo_part + ex.input + "\nAnswer:")
+
+
+def test_demonstrations_are_written_as_their_text_is():
+    """A demonstration's text is data, not a template: its braces and a literal backslash-n
+    stay as they are (the escapes of typed flags apply to settings, not to examples)."""
+    pool = [Example("path C:\\new {x}", ("bad", "good"), 1, "s.jsonl:1")]
+    texts, _ = row_texts(ScoringConfig(template="{input}\nA:", demonstrations=1), QUERY[:1], pool)
+    assert texts[0].startswith("path C:\\new {x}\nA: good\n\n")

@@ -151,14 +151,15 @@ def _move_blank(context: str, continuation: str) -> tuple[str, str]:
     return kept, context[len(kept) :] + continuation
 
 
-def continuation_ids(tokenizer, context: str, continuation: str) -> list[int]:
-    """Token ids of ``continuation`` as it tokenises after ``context``: those of
+def continuation_ids(tokenizer, context: str, continuations: Sequence[str]) -> list[list[int]]:
+    """Token ids of each of ``continuations`` as it tokenises after ``context``: those of
     ``context + continuation`` past the tokens of ``context`` (lm-evaluation-harness's rule;
-    ``context``'s trailing blanks moved into ``continuation`` first, see :func:`_move_blank`).
-    No special tokens."""
-    context, continuation = _move_blank(context, continuation)
+    ``context``'s trailing blanks moved into the continuation first, see :func:`_move_blank`;
+    the context is encoded once). No special tokens."""
+    context, moved = _move_blank(context, "")
     encode = lambda t: tokenizer(t, add_special_tokens=False)["input_ids"] if t else []  # noqa: E731
-    return encode(context + continuation)[len(encode(context)) :]
+    n = len(encode(context))
+    return [encode(context + moved + c)[n:] for c in continuations]
 
 
 _SLOT = "\ue000"
@@ -177,15 +178,16 @@ class PromptParts:
     prefix: tuple[int, ...]
 
 
-def prompt_parts(tokenizer, config: ScoringConfig) -> PromptParts:
-    """Split the prompt (``config.template``, then the chat template when asked) around the input.
+def prompt_parts(tokenizer, config: ScoringConfig, before: str = "") -> PromptParts:
+    """Split the prompt (``before`` + ``config.template``, then the chat template when asked)
+    around the input.
 
     Raises:
         ValueError: the template has no ``{input}`` field or another field (e.g. ``{inputs}``),
             ``chat_template`` is asked of a tokenizer that has none, or the tokenizer's special
             tokens cannot be told apart from a text's own tokens.
     """
-    text = _fill_template(config.template)
+    text = before + _fill_template(config.template)
     if config.chat_template:
         if not getattr(tokenizer, "chat_template", None):
             raise ValueError("chat_template=True, but the tokenizer has no chat template")
@@ -311,12 +313,11 @@ def tokenize_examples(tokenizer, examples: Sequence[Example], config: ScoringCon
 
 
 def _with_demonstrations(tokenizer, config: ScoringConfig, plain: PromptParts, text: str) -> PromptParts:
-    """``plain`` with ``text`` (the demonstrations) before the template's text; inside the
-    user turn under a chat template."""
-    if config.channel:  # channel: the shared prompt is the special tokens; text goes to the head
-        return PromptParts(text, plain.tail, plain.prefix)
-    escaped = text.replace("{", "{{").replace("}", "}}")
-    return prompt_parts(tokenizer, ScoringConfig(**{**vars(config), "template": escaped + config.template}))
+    """``plain`` with ``text`` (the demonstrations, as written) before the template's text;
+    inside the user turn under a chat template."""
+    if config.chat_template:
+        return prompt_parts(tokenizer, config, before=text)
+    return PromptParts(text + plain.head, plain.tail, plain.prefix)
 
 
 def _tokenize_direct(tokenizer, parts: PromptParts, ex: Example, config: ScoringConfig):
@@ -325,7 +326,7 @@ def _tokenize_direct(tokenizer, parts: PromptParts, ex: Example, config: Scoring
     if not tail:  # the input ends the prompt: its own trailing blanks move with the template's
         text, moved = _move_blank(text, moved)
     context = parts.head + text + tail
-    options = [continuation_ids(tokenizer, context, moved + config.option_prefix + o) for o in ex.options]
+    options = continuation_ids(tokenizer, context, [moved + config.option_prefix + o for o in ex.options])
     if not options or min(len(o) for o in options) == 0:
         raise ValueError("no options, or an option tokenises to nothing")
     longest = max(len(o) for o in options)
@@ -352,7 +353,7 @@ def _tokenize_channel(tokenizer, parts: PromptParts, ex: Example, config: Scorin
         cond_ids = tokenizer(cond, add_special_tokens=False)["input_ids"] if cond else []
         if not cond_ids:
             raise ValueError(f"option {option!r} under --channel_template tokenises to nothing")
-        segments.append((cond_ids, continuation_ids(tokenizer, cond, scored)))
+        segments.append((cond_ids, *continuation_ids(tokenizer, cond, [scored])))
     if min(len(t) for _, t in segments) == 0:
         raise ValueError("the input tokenises to nothing (empty input?)")
     room = config.max_length - len(prefix) - max(len(c) for c, _ in segments)
