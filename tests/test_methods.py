@@ -37,7 +37,9 @@ def world(tiny_model_dir, tiny_data_dir):
 
 
 def test_registry_names_and_unknown_names():
-    assert list(METHODS) == ["zero_shot", "lora", "multitask_lora", "reptile", "bayes_lora", "abmll"]
+    assert list(METHODS)[:6] == ["zero_shot", "lora", "multitask_lora", "reptile", "bayes_lora", "abmll"]
+    for spec in METHODS.values():  # a calibrated or ensembled entry builds on one of the six, with its prior
+        assert spec.base in list(METHODS)[:6] and get_spec(spec.base).prior == spec.prior, spec.name
     assert prior_kinds(list(METHODS)) == ["init", "multitask", "reptile", "abmll"]
     with pytest.raises(ValueError, match="unknown method 'maml'.*abmll"):
         get_spec("maml")
@@ -69,11 +71,13 @@ def test_every_method_resolves_and_runs(world, tmp_path):
         scale = [k for k in init if k not in w["model"].mean_keys()]
         assert all(torch.equal(priors[kind][k], init[k]) for k in scale), kind
     query_labels = [e.label for e in read_jsonl(Path(w["tasks"].data_dir) / "h0" / "h0_test.jsonl")]
+    ep = episode_batches(w["model"], w["tok"], "h0", 1, w["tasks"], w["scoring"], "test", w["ev"].max_test, folds=2)
     for name, spec in METHODS.items():
-        method = make_method(name, priors[spec.prior], w["ev"])
+        method = make_method(name, priors[spec.prior], w["ev"], temperature=2.0 if spec.calibrate == "dev" else None)
         assert method.steps == (w["ev"].test_steps if spec.adapt else 0)
-        assert method.samples == (w["ev"].eval_samples if spec.bayesian else 0)
-        metrics, probs, labels = run_method(w["model"], method, w["ep"], w["meta"], seed=1)
+        assert method.samples == (w["ev"].eval_samples if spec.samples_draws else 0)
+        metrics, probs, labels = run_method(w["model"], method, ep, w["meta"], seed=1)
+        assert ("temperature" in metrics) == bool(spec.calibrate), name
         assert probs.shape == (6, 2) and labels.tolist() == query_labels, name
         expected = compute_metrics(probs, labels)  # the metrics are those of the returned predictions
         assert {k: metrics[k] for k in expected} == pytest.approx(expected, abs=1e-9), name

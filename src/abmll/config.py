@@ -92,6 +92,12 @@ class EvalArgs:
             predicts these tasks' test examples, and the AUROC of telling them from the
             task's own by predictive entropy and by epistemic uncertainty is reported
             (results.json ``ood``; :mod:`abmll.ood`).
+        ensemble_members: M, the LoRAs of the deep-ensemble baseline (``lora_ensemble``),
+            each from its own initialisation, adapted on the same support.
+        lora_dropout: the LoRA dropout rate of the MC-dropout baseline (``lora_mc_dropout``),
+            on during its adaptation and its eval_samples prediction draws.
+        support_folds: the k-fold splits of the support that the per-task temperature
+            baselines (``*_ts_support``) fit their temperature on.
     """
 
     test_steps: int = 5
@@ -101,10 +107,16 @@ class EvalArgs:
     max_test: int = 64
     compare_priors: list[str] = field(default_factory=list)
     ood_tasks: list[str] = field(default_factory=list)
+    ensemble_members: int = 4
+    lora_dropout: float = 0.1
+    support_folds: int = 4
 
     def __post_init__(self) -> None:
         at_least(self, ("test_steps", "eval_samples"), 0)
-        at_least(self, ("max_test",), 1)
+        at_least(self, ("max_test", "ensemble_members"), 1)
+        at_least(self, ("support_folds",), 2)
+        if not 0 <= self.lora_dropout < 1:
+            raise ValueError(f"--lora_dropout must be in [0, 1), got {self.lora_dropout}")
         one_of(self, "test_optimizer", ADAPT_OPTIMIZERS)
         if self.test_lr is not None:
             above(self, ("test_lr",), 0.0)
@@ -160,7 +172,7 @@ def from_dict(saved: dict, name: str, source: str = "saved config"):
 
 
 ADDED_FIELDS = {
-    "eval": {"test_lr": None, "test_optimizer": "sgd"},
+    "eval": {"test_lr": None, "test_optimizer": "sgd", "ensemble_members": 4, "lora_dropout": 0.1, "support_folds": 4},
     "meta": {"outer_warmup_steps": 0, "outer_grad_clip": 0.0},
     "scoring": {"channel": False, "channel_template": "{option}\n{input}", "channel_loss": "generative", "demonstrations": 0},
 }

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 from abmll.bayes_lora import BayesLoraModel
 from abmll.config import TaskArgs
-from abmll.data import load_episode
+from abmll.data import Example, load_episode
 from abmll.meta import TaskBatches
 from abmll.scoring import ScoringConfig, make_batches
 
@@ -22,13 +22,49 @@ def episode_batches(
     scoring: ScoringConfig,
     query_split: str,
     max_query: int | None,
+    folds: int = 0,
 ) -> TaskBatches:
     """Load and tokenise one episode (support = train file of (k, seed); query = ``query_split``),
-    on the model's device; in-context demonstrations (``scoring.demonstrations``) come from the support."""
+    on the model's device; in-context demonstrations (``scoring.demonstrations``) come from the
+    support. ``folds`` > 0 also builds the support's :func:`kfold_split` (``TaskBatches.folds``;
+    each fold's demonstrations come from the rest of the support).
+
+    Raises:
+        ValueError: ``folds`` is 1 or more than the support's size.
+    """
     ep = load_episode(task, tasks.k, seed, query_split, max_query, tasks.data_dir)
     device = next(model.parameters()).device
-    to = lambda examples: [b.to(device) for b in make_batches(tokenizer, examples, scoring, ep.support)]  # noqa: E731
-    return TaskBatches(task, to(ep.support), to(ep.query))
+
+    def to(examples, pool):
+        return [b.to(device) for b in make_batches(tokenizer, examples, scoring, pool)]
+
+    splits = kfold_split(ep.support, folds, seed) if folds else []
+    return TaskBatches(
+        task,
+        to(ep.support, ep.support),
+        to(ep.query, ep.support),
+        folds=[TaskBatches(f"{task} (fold {i})", to(rest, rest), to(held, rest)) for i, (rest, held) in enumerate(splits)],
+    )
+
+
+def kfold_split(examples: list[Example], folds: int, seed: int) -> list[tuple[list[Example], list[Example]]]:
+    """``folds`` (rest, held-out) splits of ``examples``, stratified by label: examples sorted by
+    label (ties in a ``random.Random(seed)`` order) are dealt to the folds in turn, so each
+    fold holds every class about in proportion. Every example is held out exactly once.
+
+    Raises:
+        ValueError: ``folds`` < 2 or more than ``len(examples)``.
+    """
+    if not 2 <= folds <= len(examples):
+        raise ValueError(f"k-fold split needs 2 <= folds <= {len(examples)} examples, got folds={folds}")
+    rng = random.Random(seed)
+    keys = [rng.random() for _ in examples]
+    order = sorted(range(len(examples)), key=lambda i: (examples[i].label, keys[i]))
+    fold_of = {i: pos % folds for pos, i in enumerate(order)}
+    return [
+        ([e for i, e in enumerate(examples) if fold_of[i] != f], [e for i, e in enumerate(examples) if fold_of[i] == f])
+        for f in range(folds)
+    ]
 
 
 @dataclass

@@ -10,10 +10,11 @@ The baselines of docs/method.md are built by :mod:`abmll.methods`.
 
 from __future__ import annotations
 
+import math
 import statistics
 import warnings
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor
@@ -21,9 +22,12 @@ from torch import Tensor
 from abmll.bayes_lora import BayesLoraModel, Params
 from abmll.config import EvalArgs, TaskArgs
 from abmll.episodes import episode_batches
+from abmll.laplace import ggn_diagonal, laplace_draw, posterior_std, prior_precision
+from abmll.mc_dropout import lora_dropout
 from abmll.meta import MetaConfig, NonFiniteLossError, TaskBatches, adapt, predict_samples
 from abmll.metrics import compute_metrics
 from abmll.scoring import ScoringConfig, merge_truncation, truncation_summary
+from abmll.temperature import apply_temperature, fit_temperature
 from abmll.uncertainty import decompose
 
 UNCERTAINTY_PARTS = ("total", "aleatoric", "epistemic")
@@ -42,6 +46,17 @@ class Method:
         adapt_samples: weight samples per adaptation step; None: ``meta.n_samples``.
         lr: adaptation learning rate; None: ``meta.inner_lr``.
         optimizer: "sgd" or "adamw" (see :func:`abmll.meta.adapt`).
+        members: deep ensemble: adapt this many members, member m from ``prior`` with its
+            mean pair's A matrices redrawn (:func:`member_prior`), and pool their draws.
+        dropout: MC dropout: LoRA dropout of this rate on the input of every LoRA path
+            (:func:`abmll.mc_dropout.lora_dropout`) during adaptation and prediction, which
+            averages ``samples`` dropout draws (0: off).
+        laplace: Laplace-LoRA: after adapting, a diagonal Laplace posterior over the mean
+            pair (:mod:`abmll.laplace`), predicting with ``samples`` weight draws from it.
+        temperature: divide the log predictive mean by this (:mod:`abmll.temperature`).
+        support_folds: fit that temperature per task on the support only: adapt on each of
+            this many k-fold splits of the support (the episode's ``folds``), predict its
+            held-out fold, fit T on the pooled held-out predictions (0: off).
     """
 
     name: str
@@ -52,6 +67,11 @@ class Method:
     adapt_samples: int | None = None
     lr: float | None = None
     optimizer: str = "sgd"
+    members: int = 1
+    dropout: float = 0.0
+    laplace: bool = False
+    temperature: float | None = None
+    support_folds: int = 0
 
 
 def run_method(
@@ -66,18 +86,92 @@ def run_method(
     Returns:
         (metrics, probs (N, C), labels (N,)): :func:`abmll.metrics.compute_metrics` plus the
         mean over the query examples of each part of the uncertainty (``mean_total``,
-        ``mean_aleatoric``, ``mean_epistemic``, nats; :func:`abmll.uncertainty.decompose`),
-        and the predictive probabilities of :func:`abmll.meta.predict_batches`.
+        ``mean_aleatoric``, ``mean_epistemic``, nats; :func:`abmll.uncertainty.decompose`, of
+        the draws before any temperature), the temperature when one is applied, and the
+        predictive probabilities (the mean over draws, then tempered).
     Raises:
         NonFiniteLossError: naming the method and the task.
+        ValueError: ``method.support_folds`` but the episode has no folds.
     """
-    posterior = adapt_method(model, method, episode, meta, seed)
-    samples, labels = predict_samples(model, posterior, episode.query, method.samples)
+    samples, labels = predict_method(model, method, episode, meta, seed)
     probs = samples.mean(0)
+    temperature = support_temperature(model, method, episode, meta, seed) if method.support_folds else method.temperature
+    if temperature is not None:
+        probs = apply_temperature(probs, temperature)
     parts = decompose(samples)
     metrics = compute_metrics(probs, labels)
     metrics.update({f"mean_{kind}": float(parts[kind].mean()) for kind in UNCERTAINTY_PARTS})
+    if temperature is not None:
+        metrics["temperature"] = temperature
     return metrics, probs, labels
+
+
+def predict_method(
+    model: BayesLoraModel, method: Method, episode: TaskBatches, meta: MetaConfig, seed: int
+) -> tuple[Tensor, Tensor]:
+    """``method``'s adaptation(s) on the episode's support and its draws on the query, before
+    any temperature: (samples (D, N, C), labels (N,)), D = members x max(samples, 1)."""
+    draws = []
+    with lora_dropout(model, method.dropout):
+        for m in range(method.members):
+            posterior = adapt_method(model, replace(method, prior=member_prior(model, method.prior, m)), episode, meta, seed)
+            draw = None
+            if method.laplace:
+                draw = laplace_sampler(model, posterior, episode.support)
+            elif method.dropout or method.adapt_samples == 0:  # deterministic LoRA: no weight noise
+                draw = lambda posterior=posterior: posterior  # noqa: E731 (dropout draws differ by their masks)
+            samples, labels = predict_samples(model, posterior, episode.query, method.samples, draw)
+            draws.append(samples)
+    width = max(d.shape[-1] for d in draws)
+    return torch.cat([torch.nn.functional.pad(d, (0, width - d.shape[-1])) for d in draws]), labels
+
+
+def member_prior(model: BayesLoraModel, prior: Params, member: int) -> Params:
+    """Deep-ensemble member ``member``'s starting point: ``prior`` itself for member 0, else
+    ``prior`` with each mean-pair A matrix redrawn as peft draws it (Kaiming-uniform, bound
+    1 / sqrt(d_in)) from ``torch.Generator().manual_seed(lora.init_seed + member)``. B is
+    untouched, so with B = 0 (an untrained prior) every member starts from the same function."""
+    if member == 0:
+        return prior
+    generator = torch.Generator().manual_seed(model.config.init_seed + member)
+    out = dict(prior)
+    for layer in model.layers:
+        a = prior[layer.mean_A]
+        fresh = torch.nn.init.kaiming_uniform_(torch.empty(a.shape), a=math.sqrt(5), generator=generator)
+        out[layer.mean_A] = fresh.to(dtype=a.dtype, device=a.device)
+    return out
+
+
+def laplace_sampler(model: BayesLoraModel, posterior: Params, support) -> Callable[[], Params]:
+    """Draws from the diagonal Laplace posterior over ``posterior``'s mean pairs, fitted on the
+    ``support`` batches with its prior precision chosen by marginal likelihood (:mod:`abmll.laplace`)."""
+    fisher = ggn_diagonal(model, posterior, support, model.mean_keys())
+    std = posterior_std(fisher, prior_precision(fisher, posterior))
+    return lambda: laplace_draw(posterior, std)
+
+
+def support_temperature(model: BayesLoraModel, method: Method, episode: TaskBatches, meta: MetaConfig, seed: int) -> float:
+    """The temperature of ``method`` fitted on its support only: ``method`` (without a
+    temperature) adapted on the rest of the support and predicting each held-out fold of
+    ``episode.folds``, T fitted on the pooled held-out predictions (:func:`fit_temperature`).
+
+    Raises:
+        ValueError: the episode has no folds (build it with ``folds``).
+    """
+    if not episode.folds:
+        raise ValueError(
+            f"{method.name}: a temperature fitted on the support needs the episode's k-fold splits "
+            f"(episode_batches(..., folds={method.support_folds}))"
+        )
+    plain = replace(method, support_folds=0, temperature=None)
+    probs, labels = [], []
+    for fold in episode.folds:
+        samples, fold_labels = predict_method(model, plain, fold, meta, seed)
+        probs.append(samples.mean(0))
+        labels.append(fold_labels)
+    width = max(p.shape[-1] for p in probs)
+    pooled = torch.cat([torch.nn.functional.pad(p, (0, width - p.shape[-1])) for p in probs])
+    return fit_temperature(pooled, torch.cat(labels))
 
 
 def adapt_method(model: BayesLoraModel, method: Method, episode: TaskBatches, meta: MetaConfig, seed: int) -> Params:
@@ -140,7 +234,8 @@ def evaluate(
     for task in task_names:
         summaries = []
         for seed in seeds:
-            ep = episode_batches(model, tokenizer, task, seed, tasks, scoring, query_split, eval_args.max_test)
+            folds = max(m.support_folds for m in methods)
+            ep = episode_batches(model, tokenizer, task, seed, tasks, scoring, query_split, eval_args.max_test, folds)
             summaries.append(truncation_summary([*ep.support, *ep.query]))
             for m in methods:
                 if done and (m.name, task, seed) in done:

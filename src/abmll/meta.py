@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
@@ -98,12 +98,16 @@ class TaskBatches:
 
     ``noise_seed``: when set, :func:`meta_step` seeds torch's RNG with it before this task, so
     the task's weight noise does not depend on the tasks before it or on which process runs it.
+    ``folds``: the support's k-fold splits, each a TaskBatches whose support is the rest of the
+    support and whose query is the fold (for a temperature fitted on the support only;
+    :func:`abmll.episodes.episode_batches`); empty unless asked for.
     """
 
     task: str
     support: list[OptionBatch]
     query: list[OptionBatch]
     noise_seed: int | None = None
+    folds: list[TaskBatches] = field(default_factory=list)
 
 
 def _logits_fn(model: BayesLoraModel, params: Params, sample: bool):
@@ -385,8 +389,14 @@ def predict_samples(
     params: Params,
     batches: Sequence[OptionBatch],
     n_samples: int = 0,
+    draw: Callable[[], Params] | None = None,
 ) -> tuple[Tensor, Tensor]:
     """The class probabilities of each weight sample, for :func:`abmll.uncertainty.decompose`.
+
+    ``draw``: a function returning the adapter tensors of one draw (e.g. a Laplace sample, or
+    ``params`` itself under MC dropout); each of the max(``n_samples``, 1) draws per batch then
+    runs its own tensors without the Gaussian-LoRA weight noise. None: ``params`` with that
+    noise when ``n_samples`` > 0.
 
     Returns:
         sample_probs (max(n_samples, 1), N, C_max) float32 (one row of the posterior mean when
@@ -403,11 +413,12 @@ def predict_samples(
     probs = torch.zeros(draws, n, c, dtype=torch.float32)
     labels = torch.zeros(n, dtype=torch.long)
     for batch in batches:
-        p = (
-            torch.stack([torch.softmax(option_scores(_logits_fn(model, params, n_samples > 0), batch), -1) for _ in range(draws)])
-            .float()
-            .cpu()
+        fns = (
+            [_logits_fn(model, params, n_samples > 0)] * draws
+            if draw is None
+            else [_logits_fn(model, draw(), False) for _ in range(draws)]
         )
+        p = torch.stack([torch.softmax(option_scores(fn, batch), -1) for fn in fns]).float().cpu()
         idx = batch.example_index.cpu()
         probs[:, idx, : p.shape[2]] = p
         labels[idx] = batch.labels.cpu()

@@ -14,7 +14,17 @@ multitask_lora     ``multitask`` (see below)   deterministic LoRA               
 reptile            ``reptile`` (see below)     deterministic LoRA                    mean
 bayes_lora         untrained (S = c std(W0))   ABMLL inner loop (beta, n_samples)    eval_samples
 abmll              ``abmll`` (meta-trained)    ABMLL inner loop (beta, n_samples)    eval_samples
+lora_ensemble      M redrawn inits             deterministic LoRA, each member       M members
+lora_mc_dropout    untrained (M = 0)           deterministic LoRA, LoRA dropout      eval_samples
+laplace_lora       untrained (M = 0)           deterministic LoRA + diag. Laplace    eval_samples
 =================  ==========================  ====================================  ===========
+
+and temperature scaling of a method's predictive mean (:mod:`abmll.temperature`), its
+temperature fitted either on the meta-validation tasks' dev data (``lora_ts``,
+``multitask_lora_ts``, ``abmll_ts``: one T per method, never fitted on test tasks; see
+``benchmarks/harness.py``) or per task on k-fold splits of the support only
+(``lora_ts_support``, ``abmll_ts_support``; ``eval.support_folds``). A calibrated or
+ensembled method adapts with the recipe of the entry it builds on (``MethodSpec.recipe``).
 
 The trained priors all come from :class:`abmll.train.MetaTrainer` (same tasks, episodes,
 meta-batch size, number of meta-steps, Adam at ``meta.outer_lr``), with the meta-config
@@ -60,6 +70,14 @@ class MethodSpec:
             ``eval.eval_samples`` weight samples; False: deterministic LoRA (KL weight 0,
             no samples, the mean pair only) predicting with the posterior mean.
         description: one line for tables.
+        recipe: the entry whose adaptation settings (``--adaptation``, tuning) it uses; ""
+            is itself.
+        ensemble: a deep ensemble of ``eval.ensemble_members`` members.
+        mc_dropout: LoRA dropout at ``eval.lora_dropout``, ``eval.eval_samples`` draws.
+        laplace: a diagonal Laplace posterior after adapting, ``eval.eval_samples`` draws.
+        calibrate: temperature scaling of the ``recipe`` entry's predictions: "dev" (fitted
+            on the meta-validation tasks' dev data) or "support" (per task, on k-fold splits
+            of the support); "" none.
     """
 
     name: str
@@ -67,6 +85,21 @@ class MethodSpec:
     adapt: bool
     bayesian: bool
     description: str
+    recipe: str = ""
+    ensemble: bool = False
+    mc_dropout: bool = False
+    laplace: bool = False
+    calibrate: str = ""
+
+    @property
+    def base(self) -> str:
+        """The entry whose adaptation settings this one uses."""
+        return self.recipe or self.name
+
+    @property
+    def samples_draws(self) -> bool:
+        """Predicts by averaging ``eval.eval_samples`` stochastic draws."""
+        return self.bayesian or self.mc_dropout or self.laplace
 
 
 METHODS: dict[str, MethodSpec] = {
@@ -86,6 +119,60 @@ METHODS: dict[str, MethodSpec] = {
             "bayes_lora", "init", True, True, "Bayesian LoRA without meta-learning: the ABMLL inner loop from the untrained prior"
         ),
         MethodSpec("abmll", "abmll", True, True, "ABMLL: the inner loop from the meta-learned prior"),
+        MethodSpec(
+            "lora_ts", "init", True, False, "LoRA + a temperature fitted on meta-validation dev data", "lora", calibrate="dev"
+        ),
+        MethodSpec(
+            "multitask_lora_ts",
+            "multitask",
+            True,
+            False,
+            "multi-task LoRA + a temperature fitted on meta-validation dev data",
+            "multitask_lora",
+            calibrate="dev",
+        ),
+        MethodSpec(
+            "abmll_ts", "abmll", True, True, "ABMLL + a temperature fitted on meta-validation dev data", "abmll", calibrate="dev"
+        ),
+        MethodSpec(
+            "lora_ts_support",
+            "init",
+            True,
+            False,
+            "LoRA + a temperature fitted per task on k-fold splits of the support",
+            "lora",
+            calibrate="support",
+        ),
+        MethodSpec(
+            "abmll_ts_support",
+            "abmll",
+            True,
+            True,
+            "ABMLL + a temperature fitted per task on k-fold splits of the support",
+            "abmll",
+            calibrate="support",
+        ),
+        MethodSpec(
+            "lora_ensemble", "init", True, False, "deep ensemble of M LoRAs from independent inits", "lora", ensemble=True
+        ),
+        MethodSpec(
+            "lora_mc_dropout",
+            "init",
+            True,
+            False,
+            "LoRA with LoRA dropout, kept on for S prediction draws",
+            "lora",
+            mc_dropout=True,
+        ),
+        MethodSpec(
+            "laplace_lora",
+            "init",
+            True,
+            False,
+            "LoRA + a diagonal Laplace posterior (Laplace-LoRA), S draws",
+            "lora",
+            laplace=True,
+        ),
     ]
 }
 """The registry: name -> :class:`MethodSpec`."""
@@ -173,17 +260,32 @@ def train_prior(
     return theta, trainer.history
 
 
-def make_method(name: str, prior: Params, ev: EvalArgs) -> Method:
+def make_method(name: str, prior: Params, ev: EvalArgs, temperature: float | None = None) -> Method:
     """The :class:`abmll.evaluate.Method` of registry entry ``name`` with its ``prior``:
     ``ev.test_steps`` steps of ``ev.test_optimizer`` at ``ev.test_lr`` when it adapts,
     ``ev.eval_samples`` prediction samples when it is Bayesian; deterministic methods adapt
-    with beta 0 and 0 samples and predict with the mean."""
+    with beta 0 and 0 samples and predict with the mean (or ``ev.eval_samples`` dropout or
+    Laplace draws). ``temperature``: the one a "dev"-calibrated entry applies.
+
+    Raises:
+        ValueError: a "dev"-calibrated entry without ``temperature``.
+    """
     spec = get_spec(name)
+    if spec.calibrate == "dev" and temperature is None:
+        raise ValueError(f"{name} needs its temperature, fitted on the meta-validation tasks' dev data")
     steps = ev.test_steps if spec.adapt else 0
-    how = dict(lr=ev.test_lr, optimizer=ev.test_optimizer)
+    how = dict(
+        lr=ev.test_lr,
+        optimizer=ev.test_optimizer,
+        members=ev.ensemble_members if spec.ensemble else 1,
+        dropout=ev.lora_dropout if spec.mc_dropout else 0.0,
+        laplace=spec.laplace,
+        temperature=temperature,
+        support_folds=ev.support_folds if spec.calibrate == "support" else 0,
+    )
     if spec.bayesian:
         return Method(name, prior, steps, ev.eval_samples, **how)
-    return Method(name, prior, steps, 0, beta=0.0, adapt_samples=0, **how)
+    return Method(name, prior, steps, ev.eval_samples if spec.samples_draws else 0, beta=0.0, adapt_samples=0, **how)
 
 
 def prior_kinds(names: list[str]) -> list[str]:
