@@ -39,12 +39,13 @@ from abmll.cli import DEMO_CONFIG, OUTER_LOOP
 from abmll.config import CONFIG_GROUPS, DATA_SEEDS, changed_added_fields, group_dict
 from abmll.data import DataError, check_tasks, load_episode, load_split, resolve_data_dir, task_meta
 from abmll.episodes import episode_batches
-from abmll.evaluate import run_method, summarise
+from abmll.evaluate import run_method, summarise, support_temperature
 from abmll.meta import MetaConfig
 from abmll.methods import ADAPTING_METHOD, METHODS, get_spec, make_method, prior_kinds, prior_meta_config, train_prior
 from abmll.metrics import ECE_SCHEME, bootstrap_mean_ci, compute_metrics, macro_f1
 from abmll.models import load_base_model, resolve_device
 from abmll.scoring import make_batches, merge_truncation, truncation_summary
+from abmll.temperature import apply_temperature, fit_temperature, tempered_nll
 from abmll.testing import tiny_llama, tiny_tokenizer
 from abmll.validation import make_validator
 
@@ -177,6 +178,8 @@ QUICK_DEFAULTS = dict(
     max_train_tasks=3,
     max_test_tasks=2,
     save_every=0,
+    ensemble_members=2,
+    support_folds=2,
 )
 
 
@@ -298,13 +301,15 @@ def adaptations(bench: BenchArgs) -> dict[str, tuple[str, int, float]]:
 
 
 def method_eval(name: str, cfg: dict, bench: BenchArgs):
-    """The eval config method ``name`` adapts with: --adaptation's entry for it, else the group's.
+    """The eval config method ``name`` adapts with: --adaptation's entry for it, else that of
+    the entry whose recipe it uses (``MethodSpec.recipe``), else the group's.
 
     Raises:
         ValueError: an optimizer, step count or learning rate the config refuses.
     """
     ev = cfg["eval"]
-    how = adaptations(bench).get(name)
+    given = adaptations(bench)
+    how = given.get(name, given.get(get_spec(name).base))
     if how is None:
         return ev
     optimizer, steps, lr = how
@@ -575,6 +580,13 @@ def method_config(name: str, cfg: dict, train: list[str], eval_split: str, bench
     Bayesian; its prior's config when the prior is trained. The optimizer is recorded only
     when it is not SGD, so results cached before it was a setting keep their keys."""
     spec = get_spec(name)
+    if spec.calibrate:  # the recipe entry's predictions, tempered
+        config = method_config(spec.base, cfg, train, eval_split, bench)
+        if spec.calibrate == "dev":
+            config["temperature"] = {"fit": "dev", **dev_units(cfg, bench)}
+        else:
+            config["temperature"] = {"fit": "support", "folds": cfg["eval"].support_folds}
+        return config
     ev = cfg["eval"] if bench is None else method_eval(name, cfg, bench)
     model = _group(cfg, "model")
     model.pop("device")
@@ -597,8 +609,14 @@ def method_config(name: str, cfg: dict, train: list[str], eval_split: str, bench
         if not spec.bayesian:
             adapt_config.pop("beta"), adapt_config.pop("n_samples")
         config.update(test_steps=ev.test_steps, adapt=adapt_config)
-    if spec.bayesian:
+    if spec.samples_draws:
         config.update(eval_samples=cfg["eval"].eval_samples)
+    if spec.ensemble:
+        config.update(ensemble_members=ev.ensemble_members)
+    if spec.mc_dropout:
+        config.update(lora_dropout=ev.lora_dropout)
+    if spec.laplace:
+        config.update(laplace="diagonal GGN, prior precision by marginal likelihood, sampled predictive")
     if spec.prior != "init":
         config["prior"] = prior_config(spec.prior, cfg, train, bench)
     return config
@@ -653,6 +671,55 @@ def train_kind(kind: str, model: BayesLoraModel, tok, cfg: dict, train: list[str
     return theta
 
 
+# -- temperatures fitted on the meta-validation tasks' dev data ----------------------------------
+
+
+def dev_units(cfg: dict, bench: BenchArgs | None) -> dict:
+    """The (task, seed) episodes a "dev"-calibrated method fits its temperature on: the
+    meta-validation tasks (never test tasks) x ``bench.val_seeds``, query = their dev files."""
+    return {"val_tasks": list(cfg["tasks"].val_tasks), "val_seeds": list(bench.val_seeds) if bench else []}
+
+
+def dev_temperature(
+    base: str, model: BayesLoraModel, tok, cfg: dict, train: list[str], bench: BenchArgs, work: Path, prior
+) -> dict:
+    """The temperature of method ``base``'s predictions fitted on its dev-data predictions on
+    every :func:`dev_units` episode (up to ``eval.max_test`` dev examples each), each cached in
+    ``work/dev-cache.json`` as it is computed. Returns {"temperature", "nll_before",
+    "nll_after" (pooled dev NLL, nats), "examples"}.
+
+    Raises:
+        SystemExit: no meta-validation task or seed.
+    """
+    units = dev_units(cfg, bench)
+    if not units["val_tasks"] or not units["val_seeds"]:
+        raise SystemExit(f"a temperature fitted on dev data ({base}) needs --val_tasks and --val_seeds")
+    cache = Cache(work / "dev-cache.json", {base: method_config(base, cfg, train, "dev", bench)})
+    tasks = replace(cfg["tasks"], k=test_k(bench, cfg))
+    probs, labels = [], []
+    for task in units["val_tasks"]:
+        for seed in units["val_seeds"]:
+            entry = cache.get(base, task, seed)
+            if entry is None:
+                ep = episode_batches(model, tok, task, seed, tasks, cfg["scoring"], "dev", cfg["eval"].max_test)
+                method = make_method(base, prior(get_spec(base).prior), method_eval(base, cfg, bench))
+                _, p, y = run_method(model, method, ep, cfg["meta"], seed)
+                entry = {"probs": p.tolist(), "labels": y.tolist()}
+                cache.put(base, task, seed, entry)
+            probs.append(torch.tensor(entry["probs"]))
+            labels.append(torch.tensor(entry["labels"]))
+    width = max(p.shape[1] for p in probs)
+    pooled = torch.cat([torch.nn.functional.pad(p, (0, width - p.shape[1])) for p in probs])
+    y = torch.cat(labels)
+    t = fit_temperature(pooled, y)
+    return {
+        "temperature": t,
+        "nll_before": tempered_nll(pooled, y, 1.0),
+        "nll_after": tempered_nll(pooled, y, t),
+        "examples": len(y),
+    }
+
+
 # -- the run ----------------------------------------------------------------------------------
 
 
@@ -675,9 +742,12 @@ def run(
             shutil.rmtree(old) if old.is_dir() else old.unlink()
     model, tok = build_model(cfg, work)
     tasks = cfg["tasks"]
-    configs = {m: method_config(m, cfg, train, bench.eval_split, bench) for m in bench.methods}
+    bases = [get_spec(m).base for m in bench.methods if get_spec(m).calibrate]
+    needed = list(dict.fromkeys([*bench.methods, *bases]))  # a tempered method's base is cached too
+    configs = {m: method_config(m, cfg, train, bench.eval_split, bench) for m in needed}
     cache = Cache(work / "cache.json", configs)
     priors = {}
+    temperatures = {}  # base -> dev_temperature(base)
 
     def prior(kind: str):
         if kind not in priors:
@@ -719,7 +789,7 @@ def run(
             if get_spec(m).adapt
             for e in [method_eval(m, cfg, bench)]
         }
-        results.update(adaptation=adaptation, test_k=test_k(bench, cfg))
+        results.update(adaptation=adaptation, test_k=test_k(bench, cfg), dev_temperatures=temperatures)
         results.update(
             command=command,
             complete=complete,
@@ -745,6 +815,8 @@ def run(
                 continue
             for m in todo:  # priors first: their training does not reseed anything below
                 prior(get_spec(m).prior)
+                if get_spec(m).calibrate == "dev" and get_spec(m).base not in temperatures:
+                    temperatures[get_spec(m).base] = dev_temperature(get_spec(m).base, model, tok, cfg, train, bench, work, prior)
             ep = episode_batches(
                 model,
                 tok,
@@ -754,21 +826,46 @@ def run(
                 cfg["scoring"],
                 bench.eval_split,
                 cfg["eval"].max_test,
+                folds=cfg["eval"].support_folds if any(get_spec(m).calibrate == "support" for m in todo) else 0,
             )
-            for m in todo:
+            runs = [
+                b
+                for b in dict.fromkeys(get_spec(m).base for m in todo if get_spec(m).calibrate)
+                if cache.get(b, task, seed) is None
+            ]
+            for m in [*runs, *(m for m in todo if m not in runs)]:  # a tempered method's base first
                 t0 = time.perf_counter()
-                method = make_method(m, prior(get_spec(m).prior), method_eval(m, cfg, bench))
-                metrics, probs, labels = run_method(model, method, ep, cfg["meta"], seed)
-                count += 1
+                spec = get_spec(m)
+                method = make_method(spec.base if spec.calibrate else m, prior(spec.prior), method_eval(m, cfg, bench))
+                if spec.calibrate:  # the base's cached predictions, tempered
+                    base = cache.get(spec.base, task, seed)
+                    t = (
+                        temperatures[spec.base]["temperature"]
+                        if spec.calibrate == "dev"
+                        else support_temperature(
+                            model, replace(method, support_folds=cfg["eval"].support_folds), ep, cfg["meta"], seed
+                        )
+                    )
+                    labels = torch.tensor(base["labels"])
+                    probs = apply_temperature(torch.tensor(base["probs"]), t)
+                    metrics = {**base["metrics"], **compute_metrics(probs, labels), "temperature": t}
+                    extra = {"base_seconds": base["seconds"]}
+                else:
+                    metrics, probs, labels = run_method(model, method, ep, cfg["meta"], seed)
+                    extra = {}
+                count += m in bench.methods
                 entry = {
                     "metrics": metrics,
                     "probs": probs.tolist(),
                     "labels": labels.tolist(),
                     "n_predicted_classes": int(probs.argmax(1).unique().numel()),
-                    "seconds": time.perf_counter() - t0,
+                    "seconds": time.perf_counter() - t0 + extra.get("base_seconds", 0.0),
                     "code": code.get("commit"),
+                    **extra,
                 }
                 cache.put(m, task, seed, entry)
+                if m not in bench.methods:
+                    continue
                 print(
                     f"[{count}/{total}] {m:15s} {task:28s} seed {seed:3d}: acc {metrics['accuracy']:.3f} "
                     f"F1 {metrics['macro_f1']:.3f} ECE {metrics['ece']:.3f} NLL {metrics['nll']:.3f} "

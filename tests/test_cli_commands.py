@@ -21,6 +21,7 @@ from abmll.evaluate import Method, evaluate, evaluate_with_predictions
 from abmll.export import load_adapter_folder
 from abmll.loading import load_prior
 from abmll.meta import adapt, mean_nll, predict_batches
+from abmll.methods import make_method
 from abmll.metrics import compute_metrics
 from abmll.plots import plot_reliability_per_method, plot_training_curves, pool_predictions
 from abmll.scoring import ScoringConfig, make_batches
@@ -222,6 +223,34 @@ def test_evaluate_plots_reliability_and_matches_library_evaluate(world, tmp_path
         assert compute_metrics(probs, labels) == {k: v for k, v in seed_metrics.items() if not k.startswith("mean_")}
         if method == "zero_shot":  # no weight samples: nothing epistemic
             assert seed_metrics["mean_epistemic"] == 0 and seed_metrics["mean_aleatoric"] == seed_metrics["mean_total"]
+
+
+def test_evaluate_runs_the_registry_methods_it_is_asked_for(world, tmp_path, capsys):
+    out = tmp_path / "eval"
+    flags = ["evaluate", "--config", str(world["config"]), "--prior", str(world["prior"]), "--eval_samples", "2"]
+    names = ["zero_shot", "lora_ensemble", "laplace_lora", "abmll_ts_support"]
+    assert main([*flags, "--methods", *names, "--ensemble_members", "2", "--support_folds", "2", "--out", str(out)]) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert list(results["methods"]) == names
+    # the library, with the registry's method and the settings the command resolved
+    cfg = {}
+    model, tok, theta, _ = load_prior(str(world["prior"]), cfg)
+    tasks = TaskArgs(data_dir=str(world["data"]), k=4, data_seeds=[1], test_tasks=["h0"])
+    ev = EvalArgs(test_steps=1, eval_samples=2, max_test=6, ensemble_members=2, support_folds=2)
+    methods = [make_method(n, theta if n.startswith("abmll") else model.init_params(), ev) for n in names]
+    ref = evaluate(model, tok, methods, ["h0"], [1], tasks, ScoringConfig(max_rows=8), cfg["meta"], ev)
+    for name in names:
+        cli = results["methods"][name]["per_task"]["h0"]["seeds"]["1"]
+        assert cli == pytest.approx(ref["methods"][name]["per_task"]["h0"]["seeds"][1], rel=1e-5, abs=1e-7), name
+    assert 0 < results["methods"]["abmll_ts_support"]["per_task"]["h0"]["seeds"]["1"]["temperature"]
+    for bad, message in (
+        ("lora_ts", "benchmarks/quality.py"),
+        ("multitask_lora", "benchmarks/quality.py"),
+        ("maml", "unknown method"),
+    ):
+        assert main([*flags, "--methods", "zero_shot", bad, "--out", str(tmp_path / bad)]) == 1
+        assert message in capsys.readouterr().err
+        assert not (tmp_path / bad).exists()  # refused before any work
 
 
 def test_tensorboard_flag_needs_tensorboard(world, tmp_path, monkeypatch, capsys):

@@ -17,6 +17,7 @@ import tune_outer
 
 from abmll.methods import METHODS
 from abmll.metrics import compute_metrics
+from abmll.temperature import apply_temperature, fit_temperature
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -63,9 +64,19 @@ def finite_floats(obj):
 
 
 def test_quick_run_writes_json_table_and_plots(tiny_model_dir, tiny_data_dir, tmp_path, capsys):
-    quality.main(args(tiny_model_dir, tiny_data_dir, tmp_path))
+    quality.main(args(tiny_model_dir, tiny_data_dir, tmp_path, "--val_tasks", "t3", "--val_seeds", "1", "2"))
     out = tmp_path / "out"
     res = json.loads((out / "quality-tiny.json").read_text())
+    # a temperature fitted on dev data sees the meta-validation task's dev file only, never a test task
+    dev = json.loads((tmp_path / "work" / "dev-cache.json").read_text())["results"]
+    assert sorted(k.split("|")[:3] for k in dev) == sorted(
+        [b, "t3", s] for b in ("lora", "multitask_lora", "abmll") for s in ("1", "2")
+    )
+    for base in ("lora", "multitask_lora", "abmll"):
+        fit = res["dev_temperatures"][base]
+        probs = torch.cat([torch.tensor(e["probs"]) for k, e in dev.items() if k.startswith(base + "|")])
+        labels = torch.cat([torch.tensor(e["labels"]) for k, e in dev.items() if k.startswith(base + "|")])
+        assert fit["temperature"] == pytest.approx(fit_temperature(probs, labels)) and fit["nll_after"] <= fit["nll_before"]
     assert {"model", "split", "seeds", "tasks", "command", "methods"} <= res.keys()
     assert res["split"] == "tiny" and res["seeds"] == [1, 2] and res["tasks"] == ["h0", "h1"]
     assert res["model"] == str(tiny_model_dir) and res["command"].startswith(".venv/bin/python benchmarks/quality.py")
@@ -97,6 +108,15 @@ def test_quick_run_writes_json_table_and_plots(tiny_model_dir, tiny_data_dir, tm
         for key in ("accuracy", "ece", "nll"):
             assert m[key] == pytest.approx((m["per_task"]["h0"][key] + m["per_task"]["h1"][key]) / 2)
     assert all(math.isfinite(x) for x in finite_floats(res["methods"]))
+    for name, spec in METHODS.items():  # a tempered method: its base's cached predictions, tempered
+        for task, seed in (("h0", "1"), ("h1", "2")):
+            if spec.calibrate:
+                entry = json.loads((tmp_path / "work" / "cache.json").read_text())["results"]
+                mine = next(e for k, e in entry.items() if k.startswith(f"{name}|{task}|{seed}|"))
+                base = cached[spec.base, task, seed][0]
+                if spec.calibrate == "dev":
+                    assert mine["metrics"]["temperature"] == res["dev_temperatures"][spec.base]["temperature"]
+                torch.testing.assert_close(cached[name, task, seed][0], apply_temperature(base, mine["metrics"]["temperature"]))
     stats = res["task_stats"]["h0"]
     assert stats["majority_rate"] == pytest.approx(share) and stats["chance_rate"] == 0.5
     assert stats["majority_macro_f1"] == pytest.approx(2 * share / (1 + share) / len(set(labels)))

@@ -49,7 +49,7 @@ from abmll.args import (
 from abmll.checkpoint import STATE
 from abmll.commands.adapt import run_adapt
 from abmll.commands.data import run_data
-from abmll.commands.evaluate import PARTIAL_RESULTS, RESULTS, check_evaluate_inputs, run_evaluate
+from abmll.commands.evaluate import PARTIAL_RESULTS, RESULTS, check_cli_methods, check_evaluate_inputs, run_evaluate
 from abmll.commands.export import run_export
 from abmll.commands.meta_train import meta_train, report_writer
 from abmll.commands.predict import PREDICTIONS, run_predict
@@ -71,10 +71,11 @@ def _meta_train(run, cfg, train, report):
 def _evaluate(run, cfg, args, report):
     if not args.prior:
         raise SystemExit("evaluate: --prior DIR is required")
+    check_cli_methods(args.methods)
     check_evaluate_inputs(run, cfg)
     model, tokenizer, theta, status = load_prior(args.prior, cfg)
     with report_writer(report) as writer:
-        run_evaluate(run, cfg, model, tokenizer, theta, report, writer, prior=status)
+        run_evaluate(run, cfg, model, tokenizer, theta, report, writer, prior=status, methods=args.methods)
 
 
 def _demo(run, cfg, train, report):
@@ -99,24 +100,26 @@ class Command:
 OUTER_LOOP = tuple("inner_steps outer_lr outer_warmup_steps outer_grad_clip gamma meta_batch_size meta_steps".split())
 OUTER_LOOP += tuple("outer_update mean_std a0 b0 train_tasks val_tasks max_query".split())
 """Fields only meta-training uses (the outer loop, the hyperprior, the meta-train tasks)."""
+BASELINES = ("ensemble_members", "lora_dropout", "support_folds")
+"""Fields only the calibration baselines use (``abmll evaluate --methods``, the benchmarks)."""
 
 COMMAND_TABLE = {
-    "meta-train": Command(ALL_GROUPS, (TrainArgs, ReportArgs), None, _meta_train, ("compare_priors",)),
+    "meta-train": Command(ALL_GROUPS, (TrainArgs, ReportArgs), None, _meta_train, ("compare_priors", *BASELINES)),
     "evaluate": Command(ALL_GROUPS, (EvaluateArgs, ReportArgs), "prior", _evaluate, (*OUTER_LOOP, "log_support_after")),
-    "demo": Command(ALL_GROUPS, (TrainArgs, ReportArgs), None, _demo),
+    "demo": Command(ALL_GROUPS, (TrainArgs, ReportArgs), None, _demo, BASELINES),
     "adapt": Command(
         ["model", "lora", "scoring", "meta", "eval"],
         (AdaptArgs,),
         "prior",
         lambda run, cfg, args: run_adapt(run, args, cfg),
-        (*OUTER_LOOP, "eval_samples", "max_test", "compare_priors", "ood_tasks"),
+        (*OUTER_LOOP, "eval_samples", "max_test", "compare_priors", "ood_tasks", *BASELINES),
     ),
     "predict": Command(
         ["model", "lora", "scoring", "eval"],
         (PredictArgs,),
         "adapter",
         lambda run, cfg, args: run_predict(run, args, cfg),
-        ("test_steps", "test_lr", "test_optimizer", "max_test", "compare_priors", "ood_tasks"),
+        ("test_steps", "test_lr", "test_optimizer", "max_test", "compare_priors", "ood_tasks", *BASELINES),
     ),
     "export": Command(["model", "lora"], (ExportArgs,), "adapter", lambda run, cfg, args: run_export(run, args, cfg)),
     "data": Command([], (DataArgs,), None, lambda run, cfg, args: run_data(run, args)),

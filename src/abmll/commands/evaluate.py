@@ -13,6 +13,7 @@ from abmll.config import EvalArgs, TaskArgs, result_config, to_dict
 from abmll.data import check_task_files, resolve_data_dir
 from abmll.evaluate import Method, evaluate_with_predictions, format_table
 from abmll.loading import fitting_prior
+from abmll.methods import get_spec, make_method
 from abmll.metrics import ECE_SCHEME
 from abmll.ood import format_ood_table, ood_table
 from abmll.outputs import ResultLog, check_writable, file_digest, settings_hash, tensor_digest
@@ -50,13 +51,46 @@ def task_files_digest(names: list[str], tasks: TaskArgs) -> str:
     return file_digest(sorted(p for name in names for p in (root / name).glob("*.jsonl")))
 
 
+def check_cli_methods(names: list[str]) -> None:
+    """Raises ValueError unless every name is a registry method ``abmll evaluate`` can run:
+    one whose prior is the untrained init or the evaluated ABMLL prior, without a temperature
+    fitted on meta-validation data (those are run by benchmarks/quality.py)."""
+    if not names:
+        raise ValueError("--methods needs at least one method")
+    for name in names:
+        try:
+            spec = get_spec(name)
+        except ValueError as err:
+            raise ValueError(f"--methods: {err}") from None
+        need = (
+            f"a {spec.prior} prior"
+            if spec.prior not in ("init", "abmll")
+            else "a temperature fitted on meta-validation dev data"
+            if spec.calibrate == "dev"
+            else None
+        )
+        if need:
+            raise ValueError(
+                f"--methods {name} needs {need}, which abmll evaluate does not make: run benchmarks/quality.py --methods {name}"
+            )
+
+
 def run_evaluate(
-    run: RunArgs, cfg: dict, model, tokenizer, theta, report: ReportArgs | None = None, writer=None, prior: dict | None = None
+    run: RunArgs,
+    cfg: dict,
+    model,
+    tokenizer,
+    theta,
+    report: ReportArgs | None = None,
+    writer=None,
+    prior: dict | None = None,
+    methods: list[str] = ("zero_shot", "abmll"),
 ) -> dict:
-    """Evaluate zero-shot and ABMLL on the split's test tasks; print and save the results
-    (results.json with the resolved config, and one reliability diagram per method pooled
-    over tasks and seeds unless ``report.plots`` is False). ``prior``: the prior's
-    :func:`abmll.priors.prior_status`, recorded in the results.
+    """Evaluate ``methods`` (registry names; :func:`check_cli_methods`) on the split's test
+    tasks, ABMLL's from ``theta``; print and save the results (results.json with the resolved
+    config, and one reliability diagram per method pooled over tasks and seeds unless
+    ``report.plots`` is False). ``prior``: the prior's :func:`abmll.priors.prior_status`,
+    recorded in the results.
 
     Each (method, task, seed) result is appended to ``results.partial.jsonl`` as it finishes;
     run again with the same settings, the command computes only the missing ones."""
@@ -64,7 +98,8 @@ def run_evaluate(
     tasks: TaskArgs = cfg["tasks"]
     ev: EvalArgs = cfg["eval"]
     adapting = dict(steps=ev.test_steps, samples=ev.eval_samples, lr=ev.test_lr, optimizer=ev.test_optimizer)
-    methods = [Method("zero_shot", model.init_params(), 0, 0), Method("abmll", theta, **adapting)]
+    check_cli_methods(list(methods))
+    methods = [make_method(n, theta if get_spec(n).prior == "abmll" else model.init_params(), ev) for n in methods]
     statuses = {"abmll": prior}
     for name in ev.compare_priors:
         tensors, statuses[f"prior:{Path(name).name}"] = fitting_prior(name, model)
