@@ -263,6 +263,41 @@ def test_command_help_answers_without_importing_torch():
     assert "usage: abmll evaluate" in out
 
 
+@pytest.mark.parametrize(
+    "argv, missing",
+    [
+        (["evaluate", "--split", "class_to_class"], "--prior is required"),
+        (["evaluate", "--methods", "zero_shot", "abmll"], "--prior is required"),
+        (["adapt", "--support", "s.jsonl"], "--prior is required"),
+        (["predict"], "--adapter and --input are required"),
+        (["export", "--out", "x"], "--adapter is required"),
+        (["data"], "--task is required"),
+    ],
+)
+def test_a_missing_required_flag_is_named_before_torch_is_imported(argv, missing):
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; from abmll.__main__ import main\n"
+        f"try: main({argv!r})\n"
+        "except SystemExit as e: print(e)\n"
+        "print('torch' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert missing in out and out.strip().endswith("False"), out
+
+
+def test_required_flags_given_or_not_needed_pass_the_early_check():
+    from abmll.__main__ import missing_required
+
+    assert missing_required("evaluate", ["--prior", "p"]) is None
+    assert missing_required("evaluate", ["--prior=p"]) is None
+    assert missing_required("evaluate", ["--methods", "zero_shot", "lora", "--k", "16"]) is None  # no ABMLL: no prior
+    assert missing_required("evaluate", ["--config", "run.yaml"]) is None  # the file may set it: the command checks
+    assert missing_required("meta-train", []) is None
+
+
 def test_a_refused_value_is_one_line_naming_the_flag_and_its_choices_not_the_usage_block(capsys):
     with pytest.raises(SystemExit) as info:
         main(["adapt", "--test_optimizer", "adam"])

@@ -253,6 +253,35 @@ def test_evaluate_runs_the_registry_methods_it_is_asked_for(world, tmp_path, cap
         assert not (tmp_path / bad).exists()  # refused before any work
 
 
+def test_evaluate_without_a_prior_runs_zero_shot_and_lora_on_the_base_model(world, tmp_path):
+    out = tmp_path / "eval"  # run.yaml names the model (a folder) and the adapter's shape
+    assert main(["evaluate", "--config", str(world["config"]), "--methods", "zero_shot", "lora", "--out", str(out)]) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert list(results["methods"]) == ["zero_shot", "lora"]
+    # the same numbers as with a prior: neither method reads it
+    with_prior = tmp_path / "with"
+    assert (
+        main(
+            [
+                "evaluate",
+                "--config",
+                str(world["config"]),
+                "--prior",
+                str(world["prior"]),
+                "--methods",
+                "zero_shot",
+                "lora",
+                "--out",
+                str(with_prior),
+            ]
+        )
+        == 0
+    )
+    again = json.loads((with_prior / "results.json").read_text())
+    for m in ("zero_shot", "lora"):
+        assert results["methods"][m]["mean"] == pytest.approx(again["methods"][m]["mean"], rel=1e-5), m
+
+
 def test_tensorboard_flag_needs_tensorboard(world, tmp_path, monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)
     code = main(
@@ -305,7 +334,7 @@ def test_tensorboard_logs_scalars_through_summary_writer(world, tmp_path, monkey
     assert not (out / "training_curves.png").exists()
 
 
-def test_plot_helpers(tmp_path):
+def test_plot_helpers(tmp_path, monkeypatch):
     history = [
         {"step": 0, "query_nll": 0.9, "kl": 10.0, "support_nll_before": 1.0, "support_nll_after": 0.8},
         {"step": 1, "skipped": True, "error": "nan"},
@@ -321,8 +350,13 @@ def test_plot_helpers(tmp_path):
     probs, labels = pool_predictions([a, b])
     assert torch.equal(probs, torch.tensor([[0.9, 0.1, 0.0], [0.2, 0.8, 0.0], [0.1, 0.2, 0.7]]))
     assert labels.tolist() == [0, 0, 2]
+    import abmll.plots
+
+    titles, draw = [], abmll.plots.plot_reliability_diagram
+    monkeypatch.setattr(abmll.plots, "plot_reliability_diagram", lambda *a, **k: titles.append(draw(*a, **k).axes[0].get_title()))
     paths = plot_reliability_per_method({"abmll": [a, b], "zero shot/x": [a]}, tmp_path)
     assert sorted(p.name for p in paths.values()) == ["reliability_abmll.png", "reliability_zero_shot_x.png"]
+    assert [t.count("N = ") for t in titles] == [1, 1] and "N = 3" in titles[0], titles  # N said once
     with pytest.raises(ValueError, match="no predictions"):
         pool_predictions([])
 

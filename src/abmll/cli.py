@@ -54,8 +54,9 @@ from abmll.commands.export import run_export
 from abmll.commands.meta_train import meta_train, report_writer
 from abmll.commands.predict import PREDICTIONS, run_predict
 from abmll.data import DataError
-from abmll.loading import load_prior
+from abmll.loading import build_model, load_prior
 from abmll.meta import NonFiniteLossError
+from abmll.methods import get_spec
 from abmll.outputs import complete_lines, read_json_or_none
 from abmll.quiet import library_output
 from abmll.train import CHECKPOINT_DIR
@@ -69,11 +70,14 @@ def _meta_train(run, cfg, train, report):
 
 
 def _evaluate(run, cfg, args, report):
-    if not args.prior:
-        raise SystemExit("evaluate: --prior DIR is required")
     check_cli_methods(args.methods)
+    if not args.prior and any(get_spec(n).prior == "abmll" for n in args.methods):
+        raise SystemExit("evaluate: --prior DIR is required (or --methods without ABMLL, e.g. zero_shot lora)")
     check_evaluate_inputs(run, cfg)
-    model, tokenizer, theta, status = load_prior(args.prior, cfg)
+    if args.prior:
+        model, tokenizer, theta, status = load_prior(args.prior, cfg)
+    else:  # zero-shot and per-task baselines: the base model as the flags say
+        (model, tokenizer), theta, status = build_model(cfg), None, None
     with report_writer(report) as writer:
         run_evaluate(run, cfg, model, tokenizer, theta, report, writer, prior=status, methods=args.methods)
 

@@ -181,7 +181,7 @@ def plot_reliability_per_method(
     for method, parts in predictions.items():
         probs, labels = pool_predictions(parts)
         path = Path(folder) / f"reliability_{_slug(method)}.png"
-        plot_reliability_diagram(probs, labels, path, title=f"{method} (N = {len(labels)})", n_bins=n_bins)
+        plot_reliability_diagram(probs, labels, path, title=method, n_bins=n_bins)  # its title gives N
         out[method] = path
     return out
 
