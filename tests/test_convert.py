@@ -10,7 +10,7 @@ import pytest
 
 from abmll.cli import main
 from abmll.convert import ColumnMapping, ConversionError, convert_dataset
-from abmll.data import load_episode, load_examples, task_meta
+from abmll.data import load_episode, load_examples, read_jsonl, task_meta
 
 SEEDS = (100, 13, 21, 42, 87)
 
@@ -253,3 +253,48 @@ def test_cli_data_builds_tasks_from_local_files_through_the_datasets_library(tmp
     episode = load_episode("local", 4, 13, "test", data_dir=tmp_path / "a")
     assert [e.input for e in episode.support] == [f"review {i}" for i in order[:4]]
     assert [e.options[e.label] for e in episode.query] == ["positive", "negative"] * 3
+
+
+def test_one_file_dataset_holds_out_a_seeded_stratified_test_fraction(tmp_path):
+    rows = [{"text": f"r{i}", "label": int(i % 4 == 0)} for i in range(40)]  # 10 positive, 30 negative
+    mapping = ColumnMapping(input_columns=["text"], options=["negative", "positive"])
+    with pytest.raises(ConversionError, match=r"no split 'validation'.*--test_fraction"):
+        convert_dataset({"train": rows}, "one", tmp_path / "x", mapping, shots=[4])
+    report = convert_dataset({"train": rows}, "one", tmp_path / "a", mapping, shots=[4], seeds=[100], test_fraction=0.2)
+    test = read_jsonl(tmp_path / "a" / "one" / "one_test.jsonl")
+    assert [e.label for e in test].count(1) == 2 and [e.label for e in test].count(0) == 6  # 20% of each class
+    pool = {e.input for k in ("train", "dev") for e in read_jsonl(tmp_path / "a" / "one" / f"one_4_100_{k}.jsonl")}
+    assert not pool & {e.input for e in test}  # the k-shot files come from the rest only
+    assert report["counts"]["train"]["kept"] == 32 and "held out" in report["test_split"]
+    again = convert_dataset({"train": rows}, "one", tmp_path / "b", mapping, shots=[4], seeds=[100], test_fraction=0.2)
+    other = convert_dataset(
+        {"train": rows}, "one", tmp_path / "c", mapping, shots=[4], seeds=[100], test_fraction=0.2, holdout_seed=1
+    )
+    read = lambda d: (tmp_path / d / "one" / "one_test.jsonl").read_text()  # noqa: E731
+    assert read("a") == read("b") and read("a") != read("c") and again["counts"] == report["counts"]
+    assert other["test_split"] == "train (held out: 0.2, seed 1)"
+    for bad in (0.0, 1.0):
+        with pytest.raises(ConversionError, match="fraction"):
+            convert_dataset({"train": rows}, "one", tmp_path / "y", mapping, shots=[4], test_fraction=bad)
+    with pytest.raises(ConversionError, match="not both"):
+        convert_dataset(
+            {"train": rows, "test": rows}, "one", tmp_path / "z", mapping, shots=[4], test_split="test", test_fraction=0.2
+        )
+
+
+def test_cli_wall_time_counts_the_start_up(tmp_path):
+    import subprocess
+    import time
+
+    (tmp_path / "r.jsonl").write_text("".join(json.dumps({"text": f"r{i}", "label": i % 2}) + "\n" for i in range(20)))
+    t0 = time.perf_counter()
+    out = subprocess.run(
+        [sys.executable, "-m", "abmll", "data", "--data_files", f"train={tmp_path / 'r.jsonl'}", "--test_fraction", "0.25"]
+        + ["--task", "r", "--input_columns", "text", "--options", "no", "yes", "--shots", "4", "--out", str(tmp_path / "o")],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    elapsed = time.perf_counter() - t0
+    printed = float(out.rsplit("wall time: ", 1)[1].split()[0])
+    assert printed >= elapsed - 2.0, (printed, elapsed)  # not just the conversion's own fraction of a second

@@ -5,6 +5,7 @@ without importing torch; everything else goes to :func:`abmll.cli.main`."""
 from __future__ import annotations
 
 import sys
+import time
 from itertools import takewhile
 
 import abmll
@@ -41,6 +42,7 @@ def missing_required(command: str, args: list[str]) -> str | None:
 
 def main(argv: list[str] | None = None) -> int:
     """Run ``abmll`` with ``argv`` (default ``sys.argv[1:]``); returns the exit status."""
+    started = time.perf_counter()  # the wall time printed at the end counts the imports below
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] in (["--version"], ["-V"]):
         print(f"abmll {abmll.__version__}")
@@ -67,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:  # Ctrl-C while torch and the models' code import
         print(f"abmll {argv[0]}: interrupted while starting; nothing was written", file=sys.stderr)
         return 130
-    return cli_main(argv)
+    return cli_main(argv, started)
 
 
 if __name__ == "__main__":

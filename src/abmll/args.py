@@ -187,6 +187,9 @@ class DataArgs(ColumnMapping):
             JSON-lines files, with no extra package.
         train_split: split the k-shot train / dev files are sampled from.
         test_split: split written as the test file (default: test, else validation).
+        test_fraction: instead of a test split, hold out this fraction of the training split
+            as the test file, stratified by answer (e.g. 0.2 for a dataset of one file).
+        holdout_seed: the seed of that held-out draw.
         shots: the k values.
         data_seeds: the sampling seeds (MetaICL's by default).
         test_rows: at most this many test rows (default: all).
@@ -198,6 +201,8 @@ class DataArgs(ColumnMapping):
     data_files: list[str] = field(default_factory=list)
     train_split: str = "train"
     test_split: str | None = None
+    test_fraction: float | None = None
+    holdout_seed: int = 0
     shots: list[int] = field(default_factory=lambda: [16, 8])
     data_seeds: list[int] = field(default_factory=lambda: [100, 13, 21, 42, 87])
     test_rows: int | None = None

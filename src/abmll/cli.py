@@ -161,19 +161,21 @@ def _saved_note(command: str, run: RunArgs | None, extra: list) -> str:
     return f"nothing was written to {out} (it is written only when complete)"
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, started: float | None = None) -> int:
     """Run one ``abmll`` command (``argv`` default: ``sys.argv[1:]``). Returns the exit
     status: 0 done (or ``--help``), 1 a reported error (bad data, non-finite loss, bad
     value, unreadable file or checkpoint: one line on stderr, finished outputs kept),
     2 no or unknown command (the usage is printed), 130 interrupted (Ctrl-C: one line
-    saying what was saved and how to resume)."""
+    saying what was saved and how to resume). The wall time printed at the end counts from
+    ``started`` (a ``time.perf_counter()``; the console entry's start, before torch is
+    imported), else from this call."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] not in COMMANDS:
         print(__doc__)
         return 0 if argv and argv[0] in ("-h", "--help") else 2
     command, rest = argv[0], argv[1:]
     spec = COMMAND_TABLE[command]
-    start = time.perf_counter()
+    start = time.perf_counter() if started is None else started
     run, extra = None, []
     try:
         if command == "demo":

@@ -156,6 +156,28 @@ def _write_jsonl(path: Path, records: Sequence[dict]) -> None:
     atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
 
 
+def stratified_holdout(records: list[dict], fraction: float, seed: int) -> tuple[list[dict], list[dict]]:
+    """(rest, held out): round(fraction x n_c) of each answer c's records (at least one of a
+    class with two or more, none of a class with one) held out, drawn with
+    ``random.Random(seed)``; both lists keep the input order. Free-form records are one class.
+
+    Raises:
+        ConversionError: nothing would be held out, or nothing left.
+    """
+    rng = random.Random(seed)
+    by_class: dict[str, list[int]] = {}
+    for i, r in enumerate(records):
+        by_class.setdefault(r["output"], []).append(i)
+    held = set()
+    for output in sorted(by_class):
+        idx = by_class[output]
+        n = min(len(idx) - 1, max(1, round(fraction * len(idx)))) if len(idx) > 1 else 0
+        held.update(rng.sample(idx, n))
+    if not held or len(held) == len(records):
+        raise ConversionError(f"holding out {fraction:g} of {len(records)} usable rows leaves an empty train or test part")
+    return [r for i, r in enumerate(records) if i not in held], [r for i, r in enumerate(records) if i in held]
+
+
 def convert_dataset(
     splits: Mapping[str, Iterable[dict]],
     task: str,
@@ -166,6 +188,8 @@ def convert_dataset(
     train_split: str = "train",
     test_split: str | None = None,
     max_test: int | None = None,
+    test_fraction: float | None = None,
+    holdout_seed: int = 0,
 ) -> dict[str, Any]:
     """Write a task's k-shot files (see the module docstring) and return a report.
 
@@ -176,6 +200,9 @@ def convert_dataset(
         shots: the k values; each (k, seed) takes 2k training rows (k train + k dev).
         test_split: default "test" when present, else "validation".
         max_test: keep at most this many test rows (a fixed-seed sample, in order).
+        test_fraction: instead of a test split, hold out this fraction of the training
+            split's usable rows as the test file (:func:`stratified_holdout`, seeded by
+            ``holdout_seed``); the k-shot files are sampled from the rest.
     Returns:
         ``{"task", "task_type", "options", "train_split", "test_split", "counts": {split:
         {"rows", "kept", "skipped_unlabelled", "skipped_duplicate_options", "skipped_invalid_text"}},
@@ -190,19 +217,36 @@ def convert_dataset(
     if not shots or min(shots) < 1:
         raise ConversionError(f"shots must be positive integers, got {list(shots)}")
     task_type = mapping.resolved_task_type()
-    if test_split is None:
+    if test_fraction is not None:
+        if test_split is not None:
+            raise ConversionError("give a test split or a test fraction of the training split, not both")
+        if not 0 < test_fraction < 1:
+            raise ConversionError(f"test fraction must be in (0, 1), got {test_fraction}")
+    elif test_split is None:
         test_split = "test" if "test" in splits else "validation"
-    for name in (train_split, test_split):
+    for name in (train_split,) if test_fraction is not None else (train_split, test_split):
         if name not in splits:
-            raise ConversionError(f"no split {name!r} in the dataset (splits: {sorted(splits)})")
+            hint = (
+                f"; name the test split (--test_split), or hold out part of {train_split!r} as the test file "
+                "(--test_fraction 0.2)"
+                if name == test_split
+                else "; name the training split (--train_split)"
+            )
+            raise ConversionError(f"no split {name!r} in the dataset (splits: {sorted(splits)}){hint}")
     counts = {}
     converted = {}
-    for name in dict.fromkeys((train_split, test_split)):
+    for name in dict.fromkeys((train_split,) if test_fraction is not None else (train_split, test_split)):
         counts[name] = {"rows": 0, "kept": 0, "skipped_unlabelled": 0, "skipped_duplicate_options": 0, "skipped_invalid_text": 0}
         converted[name] = _records(
             splits[name], name, task, mapping, _class_names(splits[name], mapping.output_column), counts[name]
         )
-    train, test = converted[train_split], converted[test_split]
+    if test_fraction is not None:
+        test_split = f"{train_split} (held out: {test_fraction:g}, seed {holdout_seed})"
+        train, test = stratified_holdout(converted[train_split], test_fraction, holdout_seed)
+        counts[test_split] = {"rows": len(test), "kept": len(test)}
+        counts[train_split]["kept"] = len(train)
+    else:
+        train, test = converted[train_split], converted[test_split]
     need = 2 * max(shots)
     if len(train) < need:
         raise ConversionError(

@@ -29,7 +29,17 @@ def run_data(run: RunArgs, args: DataArgs) -> dict:
     if not args.input_columns and args.input_template is None:
         raise SystemExit("data: give --input_columns COL [COL ...] or --input_template")
     report = convert_dataset(
-        splits, args.task, run.out, args, args.shots, args.data_seeds, args.train_split, args.test_split, args.test_rows
+        splits,
+        args.task,
+        run.out,
+        args,
+        args.shots,
+        args.data_seeds,
+        args.train_split,
+        args.test_split,
+        args.test_rows,
+        args.test_fraction,
+        args.holdout_seed,
     )
     write_json(Path(run.out) / args.task / "abmll_data_config.json", {"data": asdict(args), "report": report})
     for split, counts in report["counts"].items():
