@@ -204,7 +204,7 @@ def test_laplace_lora_runs_and_a_huge_prior_precision_gives_plain_lora(world, mo
     assert method.laplace and method.samples == 3
     samples, _ = predict_method(w["model"], method, w["ep"], w["meta"], seed=1)
     assert samples.shape[0] == 3 and not torch.allclose(samples[0], samples[1])
-    monkeypatch.setattr(evaluate_module, "prior_precision", lambda fisher, theta: 1e12)
+    monkeypatch.setattr(evaluate_module, "prior_precision", lambda fisher, theta, mean: 1e12)
     _, probs, _ = run_method(w["model"], method, w["ep"], w["meta"], seed=1)
     torch.testing.assert_close(probs, lora_probs(w, init), rtol=1e-4, atol=1e-5)
 
@@ -252,6 +252,14 @@ def test_prior_precision_maximises_the_laplace_marginal_likelihood():
     F = torch.cat([fisher["a"], fisher["b"].reshape(-1)]).double()
     sq = float(theta["a"].double().pow(2).sum() + theta["b"].double().pow(2).sum())
     assert float((F / (lam * (F + lam))).sum()) == pytest.approx(sq, rel=1e-6)
+    mean = {"a": torch.randn(50, generator=g) * 0.3, "b": torch.randn(3, 4, generator=g)}  # theta0 != 0
+    centred = prior_precision(fisher, theta, mean)
+    off = float((theta["a"] - mean["a"]).double().pow(2).sum() + (theta["b"] - mean["b"]).double().pow(2).sum())
+    assert float((F / (centred * (F + centred))).sum()) == pytest.approx(off, rel=1e-6)
+    assert log_marginal_likelihood(-5.0, fisher, theta, centred, mean) > log_marginal_likelihood(
+        -5.0, fisher, theta, centred * 1.1, mean
+    )
+    assert prior_precision(fisher, theta, theta) == pytest.approx(1e8)  # theta* at the prior mean: the tightest
     zero = {k: torch.zeros_like(v) for k, v in fisher.items()}
     assert prior_precision(zero, theta) == pytest.approx(1e-8)  # no data: the widest prior
     std = posterior_std(fisher, lam)

@@ -117,7 +117,7 @@ def predict_method(
             posterior = adapt_method(model, replace(method, prior=member_prior(model, method.prior, m)), episode, meta, seed)
             draw = None
             if method.laplace:
-                draw = laplace_sampler(model, posterior, episode.support)
+                draw = laplace_sampler(model, posterior, episode.support, member_prior(model, method.prior, m))
             elif method.dropout or method.adapt_samples == 0:  # deterministic LoRA: no weight noise
                 draw = lambda posterior=posterior: posterior  # noqa: E731 (dropout draws differ by their masks)
             samples, labels = predict_samples(model, posterior, episode.query, method.samples, draw)
@@ -142,11 +142,12 @@ def member_prior(model: BayesLoraModel, prior: Params, member: int) -> Params:
     return out
 
 
-def laplace_sampler(model: BayesLoraModel, posterior: Params, support) -> Callable[[], Params]:
+def laplace_sampler(model: BayesLoraModel, posterior: Params, support, start: Params) -> Callable[[], Params]:
     """Draws from the diagonal Laplace posterior over ``posterior``'s mean pairs, fitted on the
-    ``support`` batches with its prior precision chosen by marginal likelihood (:mod:`abmll.laplace`)."""
+    ``support`` batches, its isotropic prior centred at ``start`` (where the adaptation began)
+    with the precision chosen by marginal likelihood (:mod:`abmll.laplace`)."""
     fisher = ggn_diagonal(model, posterior, support, model.mean_keys())
-    std = posterior_std(fisher, prior_precision(fisher, posterior))
+    std = posterior_std(fisher, prior_precision(fisher, posterior, start))
     return lambda: laplace_draw(posterior, std)
 
 

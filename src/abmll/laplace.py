@@ -8,12 +8,17 @@ LoRA weights theta = (A, B of every adapted layer) of a LoRA fine-tuned on the t
 - F: the diagonal of the generalised Gauss-Newton matrix of the support NLL at theta*, which
   for a softmax over options equals the diagonal of the Fisher:
   F = sum_n sum_c p_nc (d log p_nc / d theta)^2  (:func:`ggn_diagonal`).
-- lambda: an isotropic prior N(0, 1 / lambda) on theta, its precision chosen by maximising
-  the Laplace approximation of the log marginal likelihood, as Laplace-LoRA does
+- lambda: an isotropic prior N(theta0, 1 / lambda) on theta, its precision chosen by
+  maximising the Laplace approximation of the log marginal likelihood, as Laplace-LoRA does
   (laplace-torch's ``optimize_prior_precision(method="marglik")``; :func:`prior_precision`):
 
-      log Z(lambda) = log p(D | theta*) + P/2 log lambda - lambda/2 |theta*|^2
+      log Z(lambda) = log p(D | theta*) + P/2 log lambda - lambda/2 |theta* - theta0|^2
                       - 1/2 sum_i log(F_i + lambda)
+
+  theta0 is laplace-torch's ``prior_mean``: 0 by default there; the evaluation centres it at
+  the LoRA initialisation the fine-tuning started from (:func:`abmll.evaluate.laplace_sampler`:
+  with 0, the norm of the random A matrices sets lambda so low that the draws swamp the
+  fine-tuned function).
 
 - prediction: the sampled ("nn") predictive, the average over S draws of theta of the class
   probabilities (:func:`laplace_draw`); Laplace-LoRA's paper prefers the linearised one.
@@ -62,22 +67,28 @@ def _flat(tensors: Params) -> Tensor:
     return torch.cat([t.detach().float().reshape(-1) for t in tensors.values()])
 
 
-def log_marginal_likelihood(log_lik: float, fisher: Params, theta: Params, lam: float) -> float:
+def _offset(fisher: Params, theta: Params, prior_mean: Params | None) -> Tensor:
+    """theta* - theta0 over ``fisher``'s keys, flat, float64 (theta0 = 0 when None)."""
+    th = _flat({k: theta[k] for k in fisher}).double()
+    return th if prior_mean is None else th - _flat({k: prior_mean[k] for k in fisher}).double()
+
+
+def log_marginal_likelihood(log_lik: float, fisher: Params, theta: Params, lam: float, prior_mean: Params | None = None) -> float:
     """log Z(lambda) of the module docstring (nats); ``log_lik`` = log p(D | theta*) (nats),
-    ``fisher`` and ``theta`` with the same keys."""
-    F, th = _flat(fisher).double(), _flat({k: theta[k] for k in fisher}).double()
+    ``fisher``, ``theta`` and ``prior_mean`` (theta0; None: 0) with the same keys."""
+    F, th = _flat(fisher).double(), _offset(fisher, theta, prior_mean)
     P = F.numel()
     return float(log_lik + 0.5 * P * math.log(lam) - 0.5 * lam * th.pow(2).sum() - 0.5 * torch.log(F + lam).sum())
 
 
-def prior_precision(fisher: Params, theta: Params) -> float:
+def prior_precision(fisher: Params, theta: Params, prior_mean: Params | None = None) -> float:
     """The lambda in :data:`LAMBDA_RANGE` maximising :func:`log_marginal_likelihood`.
 
-    Its derivative, 1/2 (sum_i F_i / (lambda (F_i + lambda)) - |theta*|^2), decreases
-    strictly in lambda, so the maximum is its one root, found by bisection on log lambda
-    (an end of the range when there is none there: e.g. lambda's lower end when F = 0).
+    Its derivative, 1/2 (sum_i F_i / (lambda (F_i + lambda)) - |theta* - theta0|^2),
+    decreases strictly in lambda, so the maximum is its one root, found by bisection on log
+    lambda (an end of the range when there is none there: e.g. lambda's lower end when F = 0).
     """
-    F, th = _flat(fisher).double(), _flat({k: theta[k] for k in fisher}).double()
+    F, th = _flat(fisher).double(), _offset(fisher, theta, prior_mean)
     sq = float(th.pow(2).sum())
 
     def slope(log_lam: float) -> float:
