@@ -803,6 +803,10 @@ def run(
         )
         return results
 
+    for m in bench.methods:  # read back from dev-cache.json when done before, so the results always record them
+        base = get_spec(m).base
+        if get_spec(m).calibrate == "dev" and base not in temperatures:
+            temperatures[base] = dev_temperature(base, model, tok, cfg, train, bench, work, prior)
     stats = {}
     total = len(held_out) * len(bench.seeds) * len(bench.methods)
     count = 0
@@ -815,8 +819,6 @@ def run(
                 continue
             for m in todo:  # priors first: their training does not reseed anything below
                 prior(get_spec(m).prior)
-                if get_spec(m).calibrate == "dev" and get_spec(m).base not in temperatures:
-                    temperatures[get_spec(m).base] = dev_temperature(get_spec(m).base, model, tok, cfg, train, bench, work, prior)
             ep = episode_batches(
                 model,
                 tok,

@@ -160,6 +160,12 @@ def markdown(results: dict, cfg: dict) -> str:
         f"majority-class macro-F1 {fmt(statistics.fmean(s['majority_macro_f1'] for s in st.values()))}.",
         "",
     ]
+    if results.get("dev_temperatures"):
+        fits = "; ".join(
+            f"{b}: T = {fmt(t['temperature'])} (dev NLL {fmt(t['nll_before'])} -> {fmt(t['nll_after'])}, {t['examples']} examples)"
+            for b, t in results["dev_temperatures"].items()
+        )
+        lines += [f"Temperatures fitted on the meta-validation tasks' dev data (never test tasks), per base method: {fits}.", ""]
     if all("truncation" in s for s in st.values()):  # recorded since the harness counts cut inputs
         lines += [truncation_line(st, results["config"]["scoring"]["max_length"]), ""]
     paired = results.get("paired_abmll_minus")
