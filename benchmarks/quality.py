@@ -162,7 +162,8 @@ def markdown(results: dict, cfg: dict) -> str:
     ]
     if results.get("dev_temperatures"):
         fits = "; ".join(
-            f"{b}: T = {fmt(t['temperature'])} (dev NLL {fmt(t['nll_before'])} -> {fmt(t['nll_after'])}, {t['examples']} examples)"
+            f"{b}: T = {fmt(t['temperature'])} (dev NLL {fmt(t['nll_before'])} -> {fmt(t['nll_after'])}, "
+            f"{t['examples']} examples)"
             for b, t in results["dev_temperatures"].items()
         )
         lines += [f"Temperatures fitted on the meta-validation tasks' dev data (never test tasks), per base method: {fits}.", ""]
