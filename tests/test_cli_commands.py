@@ -128,6 +128,18 @@ def test_adapt_then_predict(world, tmp_path, monkeypatch):
         assert line["entropy"] == pytest.approx(-(p * p.log()).sum().item(), abs=1e-5)
         assert 0 <= line["entropy"] <= torch.log(torch.tensor(2.0)).item() + 1e-6
     assert "output" not in lines[1] and lines[0]["output"] == records[0]["output"]
+    # abstention: coverage and accuracy on the kept lines, in the summary, by hand from the lines
+    cut = sorted(line["entropy"] for line in lines)[3]  # abstain on the two most uncertain
+    sel_dir = tmp_path / "sel"
+    flags = ["--eval_samples", "0", "--abstain_above", str(cut), "--out", str(sel_dir)]
+    assert main(["predict", "--adapter", str(post), "--input", "inputs.jsonl", *flags]) == 0
+    kept = [line for line in lines if line["entropy"] <= cut]
+    judged = [line for line in kept if "output" in line]
+    selective = json.loads((sel_dir / "predict_config.json").read_text())["selective"]
+    assert selective["kept"] == len(kept) and selective["abstained"] == 6 - len(kept) and selective["coverage"] == len(kept) / 6
+    assert selective["selective_accuracy"] == pytest.approx(
+        sum(line["prediction"] == line["output"] for line in judged) / len(judged)
+    )
     assert lines[0]["correct"] == (lines[0]["prediction"] == records[0]["output"])
     summary = json.loads((pred_dir / "predict_config.json").read_text())
     assert summary["labelled"] == 5 and "metrics" not in summary and summary["eval_samples"] == 0

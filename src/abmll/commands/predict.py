@@ -133,10 +133,20 @@ def run_predict(run: RunArgs, args: PredictArgs, cfg: dict) -> Path:
             file=sys.stderr,
         )
     summary = _prediction_metrics(pred_path) if all(labelled) else {}
+    if args.abstain_above is not None:
+        summary["selective"] = selective_summary([json.loads(line) for line in complete_lines(pred_path)])
     write_json(config_path, {**record, **summary, "complete": True})
     if "metrics" in summary:
         m = summary["metrics"]
         print(f"accuracy {m['accuracy']:.3f}  ECE {m['ece']:.3f}  NLL {m['nll']:.3f}  ({len(examples)} examples)")
+    if "selective" in summary:
+        sel = summary["selective"]
+        acc = sel["selective_accuracy"]
+        print(
+            f"abstained on {sel['abstained']} of {len(examples)} ({args.abstain_on} > {args.abstain_above}): coverage "
+            f"{sel['coverage']:.3f}"
+            + (f", accuracy on the kept {acc:.3f} ({sel['kept_labelled']} labelled)" if acc is not None else "")
+        )
     print(f"predictions saved to {pred_path}")
     return pred_path
 
@@ -162,6 +172,21 @@ def _prediction_line(ex: Example, p: torch.Tensor, has_label: bool, dropped: int
     if has_label:
         line.update(output=ex.options[ex.label], correct=pred == ex.label)
     return line
+
+
+def selective_summary(lines: list[dict]) -> dict:
+    """Coverage and selective accuracy of predictions.jsonl lines carrying ``abstain``:
+    ``{"kept", "abstained", "coverage" (kept / all), "kept_labelled", "selective_accuracy"
+    (share correct among the kept labelled lines; None when there is none)}``."""
+    kept = [line for line in lines if not line["abstain"]]
+    judged = [line for line in kept if "correct" in line]
+    return {
+        "kept": len(kept),
+        "abstained": len(lines) - len(kept),
+        "coverage": len(kept) / len(lines) if lines else 0.0,
+        "kept_labelled": len(judged),
+        "selective_accuracy": sum(line["correct"] for line in judged) / len(judged) if judged else None,
+    }
 
 
 def _prediction_metrics(path: Path) -> dict:
