@@ -44,6 +44,7 @@ from abmll.meta import MetaConfig
 from abmll.methods import ADAPTING_METHOD, METHODS, get_spec, make_method, prior_kinds, prior_meta_config, train_prior
 from abmll.metrics import ECE_SCHEME, bootstrap_mean_ci, compute_metrics, macro_f1
 from abmll.models import load_base_model, resolve_device
+from abmll.plots import pool_predictions
 from abmll.scoring import make_batches, merge_truncation, truncation_summary
 from abmll.temperature import apply_temperature, fit_temperature, tempered_nll
 from abmll.testing import tiny_llama, tiny_tokenizer
@@ -696,7 +697,7 @@ def dev_temperature(
         raise SystemExit(f"a temperature fitted on dev data ({base}) needs --val_tasks and --val_seeds")
     cache = Cache(work / "dev-cache.json", {base: method_config(base, cfg, train, "dev", bench)})
     tasks = replace(cfg["tasks"], k=test_k(bench, cfg))
-    probs, labels = [], []
+    predictions = []
     for task in units["val_tasks"]:
         for seed in units["val_seeds"]:
             entry = cache.get(base, task, seed)
@@ -706,11 +707,8 @@ def dev_temperature(
                 _, p, y = run_method(model, method, ep, cfg["meta"], seed)
                 entry = {"probs": p.tolist(), "labels": y.tolist()}
                 cache.put(base, task, seed, entry)
-            probs.append(torch.tensor(entry["probs"]))
-            labels.append(torch.tensor(entry["labels"]))
-    width = max(p.shape[1] for p in probs)
-    pooled = torch.cat([torch.nn.functional.pad(p, (0, width - p.shape[1])) for p in probs])
-    y = torch.cat(labels)
+            predictions.append((torch.tensor(entry["probs"]), torch.tensor(entry["labels"])))
+    pooled, y = pool_predictions(predictions)
     t = fit_temperature(pooled, y)
     return {
         "temperature": t,

@@ -26,6 +26,7 @@ from abmll.laplace import ggn_diagonal, laplace_draw, posterior_std, prior_preci
 from abmll.mc_dropout import lora_dropout
 from abmll.meta import MetaConfig, NonFiniteLossError, TaskBatches, adapt, predict_samples
 from abmll.metrics import compute_metrics
+from abmll.plots import pool_predictions
 from abmll.scoring import ScoringConfig, merge_truncation, truncation_summary
 from abmll.temperature import apply_temperature, fit_temperature
 from abmll.uncertainty import decompose
@@ -165,14 +166,11 @@ def support_temperature(model: BayesLoraModel, method: Method, episode: TaskBatc
             f"(episode_batches(..., folds={method.support_folds}))"
         )
     plain = replace(method, support_folds=0, temperature=None)
-    probs, labels = [], []
+    held_out = []
     for fold in episode.folds:
         samples, fold_labels = predict_method(model, plain, fold, meta, seed)
-        probs.append(samples.mean(0))
-        labels.append(fold_labels)
-    width = max(p.shape[-1] for p in probs)
-    pooled = torch.cat([torch.nn.functional.pad(p, (0, width - p.shape[-1])) for p in probs])
-    return fit_temperature(pooled, torch.cat(labels))
+        held_out.append((samples.mean(0), fold_labels))
+    return fit_temperature(*pool_predictions(held_out))
 
 
 def adapt_method(model: BayesLoraModel, method: Method, episode: TaskBatches, meta: MetaConfig, seed: int) -> Params:
