@@ -617,7 +617,7 @@ def method_config(name: str, cfg: dict, train: list[str], eval_split: str, bench
     if spec.mc_dropout:
         config.update(lora_dropout=ev.lora_dropout)
     if spec.laplace:
-        config.update(laplace="diagonal GGN, prior N(init, 1/lambda), lambda by marginal likelihood, sampled predictive")
+        config.update(laplace=f"diagonal GGN, prior N(init, 1/lambda), lambda by marginal likelihood, {spec.laplace} predictive")
     if spec.prior != "init":
         config["prior"] = prior_config(spec.prior, cfg, train, bench)
     return config

@@ -18,7 +18,7 @@ from abmll.bayes_lora import BayesLoraConfig, BayesLoraModel
 from abmll.config import EvalArgs, TaskArgs
 from abmll.episodes import episode_batches, kfold_split
 from abmll.evaluate import member_prior, predict_method, run_method
-from abmll.laplace import ggn_diagonal, log_marginal_likelihood, posterior_std, prior_precision
+from abmll.laplace import ggn_diagonal, linearised_scores, log_marginal_likelihood, posterior_std, prior_precision
 from abmll.mc_dropout import lora_dropout
 from abmll.meta import MetaConfig, adapt, predict_samples
 from abmll.methods import make_method
@@ -197,16 +197,19 @@ def test_mc_dropout_at_rate_zero_is_plain_lora_and_is_random_above(world):
         EvalArgs(lora_dropout=-0.1)
 
 
-def test_laplace_lora_runs_and_a_huge_prior_precision_gives_plain_lora(world, monkeypatch):
+@pytest.mark.parametrize("name", ["laplace_lora", "laplace_lora_lin"])
+def test_laplace_lora_runs_and_a_huge_prior_precision_gives_plain_lora(world, monkeypatch, name):
     w = world
     init = w["model"].init_params()
-    method = make_method("laplace_lora", init, w["ev"])
-    assert method.laplace and method.samples == 3
+    method = make_method(name, init, w["ev"])
+    assert method.laplace == {"laplace_lora": "sampled", "laplace_lora_lin": "linearised"}[name] and method.samples == 3
     samples, _ = predict_method(w["model"], method, w["ep"], w["meta"], seed=1)
     assert samples.shape[0] == 3 and not torch.allclose(samples[0], samples[1])
     monkeypatch.setattr(evaluate_module, "prior_precision", lambda fisher, theta, mean: 1e12)
     _, probs, _ = run_method(w["model"], method, w["ep"], w["meta"], seed=1)
     torch.testing.assert_close(probs, lora_probs(w, init), rtol=1e-4, atol=1e-5)
+    base = w["model"].peft_model.get_base_model()
+    assert base.config._attn_implementation == "sdpa"  # the linearised predictive restores it
 
 
 # -- the Laplace pieces against brute force -------------------------------------------------------
@@ -238,6 +241,38 @@ def test_ggn_diagonal_matches_the_brute_force_jacobian_form():
     got = torch.cat([fisher[k].reshape(-1) for k in keys])
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-7)
     assert (got > 0).any()
+
+
+@pytest.mark.parametrize("top_layers", [0, 1])  # 1: the frozen layers' cache in the forward pass
+def test_linearised_scores_are_the_scores_plus_the_brute_force_jacobian_times_the_offset(top_layers):
+    torch.manual_seed(0)
+    model = BayesLoraModel(make_tiny_llama(), BayesLoraConfig(rank=2, top_layers=top_layers))
+    assert (model.frozen_cache is not None) == bool(top_layers)
+    theta = {k: v.detach() for k, v in random_theta(model, seed=1).items()}
+    batch = task_batches("t", 0, n_support=5).support[0]
+    keys = model.mean_keys()
+    g = torch.Generator().manual_seed(2)
+    offsets = [{k: 0.1 * torch.randn(theta[k].shape, generator=g) for k in keys} for _ in range(2)]
+    got = linearised_scores(model, theta, batch, offsets)
+    shapes = [theta[k].shape for k in keys]
+    sizes = [s.numel() for s in shapes]
+
+    def scores(vec):
+        parts = dict(zip(keys, (p.reshape(s) for p, s in zip(vec.split(sizes), shapes, strict=True)), strict=True))
+        return option_scores(lambda groups=None, **kw: model({**theta, **parts}, **kw).logits, batch)
+
+    flat = torch.cat([theta[k].reshape(-1) for k in keys])
+    jac = torch.autograd.functional.jacobian(scores, flat)  # (N, C, P), through SDPA attention
+    z = scores(flat).detach()
+    assert got.shape == (2, *z.shape)
+    for d, offset in enumerate(offsets):
+        expected = z + jac @ torch.cat([offset[k].reshape(-1) for k in keys])
+        torch.testing.assert_close(got[d], expected, rtol=1e-4, atol=1e-5)
+    # linear in the offset: its scores differ from the network's at theta + offset
+    moved = scores(flat + torch.cat([offsets[0][k].reshape(-1) for k in keys])).detach()
+    assert not torch.allclose(got[0], moved, atol=1e-4)
+    with pytest.raises(ValueError, match="offsets"):
+        linearised_scores(model, theta, batch, [])
 
 
 def test_prior_precision_maximises_the_laplace_marginal_likelihood():

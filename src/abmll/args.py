@@ -101,10 +101,10 @@ class EvaluateArgs:
         prior: a prior folder written by ``abmll meta-train``, or a shipped prior's name.
         methods: methods of the registry (``abmll.methods``) to run, each adapted and
             predicted as the eval flags say: zero_shot, abmll and abmll_ts_support (from
-            --prior), lora, bayes_lora, lora_ensemble, lora_mc_dropout, laplace_lora and
-            lora_ts_support (from the untrained prior). The ones that need a multi-task or
-            Reptile prior or a temperature fitted on meta-validation data are run by
-            benchmarks/quality.py.
+            --prior), lora, bayes_lora, lora_ensemble, lora_mc_dropout, laplace_lora,
+            laplace_lora_lin and lora_ts_support (from the untrained prior). The ones that
+            need a multi-task or Reptile prior or a temperature fitted on meta-validation
+            data are run by benchmarks/quality.py.
     """
 
     prior: str | None = None

@@ -15,6 +15,7 @@ import statistics
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
+from functools import partial
 
 import torch
 from torch import Tensor
@@ -22,7 +23,7 @@ from torch import Tensor
 from abmll.bayes_lora import BayesLoraModel, Params
 from abmll.config import EvalArgs, TaskArgs
 from abmll.episodes import episode_batches
-from abmll.laplace import ggn_diagonal, laplace_draw, posterior_std, prior_precision
+from abmll.laplace import ggn_diagonal, laplace_draw, laplace_offset, linearised_scores, posterior_std, prior_precision
 from abmll.mc_dropout import lora_dropout
 from abmll.meta import MetaConfig, NonFiniteLossError, TaskBatches, adapt, predict_samples
 from abmll.metrics import compute_metrics
@@ -53,7 +54,9 @@ class Method:
             (:func:`abmll.mc_dropout.lora_dropout`) during adaptation and prediction, which
             averages ``samples`` dropout draws (0: off).
         laplace: Laplace-LoRA: after adapting, a diagonal Laplace posterior over the mean
-            pair (:mod:`abmll.laplace`), predicting with ``samples`` weight draws from it.
+            pair (:mod:`abmll.laplace`), predicting with ``samples`` draws from it of the
+            network ("sampled") or of the network linearised at the adapted weights
+            ("linearised"); "" off.
         temperature: divide the log predictive mean by this (:mod:`abmll.temperature`).
         support_folds: fit that temperature per task on the support only: adapt on each of
             this many k-fold splits of the support (the episode's ``folds``), predict its
@@ -70,7 +73,7 @@ class Method:
     optimizer: str = "sgd"
     members: int = 1
     dropout: float = 0.0
-    laplace: bool = False
+    laplace: str = ""
     temperature: float | None = None
     support_folds: int = 0
 
@@ -116,12 +119,16 @@ def predict_method(
     with lora_dropout(model, method.dropout):
         for m in range(method.members):
             posterior = adapt_method(model, replace(method, prior=member_prior(model, method.prior, m)), episode, meta, seed)
-            draw = None
+            draw = draw_scores = None
             if method.laplace:
-                draw = laplace_sampler(model, posterior, episode.support, member_prior(model, method.prior, m))
+                std = laplace_std(model, posterior, episode.support, member_prior(model, method.prior, m))
+                if method.laplace == "linearised":
+                    draw_scores = partial(linearised_predictive, model, posterior, std)
+                else:
+                    draw = partial(laplace_draw, posterior, std)
             elif method.dropout or method.adapt_samples == 0:  # deterministic LoRA: no weight noise
                 draw = lambda posterior=posterior: posterior  # noqa: E731 (dropout draws differ by their masks)
-            samples, labels = predict_samples(model, posterior, episode.query, method.samples, draw)
+            samples, labels = predict_samples(model, posterior, episode.query, method.samples, draw, draw_scores)
             draws.append(samples)
     width = max(d.shape[-1] for d in draws)
     return torch.cat([torch.nn.functional.pad(d, (0, width - d.shape[-1])) for d in draws]), labels
@@ -143,13 +150,18 @@ def member_prior(model: BayesLoraModel, prior: Params, member: int) -> Params:
     return out
 
 
-def laplace_sampler(model: BayesLoraModel, posterior: Params, support, start: Params) -> Callable[[], Params]:
-    """Draws from the diagonal Laplace posterior over ``posterior``'s mean pairs, fitted on the
-    ``support`` batches, its isotropic prior centred at ``start`` (where the adaptation began)
-    with the precision chosen by marginal likelihood (:mod:`abmll.laplace`)."""
+def laplace_std(model: BayesLoraModel, posterior: Params, support, start: Params) -> Params:
+    """The std of each mean-pair weight under the diagonal Laplace posterior at ``posterior``,
+    fitted on the ``support`` batches, its isotropic prior centred at ``start`` (where the
+    adaptation began) with the precision chosen by marginal likelihood (:mod:`abmll.laplace`)."""
     fisher = ggn_diagonal(model, posterior, support, model.mean_keys())
-    std = posterior_std(fisher, prior_precision(fisher, posterior, start))
-    return lambda: laplace_draw(posterior, std)
+    return posterior_std(fisher, prior_precision(fisher, posterior, start))
+
+
+def linearised_predictive(model: BayesLoraModel, posterior: Params, std: Params, batch, draws: int) -> Tensor:
+    """(draws, N, C_max) option scores of ``batch`` under the linearised Laplace predictive:
+    :func:`abmll.laplace.linearised_scores` at ``draws`` offsets drawn with ``std``."""
+    return linearised_scores(model, posterior, batch, [laplace_offset(posterior, std) for _ in range(draws)])
 
 
 def support_temperature(model: BayesLoraModel, method: Method, episode: TaskBatches, meta: MetaConfig, seed: int) -> float:

@@ -20,17 +20,25 @@ LoRA weights theta = (A, B of every adapted layer) of a LoRA fine-tuned on the t
   with 0, the norm of the random A matrices sets lambda so low that the draws swamp the
   fine-tuned function).
 
-- prediction: the sampled ("nn") predictive, the average over S draws of theta of the class
-  probabilities (:func:`laplace_draw`); Laplace-LoRA's paper prefers the linearised one.
+- prediction, one of laplace-torch's two predictives:
+  - sampled ("nn"): the average over S draws theta_s ~ q of the class probabilities
+    softmax(s(x; theta_s)) (:func:`laplace_draw`);
+  - linearised ("glm", what Laplace-LoRA's paper reports): the option scores of the model
+    linearised at theta*, s_lin(x; theta) = s(x; theta*) + J(x) (theta - theta*), J = d s / d
+    theta at theta*, so they are Gaussian, N(s(x; theta*), J diag(F + lambda)^-1 J^T), and the
+    predictive is their softmax averaged over S draws (:func:`linearised_scores`, J times a
+    draw's offset by forward-mode autodiff: no Jacobian is stored).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 
 import torch
 from torch import Tensor
+from torch.autograd import forward_ad
 
 from abmll.bayes_lora import BayesLoraModel, Params
 from abmll.scoring import OptionBatch, option_scores
@@ -111,7 +119,60 @@ def posterior_std(fisher: Params, lam: float) -> Params:
     return {k: (f + lam).rsqrt() for k, f in fisher.items()}
 
 
+def laplace_offset(theta: Params, std: Params) -> Params:
+    """One draw of theta - theta* under the Laplace posterior: std * eps, eps ~ N(0, 1), for the
+    entries in ``std`` (dtype and device of ``theta``'s). Uses torch's global RNG."""
+    return {k: s.to(theta[k].dtype) * torch.randn_like(theta[k]) for k, s in std.items()}
+
+
 def laplace_draw(theta: Params, std: Params) -> Params:
-    """One draw theta* + std * eps, eps ~ N(0, 1), of the entries in ``std``; the other
-    entries of ``theta`` as they are. Uses torch's global RNG."""
-    return {**theta, **{k: theta[k] + s.to(theta[k].dtype) * torch.randn_like(theta[k]) for k, s in std.items()}}
+    """One draw theta* + :func:`laplace_offset` of the entries in ``std``; the other entries of
+    ``theta`` as they are."""
+    return {**theta, **{k: theta[k] + d for k, d in laplace_offset(theta, std).items()}}
+
+
+@contextmanager
+def eager_attention(model: BayesLoraModel) -> Iterator[None]:
+    """Run the base model with transformers' "eager" attention inside the block (its fused
+    SDPA kernels have no forward-mode derivative), restoring its implementation after."""
+    base = model.peft_model.get_base_model()
+    before = base.config._attn_implementation
+    base.set_attn_implementation("eager")
+    try:
+        yield
+    finally:
+        base.set_attn_implementation(before)
+
+
+def linearised_scores(model: BayesLoraModel, theta: Params, batch: OptionBatch, offsets: Sequence[Params]) -> Tensor:
+    """The option scores of the model linearised at ``theta``, at theta + each of ``offsets``:
+    s(x; theta) + J(x) offset_d, J = d s / d theta, by forward-mode autodiff
+    (dual tensors of ``torch.autograd.forward_ad``; one forward pass with tangents per
+    offset, eager attention).
+
+    Args:
+        theta: the linearisation point (all adapter tensors; no weight noise is used).
+        batch: the examples, :func:`abmll.scoring.encode_options`.
+        offsets: D dicts theta - theta* over some of ``theta``'s keys (e.g.
+            :func:`laplace_offset`); the same keys in each.
+    Returns:
+        (D, N, C_max) float scores, -inf past an example's number of options.
+    Raises:
+        ValueError: no offsets.
+    """
+    if not offsets:
+        raise ValueError("linearised_scores: no offsets (draws) given")
+    keys = list(offsets[0])
+    rest = {k: v for k, v in theta.items() if k not in offsets[0]}
+
+    def scores(leaves: Params) -> Tensor:
+        return option_scores(lambda groups=None, **kw: model({**rest, **leaves}, groups=groups, **kw).logits, batch)
+
+    out = []
+    with eager_attention(model), torch.no_grad():
+        for offset in offsets:
+            with forward_ad.dual_level():
+                s = scores({k: forward_ad.make_dual(theta[k].detach(), offset[k].detach()) for k in keys})
+                primal, jv = forward_ad.unpack_dual(s)
+            out.append(primal + jv)
+    return torch.stack(out)

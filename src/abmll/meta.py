@@ -390,13 +390,15 @@ def predict_samples(
     batches: Sequence[OptionBatch],
     n_samples: int = 0,
     draw: Callable[[], Params] | None = None,
+    draw_scores: Callable[[OptionBatch, int], Tensor] | None = None,
 ) -> tuple[Tensor, Tensor]:
     """The class probabilities of each weight sample, for :func:`abmll.uncertainty.decompose`.
 
     ``draw``: a function returning the adapter tensors of one draw (e.g. a Laplace sample, or
     ``params`` itself under MC dropout); each of the max(``n_samples``, 1) draws per batch then
     runs its own tensors without the Gaussian-LoRA weight noise. None: ``params`` with that
-    noise when ``n_samples`` > 0.
+    noise when ``n_samples`` > 0. ``draw_scores(batch, draws)``: instead, the (draws, N, C_max)
+    option scores of a batch's draws (e.g. the linearised Laplace predictive).
 
     Returns:
         sample_probs (max(n_samples, 1), N, C_max) float32 (one row of the posterior mean when
@@ -413,12 +415,16 @@ def predict_samples(
     probs = torch.zeros(draws, n, c, dtype=torch.float32)
     labels = torch.zeros(n, dtype=torch.long)
     for batch in batches:
-        fns = (
-            [_logits_fn(model, params, n_samples > 0)] * draws
-            if draw is None
-            else [_logits_fn(model, draw(), False) for _ in range(draws)]
-        )
-        p = torch.stack([torch.softmax(option_scores(fn, batch), -1) for fn in fns]).float().cpu()
+        if draw_scores is not None:
+            scores = draw_scores(batch, draws)
+        else:
+            fns = (
+                [_logits_fn(model, params, n_samples > 0)] * draws
+                if draw is None
+                else [_logits_fn(model, draw(), False) for _ in range(draws)]
+            )
+            scores = torch.stack([option_scores(fn, batch) for fn in fns])
+        p = torch.softmax(scores, -1).float().cpu()
         idx = batch.example_index.cpu()
         probs[:, idx, : p.shape[2]] = p
         labels[idx] = batch.labels.cpu()

@@ -17,6 +17,8 @@ abmll              ``abmll`` (meta-trained)    ABMLL inner loop (beta, n_samples
 lora_ensemble      M redrawn inits             deterministic LoRA, each member       M members
 lora_mc_dropout    untrained (M = 0)           deterministic LoRA, LoRA dropout      eval_samples
 laplace_lora       untrained (M = 0)           deterministic LoRA + diag. Laplace    eval_samples
+laplace_lora_lin   untrained (M = 0)           deterministic LoRA + diag. Laplace    eval_samples
+                                                                                     (linearised)
 =================  ==========================  ====================================  ===========
 
 and temperature scaling of a method's predictive mean (:mod:`abmll.temperature`), its
@@ -74,7 +76,9 @@ class MethodSpec:
             is itself.
         ensemble: a deep ensemble of ``eval.ensemble_members`` members.
         mc_dropout: LoRA dropout at ``eval.lora_dropout``, ``eval.eval_samples`` draws.
-        laplace: a diagonal Laplace posterior after adapting, ``eval.eval_samples`` draws.
+        laplace: a diagonal Laplace posterior after adapting, ``eval.eval_samples`` draws of
+            the network ("sampled") or of the network linearised at the adapted weights
+            ("linearised"); "" none.
         calibrate: temperature scaling of the ``recipe`` entry's predictions: "dev" (fitted
             on the meta-validation tasks' dev data) or "support" (per task, on k-fold splits
             of the support); "" none.
@@ -88,7 +92,7 @@ class MethodSpec:
     recipe: str = ""
     ensemble: bool = False
     mc_dropout: bool = False
-    laplace: bool = False
+    laplace: str = ""
     calibrate: str = ""
 
     @property
@@ -169,9 +173,18 @@ METHODS: dict[str, MethodSpec] = {
             "init",
             True,
             False,
-            "LoRA + a diagonal Laplace posterior (Laplace-LoRA), S draws",
+            "LoRA + a diagonal Laplace posterior (Laplace-LoRA), S draws of the network",
             "lora",
-            laplace=True,
+            laplace="sampled",
+        ),
+        MethodSpec(
+            "laplace_lora_lin",
+            "init",
+            True,
+            False,
+            "LoRA + a diagonal Laplace posterior (Laplace-LoRA), S draws of the linearised network",
+            "lora",
+            laplace="linearised",
         ),
     ]
 }
