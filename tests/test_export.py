@@ -254,3 +254,39 @@ def test_a_changed_byte_in_an_export_is_refused_and_an_older_export_still_loads(
     tensors, cfg = load_peft_export(older)
     assert cfg == {"kind": "posterior", "format": "peft"}
     assert tensors.keys() == params.keys() and all(torch.equal(tensors[k], params[k]) for k in params)
+
+
+def test_export_records_a_base_that_loads_from_another_folder(tmp_path, monkeypatch):
+    # the user gives the base as a relative folder; the adapter must not depend on where they ran
+    from conftest import make_tiny_llama, make_tiny_tokenizer
+    from peft import AutoPeftModelForCausalLM
+
+    from abmll.models import load_base_model
+
+    (tmp_path / "work").mkdir()
+    make_tiny_llama().save_pretrained(tmp_path / "work" / "tiny-llama")
+    make_tiny_tokenizer().save_pretrained(tmp_path / "work" / "tiny-llama")
+    monkeypatch.chdir(tmp_path / "work")
+    base, _ = load_base_model("tiny-llama")
+    model = BayesLoraModel(base, BayesLoraConfig(rank=2))
+    params = random_params(model, 3)
+    out = tmp_path / "work" / "posterior"
+    export_peft(out, params, {"model": {"model": "tiny-llama"}, "kind": "posterior"}, model=model)
+    recorded = json.loads((out / PEFT_CONFIG).read_text())["base_model_name_or_path"]
+    assert recorded == str(tmp_path / "work" / "tiny-llama")
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    loaded = AutoPeftModelForCausalLM.from_pretrained(out).eval()  # reads base_model_name_or_path
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(input_ids=IDS).logits, model(params, IDS).logits, rtol=0, atol=1e-6)
+
+
+def test_portable_name_is_what_another_machine_loads_the_base_by(tmp_path, monkeypatch):
+    from abmll.models import DEFAULT_MODEL, DEFAULT_MODEL_HUB_ID, portable_name
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "folder").mkdir()
+    assert portable_name(DEFAULT_MODEL) == DEFAULT_MODEL_HUB_ID == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    assert portable_name("folder") == str(tmp_path / "folder")
+    assert portable_name("models/gemma.gguf") == str(tmp_path / "models" / "gemma.gguf")  # the file, not its cache
+    assert portable_name("google/gemma-3-270m") == "google/gemma-3-270m"

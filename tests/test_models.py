@@ -132,3 +132,33 @@ def test_conversion_is_atomic_and_cached(monkeypatch, tmp_path):
     assert target == tmp_path / "SmolLM2-135M-Instruct"
     assert models.embedded_model_dir() == target
     assert len(calls) == 1 and [p.name for p in tmp_path.iterdir()] == [target.name]
+
+
+def test_a_gguf_base_is_converted_once_and_cached_by_its_content(monkeypatch, tmp_path, tiny_model_dir):
+    folder, reference = tiny_model_dir
+    monkeypatch.setenv("ABMLL_CACHE_DIR", str(tmp_path / "cache"))
+    calls = []
+
+    def converts(gguf, out):  # stands in for the dequantisation: the tiny model's files
+        calls.append(gguf)
+        for item in folder.iterdir():
+            (out / item.name).write_bytes(item.read_bytes())
+
+    monkeypatch.setattr(models, "_convert_gguf", converts)
+    first = tmp_path / "mine.gguf"
+    first.write_bytes(b"GGUF one")
+    model, _ = models.load_base_model(str(first))
+    assert torch.equal(_logits(model, models.load_tokenizer(str(first))), _logits(reference, models.load_tokenizer(folder)))
+    assert len(calls) == 1  # the tokenizer load reused the conversion
+    copy = tmp_path / "elsewhere" / "renamed.gguf"
+    copy.parent.mkdir()
+    copy.write_bytes(first.read_bytes())
+    models.load_base_model(str(copy))
+    assert len(calls) == 1  # the same content under another name and folder: cached
+    assert models.converted_gguf_dir(copy) == tmp_path / "cache" / "gguf" / models.file_digest(first)
+    first.write_bytes(b"GGUF two")  # edited in place: converted anew
+    models.load_base_model(str(first))
+    assert len(calls) == 2
+    assert models.file_digest(first) != models.file_digest(copy)
+    with pytest.raises(FileNotFoundError, match="nothing.gguf"):
+        models.converted_gguf_dir(tmp_path / "nothing.gguf")

@@ -4,7 +4,7 @@ An exported folder is a plain PEFT LoRA adapter plus an abmll sidecar:
 
 - ``adapter_config.json``: a :class:`peft.LoraConfig` built by
   :func:`abmll.bayes_lora.peft_lora_config` (r, lora_alpha, fan_in_fan_out,
-  base_model_name_or_path, task_type ``CAUSAL_LM``), whose target_modules,
+  base_model_name_or_path: what the base loads by, see :func:`export_peft`; task_type ``CAUSAL_LM``), whose target_modules,
   layers_to_transform and layers_pattern are read off the tensors written
   (:func:`adapter_layout`): peft builds a LoRA module exactly where the file has weights;
 - ``adapter_model.safetensors``: the mean pair (``lora_A`` = A_mu, ``lora_B`` = B_mu) under the
@@ -53,6 +53,7 @@ from abmll.checkpoint import (
     write_json,
     write_tensors,
 )
+from abmll.models import portable_name
 
 PEFT_CONFIG = "adapter_config.json"
 PEFT_TENSORS = "adapter_model.safetensors"
@@ -134,8 +135,10 @@ def export_peft(
         model: the model the tensors belong to; when given, the LoRA config (resolved target
             modules, fan_in_fan_out for Conv1D layers) and the base model's name are taken
             from it.
-        base_model_name_or_path: recorded in adapter_config.json (default: the base model's
-            ``name_or_path``, else ``config["model"]["model"]``).
+        base_model_name_or_path: recorded in adapter_config.json; default: what another
+            folder or machine loads the base by, :func:`abmll.models.portable_name` of
+            ``config["model"]["model"]`` (the hub id of the embedded default, the absolute
+            path of a local folder or ``.gguf`` file), else the ``model``'s ``name_or_path``.
     Returns: the folder.
     Raises:
         ValueError: a tensor key is not one of the four Gaussian LoRA matrices, a layer is
@@ -158,16 +161,17 @@ def export_peft(
             raise ValueError(f"tensors do not match the model's adapter (missing {missing[:2]}, unexpected {extra[:2]})")
         rank, alpha = model.config.rank, model.config.alpha
         fan_in_fan_out = any(L.fan_in_fan_out for L in model.layers)
-        base_name = base_model_name_or_path or getattr(model.peft_model.get_base_model(), "name_or_path", None)
+        base_name = getattr(model.peft_model.get_base_model(), "name_or_path", None)
     else:
         group = config.get("lora", {})
         if "rank" not in group or "alpha" not in group:
             raise ValueError("config['lora'] must give rank and alpha (or pass the model)")
         rank, alpha, fan_in_fan_out = int(group["rank"]), group["alpha"], False
-        base_name = base_model_name_or_path
+        base_name = None
+    given = config.get("model", {}).get("model")
     targets, layers, pattern = adapter_layout(tensors)
     lora = peft_lora_config(rank, alpha, targets, layers, pattern, fan_in_fan_out, task_type="CAUSAL_LM")
-    lora.base_model_name_or_path = base_name or config.get("model", {}).get("model")
+    lora.base_model_name_or_path = base_model_name_or_path or (portable_name(given) if given else base_name)
     lora.inference_mode = True
 
     bundle = new_bundle_id()

