@@ -4,6 +4,7 @@ plots, TensorBoard; all on a tiny random Llama and tiny MetaICL-layout data."""
 from __future__ import annotations
 
 import json
+import math
 import sys
 import types
 
@@ -25,6 +26,7 @@ from abmll.methods import make_method
 from abmll.metrics import compute_metrics
 from abmll.plots import plot_reliability_per_method, plot_training_curves, pool_predictions
 from abmll.scoring import ScoringConfig, make_batches
+from abmll.uncertainty import choose_threshold
 from abmll.validation import VAL_METRICS
 
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -81,7 +83,7 @@ def test_export_is_a_peft_adapter_with_abmll_posterior_mean_predictions(world, t
     assert saved["lora"]["rank"] == 2
 
 
-def test_adapt_then_predict(world, tmp_path, monkeypatch):
+def test_adapt_then_predict(world, tmp_path, monkeypatch, capsys):
     support = world["data"] / "h0" / "h0_4_1_train.jsonl"
     run_file = tmp_path / "adapt.yaml"  # --prior and --support can come from the config file too
     run_file.write_text(f"prior: {world['prior']}\nsupport: {support}\ntest_steps: 3\n")
@@ -140,6 +142,43 @@ def test_adapt_then_predict(world, tmp_path, monkeypatch):
     assert selective["selective_accuracy"] == pytest.approx(
         sum(line["prediction"] == line["output"] for line in judged) / len(judged)
     )
+    # the threshold chosen on labelled dev rows for a target coverage, on the normalised scale
+    for line in lines:
+        assert line["normalised_entropy"] == pytest.approx(line["entropy"] / math.log(len(line["options"])), abs=1e-5)
+    dev_dir = tmp_path / "dev"
+    flags = ["--eval_samples", "0", "--abstain_dev", str(test_file), "--abstain_on", "normalised", "--out", str(dev_dir)]
+    assert main(["predict", "--adapter", str(post), "--input", "inputs.jsonl", *flags, "--target_coverage", "0.5"]) == 0
+    correct = torch.tensor([line["prediction"] == r["output"] for line, r in zip(lines, records)])
+    by_hand = choose_threshold(torch.tensor([line["normalised_entropy"] for line in lines]), correct, target_coverage=0.5)
+    chosen = json.loads((dev_dir / "predict_config.json").read_text())
+    assert chosen["abstain_threshold"]["threshold"] == pytest.approx(by_hand["threshold"], abs=1e-5)
+    assert chosen["abstain_threshold"]["coverage"] == by_hand["coverage"] >= 0.5
+    assert chosen["abstain_threshold"]["target_coverage"] == 0.5 and chosen["abstain_threshold"]["abstain_dev"] == str(test_file)
+    dev_lines = [json.loads(x) for x in (dev_dir / "predictions.jsonl").read_text().splitlines()]
+    kept = [x["normalised_entropy"] for x in dev_lines if not x["abstain"]]
+    dropped = [x["normalised_entropy"] for x in dev_lines if x["abstain"]]
+    assert len(kept) == round(by_hand["coverage"] * 6) and max(kept) < min(dropped)  # the most uncertain are dropped
+    assert chosen["selective"]["coverage"] == by_hand["coverage"]  # the input is the dev rows here
+    u = torch.tensor([line["normalised_entropy"] for line in lines])
+    perfect = [t for t in u.unique() if correct[u <= t].all()]  # thresholds whose kept rows are all right
+    strict = [*flags, "--target_accuracy", "1.0", "--overwrite"]
+    capsys.readouterr()
+    if perfect:
+        assert main(["predict", "--adapter", str(post), "--input", "inputs.jsonl", *strict]) == 0
+        assert json.loads((dev_dir / "predict_config.json").read_text())["abstain_threshold"]["selective_accuracy"] == 1.0
+    else:  # unreachable: the error names the dev file and the best there is
+        assert main(["predict", "--adapter", str(post), "--input", "inputs.jsonl", *strict]) == 1
+        assert f"--abstain_dev {test_file}: no abstention threshold reaches" in capsys.readouterr().err
+    bad_flags = {
+        "--abstain_dev FILE goes with": ["--target_coverage", "0.5"],
+        "goes with exactly one": ["--abstain_dev", str(test_file)],
+        "--target_coverage must be in": ["--abstain_dev", str(test_file), "--target_coverage", "2"],
+        "chosen on --abstain_dev": ["--abstain_dev", str(test_file), "--target_coverage", "0.5", "--abstain_above", "1"],
+    }
+    capsys.readouterr()
+    for message, bad in bad_flags.items():
+        assert main(["predict", "--adapter", str(post), "--input", "inputs.jsonl", "--out", str(tmp_path / "x"), *bad]) == 1
+        assert message in capsys.readouterr().err
     assert lines[0]["correct"] == (lines[0]["prediction"] == records[0]["output"])
     summary = json.loads((pred_dir / "predict_config.json").read_text())
     assert summary["labelled"] == 5 and "metrics" not in summary and summary["eval_samples"] == 0

@@ -9,7 +9,15 @@ import pytest
 import torch
 
 from abmll.metrics import plot_reliability_diagram, reliability_diagram_data
-from abmll.uncertainty import accuracy_at_coverage, aurc, decompose, entropy, risk_coverage
+from abmll.uncertainty import (
+    accuracy_at_coverage,
+    aurc,
+    choose_threshold,
+    decompose,
+    entropy,
+    normalised_entropy,
+    risk_coverage,
+)
 
 LN2 = math.log(2)
 
@@ -50,6 +58,45 @@ def test_decomposition_matches_a_loop_and_total_is_the_sum():
     assert torch.allclose(one["epistemic"], torch.zeros(7)) and torch.allclose(one["total"], one["aleatoric"])
     with pytest.raises(ValueError, match="S >= 1"):
         decompose(samples[0])
+
+
+def test_normalised_entropy_is_one_for_uniform_predictions_whatever_the_number_of_options():
+    probs = torch.tensor([[0.5, 0.5, 0, 0], [0.25] * 4, [1.0, 0, 0, 0], [1.0, 0, 0, 0]])
+    got = normalised_entropy(entropy(probs), torch.tensor([2, 4, 3, 1]))
+    torch.testing.assert_close(got, torch.tensor([1.0, 1.0, 0.0, 0.0]))
+    mid = torch.tensor([[0.9, 0.1]])
+    assert normalised_entropy(entropy(mid), torch.tensor([2])).item() == pytest.approx(entropy(mid).item() / LN2)
+
+
+def test_choose_threshold_meets_the_target_with_the_most_coverage_by_brute_force():
+    g = torch.Generator().manual_seed(0)
+    for _ in range(20):
+        u = torch.randint(0, 6, (15,), generator=g).double() / 5  # ties on purpose
+        correct = torch.rand(15, generator=g) < 0.8 - 0.5 * u  # the uncertain rows are wrong more
+        for target in (0.5, 0.8, 0.9, 1.0):
+            options = []  # every threshold by hand: (coverage, accuracy, t)
+            for t in sorted(set(u.tolist())):
+                kept = u <= t
+                options.append((float(kept.double().mean()), float(correct[kept].double().mean()), t))
+            meeting = [o for o in options if o[1] >= target]
+            if not meeting:
+                with pytest.raises(ValueError, match="lower the target"):
+                    choose_threshold(u, correct, target_accuracy=target)
+                continue
+            got = choose_threshold(u, correct, target_accuracy=target)
+            best = max(meeting)  # the most coverage
+            assert (got["coverage"], got["selective_accuracy"], got["threshold"]) == pytest.approx(best)
+            got = choose_threshold(u, correct, target_coverage=target)
+            least = min(o for o in options if o[0] >= target)  # the fewest kept that still covers
+            assert (got["coverage"], got["threshold"]) == pytest.approx((least[0], least[2]))
+    u = torch.tensor([0.1, 0.2, 0.3, 0.4])
+    assert choose_threshold(u, torch.tensor([True, True, False, True]), target_coverage=0.5)["threshold"] == pytest.approx(0.2)
+    assert choose_threshold(u, torch.tensor([True, True, False, True]), target_accuracy=0.75)["threshold"] == pytest.approx(0.4)
+    for bad in (dict(), dict(target_accuracy=0.9, target_coverage=0.5), dict(target_coverage=0.0), dict(target_accuracy=1.5)):
+        with pytest.raises(ValueError):
+            choose_threshold(u, torch.ones(4, dtype=torch.bool), **bad)
+    with pytest.raises(ValueError, match="no labelled rows"):
+        choose_threshold(u[:0], torch.ones(0, dtype=torch.bool), target_coverage=0.5)
 
 
 def test_risk_coverage_and_aurc_against_brute_force():

@@ -27,7 +27,7 @@ from abmll.config import CONFIG_GROUPS, MACHINE_FIELDS, from_dict
 from abmll.convert import ColumnMapping
 from abmll.flags import unknown_flag
 from abmll.priors import resolve_adapter
-from abmll.uncertainty import UNCERTAINTY_KINDS
+from abmll.uncertainty import ABSTAIN_SCORES
 
 
 @dataclass
@@ -134,10 +134,18 @@ class PredictArgs:
         input: JSON-lines file of examples; ``output`` may be left out (no label).
         sample_seed: seeds the weight samples (with ``--eval_samples`` > 0).
         chunk_size: examples per progress step.
-        abstain_above: mark an example ``"abstain": true`` when its uncertainty (``abstain_on``,
-            nats) exceeds this value (selective prediction); None: never.
-        abstain_on: the uncertainty ``abstain_above`` applies to: "total" (predictive entropy)
-            or "epistemic" (mutual information between the answer and the weights).
+        abstain_above: mark an example ``"abstain": true`` when its uncertainty (``abstain_on``)
+            exceeds this value (selective prediction); None: never.
+        abstain_on: the uncertainty abstention applies to: "total" (predictive entropy, nats),
+            "epistemic" (mutual information between the answer and the weights, nats) or
+            "normalised" (predictive entropy / log(number of options): 0 certain, 1 uniform).
+        abstain_dev: labelled rows of the task (JSON lines, not the support) on which to choose
+            the abstention threshold for ``target_accuracy`` or ``target_coverage``, instead of
+            giving ``abstain_above``.
+        target_accuracy: with ``abstain_dev``: abstain as little as possible while the kept dev
+            rows are right at least this often (0-1).
+        target_coverage: with ``abstain_dev``: keep (answer) at least this share of the dev rows
+            (0-1), abstaining on the most uncertain rest.
         support: the task's labelled support file (JSON lines, e.g. the one given to ``abmll
             adapt``): the in-context demonstrations of an adapter with ``--demonstrations`` > 0.
     """
@@ -148,14 +156,25 @@ class PredictArgs:
     sample_seed: int = 0
     chunk_size: int = 8
     abstain_above: float | None = None
-    abstain_on: Literal["total", "epistemic"] = "total"
+    abstain_on: Literal["total", "epistemic", "normalised"] = "total"
+    abstain_dev: str | None = None
+    target_accuracy: float | None = None
+    target_coverage: float | None = None
 
     def __post_init__(self) -> None:
         at_least(self, ("chunk_size",), 1)
         seeds(self, ("sample_seed",))
-        one_of(self, "abstain_on", UNCERTAINTY_KINDS)
+        one_of(self, "abstain_on", ABSTAIN_SCORES)
         if self.abstain_above is not None:
             at_least(self, ("abstain_above",), 0)
+        targets = [f for f in ("target_accuracy", "target_coverage") if getattr(self, f) is not None]
+        for name in targets:
+            if not 0 < getattr(self, name) <= 1:
+                raise ValueError(f"--{name} must be in (0, 1], got {getattr(self, name)}")
+        if bool(self.abstain_dev) != bool(targets) or len(targets) > 1:
+            raise ValueError("--abstain_dev FILE goes with exactly one of --target_accuracy and --target_coverage")
+        if self.abstain_dev and self.abstain_above is not None:
+            raise ValueError("--abstain_above is chosen on --abstain_dev; give one or the other")
 
 
 @dataclass

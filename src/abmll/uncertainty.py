@@ -21,12 +21,23 @@ import torch
 from torch import Tensor
 
 UNCERTAINTY_KINDS = ("total", "epistemic")
-"""Scores selective prediction can rank examples by (abstaining on the highest first)."""
+"""The parts of the uncertainty that rank examples (selective prediction abstains on the
+highest first; the OOD check scores each)."""
+
+ABSTAIN_SCORES = (*UNCERTAINTY_KINDS, "normalised")
+"""What ``abmll predict`` can abstain on: "normalised" is the total entropy over log(number
+of options), in [0, 1] whatever the number of classes (:func:`normalised_entropy`)."""
 
 
 def entropy(probs: Tensor) -> Tensor:
     """Shannon entropy in nats along the last axis; 0 log 0 = 0. probs (..., C) -> (...)."""
     return -(probs * probs.clamp_min(1e-30).log()).sum(-1)
+
+
+def normalised_entropy(total: Tensor, num_options: Tensor) -> Tensor:
+    """H[p] / log C per example: 0 for a certain prediction, 1 for the uniform one over its C
+    options (0 when C = 1). total (N,) nats, num_options (N,) ints -> (N,) float."""
+    return total / num_options.double().log().clamp_min(1e-12).to(total.dtype) * (num_options > 1)
 
 
 def decompose(sample_probs: Tensor) -> dict[str, Tensor]:
@@ -94,3 +105,54 @@ def accuracy_at_coverage(
         k = max(1, math.ceil(round(c * n, 9)))
         out[f"{c:.2f}"] = float(1 - risk[k - 1])
     return out
+
+
+def choose_threshold(
+    uncertainty: Tensor, correct: Tensor, target_accuracy: float | None = None, target_coverage: float | None = None
+) -> dict[str, float]:
+    """The abstention threshold t (abstain when uncertainty > t) that meets a target on
+    labelled rows, e.g. the task's dev rows: the largest t whose kept rows (uncertainty <= t)
+    are right at least ``target_accuracy`` of the time (the most coverage that still meets
+    it), or the smallest t keeping at least ``target_coverage`` of the rows. Ties are kept or
+    abstained on together.
+
+    Args:
+        uncertainty: (N,) the score abstention uses (e.g. normalised entropy).
+        correct: (N,) bool, whether each row's prediction is right.
+        target_accuracy / target_coverage: exactly one, in (0, 1].
+    Returns:
+        ``{"threshold", "coverage", "selective_accuracy", "rows"}`` on these rows.
+    Raises:
+        ValueError: not exactly one target, a target outside (0, 1], no rows, or no threshold
+            reaches ``target_accuracy`` (the message gives the best selective accuracy).
+    """
+    if (target_accuracy is None) == (target_coverage is None):
+        raise ValueError("choose_threshold: give exactly one of target_accuracy and target_coverage")
+    target = target_accuracy if target_coverage is None else target_coverage
+    if not 0 < target <= 1:
+        raise ValueError(f"choose_threshold: the target must be in (0, 1], got {target}")
+    n = len(uncertainty)
+    if n == 0:
+        raise ValueError("choose_threshold: no labelled rows to choose the threshold on")
+    u = uncertainty.double()
+    candidates = torch.unique(u)  # ascending; keeping u <= c for each c
+    kept = (u.unsqueeze(0) <= candidates.unsqueeze(1)).double()  # (T, N)
+    coverage = kept.sum(1) / n
+    accuracy = (kept * correct.double()).sum(1) / kept.sum(1)
+    if target_coverage is not None:
+        i = int(torch.nonzero(coverage >= target_coverage - 1e-12)[0])
+    else:
+        ok = torch.nonzero(accuracy >= target_accuracy - 1e-12)
+        if len(ok) == 0:
+            best = int(accuracy.argmax())
+            raise ValueError(
+                f"no abstention threshold reaches selective accuracy {target_accuracy} on the {n} labelled rows: "
+                f"the best is {float(accuracy[best]):.3f}, keeping {float(coverage[best]):.1%} of them; lower the target"
+            )
+        i = int(ok[-1])
+    return {
+        "threshold": float(candidates[i]),
+        "coverage": float(coverage[i]),
+        "selective_accuracy": float(accuracy[i]),
+        "rows": n,
+    }

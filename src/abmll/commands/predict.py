@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -25,7 +26,7 @@ from abmll.outputs import (
     settings_hash,
 )
 from abmll.scoring import make_batches
-from abmll.uncertainty import decompose
+from abmll.uncertainty import choose_threshold, decompose, normalised_entropy
 
 PREDICTIONS, PREDICT_CONFIG = "predictions.jsonl", "predict_config.json"
 
@@ -35,9 +36,11 @@ def run_predict(run: RunArgs, args: PredictArgs, cfg: dict) -> Path:
     ``eval.eval_samples`` weight samples (0: posterior mean). Writes ``run.out``/predictions.jsonl
     (per line: options, probs, prediction, prediction_index; entropy = total predictive
     entropy, aleatoric (expected entropy) and epistemic (mutual information) in nats and
-    top_prob_std, see :func:`abmll.uncertainty.decompose`; abstain when ``--abstain_above``
-    is set; dropped_tokens (input tokens cut to fit ``max_length``); output / correct when
-    labelled) and predict_config.json (resolved config, metrics when labelled, ``complete``).
+    normalised_entropy (over log of the number of options) and top_prob_std, see
+    :func:`abmll.uncertainty.decompose`; abstain when ``--abstain_above`` is set or chosen on
+    ``--abstain_dev`` for a target accuracy or coverage, recorded as ``abstain_threshold``;
+    dropped_tokens (input tokens cut to fit ``max_length``); output / correct when labelled)
+    and predict_config.json (resolved config, metrics when labelled, ``complete``).
 
     The input and the output folder are checked before the model is loaded. Predictions are
     appended chunk by chunk (each chunk's weight samples seeded from ``sample_seed`` and its
@@ -53,6 +56,7 @@ def run_predict(run: RunArgs, args: PredictArgs, cfg: dict) -> Path:
             "pass --support FILE.jsonl (the task's labelled examples, e.g. the file given to abmll adapt)"
         )
     support = read_jsonl(args.support) if cfg["scoring"].demonstrations else None
+    dev = read_jsonl(args.abstain_dev) if args.abstain_dev else []
     labelled = [ex.label >= 0 for ex in examples]
     out = check_writable(run.out)
     n_samples = cfg["eval"].eval_samples
@@ -68,6 +72,11 @@ def run_predict(run: RunArgs, args: PredictArgs, cfg: dict) -> Path:
             "chunk_size": args.chunk_size,
             "abstain_above": args.abstain_above,
             "abstain_on": args.abstain_on,
+            **(
+                {"abstain_dev": file_digest([args.abstain_dev]), "targets": [args.target_accuracy, args.target_coverage]}
+                if dev
+                else {}
+            ),
         }
     )
     config_path, pred_path = out / PREDICT_CONFIG, out / PREDICTIONS
@@ -104,19 +113,20 @@ def run_predict(run: RunArgs, args: PredictArgs, cfg: dict) -> Path:
         f.writelines(line + "\n" for line in done_lines[:done])
     if done:
         print(f"resuming: {done} prediction(s) already in {pred_path}")
+    predict = partial(_predict_chunk, model, tokenizer, params, cfg, support, device)
+    threshold = args.abstain_above
+    if args.abstain_dev:
+        record["abstain_threshold"] = _dev_threshold(predict, dev, args)
+        threshold = record["abstain_threshold"]["threshold"]
+        write_json(config_path, {**record, "complete": False})
+    abstain = None if threshold is None else (args.abstain_on, threshold)
     bar = tqdm(total=len(examples), initial=done, desc=f"predict ({n_samples} samples)", unit="ex")
     truncated = 0
     for i in range(done, len(examples), args.chunk_size):
         chunk = examples[i : i + args.chunk_size]
-        batches = [b.to(device) for b in make_batches(tokenizer, chunk, cfg["scoring"], support)]
-        torch.manual_seed(args.sample_seed * 1_000_003 + i)
-        samples, _ = predict_samples(model, params, batches, n_samples)
-        parts = decompose(samples)
-        dropped = torch.zeros(len(chunk), dtype=torch.long)
-        for b in batches:
-            dropped[b.example_index] = b.dropped_tokens.cpu()
+        samples, parts, dropped = predict(chunk, args.sample_seed * 1_000_003 + i)
         lines = [
-            _prediction_line(ex, p[: len(ex.options)], has_label, int(d), {k: float(v[j]) for k, v in parts.items()}, args)
+            _prediction_line(ex, p[: len(ex.options)], has_label, int(d), {k: float(v[j]) for k, v in parts.items()}, abstain)
             for j, (ex, p, has_label, d) in enumerate(zip(chunk, samples.mean(0), labelled[i : i + len(chunk)], dropped))
         ]
         truncated += int((dropped > 0).sum())
@@ -133,7 +143,7 @@ def run_predict(run: RunArgs, args: PredictArgs, cfg: dict) -> Path:
             file=sys.stderr,
         )
     summary = _prediction_metrics(pred_path) if all(labelled) else {}
-    if args.abstain_above is not None:
+    if threshold is not None:
         summary["selective"] = selective_summary([json.loads(line) for line in complete_lines(pred_path)])
     write_json(config_path, {**record, **summary, "complete": True})
     if "metrics" in summary:
@@ -143,7 +153,7 @@ def run_predict(run: RunArgs, args: PredictArgs, cfg: dict) -> Path:
         sel = summary["selective"]
         acc = sel["selective_accuracy"]
         print(
-            f"abstained on {sel['abstained']} of {len(examples)} ({args.abstain_on} > {args.abstain_above}): coverage "
+            f"abstained on {sel['abstained']} of {len(examples)} ({args.abstain_on} > {threshold:.4g}): coverage "
             f"{sel['coverage']:.3f}"
             + (f", accuracy on the kept {acc:.3f} ({sel['kept_labelled']} labelled)" if acc is not None else "")
         )
@@ -151,9 +161,47 @@ def run_predict(run: RunArgs, args: PredictArgs, cfg: dict) -> Path:
     return pred_path
 
 
-def _prediction_line(ex: Example, p: torch.Tensor, has_label: bool, dropped: int, parts: dict, args: PredictArgs) -> dict:
+def _predict_chunk(model, tokenizer, params, cfg: dict, support, device, examples: list[Example], seed: int):
+    """``examples`` predicted with ``cfg["eval"].eval_samples`` weight samples seeded by ``seed``:
+    (sample probs (S, N, C), :func:`abmll.uncertainty.decompose` parts plus "normalised", each
+    (N,), dropped input tokens (N,))."""
+    batches = [b.to(device) for b in make_batches(tokenizer, examples, cfg["scoring"], support)]
+    torch.manual_seed(seed)
+    samples, _ = predict_samples(model, params, batches, cfg["eval"].eval_samples)
+    parts = decompose(samples)
+    parts["normalised"] = normalised_entropy(parts["total"], torch.tensor([len(ex.options) for ex in examples]))
+    dropped = torch.zeros(len(examples), dtype=torch.long)
+    for b in batches:
+        dropped[b.example_index] = b.dropped_tokens.cpu()
+    return samples, parts, dropped
+
+
+def _dev_threshold(predict, dev: list[Example], args: PredictArgs) -> dict:
+    """The abstention threshold meeting ``args``' target on the labelled ``dev`` rows
+    (:func:`abmll.uncertainty.choose_threshold` on their ``args.abstain_on``), printed and
+    returned with the file, the target and what it gives on those rows."""
+    samples, parts, _ = predict(dev, args.sample_seed * 1_000_003 - 1)
+    correct = samples.mean(0).argmax(-1) == torch.tensor([ex.label for ex in dev])
+    try:
+        chosen = choose_threshold(parts[args.abstain_on], correct, args.target_accuracy, args.target_coverage)
+    except ValueError as err:
+        raise ValueError(f"--abstain_dev {args.abstain_dev}: {err}") from None
+    target = {"target_accuracy": args.target_accuracy} if args.target_accuracy is not None else {}
+    target = target or {"target_coverage": args.target_coverage}
+    print(
+        f"abstention threshold chosen on {args.abstain_dev} ({chosen['rows']} rows): abstain when {args.abstain_on} > "
+        f"{chosen['threshold']:.4g}; there it keeps {chosen['coverage']:.1%} at selective accuracy "
+        f"{chosen['selective_accuracy']:.3f}"
+    )
+    return {"abstain_dev": args.abstain_dev, "abstain_on": args.abstain_on, **target, **chosen}
+
+
+def _prediction_line(
+    ex: Example, p: torch.Tensor, has_label: bool, dropped: int, parts: dict, abstain: tuple[str, float] | None
+) -> dict:
     """One line of predictions.jsonl; probabilities to 9 significant digits (float32's own
-    precision, so metrics recomputed from the file match, and a tiny probability stays > 0)."""
+    precision, so metrics recomputed from the file match, and a tiny probability stays > 0).
+    ``abstain``: (the uncertainty kind, the threshold above which the line abstains) or None."""
     pred = int(p.argmax())
     line = {
         "input": ex.input,
@@ -164,11 +212,12 @@ def _prediction_line(ex: Example, p: torch.Tensor, has_label: bool, dropped: int
         "entropy": round(parts["total"], 6),
         "aleatoric": round(parts["aleatoric"], 6),
         "epistemic": round(parts["epistemic"], 6),
+        "normalised_entropy": round(parts["normalised"], 6),
         "top_prob_std": round(parts["top_prob_std"], 6),
         "dropped_tokens": dropped,
     }
-    if args.abstain_above is not None:
-        line["abstain"] = parts[args.abstain_on] > args.abstain_above
+    if abstain is not None:
+        line["abstain"] = parts[abstain[0]] > abstain[1]
     if has_label:
         line.update(output=ex.options[ex.label], correct=pred == ex.label)
     return line
