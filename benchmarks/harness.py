@@ -35,8 +35,7 @@ import yaml
 from abmll.args import parse_dataclasses
 from abmll.bayes_lora import BayesLoraModel
 from abmll.checkpoint import write_json
-from abmll.cli import DEMO_CONFIG, OUTER_LOOP
-from abmll.config import CONFIG_GROUPS, DATA_SEEDS, changed_added_fields, group_dict
+from abmll.config import CONFIG_GROUPS, DATA_SEEDS, DEMO_CONFIG, OUTER_LOOP, changed_added_fields, group_dict
 from abmll.data import DataError, check_tasks, load_episode, load_split, resolve_data_dir, task_meta
 from abmll.episodes import episode_batches
 from abmll.evaluate import run_method, summarise, support_temperature
@@ -569,7 +568,7 @@ def prior_config(kind: str, cfg: dict, train: list[str], bench: BenchArgs | None
 
 PRIOR_ONLY = {f.name for f in fields(MetaConfig) if f.name in OUTER_LOOP} | {"seed"}
 """Meta-config fields used only to train a prior, not by test-time adaptation: the outer-loop
-fields the CLI's adapt and evaluate do not take (:data:`abmll.cli.OUTER_LOOP`), and the seed
+fields the CLI's adapt and evaluate do not take (:data:`abmll.config.OUTER_LOOP`), and the seed
 (which ``abmll adapt`` uses, but the benchmark's adaptation is seeded per task and seed)."""
 
 

@@ -26,9 +26,8 @@ from harness import command_line, write_results
 
 from abmll.args import ALL_GROUPS, parse_args
 from abmll.checkpoint import write_json
-from abmll.cli import DEMO_CONFIG
 from abmll.commands.evaluate import task_files_digest
-from abmll.config import group_dict
+from abmll.config import DEMO_CONFIG, group_dict
 from abmll.episodes import episode_batches
 from abmll.loading import build_model, fitting_prior
 from abmll.methods import make_method

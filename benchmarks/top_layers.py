@@ -40,8 +40,7 @@ import yaml
 
 from abmll.bayes_lora import BayesLoraConfig, BayesLoraModel, HyperpriorConfig
 from abmll.checkpoint import write_json
-from abmll.cli import DEMO_CONFIG
-from abmll.config import EvalArgs, TaskArgs
+from abmll.config import DEMO_CONFIG, EvalArgs, TaskArgs
 from abmll.data import load_split
 from abmll.meta import MetaConfig
 from abmll.models import load_base_model

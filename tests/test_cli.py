@@ -289,7 +289,7 @@ def test_a_missing_required_flag_is_named_before_torch_is_imported(argv, missing
 
 
 def test_required_flags_given_or_not_needed_pass_the_early_check():
-    from abmll.__main__ import missing_required
+    from abmll.command_names import missing_required
 
     assert missing_required("evaluate", ["--prior", "p"]) is None
     assert missing_required("evaluate", ["--prior=p"]) is None

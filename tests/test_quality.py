@@ -328,7 +328,7 @@ def test_smollm2_defaults_are_the_demo_settings_but_the_named_overrides():
     benchmark's default unless it picks the demo's tasks or is a named override."""
     import yaml
 
-    from abmll.cli import DEMO_CONFIG
+    from abmll.config import DEMO_CONFIG
 
     bench, cfg = harness.parse_bench([])
     defaults = {f: getattr(group, f) for group in cfg.values() for f in vars(group)}

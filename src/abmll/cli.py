@@ -33,7 +33,6 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from abmll.__main__ import COMMANDS
 from abmll.args import (
     ALL_GROUPS,
     AdaptArgs,
@@ -47,12 +46,14 @@ from abmll.args import (
     parse_args,
 )
 from abmll.checkpoint import STATE
+from abmll.command_names import COMMANDS
 from abmll.commands.adapt import run_adapt
 from abmll.commands.data import run_data
 from abmll.commands.evaluate import PARTIAL_RESULTS, RESULTS, check_cli_methods, check_evaluate_inputs, run_evaluate
 from abmll.commands.export import run_export
 from abmll.commands.meta_train import meta_train, report_writer
 from abmll.commands.predict import PREDICTIONS, run_predict
+from abmll.config import BASELINES, DEMO_CONFIG, OUTER_LOOP
 from abmll.data import DataError
 from abmll.loading import build_model, load_prior
 from abmll.meta import NonFiniteLossError
@@ -60,8 +61,6 @@ from abmll.methods import get_spec
 from abmll.outputs import complete_lines, read_json_or_none
 from abmll.quiet import library_output
 from abmll.train import CHECKPOINT_DIR
-
-DEMO_CONFIG = Path(__file__).with_name("demo.yaml")
 
 
 def _meta_train(run, cfg, train, report):
@@ -100,12 +99,6 @@ class Command:
     run: Callable
     unused: tuple[str, ...] = ()
 
-
-OUTER_LOOP = tuple("inner_steps outer_lr outer_warmup_steps outer_grad_clip gamma meta_batch_size meta_steps".split())
-OUTER_LOOP += tuple("outer_update mean_std a0 b0 train_tasks val_tasks max_query".split())
-"""Fields only meta-training uses (the outer loop, the hyperprior, the meta-train tasks)."""
-BASELINES = ("ensemble_members", "lora_dropout", "support_folds")
-"""Fields only the calibration baselines use (``abmll evaluate --methods``, the benchmarks)."""
 
 COMMAND_TABLE = {
     "meta-train": Command(ALL_GROUPS, (TrainArgs, ReportArgs), None, _meta_train, ("compare_priors", *BASELINES)),

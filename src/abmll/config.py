@@ -8,6 +8,7 @@ The method's own configs live beside the code they configure: :class:`BayesLoraC
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
 from typing import Literal
 
 from abmll.bayes_lora import BayesLoraConfig, HyperpriorConfig
@@ -17,6 +18,16 @@ from abmll.models import DEFAULT_MODEL, check_device
 from abmll.scoring import ScoringConfig
 
 DATA_SEEDS = [100, 13, 21, 42, 87]
+
+DEMO_CONFIG = Path(__file__).with_name("demo.yaml")
+"""The settings tuned on dev data for the embedded SmolLM2 (``abmll demo``, the benchmarks)."""
+
+OUTER_LOOP = tuple("inner_steps outer_lr outer_warmup_steps outer_grad_clip gamma meta_batch_size meta_steps".split())
+OUTER_LOOP += tuple("outer_update mean_std a0 b0 train_tasks val_tasks max_query".split())
+"""Fields only meta-training uses (the outer loop, the hyperprior, the meta-train tasks)."""
+
+BASELINES = ("ensemble_members", "lora_dropout", "support_folds")
+"""Fields only the calibration baselines use (``abmll evaluate --methods``, the benchmarks)."""
 
 
 @dataclass

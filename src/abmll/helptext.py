@@ -10,7 +10,8 @@ from pathlib import Path
 import yaml
 
 from abmll.args import build_parser, flatten_config
-from abmll.cli import COMMAND_TABLE, DEMO_CONFIG
+from abmll.cli import COMMAND_TABLE
+from abmll.config import DEMO_CONFIG
 
 HELP_WIDTH = 100
 """Columns of the stored ``--help`` texts (``src/abmll/help/<command>.txt``)."""
