@@ -580,6 +580,12 @@ class BayesLoraModel(nn.Module):
         stack = self.peft_model.get_submodule(stack_name)
         return FrozenLayerCache(stack, boundary, self.peft_model, self.config.frozen_cache_mb << 20)
 
+    def drop_frozen_cache(self) -> None:
+        """Stop caching the frozen layers' hidden states: every forward computes every layer
+        (e.g. when the base model is sharded, where processes that hit and processes that miss
+        would run different numbers of all-gathers)."""
+        self.frozen_cache = None
+
     def _add_scale_pair(self, name: str, module: nn.Module, generator: torch.Generator) -> AdaptedLayer:
         lora_A = module.lora_A["default"]
         if not isinstance(lora_A, nn.Linear):

@@ -275,9 +275,7 @@ def shard_base_model(accelerator, model: BayesLoraModel, plugin=None) -> list[nn
             f"sampling={model.config.sampling!r} adds weight noise to the base weights, which FSDP "
             "shards: use --sampling flipout with an FSDP config"
         )
-    # The frozen-layer cache would make processes that hit and processes that miss run
-    # different numbers of FSDP all-gathers (a hang); sharded runs compute every layer.
-    model.frozen_cache = None
+    model.drop_frozen_cache()  # hits on some processes and misses on others would hang FSDP
     root = model.peft_model
     device = accelerator.device
     ignored = set(adapter_parameters(model))

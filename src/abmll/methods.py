@@ -227,9 +227,15 @@ def make_trainer(
     meta: MetaConfig,
     hyper: HyperpriorConfig,
     scoring: ScoringConfig,
+    validator: Callable[[Params], dict] | None = None,
+    validate_every: int = 0,
 ) -> MetaTrainer:
-    """The :class:`MetaTrainer` that trains prior ``kind`` (see :func:`prior_meta_config`)."""
-    return MetaTrainer(model, tokenizer, list(train_tasks), tasks, prior_meta_config(kind, meta), hyper, scoring)
+    """The :class:`MetaTrainer` that trains prior ``kind`` (see :func:`prior_meta_config`),
+    validated by ``validator`` every ``validate_every`` meta-steps (see :class:`MetaTrainer`)."""
+    meta = prior_meta_config(kind, meta)
+    return MetaTrainer(
+        model, tokenizer, list(train_tasks), tasks, meta, hyper, scoring, validator=validator, validate_every=validate_every
+    )
 
 
 def train_prior(
@@ -262,8 +268,7 @@ def train_prior(
     """
     if kind == "init":
         return model.init_params(), []
-    trainer = make_trainer(kind, model, tokenizer, train_tasks, tasks, meta, hyper, scoring)
-    trainer.validator, trainer.validate_every = validator, validate_every
+    trainer = make_trainer(kind, model, tokenizer, train_tasks, tasks, meta, hyper, scoring, validator, validate_every)
     config = {**(config or {}), "meta": asdict(trainer.meta), "prior_kind": kind}
     if out_dir is not None and (Path(out_dir) / CHECKPOINT_DIR).is_dir():
         trainer.resume(out_dir, config)  # run() below then continues, or returns at once when done
