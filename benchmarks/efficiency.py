@@ -109,7 +109,7 @@ def make_step(method: str, K: int, model, tasks):
 
     import torch
 
-    from abmll.bayes_lora import HyperpriorConfig
+    from abmll.gaussian_lora import HyperpriorConfig
     from abmll.meta import MetaConfig, meta_step, meta_step_second_order, nll_backward
 
     cfg = MetaConfig(inner_steps=K, inner_lr=0.3, beta=1e-6, gamma=1e-10, n_samples=1, meta_batch_size=len(tasks))
@@ -239,7 +239,7 @@ def profile_step(args) -> list[dict]:
     import torch
     from torch.profiler import ProfilerActivity, profile
 
-    from abmll.bayes_lora import HyperpriorConfig
+    from abmll.gaussian_lora import HyperpriorConfig
     from abmll.meta import MetaConfig, meta_step
 
     torch.set_num_threads(args.threads)

@@ -34,8 +34,9 @@ import harness  # noqa: E402
 import psutil  # noqa: E402
 import torch  # noqa: E402
 
-from abmll.bayes_lora import BayesLoraConfig, BayesLoraModel, HyperpriorConfig  # noqa: E402
+from abmll.bayes_lora import BayesLoraConfig, BayesLoraModel  # noqa: E402
 from abmll.config import TaskArgs  # noqa: E402
+from abmll.gaussian_lora import HyperpriorConfig  # noqa: E402
 from abmll.meta import MetaConfig  # noqa: E402
 from abmll.scoring import ScoringConfig  # noqa: E402
 from abmll.testing import tiny_llama, tiny_tokenizer  # noqa: E402

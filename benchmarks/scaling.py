@@ -59,9 +59,10 @@ def worker(args) -> None:
     the timings to ``args.out``."""
     import torch
 
-    from abmll.bayes_lora import BayesLoraConfig, BayesLoraModel, HyperpriorConfig
+    from abmll.bayes_lora import BayesLoraConfig, BayesLoraModel
     from abmll.config import TaskArgs
     from abmll.distributed import make_accelerator
+    from abmll.gaussian_lora import HyperpriorConfig
     from abmll.meta import MetaConfig
     from abmll.scoring import ScoringConfig
     from abmll.train import MetaTrainer

@@ -38,10 +38,11 @@ import harness
 import torch
 import yaml
 
-from abmll.bayes_lora import BayesLoraConfig, BayesLoraModel, HyperpriorConfig
+from abmll.bayes_lora import BayesLoraConfig, BayesLoraModel
 from abmll.checkpoint import write_json
 from abmll.config import DEMO_CONFIG, EvalArgs, TaskArgs
 from abmll.data import load_split
+from abmll.gaussian_lora import HyperpriorConfig
 from abmll.meta import MetaConfig
 from abmll.models import load_base_model
 from abmll.scoring import ScoringConfig

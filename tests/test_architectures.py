@@ -22,12 +22,9 @@ from transformers import (
     Qwen2ForCausalLM,
 )
 
-from abmll.bayes_lora import (
-    BayesLoraConfig,
-    BayesLoraModel,
-    preset_target_modules,
-    std_matrix,
-)
+from abmll.bayes_lora import BayesLoraConfig, BayesLoraModel
+from abmll.gaussian_lora import std_matrix
+from abmll.targets import preset_target_modules
 
 V = 257
 

@@ -12,14 +12,8 @@ from conftest import make_tiny_llama
 from peft import LoraConfig, get_peft_model
 from torch.distributions import Gamma, Normal, kl_divergence
 
-from abmll.bayes_lora import (
-    BayesLoraConfig,
-    BayesLoraModel,
-    HyperpriorConfig,
-    inverse_softplus,
-    mean_matrix,
-    std_matrix,
-)
+from abmll.bayes_lora import BayesLoraConfig, BayesLoraModel
+from abmll.gaussian_lora import HyperpriorConfig, inverse_softplus, mean_matrix, std_matrix
 
 
 def random_params(model: BayesLoraModel, seed: int, scale: float = 0.3, dtype=torch.float32) -> dict[str, torch.Tensor]:

@@ -16,11 +16,12 @@ import pytest
 import torch
 from conftest import make_tiny_llama, make_tiny_tokenizer, write_task
 
-from abmll.bayes_lora import BayesLoraConfig, BayesLoraModel, HyperpriorConfig
+from abmll.bayes_lora import BayesLoraConfig, BayesLoraModel
 from abmll.checkpoint import PREVIOUS_STATE, STATE, load_adapter
 from abmll.cli import main
 from abmll.data import Example
 from abmll.distributed import adapter_parameters, noise_seed, shard_base_model, split_batches, task_share, wrap_policy
+from abmll.gaussian_lora import HyperpriorConfig
 from abmll.meta import MetaConfig, TaskBatches, meta_step, predict_batches
 from abmll.scoring import ScoringConfig, make_batches
 from abmll.train import CHECKPOINT_DIR

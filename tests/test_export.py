@@ -195,7 +195,7 @@ def test_every_export_describes_exactly_what_it_holds(arch, targets, top, from_m
     LoRA module exactly where the file has weights, and gives abmll's posterior-mean logits."""
     import warnings
 
-    from abmll.bayes_lora import preset_target_modules
+    from abmll.targets import preset_target_modules
 
     base = make_tiny(arch)
     if targets == "first":

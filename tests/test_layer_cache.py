@@ -10,7 +10,8 @@ from conftest import make_tiny_llama
 from test_architectures import ARCHS, make_tiny, random_params
 from test_meta import TOK, rule_task, task_batches
 
-from abmll.bayes_lora import BayesLoraConfig, BayesLoraModel, HyperpriorConfig
+from abmll.bayes_lora import BayesLoraConfig, BayesLoraModel
+from abmll.gaussian_lora import HyperpriorConfig
 from abmll.layer_cache import FrozenLayerCache
 from abmll.meta import MetaConfig, meta_step, nll_backward
 from abmll.scoring import ScoringConfig, make_batches

@@ -11,7 +11,8 @@ import torch
 from conftest import make_tiny_llama
 from test_meta import TOK, rule_task
 
-from abmll.bayes_lora import BayesLoraConfig, BayesLoraModel, HyperpriorConfig, inverse_softplus
+from abmll.bayes_lora import BayesLoraConfig, BayesLoraModel
+from abmll.gaussian_lora import HyperpriorConfig, inverse_softplus
 from abmll.meta import predict_batches
 from abmll.scoring import ScoringConfig, make_batches
 

@@ -10,9 +10,10 @@ import pytest
 import torch
 from conftest import make_tiny_llama, make_tiny_tokenizer
 
-from abmll.bayes_lora import BayesLoraConfig, BayesLoraModel, HyperpriorConfig
+from abmll.bayes_lora import BayesLoraConfig, BayesLoraModel
 from abmll.config import group_dict
 from abmll.data import Example
+from abmll.gaussian_lora import HyperpriorConfig
 from abmll.meta import (
     MetaConfig,
     NonFiniteLossError,

@@ -10,11 +10,12 @@ import torch
 from conftest import make_tiny_llama
 from test_meta import random_theta, task_batches
 
-from abmll.bayes_lora import BayesLoraConfig, BayesLoraModel, HyperpriorConfig
+from abmll.bayes_lora import BayesLoraConfig, BayesLoraModel
 from abmll.config import EvalArgs, TaskArgs
 from abmll.data import read_jsonl
 from abmll.episodes import episode_batches
 from abmll.evaluate import evaluate, run_method
+from abmll.gaussian_lora import HyperpriorConfig
 from abmll.meta import MetaConfig, adapt, mean_nll, meta_step, predict_batches
 from abmll.methods import METHODS, get_spec, make_method, prior_kinds, prior_meta_config, train_prior
 from abmll.metrics import compute_metrics

@@ -16,10 +16,11 @@ import torch
 from conftest import make_tiny_llama, make_tiny_tokenizer
 
 from abmll import meta, train
-from abmll.bayes_lora import BayesLoraConfig, BayesLoraModel, HyperpriorConfig
+from abmll.bayes_lora import BayesLoraConfig, BayesLoraModel
 from abmll.checkpoint import PREVIOUS_STATE, STATE, CheckpointError, file_sha256, load_adapter, load_state
 from abmll.cli import main
 from abmll.config import TaskArgs
+from abmll.gaussian_lora import HyperpriorConfig
 from abmll.meta import MetaConfig, NonFiniteLossError
 from abmll.scoring import ScoringConfig
 from abmll.train import CHECKPOINT_DIR, MetaTrainer

@@ -20,13 +20,13 @@ from typing import Literal
 import yaml
 from transformers import HfArgumentParser
 
-from abmll.bayes_lora import AUTO_TARGETS
 from abmll.checkpoint import CONFIG, CheckpointError
 from abmll.checks import at_least, non_empty, one_of, seeds
 from abmll.config import CONFIG_GROUPS, MACHINE_FIELDS, from_dict
 from abmll.convert import ColumnMapping
 from abmll.flags import unknown_flag
 from abmll.priors import resolve_adapter
+from abmll.targets import AUTO_TARGETS
 from abmll.uncertainty import ABSTAIN_SCORES
 
 

@@ -23,25 +23,32 @@ its parameter name in the peft model, so a trainer runs task-specific copies thr
 from __future__ import annotations
 
 import math
-import re
-from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from functools import partial
 from typing import Literal
 
 import torch
-import torch.nn.functional as F
-from peft import LoraConfig, get_peft_model
+from peft import get_peft_model
 from peft.tuners.lora import LoraLayer
-from peft.tuners.tuners_utils import check_target_module_exists
-from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
 from torch import Tensor, nn
-from torch.autograd.function import once_differentiable
 from torch.func import functional_call
-from torch.utils.checkpoint import checkpoint
 
 from abmll.checks import above, at_least, seeds
+from abmll.gaussian_lora import (
+    HyperpriorConfig,
+    inverse_softplus,
+    layer_kl,
+    layer_neg_log_hyperprior,
+    std_matrix,
+)
 from abmll.layer_cache import FrozenLayerCache
+from abmll.targets import (
+    check_target_layers,
+    decoder_position,
+    peft_lora_config,
+    resolve_target_modules,
+    top_layer_indices,
+)
 
 Params = dict[str, Tensor]
 
@@ -49,101 +56,6 @@ LORA_A = "lora_A.default.weight"
 LORA_B = "lora_B.default.weight"
 SCALE_A = "bayes_scale_A"
 SCALE_B = "bayes_scale_B"
-
-AUTO_TARGETS = "auto"
-"""``target_modules=["auto"]`` (or an empty list): use the preset of the model's architecture."""
-
-TARGET_MODULE_PRESETS: dict[str, list[str]] = {
-    "llama": ["q_proj", "v_proj"],
-    "mistral": ["q_proj", "v_proj"],
-    "qwen2": ["q_proj", "v_proj"],
-    "qwen3": ["q_proj", "v_proj"],
-    "gemma": ["q_proj", "v_proj"],
-    "gemma2": ["q_proj", "v_proj"],
-    "gemma3_text": ["q_proj", "v_proj"],
-    "opt": ["q_proj", "v_proj"],
-    "gpt2": ["c_attn"],  # fused q,k,v projection, a transformers Conv1D (W0 stored d_in x d_out)
-}
-"""Attention projections adapted by default, per ``config.model_type``; architectures not listed
-fall back to peft's own LoRA table (list-valued entries only)."""
-
-
-def preset_target_modules(model_type: str) -> list[str]:
-    """The default ``target_modules`` of an architecture (``config.model_type`` of a Hugging
-    Face model): :data:`TARGET_MODULE_PRESETS`, else peft's LoRA default for it.
-
-    Raises:
-        ValueError: no preset is known for ``model_type`` (the message lists the known ones).
-    """
-    if model_type in TARGET_MODULE_PRESETS:
-        return list(TARGET_MODULE_PRESETS[model_type])
-    peft_default = TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING.get(model_type)
-    if isinstance(peft_default, list):
-        return list(peft_default)
-    raise ValueError(
-        f"no target_modules preset for model_type {model_type!r} (known: {', '.join(sorted(TARGET_MODULE_PRESETS))}); "
-        "pass target_modules explicitly (module-name suffixes such as q_proj, v_proj)"
-    )
-
-
-def resolve_target_modules(base_model: nn.Module, target_modules: list[str]) -> list[str]:
-    """``target_modules`` itself, or the architecture's preset when it is empty or ``["auto"]``.
-
-    Raises:
-        ValueError: "auto" is asked for and the model has no ``config.model_type`` with a preset.
-    """
-    if list(target_modules) not in ([], [AUTO_TARGETS]):
-        return list(target_modules)
-    model_type = getattr(getattr(base_model, "config", None), "model_type", None)
-    if model_type is None:
-        raise ValueError("target_modules='auto' needs a Hugging Face model with config.model_type")
-    return preset_target_modules(model_type)
-
-
-def _dense_kind(module: nn.Module) -> str | None:
-    """ "linear" for torch.nn.Linear, "conv1d" for transformers' GPT-2 style Conv1D, else None."""
-    if isinstance(module, nn.Linear):
-        return "linear"
-    try:
-        from transformers.pytorch_utils import Conv1D
-    except ImportError:  # pragma: no cover - transformers is a dependency
-        return None
-    return "conv1d" if isinstance(module, Conv1D) else None
-
-
-def check_target_layers(base_model: nn.Module, lora_config: LoraConfig) -> list[tuple[str, str]]:
-    """The modules of ``base_model`` that ``lora_config.target_modules`` matches (peft's own
-    matching rule), as ``(name, "linear" | "conv1d")``.
-
-    Raises:
-        ValueError: a matched module is not a dense layer with a weight W0 (d_out x d_in), e.g.
-            an nn.Embedding, a Conv2d, a norm or a whole attention block (the message names
-            the module and its type); or nothing matches (the message gives the preset of
-            the model's architecture when there is one).
-    """
-    found = []
-    for name, module in base_model.named_modules():
-        if not name or check_target_module_exists(lora_config, name) in (False, None):
-            continue
-        kind = _dense_kind(module)
-        if kind is None:
-            raise ValueError(
-                f"target module {name!r} is a {type(module).__name__}, which abmll cannot adapt: only dense "
-                "layers (torch.nn.Linear and GPT-2 style transformers Conv1D) are supported; "
-                f"change target_modules={sorted(lora_config.target_modules)}"
-            )
-        found.append((name, kind))
-    if not found:
-        model_type = getattr(getattr(base_model, "config", None), "model_type", None)
-        hint = ""
-        try:
-            hint = f"; the preset for {model_type} is {preset_target_modules(model_type)} (or target_modules=['auto'])"
-        except ValueError:
-            pass
-        raise ValueError(
-            f"no module of the {model_type or 'base'} model matches target_modules={sorted(lora_config.target_modules)}{hint}"
-        )
-    return found
 
 
 SAMPLING = ("flipout", "per_batch")
@@ -214,25 +126,6 @@ class BayesLoraConfig:
             raise ValueError("--target_modules needs at least one module name (or 'auto')")
 
 
-@dataclass
-class HyperpriorConfig:
-    """Hyperprior p(theta) of ABML: N(0, mean_std^2) on each entry of M_theta and
-    Gamma(a0, b0) (shape, rate) on each precision 1 / S_theta^2.
-
-    Attributes:
-        mean_std: std of the zero-mean Gaussian on each mean entry (weight units).
-        a0: Gamma shape on each precision.
-        b0: Gamma rate on each precision (weight units squared).
-    """
-
-    mean_std: float = 1.0
-    a0: float = 1.0
-    b0: float = 0.01
-
-    def __post_init__(self) -> None:
-        above(self, ("mean_std", "a0", "b0"), 0)
-
-
 @dataclass(frozen=True)
 class AdaptedLayer:
     """Bookkeeping for one adapted layer: flat-dict keys of its four matrices, sizes, constants."""
@@ -248,224 +141,6 @@ class AdaptedLayer:
     d_out: int
     scaling: float
     rho0: float
-
-
-def inverse_softplus(y: float) -> float:
-    """softplus^-1(y) = log(exp(y) - 1) for y > 0, computed stably."""
-    if y <= 0:
-        raise ValueError(f"inverse_softplus needs y > 0, got {y}")
-    return y + math.log(-math.expm1(-y))
-
-
-def mean_matrix(B: Tensor, A: Tensor, scaling: float) -> Tensor:
-    """M = scaling * B @ A. B: (d_out, r), A: (r, d_in) -> (d_out, d_in)."""
-    return scaling * (B @ A)
-
-
-def std_matrix(B: Tensor, A: Tensor, rho0: float) -> Tensor:
-    """S = softplus(B @ A + rho0) >= 0. B: (d_out, r), A: (r, d_in) -> (d_out, d_in). Finite for
-    every finite pre-activation (it underflows to 0 below about -104 in float32)."""
-    return F.softplus(B @ A + rho0)
-
-
-_LOG_SOFTPLUS_SWITCH = -20.0
-"""Below this pre-activation log(softplus(x)) is computed as x - exp(x) / 2 (its series,
-exact to O(exp(2x)) ~ 4e-18), so it stays finite where softplus itself underflows to 0."""
-
-
-def log_softplus(x: Tensor) -> Tensor:
-    """log(softplus(x)) = log(log(1 + exp(x))), elementwise, finite for every finite x (the
-    direct form is -inf below about -104 in float32, where softplus underflows). Twice
-    differentiable; its derivative is :func:`dlog_softplus`."""
-    small = x < _LOG_SOFTPLUS_SWITCH
-    lo = x.clamp(max=_LOG_SOFTPLUS_SWITCH)
-    hi = x.clamp(min=_LOG_SOFTPLUS_SWITCH)
-    return torch.where(small, lo - 0.5 * torch.exp(lo), torch.log(F.softplus(hi)))
-
-
-def dlog_softplus(x: Tensor) -> Tensor:
-    """d log(softplus(x)) / dx = sigmoid(x) / softplus(x), finite for every finite x (1 - exp(x) / 2
-    below :data:`_LOG_SOFTPLUS_SWITCH`, where both factors underflow)."""
-    small = x < _LOG_SOFTPLUS_SWITCH
-    hi = x.clamp(min=_LOG_SOFTPLUS_SWITCH)
-    return torch.where(small, 1 - 0.5 * torch.exp(x.clamp(max=_LOG_SOFTPLUS_SWITCH)), torch.sigmoid(hi) / F.softplus(hi))
-
-
-def log_std_matrix(B: Tensor, A: Tensor, rho0: float) -> Tensor:
-    """log S = log softplus(B @ A + rho0), computed stably (:func:`log_softplus`)."""
-    return log_softplus(B @ A + rho0)
-
-
-def _inv_std(log_s: Tensor) -> Tensor:
-    """1 / S from log S, capped at the dtype's largest finite value (so 0 * (1 / S) stays 0
-    where S underflows; a nonzero mean difference over such an S is genuinely out of range)."""
-    return torch.exp(-log_s).clamp(max=torch.finfo(log_s.dtype).max)
-
-
-def _gaussian_kl_block(
-    Bq: Tensor,
-    Aq: Tensor,
-    Bsq: Tensor,
-    Asq: Tensor,
-    Bp: Tensor,
-    Ap: Tensor,
-    Bsp: Tensor,
-    Asp: Tensor,
-    scaling: float,
-    rho0: float,
-) -> Tensor:
-    """Sum over a row block of KL(N(Mq, Sq^2) || N(Mp, Sp^2)), elementwise Gaussians, in plain
-    autograd ops (twice differentiable: used by the second-order reference). log S is
-    computed stably (:func:`log_std_matrix`), so the KL is finite wherever its value is."""
-    diff = mean_matrix(torch.cat([Bq, -Bp], 1), torch.cat([Aq, Ap], 0), scaling)  # Mq - Mp in one matmul
-    log_sq = log_std_matrix(Bsq, Asq, rho0)
-    log_sp = log_std_matrix(Bsp, Asp, rho0)
-    # log(sp / sq) + (sq^2 + diff^2) / (2 sp^2) - 1/2, with sq^2 / sp^2 = exp(2 (log_sq - log_sp))
-    scaled = diff * _inv_std(log_sp)
-    return (log_sp - log_sq + 0.5 * torch.exp(2 * (log_sq - log_sp)) + 0.5 * scaled.square() - 0.5).sum()
-
-
-class _FusedGaussianKL(torch.autograd.Function):
-    """:func:`_gaussian_kl_block` with its gradient in closed form, computed in the forward
-    pass: with D = Mq - Mp, pre = B_s @ A_s + rho0, S = softplus(pre), r = Sq^2 / Sp^2,
-    l(pre) = d log S / d pre = sigmoid(pre) / S,
-
-        dKL/dMq = -dKL/dMp = D / Sp^2,
-        dKL/dpre_q = (r - 1) * l(pre_q),
-        dKL/dpre_p = (1 - r - D^2 / Sp^2) * l(pre_p),
-
-    then chained to the LoRA factors by four small matmuls. r and log r come from log S
-    (:func:`log_softplus`), so value and gradients stay finite where S underflows.
-    Fewer full-matrix passes and buffers than autograd's graph of the same expression (the
-    inner loop's hot spot beside the model). Once differentiable."""
-
-    @staticmethod
-    def forward(ctx, Bq, Aq, Bsq, Asq, Bp, Ap, Bsp, Asp, scaling: float, rho0: float):
-        diff = mean_matrix(torch.cat([Bq, -Bp], 1), torch.cat([Aq, Ap], 0), scaling)
-        pre_q, pre_p = (Bsq @ Asq).add_(rho0), (Bsp @ Asp).add_(rho0)
-        log_sq, log_sp = log_softplus(pre_q), log_softplus(pre_p)
-        log_ratio = (log_sq - log_sp).mul_(2)  # log(Sq^2 / Sp^2)
-        ratio = log_ratio.exp()
-        inv_sp = _inv_std(log_sp)
-        scaled = diff.mul_(inv_sp)  # D / Sp
-        diff2 = scaled.square()  # D^2 / Sp^2
-        kl = 0.5 * (ratio.sum() + diff2.sum() - log_ratio.sum() - ratio.numel())
-        need = ctx.needs_input_grad
-        g_mean = scaled.mul_(inv_sp).mul_(scaling) if any(need[:2] + need[4:6]) else None
-        g_pre_q = (ratio - 1).mul_(dlog_softplus(pre_q)) if any(need[2:4]) else None
-        g_pre_p = ratio.add_(diff2).sub_(1).neg_().mul_(dlog_softplus(pre_p)) if any(need[6:8]) else None
-        ctx.save_for_backward(Bq, Aq, Bsq, Asq, Bp, Ap, Bsp, Asp, g_mean, g_pre_q, g_pre_p)
-        return kl
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad):
-        Bq, Aq, Bsq, Asq, Bp, Ap, Bsp, Asp, g_mean, g_pre_q, g_pre_p = ctx.saved_tensors
-        need = ctx.needs_input_grad
-        out = [None] * 10
-        for i, (B, A, g, sign) in enumerate(
-            ((Bq, Aq, g_mean, 1), (Bsq, Asq, g_pre_q, 1), (Bp, Ap, g_mean, -1), (Bsp, Asp, g_pre_p, 1))
-        ):
-            if need[2 * i]:
-                out[2 * i] = (sign * grad) * (g @ A.T)
-            if need[2 * i + 1]:
-                out[2 * i + 1] = (sign * grad) * (B.T @ g)
-        return tuple(out)
-
-
-def _neg_log_hyperprior_block(
-    B: Tensor,
-    A: Tensor,
-    Bs: Tensor,
-    As: Tensor,
-    scaling: float,
-    rho0: float,
-    mean_std: float,
-    a0: float,
-    b0: float,
-) -> Tensor:
-    """Sum over a row block of -log N(M; 0, mean_std^2) - log Gamma(1/S^2; a0, b0), with
-    log S computed stably (:func:`log_std_matrix`)."""
-    m = mean_matrix(B, A, scaling)
-    log_prec = -2 * log_std_matrix(Bs, As, rho0)
-    nlp_mean = 0.5 * (m / mean_std).square() + math.log(mean_std) + 0.5 * math.log(2 * math.pi)
-    nlp_prec = -(a0 * math.log(b0) - math.lgamma(a0) + (a0 - 1) * log_prec - b0 * log_prec.exp())
-    return (nlp_mean + nlp_prec).sum()
-
-
-def _row_blocks(d_out: int, d_in: int, max_elements: int) -> list[tuple[int, int]]:
-    rows = max(1, max_elements // d_in)
-    return [(i, min(i + rows, d_out)) for i in range(0, d_out, rows)]
-
-
-def _blockwise(fn, blocks: list[tuple[int, int]], *args):
-    """``fn`` on one block as is; on several, each block is recomputed in backward
-    (activation checkpointing) so only one block's intermediates are alive at a time."""
-    if len(blocks) == 1:
-        return fn(*args)
-    return checkpoint(fn, *args, use_reentrant=False)
-
-
-def peft_lora_config(
-    rank: int,
-    alpha: float,
-    target_modules: Sequence[str],
-    layers_to_transform: Sequence[int] | None = None,
-    layers_pattern: str | None = None,
-    fan_in_fan_out: bool = False,
-    task_type: str | None = None,
-) -> LoraConfig:
-    """The peft :class:`~peft.LoraConfig` of a Gaussian LoRA adapter's mean pair: the one place
-    abmll builds it, for injecting adapters (:class:`BayesLoraModel`) and for exporting them
-    (:func:`abmll.export.export_peft`), so a saved adapter's config names exactly the modules
-    it was built on. No dropout, no bias.
-
-    Args:
-        rank, alpha: LoRA r and lora_alpha (scaling alpha / r).
-        target_modules: module-name suffixes (q_proj, v_proj, c_attn, ...).
-        layers_to_transform: indices of the decoder layers adapted (None: every layer).
-        layers_pattern: the name of the decoder-layer list holding those indices (``layers``,
-            ``h``); None lets peft match the first numbered name component.
-        fan_in_fan_out: True for GPT-2 style Conv1D layers, which store W0 as (d_in, d_out).
-        task_type: peft's task type (``CAUSAL_LM`` in an exported adapter; None when
-            injecting, so the model stays a plain ``PeftModel``).
-    """
-    return LoraConfig(
-        r=rank,
-        lora_alpha=alpha,
-        target_modules=sorted(target_modules),
-        lora_dropout=0.0,
-        bias="none",
-        layers_to_transform=None if layers_to_transform is None else sorted(layers_to_transform),
-        layers_pattern=layers_pattern if layers_to_transform is not None else None,
-        fan_in_fan_out=fan_in_fan_out,
-        task_type=task_type,
-    )
-
-
-def _top_layer_indices(base_model: nn.Module, top_layers: int) -> list[int] | None:
-    """peft ``layers_to_transform`` for the top ``top_layers`` decoder layers (None: all).
-
-    Raises:
-        ValueError: the model has no ``config.num_hidden_layers``, or fewer layers than asked.
-    """
-    if not top_layers:
-        return None
-    n = getattr(getattr(base_model, "config", None), "num_hidden_layers", None)
-    if not isinstance(n, int):
-        raise ValueError("top_layers needs a Hugging Face model with config.num_hidden_layers")
-    if top_layers > n:
-        raise ValueError(f"top_layers={top_layers} but the model has {n} decoder layers")
-    return list(range(n - top_layers, n))
-
-
-def _decoder_position(module_name: str) -> tuple[str, int]:
-    """("path.to.layers", index) of the decoder layer holding ``module_name``
-    (e.g. "base_model.model.model.layers.27.self_attn.q_proj" -> ("base_model.model.model.layers", 27))."""
-    match = re.search(r"^(.*?)\.(\d+)\.", module_name)
-    if match is None:
-        raise ValueError(f"cannot tell which decoder layer holds {module_name!r}")
-    return match.group(1), int(match.group(2))
 
 
 _CACHEABLE_KWARGS = {"position_ids", "logits_to_keep", "use_cache"}
@@ -545,7 +220,7 @@ class BayesLoraModel(nn.Module):
         for p in base_model.parameters():
             p.requires_grad_(False)
         lora_config = peft_lora_config(
-            config.rank, config.alpha, config.target_modules, _top_layer_indices(base_model, config.top_layers)
+            config.rank, config.alpha, config.target_modules, top_layer_indices(base_model, config.top_layers)
         )
         kinds = {kind for _, kind in check_target_layers(base_model, lora_config)}
         if kinds == {"conv1d"}:  # Conv1D stores W0 as (d_in, d_out)
@@ -570,7 +245,7 @@ class BayesLoraModel(nn.Module):
         """The frozen-layer cache when the adapters leave decoder layers below them (else None)."""
         if not self.config.top_layers or not self.config.frozen_cache_mb:
             return None
-        positions = [_decoder_position(L.name) for L in self.layers]
+        positions = [decoder_position(L.name) for L in self.layers]
         stack_name = positions[0][0]
         if any(name != stack_name for name, _ in positions):
             raise ValueError(f"adapted layers outside one decoder stack: {sorted({n for n, _ in positions})}")
@@ -700,32 +375,18 @@ class BayesLoraModel(nn.Module):
     def kl(self, q: Params, p: Params, twice_differentiable: bool = False) -> Tensor:
         """KL(q || p) between two Gaussian-LoRA distributions, summed over every weight entry
         of every adapted layer (docs/method.md, "Meta-objective"). Differentiable in both q and p,
-        once, with the gradient in closed form (:class:`_FusedGaussianKL`);
+        once, with the gradient in closed form (:func:`abmll.gaussian_lora.layer_kl`);
         ``twice_differentiable=True`` builds it from plain autograd ops instead, for
         ``create_graph`` (the second-order reference). A layer larger than
         ``kl_chunk_elements`` entries is computed in row blocks, each recomputed during
         backward (activation checkpointing). Computed in float32 (at least) whatever the
         dtype of the tensors or of the base model. Returns a scalar (nats)."""
-        fn = _gaussian_kl_block if twice_differentiable else _FusedGaussianKL.apply
         q, p = _fp32(q), _fp32(p)
         total = 0.0
         for L in self.layers:
-            blocks = _row_blocks(L.d_out, L.d_in, self.config.kl_chunk_elements)
-            for i, j in blocks:
-                total = total + _blockwise(
-                    fn,
-                    blocks,
-                    q[L.mean_B][i:j],
-                    q[L.mean_A],
-                    q[L.scale_B][i:j],
-                    q[L.scale_A],
-                    p[L.mean_B][i:j],
-                    p[L.mean_A],
-                    p[L.scale_B][i:j],
-                    p[L.scale_A],
-                    L.scaling,
-                    L.rho0,
-                )
+            pair_q = (q[L.mean_B], q[L.mean_A], q[L.scale_B], q[L.scale_A])
+            pair_p = (p[L.mean_B], p[L.mean_A], p[L.scale_B], p[L.scale_A])
+            total = total + layer_kl(pair_q, pair_p, L.scaling, L.rho0, self.config.kl_chunk_elements, twice_differentiable)
         return total
 
     def neg_log_hyperprior(self, theta: Params, hyper: HyperpriorConfig) -> Tensor:
@@ -735,21 +396,8 @@ class BayesLoraModel(nn.Module):
         theta = _fp32(theta)
         total = 0.0
         for L in self.layers:
-            blocks = _row_blocks(L.d_out, L.d_in, self.config.kl_chunk_elements)
-            for i, j in blocks:
-                total = total + _blockwise(
-                    _neg_log_hyperprior_block,
-                    blocks,
-                    theta[L.mean_B][i:j],
-                    theta[L.mean_A],
-                    theta[L.scale_B][i:j],
-                    theta[L.scale_A],
-                    L.scaling,
-                    L.rho0,
-                    hyper.mean_std,
-                    hyper.a0,
-                    hyper.b0,
-                )
+            four = (theta[L.mean_B], theta[L.mean_A], theta[L.scale_B], theta[L.scale_A])
+            total = total + layer_neg_log_hyperprior(four, L.scaling, L.rho0, hyper, self.config.kl_chunk_elements)
         return total
 
     def num_weight_entries(self) -> int:

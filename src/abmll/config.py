@@ -11,8 +11,9 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Literal
 
-from abmll.bayes_lora import BayesLoraConfig, HyperpriorConfig
+from abmll.bayes_lora import BayesLoraConfig
 from abmll.checks import above, at_least, distinct, non_empty, one_of, seeds
+from abmll.gaussian_lora import HyperpriorConfig
 from abmll.meta import ADAPT_OPTIMIZERS, MetaConfig
 from abmll.models import DEFAULT_MODEL, check_device
 from abmll.scoring import ScoringConfig

@@ -40,7 +40,8 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from abmll.bayes_lora import BayesLoraModel, HyperpriorConfig, Params
+from abmll.bayes_lora import BayesLoraModel, Params
+from abmll.gaussian_lora import HyperpriorConfig
 from abmll.meta import MetaConfig, NonFiniteLossError, TaskBatches, meta_step
 from abmll.scoring import OptionBatch, ScoringConfig, encode_options
 

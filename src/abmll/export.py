@@ -3,7 +3,7 @@
 An exported folder is a plain PEFT LoRA adapter plus an abmll sidecar:
 
 - ``adapter_config.json``: a :class:`peft.LoraConfig` built by
-  :func:`abmll.bayes_lora.peft_lora_config` (r, lora_alpha, fan_in_fan_out,
+  :func:`abmll.targets.peft_lora_config` (r, lora_alpha, fan_in_fan_out,
   base_model_name_or_path: what the base loads by, see :func:`export_peft`; task_type ``CAUSAL_LM``), whose target_modules,
   layers_to_transform and layers_pattern are read off the tensors written
   (:func:`adapter_layout`): peft builds a LoRA module exactly where the file has weights;
@@ -34,7 +34,7 @@ from typing import Any
 
 import torch
 
-from abmll.bayes_lora import LORA_A, LORA_B, SCALE_A, SCALE_B, BayesLoraModel, peft_lora_config
+from abmll.bayes_lora import LORA_A, LORA_B, SCALE_A, SCALE_B, BayesLoraModel
 from abmll.checkpoint import (
     BUNDLE,
     CONFIG,
@@ -54,6 +54,7 @@ from abmll.checkpoint import (
     write_tensors,
 )
 from abmll.models import portable_name
+from abmll.targets import peft_lora_config
 
 PEFT_CONFIG = "adapter_config.json"
 PEFT_TENSORS = "adapter_model.safetensors"

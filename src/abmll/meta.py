@@ -24,8 +24,9 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from abmll.bayes_lora import BayesLoraModel, HyperpriorConfig, Params
+from abmll.bayes_lora import BayesLoraModel, Params
 from abmll.checks import at_least, one_of, seeds
+from abmll.gaussian_lora import HyperpriorConfig
 from abmll.scoring import OptionBatch, option_nll, option_scores, training_loss
 
 

@@ -46,9 +46,10 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
-from abmll.bayes_lora import BayesLoraModel, HyperpriorConfig, Params
+from abmll.bayes_lora import BayesLoraModel, Params
 from abmll.config import EvalArgs, TaskArgs
 from abmll.evaluate import Method
+from abmll.gaussian_lora import HyperpriorConfig
 from abmll.meta import MetaConfig
 from abmll.scoring import ScoringConfig
 from abmll.train import CHECKPOINT_DIR, MetaTrainer

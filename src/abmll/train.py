@@ -34,7 +34,7 @@ from typing import Any
 
 import torch
 
-from abmll.bayes_lora import BayesLoraModel, HyperpriorConfig, Params
+from abmll.bayes_lora import BayesLoraModel, Params
 from abmll.checkpoint import (
     CheckpointError,
     load_optimizer_tensors,
@@ -57,6 +57,7 @@ from abmll.distributed import (
     task_share,
 )
 from abmll.episodes import EpisodeSampler, episode_batches
+from abmll.gaussian_lora import HyperpriorConfig
 from abmll.meta import MetaConfig, NonFiniteLossError, TaskBatches, meta_step
 from abmll.scoring import ScoringConfig
 
