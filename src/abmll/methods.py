@@ -219,26 +219,6 @@ def prior_meta_config(kind: str, meta: MetaConfig) -> MetaConfig:
     raise ValueError(f"prior kind {kind!r} is not meta-trained (trained kinds: abmll, multitask, reptile)")
 
 
-def make_trainer(
-    kind: str,
-    model: BayesLoraModel,
-    tokenizer,
-    train_tasks: list[str],
-    tasks: TaskArgs,
-    meta: MetaConfig,
-    hyper: HyperpriorConfig,
-    scoring: ScoringConfig,
-    validator: Callable[[Params], dict] | None = None,
-    validate_every: int = 0,
-) -> MetaTrainer:
-    """The :class:`MetaTrainer` that trains prior ``kind`` (see :func:`prior_meta_config`),
-    validated by ``validator`` every ``validate_every`` meta-steps (see :class:`MetaTrainer`)."""
-    meta = prior_meta_config(kind, meta)
-    return MetaTrainer(
-        model, tokenizer, list(train_tasks), tasks, meta, hyper, scoring, validator=validator, validate_every=validate_every
-    )
-
-
 def train_prior(
     kind: str,
     model: BayesLoraModel,
@@ -269,7 +249,10 @@ def train_prior(
     """
     if kind == "init":
         return model.init_params(), []
-    trainer = make_trainer(kind, model, tokenizer, train_tasks, tasks, meta, hyper, scoring, validator, validate_every)
+    meta = prior_meta_config(kind, meta)
+    trainer = MetaTrainer(
+        model, tokenizer, list(train_tasks), tasks, meta, hyper, scoring, validator=validator, validate_every=validate_every
+    )
     config = {**(config or {}), "meta": asdict(trainer.meta), "prior_kind": kind}
     if out_dir is not None and (Path(out_dir) / CHECKPOINT_DIR).is_dir():
         trainer.resume(out_dir, config)  # run() below then continues, or returns at once when done
