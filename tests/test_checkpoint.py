@@ -18,24 +18,20 @@ import torch
 from safetensors.torch import load_file
 
 import abmll
-from abmll import checkpoint
+from abmll import checkpoint, train_state
 from abmll.checkpoint import (
     CONFIG,
-    PREVIOUS_STATE,
     SHA256,
-    STATE,
     TENSORS,
     CheckpointError,
     atomic_folder,
     atomic_write,
     load_adapter,
-    load_latest_state,
-    load_state,
     save_adapter,
-    save_state,
     write_json,
 )
 from abmll.priors import SHIPPED_DIR, shipped_priors
+from abmll.train_state import PREVIOUS_STATE, STATE, load_latest_state, load_state, save_state
 
 
 def test_round_trip(tmp_path):
@@ -148,7 +144,7 @@ def test_crash_before_the_commit_keeps_the_previous_state(tmp_path, monkeypatch)
     def crash(path, obj):
         raise OSError("disk full")
 
-    monkeypatch.setattr(checkpoint, "write_json", crash)  # the new tensors are written, the JSON is not
+    monkeypatch.setattr(train_state, "write_json", crash)  # the new tensors are written, the JSON is not
     with pytest.raises(OSError, match="disk full"):
         save_state(tmp_path, 4, state_tensors(4), {})
     tensors, state = load_state(tmp_path)
@@ -427,7 +423,7 @@ def test_written_files_get_the_umask_permissions(tmp_path):
 
 
 def test_optimizer_and_rng_tensors_round_trip_and_refuse_foreign_groups():
-    from abmll.checkpoint import load_optimizer_tensors, optimizer_tensors, rng_tensors, set_rng_tensors
+    from abmll.train_state import load_optimizer_tensors, optimizer_tensors, rng_tensors, set_rng_tensors
 
     params = {"a": torch.randn(3, requires_grad=True), "b": torch.randn(2, 2, requires_grad=True)}
     opt = torch.optim.Adam(params.values(), lr=0.1)

@@ -17,7 +17,7 @@ import torch
 from conftest import make_tiny_llama, make_tiny_tokenizer, write_task
 
 from abmll.bayes_lora import BayesLoraConfig, BayesLoraModel
-from abmll.checkpoint import PREVIOUS_STATE, STATE, load_adapter
+from abmll.checkpoint import load_adapter
 from abmll.cli import main
 from abmll.data import Example
 from abmll.distributed import adapter_parameters, noise_seed, shard_base_model, split_batches, task_share, wrap_policy
@@ -25,6 +25,7 @@ from abmll.gaussian_lora import HyperpriorConfig
 from abmll.meta import MetaConfig, TaskBatches, meta_step, predict_batches
 from abmll.scoring import ScoringConfig, make_batches
 from abmll.train import CHECKPOINT_DIR
+from abmll.train_state import PREVIOUS_STATE, STATE
 
 REPO = Path(__file__).resolve().parents[1]
 FSDP_CONFIG = REPO / "configs" / "accelerate_fsdp_8gpu.yaml"

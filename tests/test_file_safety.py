@@ -13,7 +13,8 @@ import pytest
 import torch
 
 import abmll
-from abmll.checkpoint import CONFIG, STATE, TENSORS, atomic_folder, save_adapter, save_state, write_json
+from abmll.checkpoint import CONFIG, TENSORS, atomic_folder, save_adapter, write_json
+from abmll.train_state import STATE, save_state
 
 REPO = Path(abmll.__file__).resolve().parents[2]
 PICKLERS = ("pickle", "dill", "cloudpickle", "joblib", "_pickle")

@@ -663,8 +663,9 @@ def test_meta_train_resumes_from_the_previous_state_when_the_newest_is_damaged(w
     damaged it refuses, naming both files, and writes nothing."""
     from test_checkpoint import flip_a_bit
 
-    from abmll.checkpoint import PREVIOUS_STATE, STATE, load_adapter
+    from abmll.checkpoint import load_adapter
     from abmll.train import CHECKPOINT_DIR
+    from abmll.train_state import PREVIOUS_STATE, STATE
 
     out, full = tmp_path / "run", tmp_path / "full"
     argv = ["meta-train", "--config", str(world["config"]), "--save_every", "1", "--plots", "false"]

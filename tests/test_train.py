@@ -17,13 +17,14 @@ from conftest import make_tiny_llama, make_tiny_tokenizer
 
 from abmll import meta, train
 from abmll.bayes_lora import BayesLoraConfig, BayesLoraModel
-from abmll.checkpoint import PREVIOUS_STATE, STATE, CheckpointError, file_sha256, load_adapter, load_state
+from abmll.checkpoint import CheckpointError, file_sha256, load_adapter
 from abmll.cli import main
 from abmll.config import TaskArgs
 from abmll.gaussian_lora import HyperpriorConfig
 from abmll.meta import MetaConfig, NonFiniteLossError
 from abmll.scoring import ScoringConfig
 from abmll.train import CHECKPOINT_DIR, MetaTrainer
+from abmll.train_state import PREVIOUS_STATE, STATE, load_state
 
 TASKS = ["t0", "t1", "t2", "t3"]
 CONFIG = {"run": "test"}

@@ -45,7 +45,6 @@ from abmll.args import (
     TrainArgs,
     parse_args,
 )
-from abmll.checkpoint import STATE
 from abmll.command_names import COMMANDS
 from abmll.commands.adapt import run_adapt
 from abmll.commands.data import run_data
@@ -61,6 +60,7 @@ from abmll.methods import get_spec
 from abmll.outputs import complete_lines, read_json_or_none
 from abmll.quiet import library_output
 from abmll.train import CHECKPOINT_DIR
+from abmll.train_state import STATE
 
 
 def _meta_train(run, cfg, train, report):

@@ -35,15 +35,7 @@ from typing import Any
 import torch
 
 from abmll.bayes_lora import BayesLoraModel, Params
-from abmll.checkpoint import (
-    CheckpointError,
-    load_optimizer_tensors,
-    load_trainer_state,
-    save_adapter,
-    save_trainer_state,
-    set_rng_tensors,
-    write_json,
-)
+from abmll.checkpoint import CheckpointError, save_adapter, write_json
 from abmll.config import CONFIG_GROUPS, TaskArgs
 from abmll.data import check_tasks, load_episode, load_split
 from abmll.distributed import (
@@ -60,6 +52,7 @@ from abmll.episodes import EpisodeSampler, episode_batches
 from abmll.gaussian_lora import HyperpriorConfig
 from abmll.meta import MetaConfig, NonFiniteLossError, TaskBatches, meta_step
 from abmll.scoring import ScoringConfig
+from abmll.train_state import load_optimizer_tensors, load_trainer_state, save_trainer_state, set_rng_tensors
 
 CHECKPOINT_DIR = "checkpoint"
 """Sub-folder of a run's output folder holding the trainer state."""
