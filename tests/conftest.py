@@ -131,3 +131,19 @@ def world(tmp_path_factory):
 
     assert main(["meta-train", "--config", str(config), "--meta_steps", "2", "--out", str(prior)]) == 0
     return {"root": root, "model_dir": model_dir, "data": data, "config": config, "prior": prior}
+
+
+def cli_flags(**flags) -> list[str]:
+    """``--name value`` CLI arguments from keywords: a list or tuple gives several values, a
+    bool ``true`` / ``false``; order kept."""
+    out = []
+    for name, value in flags.items():
+        values = value if isinstance(value, (list, tuple)) else [value]
+        out += [f"--{name}", *(str(v).lower() if isinstance(v, bool) else str(v) for v in values)]
+    return out
+
+
+def tiny_cli(model_dir, data_dir, **flags) -> list[str]:
+    """The flags every CLI test on the tiny world shares (the tiny model and data, k = 4, data
+    seeds 1 and 2, LoRA rank 2, 8 rows per batch), then ``flags`` (:func:`cli_flags`)."""
+    return cli_flags(model=model_dir, data_dir=data_dir, k=4, data_seeds=[1, 2], rank=2, max_rows=8, **flags)

@@ -6,6 +6,7 @@ import json
 
 import pytest
 import torch
+from conftest import tiny_cli
 
 from abmll.checkpoint import load_adapter
 from abmll.cli import main
@@ -19,23 +20,7 @@ from abmll.outputs import ResultLog
 
 
 def common(tiny_model_dir, tiny_data_dir):
-    return [
-        "--model",
-        str(tiny_model_dir),
-        "--data_dir",
-        str(tiny_data_dir),
-        "--split",
-        "tiny",
-        "--k",
-        "4",
-        "--data_seeds",
-        "1",
-        "2",
-        "--rank",
-        "2",
-        "--max_rows",
-        "8",
-    ]
+    return tiny_cli(tiny_model_dir, tiny_data_dir, split="tiny")
 
 
 def test_meta_train_then_evaluate(tiny_model_dir, tiny_data_dir, tmp_path, capsys, monkeypatch):

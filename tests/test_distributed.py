@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import make_tiny_llama, make_tiny_tokenizer, write_task
+from conftest import make_tiny_llama, make_tiny_tokenizer, tiny_cli, write_task
 
 from abmll.bayes_lora import BayesLoraConfig, BayesLoraModel
 from abmll.checkpoint import load_adapter
@@ -182,39 +182,8 @@ def test_fsdp_refuses_per_batch_sampling_before_sharding():
 
 
 def cli_args(model_dir, data_dir, *extra) -> list[str]:
-    return [
-        "meta-train",
-        "--model",
-        str(model_dir),
-        "--data_dir",
-        str(data_dir),
-        "--k",
-        "4",
-        "--data_seeds",
-        "1",
-        "2",
-        "--rank",
-        "2",
-        "--max_rows",
-        "8",
-        "--max_query",
-        "4",
-        "--meta_steps",
-        "3",
-        "--meta_batch_size",
-        "4",
-        "--inner_steps",
-        "2",
-        "--outer_lr",
-        "0.05",
-        "--save_every",
-        "2",
-        "--device",
-        "cpu",
-        "--plots",
-        "false",
-        *extra,
-    ]
+    flags = dict(max_query=4, meta_steps=3, meta_batch_size=4, inner_steps=2, outer_lr=0.05, save_every=2, device="cpu")
+    return ["meta-train", *tiny_cli(model_dir, data_dir, **flags, plots=False), *extra]
 
 
 # The launched script: one thread, and the same torch seed as the in-process reference (the

@@ -14,6 +14,7 @@ import quality
 import torch
 import tune_adaptation
 import tune_outer
+from conftest import cli_flags
 
 from abmll.methods import METHODS
 from abmll.metrics import compute_metrics
@@ -26,30 +27,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # other jobs share the 2 cor
 
 
 def args(tiny_model_dir, tiny_data_dir, tmp_path, *extra):
-    return [
-        "--quick",
-        "--model",
-        str(tiny_model_dir),
-        "--data_dir",
-        str(tiny_data_dir),
-        "--split",
-        "tiny",
-        "--k",
-        "4",
-        "--seeds",
-        "1",
-        "2",
-        "--data_seeds",
-        "1",
-        "2",
-        "--max_test",
-        "6",
-        "--out_dir",
-        str(tmp_path / "out"),
-        "--work_dir",
-        str(tmp_path / "work"),
-        *extra,
-    ]
+    flags = cli_flags(model=tiny_model_dir, data_dir=tiny_data_dir, split="tiny", k=4, seeds=[1, 2], data_seeds=[1, 2])
+    return ["--quick", *flags, *cli_flags(max_test=6, out_dir=tmp_path / "out", work_dir=tmp_path / "work"), *extra]
 
 
 def finite_floats(obj):

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import make_tiny_llama, make_tiny_tokenizer
+from conftest import make_tiny_llama, make_tiny_tokenizer, tiny_cli
 
 from abmll import meta, train
 from abmll.bayes_lora import BayesLoraConfig, BayesLoraModel
@@ -188,36 +188,8 @@ def test_resume_refuses_a_damaged_trainer_state(tiny_data_dir, tmp_path):
 
 
 def cli_args(model_dir, data_dir) -> list[str]:
-    return [
-        "meta-train",
-        "--model",
-        str(model_dir),
-        "--data_dir",
-        str(data_dir),
-        "--split",
-        "tiny",
-        "--k",
-        "4",
-        "--data_seeds",
-        "1",
-        "2",
-        "--rank",
-        "2",
-        "--max_rows",
-        "8",
-        "--max_query",
-        "4",
-        "--meta_steps",
-        "12",
-        "--inner_steps",
-        "2",
-        "--outer_lr",
-        "0.05",
-        "--save_every",
-        "2",
-        "--device",
-        "cpu",
-    ]
+    flags = dict(split="tiny", max_query=4, meta_steps=12, inner_steps=2, outer_lr=0.05, save_every=2, device="cpu")
+    return ["meta-train", *tiny_cli(model_dir, data_dir, **flags)]
 
 
 # The adapter initialisation draws from torch's global generator when the model is built, so
