@@ -14,7 +14,8 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import harness
+import bench_flags
+import bench_report
 
 from abmll.metrics import bootstrap_mean_ci
 
@@ -92,7 +93,7 @@ def compare(runs: list[str], method: str) -> dict:
                 mean, lo, hi = bootstrap_mean_ci([u[key][k] - reference[key][k] for key in keys], clusters=clusters)
                 entry["minus_first"][k] = {"diff": mean, "ci95": [lo, hi]}
         out["runs"].append(entry)
-    out["intervals"] = harness.INTERVALS
+    out["intervals"] = bench_report.INTERVALS
     return out
 
 
@@ -112,26 +113,29 @@ def markdown(result: dict, command: str) -> str:
         "|---|" + "---|" * len(metrics),
     ]
     for name, r in zip(label, result["runs"]):
-        cells = [f"{harness.fmt(r[k]['mean'])} [{harness.fmt(r[k]['ci95'][0])}, {harness.fmt(r[k]['ci95'][1])}]" for k in metrics]
+        cells = [
+            f"{bench_report.fmt(r[k]['mean'])} [{bench_report.fmt(r[k]['ci95'][0])}, {bench_report.fmt(r[k]['ci95'][1])}]"
+            for k in metrics
+        ]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     lines += ["", f"Paired, each run minus the first ({label[0]}):", "", "| run | " + " | ".join(metrics) + " |"]
     lines.append("|---|" + "---|" * len(metrics))
     for name, r in zip(label[1:], result["runs"][1:]):
         d = r["minus_first"]
-        cells = [harness.diff_cell(d[k]) for k in metrics]
+        cells = [bench_report.diff_cell(d[k]) for k in metrics]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> dict:
-    (args,) = harness.parse(argv, CompareArgs, script="compare_runs.py", description=__doc__.splitlines()[0])
+    (args,) = bench_flags.parse(argv, CompareArgs, script="compare_runs.py", description=__doc__.splitlines()[0])
     if not args.name:
         raise SystemExit("--name is required (results go to benchmarks/results/<name>.{json,md})")
     result = compare(args.runs, args.method)
-    command = harness.command_line("compare_runs.py", argv)
+    command = bench_report.command_line("compare_runs.py", argv)
     result["command"] = command
     report = markdown(result, command)
-    harness.write_results(args.name, result, report)
+    bench_report.write_results(args.name, result, report)
     print(report)
     return result
 

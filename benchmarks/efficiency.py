@@ -46,9 +46,10 @@ from dataclasses import dataclass, field
 from functools import partial
 from typing import Literal
 
-import harness
+import bench_flags
+import bench_report
 
-RESULTS = harness.RESULTS
+RESULTS = bench_report.RESULTS
 KS = [1, 2, 5, 10]
 METHODS = ["lora", "abmll", "abmll_log", "abmll_per_batch", "second_order"]
 ABMLL_VARIANTS = ["abmll", "abmll_log", "abmll_per_batch"]
@@ -361,7 +362,7 @@ class EfficiencyArgs:
 
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
-    (args,) = harness.parse(argv, EfficiencyArgs, script="efficiency.py", description=__doc__.splitlines()[0])
+    (args,) = bench_flags.parse(argv, EfficiencyArgs, script="efficiency.py", description=__doc__.splitlines()[0])
     if unknown := set(args.methods) - set(METHODS):
         raise SystemExit(f"--methods: unknown {sorted(unknown)}; choose from {METHODS}")
     args.passthrough = [
@@ -426,7 +427,7 @@ def main(argv: list[str] | None = None) -> None:
     res = {
         "model": args.model,
         "device": str(resolve_device(args.device)) + f" ({args.dtype}, {args.threads} threads)",
-        "command": harness.command_line("efficiency.py", argv),
+        "command": bench_report.command_line("efficiency.py", argv),
         "torch": torch.__version__,
         "examples_per_task": {"support": args.k, "query": args.k},
         "memory_ratio_k10_k1": {m: ratio(by.get((m, 10)), by.get((m, 1)), "peak_mb") for m in ("abmll", "second_order")},
@@ -451,7 +452,7 @@ def write(name: str, res: dict) -> None:
     """Write ``RESULTS/<name>.{json,md}``; into efficiency.{json,md}, benchmarks/top_layers.py's
     rows (efficiency-top_layers.json: all layers vs top-L cached at equal wall time) are merged
     back, so rerunning this script does not drop them."""
-    harness.write_results(name, res, table(res), RESULTS)
+    bench_report.write_results(name, res, table(res), RESULTS)
     top = RESULTS / "efficiency-top_layers.json"
     if name == "efficiency" and top.is_file():
         import top_layers  # here, not at start-up: the timed child processes import this module

@@ -30,7 +30,8 @@ if __name__ == "__main__" and "MALLOC_MMAP_THRESHOLD_" not in os.environ:
     os.environ["MALLOC_MMAP_THRESHOLD_"] = MMAP_THRESHOLD
     os.execv(sys.executable, [sys.executable, *sys.argv])
 
-import harness  # noqa: E402
+import bench_flags  # noqa: E402
+import bench_report  # noqa: E402
 import psutil  # noqa: E402
 import torch  # noqa: E402
 
@@ -156,9 +157,9 @@ class SoakArgs:
 
 
 def main(argv: list[str] | None = None) -> None:
-    (args,) = harness.parse(argv, SoakArgs, script="memory_soak.py", description=__doc__.splitlines()[0])
+    (args,) = bench_flags.parse(argv, SoakArgs, script="memory_soak.py", description=__doc__.splitlines()[0])
     result = soak(args.steps, args.every)
-    harness.write_results("memory_soak", result, markdown(result, args.steps, args.every))
+    bench_report.write_results("memory_soak", result, markdown(result, args.steps, args.every))
     print(markdown(result, args.steps, args.every))
 
 

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from harness import command_line, write_results
+from bench_report import command_line, write_results
 
 from abmll.args import ALL_GROUPS, parse_args
 from abmll.checkpoint import write_json

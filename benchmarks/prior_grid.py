@@ -22,7 +22,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import harness
+import bench_report
 
 from abmll.args import parse_dataclasses
 
@@ -83,13 +83,13 @@ def main(argv: list[str] | None = None) -> dict:
     if not rows:
         raise SystemExit(f"no point has a curve reaching step {args.max_step}")
     out = {
-        "command": harness.command_line("prior_grid.py", argv),
+        "command": bench_report.command_line("prior_grid.py", argv),
         "max_step": args.max_step,
         "selection": "lowest best validation NLL up to max_step",
         "rows": rows,
         "chosen": min(rows, key=lambda k: rows[k]["best_nll"]),
     }
-    harness.write_results(args.name, out, markdown(out))
+    bench_report.write_results(args.name, out, markdown(out))
     print(markdown(out))
     return out
 
@@ -110,10 +110,9 @@ def markdown(out: dict) -> str:
     for label, r in out["rows"].items():
         at = {s: n for s, n, _ in r["curve"]}
         name = f"**{label}**" if label == out["chosen"] else label
-        cells = [harness.fmt(at.get(s)) for s in steps]
-        lines.append(
-            f"| {name} | {' | '.join(cells)} | {harness.fmt(r['best_nll'])} ({r['best_step']}) | {harness.fmt(r['best_ece'])} |"
-        )
+        cells = [bench_report.fmt(at.get(s)) for s in steps]
+        best = f"{bench_report.fmt(r['best_nll'])} ({r['best_step']}) | {bench_report.fmt(r['best_ece'])}"
+        lines.append(f"| {name} | {' | '.join(cells)} | {best} |")
     return "\n".join(lines)
 
 

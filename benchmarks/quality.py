@@ -42,9 +42,11 @@ import sys
 from dataclasses import fields, replace
 from pathlib import Path
 
-import harness
+import bench_flags
 import torch
-from harness import GROUPS, METRICS, BenchArgs, Cache, command_line, diff_cell, fmt, parse_bench, run, stem, write_results
+from bench_flags import GROUPS, BenchArgs, parse_bench, stem
+from bench_report import METRICS, command_line, diff_cell, fmt, write_results
+from harness import Cache, run
 
 from abmll.checkpoint import write_json
 from abmll.config import CONFIG_GROUPS
@@ -316,7 +318,7 @@ def main(argv: list[str] | None = None) -> dict:
     argv = list(sys.argv[1:] if argv is None else argv)
     bench, cfg = parse_bench(argv)
     name = stem(bench, cfg)
-    out_dir = harness.comparison_out_dir(bench)
+    out_dir = bench_flags.comparison_out_dir(bench)
     work = Path(bench.work_dir or f"runs/{name}" + ("-quick" if bench.quick else ""))
     if bench.sweep:
         return sweep(bench, cfg, argv, out_dir, work, name)

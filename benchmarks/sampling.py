@@ -26,7 +26,8 @@ import sys
 import time
 from dataclasses import dataclass, field, replace
 
-import harness
+import bench_flags
+import bench_report
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
@@ -81,7 +82,7 @@ class SamplingArgs:
 
 
 def main(argv: list[str] | None = None) -> None:
-    (args,) = harness.parse(argv, SamplingArgs, script="sampling.py", description=__doc__.splitlines()[0])
+    (args,) = bench_flags.parse(argv, SamplingArgs, script="sampling.py", description=__doc__.splitlines()[0])
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     base, tok = load_base_model()
@@ -116,7 +117,7 @@ def main(argv: list[str] | None = None) -> None:
     res = {
         "model": "smollm2-135m-instruct",
         "device": f"cpu (float32, {args.threads} threads)",
-        "command": harness.command_line("sampling.py", argv),
+        "command": bench_report.command_line("sampling.py", argv),
         "rows": rows,
     }
     lines = [
@@ -137,7 +138,7 @@ def main(argv: list[str] | None = None) -> None:
             + " | ".join(f"{r[f'noise_{n}'][pair]:.3g}" for n in priors for pair in ("mean_pair", "scale_pair"))
             + " |"
         )
-    harness.write_results("sampling", res, "\n".join(lines))
+    bench_report.write_results("sampling", res, "\n".join(lines))
     print("\n".join(lines))
 
 

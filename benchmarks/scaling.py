@@ -25,7 +25,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import harness
+import bench_flags
+import bench_report
 
 TASKS = ["glue-sst2", "rotten_tomatoes", "tweet_eval-sentiment", "sms_spam"]
 EXPECTED = """\
@@ -152,7 +153,7 @@ def run(model: str, processes: int, out: Path) -> dict:
 
 def write(rows: list[dict], argv: list[str]) -> None:
     meta = {
-        "command": harness.command_line("scaling.py", argv),
+        "command": bench_report.command_line("scaling.py", argv),
         "cpu_count": os.cpu_count(),
         "platform": platform.platform(),
         "rows": rows,
@@ -177,7 +178,7 @@ def write(rows: list[dict], argv: list[str]) -> None:
             f"{r['loadavg_1min_before']} |"
         )
     lines += ["", EXPECTED, "", "Commands (run by the script):", ""] + [f"    {r['command']}" for r in rows]
-    harness.write_results("scaling", meta, "\n".join(lines))
+    bench_report.write_results("scaling", meta, "\n".join(lines))
     print("\n".join(lines))
 
 
@@ -203,15 +204,15 @@ class ScalingArgs:
 
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
-    (args,) = harness.parse(argv, ScalingArgs, script="scaling.py", description=__doc__.splitlines()[0])
+    (args,) = bench_flags.parse(argv, ScalingArgs, script="scaling.py", description=__doc__.splitlines()[0])
     if unknown := set(args.models) - set(SETTINGS):
         raise SystemExit(f"--models: unknown {sorted(unknown)}; choose from {list(SETTINGS)}")
     if args.worker:
         worker(args)
         return
     rows = []
-    tmp = harness.RESULTS / ".scaling-run.json"
-    harness.RESULTS.mkdir(exist_ok=True)
+    tmp = bench_report.RESULTS / ".scaling-run.json"
+    bench_report.RESULTS.mkdir(exist_ok=True)
     for model in args.models:
         for processes in args.processes:
             rows.append(run(model, processes, tmp))

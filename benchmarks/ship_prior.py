@@ -20,7 +20,7 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
-import harness
+import bench_flags
 
 from abmll.checkpoint import CONFIG, TENSORS, load_adapter, write_json
 from abmll.config import EvalArgs
@@ -47,7 +47,7 @@ class ShipArgs:
 
 
 def main(argv: list[str] | None = None) -> Path:
-    (args,) = harness.parse(argv, ShipArgs, script="ship_prior.py", description=__doc__.splitlines()[0])
+    (args,) = bench_flags.parse(argv, ShipArgs, script="ship_prior.py", description=__doc__.splitlines()[0])
     run = Path(args.run)
     source = run / BEST_DIR if (run / BEST_DIR).is_dir() else run
     load_adapter(source)  # refuses a folder that is not a readable prior

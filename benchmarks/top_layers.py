@@ -34,7 +34,9 @@ import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
-import harness
+import bench_flags
+import bench_report
+import bench_tasks
 import torch
 import yaml
 
@@ -49,7 +51,7 @@ from abmll.scoring import ScoringConfig
 from abmll.train import MetaTrainer
 from abmll.validation import make_validator
 
-RESULTS = harness.RESULTS
+RESULTS = bench_report.RESULTS
 VAL_TASKS = ["tweet_eval-irony", "glue-mrpc", "ethos-directed_vs_generalized", "superglue-wic"]
 """Meta-validation tasks: class_to_class train tasks held out of meta-training (binary,
 different domains: irony, paraphrase, hate-speech target, word sense)."""
@@ -104,20 +106,20 @@ class TopLayersArgs:
 
 def main(argv: list[str] | None = None) -> dict:
     argv = sys.argv[1:] if argv is None else argv
-    (args,) = harness.parse(argv, TopLayersArgs, script="top_layers.py", description=__doc__.splitlines()[0])
+    (args,) = bench_flags.parse(argv, TopLayersArgs, script="top_layers.py", description=__doc__.splitlines()[0])
     if args.merge_only:
         res = json.loads((RESULTS / "efficiency-top_layers.json").read_text())
         merge_into_efficiency(res)
         return res
     torch.set_num_threads(args.threads)
-    command = harness.command_line("top_layers.py", argv)
+    command = bench_report.command_line("top_layers.py", argv)
     work = Path(args.work_dir)
     if args.fresh and work.exists():
         shutil.rmtree(work)
     g = demo_groups()
     split = load_split(g["tasks"].split)
     notes: list[str] = []
-    train = harness.usable_tasks(
+    train = bench_tasks.usable_tasks(
         [t for t in split["train"] if t not in args.val_tasks],
         g["tasks"],
         g["tasks"].data_seeds,
@@ -232,7 +234,7 @@ def main(argv: list[str] | None = None) -> dict:
         settings={k: asdict(v) for k, v in g.items()},
         rows=rows,
     )
-    harness.write_results("efficiency-top_layers", res, markdown(res))
+    bench_report.write_results("efficiency-top_layers", res, markdown(res))
     merge_into_efficiency(res)
     return res
 

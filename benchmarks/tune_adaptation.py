@@ -22,6 +22,8 @@ import shlex
 import sys
 from dataclasses import dataclass, field, replace
 
+import bench_flags
+import bench_report
 import harness
 
 from abmll.methods import get_spec
@@ -47,7 +49,7 @@ class TuneArgs:
 
 def main(argv: list[str] | None = None) -> dict:
     argv = list(sys.argv[1:] if argv is None else argv)
-    bench, cfg, own = harness.parse_bench(argv, extra=(TuneArgs,), script="tune_adaptation.py")
+    bench, cfg, own = bench_flags.parse_bench(argv, extra=(TuneArgs,), script="tune_adaptation.py")
     val = list(cfg["tasks"].val_tasks)
     if not val:
         raise SystemExit("--val_tasks is required: the dev tasks (held out of meta-training) to tune on")
@@ -55,13 +57,13 @@ def main(argv: list[str] | None = None) -> dict:
     dev_bench = replace(bench, eval_split="dev", plots=False)
     dev_cfg = {**cfg, "tasks": replace(cfg["tasks"], test_tasks=val)}
     split = cfg["tasks"].split
-    work = harness.comparison_work_dir(bench, cfg)
-    out_dir = harness.comparison_out_dir(bench)
-    command = harness.command_line("tune_adaptation.py", argv)
+    work = bench_flags.comparison_work_dir(bench, cfg)
+    out_dir = bench_flags.comparison_out_dir(bench)
+    command = bench_report.command_line("tune_adaptation.py", argv)
     rows = {}
     for i, point in enumerate(own.grid):  # --fresh discards the cache and priors once, not at every point
         point_bench = replace(dev_bench, adaptation=[f"{m}={point}" for m in adapting], fresh=bench.fresh and i == 0)
-        harness.adaptations(point_bench)  # refuses a malformed point before any run
+        bench_flags.adaptations(point_bench)  # refuses a malformed point before any run
         res, _ = harness.run(point_bench, dev_cfg, f"{command}  [{point}]", work)
         rows[point] = {m: {k: res["methods"][m][k] for k in SHOWN} for m in bench.methods}
         print(f"{point}: " + ", ".join(f"{m} NLL {r['nll']:.3f}" for m, r in rows[point].items()), flush=True)
@@ -80,7 +82,7 @@ def main(argv: list[str] | None = None) -> dict:
         "flags": shlex.join(flags),
         "priors": res.get("priors", {}),
     }
-    harness.write_results(f"tune_adaptation-{split}", out, markdown(out), out_dir)
+    bench_report.write_results(f"tune_adaptation-{split}", out, markdown(out), out_dir)
     print(markdown(out))
     return out
 
@@ -98,7 +100,9 @@ def markdown(out: dict) -> str:
         "",
         "Dev NLL / accuracy / macro-F1 / ECE, mean over tasks:",
         "",
-        *harness.choice_table(out["rows"], methods, out["chosen"], lambda r: " / ".join(harness.fmt(r[k]) for k in SHOWN)),
+        *bench_report.choice_table(
+            out["rows"], methods, out["chosen"], lambda r: " / ".join(bench_report.fmt(r[k]) for k in SHOWN)
+        ),
     ]
     lines += ["", f"Flags for benchmarks/quality.py: `{out['flags']}`", ""]
     return "\n".join(lines)

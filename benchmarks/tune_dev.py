@@ -13,7 +13,8 @@ import itertools
 import sys
 import time
 
-import harness
+import bench_flags
+import bench_report
 import torch
 
 from abmll.bayes_lora import BayesLoraConfig, BayesLoraModel
@@ -31,7 +32,7 @@ STEPS = 5
 
 
 def main(argv: list[str] | None = None) -> None:
-    harness.parse(argv, script="tune_dev.py", description=__doc__.splitlines()[0])  # no flags but --help
+    bench_flags.parse(argv, script="tune_dev.py", description=__doc__.splitlines()[0])  # no flags but --help
     base, tok = load_base_model()
     model = BayesLoraModel(base, BayesLoraConfig(rank=4, alpha=8))
     prior = model.init_params()
@@ -57,7 +58,7 @@ def main(argv: list[str] | None = None) -> None:
         f"| {r['template']!r} | {r['task']} | {r['inner_lr']} | {r['accuracy']:.3f} | {r['nll']:.3f} | {r['ece']:.3f} |"
         for r in rows
     ]
-    harness.write_results("tune_dev", rows, "\n".join(lines))
+    bench_report.write_results("tune_dev", rows, "\n".join(lines))
     print("\n".join(lines))
 
 

@@ -25,6 +25,9 @@ import shlex
 import sys
 from dataclasses import dataclass, field, replace
 
+import bench_flags
+import bench_report
+import bench_tasks
 import harness
 import torch
 
@@ -46,12 +49,12 @@ class OuterArgs:
     """
 
     grid: list[str] = field(default_factory=lambda: list(GRID))
-    kinds: list[str] = field(default_factory=lambda: list(harness.TRAINED_KINDS))
+    kinds: list[str] = field(default_factory=lambda: list(bench_flags.TRAINED_KINDS))
 
 
 def main(argv: list[str] | None = None) -> dict:
     argv = list(sys.argv[1:] if argv is None else argv)
-    bench, cfg, own = harness.parse_bench(argv, extra=(OuterArgs,), script="tune_outer.py")
+    bench, cfg, own = bench_flags.parse_bench(argv, extra=(OuterArgs,), script="tune_outer.py")
     val = list(cfg["tasks"].val_tasks)
     if not val or not bench.validate_every:
         raise SystemExit("--val_tasks and --validate_every are required: the search compares validation NLL")
@@ -63,23 +66,23 @@ def main(argv: list[str] | None = None) -> dict:
         raise SystemExit(
             "--outer and --fresh are not for this script: it sets the outer loop per grid point, and resumes what is done"
         )
-    unknown = set(own.kinds) - set(harness.TRAINED_KINDS)
+    unknown = set(own.kinds) - set(bench_flags.TRAINED_KINDS)
     if unknown:
-        raise SystemExit(f"--kinds takes {list(harness.TRAINED_KINDS)}, got {sorted(unknown)}")
-    points = {p: harness.outer_point(p) for p in own.grid}
+        raise SystemExit(f"--kinds takes {list(bench_flags.TRAINED_KINDS)}, got {sorted(unknown)}")
+    points = {p: bench_flags.outer_point(p) for p in own.grid}
     for point, fields_ in points.items():
         try:
             replace(cfg["meta"], **fields_)
         except ValueError as err:  # refused before any run
             raise SystemExit(f"--grid {point}: {err}") from None
     split = cfg["tasks"].split
-    work = harness.comparison_work_dir(bench, cfg)
-    out_dir = harness.comparison_out_dir(bench)
+    work = bench_flags.comparison_work_dir(bench, cfg)
+    out_dir = bench_flags.comparison_out_dir(bench)
     if bench.threads:
         torch.set_num_threads(bench.threads)
     # the meta-train tasks of the test run, as tune_adaptation.py finds them: no test file is read
     dev = (replace(bench, eval_split="dev"), {**cfg, "tasks": replace(cfg["tasks"], test_tasks=val)})
-    _, train, notes = harness.resolve_tasks(*dev, need_train=True)
+    _, train, notes = bench_tasks.resolve_tasks(*dev, need_train=True)
     model, tok = harness.build_model(cfg, work)
     rows: dict[str, dict] = {}
     for point, fields_ in points.items():
@@ -109,20 +112,20 @@ def main(argv: list[str] | None = None) -> dict:
         "validation_adaptation": [cfg["eval"].test_optimizer, cfg["eval"].test_steps, cfg["eval"].adapt_lr(cfg["meta"])],
         "selection": "lowest best validation NLL",
         "grid": list(own.grid),
-        "command": harness.command_line("tune_outer.py", argv),
+        "command": bench_report.command_line("tune_outer.py", argv),
         "rows": rows,
         "chosen": chosen,
         "untrained_best": [k for k in own.kinds if all(rows[p][k]["best_step"] == 0 for p in rows)],
         "flags": shlex.join(["--outer", *(f"{k}={p}" for k, p in chosen.items())]),
         "notes": notes,
     }
-    harness.write_results(f"tune_outer-{split}", out, markdown(out), out_dir)
+    bench_report.write_results(f"tune_outer-{split}", out, markdown(out), out_dir)
     print(markdown(out))
     return out
 
 
 def best_cell(row: dict) -> str:
-    return f"{harness.fmt(row['best_nll'])} / {harness.fmt(row['best_ece'])} ({row['best_step']})"
+    return f"{bench_report.fmt(row['best_nll'])} / {bench_report.fmt(row['best_ece'])} ({row['best_step']})"
 
 
 def markdown(out: dict) -> str:
@@ -141,14 +144,14 @@ def markdown(out: dict) -> str:
         "",
         "Best validation NLL / its ECE (at meta-step):",
         "",
-        *harness.choice_table(out["rows"], kinds, out["chosen"], best_cell),
+        *bench_report.choice_table(out["rows"], kinds, out["chosen"], best_cell),
     ]
     lines += ["", "Validation NLL along meta-training (step 0: the untrained prior):", ""]
     steps_ = [s for s, _, _ in next(iter(next(iter(out["rows"].values())).values()))["curve"]]
     lines += ["| setting | kind | " + " | ".join(str(s) for s in steps_) + " |", "|---|---|" + "---|" * len(steps_)]
     for point, r in out["rows"].items():
         for k in kinds:
-            lines.append(f"| {point} | {k} | " + " | ".join(harness.fmt(n) for _, n, _ in r[k]["curve"]) + " |")
+            lines.append(f"| {point} | {k} | " + " | ".join(bench_report.fmt(n) for _, n, _ in r[k]["curve"]) + " |")
     for k in out["untrained_best"]:
         lines += [
             "",

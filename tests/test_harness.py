@@ -6,6 +6,7 @@ import importlib
 import json
 import re
 
+import bench_report
 import harness
 import pytest
 
@@ -52,10 +53,10 @@ def test_a_damaged_cache_is_refused_naming_the_file(tmp_path):
 
 
 def test_results_are_written_as_json_and_markdown_with_their_command(tmp_path):
-    command = harness.command_line("quality.py", ["--split", "class_to_class", "--template", "{input} x"])
+    command = bench_report.command_line("quality.py", ["--split", "class_to_class", "--template", "{input} x"])
     assert command == ".venv/bin/python benchmarks/quality.py --split class_to_class --template '{input} x'"
-    assert harness.command_line("ood.py", []) == ".venv/bin/python benchmarks/ood.py"
-    harness.write_results("demo", {"command": command, "x": [1.5]}, "| a |\n|---|\n\n", tmp_path)
+    assert bench_report.command_line("ood.py", []) == ".venv/bin/python benchmarks/ood.py"
+    bench_report.write_results("demo", {"command": command, "x": [1.5]}, "| a |\n|---|\n\n", tmp_path)
     assert json.loads((tmp_path / "demo.json").read_text()) == {"command": command, "x": [1.5]}
     assert (tmp_path / "demo.md").read_text() == "| a |\n|---|\n"
 
@@ -85,7 +86,7 @@ def test_rerunning_efficiency_keeps_the_top_layers_rows_in_efficiency_results(tm
     import efficiency
     import top_layers
 
-    committed = json.loads((harness.RESULTS / "efficiency.json").read_text())
+    committed = json.loads((bench_report.RESULTS / "efficiency.json").read_text())
     rows = committed.pop("top_layers_equal_wall_time")
     (tmp_path / "efficiency-top_layers.json").write_text(json.dumps(rows))
     monkeypatch.setattr(efficiency, "RESULTS", tmp_path)
@@ -184,7 +185,7 @@ def test_prior_grid_reads_every_curve_kind_cuts_at_the_budget_and_chooses_the_lo
         files[name] = tmp_path / f"{name}.json"
         files[name].write_text(json.dumps(data))
     points = [f"{k}={v}" for k, v in files.items()]
-    monkeypatch.setattr(prior_grid.harness, "write_results", lambda name, out, md: (tmp_path / f"{name}.md").write_text(md))
+    monkeypatch.setattr(prior_grid.bench_report, "write_results", lambda name, out, md: (tmp_path / f"{name}.md").write_text(md))
     out = prior_grid.main(["--max_step", "50", "--name", "g", "--points", *points])
     assert list(out["rows"]) == ["record", "curve", "tuned"]
     assert out["rows"]["record"]["best_nll"] == 1.6  # step 100's 0.9 is past the budget

@@ -8,6 +8,8 @@ import json
 import math
 from pathlib import Path
 
+import bench_flags
+import bench_tasks
 import harness
 import pytest
 import quality
@@ -218,7 +220,7 @@ def test_per_method_adaptation_reruns_only_that_method_and_is_reported(tiny_mode
 @pytest.mark.parametrize("bad", ["lora=adamw:3", "lora=adamw:x:0.1", "lora", "lora=adam:3:0.1", "abmll=sgd:2:0.3"])
 def test_malformed_adaptation_is_refused(tiny_model_dir, tiny_data_dir, tmp_path, bad):
     with pytest.raises(SystemExit, match="adaptation"):
-        harness.parse_bench(args(tiny_model_dir, tiny_data_dir, tmp_path, "--methods", "lora", "--adaptation", bad))
+        bench_flags.parse_bench(args(tiny_model_dir, tiny_data_dir, tmp_path, "--methods", "lora", "--adaptation", bad))
 
 
 def test_tune_adaptation_tries_the_same_grid_for_every_method_on_dev_tasks(tiny_model_dir, tiny_data_dir, tmp_path):
@@ -276,7 +278,7 @@ def test_tune_outer_trains_every_kind_at_every_grid_point_and_picks_the_lowest_v
             assert [s for s, _, _ in row["curve"]] == [0, 1, 2]
             assert row["best_nll"] == min(n for _, n, _ in row["curve"])
             saved = json.loads((Path(row["folder"]) / "abmll_config.json").read_text())["meta"]
-            assert {f: saved[f] for f in ("outer_lr", "outer_warmup_steps", "outer_grad_clip")} == harness.outer_point(point)
+            assert {f: saved[f] for f in ("outer_lr", "outer_warmup_steps", "outer_grad_clip")} == bench_flags.outer_point(point)
             history = json.loads((Path(row["folder"]) / "history.json").read_text())
             assert ("meta_grad_norm" in history[-1]) == (point == "0.01:2:0.5")
     # the test run (quality.py with the printed --outer flags) evaluates the chosen priors, not retrained
@@ -295,9 +297,9 @@ def test_tune_outer_trains_every_kind_at_every_grid_point_and_picks_the_lowest_v
     with pytest.raises(SystemExit, match="--grid 0.001:0:-1: .*outer_grad_clip"):
         tune_outer.main([*flags, "--grid", "0.001:0:-1"])
     with pytest.raises(SystemExit, match="--outer takes KIND=LR:WARMUP:CLIP"):
-        harness.parse_bench([*flags, "--outer", "lora=0.001:0:0"])
+        bench_flags.parse_bench([*flags, "--outer", "lora=0.001:0:0"])
     with pytest.raises(SystemExit, match="--outer abmll: .*outer_grad_clip"):
-        harness.parse_bench([*flags, "--outer", "abmll=0.001:0:-1"])
+        bench_flags.parse_bench([*flags, "--outer", "abmll=0.001:0:-1"])
     with pytest.raises(SystemExit, match="--val_tasks and --validate_every are required"):
         tune_outer.main(args(tiny_model_dir, tiny_data_dir, tmp_path))
 
@@ -309,21 +311,21 @@ def test_smollm2_defaults_are_the_demo_settings_but_the_named_overrides():
 
     from abmll.config import DEMO_CONFIG
 
-    bench, cfg = harness.parse_bench([])
+    bench, cfg = bench_flags.parse_bench([])
     defaults = {f: getattr(group, f) for group in cfg.values() for f in vars(group)}
     demo = yaml.safe_load(DEMO_CONFIG.read_text())
     flat = {k: v for key, value in demo.items() if isinstance(value, dict) for k, v in value.items()}
-    kept = {k: v for k, v in flat.items() if k not in harness.DEMO_ONLY and k not in harness.BENCHMARK_OVERRIDES}
+    kept = {k: v for k, v in flat.items() if k not in bench_flags.DEMO_ONLY and k not in bench_flags.BENCHMARK_OVERRIDES}
     assert kept and all(defaults[k] == v for k, v in kept.items()), {k: (defaults[k], v) for k, v in kept.items()}
     assert cfg["eval"].eval_samples == 4 and cfg["tasks"].train_tasks == [] and cfg["tasks"].data_seeds == [100, 13, 21, 42, 87]
 
 
 def test_prior_key_covers_the_validators_adaptation_only_when_not_the_default(tiny_model_dir, tiny_data_dir, tmp_path):
     base = args(tiny_model_dir, tiny_data_dir, tmp_path, "--validate_every", "1", "--val_tasks", "t0")
-    bench, cfg = harness.parse_bench(base)
+    bench, cfg = bench_flags.parse_bench(base)
     default = harness.prior_config("abmll", cfg, ["t1"], bench)["validation"]
     assert "test_optimizer" not in default and "test_lr" not in default  # keys of priors saved before hold
-    bench, cfg = harness.parse_bench([*base, "--test_optimizer", "adamw", "--test_lr", "0.01"])
+    bench, cfg = bench_flags.parse_bench([*base, "--test_optimizer", "adamw", "--test_lr", "0.01"])
     other = harness.prior_config("abmll", cfg, ["t1"], bench)["validation"]
     assert other["test_optimizer"] == "adamw" and other["test_lr"] == 0.01
 
@@ -335,8 +337,8 @@ def test_task_stats_count_the_support_and_query_inputs_cut_to_fit_max_length(tin
     the table's sentence names the cut task."""
     from transformers import AutoTokenizer
 
-    bench, cfg = harness.parse_bench(args(tiny_model_dir, tiny_data_dir, tmp_path, "--max_length", str(max_length)))[:2]
-    stats = harness.task_stats("h0", [1, 2], bench, cfg, AutoTokenizer.from_pretrained(tiny_model_dir))
+    bench, cfg = bench_flags.parse_bench(args(tiny_model_dir, tiny_data_dir, tmp_path, "--max_length", str(max_length)))[:2]
+    stats = bench_tasks.task_stats("h0", [1, 2], bench, cfg, AutoTokenizer.from_pretrained(tiny_model_dir))
     cut, all_cut = stats["truncation"], max_length == 16
     assert cut["examples"] == 2 * (4 + 6)  # 2 seeds x (k = 4 support + 6 test inputs)
     assert cut["truncated"] == (cut["examples"] if all_cut else 0)
