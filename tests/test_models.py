@@ -12,6 +12,7 @@ from conftest import make_tiny_tokenizer
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from abmll import models
+from abmll.outputs import file_digest
 
 EOS = "<eos>"
 
@@ -155,10 +156,10 @@ def test_a_gguf_base_is_converted_once_and_cached_by_its_content(monkeypatch, tm
     copy.write_bytes(first.read_bytes())
     models.load_base_model(str(copy))
     assert len(calls) == 1  # the same content under another name and folder: cached
-    assert models.converted_gguf_dir(copy) == tmp_path / "cache" / "gguf" / models.file_digest(first)
+    assert models.converted_gguf_dir(copy) == tmp_path / "cache" / "gguf" / file_digest([first])
     first.write_bytes(b"GGUF two")  # edited in place: converted anew
     models.load_base_model(str(first))
     assert len(calls) == 2
-    assert models.file_digest(first) != models.file_digest(copy)
+    assert file_digest([first]) != file_digest([copy])
     with pytest.raises(FileNotFoundError, match="nothing.gguf"):
         models.converted_gguf_dir(tmp_path / "nothing.gguf")

@@ -118,10 +118,11 @@ def predict_method(
     draws = []
     with lora_dropout(model, method.dropout):
         for m in range(method.members):
-            posterior = adapt_method(model, replace(method, prior=member_prior(model, method.prior, m)), episode, meta, seed)
+            start = member_prior(model, method.prior, m)
+            posterior = adapt_method(model, replace(method, prior=start), episode, meta, seed)
             draw = draw_scores = None
             if method.laplace:
-                std = laplace_std(model, posterior, episode.support, member_prior(model, method.prior, m))
+                std = laplace_std(model, posterior, episode.support, start)
                 if method.laplace == "linearised":
                     draw_scores = partial(linearised_predictive, model, posterior, std)
                 else:

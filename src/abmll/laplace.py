@@ -16,7 +16,7 @@ LoRA weights theta = (A, B of every adapted layer) of a LoRA fine-tuned on the t
                       - 1/2 sum_i log(F_i + lambda)
 
   theta0 is laplace-torch's ``prior_mean``: 0 by default there; the evaluation centres it at
-  the LoRA initialisation the fine-tuning started from (:func:`abmll.evaluate.laplace_sampler`:
+  the LoRA initialisation the fine-tuning started from (:func:`abmll.evaluate.laplace_std`:
   with 0, the norm of the random A matrices sets lambda so low that the draws swamp the
   fine-tuned function).
 

@@ -10,7 +10,6 @@ under a second. Any local Hugging Face folder, a ``.gguf`` file or a hub id work
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import logging
 import os
@@ -25,6 +24,8 @@ from transformers import (
     PreTrainedModel,
     PreTrainedTokenizerBase,
 )
+
+from abmll.outputs import file_digest
 
 logger = logging.getLogger(__name__)
 
@@ -133,18 +134,10 @@ def embedded_model_dir() -> Path:
     return target if _is_complete(target) else _converted(_embedded_gguf(), target)
 
 
-def file_digest(path: Path) -> str:
-    """The hex BLAKE2b digest (8 bytes) of a file's content, read in 16 MiB chunks."""
-    digest = hashlib.blake2b(digest_size=8)
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 24), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def converted_gguf_dir(gguf: Path) -> Path:
     """A plain Hugging Face folder holding ``gguf`` dequantised (float32, tokenizer included):
-    converted on first use into ``cache_dir()/"gguf"/<content digest>`` (:func:`file_digest`),
+    converted on first use into ``cache_dir()/"gguf"/<content digest>``
+    (:func:`abmll.outputs.file_digest`),
     so a later command on the same file, under any name or path, loads that folder instead of
     converting again, and an edited file is converted anew.
 
@@ -153,7 +146,7 @@ def converted_gguf_dir(gguf: Path) -> Path:
     """
     if not gguf.is_file():
         raise FileNotFoundError(f"GGUF file not found: {gguf}")
-    return _converted(gguf, cache_dir() / "gguf" / file_digest(gguf))
+    return _converted(gguf, cache_dir() / "gguf" / file_digest([gguf]))
 
 
 def portable_name(name_or_path: str | os.PathLike) -> str:

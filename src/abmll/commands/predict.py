@@ -186,8 +186,10 @@ def _dev_threshold(predict, dev: list[Example], args: PredictArgs) -> dict:
         chosen = choose_threshold(parts[args.abstain_on], correct, args.target_accuracy, args.target_coverage)
     except ValueError as err:
         raise ValueError(f"--abstain_dev {args.abstain_dev}: {err}") from None
-    target = {"target_accuracy": args.target_accuracy} if args.target_accuracy is not None else {}
-    target = target or {"target_coverage": args.target_coverage}
+    if args.target_accuracy is not None:
+        target = {"target_accuracy": args.target_accuracy}
+    else:
+        target = {"target_coverage": args.target_coverage}
     print(
         f"abstention threshold chosen on {args.abstain_dev} ({chosen['rows']} rows): abstain when {args.abstain_on} > "
         f"{chosen['threshold']:.4g}; there it keeps {chosen['coverage']:.1%} at selective accuracy "
