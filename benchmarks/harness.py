@@ -48,7 +48,7 @@ def config_hash(config: dict) -> str:
 
 class Cache:
     """(method, task, seed, config hash) -> {"metrics", "probs", "labels", ...}, in one JSON
-    file rewritten atomically after each result. The hash is of the config the method's
+    file (one line) rewritten atomically after each result. The hash is of the config the method's
     result depends on (e.g. :func:`method_config`), so a changed setting recomputes only
     the methods it affects, and results of several settings (e.g. a sweep) live side by side.
 
@@ -74,7 +74,7 @@ class Cache:
 
     def put(self, method: str, task: str, seed: int, entry: dict) -> None:
         self.results[self.key(method, task, seed)] = entry
-        write_json(self.path, {"results": self.results})
+        write_json(self.path, {"results": self.results}, indent=None)  # rewritten after every result: compact
 
 
 # -- the method comparison (benchmarks/quality.py, tune_adaptation.py, tune_outer.py) --------
