@@ -18,7 +18,7 @@ import shutil
 import statistics
 import time
 from collections.abc import Callable
-from dataclasses import asdict, fields, replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
@@ -28,7 +28,7 @@ from bench_tasks import resolve_tasks, task_stats
 
 from abmll.bayes_lora import BayesLoraModel
 from abmll.checkpoint import write_json
-from abmll.config import OUTER_LOOP, changed_added_fields, group_dict
+from abmll.config import changed_added_fields, group_dict, key_dict
 from abmll.episodes import episode_batches
 from abmll.evaluate import run_method, support_temperature
 from abmll.meta import MetaConfig
@@ -36,6 +36,7 @@ from abmll.methods import ADAPTING_METHOD, get_spec, make_method, prior_kinds, p
 from abmll.metrics import compute_metrics
 from abmll.models import load_base_model, resolve_device
 from abmll.plots import pool_predictions
+from abmll.roles import OUTER, names
 from abmll.temperature import apply_temperature, fit_temperature, tempered_nll
 from abmll.testing import tiny_llama, tiny_tokenizer
 from abmll.validation import make_validator
@@ -103,8 +104,16 @@ def build_model(cfg: dict, work: Path) -> tuple[BayesLoraModel, object]:
     return model, tok
 
 
-def _group(cfg: dict, name: str, keys=None) -> dict:
-    kept = group_dict(name, cfg[name])  # fields added since priors and results were cached: only when set
+def _group(cfg: dict, name: str) -> dict:
+    """Config group ``name`` as recorded in results: without fields added since results were
+    cached while at their defaults (:func:`abmll.config.group_dict`)."""
+    kept = group_dict(cfg[name])
+    return {k: v for k, v in asdict(cfg[name]).items() if k in kept}
+
+
+def _key(cfg: dict, name: str, keys=None) -> dict:
+    """Config group ``name`` as it enters a key: :func:`_group` without machine fields."""
+    kept = key_dict(cfg[name])
     d = {k: v for k, v in asdict(cfg[name]).items() if k in kept}
     return d if keys is None else {k: d[k] for k in keys}
 
@@ -113,11 +122,9 @@ def prior_config(kind: str, cfg: dict, train: list[str], bench: BenchArgs | None
     """What prior ``kind`` depends on (also saved with it and checked on resume): the groups
     but runtime-only fields, the train tasks, and the validation that picks the best prior."""
     cfg = kind_cfg(kind, cfg, bench)
-    config = {g: _group(cfg, g) for g in ("model", "lora", "hyperprior", "scoring")}
-    config["model"].pop("device")
-    config["lora"].pop("frozen_cache_mb")
-    config["tasks"] = {**_group(cfg, "tasks", ["split", "k", "data_seeds", "max_query"]), "train_tasks": list(train)}
-    config["meta"] = group_dict("meta", prior_meta_config(kind, cfg["meta"]))  # keys of priors trained before kept
+    config = {g: _key(cfg, g) for g in ("model", "lora", "hyperprior", "scoring")}
+    config["tasks"] = {**_key(cfg, "tasks", ["split", "k", "data_seeds", "max_query"]), "train_tasks": list(train)}
+    config["meta"] = key_dict(prior_meta_config(kind, cfg["meta"]))
     if bench is not None and bench.validate_every:
         config["validation"] = {
             "val_tasks": list(cfg["tasks"].val_tasks),
@@ -128,20 +135,15 @@ def prior_config(kind: str, cfg: dict, train: list[str], bench: BenchArgs | None
             "eval_samples": cfg["eval"].eval_samples,
         }
         # the validator adapts with the eval group's optimiser and lr: in the key when not the defaults
-        config["validation"].update(changed_added_fields("eval", cfg["eval"]))
+        config["validation"].update(changed_added_fields(cfg["eval"]))
     return config
-
-
-PRIOR_ONLY = {f.name for f in fields(MetaConfig) if f.name in OUTER_LOOP} | {"seed"}
-"""Meta-config fields used only to train a prior, not by test-time adaptation: the outer-loop
-fields the CLI's adapt and evaluate do not take (:data:`abmll.config.OUTER_LOOP`), and the seed
-(which ``abmll adapt`` uses, but the benchmark's adaptation is seeded per task and seed)."""
 
 
 def method_config(name: str, cfg: dict, train: list[str], eval_split: str, bench: BenchArgs | None = None) -> dict:
     """What a result of method ``name`` depends on: the model, adapter shape, scoring, shots
     and evaluated examples; when it adapts, the budget and every meta-config field but the
-    meta-training-only ones (:data:`PRIOR_ONLY`; so a field added later counts by default),
+    meta-training-only ones (role OUTER; so a field added later counts by default) and the
+    seed (the benchmark seeds each (task, seed) itself),
     without beta and samples for deterministic LoRA; the prediction samples when it is
     Bayesian; its prior's config when the prior is trained. The optimizer is recorded only
     when it is not SGD, so results cached before it was a setting keep their keys."""
@@ -154,20 +156,17 @@ def method_config(name: str, cfg: dict, train: list[str], eval_split: str, bench
             config["temperature"] = {"fit": "support", "folds": cfg["eval"].support_folds}
         return config
     ev = cfg["eval"] if bench is None else method_eval(name, cfg, bench)
-    model = _group(cfg, "model")
-    model.pop("device")
-    lora = _group(cfg, "lora")
-    lora.pop("frozen_cache_mb")  # a runtime setting: results do not depend on it
     config = {
-        "model": model,
-        "lora": lora,
-        "scoring": _group(cfg, "scoring"),
+        "model": _key(cfg, "model"),
+        "lora": _key(cfg, "lora"),
+        "scoring": _key(cfg, "scoring"),
         "k": cfg["tasks"].k if bench is None else test_k(bench, cfg),
         "max_test": ev.max_test,
         "eval_split": eval_split,
     }
     if spec.adapt:
-        adapt_config = {k: v for k, v in _group(cfg, "meta").items() if k not in PRIOR_ONLY}
+        outer = {*names(MetaConfig, OUTER), "seed"}
+        adapt_config = {k: v for k, v in _key(cfg, "meta").items() if k not in outer}
         if ev.test_lr is not None:
             adapt_config["inner_lr"] = ev.test_lr
         if ev.test_optimizer != "sgd":

@@ -70,7 +70,7 @@ def main(argv: list[str]) -> dict:
     work.mkdir(parents=True, exist_ok=True)
     cache_path = work / "cache.json"
     cache = json.loads(cache_path.read_text()) if cache_path.is_file() else {}
-    groups = {g: group_dict(g, cfg[g]) for g in ("model", "lora", "scoring", "meta", "eval")}
+    groups = {g: group_dict(cfg[g]) for g in ("model", "lora", "scoring", "meta", "eval")}
     # keyed by the tensors each method adapts from, not the prior's name (a shipped prior
     # replaced under the same name must not reuse results), and by the pair's task files
     starts = {name: tensor_digest(priors[name]) for name in METHODS}

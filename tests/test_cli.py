@@ -225,7 +225,7 @@ def test_stored_help_texts_match_the_parsers():
         stored = (HELP_DIR / f"{command}.txt").read_text(encoding="utf-8")
         assert stored == command_help(command), f"src/abmll/help/{command}.txt is stale: run `make help`"
         # the console entry checks flags against the stored text: the same set as the parser's
-        parser, _ = build_parser(spec.groups, spec.args, command, None, spec.unused)
+        parser, _ = build_parser(spec.groups, spec.args, command, None, spec.unused())
         assert flags_in_help(stored) == set(parser._option_string_actions), command
     demo = (HELP_DIR / "demo.txt").read_text(encoding="utf-8")
     k_help = demo.split("\n  --k K", 1)[1].split("\n  --", 1)[0]

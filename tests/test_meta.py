@@ -115,8 +115,8 @@ def test_outer_warmup_is_linear_and_then_constant():
     assert [outer_lr_at(config, t) for t in range(6)] == pytest.approx([0.0025, 0.005, 0.0075, 0.01, 0.01, 0.01])
     assert outer_lr_at(MetaConfig(outer_lr=0.01), 0) == 0.01
     # added after results were cached: left out of cache keys and records while at their defaults
-    assert not {"outer_warmup_steps", "outer_grad_clip"} & group_dict("meta", MetaConfig()).keys()
-    assert group_dict("meta", MetaConfig(outer_grad_clip=1.0))["outer_grad_clip"] == 1.0
+    assert not {"outer_warmup_steps", "outer_grad_clip"} & group_dict(MetaConfig()).keys()
+    assert group_dict(MetaConfig(outer_grad_clip=1.0))["outer_grad_clip"] == 1.0
     for field, value in [("outer_warmup_steps", -1), ("outer_grad_clip", -0.5), ("outer_grad_clip", float("nan"))]:
         with pytest.raises(ValueError, match=field):
             MetaConfig(**{field: value})

@@ -22,10 +22,11 @@ from transformers import HfArgumentParser
 
 from abmll.checkpoint import CONFIG, CheckpointError
 from abmll.checks import at_least, non_empty, one_of, seeds
-from abmll.config import CONFIG_GROUPS, MACHINE_FIELDS, from_dict
+from abmll.config import CONFIG_GROUPS, from_dict
 from abmll.convert import ColumnMapping
 from abmll.flags import unknown_flag
 from abmll.priors import resolve_adapter
+from abmll.roles import OUTER, is_inherited, setting, without_marks
 from abmll.targets import AUTO_TARGETS
 from abmll.uncertainty import ABSTAIN_SCORES
 
@@ -90,7 +91,7 @@ class ReportArgs:
 
     tensorboard: str | None = None
     plots: bool = True
-    log_support_after: bool = False
+    log_support_after: bool = setting(False, role=OUTER)
 
 
 @dataclass
@@ -286,6 +287,10 @@ class ArgParser(HfArgumentParser):
     """HfArgumentParser whose errors are one line and a pointer to ``--help``, instead of
     argparse's usage block (dozens of lines for a command with every config group)."""
 
+    @staticmethod
+    def _parse_dataclass_field(parser, field):  # argparse takes the metadata as keywords: not the role marks
+        HfArgumentParser._parse_dataclass_field(parser, without_marks(field))
+
     def error(self, message: str):
         self.exit(2, f"{self.prog}: error: {message}\n(run '{self.prog} --help' for every flag and its choices)\n")
 
@@ -410,7 +415,7 @@ def _saved_defaults(folder: str, groups: list[str]) -> dict:
             checked = asdict(from_dict(saved, group, str(path)))  # refuses an invalid value, naming the field
         except ValueError as err:
             raise CheckpointError(str(err)) from None
-        skip = {*MACHINE_FIELDS.get(group, ()), "data_dir", "train_tasks", "val_tasks"}  # where it ran, how
+        skip = {f.name for f in fields(CONFIG_GROUPS[group]) if not is_inherited(f)}  # where it ran, on what
         flat.update({k: v for k, v in checked.items() if k in saved[group] and k not in skip})
     return flat
 

@@ -42,6 +42,7 @@ from abmll.gaussian_lora import (
     std_matrix,
 )
 from abmll.layer_cache import FrozenLayerCache
+from abmll.roles import MACHINE, setting
 from abmll.targets import (
     check_target_layers,
     decoder_position,
@@ -114,7 +115,7 @@ class BayesLoraConfig:
     init_seed: int = 0
     sampling: Literal["flipout", "per_batch"] = "flipout"
     top_layers: int = 0
-    frozen_cache_mb: int = 2048
+    frozen_cache_mb: int = setting(2048, role=MACHINE)
 
     def __post_init__(self) -> None:
         check_sampling(self.sampling)

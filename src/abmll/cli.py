@@ -52,13 +52,14 @@ from abmll.commands.evaluate import PARTIAL_RESULTS, RESULTS, check_cli_methods,
 from abmll.commands.export import run_export
 from abmll.commands.meta_train import meta_train, report_writer
 from abmll.commands.predict import PREDICTIONS, run_predict
-from abmll.config import BASELINES, DEMO_CONFIG, OUTER_LOOP
+from abmll.config import CONFIG_GROUPS, DEMO_CONFIG
 from abmll.data import DataError
 from abmll.loading import build_model, load_prior
 from abmll.meta import NonFiniteLossError
 from abmll.methods import get_spec
 from abmll.outputs import complete_lines, read_json_or_none
 from abmll.quiet import library_output
+from abmll.roles import ADAPTATION, BASELINE, EVALUATION, MACHINE, OUTER, PREDICTION, ROLES, RUN, names
 from abmll.train import CHECKPOINT_DIR
 from abmll.train_state import STATE
 
@@ -90,33 +91,42 @@ def _demo(run, cfg, train, report):
 @dataclass(frozen=True)
 class Command:
     """One row of the command table: its config groups, its own argument classes, the flag
-    naming the adapter whose saved config gives defaults, what it runs, and the fields of its
-    groups it does not use (not offered as flags)."""
+    naming the adapter whose saved config gives defaults, what it runs, and the roles of the
+    fields it takes (:mod:`abmll.roles`; fields of its groups with other roles are not flags)."""
 
     groups: list[str]
     args: tuple
     adapter_flag: str | None
     run: Callable
-    unused: tuple[str, ...] = ()
+    roles: tuple[str, ...] = ROLES
 
+    def unused(self) -> tuple[str, ...]:
+        """The fields of this command's groups and argument classes whose role it does not take."""
+        classes = [*self.args, *(CONFIG_GROUPS[g] for g in self.groups)]
+        return tuple(name for cls in classes for name in names(cls, *(r for r in ROLES if r not in self.roles)))
+
+
+TRAINING = (RUN, MACHINE, OUTER, ADAPTATION, PREDICTION)
+"""meta-train: validation adapts and predicts; no held-out evaluation."""
+EVALUATING = (RUN, MACHINE, ADAPTATION, PREDICTION, EVALUATION)
 
 COMMAND_TABLE = {
-    "meta-train": Command(ALL_GROUPS, (TrainArgs, ReportArgs), None, _meta_train, ("compare_priors", *BASELINES)),
-    "evaluate": Command(ALL_GROUPS, (EvaluateArgs, ReportArgs), "prior", _evaluate, (*OUTER_LOOP, "log_support_after")),
-    "demo": Command(ALL_GROUPS, (TrainArgs, ReportArgs), None, _demo, BASELINES),
+    "meta-train": Command(ALL_GROUPS, (TrainArgs, ReportArgs), None, _meta_train, TRAINING),
+    "evaluate": Command(ALL_GROUPS, (EvaluateArgs, ReportArgs), "prior", _evaluate, (*EVALUATING, BASELINE)),
+    "demo": Command(ALL_GROUPS, (TrainArgs, ReportArgs), None, _demo, (*TRAINING, EVALUATION)),
     "adapt": Command(
         ["model", "lora", "scoring", "meta", "eval"],
         (AdaptArgs,),
         "prior",
         lambda run, cfg, args: run_adapt(run, args, cfg),
-        (*OUTER_LOOP, "eval_samples", "max_test", "compare_priors", "ood_tasks", *BASELINES),
+        (RUN, MACHINE, ADAPTATION),
     ),
     "predict": Command(
         ["model", "lora", "scoring", "eval"],
         (PredictArgs,),
         "adapter",
         lambda run, cfg, args: run_predict(run, args, cfg),
-        ("test_steps", "test_lr", "test_optimizer", "max_test", "compare_priors", "ood_tasks", *BASELINES),
+        (RUN, MACHINE, PREDICTION),
     ),
     "export": Command(["model", "lora"], (ExportArgs,), "adapter", lambda run, cfg, args: run_export(run, args, cfg)),
     "data": Command([], (DataArgs,), None, lambda run, cfg, args: run_data(run, args)),
@@ -175,7 +185,7 @@ def main(argv: list[str] | None = None, started: float | None = None) -> int:
             replace = [] if "--resume" in rest else ["--overwrite"]  # a demo run replaces the previous one
             rest = ["--config", str(DEMO_CONFIG), *replace, *rest]
         run, cfg, extra = parse_args(
-            rest, spec.groups, spec.args, spec.adapter_flag, command, default_out=f"runs/{command}", unused=spec.unused
+            rest, spec.groups, spec.args, spec.adapter_flag, command, default_out=f"runs/{command}", unused=spec.unused()
         )
         with library_output(run.verbose):
             spec.run(run, cfg, *extra)

@@ -16,19 +16,25 @@ from abmll.checks import above, at_least, distinct, non_empty, one_of, seeds
 from abmll.gaussian_lora import HyperpriorConfig
 from abmll.meta import ADAPT_OPTIMIZERS, MetaConfig
 from abmll.models import DEFAULT_MODEL, check_device
+from abmll.roles import (
+    ADAPTATION,
+    BASELINE,
+    EVALUATION,
+    MACHINE,
+    OUTER,
+    PREDICTION,
+    added_at_default,
+    is_added,
+    names,
+    role,
+    setting,
+)
 from abmll.scoring import ScoringConfig
 
 DATA_SEEDS = [100, 13, 21, 42, 87]
 
 DEMO_CONFIG = Path(__file__).with_name("demo.yaml")
 """The settings tuned on dev data for the embedded SmolLM2 (``abmll demo``, the benchmarks)."""
-
-OUTER_LOOP = tuple("inner_steps outer_lr outer_warmup_steps outer_grad_clip gamma meta_batch_size meta_steps".split())
-OUTER_LOOP += tuple("outer_update mean_std a0 b0 train_tasks val_tasks max_query".split())
-"""Fields only meta-training uses (the outer loop, the hyperprior, the meta-train tasks)."""
-
-BASELINES = ("ensemble_members", "lora_dropout", "support_folds")
-"""Fields only the calibration baselines use (``abmll evaluate --methods``, the benchmarks)."""
 
 
 @dataclass
@@ -44,7 +50,7 @@ class ModelArgs:
 
     model: str = DEFAULT_MODEL
     dtype: Literal["float32", "bfloat16", "float16", "fp32", "bf16", "fp16"] = "float32"
-    device: str = "auto"
+    device: str = setting("auto", role=MACHINE)
 
     def __post_init__(self) -> None:
         one_of(self, "dtype", ("float32", "bfloat16", "float16", "fp32", "bf16", "fp16"))
@@ -68,15 +74,15 @@ class TaskArgs:
         max_query: at most this many query examples per episode.
     """
 
-    data_dir: str | None = None
+    data_dir: str | None = setting(None, resumable=True, inherited=False)
     split: str = "class_to_class"
-    train_tasks: list[str] = field(default_factory=list)
+    train_tasks: list[str] = setting(factory=list, role=OUTER, inherited=False)
     test_tasks: list[str] = field(default_factory=list)
-    val_tasks: list[str] = field(default_factory=list)
+    val_tasks: list[str] = setting(factory=list, role=OUTER, inherited=False)
     skip_missing: bool = False
     k: int = 16
     data_seeds: list[int] = field(default_factory=lambda: list(DATA_SEEDS))
-    max_query: int = 16
+    max_query: int = setting(16, role=OUTER)
 
     def __post_init__(self) -> None:
         at_least(self, ("k", "max_query"), 1)
@@ -112,16 +118,16 @@ class EvalArgs:
             baselines (``*_ts_support``) fit their temperature on.
     """
 
-    test_steps: int = 5
-    test_lr: float | None = None
-    test_optimizer: Literal["sgd", "adamw"] = "sgd"
-    eval_samples: int = 4
-    max_test: int = 64
-    compare_priors: list[str] = field(default_factory=list)
-    ood_tasks: list[str] = field(default_factory=list)
-    ensemble_members: int = 4
-    lora_dropout: float = 0.1
-    support_folds: int = 4
+    test_steps: int = setting(5, role=ADAPTATION)
+    test_lr: float | None = setting(None, role=ADAPTATION, added=True)
+    test_optimizer: Literal["sgd", "adamw"] = setting("sgd", role=ADAPTATION, added=True)
+    eval_samples: int = setting(4, role=PREDICTION)
+    max_test: int = setting(64, role=EVALUATION)
+    compare_priors: list[str] = setting(factory=list, role=EVALUATION, resumable=True)
+    ood_tasks: list[str] = setting(factory=list, role=EVALUATION, resumable=True)
+    ensemble_members: int = setting(4, role=BASELINE, added=True)
+    lora_dropout: float = setting(0.1, role=BASELINE, added=True)
+    support_folds: int = setting(4, role=BASELINE, added=True)
 
     def __post_init__(self) -> None:
         at_least(self, ("test_steps", "eval_samples"), 0)
@@ -156,21 +162,17 @@ def to_dict(**groups) -> dict:
     return {name: asdict(cfg) for name, cfg in groups.items()}
 
 
-MACHINE_FIELDS = {"model": {"device"}}
-"""Fields that describe the machine a run used, not the run: never taken from a saved config
-(a prior meta-trained on a GPU loads on a CPU-only machine)."""
-
-
 def from_dict(saved: dict, name: str, source: str = "saved config"):
     """Rebuild config group ``name`` from :func:`to_dict` output, ignoring unknown keys and
-    :data:`MACHINE_FIELDS`.
+    machine fields (:data:`abmll.roles.MACHINE`: a prior meta-trained on a GPU loads on a
+    CPU-only machine).
 
     Raises:
         ValueError: a value the config refuses (e.g. ``sampling: "bogus"``); the message names
             ``source`` (e.g. the abmll_config.json path), the group and the field.
     """
     cls = CONFIG_GROUPS[name]
-    known = {f.name for f in fields(cls)} - MACHINE_FIELDS.get(name, set())
+    known = {f.name for f in fields(cls) if role(f) != MACHINE}
     values = {k: v for k, v in (saved.get(name) or {}).items() if k in known}
     try:
         return cls(**values)
@@ -183,40 +185,32 @@ def from_dict(saved: dict, name: str, source: str = "saved config"):
         raise ValueError(f"{source}: invalid {name} config ({err})") from None
 
 
-ADDED_FIELDS = {
-    "eval": {"test_lr": None, "test_optimizer": "sgd", "ensemble_members": 4, "lora_dropout": 0.1, "support_folds": 4},
-    "meta": {"outer_warmup_steps": 0, "outer_grad_clip": 0.0},
-    "scoring": {"channel": False, "channel_template": "{option}\n{input}", "channel_loss": "generative", "demonstrations": 0},
-}
-"""Fields added after results were first saved, with their defaults: :func:`result_config`
-leaves them out while at the default, so the resume key of results saved before them holds."""
+def changed_added_fields(config) -> dict:
+    """The ``added`` fields (:mod:`abmll.roles`) of config ``config`` not at their default
+    (what a key records of them)."""
+    at_default = added_at_default(config)
+    return {f.name: getattr(config, f.name) for f in fields(config) if is_added(f) and f.name not in at_default}
 
 
-def changed_added_fields(group: str, config) -> dict:
-    """The :data:`ADDED_FIELDS` of ``group`` whose value in ``config`` is not their default
-    (what a resume key records of them)."""
-    return {
-        name: getattr(config, name) for name, default in ADDED_FIELDS.get(group, {}).items() if getattr(config, name) != default
-    }
+def group_dict(config) -> dict:
+    """``vars(config)`` without its ``added`` fields at their defaults: a key or record that
+    does not change when a field is added."""
+    at_default = added_at_default(config)
+    return {k: v for k, v in vars(config).items() if k not in at_default}
 
 
-def group_dict(group: str, config) -> dict:
-    """``vars(config)`` of config group ``group`` without its :data:`ADDED_FIELDS` at their
-    defaults: a cache key or record that does not change when a field is added."""
-    added = ADDED_FIELDS.get(group, {})
-    return {k: v for k, v in vars(config).items() if k not in added or v != added[k]}
+def key_dict(config) -> dict:
+    """:func:`group_dict` without machine fields: what a result or prior depends on."""
+    machine = set(names(type(config), MACHINE))
+    return {k: v for k, v in group_dict(config).items() if k not in machine}
 
 
 def result_config(cfg: dict) -> dict:
-    """The resolved config without machine fields (results do not depend on them), and
-    without :data:`ADDED_FIELDS` at their defaults."""
-    config = to_dict(**cfg)
-    for group, names in MACHINE_FIELDS.items():
-        for name in names:
-            config.get(group, {}).pop(name, None)
-    for group, defaults in ADDED_FIELDS.items():
-        for name, default in defaults.items():
-            if config.get(group, {}).get(name, default) == default:
-                config.get(group, {}).pop(name, None)
-    config.get("lora", {}).pop("frozen_cache_mb", None)  # a runtime setting
-    return config
+    """The resolved config ``{group: config}`` as :func:`to_dict` does, each group kept to its
+    :func:`key_dict` fields: results do not depend on the machine, and a field added since
+    results were saved does not change their key while at its default."""
+    out = to_dict(**cfg)
+    for name, config in cfg.items():
+        keep = key_dict(config)
+        out[name] = {k: v for k, v in out[name].items() if k in keep}
+    return out

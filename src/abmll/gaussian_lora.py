@@ -20,6 +20,7 @@ from torch.autograd.function import once_differentiable
 from torch.utils.checkpoint import checkpoint
 
 from abmll.checks import above
+from abmll.roles import OUTER, setting
 
 
 @dataclass
@@ -33,9 +34,9 @@ class HyperpriorConfig:
         b0: Gamma rate on each precision (weight units squared).
     """
 
-    mean_std: float = 1.0
-    a0: float = 1.0
-    b0: float = 0.01
+    mean_std: float = setting(1.0, role=OUTER)
+    a0: float = setting(1.0, role=OUTER)
+    b0: float = setting(0.01, role=OUTER)
 
     def __post_init__(self) -> None:
         above(self, ("mean_std", "a0", "b0"), 0)

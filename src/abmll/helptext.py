@@ -23,7 +23,7 @@ def command_help(command: str) -> str:
     Stored in ``src/abmll/help/`` (:func:`write_help`) so that ``--help`` answers without
     importing torch (:mod:`abmll.__main__`); a test checks the stored texts are current."""
     spec = COMMAND_TABLE[command]
-    parser, classes = build_parser(spec.groups, spec.args, command, f"runs/{command}", spec.unused)
+    parser, classes = build_parser(spec.groups, spec.args, command, f"runs/{command}", spec.unused())
     if command == "demo":  # its defaults are demo.yaml's
         parser.set_defaults(**flatten_config(yaml.safe_load(DEMO_CONFIG.read_text(encoding="utf-8")), classes))
     # argparse wraps at $COLUMNS - 2 by default: fix the width instead, whatever the terminal

@@ -27,6 +27,7 @@ from torch import Tensor
 from abmll.bayes_lora import BayesLoraModel, Params
 from abmll.checks import at_least, one_of, seeds
 from abmll.gaussian_lora import HyperpriorConfig
+from abmll.roles import OUTER, setting
 from abmll.scoring import OptionBatch, option_nll, option_scores, training_loss
 
 
@@ -59,19 +60,19 @@ class MetaConfig:
             clipping); the norm before clipping is logged as meta_grad_norm.
     """
 
-    inner_steps: int = 3
+    inner_steps: int = setting(3, role=OUTER)
     inner_lr: float = 0.5
-    outer_lr: float = 2e-3
+    outer_lr: float = setting(2e-3, role=OUTER)
     beta: float = 1e-6
-    gamma: float = 1e-9
+    gamma: float = setting(1e-9, role=OUTER)
     n_samples: int = 1
-    meta_batch_size: int = 2
-    meta_steps: int = 20
+    meta_batch_size: int = setting(2, role=OUTER)
+    meta_steps: int = setting(20, role=OUTER, resumable=True)
     seed: int = 0
-    outer_update: Literal["abmll", "reptile"] = "abmll"
+    outer_update: Literal["abmll", "reptile"] = setting("abmll", role=OUTER)
     inner_grad_clip: float = 1.0
-    outer_warmup_steps: int = 0
-    outer_grad_clip: float = 0.0
+    outer_warmup_steps: int = setting(0, role=OUTER, added=True)
+    outer_grad_clip: float = setting(0.0, role=OUTER, added=True)
 
     def __post_init__(self) -> None:
         one_of(self, "outer_update", OUTER_UPDATES)

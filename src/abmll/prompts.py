@@ -22,6 +22,7 @@ from typing import Literal
 
 from abmll.checks import at_least, one_of
 from abmll.data import Example
+from abmll.roles import setting
 
 
 @dataclass
@@ -71,10 +72,10 @@ class ScoringConfig:
     max_rows: int = 16
     pack_options: bool = True
     chat_template: bool = False
-    channel: bool = False
-    channel_template: str = "{option}\n{input}"
-    channel_loss: Literal["generative", "softmax"] = "generative"
-    demonstrations: int = 0
+    channel: bool = setting(False, added=True)
+    channel_template: str = setting("{option}\n{input}", added=True)
+    channel_loss: Literal["generative", "softmax"] = setting("generative", added=True)
+    demonstrations: int = setting(0, added=True)
 
     def __post_init__(self) -> None:
         for name in TEXT_FIELDS:

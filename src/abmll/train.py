@@ -51,6 +51,8 @@ from abmll.distributed import (
 from abmll.episodes import EpisodeSampler, episode_batches
 from abmll.gaussian_lora import HyperpriorConfig
 from abmll.meta import MetaConfig, NonFiniteLossError, TaskBatches, meta_step
+from abmll.roles import default as field_default
+from abmll.roles import is_resumable
 from abmll.scoring import ScoringConfig
 from abmll.train_state import load_optimizer_tensors, load_trainer_state, save_trainer_state, set_rng_tensors
 
@@ -59,16 +61,6 @@ CHECKPOINT_DIR = "checkpoint"
 
 BEST_DIR = "best"
 """Sub-folder of a run's output folder holding the prior with the lowest validation NLL."""
-
-RESUMABLE_CHANGES = {
-    "meta.meta_steps",
-    "tasks.data_dir",
-    "model.device",
-    "lora.frozen_cache_mb",
-    "eval.compare_priors",
-    "eval.ood_tasks",
-}
-"""Config entries that may differ between a saved run and its resumption (all others must match)."""
 
 
 @dataclass
@@ -299,7 +291,7 @@ class MetaTrainer:
 
         Args:
             config: when given, must equal the saved run's config except for the entries in
-                :data:`RESUMABLE_CHANGES` (e.g. ``meta.meta_steps`` may grow).
+                the resumable fields (e.g. ``meta.meta_steps`` may grow).
         Raises:
             CheckpointError: no valid state in ``out_dir/checkpoint`` (missing, or the newest
                 and the previous one both damaged: not safetensors/JSON, truncated, tampered,
@@ -413,7 +405,8 @@ def finish_step_on_interrupt() -> Iterator[threading.Event]:
 
 def config_changes(saved: dict, current: dict) -> list[str]:
     """``"group.key: saved -> current"`` for each config entry that differs between two
-    :func:`abmll.config.to_dict` dicts, except :data:`RESUMABLE_CHANGES` (compared as JSON).
+    :func:`abmll.config.to_dict` dicts, except the resumable and machine fields
+    (:func:`abmll.roles.is_resumable`, e.g. ``meta.meta_steps`` may grow), compared as JSON.
     A field the saved config lacks (added to abmll after it was saved) counts as its default."""
     old, new = _entries(saved), _entries(json.loads(json.dumps(current)))
     for name in new.keys() - old.keys():
@@ -423,22 +416,25 @@ def config_changes(saved: dict, current: dict) -> list[str]:
     return [
         f"{name}: {old.get(name)!r} -> {new.get(name)!r}"
         for name in sorted(old.keys() | new.keys())
-        if name not in RESUMABLE_CHANGES and old.get(name) != new.get(name)
+        if not _resumable(name) and old.get(name) != new.get(name)
     ]
 
 
 _MISSING = object()
 
 
+def _resumable(name: str) -> bool:
+    """Whether config entry ``group.key`` may change on resume."""
+    group, _, key = name.partition(".")
+    return group in CONFIG_GROUPS and any(f.name == key and is_resumable(f) for f in fields(CONFIG_GROUPS[group]))
+
+
 def _field_default(name: str):
     """The JSON form of the dataclass default of config entry ``group.key``, or _MISSING."""
     group, _, key = name.partition(".")
     for f in fields(CONFIG_GROUPS[group]) if group in CONFIG_GROUPS else ():
-        if f.name == key:
-            if f.default is not MISSING:
-                return json.loads(json.dumps(f.default))
-            if f.default_factory is not MISSING:
-                return json.loads(json.dumps(f.default_factory()))
+        if f.name == key and (f.default is not MISSING or f.default_factory is not MISSING):
+            return json.loads(json.dumps(field_default(f)))
     return _MISSING
 
 
