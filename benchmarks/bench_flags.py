@@ -6,12 +6,10 @@ from __future__ import annotations
 
 import argparse
 import sys
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-import yaml
-
-from abmll.args import parse_dataclasses
+from abmll.args import config_file_defaults, parse_dataclasses
 from abmll.config import CONFIG_GROUPS, DATA_SEEDS, DEMO_CONFIG
 from abmll.methods import METHODS, get_spec
 
@@ -260,18 +258,17 @@ def smollm2_defaults(classes) -> dict:
 
 
 def _yaml_defaults(path: str, classes, drop=()) -> dict:
-    raw = yaml.safe_load(Path(path).read_text()) or {}
-    names = {f.name for c in classes for f in fields(c)}
-    flat = {}
-    for key, value in raw.items():
-        items = value.items() if isinstance(value, dict) and (key in CONFIG_GROUPS or key == "bench") else [(key, value)]
-        for k, v in items:
-            if k in drop:
-                continue
-            if k not in names:
-                raise SystemExit(f"config {path}: unknown key {k!r}")
-            flat[k] = v
-    return flat
+    """:func:`abmll.args.config_file_defaults` of ``path`` for the script's ``classes`` (a
+    ``bench:`` section holds :class:`BenchArgs`), without the keys in ``drop``.
+
+    Raises:
+        SystemExit: the file's error, naming it.
+    """
+    try:
+        flat = config_file_defaults(path, classes, sections={"bench": BenchArgs})
+    except ValueError as err:
+        raise SystemExit(str(err)) from None
+    return {k: v for k, v in flat.items() if k not in drop}
 
 
 def stem(bench: BenchArgs, cfg: dict) -> str:

@@ -12,7 +12,6 @@ Markdown in benchmarks/results/). The tiny random model of smoke runs is
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 import statistics
@@ -35,6 +34,7 @@ from abmll.meta import MetaConfig
 from abmll.methods import ADAPTING_METHOD, get_spec, make_method, prior_kinds, prior_meta_config, train_prior
 from abmll.metrics import compute_metrics
 from abmll.models import load_base_model, resolve_device
+from abmll.outputs import settings_hash
 from abmll.plots import pool_predictions
 from abmll.roles import OUTER, names
 from abmll.temperature import apply_temperature, fit_temperature, tempered_nll
@@ -43,8 +43,9 @@ from abmll.validation import make_validator
 
 
 def config_hash(config: dict) -> str:
-    """10 hex digits of the SHA-1 of ``config`` as sorted JSON (non-JSON values by ``str``)."""
-    return hashlib.sha1(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:10]
+    """The key of a result or prior: :func:`abmll.outputs.settings_hash` of ``config``, SHA-1,
+    10 hex digits (the form every committed cache and prior folder is named by)."""
+    return settings_hash(config, "sha1", 10)
 
 
 class Cache:

@@ -31,23 +31,20 @@ import json
 import shutil
 import sys
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 import bench_flags
 import bench_report
 import bench_tasks
 import torch
-import yaml
 
+from abmll.args import config_file_defaults
 from abmll.bayes_lora import BayesLoraConfig, BayesLoraModel
 from abmll.checkpoint import write_json
-from abmll.config import DEMO_CONFIG, EvalArgs, TaskArgs
+from abmll.config import CONFIG_GROUPS, DEMO_CONFIG
 from abmll.data import load_split
-from abmll.gaussian_lora import HyperpriorConfig
-from abmll.meta import MetaConfig
 from abmll.models import load_base_model
-from abmll.scoring import ScoringConfig
 from abmll.train import MetaTrainer
 from abmll.validation import make_validator
 
@@ -58,15 +55,13 @@ different domains: irony, paraphrase, hate-speech target, word sense)."""
 
 
 def demo_groups() -> dict:
-    raw = yaml.safe_load(DEMO_CONFIG.read_text())
-    return dict(
-        lora=BayesLoraConfig(**raw["lora"]),
-        scoring=ScoringConfig(**raw["scoring"]),
-        meta=MetaConfig(**raw["meta"]),
-        tasks=TaskArgs(**{k: v for k, v in raw["tasks"].items() if k not in ("train_tasks", "test_tasks")}),
-        eval=EvalArgs(**raw["eval"]),
-        hyper=HyperpriorConfig(),
-    )
+    """src/abmll/demo.yaml's settings as config groups ``{group: config}`` (its task lists left
+    out: this benchmark picks its own)."""
+    flat = config_file_defaults(DEMO_CONFIG, list(CONFIG_GROUPS.values()))
+    flat = {k: v for k, v in flat.items() if k not in ("train_tasks", "test_tasks")}
+    return {
+        name: cls(**{k: v for k, v in flat.items() if k in {f.name for f in fields(cls)}}) for name, cls in CONFIG_GROUPS.items()
+    }
 
 
 def variant_lora(lora: BayesLoraConfig, variant: str) -> BayesLoraConfig:
@@ -135,7 +130,7 @@ def main(argv: list[str] | None = None) -> dict:
     for v in args.variants:
         base, tok = load_base_model()
         model = BayesLoraModel(base, variant_lora(g["lora"], v))
-        trainer = MetaTrainer(model, tok, train, tasks, replace(g["meta"], meta_steps=10**6), g["hyper"], g["scoring"])
+        trainer = MetaTrainer(model, tok, train, tasks, replace(g["meta"], meta_steps=10**6), g["hyperprior"], g["scoring"])
         folder = work / v
         state = json.loads((folder / "elapsed.json").read_text()) if (folder / "elapsed.json").is_file() else None
         if state:

@@ -348,13 +348,9 @@ def parse_args(
     file_defaults = {}
     if known.config:
         try:
-            raw = yaml.safe_load(Path(known.config).read_text(encoding="utf-8-sig")) or {}
-        except (OSError, yaml.YAMLError) as err:
-            raise SystemExit(f"config: cannot read {known.config} ({err})") from None
-        try:
-            file_defaults = flatten_config(raw, classes)
+            file_defaults = config_file_defaults(known.config, classes)
         except ValueError as err:
-            raise SystemExit(f"config {known.config}: {err}") from None
+            raise SystemExit(str(err)) from None
     folder = getattr(known, adapter_flag, None) if adapter_flag else None
     folder = folder or file_defaults.get(adapter_flag)
     if folder:
@@ -420,25 +416,46 @@ def _saved_defaults(folder: str, groups: list[str]) -> dict:
     return flat
 
 
-def flatten_config(raw: dict, classes) -> dict:
-    """YAML -> flat flag defaults for this command's ``classes``; accepts
-    ``{section: {field: value}}`` or flat keys. Keys of other commands' options and config
-    groups are ignored (one file serves every command).
+def config_file_defaults(path: str | Path, classes, sections: dict | None = None) -> dict:
+    """The flag defaults a YAML config file gives the dataclasses ``classes``: the one way from
+    a config file to configs (the CLI's ``--config``, demo.yaml, the benchmarks' presets); see
+    :func:`flatten_config` for the layout and ``sections``.
+
+    Raises:
+        ValueError: the file cannot be read or parsed, or holds an unknown key; the message
+            names the file (and the key).
+    """
+    try:
+        raw = yaml.safe_load(Path(path).read_text(encoding="utf-8-sig")) or {}
+    except (OSError, yaml.YAMLError) as err:
+        raise ValueError(f"config: cannot read {path} ({err})") from None
+    try:
+        return flatten_config(raw, classes, sections)
+    except ValueError as err:
+        raise ValueError(f"config {path}: {err}") from None
+
+
+def flatten_config(raw: dict, classes, sections: dict | None = None) -> dict:
+    """YAML -> flat flag defaults for ``classes``; accepts ``{section: {field: value}}`` (a
+    config group, or one of ``sections``: name -> dataclass, e.g. a benchmark's own flags) or
+    flat keys. Keys of other commands' options and config groups are ignored (one file serves
+    every command).
 
     Raises:
         ValueError: the top level is not a mapping, or a key is unknown (naming it).
     """
     if not isinstance(raw, dict):
         raise ValueError(f"the top level must be a mapping of flag names (or sections) to values, not a {type(raw).__name__}")
+    groups = {**CONFIG_GROUPS, **(sections or {})}
     names = {f.name for c in classes for f in fields(c)}
-    anywhere = names | {f.name for c in [RunArgs, *COMMAND_ARGS, *CONFIG_GROUPS.values()] for f in fields(c)}
+    anywhere = names | {f.name for c in [RunArgs, *COMMAND_ARGS, *groups.values()] for f in fields(c)}
     flat = {}
     for key, value in raw.items():
-        section = isinstance(value, dict) and key in CONFIG_GROUPS
+        section = isinstance(value, dict) and key in groups
         items = value.items() if section else [(key, value)]
-        used = not section or CONFIG_GROUPS[key] in classes  # a section of a group this command lacks: skipped
+        used = not section or groups[key] in classes  # a section of a group this command lacks: skipped
         for k, v in items:
-            if k not in (_fields_of(CONFIG_GROUPS[key]) if section else anywhere):
+            if k not in (_fields_of(groups[key]) if section else anywhere):
                 raise ValueError(f"unknown key {k!r}" + (f" in section {key!r}" if section else ""))
             if used and k in names:
                 flat[k] = v

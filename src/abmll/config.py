@@ -143,7 +143,7 @@ class EvalArgs:
 
     def adapt_lr(self, meta: MetaConfig) -> float:
         """The learning rate of test-time adaptation: ``test_lr``, else ``meta.inner_lr``."""
-        return meta.inner_lr if self.test_lr is None else self.test_lr
+        return meta.adaptation_lr(self.test_lr)
 
 
 CONFIG_GROUPS = {

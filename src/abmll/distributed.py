@@ -32,7 +32,6 @@ run then ends on the collective timeout.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import random
 from collections.abc import Sequence
@@ -43,6 +42,7 @@ from torch import nn
 from abmll.bayes_lora import BayesLoraModel, Params
 from abmll.gaussian_lora import HyperpriorConfig
 from abmll.meta import MetaConfig, NonFiniteLossError, TaskBatches, meta_step
+from abmll.outputs import tensor_digest
 from abmll.scoring import OptionBatch, ScoringConfig, encode_options
 
 LAUNCH_ENV = "WORLD_SIZE"
@@ -122,10 +122,7 @@ def check_in_sync(accelerator, params: Params) -> None:
     """Raise RuntimeError unless ``params`` are bitwise identical in every process."""
     from accelerate.utils import gather_object
 
-    digest = hashlib.sha256()
-    for t in params.values():
-        digest.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
-    digests = gather_object([digest.hexdigest()])
+    digests = gather_object([tensor_digest(params)])
     if len(set(digests)) > 1:
         raise RuntimeError(f"the processes hold different adapter tensors (digests {digests})")
 

@@ -199,7 +199,7 @@ def adapt_method(model: BayesLoraModel, method: Method, episode: TaskBatches, me
         return method.prior
     beta = meta.beta if method.beta is None else method.beta
     n_samples = meta.n_samples if method.adapt_samples is None else method.adapt_samples
-    lr = meta.inner_lr if method.lr is None else method.lr
+    lr = meta.adaptation_lr(method.lr)
     try:
         posterior, _ = adapt(
             model, method.prior, episode.support, method.steps, lr, beta, n_samples, meta.inner_grad_clip, method.optimizer

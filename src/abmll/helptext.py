@@ -7,9 +7,7 @@ from __future__ import annotations
 from functools import partial
 from pathlib import Path
 
-import yaml
-
-from abmll.args import build_parser, flatten_config
+from abmll.args import build_parser, config_file_defaults
 from abmll.cli import COMMAND_TABLE
 from abmll.config import DEMO_CONFIG
 
@@ -25,7 +23,7 @@ def command_help(command: str) -> str:
     spec = COMMAND_TABLE[command]
     parser, classes = build_parser(spec.groups, spec.args, command, f"runs/{command}", spec.unused())
     if command == "demo":  # its defaults are demo.yaml's
-        parser.set_defaults(**flatten_config(yaml.safe_load(DEMO_CONFIG.read_text(encoding="utf-8")), classes))
+        parser.set_defaults(**config_file_defaults(DEMO_CONFIG, classes))
     # argparse wraps at $COLUMNS - 2 by default: fix the width instead, whatever the terminal
     parser.formatter_class = partial(parser.formatter_class, width=HELP_WIDTH - 2)
     return parser.format_help()

@@ -81,6 +81,11 @@ class MetaConfig:
         at_least(self, ("meta_batch_size",), 1)
         at_least(self, ("inner_lr", "outer_lr", "beta", "gamma", "inner_grad_clip", "outer_grad_clip"), 0)
 
+    def adaptation_lr(self, lr: float | None) -> float:
+        """The learning rate of a test-time adaptation given ``lr`` (e.g. ``--test_lr``):
+        ``lr``, else the inner loop's ``inner_lr`` (the one place this fallback lives)."""
+        return self.inner_lr if lr is None else lr
+
 
 def outer_lr_at(config: MetaConfig, step: int) -> float:
     """The outer learning rate of meta-step ``step`` (counted from 0): ``outer_lr`` times

@@ -122,9 +122,12 @@ def guard_adapter_folder(out: str | os.PathLike, source: str | os.PathLike | Non
     check_writable(out)
 
 
-def settings_hash(settings: Any) -> str:
-    """A short stable hash of JSON-serialisable ``settings``."""
-    return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:16]
+def settings_hash(settings: Any, algorithm: str = "sha256", digits: int = 16) -> str:
+    """The first ``digits`` hex digits of the ``algorithm`` (a :mod:`hashlib` name) hash of
+    ``settings`` as sorted JSON (values JSON cannot hold by ``str``): the one hash of settings
+    (an evaluation's resume key; the benchmarks' result and prior keys use sha1, 10 digits)."""
+    text = json.dumps(settings, sort_keys=True, default=str).encode()
+    return hashlib.new(algorithm, text).hexdigest()[:digits]
 
 
 def file_digest(paths: Iterable[str | os.PathLike]) -> str:
