@@ -16,8 +16,9 @@ import json
 import shutil
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, replace
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -28,8 +29,7 @@ from bench_tasks import resolve_tasks, task_stats
 from abmll.bayes_lora import BayesLoraModel
 from abmll.checkpoint import write_json
 from abmll.config import changed_added_fields, group_dict, key_dict
-from abmll.episodes import episode_batches
-from abmll.evaluate import run_method, support_temperature
+from abmll.evaluate import Result, evaluate
 from abmll.meta import MetaConfig
 from abmll.methods import ADAPTING_METHOD, get_spec, make_method, prior_kinds, prior_meta_config, train_prior
 from abmll.metrics import compute_metrics
@@ -37,7 +37,7 @@ from abmll.models import load_base_model, resolve_device
 from abmll.outputs import settings_hash
 from abmll.plots import pool_predictions
 from abmll.roles import OUTER, names
-from abmll.temperature import apply_temperature, fit_temperature, tempered_nll
+from abmll.temperature import fit_temperature, tempered_nll
 from abmll.testing import tiny_llama, tiny_tokenizer
 from abmll.validation import make_validator
 
@@ -79,13 +79,35 @@ class Cache:
         write_json(self.path, {"results": self.results}, indent=None)  # rewritten after every result: compact
 
 
-# -- the method comparison (benchmarks/quality.py, tune_adaptation.py, tune_outer.py) --------
+class CachedResults(Mapping):
+    """A :class:`Cache` as :func:`abmll.evaluate.evaluate`'s ``done``: (method, task, seed) ->
+    :class:`abmll.evaluate.Result` (metrics computed from the predictions for entries that
+    keep only those, as the dev cache's do)."""
+
+    def __init__(self, cache: Cache) -> None:
+        self.cache = cache
+
+    def __getitem__(self, key: tuple[str, str, int]) -> Result:
+        entry = self.cache.get(*key)
+        if entry is None:
+            raise KeyError(key)
+        probs, labels = torch.tensor(entry["probs"]), torch.tensor(entry["labels"])
+        return Result(entry.get("metrics") or compute_metrics(probs, labels), probs, labels, entry.get("seconds", 0.0))
+
+    def __contains__(self, key) -> bool:
+        return self.cache.get(*key) is not None
+
+    def __iter__(self):
+        for key in self.cache.results:
+            method, task, seed, digest = key.split("|")
+            if self.cache.hashes.get(method) == digest:
+                yield method, task, int(seed)
+
+    def __len__(self) -> int:
+        return sum(1 for _ in self)
 
 
-# -- tasks ---------------------------------------------------------------------------------------
-
-
-# -- model and cache -------------------------------------------------------------------------
+# -- model --------------------------------------------------------------------------------------
 
 
 def build_tiny_model(folder: Path) -> Path:
@@ -261,18 +283,29 @@ def dev_temperature(
     if not units["val_tasks"] or not units["val_seeds"]:
         raise SystemExit(f"a temperature fitted on dev data ({base}) needs --val_tasks and --val_seeds")
     cache = Cache(work / "dev-cache.json", {base: method_config(base, cfg, train, "dev", bench)})
-    tasks = replace(cfg["tasks"], k=test_k(bench, cfg))
+    method = make_method(base, partial(prior, get_spec(base).prior), method_eval(base, cfg, bench))
     predictions = []
-    for task in units["val_tasks"]:
-        for seed in units["val_seeds"]:
-            entry = cache.get(base, task, seed)
-            if entry is None:
-                ep = episode_batches(model, tok, task, seed, tasks, cfg["scoring"], "dev", cfg["eval"].max_test)
-                method = make_method(base, prior(get_spec(base).prior), method_eval(base, cfg, bench))
-                _, p, y = run_method(model, method, ep, cfg["meta"], seed)
-                entry = {"probs": p.tolist(), "labels": y.tolist()}
-                cache.put(base, task, seed, entry)
-            predictions.append((torch.tensor(entry["probs"]), torch.tensor(entry["labels"])))
+
+    def keep(name: str, task: str, seed: int, result: Result, cached: bool) -> None:
+        if not cached:
+            cache.put(base, task, seed, {"probs": result.probs.tolist(), "labels": result.labels.tolist()})
+        predictions.append((result.probs, result.labels))
+
+    tasks = replace(cfg["tasks"], k=test_k(bench, cfg))
+    evaluate(
+        model,
+        tok,
+        [method],
+        units["val_tasks"],
+        units["val_seeds"],
+        tasks,
+        cfg["scoring"],
+        cfg["meta"],
+        cfg["eval"],
+        keep,
+        query_split="dev",
+        done=CachedResults(cache),
+    )
     pooled, y = pool_predictions(predictions)
     t = fit_temperature(pooled, y)
     return {
@@ -304,7 +337,6 @@ def run(
         for old in [work / "cache.json", *work.glob("prior-*")]:
             shutil.rmtree(old) if old.is_dir() else old.unlink()
     model, tok = build_model(cfg, work)
-    tasks = cfg["tasks"]
     bases = [get_spec(m).base for m in bench.methods if get_spec(m).calibrate]
     needed = list(dict.fromkeys([*bench.methods, *bases]))  # a tempered method's base is cached too
     configs = {m: method_config(m, cfg, train, bench.eval_split, bench) for m in needed}
@@ -373,70 +405,55 @@ def run(
     stats = {}
     total = len(held_out) * len(bench.seeds) * len(bench.methods)
     count = 0
+
+    def store(name: str, task: str, seed: int, result: Result, cached: bool) -> None:
+        nonlocal count
+        count += name in bench.methods
+        if cached:
+            return
+        spec = get_spec(name)
+        extra = {"base_seconds": cache.get(spec.base, task, seed)["seconds"]} if spec.calibrate else {}
+        entry = {
+            "metrics": result.metrics,
+            "probs": result.probs.tolist(),
+            "labels": result.labels.tolist(),
+            "n_predicted_classes": int(result.probs.argmax(1).unique().numel()),
+            "seconds": result.seconds,
+            "code": code.get("commit"),
+            **extra,
+        }
+        cache.put(name, task, seed, entry)
+        if name in bench.methods:
+            m = result.metrics
+            print(
+                f"[{count}/{total}] {name:15s} {task:28s} seed {seed:3d}: acc {m['accuracy']:.3f} "
+                f"F1 {m['macro_f1']:.3f} ECE {m['ece']:.3f} NLL {m['nll']:.3f} ({result.seconds:.0f} s)",
+                flush=True,
+            )
+
+    order = [*(m for m in needed if m in bases), *(m for m in needed if m not in bases)]  # a tempered method's base first
+    methods = []
+    for m in order:
+        spec = get_spec(m)
+        temperature = temperatures[spec.base]["temperature"] if spec.calibrate == "dev" else None
+        methods.append(make_method(m, partial(prior, spec.prior), method_eval(m, cfg, bench), temperature))
+    tasks = replace(cfg["tasks"], k=test_k(bench, cfg))
     for task in held_out:
         stats[task] = task_stats(task, bench.seeds, bench, cfg, tok)
-        for seed in bench.seeds:
-            todo = [m for m in bench.methods if cache.get(m, task, seed) is None]
-            count += len(bench.methods) - len(todo)
-            if not todo:
-                continue
-            for m in todo:  # priors first: their training does not reseed anything below
-                prior(get_spec(m).prior)
-            ep = episode_batches(
-                model,
-                tok,
-                task,
-                seed,
-                replace(tasks, k=test_k(bench, cfg)),
-                cfg["scoring"],
-                bench.eval_split,
-                cfg["eval"].max_test,
-                folds=cfg["eval"].support_folds if any(get_spec(m).calibrate == "support" for m in todo) else 0,
-            )
-            runs = [
-                b
-                for b in dict.fromkeys(get_spec(m).base for m in todo if get_spec(m).calibrate)
-                if cache.get(b, task, seed) is None
-            ]
-            for m in [*runs, *(m for m in todo if m not in runs)]:  # a tempered method's base first
-                t0 = time.perf_counter()
-                spec = get_spec(m)
-                method = make_method(spec.base if spec.calibrate else m, prior(spec.prior), method_eval(m, cfg, bench))
-                if spec.calibrate:  # the base's cached predictions, tempered
-                    base = cache.get(spec.base, task, seed)
-                    t = (
-                        temperatures[spec.base]["temperature"]
-                        if spec.calibrate == "dev"
-                        else support_temperature(
-                            model, replace(method, support_folds=cfg["eval"].support_folds), ep, cfg["meta"], seed
-                        )
-                    )
-                    labels = torch.tensor(base["labels"])
-                    probs = apply_temperature(torch.tensor(base["probs"]), t)
-                    metrics = {**base["metrics"], **compute_metrics(probs, labels), "temperature": t}
-                    extra = {"base_seconds": base["seconds"]}
-                else:
-                    metrics, probs, labels = run_method(model, method, ep, cfg["meta"], seed)
-                    extra = {}
-                count += m in bench.methods
-                entry = {
-                    "metrics": metrics,
-                    "probs": probs.tolist(),
-                    "labels": labels.tolist(),
-                    "n_predicted_classes": int(probs.argmax(1).unique().numel()),
-                    "seconds": time.perf_counter() - t0 + extra.get("base_seconds", 0.0),
-                    "code": code.get("commit"),
-                    **extra,
-                }
-                cache.put(m, task, seed, entry)
-                if m not in bench.methods:
-                    continue
-                print(
-                    f"[{count}/{total}] {m:15s} {task:28s} seed {seed:3d}: acc {metrics['accuracy']:.3f} "
-                    f"F1 {metrics['macro_f1']:.3f} ECE {metrics['ece']:.3f} NLL {metrics['nll']:.3f} "
-                    f"({entry['seconds']:.0f} s)",
-                    flush=True,
-                )
+        evaluate(
+            model,
+            tok,
+            methods,
+            [task],
+            bench.seeds,
+            tasks,
+            cfg["scoring"],
+            cfg["meta"],
+            cfg["eval"],
+            store,
+            query_split=bench.eval_split,
+            done=CachedResults(cache),
+        )
         if on_partial is not None and task != held_out[-1]:
             on_partial(finish(held_out[: held_out.index(task) + 1], complete=False), cache)
     return finish(held_out, complete=True), cache

@@ -3,6 +3,7 @@ deterministic inner loop, Reptile's and multi-task LoRA's outer steps match thei
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -187,12 +188,11 @@ def test_evaluate_reports_predictions_and_keeps_its_return_shape(world):
         w["scoring"],
         w["meta"],
         w["ev"],
-        on_result=lambda *a: seen.append(a[:3]),
-        on_predictions=lambda m, t, s, p, y: preds.setdefault((m, t, s), (p, y)),
+        on_result=lambda m, t, s, r, cached: seen.append((m, t, s, cached)) or preds.setdefault((m, t, s), (r.probs, r.labels)),
     )
     assert res["tasks"] == ["h0", "h1"] and res["seeds"] == [1, 2]
     assert set(res["methods"]["lora"]) == {"per_task", "mean", "std_over_seeds"}
-    assert len(seen) == len(preds) == 12
+    assert len(seen) == len(preds) == 12 and not any(cached for *_, cached in seen)
     for (m, t, s), (p, _) in preds.items():  # a result does not depend on the methods run before it
         ep = episode_batches(w["model"], w["tok"], t, s, w["tasks"], w["scoring"], "test", w["ev"].max_test)
         metrics, p2, _ = run_method(w["model"], next(x for x in methods if x.name == m), ep, w["meta"], s)
@@ -237,3 +237,40 @@ def test_result_key_leaves_out_added_fields_at_their_defaults():
 def test_adamw_without_its_own_learning_rate_is_refused():
     with pytest.raises(ValueError, match="--test_optimizer adamw needs --test_lr"):
         EvalArgs(test_optimizer="adamw")
+
+
+def test_evaluate_reads_done_results_back_and_calls_a_lazy_prior_only_when_a_result_needs_it(world):
+    w = world
+    init = w["model"].init_params()
+    calls = []
+    lazy = lambda: calls.append(1) or init  # noqa: E731
+    methods = [make_method("lora", lazy, w["ev"]), make_method("zero_shot", init, w["ev"])]
+    first = {}
+    evaluate(w["model"], w["tok"], methods, ["h0"], [1, 2], w["tasks"], w["scoring"], w["meta"], w["ev"],
+             on_result=lambda m, t, s, r, cached: first.setdefault((m, t, s), r))  # fmt: skip
+    assert len(calls) == 2  # once per (task, seed) that ran lora
+    calls.clear()
+    seen = []
+    again = evaluate(w["model"], w["tok"], methods, ["h0"], [1, 2], w["tasks"], w["scoring"], w["meta"], w["ev"],
+                     on_result=lambda m, t, s, r, cached: seen.append(cached), done=first)  # fmt: skip
+    assert calls == [] and seen == [True] * 4
+    assert again["methods"]["lora"]["per_task"]["h0"]["seeds"][2] == first["lora", "h0", 2].metrics
+
+
+def test_a_tempered_method_beside_its_base_tempers_the_base_predictions_as_a_fresh_run_would(world, monkeypatch):
+    w = world
+    init = w["model"].init_params()
+    ev = replace(w["ev"], support_folds=2)
+    methods = [make_method("lora", init, ev), make_method("lora_ts_support", init, ev)]
+    assert methods[1].base == "lora" and methods[1].support_folds == 2
+    together = {}
+    evaluate(w["model"], w["tok"], methods, ["h0"], [1], w["tasks"], w["scoring"], w["meta"], ev,
+             on_result=lambda m, t, s, r, cached: together.setdefault(m, r))  # fmt: skip
+    alone = {}
+    evaluate(w["model"], w["tok"], methods[1:], ["h0"], [1], w["tasks"], w["scoring"], w["meta"], ev,
+             on_result=lambda m, t, s, r, cached: alone.setdefault(m, r))  # fmt: skip
+    reused, fresh = together["lora_ts_support"], alone["lora_ts_support"]
+    assert torch.allclose(reused.probs, fresh.probs, atol=1e-6) and torch.equal(reused.labels, fresh.labels)
+    assert reused.metrics["temperature"] == pytest.approx(fresh.metrics["temperature"], rel=1e-6)
+    assert reused.metrics["temperature"] != 1.0
+    assert reused.metrics["nll"] == pytest.approx(fresh.metrics["nll"], rel=1e-5)

@@ -18,6 +18,7 @@ import tune_adaptation
 import tune_outer
 from conftest import cli_flags
 
+import abmll.evaluate
 from abmll.methods import METHODS
 from abmll.metrics import compute_metrics
 from abmll.temperature import apply_temperature, fit_temperature
@@ -126,9 +127,9 @@ def test_quick_run_writes_json_table_and_plots(tiny_model_dir, tiny_data_dir, tm
 def test_rerun_reads_the_cache_and_computes_only_what_is_missing(tiny_model_dir, tiny_data_dir, tmp_path, monkeypatch):
     first = quality.main(args(tiny_model_dir, tiny_data_dir, tmp_path, "--methods", "zero_shot", "lora", "abmll", "--seeds", "1"))
     calls = []
-    real = harness.run_method
+    real = abmll.evaluate.run_method
     monkeypatch.setattr(
-        harness,
+        abmll.evaluate,
         "run_method",
         lambda model, m, ep, meta, seed: calls.append((m.name, ep.task, seed)) or real(model, m, ep, meta, seed),
     )
@@ -203,9 +204,9 @@ def test_per_method_adaptation_reruns_only_that_method_and_is_reported(tiny_mode
     first = quality.main(base)
     assert first["adaptation"] == {"lora": ["sgd", 2, 0.3], "abmll": ["sgd", 2, 0.3]}
     calls = []
-    real = harness.run_method
+    real = abmll.evaluate.run_method
     monkeypatch.setattr(
-        harness,
+        abmll.evaluate,
         "run_method",
         lambda model, m, ep, meta, seed: calls.append((m.name, m.optimizer, m.steps, m.lr)) or real(model, m, ep, meta, seed),
     )

@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import math
 import statistics
+import time
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from functools import partial
 
@@ -61,6 +62,12 @@ class Method:
         support_folds: fit that temperature per task on the support only: adapt on each of
             this many k-fold splits of the support (the episode's ``folds``), predict its
             held-out fold, fit T on the pooled held-out predictions (0: off).
+        base: a tempered method's untempered twin: when a method of that name runs on the same
+            episode in the same :func:`evaluate`, its predictions are tempered instead of
+            adapting again (the same result: each method is seeded alike).
+
+    ``prior`` may also be a function returning the tensors, called when the method first
+    runs (a benchmark trains a prior only when a result needs it).
     """
 
     name: str
@@ -76,6 +83,18 @@ class Method:
     laplace: str = ""
     temperature: float | None = None
     support_folds: int = 0
+    base: str = ""
+
+
+@dataclass
+class Result:
+    """One method's result on one (task, seed): :func:`run_method`'s metrics, probs (N, C) and
+    labels (N,), and the seconds it took (a tempered one: its base's seconds included)."""
+
+    metrics: dict
+    probs: Tensor
+    labels: Tensor
+    seconds: float = 0.0
 
 
 def run_method(
@@ -219,27 +238,29 @@ def evaluate(
     scoring: ScoringConfig,
     meta: MetaConfig,
     eval_args: EvalArgs,
-    on_result: Callable[[str, str, int, dict], None] | None = None,
-    on_predictions: Callable[[str, str, int, Tensor, Tensor], None] | None = None,
+    on_result: Callable[[str, str, int, Result, bool], None] | None = None,
     query_split: str = "test",
-    done: dict[tuple[str, str, int], tuple[dict, Tensor, Tensor]] | None = None,
+    done: Mapping[tuple[str, str, int], Result] | None = None,
 ) -> dict:
     """Run every method on every (task, seed): support = the task's k-shot train file of that
     seed, query = up to ``eval_args.max_test`` examples of its ``query_split`` split ("test";
     "dev" for tuning on dev data), each method seeded with ``seed`` (see :func:`run_method`).
+    The one evaluation loop: the CLI and the benchmarks (a cache around it) both run it.
 
     Returns:
         ``{"tasks", "seeds", "methods": {name: {"per_task": {task: {"seeds": {seed: metrics},
         "mean": metrics}}, "mean": metrics averaged over tasks (each task's mean over seeds),
         "std_over_seeds": metric -> std over seeds of the task-averaged metric}}}``.
-        ``on_result(method, task, seed, metrics)`` is called as each result is ready, and
-        ``on_predictions(method, task, seed, probs, labels)`` with its predictions
-        (e.g. to pool them for reliability diagrams). ``done`` maps (method, task, seed) to
-        ``(metrics, probs, labels)`` already computed (read back after an interrupt): they
-        are reported through the callbacks as if computed, not run again.
-        ``"truncation"``: per task, :func:`abmll.scoring.merge_truncation` of its support and
-        test examples over the seeds (how many inputs were cut to ``max_length``, by how
-        much); a task with cut inputs is also warned about (UserWarning), once.
+        ``on_result(method, task, seed, result, cached)`` is called as each :class:`Result`
+        is ready (e.g. to save it, or pool predictions for reliability diagrams). ``done``
+        maps (method, task, seed) to results already computed (read back after an interrupt,
+        or a benchmark's cache): they are reported through ``on_result`` with ``cached``
+        True, not run again. ``"truncation"``: per task, :func:`abmll.scoring.merge_truncation`
+        of its support and test examples over the seeds (how many inputs were cut to
+        ``max_length``, by how much); a task with cut inputs is also warned about
+        (UserWarning), once.
+    Raises:
+        NonFiniteLossError: naming the method and the task.
     """
     per = {m.name: {t: {} for t in task_names} for m in methods}
     truncation = {}
@@ -249,16 +270,14 @@ def evaluate(
             folds = max(m.support_folds for m in methods)
             ep = episode_batches(model, tokenizer, task, seed, tasks, scoring, query_split, eval_args.max_test, folds)
             summaries.append(truncation_summary([*ep.support, *ep.query]))
+            ran: dict[str, Result] = {}
             for m in methods:
-                if done and (m.name, task, seed) in done:
-                    metrics, probs, labels = done[m.name, task, seed]
-                else:
-                    metrics, probs, labels = run_method(model, m, ep, meta, seed)
-                per[m.name][task][seed] = metrics
+                cached = done is not None and (m.name, task, seed) in done
+                result = done[m.name, task, seed] if cached else _run(model, m, ep, meta, seed, ran.get(m.base))
+                ran[m.name] = result
+                per[m.name][task][seed] = result.metrics
                 if on_result:
-                    on_result(m.name, task, seed, metrics)
-                if on_predictions:
-                    on_predictions(m.name, task, seed, probs, labels)
+                    on_result(m.name, task, seed, result, cached)
         truncation[task] = merge_truncation(summaries)
         warn_truncated(task, truncation[task], scoring.max_length)
     return {
@@ -267,6 +286,20 @@ def evaluate(
         "methods": {name: summarise(results) for name, results in per.items()},
         "truncation": truncation,
     }
+
+
+def _run(model: BayesLoraModel, method: Method, episode: TaskBatches, meta: MetaConfig, seed: int, base: Result | None):
+    """``method`` on the episode, its prior resolved; a tempered method with its ``base``'s
+    result at hand tempers those predictions (run_method's result, without adapting again)."""
+    start = time.perf_counter()
+    if callable(method.prior):
+        method = replace(method, prior=method.prior())
+    if base is None or (method.temperature is None and not method.support_folds):
+        return Result(*run_method(model, method, episode, meta, seed), time.perf_counter() - start)
+    t = support_temperature(model, method, episode, meta, seed) if method.support_folds else method.temperature
+    probs = apply_temperature(base.probs, t)
+    metrics = {**base.metrics, **compute_metrics(probs, base.labels), "temperature": t}
+    return Result(metrics, probs, base.labels, time.perf_counter() - start + base.seconds)
 
 
 def warn_truncated(name: str, summary: dict, max_length: int) -> None:
@@ -301,32 +334,19 @@ def summarise(per_task: dict[str, dict[int, dict]]) -> dict:
 
 
 def evaluate_with_predictions(
-    model, tokenizer, methods, task_names_, seeds, tasks, scoring, meta, ev, on_result=None, on_predictions=None, done=None
+    model, tokenizer, methods, task_names_, seeds, tasks, scoring, meta, ev, on_result=None, done=None
 ) -> tuple[dict, dict]:
     """:func:`abmll.evaluate.evaluate`, also keeping each run's predictions: returns (results,
     {method: [(probs (N, C), labels (N,)), ...]}) for the pooled reliability diagrams.
     Raises what ``evaluate`` raises."""
     predictions = {m.name: [] for m in methods}
 
-    def keep(method, task, seed, probs, labels):
-        predictions[method].append((probs, labels))
-        if on_predictions is not None:
-            on_predictions(method, task, seed, probs, labels)
+    def keep(method, task, seed, result, cached):
+        predictions[method].append((result.probs, result.labels))
+        if on_result is not None:
+            on_result(method, task, seed, result, cached)
 
-    results = evaluate(
-        model,
-        tokenizer,
-        methods,
-        task_names_,
-        seeds,
-        tasks,
-        scoring,
-        meta,
-        ev,
-        on_result=on_result,
-        on_predictions=keep,
-        done=done,
-    )
+    results = evaluate(model, tokenizer, methods, task_names_, seeds, tasks, scoring, meta, ev, on_result=keep, done=done)
     return results, predictions
 
 

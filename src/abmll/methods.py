@@ -262,7 +262,7 @@ def train_prior(
     return theta, trainer.history
 
 
-def make_method(name: str, prior: Params, ev: EvalArgs, temperature: float | None = None) -> Method:
+def make_method(name: str, prior: Params | Callable[[], Params], ev: EvalArgs, temperature: float | None = None) -> Method:
     """The :class:`abmll.evaluate.Method` of registry entry ``name`` with its ``prior``:
     ``ev.test_steps`` steps of ``ev.test_optimizer`` at ``ev.test_lr`` when it adapts,
     ``ev.eval_samples`` prediction samples when it is Bayesian; deterministic methods adapt
@@ -284,6 +284,7 @@ def make_method(name: str, prior: Params, ev: EvalArgs, temperature: float | Non
         laplace=spec.laplace,
         temperature=temperature,
         support_folds=ev.support_folds if spec.calibrate == "support" else 0,
+        base=spec.base if spec.calibrate else "",
     )
     if spec.bayesian:
         return Method(name, prior, steps, ev.eval_samples, **how)

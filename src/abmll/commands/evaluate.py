@@ -11,7 +11,7 @@ from abmll.args import ReportArgs, RunArgs
 from abmll.checkpoint import write_json
 from abmll.config import EvalArgs, TaskArgs, result_config, to_dict
 from abmll.data import check_task_files, resolve_data_dir
-from abmll.evaluate import Method, evaluate_with_predictions, format_table
+from abmll.evaluate import Method, Result, evaluate_with_predictions, format_table
 from abmll.loading import fitting_prior
 from abmll.methods import get_spec, make_method
 from abmll.metrics import ECE_SCHEME
@@ -118,7 +118,7 @@ def run_evaluate(
         for old in Path(run.out).glob("reliability_*.png"):
             old.unlink()
     done = {
-        (e["method"], e["task"], e["seed"]): (e["metrics"], torch.tensor(e["probs"]), torch.tensor(e["labels"]))
+        (e["method"], e["task"], e["seed"]): Result(e["metrics"], torch.tensor(e["probs"]), torch.tensor(e["labels"]))
         for e in log.entries
     }
     if done:
@@ -126,8 +126,19 @@ def run_evaluate(
     bar = tqdm(total=len(names) * len(tasks.data_seeds) * len(methods), desc="evaluate", unit="run")
     running = {m.name: [] for m in methods}
 
-    def on_result(method, task, seed, metrics):
-        running[method].append(metrics)
+    def on_result(method, task, seed, result, cached):
+        if not cached:
+            log.append(
+                {
+                    "method": method,
+                    "task": task,
+                    "seed": seed,
+                    "metrics": result.metrics,
+                    "probs": result.probs.tolist(),
+                    "labels": result.labels.tolist(),
+                }
+            )
+        running[method].append(result.metrics)
         bar.update(1)
         bar.set_postfix(
             {
@@ -136,19 +147,6 @@ def run_evaluate(
                 if rs
             }
         )
-
-    def on_predictions(method, task, seed, probs, labels):
-        if (method, task, seed) not in done:
-            log.append(
-                {
-                    "method": method,
-                    "task": task,
-                    "seed": seed,
-                    "metrics": running[method][-1],
-                    "probs": probs.tolist(),
-                    "labels": labels.tolist(),
-                }
-            )
 
     results, predictions = evaluate_with_predictions(
         model,
@@ -161,7 +159,6 @@ def run_evaluate(
         cfg["meta"],
         ev,
         on_result,
-        on_predictions,
         done=done,
     )
     bar.close()
