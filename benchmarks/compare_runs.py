@@ -4,7 +4,8 @@ intervals, and each run minus the first, paired by (task, seed).
 
     .venv/bin/python benchmarks/compare_runs.py --runs runs/A runs/B --name NAME [--method abmll]
 
-Reads ``<run>/results.json`` of each run; they must cover the same tasks and seeds. Writes
+Reads ``<run>/results.json`` of each run (or a results file itself: a quality benchmark's
+JSON has the same per-task layout); they must cover the same tasks and seeds. Writes
 benchmarks/results/NAME.{json,md}, naming the settings in which the runs differ.
 """
 
@@ -27,8 +28,9 @@ class CompareArgs:
     """Flags of benchmarks/compare_runs.py.
 
     Attributes:
-        runs: output folders of ``abmll evaluate`` (each holds results.json); the first is the
-            reference of the paired differences.
+        runs: output folders of ``abmll evaluate`` (each holds results.json), or results JSON
+            files (e.g. benchmarks/results/quality-*.json); the first is the reference of the
+            paired differences.
         name: results file stem: writes benchmarks/results/<name>.{json,md}.
         method: the method of the results to compare (abmll, zero_shot, prior:<name>).
     """
@@ -67,7 +69,7 @@ def compare(runs: list[str], method: str) -> dict:
         raise SystemExit("--runs needs at least 2 abmll evaluate output folders")
     loaded = []
     for run in runs:
-        path = Path(run) / "results.json"
+        path = Path(run) / "results.json" if Path(run).is_dir() else Path(run)
         if not path.is_file():
             raise SystemExit(f"{path}: not found (an abmll evaluate run that finished writes it)")
         results = json.loads(path.read_text())

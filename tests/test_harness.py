@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib
 import json
 import re
+from pathlib import Path
 
 import bench_report
 import harness
@@ -164,6 +165,9 @@ def test_compare_runs_pairs_evaluate_runs_by_task_and_seed(tmp_path):
     shifted = run("s", 0, {("t1", "1"): 0.4, ("t1", "2"): 0.6, ("t2", "1"): 0.5, ("t2", "2"): 0.7})
     exact = compare_runs.compare([a, shifted], "abmll")["runs"][1]["minus_first"]["accuracy"]
     assert exact["diff"] == pytest.approx(-0.1) and exact["ci95"] == pytest.approx([-0.1, -0.1])
+
+    as_file = compare_runs.compare([str(Path(a) / "results.json"), b], "abmll")  # a results file itself
+    assert as_file["runs"][1]["minus_first"] == result["runs"][1]["minus_first"]
 
     c = run("c", 0, {("t1", "1"): 0.4, ("t3", "1"): 0.7})
     with pytest.raises(SystemExit, match="different \\(task, seed\\) units"):
