@@ -29,8 +29,9 @@ class CompareArgs:
 
     Attributes:
         runs: output folders of ``abmll evaluate`` (each holds results.json), or results JSON
-            files (e.g. benchmarks/results/quality-*.json); the first is the reference of the
-            paired differences.
+            files (e.g. benchmarks/results/quality-*.json), each optionally ``#METHOD`` to
+            compare that method of it instead of ``--method`` (e.g. one run's ABMLL against
+            another's LoRA); the first is the reference of the paired differences.
         name: results file stem: writes benchmarks/results/<name>.{json,md}.
         method: the method of the results to compare (abmll, zero_shot, prior:<name>).
     """
@@ -69,17 +70,20 @@ def compare(runs: list[str], method: str) -> dict:
         raise SystemExit("--runs needs at least 2 abmll evaluate output folders")
     loaded = []
     for run in runs:
-        path = Path(run) / "results.json" if Path(run).is_dir() else Path(run)
+        where, _, own = run.partition("#")
+        path = Path(where) / "results.json" if Path(where).is_dir() else Path(where)
         if not path.is_file():
             raise SystemExit(f"{path}: not found (an abmll evaluate run that finished writes it)")
         results = json.loads(path.read_text())
-        loaded.append((results, units(results, method, path)))
+        loaded.append((results, units(results, own or method, path)))
     keys = sorted(loaded[0][1])
     for run, (_, u) in zip(runs[1:], loaded[1:]):
         if sorted(u) != keys:
             raise SystemExit(f"{run} and {runs[0]} cover different (task, seed) units: {sorted(set(u) ^ set(keys))[:5]}")
     clusters = [t for t, _ in keys]
     configs = [flat(r["config"]) for r, _ in loaded]
+    for run, config in zip(runs, configs):
+        config["method"] = run.partition("#")[2] or method
     differ = sorted(k for k in set().union(*configs) if len({json.dumps(c.get(k)) for c in configs}) > 1)
     metrics = [k for k in METRICS if all(k in u[keys[0]] for _, u in loaded)]
     out = {"method": method, "tasks": sorted(set(clusters)), "units": len(keys), "differ_in": differ, "runs": []}

@@ -140,14 +140,14 @@ def test_compare_runs_pairs_evaluate_runs_by_task_and_seed(tmp_path):
     named; runs over different (task, seed) units are refused naming them."""
     import compare_runs
 
-    def run(name, samples, acc):  # acc: {(task, seed): accuracy}
+    def run(name, samples, acc, method="abmll"):  # acc: {(task, seed): accuracy}
         per_task = {}
         for (t, s), a in acc.items():
             per_task.setdefault(t, {"seeds": {}})["seeds"][s] = {"accuracy": a, "ece": 1 - a}
         folder = tmp_path / name
         folder.mkdir()
         config = {"eval": {"eval_samples": samples, "max_test": 8}, "tasks": {"k": 16}}
-        (folder / "results.json").write_text(json.dumps({"config": config, "methods": {"abmll": {"per_task": per_task}}}))
+        (folder / "results.json").write_text(json.dumps({"config": config, "methods": {method: {"per_task": per_task}}}))
         return str(folder)
 
     a = run("a", 4, {("t1", "1"): 0.5, ("t1", "2"): 0.7, ("t2", "1"): 0.6, ("t2", "2"): 0.8})
@@ -168,6 +168,9 @@ def test_compare_runs_pairs_evaluate_runs_by_task_and_seed(tmp_path):
 
     as_file = compare_runs.compare([str(Path(a) / "results.json"), b], "abmll")  # a results file itself
     assert as_file["runs"][1]["minus_first"] == result["runs"][1]["minus_first"]
+    lora = run("l", 4, {("t1", "1"): 0.5, ("t1", "2"): 0.7, ("t2", "1"): 0.6, ("t2", "2"): 0.8}, method="lora")
+    crossed = compare_runs.compare([lora, f"{b}#abmll"], "lora")  # --method for the first, #METHOD for the second
+    assert crossed["runs"][1]["minus_first"] == result["runs"][1]["minus_first"] and "method" in crossed["differ_in"]
 
     c = run("c", 0, {("t1", "1"): 0.4, ("t3", "1"): 0.7})
     with pytest.raises(SystemExit, match="different \\(task, seed\\) units"):
