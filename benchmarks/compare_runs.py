@@ -12,14 +12,18 @@ benchmarks/results/NAME.{json,md}, naming the settings in which the runs differ.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import bench_flags
 import bench_report
 
+from abmll.config import CONFIG_GROUPS
 from abmll.metrics import bootstrap_mean_ci
+from abmll.roles import default
 
+DEFAULTS = {f"{g}.{f.name}": default(f) for g, cls in CONFIG_GROUPS.items() for f in fields(cls)}
+"""Every config field's default, as ``{"group.field": value}``."""
 METRICS = ("accuracy", "macro_f1", "ece", "nll", "brier", "aurc", "mean_epistemic")
 
 
@@ -34,11 +38,13 @@ class CompareArgs:
             another's LoRA); the first is the reference of the paired differences.
         name: results file stem: writes benchmarks/results/<name>.{json,md}.
         method: the method of the results to compare (abmll, zero_shot, prior:<name>).
+        labels: a name per run for the tables (default: the settings in which it differs).
     """
 
     runs: list[str] = field(default_factory=list)
     name: str = ""
     method: str = "abmll"
+    labels: list[str] = field(default_factory=list)
 
 
 def flat(config: dict, prefix: str = "") -> dict:
@@ -84,6 +90,8 @@ def compare(runs: list[str], method: str) -> dict:
     configs = [flat(r["config"]) for r, _ in loaded]
     for run, config in zip(runs, configs):
         config["method"] = run.partition("#")[2] or method
+    for config in configs:  # a field a run does not record (added later, at its default) counts as its default
+        config.update({k: v for k, v in DEFAULTS.items() if k not in config})
     differ = sorted(k for k in set().union(*configs) if len({json.dumps(c.get(k)) for c in configs}) > 1)
     metrics = [k for k in METRICS if all(k in u[keys[0]] for _, u in loaded)]
     out = {"method": method, "tasks": sorted(set(clusters)), "units": len(keys), "differ_in": differ, "runs": []}
@@ -103,10 +111,17 @@ def compare(runs: list[str], method: str) -> dict:
     return out
 
 
-def markdown(result: dict, command: str) -> str:
-    """The comparison as a Markdown report."""
+def markdown(result: dict, command: str, labels: list[str] = ()) -> str:
+    """The comparison as a Markdown report; ``labels`` name the runs (default: their settings).
+
+    Raises:
+        SystemExit: ``labels`` given, but not one per run."""
     metrics = [k for k in METRICS if k in result["runs"][0]]
-    label = [", ".join(f"{k}={json.dumps(v)}" for k, v in r["settings"].items()) or r["run"] for r in result["runs"]]
+    if labels and len(labels) != len(result["runs"]):
+        raise SystemExit(f"--labels: {len(labels)} given for {len(result['runs'])} runs")
+    label = list(labels) or [
+        ", ".join(f"{k}={json.dumps(v)}" for k, v in r["settings"].items()) or r["run"] for r in result["runs"]
+    ]
     lines = [
         f"# `abmll evaluate` runs compared: {result['method']}",
         "",
@@ -140,7 +155,7 @@ def main(argv: list[str] | None = None) -> dict:
     result = compare(args.runs, args.method)
     command = bench_report.command_line("compare_runs.py", argv)
     result["command"] = command
-    report = markdown(result, command)
+    report = markdown(result, command, args.labels)
     bench_report.write_results(args.name, result, report)
     print(report)
     return result

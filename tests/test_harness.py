@@ -160,6 +160,9 @@ def test_compare_runs_pairs_evaluate_runs_by_task_and_seed(tmp_path):
     assert diff["diff"] == pytest.approx(-0.1) and diff["ci95"][0] <= -0.1 <= diff["ci95"][1]
     assert second["minus_first"]["ece"]["diff"] == pytest.approx(0.1)
     assert "eval.eval_samples=0" in compare_runs.markdown(result, "cmd")
+    assert "| four samples |" in compare_runs.markdown(result, "cmd", ["four samples", "mean"])
+    with pytest.raises(SystemExit, match="--labels: 1 given for 2 runs"):
+        compare_runs.markdown(result, "cmd", ["one"])
     # paired by (task, seed): a run lower by exactly 0.1 on every unit has a zero-width interval,
     # although its units spread 0.4-0.7 (an unpaired or misaligned comparison would be wide)
     shifted = run("s", 0, {("t1", "1"): 0.4, ("t1", "2"): 0.6, ("t2", "1"): 0.5, ("t2", "2"): 0.7})
