@@ -297,4 +297,6 @@ def test_cli_wall_time_counts_the_start_up(tmp_path):
     ).stdout
     elapsed = time.perf_counter() - t0
     printed = float(out.rsplit("wall time: ", 1)[1].split()[0])
-    assert printed >= elapsed - 2.0, (printed, elapsed)  # not just the conversion's own fraction of a second
+    # not just the conversion's own fraction of a second (the bug printed 0 s for a 7 s run); the
+    # rest is the interpreter's start and exit around the entry's timer, 2 s on a cold fresh clone
+    assert printed >= 0.5 * elapsed, (printed, elapsed)
