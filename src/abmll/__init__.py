@@ -15,7 +15,7 @@ _API = {
     "abmll.bayes_lora": ("BayesLoraConfig", "BayesLoraModel", "HyperpriorConfig"),
     "abmll.config": ("EvalArgs", "ModelArgs", "TaskArgs", "from_dict", "to_dict"),
     "abmll.data": ("DataError", "Example", "load_episode", "read_jsonl"),
-    "abmll.evaluate": ("Method", "evaluate_with_predictions", "run_method"),
+    "abmll.evaluate": ("Method", "Result", "evaluate_with_predictions", "run_method"),
     "abmll.export": ("export_peft", "load_adapter_folder"),
     "abmll.loading": ("load_prior",),
     "abmll.meta": ("MetaConfig", "NonFiniteLossError", "adapt", "meta_step", "predict_batches", "predict_samples"),
