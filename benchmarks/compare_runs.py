@@ -12,17 +12,17 @@ benchmarks/results/NAME.{json,md}, naming the settings in which the runs differ.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import bench_flags
 import bench_report
 
-from abmll.config import CONFIG_GROUPS
+from abmll.config import config_fields
 from abmll.metrics import bootstrap_mean_ci
 from abmll.roles import default
 
-DEFAULTS = {f"{g}.{f.name}": default(f) for g, cls in CONFIG_GROUPS.items() for f in fields(cls)}
+DEFAULTS = {name: default(f) for name, f in config_fields().items()}
 """Every config field's default, as ``{"group.field": value}``."""
 METRICS = ("accuracy", "macro_f1", "ece", "nll", "brier", "aurc", "mean_epistemic")
 

@@ -28,7 +28,7 @@ from bench_tasks import resolve_tasks, task_stats
 
 from abmll.bayes_lora import BayesLoraModel
 from abmll.checkpoint import write_json
-from abmll.config import changed_added_fields, group_dict, key_dict
+from abmll.config import changed_added_fields, group_dict, key_dict, result_config
 from abmll.evaluate import Result, evaluate
 from abmll.meta import MetaConfig
 from abmll.methods import ADAPTING_METHOD, get_spec, make_method, prior_kinds, prior_meta_config, train_prior
@@ -135,9 +135,9 @@ def _group(cfg: dict, name: str) -> dict:
 
 
 def _key(cfg: dict, name: str, keys=None) -> dict:
-    """Config group ``name`` as it enters a key: :func:`_group` without machine fields."""
-    kept = key_dict(cfg[name])
-    d = {k: v for k, v in asdict(cfg[name]).items() if k in kept}
+    """Config group ``name`` as it enters a key (:func:`abmll.config.result_config`: without
+    machine fields and added fields at their defaults), kept to ``keys`` when given."""
+    d = result_config({name: cfg[name]})[name]
     return d if keys is None else {k: d[k] for k in keys}
 
 

@@ -59,9 +59,7 @@ def demo_groups() -> dict:
     out: this benchmark picks its own)."""
     flat = config_file_defaults(DEMO_CONFIG, list(CONFIG_GROUPS.values()))
     flat = {k: v for k, v in flat.items() if k not in ("train_tasks", "test_tasks")}
-    return {
-        name: cls(**{k: v for k, v in flat.items() if k in {f.name for f in fields(cls)}}) for name, cls in CONFIG_GROUPS.items()
-    }
+    return {name: cls(**{f.name: flat[f.name] for f in fields(cls) if f.name in flat}) for name, cls in CONFIG_GROUPS.items()}
 
 
 def variant_lora(lora: BayesLoraConfig, variant: str) -> BayesLoraConfig:

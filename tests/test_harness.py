@@ -169,6 +169,10 @@ def test_compare_runs_pairs_evaluate_runs_by_task_and_seed(tmp_path):
     exact = compare_runs.compare([a, shifted], "abmll")["runs"][1]["minus_first"]["accuracy"]
     assert exact["diff"] == pytest.approx(-0.1) and exact["ci95"] == pytest.approx([-0.1, -0.1])
 
+    recorded = json.loads((Path(a) / "results.json").read_text())
+    recorded["config"]["eval"]["test_optimizer"] = "sgd"  # the default, which the other run leaves out
+    (tmp_path / "a2.json").write_text(json.dumps(recorded))
+    assert compare_runs.compare([str(tmp_path / "a2.json"), b], "abmll")["differ_in"] == ["eval.eval_samples"]
     as_file = compare_runs.compare([str(Path(a) / "results.json"), b], "abmll")  # a results file itself
     assert as_file["runs"][1]["minus_first"] == result["runs"][1]["minus_first"]
     lora = run("l", 4, {("t1", "1"): 0.5, ("t1", "2"): 0.7, ("t2", "1"): 0.6, ("t2", "2"): 0.8}, method="lora")

@@ -11,6 +11,7 @@ import torch
 from conftest import make_tiny_llama
 from test_meta import random_theta, task_batches
 
+import abmll.evaluate
 from abmll.bayes_lora import BayesLoraConfig, BayesLoraModel
 from abmll.config import EvalArgs, TaskArgs
 from abmll.data import read_jsonl
@@ -263,9 +264,12 @@ def test_a_tempered_method_beside_its_base_tempers_the_base_predictions_as_a_fre
     ev = replace(w["ev"], support_folds=2)
     methods = [make_method("lora", init, ev), make_method("lora_ts_support", init, ev)]
     assert methods[1].base == "lora" and methods[1].support_folds == 2
-    together = {}
+    together, runs = {}, []
+    real = abmll.evaluate.run_method
+    monkeypatch.setattr(abmll.evaluate, "run_method", lambda model, m, *a: runs.append(m.name) or real(model, m, *a))
     evaluate(w["model"], w["tok"], methods, ["h0"], [1], w["tasks"], w["scoring"], w["meta"], ev,
              on_result=lambda m, t, s, r, cached: together.setdefault(m, r))  # fmt: skip
+    assert runs == ["lora"]  # the tempered method did not run (adapt and predict) again
     alone = {}
     evaluate(w["model"], w["tok"], methods[1:], ["h0"], [1], w["tasks"], w["scoring"], w["meta"], ev,
              on_result=lambda m, t, s, r, cached: alone.setdefault(m, r))  # fmt: skip

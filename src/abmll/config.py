@@ -7,7 +7,7 @@ The method's own configs live beside the code they configure: :class:`BayesLoraC
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import Field, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Literal
 
@@ -160,6 +160,12 @@ CONFIG_GROUPS = {
 def to_dict(**groups) -> dict:
     """``{group: asdict(config)}`` for saving beside checkpoints and results."""
     return {name: asdict(cfg) for name, cfg in groups.items()}
+
+
+def config_fields() -> dict[str, Field]:
+    """Every field of the config groups by its entry name ``"group.field"`` (how
+    :func:`to_dict` output reads when flattened one level)."""
+    return {f"{group}.{f.name}": f for group, cls in CONFIG_GROUPS.items() for f in fields(cls)}
 
 
 def from_dict(saved: dict, name: str, source: str = "saved config"):

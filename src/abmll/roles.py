@@ -62,6 +62,7 @@ def role(f: Field) -> str:
 
 
 def is_added(f: Field) -> bool:
+    """Added after results were saved: left out of keys while at its default."""
     return bool(f.metadata.get("added", False))
 
 

@@ -27,7 +27,7 @@ import threading
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import MISSING, dataclass, field, fields, replace
+from dataclasses import MISSING, dataclass, field, replace
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -36,7 +36,7 @@ import torch
 
 from abmll.bayes_lora import BayesLoraModel, Params
 from abmll.checkpoint import CheckpointError, save_adapter, write_json
-from abmll.config import CONFIG_GROUPS, TaskArgs
+from abmll.config import TaskArgs, config_fields
 from abmll.data import check_tasks, load_episode, load_split
 from abmll.distributed import (
     broadcast_params,
@@ -425,17 +425,16 @@ _MISSING = object()
 
 def _resumable(name: str) -> bool:
     """Whether config entry ``group.key`` may change on resume."""
-    group, _, key = name.partition(".")
-    return group in CONFIG_GROUPS and any(f.name == key and is_resumable(f) for f in fields(CONFIG_GROUPS[group]))
+    f = config_fields().get(name)
+    return f is not None and is_resumable(f)
 
 
 def _field_default(name: str):
     """The JSON form of the dataclass default of config entry ``group.key``, or _MISSING."""
-    group, _, key = name.partition(".")
-    for f in fields(CONFIG_GROUPS[group]) if group in CONFIG_GROUPS else ():
-        if f.name == key and (f.default is not MISSING or f.default_factory is not MISSING):
-            return json.loads(json.dumps(field_default(f)))
-    return _MISSING
+    f = config_fields().get(name)
+    if f is None or (f.default is MISSING and f.default_factory is MISSING):
+        return _MISSING
+    return json.loads(json.dumps(field_default(f)))
 
 
 def _entries(config: dict) -> dict:
