@@ -10,7 +10,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from abmll.args import config_file_defaults, parse_dataclasses
-from abmll.config import CONFIG_GROUPS, DATA_SEEDS, DEMO_CONFIG
+from abmll.config import CONFIG_GROUPS, DATA_SEEDS, DEMO_CONFIG, RunConfig
 from abmll.methods import METHODS, get_spec
 
 
@@ -132,7 +132,7 @@ GROUPS = ["model", "lora", "hyperprior", "scoring", "meta", "tasks", "eval"]
 
 
 def parse_bench(argv: list[str], extra: tuple[type, ...] = (), script: str = "quality.py") -> tuple:
-    """(BenchArgs, {group: config}, *one instance of each ``extra`` dataclass: the flags of
+    """(BenchArgs, RunConfig, *one instance of each ``extra`` dataclass: the flags of
     ``script``, built on this one). Defaults, lowest first: the dataclasses', the SmolLM2 (or, with
     --quick, the smoke-test) preset, the --config file, the flags."""
     classes = [BenchArgs, *extra] + [CONFIG_GROUPS[g] for g in GROUPS]
@@ -145,7 +145,7 @@ def parse_bench(argv: list[str], extra: tuple[type, ...] = (), script: str = "qu
     if known.config:
         defaults.update(_yaml_defaults(known.config, classes))
     bench, *parsed = parse(argv, *classes, script=script, defaults=defaults)
-    extras, cfg = parsed[: len(extra)], dict(zip(GROUPS, parsed[len(extra) :]))
+    extras, cfg = parsed[: len(extra)], RunConfig(**dict(zip(GROUPS, parsed[len(extra) :])))
     for name in bench.methods:
         get_spec(name)
     for name in adaptations(bench):
@@ -185,14 +185,14 @@ def adaptations(bench: BenchArgs) -> dict[str, tuple[str, int, float]]:
     return out
 
 
-def method_eval(name: str, cfg: dict, bench: BenchArgs):
+def method_eval(name: str, cfg: RunConfig, bench: BenchArgs):
     """The eval config method ``name`` adapts with: --adaptation's entry for it, else that of
     the entry whose recipe it uses (``MethodSpec.recipe``), else the group's.
 
     Raises:
         ValueError: an optimizer, step count or learning rate the config refuses.
     """
-    ev = cfg["eval"]
+    ev = cfg.eval
     given = adaptations(bench)
     how = given.get(name, given.get(get_spec(name).base))
     if how is None:
@@ -235,7 +235,7 @@ def outer_settings(bench: BenchArgs) -> dict[str, dict]:
     return out
 
 
-def kind_cfg(kind: str, cfg: dict, bench: BenchArgs | None) -> dict:
+def kind_cfg(kind: str, cfg: RunConfig, bench: BenchArgs | None) -> dict:
     """``cfg`` with the meta group prior ``kind`` trains with: ``--outer``'s settings for it,
     else ``cfg`` itself.
 
@@ -243,12 +243,12 @@ def kind_cfg(kind: str, cfg: dict, bench: BenchArgs | None) -> dict:
         ValueError: a value the meta config refuses (e.g. a negative learning rate).
     """
     how = None if bench is None else outer_settings(bench).get(kind)
-    return cfg if how is None else {**cfg, "meta": replace(cfg["meta"], **how)}
+    return cfg if how is None else replace(cfg, meta=replace(cfg.meta, **how))
 
 
-def test_k(bench: BenchArgs, cfg: dict) -> int:
+def test_k(bench: BenchArgs, cfg: RunConfig) -> int:
     """Shots of the held-out support sets (``--test_k``, default the meta-training ``--k``)."""
-    return bench.test_k or cfg["tasks"].k
+    return bench.test_k or cfg.tasks.k
 
 
 def smollm2_defaults(classes) -> dict:
@@ -271,9 +271,9 @@ def _yaml_defaults(path: str, classes, drop=()) -> dict:
     return {k: v for k, v in flat.items() if k not in drop}
 
 
-def stem(bench: BenchArgs, cfg: dict) -> str:
+def stem(bench: BenchArgs, cfg: RunConfig) -> str:
     """The quality benchmark's results name: quality-<split>, with -dev for ``--eval_split dev``."""
-    return f"quality-{cfg['tasks'].split}" + ("-dev" if bench.eval_split == "dev" else "")
+    return f"quality-{cfg.tasks.split}" + ("-dev" if bench.eval_split == "dev" else "")
 
 
 def comparison_out_dir(bench: BenchArgs) -> Path:
@@ -282,8 +282,8 @@ def comparison_out_dir(bench: BenchArgs) -> Path:
     return Path(bench.out_dir or ("runs/quality-quick" if bench.quick else "benchmarks/results"))
 
 
-def comparison_work_dir(bench: BenchArgs, cfg: dict) -> Path:
+def comparison_work_dir(bench: BenchArgs, cfg: RunConfig) -> Path:
     """``--work_dir``, else the quality benchmark's test-run folder ``runs/quality-<split>``
     (``-quick`` with --quick): the tuning scripts work there too, so the test run reuses the
     priors they train and the results they cache."""
-    return Path(bench.work_dir or f"runs/quality-{cfg['tasks'].split}" + ("-quick" if bench.quick else ""))
+    return Path(bench.work_dir or f"runs/quality-{cfg.tasks.split}" + ("-quick" if bench.quick else ""))

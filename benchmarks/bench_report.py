@@ -16,6 +16,7 @@ import torch
 from bench_flags import BenchArgs
 
 from abmll.checkpoint import write_json
+from abmll.config import RunConfig
 from abmll.evaluate import summarise
 from abmll.metrics import ECE_SCHEME, bootstrap_mean_ci, compute_metrics
 
@@ -72,7 +73,7 @@ def choice_table(rows: dict[str, dict], columns: list[str], chosen: dict[str, st
 METRICS = ("accuracy", "macro_f1", "ece", "nll", "brier", "aurc")
 
 
-def aggregate(bench: BenchArgs, cfg: dict, cache: Cache, held_out: list[str], stats: dict) -> dict:
+def aggregate(bench: BenchArgs, cfg: RunConfig, cache: Cache, held_out: list[str], stats: dict) -> dict:
     """Per method: means over tasks of the means over seeds, their std over seeds, 95% bootstrap
     intervals over the (task, seed) units, and per task the same with chance and majority rates;
     the paired differences ABMLL minus each baseline with their intervals. Metrics are recomputed
@@ -113,8 +114,8 @@ def aggregate(bench: BenchArgs, cfg: dict, cache: Cache, held_out: list[str], st
                     mean, lo, hi = bootstrap_mean_ci([a[k] - b[k] for a, b in zip(units["abmll"], units[m])], clusters=unit_tasks)
                     paired[m][k] = {"diff": mean, "ci95": [lo, hi]}
     return {
-        "model": cfg["model"].model,
-        "split": cfg["tasks"].split,
+        "model": cfg.model.model,
+        "split": cfg.tasks.split,
         "eval_split": bench.eval_split,
         "seeds": list(bench.seeds),
         "tasks": list(held_out),

@@ -10,15 +10,16 @@ from dataclasses import replace
 import torch
 from bench_flags import BenchArgs, test_k
 
+from abmll.config import RunConfig
 from abmll.data import DataError, check_tasks, load_episode, load_split, resolve_data_dir, task_meta
 from abmll.metrics import macro_f1
 from abmll.scoring import make_batches, merge_truncation, truncation_summary
 
 
-def resolve_tasks(bench: BenchArgs, cfg: dict, need_train: bool) -> tuple[list[str], list[str], list[str]]:
+def resolve_tasks(bench: BenchArgs, cfg: RunConfig, need_train: bool) -> tuple[list[str], list[str], list[str]]:
     """(held-out tasks, meta-train tasks, notes): the explicit lists or the split's, keeping
     the tasks whose files the data layer reads; each task left out is named in a note."""
-    tasks, notes = cfg["tasks"], []
+    tasks, notes = cfg.tasks, []
     split = load_split(tasks.split, tasks.data_dir) if not (tasks.train_tasks and tasks.test_tasks) else {}
     held = list(tasks.test_tasks or split.get("test", []))
     held_tasks = replace(tasks, k=test_k(bench, cfg))
@@ -94,17 +95,17 @@ def usable_tasks(
     return out
 
 
-def task_stats(task: str, seeds, bench: BenchArgs, cfg: dict, tokenizer) -> dict:
+def task_stats(task: str, seeds, bench: BenchArgs, cfg: RunConfig, tokenizer) -> dict:
     """Chance rate (mean 1 / number of options), majority-class rate (share of the most
     frequent answer index) and the macro-F1 of always predicting it, of the evaluated
     examples, averaged over seeds; and ``truncation``, how many support and query inputs
     over all seeds were cut from the left to fit ``max_length``
     (:func:`abmll.scoring.merge_truncation` of each seed's :func:`~abmll.scoring.truncation_summary`)."""
-    tasks, ev = cfg["tasks"], cfg["eval"]
+    tasks, ev = cfg.tasks, cfg.eval
     per, cut = [], []
     for seed in seeds:
         ep = load_episode(task, test_k(bench, cfg), seed, bench.eval_split, ev.max_test, tasks.data_dir)
-        cut.append(truncation_summary(make_batches(tokenizer, [*ep.support, *ep.query], cfg["scoring"], ep.support)))
+        cut.append(truncation_summary(make_batches(tokenizer, [*ep.support, *ep.query], cfg.scoring, ep.support)))
         q = ep.query
         labels = torch.tensor([e.label for e in q])
         width = max(len(e.options) for e in q)

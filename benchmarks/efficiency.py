@@ -43,7 +43,6 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
-from functools import partial
 from typing import Literal
 
 import bench_flags
@@ -111,7 +110,7 @@ def make_step(method: str, K: int, model, tasks):
     import torch
 
     from abmll.gaussian_lora import HyperpriorConfig
-    from abmll.meta import MetaConfig, meta_step, meta_step_second_order, nll_backward
+    from abmll.meta import MetaConfig, meta_step, nll_backward
 
     cfg = MetaConfig(inner_steps=K, inner_lr=0.3, beta=1e-6, gamma=1e-10, n_samples=1, meta_batch_size=len(tasks))
     hyper = HyperpriorConfig()
@@ -129,12 +128,13 @@ def make_step(method: str, K: int, model, tasks):
 
         return step
     opt = torch.optim.Adam(theta.values(), lr=1e-3)
-    fn = meta_step_second_order if method == "second_order" else partial(meta_step, log_support_after=method == "abmll_log")
+    if method == "second_order":
+        cfg = replace(cfg, outer_update="second_order")
     sampling = "per_batch" if method == "abmll_per_batch" else "flipout"
 
     def step():  # the sampler is read in each forward; the model is shared
         model.config = replace(model.config, sampling=sampling)
-        fn(model, theta, opt, tasks, cfg, hyper)
+        meta_step(model, theta, opt, tasks, cfg, hyper, log_support_after=method == "abmll_log")
 
     return step
 

@@ -28,7 +28,7 @@ from bench_tasks import resolve_tasks, task_stats
 
 from abmll.bayes_lora import BayesLoraModel
 from abmll.checkpoint import write_json
-from abmll.config import changed_added_fields, group_dict, key_dict, result_config
+from abmll.config import RunConfig, changed_added_fields, group_dict, key_dict, result_config
 from abmll.evaluate import Result, evaluate
 from abmll.meta import MetaConfig
 from abmll.methods import ADAPTING_METHOD, get_spec, make_method, prior_kinds, prior_meta_config, train_prior
@@ -118,51 +118,51 @@ def build_tiny_model(folder: Path) -> Path:
     return folder
 
 
-def build_model(cfg: dict, work: Path) -> tuple[BayesLoraModel, object]:
-    m = cfg["model"]
+def build_model(cfg: RunConfig, work: Path) -> tuple[BayesLoraModel, object]:
+    m = cfg.model
     name = str(build_tiny_model(work / "tiny-model")) if m.model == TINY_MODEL else m.model
     base, tok = load_base_model(name, m.dtype, resolve_device(m.device))
-    model = BayesLoraModel(base, cfg["lora"])
-    cfg["lora"] = model.config
+    model = BayesLoraModel(base, cfg.lora)
+    cfg.lora = model.config
     return model, tok
 
 
-def _group(cfg: dict, name: str) -> dict:
+def _group(cfg: RunConfig, name: str) -> dict:
     """Config group ``name`` as recorded in results: without fields added since results were
     cached while at their defaults (:func:`abmll.config.group_dict`)."""
-    kept = group_dict(cfg[name])
-    return {k: v for k, v in asdict(cfg[name]).items() if k in kept}
+    kept = group_dict(getattr(cfg, name))
+    return {k: v for k, v in asdict(getattr(cfg, name)).items() if k in kept}
 
 
-def _key(cfg: dict, name: str, keys=None) -> dict:
+def _key(cfg: RunConfig, name: str, keys=None) -> dict:
     """Config group ``name`` as it enters a key (:func:`abmll.config.result_config`: without
     machine fields and added fields at their defaults), kept to ``keys`` when given."""
-    d = result_config({name: cfg[name]})[name]
+    d = result_config(cfg.only(name))[name]
     return d if keys is None else {k: d[k] for k in keys}
 
 
-def prior_config(kind: str, cfg: dict, train: list[str], bench: BenchArgs | None = None) -> dict:
+def prior_config(kind: str, cfg: RunConfig, train: list[str], bench: BenchArgs | None = None) -> dict:
     """What prior ``kind`` depends on (also saved with it and checked on resume): the groups
     but runtime-only fields, the train tasks, and the validation that picks the best prior."""
     cfg = kind_cfg(kind, cfg, bench)
     config = {g: _key(cfg, g) for g in ("model", "lora", "hyperprior", "scoring")}
     config["tasks"] = {**_key(cfg, "tasks", ["split", "k", "data_seeds", "max_query"]), "train_tasks": list(train)}
-    config["meta"] = key_dict(prior_meta_config(kind, cfg["meta"]))
+    config["meta"] = key_dict(prior_meta_config(kind, cfg.meta))
     if bench is not None and bench.validate_every:
         config["validation"] = {
-            "val_tasks": list(cfg["tasks"].val_tasks),
+            "val_tasks": list(cfg.tasks.val_tasks),
             "val_seeds": list(bench.val_seeds),
             "every": bench.validate_every,
             "method": ADAPTING_METHOD[kind],
-            "test_steps": cfg["eval"].test_steps,
-            "eval_samples": cfg["eval"].eval_samples,
+            "test_steps": cfg.eval.test_steps,
+            "eval_samples": cfg.eval.eval_samples,
         }
         # the validator adapts with the eval group's optimiser and lr: in the key when not the defaults
-        config["validation"].update(changed_added_fields(cfg["eval"]))
+        config["validation"].update(changed_added_fields(cfg.eval))
     return config
 
 
-def method_config(name: str, cfg: dict, train: list[str], eval_split: str, bench: BenchArgs | None = None) -> dict:
+def method_config(name: str, cfg: RunConfig, train: list[str], eval_split: str, bench: BenchArgs | None = None) -> dict:
     """What a result of method ``name`` depends on: the model, adapter shape, scoring, shots
     and evaluated examples; when it adapts, the budget and every meta-config field but the
     meta-training-only ones (role OUTER; so a field added later counts by default) and the
@@ -176,14 +176,14 @@ def method_config(name: str, cfg: dict, train: list[str], eval_split: str, bench
         if spec.calibrate == "dev":
             config["temperature"] = {"fit": "dev", **dev_units(cfg, bench)}
         else:
-            config["temperature"] = {"fit": "support", "folds": cfg["eval"].support_folds}
+            config["temperature"] = {"fit": "support", "folds": cfg.eval.support_folds}
         return config
-    ev = cfg["eval"] if bench is None else method_eval(name, cfg, bench)
+    ev = cfg.eval if bench is None else method_eval(name, cfg, bench)
     config = {
         "model": _key(cfg, "model"),
         "lora": _key(cfg, "lora"),
         "scoring": _key(cfg, "scoring"),
-        "k": cfg["tasks"].k if bench is None else test_k(bench, cfg),
+        "k": cfg.tasks.k if bench is None else test_k(bench, cfg),
         "max_test": ev.max_test,
         "eval_split": eval_split,
     }
@@ -198,7 +198,7 @@ def method_config(name: str, cfg: dict, train: list[str], eval_split: str, bench
             adapt_config.pop("beta"), adapt_config.pop("n_samples")
         config.update(test_steps=ev.test_steps, adapt=adapt_config)
     if spec.samples_draws:
-        config.update(eval_samples=cfg["eval"].eval_samples)
+        config.update(eval_samples=cfg.eval.eval_samples)
     if spec.ensemble:
         config.update(ensemble_members=ev.ensemble_members)
     if spec.mc_dropout:
@@ -210,15 +210,15 @@ def method_config(name: str, cfg: dict, train: list[str], eval_split: str, bench
     return config
 
 
-def prior_folder(kind: str, cfg: dict, train: list[str], bench: BenchArgs, work: Path) -> Path:
+def prior_folder(kind: str, cfg: RunConfig, train: list[str], bench: BenchArgs, work: Path) -> Path:
     """Where prior ``kind`` is trained under ``work``: named by the hash of :func:`prior_config`."""
     return work / f"prior-{kind}-{config_hash(prior_config(kind, cfg, train, bench))}"
 
 
-def train_kind(kind: str, model: BayesLoraModel, tok, cfg: dict, train: list[str], bench: BenchArgs, work: Path):
+def train_kind(kind: str, model: BayesLoraModel, tok, cfg: RunConfig, train: list[str], bench: BenchArgs, work: Path):
     """Prior ``kind`` (the untrained init for "init"), meta-trained on ``train`` in its
     :func:`prior_folder`: loaded when finished there, resumed when not; with
-    ``bench.validate_every``, validated on ``cfg["tasks"].val_tasks`` (adapted as the eval
+    ``bench.validate_every``, validated on ``cfg.tasks.val_tasks`` (adapted as the eval
     group says) and the best prior by validation NLL returned."""
     if kind == "init":
         return model.init_params()
@@ -228,17 +228,17 @@ def train_kind(kind: str, model: BayesLoraModel, tok, cfg: dict, train: list[str
     def on_step(logs):
         if not logs.get("skipped"):
             print(
-                f"  prior {kind} step {logs['step'] + 1}/{cfg['meta'].meta_steps}: query NLL "
+                f"  prior {kind} step {logs['step'] + 1}/{cfg.meta.meta_steps}: query NLL "
                 f"{logs['query_nll']:.3f}, support NLL {logs['support_nll_before']:.3f} "
                 f"({time.perf_counter() - t0:.0f} s)",
                 flush=True,
             )
 
-    tasks = cfg["tasks"]
+    tasks = cfg.tasks
     validator = None
     if bench.validate_every:
         validator = make_validator(
-            model, tok, tasks.val_tasks, bench.val_seeds, tasks, cfg["scoring"], cfg["meta"], cfg["eval"], ADAPTING_METHOD[kind]
+            model, tok, tasks.val_tasks, bench.val_seeds, tasks, cfg.scoring, cfg.meta, cfg.eval, ADAPTING_METHOD[kind]
         )
     theta, _ = train_prior(
         kind,
@@ -246,9 +246,9 @@ def train_kind(kind: str, model: BayesLoraModel, tok, cfg: dict, train: list[str
         tok,
         train,
         replace(tasks, train_tasks=train, test_tasks=[]),
-        cfg["meta"],
-        cfg["hyperprior"],
-        cfg["scoring"],
+        cfg.meta,
+        cfg.hyperprior,
+        cfg.scoring,
         prior_folder(kind, cfg, train, bench, work),
         prior_config(kind, cfg, train, bench),
         bench.save_every,
@@ -262,14 +262,14 @@ def train_kind(kind: str, model: BayesLoraModel, tok, cfg: dict, train: list[str
 # -- temperatures fitted on the meta-validation tasks' dev data ----------------------------------
 
 
-def dev_units(cfg: dict, bench: BenchArgs | None) -> dict:
+def dev_units(cfg: RunConfig, bench: BenchArgs | None) -> dict:
     """The (task, seed) episodes a "dev"-calibrated method fits its temperature on: the
     meta-validation tasks (never test tasks) x ``bench.val_seeds``, query = their dev files."""
-    return {"val_tasks": list(cfg["tasks"].val_tasks), "val_seeds": list(bench.val_seeds) if bench else []}
+    return {"val_tasks": list(cfg.tasks.val_tasks), "val_seeds": list(bench.val_seeds) if bench else []}
 
 
 def dev_temperature(
-    base: str, model: BayesLoraModel, tok, cfg: dict, train: list[str], bench: BenchArgs, work: Path, prior
+    base: str, model: BayesLoraModel, tok, cfg: RunConfig, train: list[str], bench: BenchArgs, work: Path, prior
 ) -> dict:
     """The temperature of method ``base``'s predictions fitted on its dev-data predictions on
     every :func:`dev_units` episode (up to ``eval.max_test`` dev examples each), each cached in
@@ -291,7 +291,7 @@ def dev_temperature(
             cache.put(base, task, seed, {"probs": result.probs.tolist(), "labels": result.labels.tolist()})
         predictions.append((result.probs, result.labels))
 
-    tasks = replace(cfg["tasks"], k=test_k(bench, cfg))
+    tasks = replace(cfg.tasks, k=test_k(bench, cfg))
     evaluate(
         model,
         tok,
@@ -299,9 +299,9 @@ def dev_temperature(
         units["val_tasks"],
         units["val_seeds"],
         tasks,
-        cfg["scoring"],
-        cfg["meta"],
-        cfg["eval"],
+        cfg.scoring,
+        cfg.meta,
+        cfg.eval,
         keep,
         query_split="dev",
         done=CachedResults(cache),
@@ -320,7 +320,7 @@ def dev_temperature(
 
 
 def run(
-    bench: BenchArgs, cfg: dict, command: str, work: Path, on_partial: Callable[[dict, Cache], None] | None = None
+    bench: BenchArgs, cfg: RunConfig, command: str, work: Path, on_partial: Callable[[dict, Cache], None] | None = None
 ) -> tuple[dict, Cache]:
     """Train the needed priors, run every (method, task, seed) not yet cached, aggregate.
     ``on_partial(results, cache)`` is called after each held-out task but the last with the
@@ -379,7 +379,7 @@ def run(
                         untrained_val_ece=untrained.get("ece"),
                     )
         adaptation = {
-            m: [e.test_optimizer, e.test_steps, e.adapt_lr(cfg["meta"])]
+            m: [e.test_optimizer, e.test_steps, e.adapt_lr(cfg.meta)]
             for m in bench.methods
             if get_spec(m).adapt
             for e in [method_eval(m, cfg, bench)]
@@ -437,7 +437,7 @@ def run(
         spec = get_spec(m)
         temperature = temperatures[spec.base]["temperature"] if spec.calibrate == "dev" else None
         methods.append(make_method(m, partial(prior, spec.prior), method_eval(m, cfg, bench), temperature))
-    tasks = replace(cfg["tasks"], k=test_k(bench, cfg))
+    tasks = replace(cfg.tasks, k=test_k(bench, cfg))
     for task in held_out:
         stats[task] = task_stats(task, bench.seeds, bench, cfg, tok)
         evaluate(
@@ -447,9 +447,9 @@ def run(
             [task],
             bench.seeds,
             tasks,
-            cfg["scoring"],
-            cfg["meta"],
-            cfg["eval"],
+            cfg.scoring,
+            cfg.meta,
+            cfg.eval,
             store,
             query_split=bench.eval_split,
             done=CachedResults(cache),

@@ -70,11 +70,11 @@ def main(argv: list[str]) -> dict:
     work.mkdir(parents=True, exist_ok=True)
     cache_path = work / "cache.json"
     cache = json.loads(cache_path.read_text()) if cache_path.is_file() else {}
-    groups = {g: group_dict(cfg[g]) for g in ("model", "lora", "scoring", "meta", "eval")}
+    groups = {g: group_dict(getattr(cfg, g)) for g in ("model", "lora", "scoring", "meta", "eval")}
     # keyed by the tensors each method adapts from, not the prior's name (a shipped prior
     # replaced under the same name must not reuse results), and by the pair's task files
     starts = {name: tensor_digest(priors[name]) for name in METHODS}
-    files = {pair: task_files_digest(pair.split(":"), cfg["tasks"]) for pair in pairs}
+    files = {pair: task_files_digest(pair.split(":"), cfg.tasks) for pair in pairs}
 
     def key(name: str, pair: str, seed: int) -> str:
         return f"{settings_hash(groups | {'prior': starts[name], 'data': files[pair]})}|{name}|{pair}|{seed}"
@@ -88,12 +88,10 @@ def main(argv: list[str]) -> dict:
                 if key(name, pair, seed) in cache:
                     continue
                 if episode is None:
-                    episode = episode_batches(model, tok, task, seed, cfg["tasks"], cfg["scoring"], "test", cfg["eval"].max_test)
-                    ood_query = episode_batches(
-                        model, tok, other, seed, cfg["tasks"], cfg["scoring"], "test", cfg["eval"].max_test
-                    ).query
-                method = make_method(name, priors[name], cfg["eval"])
-                result = cache[key(name, pair, seed)] = ood_detection(model, method, episode, ood_query, cfg["meta"], seed)
+                    episode = episode_batches(model, tok, task, seed, cfg.tasks, cfg.scoring, "test", cfg.eval.max_test)
+                    ood_query = episode_batches(model, tok, other, seed, cfg.tasks, cfg.scoring, "test", cfg.eval.max_test).query
+                method = make_method(name, priors[name], cfg.eval)
+                result = cache[key(name, pair, seed)] = ood_detection(model, method, episode, ood_query, cfg.meta, seed)
                 write_json(cache_path, cache)
                 print(f"{name:10s} {pair:28s} seed {seed}: {result} ({time.perf_counter() - start:.0f} s)", flush=True)
     table = {
@@ -117,8 +115,8 @@ def main(argv: list[str]) -> dict:
         "",
         f"Command: `{command}`",
         "",
-        f"Adapted on the in-distribution task's k={cfg['tasks'].k} support set ({cfg['eval'].test_steps} steps), "
-        f"then {cfg['eval'].max_test} test examples of each task scored with {cfg['eval'].eval_samples} weight "
+        f"Adapted on the in-distribution task's k={cfg.tasks.k} support set ({cfg.eval.test_steps} steps), "
+        f"then {cfg.eval.max_test} test examples of each task scored with {cfg.eval.eval_samples} weight "
         f"samples (LoRA: the posterior mean). AUROC of flagging the OOD task's examples (0.5 = chance), mean "
         f"over seeds {seeds}. ABMLL prior: {prior}.",
         "",

@@ -49,14 +49,14 @@ from bench_report import METRICS, command_line, diff_cell, fmt, write_results
 from harness import Cache, run
 
 from abmll.checkpoint import write_json
-from abmll.config import CONFIG_GROUPS
+from abmll.config import CONFIG_GROUPS, RunConfig
 from abmll.metrics import plot_reliability_diagram
 from abmll.plots import RISK_COVERAGE, plot_risk_coverage, plot_validation_curve, pool_predictions
 
 # -- outputs ----------------------------------------------------------------------------------
 
 
-def write_outputs(results: dict, bench: BenchArgs, cfg: dict, cache: Cache | None, out_dir: Path, name: str) -> None:
+def write_outputs(results: dict, bench: BenchArgs, cfg: RunConfig, cache: Cache | None, out_dir: Path, name: str) -> None:
     write_results(name, results, markdown(results, cfg), out_dir)
     print(f"results: {out_dir / (name + '.json')}, {out_dir / (name + '.md')}")
     if bench.plots:
@@ -87,9 +87,9 @@ def write_outputs(results: dict, bench: BenchArgs, cfg: dict, cache: Cache | Non
         print(f"risk-coverage curves: {path}")
 
 
-def adaptation_text(results: dict, cfg: dict) -> str:
+def adaptation_text(results: dict, cfg: RunConfig) -> str:
     """The adaptation settings of the results' methods, e.g. "5 SGD steps at lr 0.3 for every method"."""
-    ev, meta = cfg["eval"], cfg["meta"]
+    ev, meta = cfg.eval, cfg.meta
     default = (ev.test_optimizer, ev.test_steps, ev.adapt_lr(meta))
     per = {m: tuple(a) for m, a in results.get("adaptation", {}).items()}
     fmt = lambda o, n, lr: f"{n} {o.upper() if o == 'sgd' else 'AdamW'} steps at lr {lr:g}"  # noqa: E731
@@ -108,9 +108,9 @@ def outer_text(meta, results: dict) -> str:
     return text + (f" ({', '.join(e.replace('=', ' ') for e in per_kind)}, as LR:WARMUP:CLIP)" if per_kind else "")
 
 
-def markdown(results: dict, cfg: dict) -> str:
+def markdown(results: dict, cfg: RunConfig) -> str:
     methods = list(results["methods"])
-    ev, meta, tasks = cfg["eval"], cfg["meta"], cfg["tasks"]
+    ev, meta, tasks = cfg.eval, cfg.meta, cfg.tasks
     lines = [
         f"# Quality benchmark: {results['split']} ({results['eval_split']} data)",
         "",
@@ -121,7 +121,7 @@ def markdown(results: dict, cfg: dict) -> str:
             if results.get("complete", True)
             else [f"**Partial results: the {len(results['tasks'])} task(s) done so far; the run continues.**", ""]
         ),
-        f"Model {results['model']}; LoRA rank {cfg['lora'].rank} on {', '.join(cfg['lora'].target_modules)}; "
+        f"Model {results['model']}; LoRA rank {cfg.lora.rank} on {', '.join(cfg.lora.target_modules)}; "
         f"k = {results.get('test_k', tasks.k)} shots; adaptation {adaptation_text(results, cfg)}; "
         f"up to {ev.max_test} {results['eval_split']} examples per task and seed; seeds {results['seeds']}; "
         f"{ev.eval_samples} weight samples in prediction (bayes_lora, abmll). "
@@ -260,19 +260,19 @@ def truncation_line(stats: dict, max_length: int) -> str:
 # -- sweep ------------------------------------------------------------------------------------
 
 
-def sweep(bench: BenchArgs, cfg: dict, argv: list[str], out_dir: Path, work: Path, name: str) -> dict:
+def sweep(bench: BenchArgs, cfg: RunConfig, argv: list[str], out_dir: Path, work: Path, name: str) -> dict:
     """Run once per value of ``bench.sweep`` ("field=v1,v2"); write <name>-sweep-<field>.{json,md}."""
     key, _, values = bench.sweep.partition("=")
     command = command_line("quality.py", argv)
     group = next((g for g in GROUPS if key in {f.name for f in fields(CONFIG_GROUPS[g])}), None)
     if group is None or not values:
         raise SystemExit(f"--sweep takes field=v1,v2,... with a config field, got {bench.sweep!r}")
-    kind = type(getattr(cfg[group], key))
+    kind = type(getattr(getattr(cfg, group), key))
     rows = {}
     for raw in values.split(","):
         value = kind(float(raw)) if kind in (int, float) else kind(raw)
-        c = {g: replace(v) for g, v in cfg.items()}
-        c[group] = replace(c[group], **{key: value})
+        c = replace(cfg, **{g: replace(v) for g, v in cfg.groups().items()})
+        setattr(c, group, replace(getattr(c, group), **{key: value}))
         res, _ = run(bench, c, f"{command}  [{key}={raw}]", work)  # one cache: shared results are reused
         write_json(work / f"sweep-{key}-{raw}.json", res)
         rows[raw] = {
@@ -282,7 +282,7 @@ def sweep(bench: BenchArgs, cfg: dict, argv: list[str], out_dir: Path, work: Pat
         rows[raw]["_tasks"], rows[raw]["_train_tasks"] = res["tasks"], res["train_tasks"]
     out = {
         "field": key,
-        "split": cfg["tasks"].split,
+        "split": cfg.tasks.split,
         "eval_split": bench.eval_split,
         "seeds": bench.seeds,
         "command": command,
@@ -290,7 +290,7 @@ def sweep(bench: BenchArgs, cfg: dict, argv: list[str], out_dir: Path, work: Pat
     }
     methods = bench.methods
     lines = [
-        f"# Sensitivity to {key} ({bench.eval_split} data, {cfg['tasks'].split})",
+        f"# Sensitivity to {key} ({bench.eval_split} data, {cfg.tasks.split})",
         "",
         f"Command: `{command}`",
         "",

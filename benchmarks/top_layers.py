@@ -42,7 +42,7 @@ import torch
 from abmll.args import config_file_defaults
 from abmll.bayes_lora import BayesLoraConfig, BayesLoraModel
 from abmll.checkpoint import write_json
-from abmll.config import CONFIG_GROUPS, DEMO_CONFIG
+from abmll.config import CONFIG_GROUPS, DEMO_CONFIG, RunConfig
 from abmll.data import load_split
 from abmll.models import load_base_model
 from abmll.train import MetaTrainer
@@ -54,12 +54,14 @@ VAL_TASKS = ["tweet_eval-irony", "glue-mrpc", "ethos-directed_vs_generalized", "
 different domains: irony, paraphrase, hate-speech target, word sense)."""
 
 
-def demo_groups() -> dict:
-    """src/abmll/demo.yaml's settings as config groups ``{group: config}`` (its task lists left
-    out: this benchmark picks its own)."""
+def demo_config() -> RunConfig:
+    """src/abmll/demo.yaml's settings as a run configuration (its task lists left out: this
+    benchmark picks its own)."""
     flat = config_file_defaults(DEMO_CONFIG, list(CONFIG_GROUPS.values()))
     flat = {k: v for k, v in flat.items() if k not in ("train_tasks", "test_tasks")}
-    return {name: cls(**{f.name: flat[f.name] for f in fields(cls) if f.name in flat}) for name, cls in CONFIG_GROUPS.items()}
+    return RunConfig(
+        **{name: cls(**{f.name: flat[f.name] for f in fields(cls) if f.name in flat}) for name, cls in CONFIG_GROUPS.items()}
+    )
 
 
 def variant_lora(lora: BayesLoraConfig, variant: str) -> BayesLoraConfig:
@@ -109,31 +111,31 @@ def main(argv: list[str] | None = None) -> dict:
     work = Path(args.work_dir)
     if args.fresh and work.exists():
         shutil.rmtree(work)
-    g = demo_groups()
-    split = load_split(g["tasks"].split)
+    g = demo_config()
+    split = load_split(g.tasks.split)
     notes: list[str] = []
     train = bench_tasks.usable_tasks(
         [t for t in split["train"] if t not in args.val_tasks],
-        g["tasks"],
-        g["tasks"].data_seeds,
+        g.tasks,
+        g.tasks.data_seeds,
         "dev",
         notes,
         "meta-train",
         max_options=10,
     )
     print(f"{len(train)} meta-train tasks; validation: {args.val_tasks} x seeds {args.val_seeds}", flush=True)
-    tasks = replace(g["tasks"], train_tasks=train)
+    tasks = replace(g.tasks, train_tasks=train)
 
     runs = {}
     for v in args.variants:
         base, tok = load_base_model()
-        model = BayesLoraModel(base, variant_lora(g["lora"], v))
-        trainer = MetaTrainer(model, tok, train, tasks, replace(g["meta"], meta_steps=10**6), g["hyperprior"], g["scoring"])
+        model = BayesLoraModel(base, variant_lora(g.lora, v))
+        trainer = MetaTrainer(model, tok, train, tasks, replace(g.meta, meta_steps=10**6), g.hyperprior, g.scoring)
         folder = work / v
         state = json.loads((folder / "elapsed.json").read_text()) if (folder / "elapsed.json").is_file() else None
         if state:
             trainer.resume(folder)
-        validator = make_validator(model, tok, args.val_tasks, args.val_seeds, tasks, g["scoring"], g["meta"], g["eval"])
+        validator = make_validator(model, tok, args.val_tasks, args.val_seeds, tasks, g.scoring, g.meta, g.eval)
         runs[v] = dict(
             model=model,
             trainer=trainer,

@@ -50,13 +50,13 @@ class TuneArgs:
 def main(argv: list[str] | None = None) -> dict:
     argv = list(sys.argv[1:] if argv is None else argv)
     bench, cfg, own = bench_flags.parse_bench(argv, extra=(TuneArgs,), script="tune_adaptation.py")
-    val = list(cfg["tasks"].val_tasks)
+    val = list(cfg.tasks.val_tasks)
     if not val:
         raise SystemExit("--val_tasks is required: the dev tasks (held out of meta-training) to tune on")
     adapting = [m for m in bench.methods if get_spec(m).adapt]
     dev_bench = replace(bench, eval_split="dev", plots=False)
-    dev_cfg = {**cfg, "tasks": replace(cfg["tasks"], test_tasks=val)}
-    split = cfg["tasks"].split
+    dev_cfg = replace(cfg, tasks=replace(cfg.tasks, test_tasks=val))
+    split = cfg.tasks.split
     work = bench_flags.comparison_work_dir(bench, cfg)
     out_dir = bench_flags.comparison_out_dir(bench)
     command = bench_report.command_line("tune_adaptation.py", argv)

@@ -55,12 +55,12 @@ class OuterArgs:
 def main(argv: list[str] | None = None) -> dict:
     argv = list(sys.argv[1:] if argv is None else argv)
     bench, cfg, own = bench_flags.parse_bench(argv, extra=(OuterArgs,), script="tune_outer.py")
-    val = list(cfg["tasks"].val_tasks)
+    val = list(cfg.tasks.val_tasks)
     if not val or not bench.validate_every:
         raise SystemExit("--val_tasks and --validate_every are required: the search compares validation NLL")
-    if bench.validate_every > cfg["meta"].meta_steps:
+    if bench.validate_every > cfg.meta.meta_steps:
         raise SystemExit(
-            f"--validate_every {bench.validate_every} > --meta_steps {cfg['meta'].meta_steps}: no trained prior is validated"
+            f"--validate_every {bench.validate_every} > --meta_steps {cfg.meta.meta_steps}: no trained prior is validated"
         )
     if bench.outer or bench.fresh:
         raise SystemExit(
@@ -72,21 +72,21 @@ def main(argv: list[str] | None = None) -> dict:
     points = {p: bench_flags.outer_point(p) for p in own.grid}
     for point, fields_ in points.items():
         try:
-            replace(cfg["meta"], **fields_)
+            replace(cfg.meta, **fields_)
         except ValueError as err:  # refused before any run
             raise SystemExit(f"--grid {point}: {err}") from None
-    split = cfg["tasks"].split
+    split = cfg.tasks.split
     work = bench_flags.comparison_work_dir(bench, cfg)
     out_dir = bench_flags.comparison_out_dir(bench)
     if bench.threads:
         torch.set_num_threads(bench.threads)
     # the meta-train tasks of the test run, as tune_adaptation.py finds them: no test file is read
-    dev = (replace(bench, eval_split="dev"), {**cfg, "tasks": replace(cfg["tasks"], test_tasks=val)})
+    dev = (replace(bench, eval_split="dev"), replace(cfg, tasks=replace(cfg.tasks, test_tasks=val)))
     _, train, notes = bench_tasks.resolve_tasks(*dev, need_train=True)
     model, tok = harness.build_model(cfg, work)
     rows: dict[str, dict] = {}
     for point, fields_ in points.items():
-        point_cfg = {**cfg, "meta": replace(cfg["meta"], **fields_)}
+        point_cfg = replace(cfg, meta=replace(cfg.meta, **fields_))
         rows[point] = {}
         for kind in own.kinds:
             harness.train_kind(kind, model, tok, point_cfg, train, bench, work)
@@ -107,9 +107,9 @@ def main(argv: list[str] | None = None) -> dict:
         "train_tasks": train,
         "val_tasks": val,
         "val_seeds": list(bench.val_seeds),
-        "meta_steps": cfg["meta"].meta_steps,
+        "meta_steps": cfg.meta.meta_steps,
         "validate_every": bench.validate_every,
-        "validation_adaptation": [cfg["eval"].test_optimizer, cfg["eval"].test_steps, cfg["eval"].adapt_lr(cfg["meta"])],
+        "validation_adaptation": [cfg.eval.test_optimizer, cfg.eval.test_steps, cfg.eval.adapt_lr(cfg.meta)],
         "selection": "lowest best validation NLL",
         "grid": list(own.grid),
         "command": bench_report.command_line("tune_outer.py", argv),

@@ -10,7 +10,7 @@ from conftest import tiny_cli
 
 from abmll.checkpoint import load_adapter
 from abmll.cli import main
-from abmll.config import EvalArgs, TaskArgs
+from abmll.config import EvalArgs, RunConfig, TaskArgs
 from abmll.episodes import episode_batches
 from abmll.evaluate import Method, evaluate
 from abmll.loading import load_prior
@@ -150,22 +150,22 @@ def test_saved_prior_reloads_to_identical_predictions(tiny_model_dir, tiny_data_
     )
     history = json.loads((out / "history.json").read_text())
     assert "support_nll_before" in history[0] and "support_nll_after" not in history[0]  # off by default
-    cfg = {}
+    cfg = RunConfig()
     model, tok, theta, _ = load_prior(str(out), cfg)
     assert any(v.abs().sum() > 0 for k, v in theta.items() if "lora_B" in k)  # trained, not the init
     tasks = TaskArgs(data_dir=str(tiny_data_dir), k=4)
-    ep = episode_batches(model, tok, "h0", 1, tasks, cfg["scoring"], "test", None)
+    ep = episode_batches(model, tok, "h0", 1, tasks, cfg.scoring, "test", None)
     first, _ = predict_batches(model, theta, ep.query, 0)
-    model2, _, theta2, _ = load_prior(str(out), {})
+    model2, _, theta2, _ = load_prior(str(out))
     second, _ = predict_batches(model2, theta2, ep.query, 0)
     assert torch.equal(first, second)
     zero, _ = predict_batches(model2, model2.init_params(), ep.query, 0)
     assert (zero - first).abs().max() > 1e-6
     meta = MetaConfig()
-    res = evaluate(model2, tok, [Method("abmll", theta2, 1, 0)], ["h0"], [1], tasks, cfg["scoring"], meta, EvalArgs(max_test=4))
+    res = evaluate(model2, tok, [Method("abmll", theta2, 1, 0)], ["h0"], [1], tasks, cfg.scoring, meta, EvalArgs(max_test=4))
     got = res["methods"]["abmll"]["per_task"]["h0"]["seeds"][1]
     # the reloaded prior adapted one step on h0's support (seeded by the data seed), 4 test examples
-    ep4 = episode_batches(model2, tok, "h0", 1, tasks, cfg["scoring"], "test", 4)
+    ep4 = episode_batches(model2, tok, "h0", 1, tasks, cfg.scoring, "test", 4)
     torch.manual_seed(1)
     post, _ = adapt(model2, theta2, ep4.support, 1, meta.inner_lr, meta.beta, meta.n_samples, meta.inner_grad_clip)
     probs, labels = predict_batches(model2, post, ep4.query, 0)
@@ -210,7 +210,7 @@ def test_each_command_help_lists_only_its_flags_with_their_help(capsys):
     assert "--inner_lr INNER_LR SGD step size" in text or "--inner_lr INNER_LR" in text
     with pytest.raises(SystemExit) as info:
         main(["meta-train", "--help"])
-    assert "--outer_update {abmll,reptile}" in " ".join(capsys.readouterr().out.split())
+    assert "--outer_update {abmll,reptile,second_order}" in " ".join(capsys.readouterr().out.split())
 
 
 def test_stored_help_texts_match_the_parsers():

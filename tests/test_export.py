@@ -9,7 +9,7 @@ import pytest
 import torch
 from peft import PeftModel
 from safetensors.torch import load_file, save_file
-from test_architectures import make_tiny, random_params
+from test_bayes_lora_architectures import make_tiny, random_params
 
 import abmll.checkpoint as checkpoint_mod
 from abmll.bayes_lora import BayesLoraConfig, BayesLoraModel

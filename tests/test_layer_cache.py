@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import make_tiny_llama
-from test_architectures import ARCHS, make_tiny, random_params
+from test_bayes_lora_architectures import ARCHS, make_tiny, random_params
 from test_meta import TOK, rule_task, task_batches
 
 from abmll.bayes_lora import BayesLoraConfig, BayesLoraModel

@@ -5,6 +5,7 @@ from __future__ import annotations
 import gc
 import random
 import warnings
+from dataclasses import replace
 
 import pytest
 import torch
@@ -21,7 +22,6 @@ from abmll.meta import (
     adapt,
     mean_nll,
     meta_step,
-    meta_step_second_order,
     outer_lr_at,
     predict_batches,
 )
@@ -285,7 +285,7 @@ def test_second_order_reference_matches_finite_differences_and_k0_first_order():
                 ).item()
 
         opt = torch.optim.SGD(theta.values(), lr=0.0)
-        meta_step_second_order(model, theta, opt, tasks, config, hyper)
+        meta_step(model, theta, opt, tasks, replace(config, outer_update="second_order"), hyper)
         g = {k: v.grad.clone() for k, v in theta.items()}
         gen = torch.Generator().manual_seed(0)
         direction = {k: torch.randn(v.shape, generator=gen) for k, v in theta.items()}
@@ -306,7 +306,7 @@ def test_second_order_reference_matches_finite_differences_and_k0_first_order():
         assert differs > 1e-6  # K=2: first-order is an approximation
         k0 = MetaConfig(inner_steps=0, beta=1e-4, gamma=1e-3, n_samples=0)
         _, first0 = run_meta_step(model, theta, tasks, k0, hyper)
-        meta_step_second_order(model, theta, torch.optim.SGD(theta.values(), lr=0.0), tasks, k0, hyper)
+        meta_step(model, theta, torch.optim.SGD(theta.values(), lr=0.0), tasks, replace(k0, outer_update="second_order"), hyper)
         for k in theta:
             torch.testing.assert_close(theta[k].grad, first0[k])
     finally:

@@ -227,11 +227,11 @@ def test_invalid_adaptation_settings_are_refused_naming_the_flag(bad, message):
 
 
 def test_result_key_leaves_out_added_fields_at_their_defaults():
-    from abmll.config import result_config
+    from abmll.config import RunConfig, result_config
 
-    cfg = {"eval": EvalArgs(), "tasks": TaskArgs()}
+    cfg = RunConfig(eval=EvalArgs(), tasks=TaskArgs())
     assert "test_optimizer" not in result_config(cfg)["eval"] and "test_lr" not in result_config(cfg)["eval"]
-    changed = result_config({**cfg, "eval": EvalArgs(test_optimizer="adamw", test_lr=0.01)})["eval"]
+    changed = result_config(replace(cfg, eval=EvalArgs(test_optimizer="adamw", test_lr=0.01)))["eval"]
     assert changed["test_optimizer"] == "adamw" and changed["test_lr"] == 0.01
 
 

@@ -313,12 +313,12 @@ def test_smollm2_defaults_are_the_demo_settings_but_the_named_overrides():
     from abmll.config import DEMO_CONFIG
 
     bench, cfg = bench_flags.parse_bench([])
-    defaults = {f: getattr(group, f) for group in cfg.values() for f in vars(group)}
+    defaults = {f: getattr(group, f) for group in cfg.groups().values() for f in vars(group)}
     demo = yaml.safe_load(DEMO_CONFIG.read_text())
     flat = {k: v for key, value in demo.items() if isinstance(value, dict) for k, v in value.items()}
     kept = {k: v for k, v in flat.items() if k not in bench_flags.DEMO_ONLY and k not in bench_flags.BENCHMARK_OVERRIDES}
     assert kept and all(defaults[k] == v for k, v in kept.items()), {k: (defaults[k], v) for k, v in kept.items()}
-    assert cfg["eval"].eval_samples == 4 and cfg["tasks"].train_tasks == [] and cfg["tasks"].data_seeds == [100, 13, 21, 42, 87]
+    assert cfg.eval.eval_samples == 4 and cfg.tasks.train_tasks == [] and cfg.tasks.data_seeds == [100, 13, 21, 42, 87]
 
 
 def test_prior_key_covers_the_validators_adaptation_only_when_not_the_default(tiny_model_dir, tiny_data_dir, tmp_path):

@@ -12,7 +12,7 @@ import pytest
 
 from abmll.bayes_lora import BayesLoraConfig
 from abmll.cli import COMMAND_TABLE
-from abmll.config import CONFIG_GROUPS, EvalArgs, ModelArgs, TaskArgs, from_dict, key_dict, result_config, to_dict
+from abmll.config import CONFIG_GROUPS, EvalArgs, ModelArgs, RunConfig, TaskArgs, from_dict, key_dict, result_config
 from abmll.meta import MetaConfig
 from abmll.roles import MACHINE, OUTER, RUN, names, role, setting, without_marks
 from abmll.scoring import ScoringConfig
@@ -60,11 +60,11 @@ def test_roles_give_each_command_the_flags_its_work_needs():
 
 
 def test_machine_fields_enter_no_key_and_are_not_handed_on():
-    cfg = {"model": ModelArgs(device="cpu"), "lora": BayesLoraConfig(frozen_cache_mb=7)}
+    cfg = RunConfig(model=ModelArgs(device="cpu"), lora=BayesLoraConfig(frozen_cache_mb=7))
     config = result_config(cfg)
     assert "device" not in config["model"] and "frozen_cache_mb" not in config["lora"]
-    assert config["model"]["model"] == cfg["model"].model  # a run field stays
-    saved = to_dict(model=ModelArgs(), lora=BayesLoraConfig(frozen_cache_mb=7, rank=2))
+    assert config["model"]["model"] == cfg.model.model  # a run field stays
+    saved = RunConfig(model=ModelArgs(), lora=BayesLoraConfig(frozen_cache_mb=7, rank=2)).to_dict()
     saved["model"]["device"] = "cuda:3"  # saved on a GPU machine: this one may have none
     assert from_dict(saved, "model").device == ModelArgs().device
     assert from_dict(saved, "lora").frozen_cache_mb == BayesLoraConfig().frozen_cache_mb
@@ -79,15 +79,15 @@ def test_an_added_field_enters_a_key_only_when_set():
 
 
 def test_only_resumable_and_machine_fields_may_change_on_resume():
-    saved = to_dict(meta=MetaConfig(), tasks=TaskArgs(), model=ModelArgs(), eval=EvalArgs())
-    grown = to_dict(
+    saved = RunConfig(meta=MetaConfig(), tasks=TaskArgs(), model=ModelArgs(), eval=EvalArgs()).to_dict()
+    grown = RunConfig(
         meta=MetaConfig(meta_steps=99),
         tasks=TaskArgs(data_dir="/elsewhere"),
         model=ModelArgs(device="cpu"),
         eval=EvalArgs(ood_tasks=["glue-sst2"]),
-    )
+    ).to_dict()
     assert config_changes(saved, grown) == []
-    changed = to_dict(meta=MetaConfig(inner_lr=0.1), tasks=TaskArgs(), model=ModelArgs(), eval=EvalArgs())
+    changed = RunConfig(meta=MetaConfig(inner_lr=0.1), tasks=TaskArgs(), model=ModelArgs(), eval=EvalArgs()).to_dict()
     assert config_changes(saved, changed) == ["meta.inner_lr: 0.5 -> 0.1"]
 
 

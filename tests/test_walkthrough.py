@@ -67,7 +67,7 @@ def test_your_own_csv_with_the_shipped_prior(folder):
     from abmll.export import load_adapter_folder
     from abmll.loading import load_prior
 
-    model, tok, posterior, _ = load_prior(str(own / "post"), {})
+    model, tok, posterior, _ = load_prior(str(own / "post"))
     ids = namespace["ids"]
     with torch.no_grad():
         ours = model(posterior, ids["input_ids"], ids["attention_mask"]).logits

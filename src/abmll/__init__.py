@@ -13,7 +13,7 @@ __version__ = "0.1.0"
 
 _API = {
     "abmll.bayes_lora": ("BayesLoraConfig", "BayesLoraModel", "HyperpriorConfig"),
-    "abmll.config": ("EvalArgs", "ModelArgs", "TaskArgs", "from_dict", "to_dict"),
+    "abmll.config": ("EvalArgs", "ModelArgs", "RunConfig", "TaskArgs", "from_dict"),
     "abmll.data": ("DataError", "Example", "load_episode", "read_jsonl"),
     "abmll.evaluate": ("Method", "Result", "evaluate_with_predictions", "run_method"),
     "abmll.export": ("export_peft", "load_adapter_folder"),

@@ -22,7 +22,7 @@ from transformers import HfArgumentParser
 
 from abmll.checkpoint import CONFIG, CheckpointError
 from abmll.checks import at_least, non_empty, one_of, seeds
-from abmll.config import CONFIG_GROUPS, from_dict
+from abmll.config import CONFIG_GROUPS, RunConfig, from_dict
 from abmll.convert import ColumnMapping
 from abmll.flags import unknown_flag
 from abmll.priors import resolve_adapter
@@ -324,7 +324,7 @@ def parse_args(
     default_out: str | None = None,
     unused: tuple[str, ...] = (),
 ):
-    """Parse ``argv`` into (RunArgs, {group: config}, [extra dataclasses]) for ``abmll <command>``.
+    """Parse ``argv`` into (RunArgs, RunConfig, [extra dataclasses]) for ``abmll <command>``.
 
     Defaults, lowest first: the dataclasses' (``target_modules`` is "auto": the architecture's
     preset; ``out`` is ``default_out``), the config saved in the adapter folder named by
@@ -360,12 +360,12 @@ def parse_args(
     for parsed in (run, *rest[: len(extra)]):  # a shipped prior's short name -> its folder
         if adapter_flag and getattr(parsed, adapter_flag, None):
             setattr(parsed, adapter_flag, str(resolve_adapter(getattr(parsed, adapter_flag))))
-    cfg = dict(zip(groups, rest[len(extra) :]))
+    cfg = RunConfig(**dict(zip(groups, rest[len(extra) :])))
     given = {a.split("=")[0].replace("-", "_") for a in argv if a.startswith("--")}
-    if "tasks" in cfg and "__split" in given:
+    if cfg.tasks is not None and "__split" in given:
         for name in ("train_tasks", "test_tasks"):
             if f"__{name}" not in given:
-                setattr(cfg["tasks"], name, [])
+                setattr(cfg.tasks, name, [])
     return run, cfg, rest[: len(extra)]
 
 

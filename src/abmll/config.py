@@ -157,19 +157,52 @@ CONFIG_GROUPS = {
 }
 
 
-def to_dict(**groups) -> dict:
-    """``{group: asdict(config)}`` for saving beside checkpoints and results."""
-    return {name: asdict(cfg) for name, cfg in groups.items()}
+@dataclass
+class RunConfig:
+    """One run's resolved configuration: a config per group (:data:`CONFIG_GROUPS`), ``None``
+    for a group the command does not take. What ``parse_args`` returns, what the commands,
+    loaders and benchmarks read (``cfg.meta.inner_lr``), and what is saved beside a prior
+    (:meth:`to_dict`).
+
+    Attributes:
+        model: which base model, where it runs.
+        lora: the Gaussian LoRA adapter (rank, alpha, target_modules, prior scale).
+        hyperprior: the hyperprior on the prior's scales.
+        scoring: prompts, options and scoring (direct / channel, demonstrations).
+        meta: inner and outer loop.
+        tasks: tasks and data files.
+        eval: test-time adaptation, prediction and the baselines' settings.
+    """
+
+    model: ModelArgs | None = None
+    lora: BayesLoraConfig | None = None
+    hyperprior: HyperpriorConfig | None = None
+    scoring: ScoringConfig | None = None
+    meta: MetaConfig | None = None
+    tasks: TaskArgs | None = None
+    eval: EvalArgs | None = None
+
+    def groups(self) -> dict[str, object]:
+        """``{group: config}`` of the groups this run has, in :data:`CONFIG_GROUPS` order."""
+        return {name: getattr(self, name) for name in CONFIG_GROUPS if getattr(self, name) is not None}
+
+    def to_dict(self) -> dict:
+        """``{group: asdict(config)}`` for saving beside checkpoints and results."""
+        return {name: asdict(cfg) for name, cfg in self.groups().items()}
+
+    def only(self, *names: str) -> RunConfig:
+        """This configuration kept to the groups ``names`` (the others ``None``)."""
+        return RunConfig(**{name: getattr(self, name) for name in names})
 
 
 def config_fields() -> dict[str, Field]:
     """Every field of the config groups by its entry name ``"group.field"`` (how
-    :func:`to_dict` output reads when flattened one level)."""
+    :meth:`RunConfig.to_dict` output reads when flattened one level)."""
     return {f"{group}.{f.name}": f for group, cls in CONFIG_GROUPS.items() for f in fields(cls)}
 
 
 def from_dict(saved: dict, name: str, source: str = "saved config"):
-    """Rebuild config group ``name`` from :func:`to_dict` output, ignoring unknown keys and
+    """Rebuild config group ``name`` from :meth:`RunConfig.to_dict` output, ignoring unknown keys and
     machine fields (:data:`abmll.roles.MACHINE`: a prior meta-trained on a GPU loads on a
     CPU-only machine).
 
@@ -211,12 +244,12 @@ def key_dict(config) -> dict:
     return {k: v for k, v in group_dict(config).items() if k not in machine}
 
 
-def result_config(cfg: dict) -> dict:
-    """The resolved config ``{group: config}`` as :func:`to_dict` does, each group kept to its
-    :func:`key_dict` fields: results do not depend on the machine, and a field added since
-    results were saved does not change their key while at its default."""
-    out = to_dict(**cfg)
-    for name, config in cfg.items():
+def result_config(cfg: RunConfig) -> dict:
+    """The resolved config ``{group: config}`` as :meth:`RunConfig.to_dict` gives it, each
+    group kept to its :func:`key_dict` fields: results do not depend on the machine, and a
+    field added since results were saved does not change their key while at its default."""
+    out = cfg.to_dict()
+    for name, config in cfg.groups().items():
         keep = key_dict(config)
         out[name] = {k: v for k, v in out[name].items() if k in keep}
     return out

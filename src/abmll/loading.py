@@ -4,23 +4,24 @@ from __future__ import annotations
 
 from abmll.bayes_lora import BayesLoraModel
 from abmll.checkpoint import CONFIG, CheckpointError
-from abmll.config import from_dict, to_dict
+from abmll.config import RunConfig, from_dict
 from abmll.export import load_adapter_folder
 from abmll.models import load_base_model, resolve_device
 from abmll.priors import prior_status, resolve_adapter, warn_if_unfinished
 
 
-def build_model(cfg: dict, device=None):
-    m = cfg["model"]
+def build_model(cfg: RunConfig, device=None):
+    m = cfg.model
     base, tokenizer = load_base_model(m.model, m.dtype, resolve_device(m.device if device is None else device))
-    model = BayesLoraModel(base, cfg["lora"])
-    cfg["lora"] = model.config  # target_modules resolved ("auto" -> the preset)
+    model = BayesLoraModel(base, cfg.lora)
+    cfg.lora = model.config  # target_modules resolved ("auto" -> the preset)
     return model, tokenizer
 
 
-def load_prior(folder: str, cfg: dict):
+def load_prior(folder: str, cfg: RunConfig | None = None):
     """Build the model an adapter folder (abmll or exported PEFT layout) belongs to and load
-    its tensors. Config groups missing from ``cfg`` are filled from the folder's saved config.
+    its tensors. Config groups ``cfg`` lacks (all, when it is None) are filled in it from the
+    folder's saved config.
     Returns (model, tokenizer, tensors, status): ``status`` is the
     :func:`abmll.priors.prior_status` of a prior (warned about loudly when unfinished), else None.
 
@@ -28,10 +29,11 @@ def load_prior(folder: str, cfg: dict):
         CheckpointError: unreadable folder, or tensors that do not fit the model the config builds.
     """
     theta, saved, status = _read_adapter(folder)
+    cfg = RunConfig() if cfg is None else cfg
     for group in ("model", "lora", "hyperprior", "scoring", "meta"):
-        if group not in cfg:
+        if getattr(cfg, group) is None:
             try:
-                cfg[group] = from_dict(saved, group, f"{folder}/{CONFIG}")
+                setattr(cfg, group, from_dict(saved, group, f"{folder}/{CONFIG}"))
             except ValueError as err:
                 raise CheckpointError(str(err)) from None
     model, tokenizer = build_model(cfg)
@@ -42,7 +44,7 @@ def load_prior(folder: str, cfg: dict):
             theta,
             model,
             f"{folder}: its adapter tensors do not fit the model built from the config",
-            f"model {cfg['model'].model!r}, rank {cfg['lora'].rank}",
+            f"model {cfg.model.model!r}, rank {cfg.lora.rank}",
         ),
         status,
     )
@@ -89,5 +91,5 @@ def check_fits(tensors: dict, model: BayesLoraModel, problem: str, hint: str) ->
     return {k: v.to(device) for k, v in tensors.items()}
 
 
-def adapter_config(cfg: dict, model: BayesLoraModel, **extra) -> dict:
-    return {**to_dict(**cfg), "rho0": {L.name: L.rho0 for L in model.layers}, **extra}
+def adapter_config(cfg: RunConfig, model: BayesLoraModel, **extra) -> dict:
+    return {**cfg.to_dict(), "rho0": {L.name: L.rho0 for L in model.layers}, **extra}

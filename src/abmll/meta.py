@@ -48,7 +48,9 @@ class MetaConfig:
         outer_update: "abmll" (the meta-gradient above) or "reptile" (first-order Reptile,
             Nichol et al. 2018: K inner steps on the episode's support and query sets, then
             the pseudo-gradient theta - lambda^(K) is given to the optimizer, so SGD(lr=eps)
-            does theta <- theta + eps * (lambda^(K) - theta)); see :func:`meta_step`.
+            does theta <- theta + eps * (lambda^(K) - theta)); or "second_order" (the exact
+            ABML meta-gradient through the K inner steps: a reference for small models, its
+            memory grows with K); see :func:`meta_step`.
         inner_grad_clip: clip the global norm of each inner-loop (and test-time) gradient to
             this value (0: plain SGD). Not in the paper: without it SGD at a useful learning
             rate diverges on tasks where the pretrained model is confidently wrong (seen on
@@ -69,7 +71,7 @@ class MetaConfig:
     meta_batch_size: int = setting(2, role=OUTER)
     meta_steps: int = setting(20, role=OUTER, resumable=True)
     seed: int = 0
-    outer_update: Literal["abmll", "reptile"] = setting("abmll", role=OUTER)
+    outer_update: Literal["abmll", "reptile", "second_order"] = setting("abmll", role=OUTER)
     inner_grad_clip: float = 1.0
     outer_warmup_steps: int = setting(0, role=OUTER, added=True)
     outer_grad_clip: float = setting(0.0, role=OUTER, added=True)
@@ -245,9 +247,10 @@ def meta_step(
     reduce: Callable[[Params, dict], dict] | None = None,
     log_support_after: bool = False,
 ) -> dict[str, float]:
-    """One first-order ABMLL outer step on a meta-batch (docs/method.md, "Meta-objective").
+    """One ABMLL outer step on a meta-batch (docs/method.md, "Meta-objective"), each task's
+    share by the rule ``config.outer_update`` (:data:`OUTER_UPDATES`).
 
-    For each task: lambda^(K) = adapt(theta, support); then the query objective
+    The first-order rule ("abmll"), for each task: lambda^(K) = adapt(theta, support); then the query objective
     NLL(query; lambda) + beta * KL(q_lambda || p_theta) is differentiated at lambda = lambda^(K)
     and at theta (through p_theta); the lambda-gradient is added to theta's gradient
     (straight-through). Then gamma * (-log p(theta)) is added, the meta-gradient is clipped to
@@ -364,11 +367,6 @@ def _reptile_task(model: BayesLoraModel, theta: Params, task: TaskBatches, confi
     logs["support_nll_after"] += mean_nll(model, lam_k, task.support) / B
 
 
-OUTER_UPDATES: dict[str, Callable[..., None]] = {"abmll": _abmll_task, "reptile": _reptile_task}
-"""The outer update rules of :func:`meta_step`: each adds one task's share (1/B) of theta's
-gradient and of the logs, as ``rule(model, theta, task, config, B, logs)``."""
-
-
 @torch.no_grad()
 def predict_batches(
     model: BayesLoraModel,
@@ -445,42 +443,39 @@ def _mean_nll_graph(model: BayesLoraModel, params: Params, batches: Sequence[Opt
     return torch.cat(losses).sum() / (sum(b.num_examples for b in batches) * draws)
 
 
-def meta_step_second_order(
-    model: BayesLoraModel,
-    theta: Params,
-    optimizer: torch.optim.Optimizer,
-    tasks: Sequence[TaskBatches],
-    config: MetaConfig,
-    hyper: HyperpriorConfig,
-) -> dict[str, float]:
-    """Exact (second-order) ABML meta-step: back-propagates through all K inner steps
-    (``create_graph=True``), including the prior's role in the inner KL. A reference for the
-    first-order :func:`meta_step` on small models and for memory comparisons: its graph, and
-    so its memory, grows linearly with K. Runs attention on the math SDPA kernel (the fused
-    CPU kernels have no double backward). The optimizer steps at its own learning rate, without
-    ``outer_warmup_steps`` or ``outer_grad_clip``. Returns logs: query_nll, kl, hyperprior, loss."""
+def _second_order_task(model: BayesLoraModel, theta: Params, task: TaskBatches, config: MetaConfig, B: int, logs: dict) -> None:
+    """The exact (second-order) ABML share of one task in :func:`meta_step`: back-propagates
+    (NLL(query; lambda^(K)) + beta * KL(q_lambda || p_theta)) / B through all K plain SGD inner
+    steps (``create_graph=True``), including the prior's role in the inner KL. A reference for
+    the first-order rule on small models and for memory comparisons: its graph, and so its
+    memory, grows linearly with K. ``inner_grad_clip`` is not applied. Runs attention on the
+    math SDPA kernel (the fused CPU kernels have no double backward). Logs: query_nll, kl,
+    support_nll_before (the first inner step's NLL)."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    optimizer.zero_grad(set_to_none=True)
-    B = len(tasks)
-    logs = dict(query_nll=0.0, kl=0.0)
     with sdpa_kernel(SDPBackend.MATH):
-        for task in tasks:
-            lam = dict(theta)
-            for _ in range(config.inner_steps):
-                loss = _mean_nll_graph(model, lam, task.support, config.n_samples)
-                if config.beta:
-                    loss = loss + config.beta * model.kl(lam, theta, twice_differentiable=True)
-                grads = torch.autograd.grad(loss, list(lam.values()), create_graph=True)
-                lam = {k: v - config.inner_lr * g for (k, v), g in zip(lam.items(), grads)}
-            query_nll = _mean_nll_graph(model, lam, task.query, config.n_samples)
-            kl = model.kl(lam, theta)
-            ((query_nll + config.beta * kl) / B).backward()
-            logs["query_nll"] += query_nll.item() / B
-            logs["kl"] += kl.item() / B
-    hyperprior = model.neg_log_hyperprior(theta, hyper)
-    (config.gamma * hyperprior).backward()
-    logs["hyperprior"] = hyperprior.item()
-    logs["loss"] = logs["query_nll"] + config.beta * logs["kl"] + config.gamma * logs["hyperprior"]
-    optimizer.step()
-    return logs
+        lam = dict(theta)
+        for step in range(config.inner_steps):
+            nll = _mean_nll_graph(model, lam, task.support, config.n_samples)
+            if step == 0:
+                logs["support_nll_before"] += nll.item() / B
+            loss = nll + config.beta * model.kl(lam, theta, twice_differentiable=True) if config.beta else nll
+            grads = torch.autograd.grad(loss, list(lam.values()), create_graph=True)
+            lam = {k: v - config.inner_lr * g for (k, v), g in zip(lam.items(), grads)}
+        if not config.inner_steps:
+            logs["support_nll_before"] += mean_nll(model, theta, task.support) / B
+        query_nll = _mean_nll_graph(model, lam, task.query, config.n_samples)
+        kl = model.kl(lam, theta)
+        _check_finite("outer loss", ("query NLL", query_nll), ("KL(q || p_theta)", kl))
+        ((query_nll + config.beta * kl) / B).backward()
+    logs["query_nll"] += query_nll.item() / B
+    logs["kl"] += kl.item() / B
+
+
+OUTER_UPDATES: dict[str, Callable[..., None]] = {
+    "abmll": _abmll_task,
+    "reptile": _reptile_task,
+    "second_order": _second_order_task,
+}
+"""The outer update rules of :func:`meta_step`: each adds one task's share (1/B) of theta's
+gradient and of the logs, as ``rule(model, theta, task, config, B, logs)``."""

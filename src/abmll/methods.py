@@ -210,8 +210,8 @@ def prior_meta_config(kind: str, meta: MetaConfig) -> MetaConfig:
     Raises:
         ValueError: ``kind`` is "init" (not trained) or unknown.
     """
-    if kind == "abmll":
-        return replace(meta, outer_update="abmll")
+    if kind == "abmll":  # first order, or the exact reference when asked for
+        return meta if meta.outer_update == "second_order" else replace(meta, outer_update="abmll")
     if kind == "multitask":
         return replace(meta, inner_steps=0, n_samples=0, beta=0.0, gamma=0.0, outer_update="abmll")
     if kind == "reptile":

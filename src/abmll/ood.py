@@ -13,6 +13,7 @@ from torch import Tensor
 from torchmetrics.functional.classification import binary_auroc
 
 from abmll.bayes_lora import BayesLoraModel, Params
+from abmll.config import RunConfig
 from abmll.episodes import episode_batches
 from abmll.evaluate import Method, adapt_method
 from abmll.meta import MetaConfig, TaskBatches, predict_samples
@@ -67,13 +68,13 @@ def posterior_ood_auroc(
 
 
 def ood_table(
-    model: BayesLoraModel, tokenizer, methods: Sequence[Method], task_names: Sequence[str], cfg: dict
+    model: BayesLoraModel, tokenizer, methods: Sequence[Method], task_names: Sequence[str], cfg: RunConfig
 ) -> dict[str, dict[str, dict[str, float]]]:
     """:func:`ood_detection` for every method, test task (in-distribution) and ``eval.ood_tasks``
     task other than it, averaged over the data seeds: ``{method: {"<task> -> <ood task>":
     {"auroc_total", "auroc_epistemic"}}}``. Each task's episode is built and each method
     adapted once per seed, whatever the number of OOD tasks."""
-    tasks, ev, scoring, meta = cfg["tasks"], cfg["eval"], cfg["scoring"], cfg["meta"]
+    tasks, ev, scoring, meta = cfg.tasks, cfg.eval, cfg.scoring, cfg.meta
     runs: dict[str, dict[str, list[dict]]] = {m.name: {} for m in methods}
     for seed in tasks.data_seeds:
         episodes = {

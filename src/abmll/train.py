@@ -405,7 +405,7 @@ def finish_step_on_interrupt() -> Iterator[threading.Event]:
 
 def config_changes(saved: dict, current: dict) -> list[str]:
     """``"group.key: saved -> current"`` for each config entry that differs between two
-    :func:`abmll.config.to_dict` dicts, except the resumable and machine fields
+    :meth:`abmll.config.RunConfig.to_dict` dicts, except the resumable and machine fields
     (:func:`abmll.roles.is_resumable`, e.g. ``meta.meta_steps`` may grow), compared as JSON.
     A field the saved config lacks (added to abmll after it was saved) counts as its default."""
     old, new = _entries(saved), _entries(json.loads(json.dumps(current)))

@@ -8,6 +8,7 @@ import torch
 from tqdm.auto import tqdm
 
 from abmll.args import AdaptArgs, RunArgs
+from abmll.config import RunConfig
 from abmll.data import read_jsonl
 from abmll.export import export_peft
 from abmll.loading import adapter_config, load_prior
@@ -16,7 +17,7 @@ from abmll.outputs import guard_adapter_folder
 from abmll.scoring import make_batches
 
 
-def run_adapt(run: RunArgs, args: AdaptArgs, cfg: dict) -> Path:
+def run_adapt(run: RunArgs, args: AdaptArgs, cfg: RunConfig) -> Path:
     """Adapt the prior ``args.prior`` to the examples of ``args.support`` (``eval.test_steps``
     steps of ``eval.test_optimizer`` at ``eval.test_lr`` (default ``meta.inner_lr``),
     ``meta.beta``, ``meta.n_samples``) and write the posterior
@@ -27,8 +28,8 @@ def run_adapt(run: RunArgs, args: AdaptArgs, cfg: dict) -> Path:
     guard_adapter_folder(run.out, args.prior, run.overwrite)
     model, tokenizer, theta, status = load_prior(args.prior, cfg)
     device = next(model.parameters()).device
-    support = [b.to(device) for b in make_batches(tokenizer, examples, cfg["scoring"], examples)]
-    meta, ev, steps = cfg["meta"], cfg["eval"], cfg["eval"].test_steps
+    support = [b.to(device) for b in make_batches(tokenizer, examples, cfg.scoring, examples)]
+    meta, ev, steps = cfg.meta, cfg.eval, cfg.eval.test_steps
     torch.manual_seed(meta.seed)
     before = mean_nll(model, theta, support)
     lr = ev.adapt_lr(meta)

@@ -9,7 +9,7 @@ from tqdm.auto import tqdm
 
 from abmll.args import ReportArgs, RunArgs
 from abmll.checkpoint import write_json
-from abmll.config import EvalArgs, TaskArgs, result_config, to_dict
+from abmll.config import EvalArgs, RunConfig, TaskArgs, result_config
 from abmll.data import check_task_files, resolve_data_dir
 from abmll.evaluate import Method, Result, evaluate_with_predictions, format_table
 from abmll.loading import fitting_prior
@@ -24,7 +24,7 @@ from abmll.train import task_names
 RESULTS, PARTIAL_RESULTS = "results.json", "results.partial.jsonl"
 
 
-def check_evaluate_inputs(run: RunArgs, cfg: dict) -> list[str]:
+def check_evaluate_inputs(run: RunArgs, cfg: RunConfig) -> list[str]:
     """What ``evaluate`` needs, checked before any model is loaded: every test task's files
     (support and test, every data seed), the output folder, and that ``results.json`` there
     is not replaced without ``--overwrite``. Returns the test task names.
@@ -33,14 +33,14 @@ def check_evaluate_inputs(run: RunArgs, cfg: dict) -> list[str]:
         DataError: a task file problem (file and line). ValueError: ``--out`` unwritable or
             holding results.
     """
-    tasks: TaskArgs = cfg["tasks"]
+    tasks: TaskArgs = cfg.tasks
     names = task_names(tasks, "test")
     check_task_files(names, ("train", "test"), tasks.k, tasks.data_seeds, tasks.data_dir)
-    check_task_files(cfg["eval"].ood_tasks, ("test",), tasks.k, tasks.data_seeds, tasks.data_dir)
+    check_task_files(cfg.eval.ood_tasks, ("test",), tasks.k, tasks.data_seeds, tasks.data_dir)
     check_writable(run.out)
     if (Path(run.out) / RESULTS).is_file() and not run.overwrite:
         raise ValueError(f"--out {run.out} already holds {RESULTS}; pass --overwrite to replace it or choose another --out")
-    for name in cfg["eval"].compare_priors:
+    for name in cfg.eval.compare_priors:
         resolve_adapter(name)  # a missing prior is named before the model loads
     return names
 
@@ -77,7 +77,7 @@ def check_cli_methods(names: list[str]) -> None:
 
 def run_evaluate(
     run: RunArgs,
-    cfg: dict,
+    cfg: RunConfig,
     model,
     tokenizer,
     theta,
@@ -95,8 +95,8 @@ def run_evaluate(
     Each (method, task, seed) result is appended to ``results.partial.jsonl`` as it finishes;
     run again with the same settings, the command computes only the missing ones."""
     names = check_evaluate_inputs(run, cfg)
-    tasks: TaskArgs = cfg["tasks"]
-    ev: EvalArgs = cfg["eval"]
+    tasks: TaskArgs = cfg.tasks
+    ev: EvalArgs = cfg.eval
     adapting = dict(steps=ev.test_steps, samples=ev.eval_samples, lr=ev.test_lr, optimizer=ev.test_optimizer)
     check_cli_methods(list(methods))
     methods = [make_method(n, theta if get_spec(n).prior == "abmll" else model.init_params(), ev) for n in methods]
@@ -155,8 +155,8 @@ def run_evaluate(
         names,
         tasks.data_seeds,
         tasks,
-        cfg["scoring"],
-        cfg["meta"],
+        cfg.scoring,
+        cfg.meta,
         ev,
         on_result,
         done=done,
@@ -165,7 +165,7 @@ def run_evaluate(
     if ev.ood_tasks:
         results["ood"] = ood_table(model, tokenizer, [m for m in methods if m.steps], names, cfg)
         print(format_ood_table(results["ood"]))
-    results["config"] = to_dict(**cfg)
+    results["config"] = cfg.to_dict()
     results["data_dir_resolved"] = str(resolve_data_dir(tasks.data_dir))
     results["ece_scheme"] = ECE_SCHEME
     if prior is not None:

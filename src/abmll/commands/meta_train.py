@@ -8,7 +8,7 @@ from tqdm.auto import tqdm
 
 from abmll.args import ReportArgs, RunArgs, TrainArgs
 from abmll.bayes_lora import BayesLoraModel
-from abmll.config import EvalArgs, to_dict
+from abmll.config import EvalArgs, RunConfig
 from abmll.data import check_task_files, check_tasks
 from abmll.distributed import base_model_device, make_accelerator, prepare_model
 from abmll.loading import build_model
@@ -51,7 +51,7 @@ class report_writer:
 
 
 def meta_train(
-    run: RunArgs, train: TrainArgs, cfg: dict, report: ReportArgs | None = None, writer=None
+    run: RunArgs, train: TrainArgs, cfg: RunConfig, report: ReportArgs | None = None, writer=None
 ) -> tuple[BayesLoraModel, object, dict]:
     """Meta-train and save the prior into ``run.out`` (saving, resuming and validating as
     ``train`` says; with training_curves.png unless
@@ -59,7 +59,7 @@ def meta_train(
     returns (model, tokenizer, theta). Under ``accelerate launch`` with several processes
     (see abmll.distributed) the tasks of each meta-batch are split across the processes and
     only the main one prints, plots and writes."""
-    tasks = cfg["tasks"]
+    tasks = cfg.tasks
     names = [t for t in task_names(tasks, "train") if t not in tasks.val_tasks]
     if train.validate_every and not tasks.val_tasks:
         raise ValueError("--validate_every needs --val_tasks (train tasks held out of meta-training)")
@@ -70,8 +70,8 @@ def meta_train(
         check_task_files(
             check_tasks(tasks.val_tasks, tasks.data_dir), ("train", "dev"), tasks.k, tasks.data_seeds, tasks.data_dir
         )
-    accelerator = make_accelerator(cfg["model"].device)  # None for a single process
-    model, tokenizer = build_model(cfg, base_model_device(accelerator, cfg["model"].device))
+    accelerator = make_accelerator(cfg.model.device)  # None for a single process
+    model, tokenizer = build_model(cfg, base_model_device(accelerator, cfg.model.device))
     prepare_model(accelerator, model)  # FSDP config: shard the base model
     validator = None
     if train.validate_every:
@@ -81,18 +81,18 @@ def meta_train(
             check_tasks(tasks.val_tasks, tasks.data_dir),
             tasks.data_seeds,
             tasks,
-            cfg["scoring"],
-            cfg["meta"],
-            cfg.get("eval", EvalArgs()),
+            cfg.scoring,
+            cfg.meta,
+            cfg.eval or EvalArgs(),
         )
     trainer = MetaTrainer(
         model,
         tokenizer,
         names,
-        cfg["tasks"],
-        cfg["meta"],
-        cfg["hyperprior"],
-        cfg["scoring"],
+        cfg.tasks,
+        cfg.meta,
+        cfg.hyperprior,
+        cfg.scoring,
         accelerator=accelerator,
         log_support_after=report is not None and report.log_support_after,
         validator=validator,
@@ -106,9 +106,9 @@ def meta_train(
         + (f" ({trainer.world_size} processes)" if trainer.world_size > 1 else "")
     )
     if train.resume:
-        done = trainer.resume(run.out, to_dict(**cfg))
+        done = trainer.resume(run.out, cfg.to_dict())
         say(f"resuming {run.out} after {done} meta-steps")
-    bar = tqdm(total=cfg["meta"].meta_steps, initial=len(trainer.history), desc="meta-train", unit="step", disable=not is_main)
+    bar = tqdm(total=cfg.meta.meta_steps, initial=len(trainer.history), desc="meta-train", unit="step", disable=not is_main)
 
     def on_step(logs):
         bar.update(1)
@@ -122,7 +122,7 @@ def meta_train(
                 q_nll=f"{logs['query_nll']:.3f}", kl=f"{logs['kl']:.3g}", s_nll=f"{logs['support_nll_before']:.3f}{after}"
             )
 
-    theta = trainer.run(run.out, to_dict(**cfg), train.save_every, on_step, train.skip_nonfinite)
+    theta = trainer.run(run.out, cfg.to_dict(), train.save_every, on_step, train.skip_nonfinite)
     bar.close()
     say(f"prior saved to {run.out}")
     if is_main and (report is None or report.plots) and any("query_nll" in h for h in trainer.history):

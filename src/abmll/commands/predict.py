@@ -13,7 +13,7 @@ from tqdm.auto import tqdm
 
 from abmll.args import PredictArgs, RunArgs
 from abmll.checkpoint import write_json
-from abmll.config import result_config, to_dict
+from abmll.config import RunConfig, result_config
 from abmll.data import Example, read_jsonl
 from abmll.loading import load_prior
 from abmll.meta import predict_samples
@@ -31,7 +31,7 @@ from abmll.uncertainty import choose_threshold, decompose, normalised_entropy
 PREDICTIONS, PREDICT_CONFIG = "predictions.jsonl", "predict_config.json"
 
 
-def run_predict(run: RunArgs, args: PredictArgs, cfg: dict) -> Path:
+def run_predict(run: RunArgs, args: PredictArgs, cfg: RunConfig) -> Path:
     """Predict every example of ``args.input`` with the adapter ``args.adapter``, averaging
     ``eval.eval_samples`` weight samples (0: posterior mean). Writes ``run.out``/predictions.jsonl
     (per line: options, probs, prediction, prediction_index; entropy = total predictive
@@ -50,16 +50,16 @@ def run_predict(run: RunArgs, args: PredictArgs, cfg: dict) -> Path:
     if not args.adapter or not args.input:
         raise SystemExit("predict: --adapter DIR and --input FILE.jsonl are required")
     examples = read_jsonl(args.input, unlabelled=True)
-    if cfg["scoring"].demonstrations and not args.support:
+    if cfg.scoring.demonstrations and not args.support:
         raise SystemExit(
-            f"predict: the adapter scores with --demonstrations {cfg['scoring'].demonstrations}: "
+            f"predict: the adapter scores with --demonstrations {cfg.scoring.demonstrations}: "
             "pass --support FILE.jsonl (the task's labelled examples, e.g. the file given to abmll adapt)"
         )
-    support = read_jsonl(args.support) if cfg["scoring"].demonstrations else None
+    support = read_jsonl(args.support) if cfg.scoring.demonstrations else None
     dev = read_jsonl(args.abstain_dev) if args.abstain_dev else []
     labelled = [ex.label >= 0 for ex in examples]
     out = check_writable(run.out)
-    n_samples = cfg["eval"].eval_samples
+    n_samples = cfg.eval.eval_samples
     adapter_files = sorted(p for p in Path(args.adapter).iterdir() if p.suffix in (".safetensors", ".json"))
     settings = settings_hash(
         {
@@ -93,7 +93,7 @@ def run_predict(run: RunArgs, args: PredictArgs, cfg: dict) -> Path:
     model, tokenizer, params, status = load_prior(args.adapter, cfg)
     device = next(model.parameters()).device
     record = {
-        **to_dict(**cfg),
+        **cfg.to_dict(),
         "adapter": str(args.adapter),
         "input": str(args.input),
         "input_resolved": str(Path(args.input).resolve()),  # the file read, wherever the command ran
@@ -138,7 +138,7 @@ def run_predict(run: RunArgs, args: PredictArgs, cfg: dict) -> Path:
     bar.close()
     if truncated:
         print(
-            f"warning: {truncated} input(s) were cut from the left to fit max_length={cfg['scoring'].max_length} "
+            f"warning: {truncated} input(s) were cut from the left to fit max_length={cfg.scoring.max_length} "
             "tokens (dropped_tokens > 0 in their lines); raise --max_length to keep more",
             file=sys.stderr,
         )
@@ -161,13 +161,13 @@ def run_predict(run: RunArgs, args: PredictArgs, cfg: dict) -> Path:
     return pred_path
 
 
-def _predict_chunk(model, tokenizer, params, cfg: dict, support, device, examples: list[Example], seed: int):
-    """``examples`` predicted with ``cfg["eval"].eval_samples`` weight samples seeded by ``seed``:
+def _predict_chunk(model, tokenizer, params, cfg: RunConfig, support, device, examples: list[Example], seed: int):
+    """``examples`` predicted with ``cfg.eval.eval_samples`` weight samples seeded by ``seed``:
     (sample probs (S, N, C), :func:`abmll.uncertainty.decompose` parts plus "normalised", each
     (N,), dropped input tokens (N,))."""
-    batches = [b.to(device) for b in make_batches(tokenizer, examples, cfg["scoring"], support)]
+    batches = [b.to(device) for b in make_batches(tokenizer, examples, cfg.scoring, support)]
     torch.manual_seed(seed)
-    samples, _ = predict_samples(model, params, batches, cfg["eval"].eval_samples)
+    samples, _ = predict_samples(model, params, batches, cfg.eval.eval_samples)
     parts = decompose(samples)
     parts["normalised"] = normalised_entropy(parts["total"], torch.tensor([len(ex.options) for ex in examples]))
     dropped = torch.zeros(len(examples), dtype=torch.long)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import make_tiny_llama
-from test_special_tokens import sentencepiece_tokenizer
+from test_prompts_special_tokens import sentencepiece_tokenizer
 
 from abmll.bayes_lora import BayesLoraConfig, BayesLoraModel
 from abmll.data import Example

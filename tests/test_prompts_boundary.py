@@ -5,7 +5,7 @@ at the boundary, on byte-level BPE with merges, SentencePiece-style and byte tok
 from __future__ import annotations
 
 import pytest
-from test_special_tokens import sentencepiece_tokenizer
+from test_prompts_special_tokens import sentencepiece_tokenizer
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
@@ -97,7 +97,7 @@ def test_a_template_typed_in_the_shell_means_its_newline(tmp_path):
 
     typed = ["--template", "{input}\\nAnswer:", "--option_prefix", "\\t", "--channel_template", "{option}\\n{input}"]
     _, cfg, _ = parse_args([*typed, "--out", str(tmp_path)], ["scoring"], command="adapt")
-    scoring = cfg["scoring"]
+    scoring = cfg.scoring
     assert (scoring.template, scoring.option_prefix, scoring.channel_template) == ("{input}\nAnswer:", "\t", "{option}\n{input}")
     assert ScoringConfig(**vars(scoring)) == scoring  # read again: unchanged
     assert ScoringConfig(template="{input} C:\\data").template == "{input} C:\\data"  # other backslashes are kept

@@ -15,7 +15,7 @@ from transformers import AutoModelForCausalLM
 
 from abmll.checkpoint import load_adapter
 from abmll.cli import main
-from abmll.config import EvalArgs, TaskArgs, from_dict
+from abmll.config import EvalArgs, RunConfig, TaskArgs, from_dict
 from abmll.data import read_jsonl
 from abmll.episodes import episode_batches
 from abmll.evaluate import Method, evaluate, evaluate_with_predictions
@@ -69,7 +69,7 @@ def test_a_bad_config_file_is_refused_naming_the_file(tmp_path, text, what):
 def test_export_is_a_peft_adapter_with_abmll_posterior_mean_predictions(world, tmp_path):
     out = tmp_path / "peft"
     assert main(["export", "--config", str(world["config"]), "--adapter", str(world["prior"]), "--out", str(out)]) == 0
-    cfg = {}
+    cfg = RunConfig()
     model, _, theta, _ = load_prior(str(world["prior"]), cfg)
     assert any(v.abs().sum() > 0 for k, v in theta.items() if "lora_B" in k)  # a trained prior
     peft_model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(world["model_dir"]), out).eval()
@@ -93,11 +93,11 @@ def test_adapt_then_predict(world, tmp_path, monkeypatch, capsys):
     assert saved["kind"] == "posterior" and saved["eval"]["test_steps"] == 3 and saved["meta"]["inner_lr"] == 0.7
     assert saved["meta"]["outer_lr"] == 0.05  # the prior's saved config fills the rest
 
-    cfg = {}
+    cfg = RunConfig()
     model, tok, theta, _ = load_prior(str(world["prior"]), cfg)
     batches = make_batches(tok, read_jsonl(support), ScoringConfig(max_rows=8))
-    torch.manual_seed(cfg["meta"].seed)
-    expected, steps = adapt(model, theta, batches, 3, 0.7, cfg["meta"].beta, cfg["meta"].n_samples, cfg["meta"].inner_grad_clip)
+    torch.manual_seed(cfg.meta.seed)
+    expected, steps = adapt(model, theta, batches, 3, 0.7, cfg.meta.beta, cfg.meta.n_samples, cfg.meta.inner_grad_clip)
     for k in expected:  # the library's own adapt (to rounding: a BLAS may split sums by the load on the machine)
         torch.testing.assert_close(posterior[k], expected[k], rtol=1e-5, atol=1e-7)
     assert saved["support_nll_steps"] == pytest.approx(steps, abs=1e-6)
@@ -253,12 +253,12 @@ def test_evaluate_plots_reliability_and_matches_library_evaluate(world, tmp_path
 
     # the library with the settings the command resolved: the prior's saved config, run.yaml's
     # tasks and eval settings, the --eval_samples flag
-    cfg = {}
+    cfg = RunConfig()
     model, tok, theta, _ = load_prior(str(world["prior"]), cfg)
     tasks = TaskArgs(data_dir=str(world["data"]), k=4, data_seeds=[1], test_tasks=["h0"])
     ev = EvalArgs(test_steps=1, eval_samples=2, max_test=6)
     methods = [Method("zero_shot", model.init_params(), 0, 0), Method("abmll", theta, 1, 2)]
-    scoring, meta = ScoringConfig(max_rows=8), cfg["meta"]
+    scoring, meta = ScoringConfig(max_rows=8), cfg.meta
     ref = evaluate(model, tok, methods, ["h0"], [1], tasks, scoring, meta, ev)
     got, predictions = evaluate_with_predictions(model, tok, methods, ["h0"], [1], tasks, scoring, meta, ev)
     assert got == ref
@@ -284,12 +284,12 @@ def test_evaluate_runs_the_registry_methods_it_is_asked_for(world, tmp_path, cap
     results = json.loads((out / "results.json").read_text())
     assert list(results["methods"]) == names
     # the library, with the registry's method and the settings the command resolved
-    cfg = {}
+    cfg = RunConfig()
     model, tok, theta, _ = load_prior(str(world["prior"]), cfg)
     tasks = TaskArgs(data_dir=str(world["data"]), k=4, data_seeds=[1], test_tasks=["h0"])
     ev = EvalArgs(test_steps=1, eval_samples=2, max_test=6, ensemble_members=2, support_folds=2)
     methods = [make_method(n, theta if n.startswith("abmll") else model.init_params(), ev) for n in names]
-    ref = evaluate(model, tok, methods, ["h0"], [1], tasks, ScoringConfig(max_rows=8), cfg["meta"], ev)
+    ref = evaluate(model, tok, methods, ["h0"], [1], tasks, ScoringConfig(max_rows=8), cfg.meta, ev)
     for name in names:
         cli = results["methods"][name]["per_task"]["h0"]["seeds"]["1"]
         assert cli == pytest.approx(ref["methods"][name]["per_task"]["h0"]["seeds"][1], rel=1e-5, abs=1e-7), name
@@ -524,11 +524,11 @@ def test_meta_train_validates_on_held_out_train_tasks_and_keeps_the_best_prior(w
     # each saved prior's validation metrics, recomputed: adapted on t1's support (train file),
     # scored on its dev file, as a new task would be; the prior un-adapted scores otherwise
     for folder, step in ((out / "best", best["step"]), (out, 2)):
-        cfg = {}
+        cfg = RunConfig()
         model, tok, theta, _ = load_prior(str(folder), cfg)
         saved = json.loads((folder / "abmll_config.json").read_text())
-        tasks, ev, meta = from_dict(saved, "tasks"), from_dict(saved, "eval"), cfg["meta"]
-        ep = episode_batches(model, tok, "t1", 1, tasks, cfg["scoring"], "dev", tasks.max_query)
+        tasks, ev, meta = from_dict(saved, "tasks"), from_dict(saved, "eval"), cfg.meta
+        ep = episode_batches(model, tok, "t1", 1, tasks, cfg.scoring, "dev", tasks.max_query)
         torch.manual_seed(1)  # the data seed seeds the episode's weight noise
         lr = ev.adapt_lr(meta)
         posterior, _ = adapt(model, theta, ep.support, ev.test_steps, lr, meta.beta, meta.n_samples, meta.inner_grad_clip)
@@ -696,10 +696,10 @@ def test_channel_and_demonstrations_run_through_adapt_and_predict(world, tmp_pat
     record = json.loads((tmp_path / "p" / "predict_config.json").read_text())
     assert record["complete"] and record["support"] == str(support)
     written = torch.tensor([json.loads(line)["probs"] for line in (tmp_path / "p" / "predictions.jsonl").open()])
-    cfg = {}
+    cfg = RunConfig()
     model, tok, posterior, _ = load_prior(str(post), cfg)
-    assert cfg["scoring"].channel and cfg["scoring"].demonstrations == 2
-    batches = make_batches(tok, read_jsonl(test_file), cfg["scoring"], read_jsonl(support))
+    assert cfg.scoring.channel and cfg.scoring.demonstrations == 2
+    batches = make_batches(tok, read_jsonl(test_file), cfg.scoring, read_jsonl(support))
     assert all(b.demonstrations.min() > 0 for b in batches)
     probs, _ = predict_batches(model, posterior, batches, 0)
     torch.testing.assert_close(written, probs, atol=1e-5, rtol=1e-5)
@@ -721,11 +721,11 @@ def test_a_prior_carries_its_adaptation_recipe_and_flags_override_it(world, tmp_
     assert "adapting with 4 adamw steps at lr 0.02" in capsys.readouterr().out
     posterior, saved = load_adapter_folder(tmp_path / "a")
     assert (saved["eval"]["test_optimizer"], saved["eval"]["test_steps"], saved["eval"]["test_lr"]) == ("adamw", 4, 0.02)
-    cfg = {}
+    cfg = RunConfig()
     model, tok, theta, _ = load_prior(str(prior), cfg)
-    torch.manual_seed(cfg["meta"].seed)
-    batches = make_batches(tok, read_jsonl(support), cfg["scoring"])
-    meta = cfg["meta"]
+    torch.manual_seed(cfg.meta.seed)
+    batches = make_batches(tok, read_jsonl(support), cfg.scoring)
+    meta = cfg.meta
     expected, _ = adapt(model, theta, batches, 4, 0.02, meta.beta, meta.n_samples, meta.inner_grad_clip, "adamw")
     for k in expected:
         torch.testing.assert_close(posterior[k], expected[k], rtol=1e-5, atol=1e-7)

@@ -8,7 +8,7 @@ import random
 import pytest
 import torch
 from conftest import make_tiny_llama
-from test_architectures import random_params
+from test_bayes_lora_architectures import random_params
 from test_meta import TOK
 
 from abmll.bayes_lora import BayesLoraConfig, BayesLoraModel

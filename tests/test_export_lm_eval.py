@@ -62,7 +62,7 @@ def test_an_exported_posterior_runs_under_lm_eval_with_our_accuracy(world, tmp_p
     )
     theirs = out["results"]["abmll_local"]["acc,none"]
 
-    model, tok, _, _ = load_prior(str(world["prior"]), {})
+    model, tok, _, _ = load_prior(str(world["prior"]))
     posterior, _ = load_adapter_folder(post)
     probs, labels = predict_batches(
         model, posterior, make_batches(tok, read_jsonl(test_file), ScoringConfig(template="{input}\nAnswer:")), 0

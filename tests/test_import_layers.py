@@ -31,3 +31,19 @@ def test_nothing_below_the_cli_imports_it_or_the_console_entry():
             offenders[str(path.relative_to(ROOT))] = sorted(upward)
     assert offenders == {}  # e.g. the parser importing the entry's command list (a circle)
     assert imported_modules(ROOT / "src" / "abmll" / "command_names.py") <= {"__future__", "itertools"}  # no torch
+
+
+CROSS_CUTTING = {"import_layers", "walkthrough"}
+"""Test files that exercise no one module: the package's import layers, the README's walk-through."""
+
+
+def test_each_test_file_is_named_after_the_module_it_exercises():
+    """tests/test_<module>[_<aspect>].py, a module of src/abmll (or ``commands``) or benchmarks/."""
+    modules = {p.stem for p in [*(ROOT / "src" / "abmll").glob("*.py"), *(ROOT / "benchmarks").glob("*.py")]} | {"commands"}
+    unplaced = [
+        p.name
+        for p in (ROOT / "tests").glob("test_*.py")
+        if (name := p.stem.removeprefix("test_")) not in CROSS_CUTTING
+        and not any(name == m or name.startswith(f"{m}_") for m in modules)
+    ]
+    assert unplaced == []

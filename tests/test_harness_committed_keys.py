@@ -25,7 +25,7 @@ def _rebuilt(path: Path):
     results = json.loads(path.read_text())
     argv = shlex.split(results["command"])[2:]  # past ".venv/bin/python benchmarks/quality.py"
     bench, cfg = parse_bench(argv)
-    cfg["lora"] = BayesLoraConfig(**results["config"]["lora"])  # resolved by the model ("auto" targets)
+    cfg.lora = BayesLoraConfig(**results["config"]["lora"])  # resolved by the model ("auto" targets)
     return results, bench, cfg, results.get("train_tasks", [])
 
 

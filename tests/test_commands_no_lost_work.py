@@ -376,7 +376,7 @@ def test_a_device_this_machine_lacks_is_refused(world, tmp_path, capsys, monkeyp
 
 
 def test_truncated_inputs_are_counted_warned_and_recorded(world, tmp_path, capsys):
-    model, tok, theta, _ = load_prior(str(world["prior"]), {})
+    model, tok, theta, _ = load_prior(str(world["prior"]))
     scoring = ScoringConfig(max_length=30, max_rows=8)
     data = tmp_path / "data"
     shutil.copytree(world["data"], data)
@@ -643,10 +643,10 @@ def test_unfinished_priors_are_flagged_through_posteriors_and_compared_priors(wo
 
 
 def test_a_checkpoint_from_before_a_new_config_field_resumes():
-    from abmll.config import EvalArgs, to_dict
+    from abmll.config import EvalArgs, RunConfig
     from abmll.train import config_changes
 
-    current = to_dict(eval=EvalArgs())
+    current = RunConfig(eval=EvalArgs()).to_dict()
     saved = json.loads(json.dumps(current))
     del saved["eval"]["ood_tasks"], saved["eval"]["compare_priors"]
     assert config_changes(saved, current) == []
