@@ -1,4 +1,4 @@
-"""Top-L cached adaptation against all-layer adaptation, at equal wall time (issue: a real budget).
+"""Top-L cached adaptation against all-layer adaptation, at equal wall time.
 
 Each variant meta-trains ABMLL on SmolLM2 with the demo's settings (src/abmll/demo.yaml:
 k=8 shots, 8 dev query examples, K=2 inner steps, B=2 tasks) on the usable class_to_class

@@ -1,4 +1,4 @@
-"""Wall times of the README's "Your own CSV and your own model" walk-through (issue 29): each
+"""Wall times of the README's "Your own CSV and your own model" walk-through: each
 command of its blocks run as a user runs it (a fresh process, imports included) in a fresh
 folder, then the Gemma GGUF base loaded cold (converted into an empty cache) and warm (the
 cached conversion). Writes benchmarks/results/walkthrough-times.{json,md}.

@@ -1,4 +1,4 @@
-"""Nothing lost, nothing half-written, nothing silently wrong (issue 15): finished runs are not
+"""Nothing lost, nothing half-written, nothing silently wrong: finished runs are not
 overwritten, inputs and outputs are checked before a model is loaded, results are written
 as they finish and resumed, unfinished priors are flagged, invalid settings and degenerate
 examples are refused naming the flag / line, truncation is reported, and Ctrl-C prints one
@@ -654,7 +654,7 @@ def test_a_checkpoint_from_before_a_new_config_field_resumes():
     assert config_changes(saved, current) == ["eval.max_test: 3 -> 64"]
 
 
-# -- damaged files on disk (issue 28): checksums, and the previous training state kept -----------
+# -- damaged files on disk: checksums, and the previous training state kept -----------
 
 
 def test_meta_train_resumes_from_the_previous_state_when_the_newest_is_damaged(world, tmp_path, capsys):

@@ -83,7 +83,7 @@ def test_every_script_answers_help_and_names_the_nearest_flag(script, capsys):
 
 def test_rerunning_efficiency_keeps_the_top_layers_rows_in_efficiency_results(tmp_path, monkeypatch):
     """benchmarks/efficiency.py rewrites efficiency.{json,md}; the all-layer vs top-L rows that
-    benchmarks/top_layers.py merged into them (issue 13) come back, once, after each rewrite."""
+    benchmarks/top_layers.py merged into them come back, once, after each rewrite."""
     import efficiency
     import top_layers
 

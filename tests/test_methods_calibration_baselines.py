@@ -1,4 +1,4 @@
-"""The calibration baselines (issue 27), each against an independent computation: temperature
+"""The calibration baselines, each against an independent computation: temperature
 scaling against its closed form, the support's k-fold temperature against adapting on each
 fold by hand, a deep ensemble of identical members against one member, MC dropout at rate 0
 against plain LoRA, and the diagonal Laplace GGN against a brute-force Jacobian."""
