@@ -235,7 +235,7 @@ def outer_settings(bench: BenchArgs) -> dict[str, dict]:
     return out
 
 
-def kind_cfg(kind: str, cfg: RunConfig, bench: BenchArgs | None) -> dict:
+def kind_cfg(kind: str, cfg: RunConfig, bench: BenchArgs | None) -> RunConfig:
     """``cfg`` with the meta group prior ``kind`` trains with: ``--outer``'s settings for it,
     else ``cfg`` itself.
 

@@ -40,14 +40,17 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-def make_trainer(data_dir, meta_steps=6, model_seed=0, rank=2, **outer) -> MetaTrainer:
+def make_trainer(data_dir, meta_steps=6, model_seed=0, rank=2, log_support_after=False, **outer) -> MetaTrainer:
     """A trainer on the tiny random Llama; ``model_seed`` changes the adapter initialisation;
     ``outer``: more MetaConfig fields."""
     torch.manual_seed(model_seed)
     model = BayesLoraModel(make_tiny_llama(), BayesLoraConfig(rank=rank))
     tasks = TaskArgs(data_dir=str(data_dir), k=4, data_seeds=[1, 2], max_query=4)
     config = MetaConfig(**{"meta_steps": meta_steps, "inner_steps": 1, "outer_lr": 0.05, "seed": 3, **outer})
-    return MetaTrainer(model, make_tiny_tokenizer(), TASKS, tasks, config, HyperpriorConfig(), ScoringConfig(max_rows=8))
+    scoring = ScoringConfig(max_rows=8)
+    return MetaTrainer(
+        model, make_tiny_tokenizer(), TASKS, tasks, config, HyperpriorConfig(), scoring, log_support_after=log_support_after
+    )
 
 
 def thetas_equal(a, b) -> bool:
@@ -60,13 +63,16 @@ def file_bytes(folder: Path) -> dict[str, bytes]:
 
 def test_the_exact_second_order_rule_meta_trains_and_equals_first_order_without_inner_steps(tiny_data_dir):
     def trained(**outer):
-        trainer = make_trainer(tiny_data_dir, meta_steps=2, n_samples=0, **outer)
+        trainer = make_trainer(tiny_data_dir, meta_steps=2, n_samples=0, log_support_after=True, **outer)
         trainer.run(None, CONFIG)
         return trainer
 
     for k in (0, 1):
         first, exact = trained(inner_steps=k), trained(inner_steps=k, outer_update="second_order")
         assert all(math.isfinite(h["loss"]) and h["support_nll_before"] > 0 for h in exact.history)
+        assert all(h["support_nll_after"] > 0 for h in exact.history)  # logged, not left at 0
+        if k == 0:  # lambda = theta: the support NLL after is the one before
+            assert all(h["support_nll_after"] == pytest.approx(h["support_nll_before"], rel=1e-5) for h in exact.history)
         gap = max((first.theta[n] - exact.theta[n]).abs().max().item() for n in first.theta)
         if k == 0:  # no inner step: lambda = theta, the straight-through gradient is exact
             assert gap < 1e-5

@@ -448,9 +448,11 @@ def _second_order_task(model: BayesLoraModel, theta: Params, task: TaskBatches, 
     (NLL(query; lambda^(K)) + beta * KL(q_lambda || p_theta)) / B through all K plain SGD inner
     steps (``create_graph=True``), including the prior's role in the inner KL. A reference for
     the first-order rule on small models and for memory comparisons: its graph, and so its
-    memory, grows linearly with K. ``inner_grad_clip`` is not applied. Runs attention on the
-    math SDPA kernel (the fused CPU kernels have no double backward). Logs: query_nll, kl,
-    support_nll_before (the first inner step's NLL)."""
+    memory, grows linearly with K. ``inner_grad_clip`` is not applied; the outer step is
+    :func:`meta_step`'s (warm-up, meta-gradient clipping). Runs attention on the math SDPA
+    kernel (the fused CPU kernels have no double backward). Logs: query_nll, kl,
+    support_nll_before (the first inner step's NLL), and support_nll_after (at the posterior
+    mean of lambda^(K), no gradient) when ``logs`` has it."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     with sdpa_kernel(SDPBackend.MATH):
@@ -470,6 +472,8 @@ def _second_order_task(model: BayesLoraModel, theta: Params, task: TaskBatches, 
         ((query_nll + config.beta * kl) / B).backward()
     logs["query_nll"] += query_nll.item() / B
     logs["kl"] += kl.item() / B
+    if "support_nll_after" in logs:
+        logs["support_nll_after"] += mean_nll(model, {k: v.detach() for k, v in lam.items()}, task.support) / B
 
 
 OUTER_UPDATES: dict[str, Callable[..., None]] = {

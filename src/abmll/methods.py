@@ -32,7 +32,7 @@ The trained priors all come from :class:`abmll.train.MetaTrainer` (same tasks, e
 meta-batch size, number of meta-steps, Adam at ``meta.outer_lr``), with the meta-config
 changed as :func:`prior_meta_config` says:
 
-- ``abmll``: the meta-config as given (first-order ABMLL).
+- ``abmll``: the meta-config as given (first-order ABMLL, or the exact ``second_order`` rule when asked for).
 - ``multitask``: K = 0, no samples, beta = gamma = 0: each meta-step is then a gradient step
   on the mean query NLL over the meta-batch at theta, i.e. one deterministic LoRA trained on
   the union of the meta-train tasks.
