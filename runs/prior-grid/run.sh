@@ -8,5 +8,6 @@ run c0.6 --init_std_factor 0.6
 run c0.3-beta1e-5 --init_std_factor 0.3 --beta 1e-5
 run c0.3-K4 --init_std_factor 0.3 --inner_steps 4
 run c1.0 --init_std_factor 1.0
+run c2.0 --init_std_factor 2.0
 run c0.3-beta1e-7 --init_std_factor 0.3 --beta 1e-7
 echo "=== done $(date -u +%FT%TZ)"
