@@ -456,24 +456,25 @@ def _second_order_task(model: BayesLoraModel, theta: Params, task: TaskBatches, 
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     with sdpa_kernel(SDPBackend.MATH):
-        lam = dict(theta)
-        for step in range(config.inner_steps):
+        lam, before = dict(theta), None
+        for _ in range(config.inner_steps):
             nll = _mean_nll_graph(model, lam, task.support, config.n_samples)
-            if step == 0:
-                logs["support_nll_before"] += nll.item() / B
+            before = nll.item() if before is None else before
             loss = nll + config.beta * model.kl(lam, theta, twice_differentiable=True) if config.beta else nll
             grads = torch.autograd.grad(loss, list(lam.values()), create_graph=True)
             lam = {k: v - config.inner_lr * g for (k, v), g in zip(lam.items(), grads)}
-        if not config.inner_steps:
-            logs["support_nll_before"] += mean_nll(model, theta, task.support) / B
+        if before is None:  # K = 0: lambda = theta
+            before = mean_nll(model, theta, task.support)
         query_nll = _mean_nll_graph(model, lam, task.query, config.n_samples)
         kl = model.kl(lam, theta)
         _check_finite("outer loss", ("query NLL", query_nll), ("KL(q || p_theta)", kl))
         ((query_nll + config.beta * kl) / B).backward()
     logs["query_nll"] += query_nll.item() / B
     logs["kl"] += kl.item() / B
+    logs["support_nll_before"] += before / B
     if "support_nll_after" in logs:
-        logs["support_nll_after"] += mean_nll(model, {k: v.detach() for k, v in lam.items()}, task.support) / B
+        after = mean_nll(model, {k: v.detach() for k, v in lam.items()}, task.support) if config.inner_steps else before
+        logs["support_nll_after"] += after / B
 
 
 OUTER_UPDATES: dict[str, Callable[..., None]] = {
