@@ -10,6 +10,7 @@ import types
 
 import pytest
 import torch
+from conftest import cli_flags
 from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
@@ -187,24 +188,7 @@ def test_adapt_then_predict(world, tmp_path, monkeypatch, capsys):
 
     sampled = tmp_path / "sampled"
     for folder in (sampled, sampled / "again"):
-        assert (
-            main(
-                [
-                    "predict",
-                    "--adapter",
-                    str(post),
-                    "--input",
-                    str(test_file),
-                    "--eval_samples",
-                    "3",
-                    "--sample_seed",
-                    "5",
-                    "--out",
-                    str(folder),
-                ]
-            )
-            == 0
-        )
+        assert main(["predict", *cli_flags(adapter=post, input=test_file, eval_samples="3", sample_seed="5", out=folder)]) == 0
     first = (sampled / "predictions.jsonl").read_text()
     assert first == (sampled / "again" / "predictions.jsonl").read_text()  # seeded
     probs3 = torch.tensor([json.loads(x)["probs"] for x in first.splitlines()])
@@ -229,22 +213,7 @@ def test_predict_names_the_bad_line_of_the_input(world, tmp_path, capsys):
 
 def test_evaluate_plots_reliability_and_matches_library_evaluate(world, tmp_path):
     out = tmp_path / "eval"
-    assert (
-        main(
-            [
-                "evaluate",
-                "--config",
-                str(world["config"]),
-                "--prior",
-                str(world["prior"]),
-                "--eval_samples",
-                "2",
-                "--out",
-                str(out),
-            ]
-        )
-        == 0
-    )
+    assert main(["evaluate", *cli_flags(config=world["config"], prior=world["prior"], eval_samples="2", out=out)]) == 0
     results = json.loads((out / "results.json").read_text())
     for method in ("zero_shot", "abmll"):
         png = out / f"reliability_{method}.png"
@@ -313,18 +282,7 @@ def test_evaluate_without_a_prior_runs_zero_shot_and_lora_on_the_base_model(worl
     with_prior = tmp_path / "with"
     assert (
         main(
-            [
-                "evaluate",
-                "--config",
-                str(world["config"]),
-                "--prior",
-                str(world["prior"]),
-                "--methods",
-                "zero_shot",
-                "lora",
-                "--out",
-                str(with_prior),
-            ]
+            ["evaluate", *cli_flags(config=world["config"], prior=world["prior"], methods=["zero_shot", "lora"], out=with_prior)]
         )
         == 0
     )
@@ -364,16 +322,7 @@ def test_tensorboard_logs_scalars_through_summary_writer(world, tmp_path, monkey
         main(
             [
                 "meta-train",
-                "--config",
-                str(world["config"]),
-                "--tensorboard",
-                str(tmp_path / "tb"),
-                "--plots",
-                "false",
-                "--meta_steps",
-                "2",
-                "--out",
-                str(out),
+                *cli_flags(config=world["config"], tensorboard=tmp_path / "tb", plots="false", meta_steps="2", out=out),
             ]
         )
         == 0
@@ -496,22 +445,7 @@ def test_an_invalid_value_in_a_saved_config_names_the_file_and_the_field(world, 
 def test_meta_train_validates_on_held_out_train_tasks_and_keeps_the_best_prior(world, tmp_path):
     out = tmp_path / "prior"
     assert (
-        main(
-            [
-                "meta-train",
-                "--config",
-                str(world["config"]),
-                "--meta_steps",
-                "2",
-                "--val_tasks",
-                "t1",
-                "--validate_every",
-                "1",
-                "--out",
-                str(out),
-            ]
-        )
-        == 0
+        main(["meta-train", *cli_flags(config=world["config"], meta_steps="2", val_tasks="t1", validate_every="1", out=out)]) == 0
     )
     validation = json.loads((out / "validation.json").read_text())
     assert [v["step"] for v in validation] == [0, 1, 2]
@@ -592,16 +526,7 @@ def test_shipped_priors_are_taken_by_short_name_and_compared_in_evaluate(world, 
         main(
             [
                 "evaluate",
-                "--config",
-                str(world["config"]),
-                "--prior",
-                str(world["prior"]),
-                "--compare_priors",
-                "tiny-rule",
-                "--plots",
-                "false",
-                "--out",
-                str(out),
+                *cli_flags(config=world["config"], prior=world["prior"], compare_priors="tiny-rule", plots="false", out=out),
             ]
         )
         == 0

@@ -14,6 +14,7 @@ import warnings
 
 import pytest
 import torch
+from conftest import cli_flags
 
 import abmll.cli as cli
 import abmll.commands.adapt as adapt_cmd
@@ -139,17 +140,9 @@ def test_inputs_and_output_folder_are_checked_before_the_model_is_loaded(world, 
         main(
             [
                 "evaluate",
-                "--config",
-                str(world["config"]),
-                "--prior",
-                str(world["prior"]),
-                "--data_dir",
-                str(data),
-                "--test_tasks",
-                "h0",
-                "h1",
-                "--out",
-                str(tmp_path / "e"),
+                *cli_flags(
+                    config=world["config"], prior=world["prior"], data_dir=data, test_tasks=["h0", "h1"], out=tmp_path / "e"
+                ),
             ]
         )
         == 1
@@ -167,20 +160,7 @@ def test_inputs_and_output_folder_are_checked_before_the_model_is_loaded(world, 
     try:
         if os.access(locked, os.W_OK):
             pytest.skip("running as a user who can write anywhere (root)")
-        assert (
-            main(
-                [
-                    "predict",
-                    "--adapter",
-                    str(world["prior"]),
-                    "--input",
-                    str(data / "h0" / "h0_test.jsonl"),
-                    "--out",
-                    str(locked / "p"),
-                ]
-            )
-            == 1
-        )
+        assert main(["predict", *cli_flags(adapter=world["prior"], input=data / "h0" / "h0_test.jsonl", out=locked / "p")]) == 1
         assert "cannot write" in capsys.readouterr().err
     finally:
         os.chmod(locked, 0o700)
@@ -213,17 +193,7 @@ def test_an_interrupted_predict_resumes_to_the_same_predictions(world, tmp_path,
 
 
 def test_an_interrupted_evaluate_resumes_from_its_finished_results(world, tmp_path, capsys, monkeypatch):
-    args = [
-        "evaluate",
-        "--config",
-        str(world["config"]),
-        "--prior",
-        str(world["prior"]),
-        "--eval_samples",
-        "1",
-        "--plots",
-        "false",
-    ]
+    args = ["evaluate", *cli_flags(config=world["config"], prior=world["prior"], eval_samples="1", plots="false")]
     assert main(args + ["--out", str(tmp_path / "ref")]) == 0
     reference = json.loads((tmp_path / "ref" / "results.json").read_text())
 
@@ -255,21 +225,7 @@ def test_an_unfinished_prior_is_warned_about_and_recorded(world, tmp_path, capsy
     config.update(meta_steps_done=1, run_meta_steps_done=1)  # 1 of its 2 meta-steps: interrupted
     (folder / CONFIG).write_text(json.dumps(config))
     assert (
-        main(
-            [
-                "evaluate",
-                "--config",
-                str(world["config"]),
-                "--prior",
-                str(folder),
-                "--eval_samples",
-                "0",
-                "--plots",
-                "false",
-                "--out",
-                str(tmp_path / "e"),
-            ]
-        )
+        main(["evaluate", *cli_flags(config=world["config"], prior=folder, eval_samples="0", plots="false", out=tmp_path / "e")])
         == 0
     )
     assert "WARNING" in capsys.readouterr().err
@@ -340,14 +296,7 @@ def test_a_device_this_machine_lacks_is_refused(world, tmp_path, capsys, monkeyp
         main(
             [
                 "predict",
-                "--adapter",
-                str(world["prior"]),
-                "--input",
-                str(world["data"] / "h0" / "h0_test.jsonl"),
-                "--device",
-                "cuda",
-                "--out",
-                str(tmp_path),
+                *cli_flags(adapter=world["prior"], input=world["data"] / "h0" / "h0_test.jsonl", device="cuda", out=tmp_path),
             ]
         )
         == 1
@@ -357,14 +306,7 @@ def test_a_device_this_machine_lacks_is_refused(world, tmp_path, capsys, monkeyp
         main(
             [
                 "predict",
-                "--adapter",
-                str(world["prior"]),
-                "--input",
-                str(world["data"] / "h0" / "h0_test.jsonl"),
-                "--chunk_size",
-                "0",
-                "--out",
-                str(tmp_path),
+                *cli_flags(adapter=world["prior"], input=world["data"] / "h0" / "h0_test.jsonl", chunk_size="0", out=tmp_path),
             ]
         )
         == 1
@@ -413,22 +355,7 @@ def test_truncated_inputs_are_counted_warned_and_recorded(world, tmp_path, capsy
     assert record["max_dropped_fraction"] == pytest.approx(fraction[0].item())
     assert any("h0: 1 of 10 inputs cut" in str(w.message) for w in caught)
 
-    assert (
-        main(
-            [
-                "predict",
-                "--adapter",
-                str(world["prior"]),
-                "--input",
-                str(test_file),
-                "--max_length",
-                "30",
-                "--out",
-                str(tmp_path / "p"),
-            ]
-        )
-        == 0
-    )
+    assert main(["predict", *cli_flags(adapter=world["prior"], input=test_file, max_length="30", out=tmp_path / "p")]) == 0
     assert "1 input(s) were cut" in capsys.readouterr().err
     lines = [json.loads(x) for x in (tmp_path / "p" / "predictions.jsonl").read_text().splitlines()]
     assert lines[0]["dropped_tokens"] == dropped[0].item() and lines[1]["dropped_tokens"] == 0
@@ -480,18 +407,9 @@ def test_evaluate_does_not_resume_over_edited_task_files(world, tmp_path, capsys
     shutil.copytree(world["data"], data)
     args = [
         "evaluate",
-        "--config",
-        str(world["config"]),
-        "--prior",
-        str(world["prior"]),
-        "--data_dir",
-        str(data),
-        "--eval_samples",
-        "1",
-        "--plots",
-        "false",
-        "--out",
-        str(tmp_path / "e"),
+        *cli_flags(
+            config=world["config"], prior=world["prior"], data_dir=data, eval_samples="1", plots="false", out=tmp_path / "e"
+        ),
     ]
     real = evaluate_mod.run_method
     monkeypatch.setattr(evaluate_mod, "run_method", _raise_on_call(2, real))
@@ -527,17 +445,7 @@ def test_an_interrupted_overwrite_resumes_and_leaves_no_stale_plots(world, tmp_p
 
 def test_predict_is_not_resumed_or_replaced_across_settings(world, tmp_path, capsys, monkeypatch):
     test_file = world["data"] / "h0" / "h0_test.jsonl"
-    args = [
-        "predict",
-        "--adapter",
-        str(world["prior"]),
-        "--input",
-        str(test_file),
-        "--chunk_size",
-        "2",
-        "--out",
-        str(tmp_path / "p"),
-    ]
+    args = ["predict", *cli_flags(adapter=world["prior"], input=test_file, chunk_size="2", out=tmp_path / "p")]
     monkeypatch.setattr(predict_cmd, "predict_samples", _raise_on_call(2, predict_cmd.predict_samples))
     assert main(args) == 130
     monkeypatch.undo()
@@ -621,18 +529,14 @@ def test_unfinished_priors_are_flagged_through_posteriors_and_compared_priors(wo
         main(
             [
                 "evaluate",
-                "--config",
-                str(world["config"]),
-                "--prior",
-                str(world["prior"]),
-                "--eval_samples",
-                "0",
-                "--compare_priors",
-                str(folder),
-                "--plots",
-                "false",
-                "--out",
-                str(tmp_path / "e"),
+                *cli_flags(
+                    config=world["config"],
+                    prior=world["prior"],
+                    eval_samples="0",
+                    compare_priors=folder,
+                    plots="false",
+                    out=tmp_path / "e",
+                ),
             ]
         )
         == 0

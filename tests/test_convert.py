@@ -7,6 +7,7 @@ import sys
 
 import numpy as np
 import pytest
+from conftest import cli_flags
 
 from abmll.cli import main
 from abmll.convert import ColumnMapping, ConversionError, convert_dataset
@@ -176,21 +177,7 @@ def test_cli_data_from_local_jsonl_files_and_config(tmp_path, capsys):
 
 def test_cli_data_without_datasets_package_says_so(tmp_path, monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "datasets", None)  # import datasets -> ImportError
-    code = main(
-        [
-            "data",
-            "--task",
-            "sst2",
-            "--dataset",
-            "glue",
-            "--dataset_config",
-            "sst2",
-            "--input_columns",
-            "sentence",
-            "--out",
-            str(tmp_path),
-        ]
-    )
+    code = main(["data", *cli_flags(task="sst2", dataset="glue", dataset_config="sst2", input_columns="sentence", out=tmp_path)])
     assert code == 1
     err = capsys.readouterr().err
     assert "pip install datasets" in err and "--data_files" in err

@@ -7,6 +7,7 @@ import math
 
 import pytest
 import torch
+from conftest import cli_flags
 
 from abmll.metrics import plot_reliability_diagram, reliability_diagram_data
 from abmll.uncertainty import (
@@ -212,19 +213,14 @@ def test_evaluate_reports_ood_auroc_per_task_pair(world, tmp_path, monkeypatch):
         main(
             [
                 "evaluate",
-                "--config",
-                str(world["config"]),
-                "--prior",
-                str(world["prior"]),
-                "--eval_samples",
-                "3",
-                "--ood_tasks",
-                "t0",
-                "h0",
-                "--plots",
-                "false",
-                "--out",
-                str(tmp_path),
+                *cli_flags(
+                    config=world["config"],
+                    prior=world["prior"],
+                    eval_samples="3",
+                    ood_tasks=["t0", "h0"],
+                    plots="false",
+                    out=tmp_path,
+                ),
             ]
         )
         == 0
